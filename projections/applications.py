@@ -1,0 +1,78 @@
+"""The `applications` table: every live application, as a dashboard or SQL user reads it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from service import events as ev
+from service.database import Conn
+from service.eventlog import RecordedEvent
+
+# Field changes: event type → column it sets from the event's `after`.
+_CHANGES: dict[type[ev.Event], str] = {
+    ev.ApplicationRenamed: "name",
+    ev.RedirectUriChanged: "redirect_uri",
+    ev.IpAllowlistChanged: "ip_allowlist",
+    ev.PermissionsChanged: "permissions",
+    ev.NotificationEmailsChanged: "notification_emails",
+}
+
+
+class ApplicationsProjection:
+    name = "applications"
+    tables = ("applications",)
+    event_types = frozenset(
+        {
+            "ApplicationCreated",
+            "ClientSecretRotated",
+            "ApplicationDeleted",
+            *(cls.__name__ for cls in _CHANGES),
+        }
+    )
+
+    async def apply(self, conn: Conn, events: Sequence[RecordedEvent]) -> None:
+        for recorded in events:
+            await self._apply_one(conn, recorded)
+
+    async def _apply_one(self, conn: Conn, recorded: RecordedEvent) -> None:
+        event = recorded.event
+        at, version = recorded.recorded_at, recorded.version
+        if isinstance(event, ev.ApplicationCreated):
+            await conn.execute(
+                """
+                INSERT INTO applications (client_id, company_id, name, grant_type, redirect_uri,
+                    ip_allowlist, permissions, notification_emails, secret_version,
+                    created_at, updated_at, version)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10)
+                """,
+                event.client_id,
+                event.company_id,
+                event.name,
+                event.grant_type,
+                event.redirect_uri,
+                event.ip_allowlist,
+                event.permissions,
+                event.notification_emails,
+                at,
+                version,
+            )
+        elif isinstance(event, ev.ClientSecretRotated):
+            await conn.execute(
+                "UPDATE applications SET secret_version = $2, updated_at = $3, version = $4 "
+                "WHERE client_id = $1",
+                event.client_id,
+                event.secret_version,
+                at,
+                version,
+            )
+        elif isinstance(event, ev.ApplicationDeleted):
+            await conn.execute("DELETE FROM applications WHERE client_id = $1", event.client_id)
+        elif (column := _CHANGES.get(type(event))) is not None:
+            await conn.execute(
+                f"UPDATE applications SET {column} = $2, updated_at = $3, version = $4 "
+                "WHERE client_id = $1",
+                event.client_id,  # type: ignore[attr-defined]
+                event.after,  # type: ignore[attr-defined]
+                at,
+                version,
+            )

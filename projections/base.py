@@ -1,0 +1,42 @@
+"""What a projection is: a name, the event types it reads, and how it applies a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from service.database import Conn
+from service.eventlog import RecordedEvent
+
+
+class SqlProjection(Protocol):
+    """Rows in PostgreSQL tables, written in the same transaction as the checkpoint."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables it owns (emptied on rebuild)."""
+        ...
+
+    @property
+    def event_types(self) -> frozenset[str] | None:
+        """The event types it reads; None: all of them."""
+        ...
+
+    async def apply(self, conn: Conn, events: Sequence[RecordedEvent]) -> None:
+        """Apply a batch of events, in order, inside the caller's transaction."""
+        ...
+
+
+class MemoryProjection(Protocol):
+    """State held in the process, rebuilt from the log at every start."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def event_types(self) -> frozenset[str] | None: ...
+
+    def apply(self, events: Sequence[RecordedEvent]) -> None: ...

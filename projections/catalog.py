@@ -1,0 +1,12 @@
+"""The SQL projections that Tollgate runs, by name."""
+
+from __future__ import annotations
+
+from projections.applications import ApplicationsProjection
+from projections.base import SqlProjection
+from projections.stats import EventStatsProjection
+from projections.tokens import TokensProjection
+
+
+def sql_projections() -> list[SqlProjection]:
+    return [ApplicationsProjection(), TokensProjection(), EventStatsProjection()]

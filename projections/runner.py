@@ -1,0 +1,203 @@
+"""Checkpointed subscriptions that keep the SQL read models up to date.
+
+A projection's rows and its checkpoint change in one transaction, so a crash between
+batches neither applies an event twice nor skips one: on restart the projection resumes
+from the checkpoint that committed with its last batch. Only one instance of each
+projection runs at a time across processes: the worker holds a session-level advisory lock
+for as long as it runs, and the checkpoint update is also conditional on the position it
+started from, so even a worker whose lock connection silently died cannot double-apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import structlog
+
+from projections.base import SqlProjection
+from service.eventlog import EventLog, EventLogUnavailable
+
+log = structlog.get_logger(__name__)
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, EventLogUnavailable)
+
+
+class CheckpointMoved(Exception):
+    """The checkpoint changed under a worker (a rebuild, or another instance)."""
+
+
+def lock_key(name: str) -> int:
+    digest = hashlib.sha256(f"tollgate.projection.{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class ProjectionStatus:
+    name: str
+    position: int
+    head: int
+    lag_events: int
+    lag_seconds: float  # age of the oldest event not yet applied; 0 when caught up
+    updated_at: datetime | None
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class ProjectionRunner:
+    def __init__(
+        self,
+        eventlog: EventLog,
+        pool: asyncpg.Pool,
+        dsn: str,
+        projections: Sequence[SqlProjection],
+        *,
+        batch_size: int = 5000,
+        standby_interval: float = 2.0,
+    ) -> None:
+        self.eventlog = eventlog
+        self.pool = pool
+        self.dsn = dsn
+        self.projections = {p.name: p for p in projections}
+        self.batch_size = batch_size
+        self.standby_interval = standby_interval
+
+    # --- running ---------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for projection in self.projections.values():
+                group.create_task(self._supervise(projection), name=f"projection-{projection.name}")
+
+    async def _supervise(self, projection: SqlProjection) -> None:
+        while True:
+            try:
+                await self._run_locked(projection)
+            except (*_DB_ERRORS, CheckpointMoved) as exc:
+                log.warning("projection.restarting", projection=projection.name, error=str(exc))
+            await asyncio.sleep(self.standby_interval)
+
+    async def _run_locked(self, projection: SqlProjection) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", lock_key(projection.name)
+            ):
+                return  # another process runs it; stand by and try again later
+            log.info("projection.started", projection=projection.name)
+            position = await self.checkpoint(projection.name)
+            while not conn.is_closed():
+                new_position = await self.step(projection, position)
+                if new_position == position:
+                    await self.eventlog.wakeup.wait(position, self.eventlog.poll_interval)
+                position = new_position
+        finally:
+            with contextlib.suppress(*_DB_ERRORS):
+                await conn.close()
+
+    async def catch_up(self, name: str, progress: Progress | None = None) -> int:
+        """Apply everything up to the head as it is now; return the final position."""
+        projection = self.projections[name]
+        head = await self.eventlog.head()
+        position = await self.checkpoint(name)
+        while position < head:
+            position = await self.step(projection, position, until=head)
+            if progress is not None:
+                progress(name, position, head)
+        return position
+
+    async def step(self, projection: SqlProjection, position: int, until: int | None = None) -> int:
+        """Apply one batch after `position`; return the new checkpoint."""
+        # The head is read first: every event at or below it has committed (positions
+        # follow commit order), so a filtered read may safely move the checkpoint up to it.
+        head = until if until is not None else await self.eventlog.head()
+        if head <= position:
+            return position
+        types = sorted(projection.event_types) if projection.event_types is not None else None
+        batch = await self.eventlog.read_all(position, self.batch_size, types=types, until=head)
+        new_position = batch[-1].position if len(batch) == self.batch_size else head
+        async with self.pool.acquire() as conn, conn.transaction():
+            if batch:
+                await projection.apply(conn, batch)
+            moved = await conn.execute(
+                "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
+                "WHERE name = $1 AND position = $3",
+                projection.name,
+                new_position,
+                position,
+            )
+            if moved != "UPDATE 1":
+                raise CheckpointMoved(projection.name)
+        return new_position
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    async def ensure_checkpoints(self) -> None:
+        await self.pool.executemany(
+            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            [(name,) for name in self.projections],
+        )
+
+    async def checkpoint(self, name: str) -> int:
+        value = await self.pool.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", name
+        )
+        if value is None:
+            await self.ensure_checkpoints()
+            return 0
+        return int(value)
+
+    async def rebuild(self, name: str, progress: Progress | None = None) -> int:
+        """Empty the projection's tables and apply the log again from position 0."""
+        projection = self.projections[name]
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Waits for a running worker's batch to finish; its next checkpoint update
+            # then fails (CheckpointMoved) and it resumes from 0 on its own.
+            await conn.execute(
+                "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name
+            )
+            for table in projection.tables:
+                await conn.execute(f"DELETE FROM {table}")
+            await conn.execute(
+                "UPDATE projection_checkpoints SET position = 0, updated_at = now() "
+                "WHERE name = $1",
+                name,
+            )
+        return await self.catch_up(name, progress)
+
+    async def status(self) -> list[ProjectionStatus]:
+        await self.ensure_checkpoints()
+        rows = await self.pool.fetch(
+            """
+            SELECT c.name, c.position, c.updated_at, h.head,
+                   (SELECT e.recorded_at FROM events e WHERE e.position = c.position + 1)
+                       AS oldest_pending
+            FROM projection_checkpoints c
+            CROSS JOIN (SELECT coalesce(max(position), 0) AS head FROM events) h
+            WHERE c.name = ANY($1) ORDER BY c.name
+            """,
+            list(self.projections),
+        )
+        now = time.time()
+        return [
+            ProjectionStatus(
+                name=row["name"],
+                position=row["position"],
+                head=row["head"],
+                lag_events=row["head"] - row["position"],
+                lag_seconds=(
+                    max(0.0, now - row["oldest_pending"].timestamp())
+                    if row["oldest_pending"] is not None
+                    else 0.0
+                ),
+                updated_at=row["updated_at"],
+            )
+            for row in rows
+        ]

@@ -1,0 +1,154 @@
+"""`live_tokens`: access tokens that are neither revoked nor expired (the history keeps the
+rest). Applied in batches, since token events are most of the log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+
+from service import events as ev
+from service.database import Conn
+from service.eventlog import RecordedEvent
+
+
+def _at(seconds: int | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+@dataclass
+class _Row:
+    family_id: str
+    client_id: str
+    company_id: str
+    grant_type: str
+    permissions: list[str]
+    issued_at: int
+    expires_at: int | None
+
+
+@dataclass
+class _Batch:
+    """The net effect of a batch: rows to insert, and deletions of rows that came before."""
+
+    inserts: dict[bytes, _Row] = field(default_factory=dict)
+    families: set[str] = field(default_factory=set)
+    clients: set[str] = field(default_factory=set)
+    connections: set[tuple[str, str]] = field(default_factory=set)
+    stripped: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def insert(self, token_hash: str, row: _Row) -> None:
+        if row.expires_at is None or row.expires_at > time.time():
+            self.inserts[bytes.fromhex(token_hash)] = row
+
+    def forget(self, family_id: str = "", client_id: str = "", company_id: str = "") -> None:
+        self.inserts = {
+            key: row
+            for key, row in self.inserts.items()
+            if not (
+                row.family_id == family_id
+                or (row.client_id == client_id and company_id in ("", row.company_id))
+            )
+        }
+
+
+class TokensProjection:
+    name = "tokens"
+    tables = ("live_tokens",)
+    event_types = frozenset(
+        {
+            "AccessTokenIssued",
+            "TokenRefreshed",
+            "TokenRevoked",
+            "ApplicationDeleted",
+            "ConnectionRevoked",
+            "PermissionsChanged",
+        }
+    )
+
+    async def apply(self, conn: Conn, events: Sequence[RecordedEvent]) -> None:
+        batch = _Batch()
+        for recorded in events:
+            self._fold(batch, recorded.event)
+        await self._flush(conn, batch)
+
+    def _fold(self, batch: _Batch, e: ev.Event) -> None:
+        if isinstance(e, ev.AccessTokenIssued | ev.TokenRefreshed):
+            grant = e.grant_type if isinstance(e, ev.AccessTokenIssued) else "refresh_token"
+            row = _Row(e.family_id, e.client_id, e.company_id, grant, list(e.permissions),
+                       e.issued_at, e.expires_at)  # fmt: skip
+            batch.insert(e.token_hash, row)
+        elif isinstance(e, ev.TokenRevoked):
+            batch.families.add(e.family_id)
+            batch.forget(family_id=e.family_id)
+        elif isinstance(e, ev.ApplicationDeleted):
+            batch.clients.add(e.client_id)
+            batch.forget(client_id=e.client_id)
+        elif isinstance(e, ev.ConnectionRevoked):
+            batch.connections.add((e.company_id, e.client_id))
+            batch.forget(client_id=e.client_id, company_id=e.company_id)
+        elif isinstance(e, ev.PermissionsChanged):
+            removed = sorted(set(e.before) - set(e.after))
+            if removed:
+                batch.stripped.append((e.client_id, removed))
+                for row in batch.inserts.values():
+                    if row.client_id == e.client_id:
+                        row.permissions = [p for p in row.permissions if p not in removed]
+
+    async def _flush(self, conn: Conn, batch: _Batch) -> None:
+        # Deletions and permission changes concern rows from earlier batches; rows of this
+        # batch already had them applied in memory, so they are written last.
+        if batch.families:
+            await conn.execute(
+                "DELETE FROM live_tokens WHERE family_id = ANY($1)", list(batch.families)
+            )
+        if batch.clients:
+            await conn.execute(
+                "DELETE FROM live_tokens WHERE client_id = ANY($1)", list(batch.clients)
+            )
+        for company_id, client_id in batch.connections:
+            await conn.execute(
+                "DELETE FROM live_tokens WHERE company_id = $1 AND client_id = $2",
+                company_id,
+                client_id,
+            )
+        for client_id, removed in batch.stripped:
+            await conn.execute(
+                "UPDATE live_tokens SET permissions = ARRAY(SELECT unnest(permissions) "
+                "EXCEPT SELECT unnest($2::text[])) WHERE client_id = $1",
+                client_id,
+                removed,
+            )
+        if batch.inserts:
+            rows = list(batch.inserts.values())
+            await conn.execute(
+                """
+                INSERT INTO live_tokens (token_hash, family_id, client_id, company_id, grant_type,
+                                         permissions, issued_at, expires_at)
+                SELECT h, f, c, co, g, ARRAY(SELECT jsonb_array_elements_text(p)), i, x
+                FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::text[],
+                            $6::jsonb[], $7::timestamptz[], $8::timestamptz[])
+                     AS u(h, f, c, co, g, p, i, x)
+                ON CONFLICT (token_hash) DO NOTHING
+                """,
+                list(batch.inserts),
+                [r.family_id for r in rows],
+                [r.client_id for r in rows],
+                [r.company_id for r in rows],
+                [r.grant_type for r in rows],
+                # unnest() cannot take a ragged text[][]; each token's list travels as JSON
+                [msgspec.json.encode(r.permissions).decode() for r in rows],
+                [_at(r.issued_at) for r in rows],
+                [_at(r.expires_at) for r in rows],
+            )
+
+    async def sweep_expired(self, pool: asyncpg.Pool) -> int:
+        """Expired tokens leave the table (the log keeps them), so lookups stay fast."""
+        status = await pool.execute(
+            "DELETE FROM live_tokens WHERE expires_at IS NOT NULL AND expires_at <= now()"
+        )
+        return int(status.split()[-1])

@@ -1,0 +1,111 @@
+-- Tollgate schema. Applied on every start; every statement is idempotent, so applying
+-- it twice is harmless. `schema_version` records which version a database has reached,
+-- so later changes can be written as guarded migrations below the base.
+
+SELECT pg_advisory_xact_lock(7305100001);  -- two processes starting together apply it once
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    integer     PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The event log. `position` is dense and follows commit order (see service/eventlog.py),
+-- `(stream_id, version)` makes the schema itself refuse a concurrent write to a stream,
+-- and `hash` chains every event to the one before it (tamper evidence).
+CREATE TABLE IF NOT EXISTS events (
+    position       bigint      PRIMARY KEY CHECK (position > 0),
+    stream_id      text        NOT NULL,
+    version        integer     NOT NULL CHECK (version > 0),
+    type           text        NOT NULL,
+    schema_version smallint    NOT NULL DEFAULT 1,
+    company_id     text,
+    payload        jsonb       NOT NULL,
+    metadata       jsonb       NOT NULL,
+    recorded_at    timestamptz NOT NULL,
+    hash           bytea       NOT NULL,
+    CONSTRAINT events_stream_version UNIQUE (stream_id, version)
+);
+CREATE INDEX IF NOT EXISTS events_type_position ON events (type, position);
+CREATE INDEX IF NOT EXISTS events_company_position ON events (company_id, position)
+    WHERE company_id IS NOT NULL;
+
+-- The log is append-only: an UPDATE, DELETE or TRUNCATE by the application is refused.
+-- (A superuser can still disable the trigger; the hash chain is what catches that.)
+CREATE OR REPLACE FUNCTION events_refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the event log is append-only (% refused)', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+DROP TRIGGER IF EXISTS events_append_only ON events;
+CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
+DROP TRIGGER IF EXISTS events_no_truncate ON events;
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
+
+-- Opens an append: takes the table lock that serialises writers (so positions are handed
+-- out in commit order), and returns the head of the chain and the current version of each
+-- stream the append touches, in the order given.
+CREATE OR REPLACE FUNCTION events_begin_append(p_streams text[])
+RETURNS TABLE (head_position bigint, head_hash bytea, versions integer[])
+LANGUAGE plpgsql AS $$
+BEGIN
+    LOCK TABLE events IN EXCLUSIVE MODE;
+    RETURN QUERY
+    SELECT h.position, h.hash,
+           ARRAY(SELECT coalesce((SELECT max(e.version) FROM events e WHERE e.stream_id = s.id), 0)
+                 FROM unnest(p_streams) WITH ORDINALITY AS s(id, n) ORDER BY s.n)
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (SELECT e.position, e.hash FROM events e
+                       ORDER BY e.position DESC LIMIT 1) AS h ON true;
+END $$;
+
+-- Projection bookkeeping: one row per projection, written in the same transaction as the
+-- projection's own rows.
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    name       text        PRIMARY KEY,
+    position   bigint      NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Read models (see projections/). Each is rebuilt from the log alone.
+CREATE TABLE IF NOT EXISTS applications (
+    client_id           text        PRIMARY KEY,
+    company_id          text        NOT NULL,
+    name                text        NOT NULL,
+    grant_type          text        NOT NULL,
+    redirect_uri        text,
+    ip_allowlist        text[]      NOT NULL,
+    permissions         text[]      NOT NULL,
+    notification_emails text[]      NOT NULL,
+    secret_version      integer     NOT NULL,
+    created_at          timestamptz NOT NULL,
+    updated_at          timestamptz NOT NULL,
+    version             integer     NOT NULL
+);
+CREATE INDEX IF NOT EXISTS applications_company ON applications (company_id);
+
+CREATE TABLE IF NOT EXISTS live_tokens (
+    token_hash  bytea       PRIMARY KEY,
+    family_id   text        NOT NULL,
+    client_id   text        NOT NULL,
+    company_id  text        NOT NULL,
+    grant_type  text        NOT NULL,
+    permissions text[]      NOT NULL,
+    issued_at   timestamptz NOT NULL,
+    expires_at  timestamptz
+);
+CREATE INDEX IF NOT EXISTS live_tokens_client ON live_tokens (client_id);
+CREATE INDEX IF NOT EXISTS live_tokens_family ON live_tokens (family_id);
+CREATE INDEX IF NOT EXISTS live_tokens_expiry ON live_tokens (expires_at) WHERE expires_at IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS event_stats (
+    day   date   NOT NULL,
+    type  text   NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (day, type)
+);
+
+INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

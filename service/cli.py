@@ -1,0 +1,167 @@
+"""The `tollgate` command: serve, projections, audit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from service.settings import ConfigError, Settings, load_settings
+
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tollgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the service (HTTP, projections)")
+
+    projections = sub.add_parser("projections", help="projection status, rebuild and worker")
+    psub = projections.add_subparsers(dest="action", required=True)
+    psub.add_parser("status", help="position and lag of each projection")
+    rebuild = psub.add_parser("rebuild", help="rebuild projections from position 0")
+    rebuild.add_argument("name", nargs="?", help="one projection (default: all)")
+    run = psub.add_parser("run", help="run the projections as their own process")
+    run.add_argument(
+        "--until-caught-up", action="store_true", help="stop once every projection is at the head"
+    )
+
+    audit = sub.add_parser("audit", help="auditing the event log")
+    asub = audit.add_subparsers(dest="action", required=True)
+    asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    if args.command == "serve":
+        return _serve(settings)
+    command: Command = _COMMANDS[(args.command, args.action)]
+    try:
+        return asyncio.run(command(settings, args))
+    except ConfigError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings) -> int:
+    from service.app import create_app
+
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+
+
+async def _with_runner(
+    settings: Settings, body: Callable[[Any], Awaitable[int]], *, listen: bool = False
+) -> int:
+    from projections.catalog import sql_projections
+    from projections.runner import ProjectionRunner
+    from service.database import open_database
+    from service.eventlog import EventLog
+
+    database = await open_database(settings, min_size=1)
+    eventlog = EventLog(database.pool, database.dsn if listen else None)
+    await eventlog.start()
+    try:
+        runner = ProjectionRunner(eventlog, database.pool, database.dsn, sql_projections())
+        await runner.ensure_checkpoints()
+        return await body(runner)
+    finally:
+        await eventlog.close()
+        await database.close()
+
+
+async def _projections_status(settings: Settings, _args: argparse.Namespace) -> int:
+    async def body(runner: Any) -> int:
+        for status in await runner.status():
+            _print_json(
+                {
+                    "name": status.name,
+                    "position": status.position,
+                    "head": status.head,
+                    "lag_events": status.lag_events,
+                    "lag_seconds": round(status.lag_seconds, 3),
+                }
+            )
+        return 0
+
+    return await _with_runner(settings, body)
+
+
+async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    from service.progress import progress_reporter
+
+    async def body(runner: Any) -> int:
+        names = [args.name] if args.name else list(runner.projections)
+        unknown = [n for n in names if n not in runner.projections]
+        if unknown:
+            raise ConfigError(f"no projection named {unknown[0]!r}")
+        with progress_reporter() as report:
+            for name in names:
+                position = await runner.rebuild(name, report)
+                _print_json({"name": name, "rebuilt_to": position})
+        return 0
+
+    return await _with_runner(settings, body)
+
+
+async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(runner: Any) -> int:
+        if args.until_caught_up:
+            for name in runner.projections:
+                await runner.catch_up(name)
+            return 0
+        await runner.run_forever()
+        return 0
+
+    return await _with_runner(settings, body, listen=True)
+
+
+async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:
+    from service.audit import verify_log
+    from service.database import open_database
+
+    database = await open_database(settings, min_size=1)
+    try:
+        result = await verify_log(database.pool)
+    finally:
+        await database.close()
+    _print_json(
+        {
+            "ok": result.ok,
+            "checked": result.checked,
+            "head": result.head,
+            "head_hash": result.head_hash.hex() if result.head_hash else None,
+            "broken_at": result.broken.position if result.broken else None,
+            "reason": result.broken.reason if result.broken else None,
+        }
+    )
+    return 0 if result.ok else 1
+
+
+_COMMANDS: dict[tuple[str, str], Command] = {
+    ("projections", "status"): _projections_status,
+    ("projections", "rebuild"): _projections_rebuild,
+    ("projections", "run"): _projections_run,
+    ("audit", "verify"): _audit_verify,
+}

@@ -1,0 +1,62 @@
+"""Database wiring: which PostgreSQL to use, the connection pool, and `schema.sql`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from service.embedded import EmbeddedPostgres
+from service.settings import Settings
+
+#: a connection, whether held directly or borrowed from a pool
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+
+
+@dataclass
+class Database:
+    dsn: str
+    pool: asyncpg.Pool
+    embedded: EmbeddedPostgres | None = None
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """`DATABASE_URL` when set, else the embedded server under `DATA_DIR` (started here)."""
+    if settings.database_url:
+        return settings.database_url, None
+    embedded = EmbeddedPostgres(settings.pg_dir)
+    return embedded.start(), embedded
+
+
+async def apply_schema(conn: Conn) -> None:
+    """Apply `schema.sql`; every statement in it is idempotent."""
+    await conn.execute(f"BEGIN;\n{SCHEMA_PATH.read_text()}\nCOMMIT;")
+
+
+async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
+    dsn, embedded = resolve_dsn(settings)
+    try:
+        pool = await create_pool(dsn, min_size=min_size, max_size=settings.pool_size)
+        async with pool.acquire() as conn:
+            await apply_schema(conn)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    return Database(dsn, pool, embedded)
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool

@@ -1,0 +1,49 @@
+"""One error hierarchy for the whole service; the web middleware renders it, once.
+
+Each error carries the RFC error code (`error`), the HTTP status and a description; the
+OAuth ones follow RFC 6749 §5.2 (https://www.rfc-editor.org/rfc/rfc6749#section-5.2).
+"""
+
+from __future__ import annotations
+
+
+class TollgateError(Exception):
+    error = "server_error"
+    status = 500
+    headers: dict[str, str] = {}
+
+    def __init__(self, description: str = "", *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(description or self.error)
+        self.description = description
+        if headers is not None:
+            self.headers = headers
+
+
+class InvalidRequest(TollgateError):
+    error = "invalid_request"
+    status = 400
+
+
+class NotFound(TollgateError):
+    error = "not_found"
+    status = 404
+
+
+class MethodNotAllowed(TollgateError):
+    error = "method_not_allowed"
+    status = 405
+
+
+class UnsupportedMediaType(TollgateError):
+    error = "unsupported_media_type"
+    status = 415
+
+
+class PayloadTooLarge(TollgateError):
+    error = "request_too_large"
+    status = 413
+
+
+class Unavailable(TollgateError):
+    error = "temporarily_unavailable"
+    status = 503

@@ -1,0 +1,431 @@
+"""The PostgreSQL event log: append with optimistic concurrency, read, subscribe.
+
+Why no reader ever skips an event
+---------------------------------
+A log ordered by a sequence has a classic gap problem: writer A takes position 10,
+writer B takes 11 and commits first; a reader that sees 11 and moves its checkpoint past
+10 never sees A's event. Tollgate closes it by serialising appends: each append
+transaction first takes `LOCK TABLE events IN EXCLUSIVE MODE` (in
+`events_begin_append`), which conflicts with itself and with the ROW EXCLUSIVE lock of
+any plain INSERT, but not with readers. Positions are handed out under that lock and the
+lock is held until commit, after the commit has become visible, so positions are dense
+and follow commit order, and every snapshot sees a prefix of the log. This is the design
+of eventsourcing's `_lock_table`; the alternative, `xid8` visibility checks, keeps
+concurrent writers but needs an (xid, position) checkpoint in every reader and a sealer
+for a dense hash chain.
+
+Serialising writers would cap throughput at one commit (one WAL flush) at a time, so
+appends are *group committed*: a single writer task per process takes every append waiting
+in its queue and writes them in one transaction, one multi-row INSERT and one WAL flush.
+Each append is still checked on its own (a stale expected version fails that append
+alone), and its future resolves only after the commit. Because the writer holds the lock,
+it also writes the hash chain in the same transaction, in position order.
+
+Readers wake on LISTEN/NOTIFY; a notification is only a hint, and polling covers a lost
+one or a dropped listener connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import asyncpg
+import msgspec
+import structlog
+
+from service import chain
+from service.events import SCHEMA_VERSIONS, Event, decode, encode, tenant_of, type_of
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "tollgate_events"
+
+_COLUMNS = (
+    "position, stream_id, version, type, schema_version, company_id, payload, metadata, "
+    "recorded_at, hash"
+)
+_INSERT = f"""
+WITH ins AS (
+    INSERT INTO events ({_COLUMNS})
+    SELECT p, s, v, t, sv, c, pl::jsonb, md::jsonb, $9, h
+    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int2[], $6::text[],
+                $7::text[], $8::text[], $10::bytea[]) AS u(p, s, v, t, sv, c, pl, md, h)
+    RETURNING position
+)
+SELECT pg_notify('{CHANNEL}', (SELECT max(position) FROM ins)::text)
+"""
+
+
+class Metadata(msgspec.Struct, frozen=True, kw_only=True):
+    """Who, from where, and why: recorded with every event."""
+
+    actor: str = "system"  # "user:<id>", "admin_key:<id>", "client:<id>", "system"
+    request_id: str | None = None
+    client_ip: str | None = None
+    causation: int | None = None  # position of the event that caused this one
+
+
+_metadata_encoder = msgspec.json.Encoder(order="sorted")
+_metadata_decoder = msgspec.json.Decoder(Metadata)
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    company_id: str | None
+    event: Event
+    metadata: Metadata
+    recorded_at: datetime
+    hash: bytes
+
+
+class EventLogError(Exception):
+    """Base of the errors raised by the event log."""
+
+
+class ConcurrencyError(EventLogError):
+    """A stream (or a condition stream) was not at the expected version; nothing written."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id!r} is at version {actual}, expected {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class EventLogUnavailable(EventLogError):
+    """The database could not be reached or refused the write."""
+
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(eq=False)
+class _Append:
+    stream_id: str
+    expected_version: int | None
+    events: Sequence[Event]
+    metadata: Metadata
+    conditions: Sequence[tuple[str, int]]
+    future: asyncio.Future[list[int]]
+    positions: list[int] = field(default_factory=list)
+    error: EventLogError | None = None
+
+
+class Wakeup:
+    """Broadcasts "the log has grown to position N" to every waiting reader in a process."""
+
+    def __init__(self) -> None:
+        self.head = 0
+        self._future: asyncio.Future[None] | None = None
+
+    def notify(self, position: int) -> None:
+        self.head = max(self.head, position)
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def wait(self, after: int, patience: float) -> None:
+        if self.head > after:
+            return
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._future), patience)
+
+
+class EventLog:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dsn: str | None = None,
+        *,
+        max_batch_events: int = 2000,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._max_batch_events = max_batch_events
+        self.poll_interval = poll_interval
+        self.wakeup = Wakeup()
+        self._queue: asyncio.Queue[_Append] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: asyncpg.Connection | None = None
+        #: sizes of the committed batches, for metrics (appends per transaction)
+        self.batch_sizes: list[int] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._writer(), name="eventlog-writer"))
+        if self._dsn is not None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="eventlog-listener"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._listener is not None:
+            with contextlib.suppress(*_DB_ERRORS):
+                await self._listener.close()
+            self._listener = None
+
+    # --- writing ---------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        expected_version: int | None,
+        events: Sequence[Event],
+        metadata: Metadata | None = None,
+        *,
+        conditions: Sequence[tuple[str, int]] = (),
+    ) -> list[int]:
+        """Append `events` to `stream_id` and return their positions once committed.
+
+        `expected_version` is the stream's current version (0: a new stream; None: any).
+        `conditions` are other streams that must still be at the given versions (a token
+        issued against an application's secret fails if the secret was rotated meanwhile).
+        Raises ConcurrencyError, with nothing written, when a version does not match.
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        if not self._tasks:
+            raise EventLogError("the event log is not started")
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        request = _Append(
+            stream_id, expected_version, events, metadata or Metadata(), conditions, future
+        )
+        self._queue.put_nowait(request)
+        return await future
+
+    async def _writer(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].events)
+            while size < self._max_batch_events and not self._queue.empty():
+                request = self._queue.get_nowait()
+                batch.append(request)
+                size += len(request.events)
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[_Append]) -> None:
+        try:
+            await self._commit(batch)
+        except _DB_ERRORS as exc:
+            if len(batch) > 1:
+                # One bad append must not fail its neighbours: retry each on its own.
+                for request in batch:
+                    await self._commit_batch([request])
+                return
+            log.warning("eventlog.append_failed", error=str(exc), stream_id=batch[0].stream_id)
+            _settle(batch[0], EventLogUnavailable(str(exc)))
+            return
+        except BaseException as exc:
+            for request in batch:
+                _settle(request, EventLogUnavailable(f"append interrupted: {exc!r}"))
+            raise
+        self.batch_sizes.append(len(batch))
+        for request in batch:
+            _settle(request)
+        last = max((r.positions[-1] for r in batch if r.positions), default=0)
+        if last:
+            self.wakeup.notify(last)
+
+    async def _commit(self, batch: list[_Append]) -> None:
+        streams = list(
+            dict.fromkeys(
+                [r.stream_id for r in batch] + [s for r in batch for s, _ in r.conditions]
+            )
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            head = await conn.fetchrow("SELECT * FROM events_begin_append($1)", streams)
+            assert head is not None
+            position: int = head["head_position"] or 0
+            previous: bytes = bytes(head["head_hash"]) if head["head_hash"] else chain.GENESIS
+            versions = dict(zip(streams, head["versions"], strict=True))
+            recorded_at = datetime.now(UTC)
+            columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+            for request in batch:
+                request.positions = []
+                request.error = _check(request, versions)
+                if request.error is not None:
+                    continue
+                meta = _metadata_encoder.encode(request.metadata)
+                meta_text = meta.decode()
+                for event in request.events:
+                    position += 1
+                    versions[request.stream_id] += 1
+                    tag = type_of(event)
+                    payload = encode(event)
+                    row = _Row(
+                        position,
+                        request.stream_id,
+                        versions[request.stream_id],
+                        tag,
+                        SCHEMA_VERSIONS[tag],
+                        tenant_of(event),
+                        payload,
+                        meta,
+                    )
+                    previous = row.hash(previous, recorded_at)
+                    for column, value in zip(
+                        columns,
+                        (*row[:6], payload.decode(), meta_text, previous),
+                        strict=True,
+                    ):
+                        column.append(value)
+                    request.positions.append(position)
+            if columns[0]:
+                await conn.execute(_INSERT, *columns[:8], recorded_at, columns[8])
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def head(self) -> int:
+        try:
+            value = await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        except _DB_ERRORS as exc:
+            raise EventLogUnavailable(str(exc)) from exc
+        return int(value)
+
+    async def read_all(
+        self,
+        after: int = 0,
+        limit: int = 1000,
+        *,
+        types: Sequence[str] | None = None,
+        until: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events after `after` (and at most `until`), in position order, at most `limit`."""
+        clauses = ["position > $1"]
+        args: list[Any] = [after, limit]
+        if types is not None:
+            args.append(list(types))
+            clauses.append(f"type = ANY(${len(args)})")
+        if until is not None:
+            args.append(until)
+            clauses.append(f"position <= ${len(args)}")
+        query = (
+            f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(clauses)} "
+            "ORDER BY position LIMIT $2"
+        )
+        return await self._fetch(query, *args)
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        query = (
+            f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version"
+        )
+        return await self._fetch(query, stream_id, after_version)
+
+    async def stream_version(self, stream_id: str) -> int:
+        try:
+            value = await self._pool.fetchval(
+                "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+            )
+        except _DB_ERRORS as exc:
+            raise EventLogUnavailable(str(exc)) from exc
+        return int(value)
+
+    async def _fetch(self, query: str, *args: Any) -> list[RecordedEvent]:
+        try:
+            rows = await self._pool.fetch(query, *args)
+        except _DB_ERRORS as exc:
+            raise EventLogUnavailable(str(exc)) from exc
+        return [to_recorded(row) for row in rows]
+
+    async def subscribe(
+        self, after: int = 0, *, batch_size: int = 1000, types: Sequence[str] | None = None
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Yield batches of events after `after`, forever, waking on new appends."""
+        position = after
+        while True:
+            batch = await self.read_all(position, batch_size, types=types)
+            if batch:
+                position = batch[-1].position
+                yield batch
+                continue
+            await self.wakeup.wait(position, self.poll_interval)
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection open; on failure, polling carries readers until it is back."""
+        assert self._dsn is not None
+
+        def on_notify(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+            with contextlib.suppress(ValueError):
+                self.wakeup.notify(int(str(payload)))
+
+        while True:
+            lost = asyncio.Event()
+            try:
+                self._listener = await asyncpg.connect(self._dsn)
+                self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await self._listener.add_listener(CHANNEL, on_notify)
+                await lost.wait()
+            except _DB_ERRORS as exc:
+                log.warning("eventlog.listener_lost", error=str(exc))
+            finally:
+                if self._listener is not None:
+                    with contextlib.suppress(*_DB_ERRORS):
+                        await self._listener.close()
+                    self._listener = None
+            await asyncio.sleep(self.poll_interval)
+
+
+class _Row(NamedTuple):
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    company_id: str | None
+    payload: bytes
+    metadata: bytes
+
+    def hash(self, previous: bytes, recorded_at: datetime) -> bytes:
+        return chain.event_hash(previous, **self._asdict(), recorded_at=recorded_at)
+
+
+def _check(request: _Append, versions: dict[str, int]) -> EventLogError | None:
+    for stream_id, expected in request.conditions:
+        if versions[stream_id] != expected:
+            return ConcurrencyError(stream_id, expected, versions[stream_id])
+    actual = versions[request.stream_id]
+    if request.expected_version is not None and actual != request.expected_version:
+        return ConcurrencyError(request.stream_id, request.expected_version, actual)
+    return None
+
+
+def _settle(request: _Append, error: EventLogError | None = None) -> None:
+    if request.future.done():
+        return
+    error = error or request.error
+    if error is not None:
+        request.future.set_exception(error)
+    else:
+        request.future.set_result(request.positions)
+
+
+def to_recorded(row: Any) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        stream_id=row["stream_id"],
+        version=row["version"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        company_id=row["company_id"],
+        event=decode(row["type"], row["schema_version"], row["payload"]),
+        metadata=_metadata_decoder.decode(row["metadata"]),
+        recorded_at=row["recorded_at"],
+        hash=bytes(row["hash"]),
+    )

@@ -1,0 +1,346 @@
+"""The event catalogue: every fact Tollgate records, as frozen, tagged msgspec Structs.
+
+Rules this module keeps:
+- Events are named in the past tense; a tag is never renamed; fields only grow, and a new
+  field always has a default, so old payloads still decode.
+- No field holds a secret in clear. Client secrets, admin keys, resource-server keys,
+  access and refresh tokens and authorization codes appear only as SHA-256 digests
+  (hex, `*_hash`); passwords only as argon2id hashes.
+- When a shape changes incompatibly, bump `SCHEMA_VERSIONS[tag]` and register an upcaster
+  from the old version: stored events are upcast when read, never rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class Event(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Base of every event; the tag is the class name and is stored as the event type."""
+
+    #: the company an event concerns, for tenant-scoped history (None: system-wide)
+    tenant_field: ClassVar[str | None] = "company_id"
+
+
+# --- companies, people, keys ---------------------------------------------------------
+
+
+class CompanyCreated(Event, frozen=True):
+    company_id: str
+    name: str
+
+
+class UserAdded(Event, frozen=True):
+    company_id: str
+    user_id: str
+    email: str
+    role: str  # "admin" | "member"
+    password_hash: str  # argon2id
+
+
+class UserRoleChanged(Event, frozen=True):
+    company_id: str
+    user_id: str
+    before: str
+    after: str
+
+
+class UserPasswordChanged(Event, frozen=True):
+    company_id: str
+    user_id: str
+    password_hash: str  # argon2id
+
+
+class UserRemoved(Event, frozen=True):
+    company_id: str
+    user_id: str
+
+
+class AdminKeyIssued(Event, frozen=True):
+    company_id: str
+    key_id: str
+    key_hash: str
+    label: str = ""
+
+
+class AdminKeyRevoked(Event, frozen=True):
+    company_id: str
+    key_id: str
+
+
+class ResourceServerRegistered(Event, frozen=True):
+    tenant_field: ClassVar[str | None] = None
+    resource_server_id: str
+    name: str
+    key_hash: str
+
+
+class ResourceServerKeyRevoked(Event, frozen=True):
+    tenant_field: ClassVar[str | None] = None
+    resource_server_id: str
+
+
+# --- applications --------------------------------------------------------------------
+
+
+class ApplicationCreated(Event, frozen=True):
+    company_id: str
+    client_id: str
+    name: str
+    grant_type: str  # "authorization_code" | "client_credentials"
+    redirect_uri: str | None
+    ip_allowlist: list[str]
+    permissions: list[str]
+    notification_emails: list[str]
+    secret_hash: str
+
+
+class ApplicationRenamed(Event, frozen=True):
+    company_id: str
+    client_id: str
+    before: str
+    after: str
+
+
+class RedirectUriChanged(Event, frozen=True):
+    company_id: str
+    client_id: str
+    before: str | None
+    after: str | None
+
+
+class IpAllowlistChanged(Event, frozen=True):
+    company_id: str
+    client_id: str
+    before: list[str]
+    after: list[str]
+
+
+class PermissionsChanged(Event, frozen=True):
+    """Removed permissions leave every grant and live token at once; added ones do not
+    extend existing grants (users must authorise again)."""
+
+    company_id: str
+    client_id: str
+    before: list[str]
+    after: list[str]
+
+
+class NotificationEmailsChanged(Event, frozen=True):
+    company_id: str
+    client_id: str
+    before: list[str]
+    after: list[str]
+
+
+class ClientSecretRotated(Event, frozen=True):
+    company_id: str
+    client_id: str
+    secret_hash: str
+    secret_version: int
+
+
+class ApplicationDeleted(Event, frozen=True):
+    """Every token and connection of the application dies with it."""
+
+    company_id: str
+    client_id: str
+
+
+class OldClientSecretUsed(Event, frozen=True):
+    """A token request authenticated with a secret that has been rotated away."""
+
+    company_id: str
+    client_id: str
+    ip: str
+    secret_version: int
+
+
+# --- connections and authorization codes ---------------------------------------------
+
+
+class ConnectionGranted(Event, frozen=True):
+    """A user of `company_id` consented to `client_id` with these permissions."""
+
+    company_id: str
+    client_id: str
+    user_id: str
+    permissions: list[str]
+
+
+class ConnectionRevoked(Event, frozen=True):
+    company_id: str
+    client_id: str
+    reason: str  # "admin_request" | "application_deleted"
+
+
+class AuthorizationCodeIssued(Event, frozen=True):
+    company_id: str
+    client_id: str
+    user_id: str
+    code_hash: str
+    redirect_uri: str
+    permissions: list[str]
+    code_challenge: str | None
+    expires_at: int  # unix seconds
+
+
+class AuthorizationCodeRedeemed(Event, frozen=True):
+    company_id: str
+    client_id: str
+    code_hash: str
+    family_id: str
+
+
+class AuthorizationCodeReused(Event, frozen=True):
+    """A spent code was presented again: what it produced is revoked (RFC 6749 §4.1.2)."""
+
+    company_id: str
+    client_id: str
+    code_hash: str
+    family_id: str
+    ip: str
+
+
+# --- tokens --------------------------------------------------------------------------
+
+
+class AccessTokenIssued(Event, frozen=True):
+    """A token family starts: client_credentials, or an authorization code redeemed."""
+
+    company_id: str
+    client_id: str
+    family_id: str
+    grant_type: str
+    token_hash: str
+    permissions: list[str]
+    issued_at: int  # unix seconds
+    expires_at: int | None  # None: never expires (client_credentials)
+    refresh_token_hash: str | None = None
+    owner_company_id: str | None = None  # the application's owner, when not the grantor
+
+
+class TokenRefreshed(Event, frozen=True):
+    """Refresh-token rotation: the old pair is spent, a new pair is live."""
+
+    company_id: str
+    client_id: str
+    family_id: str
+    spent_refresh_token_hash: str
+    token_hash: str
+    refresh_token_hash: str
+    permissions: list[str]
+    issued_at: int
+    expires_at: int
+
+
+class RefreshTokenReused(Event, frozen=True):
+    """A spent refresh token was presented again (RFC 9700 §4.14.2): the family dies."""
+
+    company_id: str
+    client_id: str
+    family_id: str
+    refresh_token_hash: str
+    ip: str
+
+
+class TokenRevoked(Event, frozen=True):
+    """Every token of the family is dead. `reason`: ip_violation, client_request,
+    refresh_reuse, code_reuse, connection_revoked, application_deleted."""
+
+    company_id: str
+    client_id: str
+    family_id: str
+    reason: str
+    ip: str | None = None
+    token_hash: str | None = None  # the token that was presented, when one was
+
+
+class IpViolationDetected(Event, frozen=True):
+    """A valid credential was used from outside the application's allow list."""
+
+    company_id: str  # the application's owner: its admins get the email
+    client_id: str
+    ip: str
+    endpoint: str  # "api" | "token" | "policy_check"
+    family_id: str | None = None
+    token_revoked: bool = False
+
+
+class ViolationNotificationSent(Event, frozen=True):
+    company_id: str
+    client_id: str
+    violation_position: int
+    recipients: list[str]
+
+
+class ViolationNotificationFailed(Event, frozen=True):
+    company_id: str
+    client_id: str
+    violation_position: int
+    attempt: int
+    error: str
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    CompanyCreated, UserAdded, UserRoleChanged, UserPasswordChanged, UserRemoved,
+    AdminKeyIssued, AdminKeyRevoked, ResourceServerRegistered, ResourceServerKeyRevoked,
+    ApplicationCreated, ApplicationRenamed, RedirectUriChanged, IpAllowlistChanged,
+    PermissionsChanged, NotificationEmailsChanged, ClientSecretRotated, ApplicationDeleted,
+    OldClientSecretUsed, ConnectionGranted, ConnectionRevoked, AuthorizationCodeIssued,
+    AuthorizationCodeRedeemed, AuthorizationCodeReused, AccessTokenIssued, TokenRefreshed,
+    RefreshTokenReused, TokenRevoked, IpViolationDetected, ViolationNotificationSent,
+    ViolationNotificationFailed,
+)  # fmt: skip
+
+BY_TAG: dict[str, type[Event]] = {cls.__name__: cls for cls in EVENT_TYPES}
+
+#: Current schema version of each event type (1 unless it has been upcast).
+SCHEMA_VERSIONS: dict[str, int] = {tag: 1 for tag in BY_TAG}
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+#: (tag, from_version) → function turning that payload into the shape of from_version + 1.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+_encoder = msgspec.json.Encoder(order="sorted")
+# One decoder per type, built once: the tag is already known from the `type` column.
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    tag: msgspec.json.Decoder(cls) for tag, cls in BY_TAG.items()
+}
+
+
+def type_of(event: Event) -> str:
+    return type(event).__name__
+
+
+def tenant_of(event: Event) -> str | None:
+    field = event.tenant_field
+    return getattr(event, field) if field else None
+
+
+def encode(event: Event) -> bytes:
+    """Canonical JSON (sorted keys): the bytes stored and hashed."""
+    return _encoder.encode(event)
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+def decode(tag: str, schema_version: int, payload: bytes | str) -> Event:
+    """Decode a stored payload, upcasting an old shape to the current one first."""
+    current = SCHEMA_VERSIONS.get(tag)
+    if current is None:
+        raise UnknownEventType(tag)
+    if schema_version == current:
+        event: Event = _decoders[tag].decode(payload)
+        return event
+    data: dict[str, Any] = msgspec.json.decode(payload)
+    for version in range(schema_version, current):
+        data = UPCASTERS[(tag, version)](data)
+    data["type"] = tag
+    upcast: Event = msgspec.convert(data, BY_TAG[tag])
+    return upcast

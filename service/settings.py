@@ -1,0 +1,108 @@
+"""Frozen settings read from the environment (and an optional `.env`), never at import."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".data")
+    database_url: str | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    mail_from: str = "tollgate@localhost"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    upstream_url: str | None = None
+    permissions_file: Path | None = None
+    log_format: str = "json"
+    log_level: str = "info"
+    # Projections run inside `tollgate serve` unless ops run them as their own process.
+    run_projections: bool = True
+    pool_size: int = 10
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _networks(raw: str, name: str) -> tuple[IPNetwork, ...]:
+    nets: list[IPNetwork] = []
+    for item in raw.replace(",", " ").split():
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range") from None
+    return tuple(nets)
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+    """Read settings from `env` (default: the process environment plus `.env`)."""
+    if env is None:
+        if dotenv:
+            from dotenv import dotenv_values
+
+            file_values = {k: v for k, v in dotenv_values(".env").items() if v is not None}
+            env = {**file_values, **os.environ}
+        else:
+            env = dict(os.environ)
+    default_format = "console" if sys.stderr.isatty() else "json"
+    log_format = env.get("LOG_FORMAT") or default_format
+    if log_format not in {"console", "json"}:
+        raise ConfigError(f"LOG_FORMAT must be console or json, got {log_format!r}")
+    permissions_file = env.get("PERMISSIONS_FILE")
+    return Settings(
+        host=env.get("HOST") or "127.0.0.1",
+        port=_int(env, "PORT", 8080),
+        data_dir=Path(env.get("DATA_DIR") or ".data"),
+        database_url=env.get("DATABASE_URL") or None,
+        smtp_host=env.get("SMTP_HOST") or None,
+        smtp_port=_int(env, "SMTP_PORT", 25),
+        mail_from=env.get("MAIL_FROM") or "tollgate@localhost",
+        trusted_proxies=_networks(env.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"),
+        upstream_url=env.get("UPSTREAM_URL") or None,
+        permissions_file=Path(permissions_file) if permissions_file else None,
+        log_format=log_format,
+        log_level=(env.get("LOG_LEVEL") or "info").lower(),
+        run_projections=_bool(env, "RUN_PROJECTIONS", True),
+        pool_size=_int(env, "DB_POOL_SIZE", 10),
+    )

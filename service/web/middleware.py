@@ -1,0 +1,72 @@
+"""Request context (request id, structured logs) and the one place errors become responses."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from service.errors import TollgateError
+
+log = structlog.get_logger(__name__)
+
+REQUEST_ID = "request_id"
+_VALID_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 64 and set(given) <= _VALID_ID:
+        return given
+    return secrets.token_hex(8)
+
+
+@web.middleware
+async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request_id
+    log.info(
+        "http.request",
+        method=request.method,
+        path=request.path,  # never the query string: it may carry codes or state
+        status=response.status,
+        ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return response
+
+
+def error_response(error: TollgateError) -> web.Response:
+    body = {"error": error.error, "error_description": error.description or error.error}
+    return web.json_response(body, status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TollgateError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status, "invalid_request"
+        )
+        return web.json_response(
+            {"error": code, "error_description": exc.reason},
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
+    except Exception:
+        log.exception("http.unhandled_error", method=request.method, path=request.path)
+        return web.json_response(
+            {"error": "server_error", "error_description": "internal error"}, status=500
+        )
