@@ -118,8 +118,10 @@ class TokensProjection:
             )
         for client_id, removed in batch.stripped:
             await conn.execute(
-                "UPDATE live_tokens SET permissions = ARRAY(SELECT unnest(permissions) "
-                "EXCEPT SELECT unnest($2::text[])) WHERE client_id = $1",
+                # keeps the order (EXCEPT would not), so batch boundaries change nothing
+                "UPDATE live_tokens SET permissions = ARRAY(SELECT p FROM unnest(permissions) "
+                "WITH ORDINALITY AS u(p, n) WHERE p <> ALL($2::text[]) ORDER BY n) "
+                "WHERE client_id = $1",
                 client_id,
                 removed,
             )

@@ -33,6 +33,7 @@ class Settings:
     # Projections run inside `tollgate serve` unless ops run them as their own process.
     run_projections: bool = True
     pool_size: int = 10
+    projection_batch_size: int = 5000
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -105,4 +106,5 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         log_level=(env.get("LOG_LEVEL") or "info").lower(),
         run_projections=_bool(env, "RUN_PROJECTIONS", True),
         pool_size=_int(env, "DB_POOL_SIZE", 10),
+        projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000),
     )

@@ -1,0 +1,163 @@
+"""Projection runner: exactly-once application across crashes, rebuild, single instance."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import asyncpg
+
+from projections.catalog import sql_projections
+from projections.runner import ProjectionRunner, lock_key
+from service.eventlog import EventLog
+from tests.factories import application, populate, token
+
+TABLES = {
+    "applications": "SELECT * FROM applications ORDER BY client_id",
+    "live_tokens": "SELECT * FROM live_tokens ORDER BY token_hash",
+    "event_stats": "SELECT * FROM event_stats ORDER BY day, type",
+}
+
+
+async def snapshot(pool: asyncpg.Pool) -> dict[str, list[tuple]]:
+    return {name: [tuple(r) for r in await pool.fetch(sql)] for name, sql in TABLES.items()}
+
+
+def runner_for(eventlog: EventLog, db, batch_size: int = 5000) -> ProjectionRunner:
+    return ProjectionRunner(eventlog, db.pool, db.dsn, sql_projections(), batch_size=batch_size)
+
+
+def tollgate(db, *args: str, batch: int = 5000, **kwargs) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "DATABASE_URL": db.dsn,
+        "PROJECTION_BATCH_SIZE": str(batch),
+        "LOG_FORMAT": "json",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
+
+
+async def test_projection_tables_reflect_the_log(eventlog: EventLog, db):
+    head = await populate(eventlog, tokens=600)
+    runner = runner_for(eventlog, db, batch_size=97)
+    for name in runner.projections:
+        assert await runner.catch_up(name) == head
+    apps = await db.pool.fetch("SELECT client_id FROM applications")
+    assert len(apps) == 11  # 12 created, one deleted
+    families = await db.pool.fetchval("SELECT count(*) FROM live_tokens")
+    revoked = await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'")
+    issued = await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
+    assert 0 < families < issued - revoked  # the deleted app and revoked connection took more
+    stats = await db.pool.fetchval("SELECT sum(count) FROM event_stats")
+    assert stats == head
+    # no token of the deleted application or the revoked connection survives
+    assert not await db.pool.fetchval(
+        "SELECT count(*) FROM live_tokens WHERE client_id = 'co2-app3'"
+    )
+    assert not await db.pool.fetchval(
+        "SELECT count(*) FROM live_tokens WHERE company_id = 'co0' AND client_id = 'co0-app1'"
+    )
+    for status in await runner.status():
+        assert status.lag_events == 0 and status.position == head
+
+
+async def test_crash_between_batches_then_restart_equals_a_rebuild(eventlog: EventLog, db):
+    head = await populate(eventlog, tokens=8000, chunk=1000)
+    worker = tollgate(db, "projections", "run", batch=40)
+    try:
+        # SIGKILL the worker while it is in the middle of catching up.
+        positions: list[int] = []
+        for _ in range(2000):
+            positions = [
+                r["position"]
+                for r in await db.pool.fetch("SELECT position FROM projection_checkpoints")
+            ]
+            if positions and any(0 < p < head for p in positions) and max(positions) > 200:
+                break
+            await asyncio.sleep(0.01)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert any(0 < p < head for p in positions), positions  # it really died mid-way
+
+    restart = tollgate(db, "projections", "run", "--until-caught-up")
+    assert restart.wait(60) == 0, restart.stderr.read()
+    resumed = await snapshot(db.pool)
+
+    rebuild = tollgate(db, "projections", "rebuild")
+    out, err = rebuild.communicate(timeout=60)
+    assert rebuild.returncode == 0, err
+    assert await snapshot(db.pool) == resumed
+    assert sum(r[2] for r in resumed["event_stats"]) == head  # each event counted once
+
+
+async def test_rebuild_while_a_worker_runs_gives_the_same_tables(eventlog: EventLog, db):
+    await populate(eventlog, tokens=1500)
+    live = runner_for(eventlog, db, batch_size=200)
+    task = asyncio.create_task(live.run_forever())
+    try:
+        for _ in range(500):
+            if all(s.lag_events == 0 for s in await live.status()):
+                break
+            await asyncio.sleep(0.02)
+        before = await snapshot(db.pool)
+        other = runner_for(eventlog, db, batch_size=300)
+        for name in other.projections:
+            await other.rebuild(name)
+        app = application("co0", 0)  # the running worker keeps up with later events
+        for n in range(10):
+            tok = token(app, 10_000 + n)
+            await eventlog.append(f"token-{tok.family_id}", 0, [tok])
+        for _ in range(500):
+            if all(s.lag_events == 0 for s in await live.status()):
+                break
+            await asyncio.sleep(0.02)
+        after = await snapshot(db.pool)
+    finally:
+        task.cancel()
+    assert after["applications"] != [] and len(after["live_tokens"]) >= len(before["live_tokens"])
+    fresh = runner_for(eventlog, db)
+    for name in fresh.projections:
+        await fresh.rebuild(name)
+    assert await snapshot(db.pool) == after
+
+
+async def test_only_one_instance_of_a_projection_runs(eventlog: EventLog, db):
+    await populate(eventlog, tokens=50)
+    first = runner_for(eventlog, db)
+    second = runner_for(eventlog, db)
+    holder = await asyncpg.connect(db.dsn)
+    try:
+        # Another process holds the "tokens" lock: this runner must not touch it.
+        await holder.execute("SELECT pg_advisory_lock($1)", lock_key("tokens"))
+        task = asyncio.create_task(first.run_forever())
+        for _ in range(300):
+            status = {s.name: s for s in await first.status()}
+            if status["applications"].lag_events == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert status["applications"].lag_events == 0
+        assert status["tokens"].position == 0
+        await holder.execute("SELECT pg_advisory_unlock($1)", lock_key("tokens"))
+        second.standby_interval = 0.05
+        task2 = asyncio.create_task(second.run_forever())
+        for _ in range(300):
+            if {s.name: s for s in await first.status()}["tokens"].lag_events == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert {s.name: s for s in await first.status()}["tokens"].lag_events == 0
+        task.cancel()
+        task2.cancel()
+    finally:
+        await holder.close()
