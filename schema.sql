@@ -19,13 +19,12 @@ CREATE TABLE IF NOT EXISTS events (
     type           text        NOT NULL,
     schema_version smallint    NOT NULL DEFAULT 1,
     company_id     text,
-    payload        jsonb       NOT NULL,
-    metadata       jsonb       NOT NULL,
+    payload        json        NOT NULL,  -- json, not jsonb: the exact bytes that were hashed
+    metadata       json        NOT NULL,
     recorded_at    timestamptz NOT NULL,
     hash           bytea       NOT NULL,
     CONSTRAINT events_stream_version UNIQUE (stream_id, version)
 );
-CREATE INDEX IF NOT EXISTS events_type_position ON events (type, position);
 CREATE INDEX IF NOT EXISTS events_company_position ON events (company_id, position)
     WHERE company_id IS NOT NULL;
 
@@ -60,6 +59,60 @@ BEGIN
     FROM (SELECT 1) AS one
     LEFT JOIN LATERAL (SELECT e.position, e.hash FROM events e
                        ORDER BY e.position DESC LIMIT 1) AS h ON true;
+END $$;
+
+-- Inserts a batch planned by the writer (positions, versions and hashes already computed
+-- under the lock) and wakes the listeners. The rows come as one JSON array: one parameter
+-- to encode instead of ten arrays.
+CREATE OR REPLACE FUNCTION events_insert(p_rows json, p_recorded timestamptz)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    last_position bigint;
+BEGIN
+    INSERT INTO events (position, stream_id, version, type, schema_version, company_id,
+                        payload, metadata, recorded_at, hash)
+    SELECT r.position, r.stream_id, r.version, r.type, r.schema_version, r.company_id,
+           r.payload, r.metadata, p_recorded, decode(r.hash, 'hex')
+    FROM json_to_recordset(p_rows) AS r(position bigint, stream_id text, version integer,
+                                         type text, schema_version smallint, company_id text,
+                                         payload json, metadata json, hash text);
+    last_position := (p_rows -> (json_array_length(p_rows) - 1) ->> 'position')::bigint;
+    IF last_position IS NOT NULL THEN
+        PERFORM pg_notify('tollgate_events', last_position::text);
+    END IF;
+END $$;
+
+-- The common case in one round trip: this process appended last, so it already knows the
+-- head of the chain and assumes each stream is at its expected version. Under the same lock,
+-- if both still hold, the rows go in and true comes back; if not, nothing is written and
+-- the writer falls back to events_begin_append in an explicit transaction.
+-- `p_exact` lists the streams that must be at exactly a version (conditions, and appends to
+-- existing streams); an append to a new stream needs no look-up: the (stream_id, version)
+-- key refuses it if the stream exists.
+CREATE OR REPLACE FUNCTION events_append_if_head(
+    p_head bigint, p_head_hash bytea, p_exact json, p_rows json, p_recorded timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    head_position bigint;
+    head_hash bytea;
+BEGIN
+    LOCK TABLE events IN EXCLUSIVE MODE;
+    SELECT e.position, e.hash INTO head_position, head_hash
+    FROM events e ORDER BY e.position DESC LIMIT 1;
+    IF coalesce(head_position, 0) <> p_head OR head_hash IS DISTINCT FROM p_head_hash THEN
+        RETURN false;
+    END IF;
+    IF EXISTS (SELECT 1 FROM json_each_text(p_exact) AS s(id, v)
+               WHERE coalesce((SELECT max(e.version) FROM events e WHERE e.stream_id = s.id), 0)
+                     <> s.v::integer) THEN
+        RETURN false;
+    END IF;
+    PERFORM events_insert(p_rows, p_recorded);
+    RETURN true;
+EXCEPTION WHEN unique_violation THEN
+    RETURN false;
 END $$;
 
 -- Projection bookkeeping: one row per projection, written in the same transaction as the

@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 
 from projections.base import SqlProjection
-from service.eventlog import EventLog, EventLogUnavailable
+from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -103,26 +103,53 @@ class ProjectionRunner:
                 await conn.close()
 
     async def catch_up(self, name: str, progress: Progress | None = None) -> int:
-        """Apply everything up to the head as it is now; return the final position."""
+        """Apply everything up to the head as it is now; return the final position.
+
+        The next batch is read while the current one is written, so reading and writing
+        overlap on the two sides of the connection.
+        """
         projection = self.projections[name]
         head = await self.eventlog.head()
         position = await self.checkpoint(name)
-        while position < head:
-            position = await self.step(projection, position, until=head)
-            if progress is not None:
-                progress(name, position, head)
+        upcoming = asyncio.ensure_future(self._read(projection, position, head))
+        try:
+            while position < head:
+                batch, new_position = await upcoming
+                if new_position < head:
+                    upcoming = asyncio.ensure_future(self._read(projection, new_position, head))
+                await self._write(projection, position, new_position, batch)
+                position = new_position
+                if progress is not None:
+                    progress(name, position, head)
+        finally:
+            upcoming.cancel()
         return position
 
-    async def step(self, projection: SqlProjection, position: int, until: int | None = None) -> int:
+    async def step(self, projection: SqlProjection, position: int) -> int:
         """Apply one batch after `position`; return the new checkpoint."""
         # The head is read first: every event at or below it has committed (positions
         # follow commit order), so a filtered read may safely move the checkpoint up to it.
-        head = until if until is not None else await self.eventlog.head()
+        head = await self.eventlog.head()
         if head <= position:
             return position
+        batch, new_position = await self._read(projection, position, head)
+        await self._write(projection, position, new_position, batch)
+        return new_position
+
+    async def _read(
+        self, projection: SqlProjection, position: int, head: int
+    ) -> tuple[list[RecordedEvent], int]:
         types = sorted(projection.event_types) if projection.event_types is not None else None
         batch = await self.eventlog.read_all(position, self.batch_size, types=types, until=head)
-        new_position = batch[-1].position if len(batch) == self.batch_size else head
+        return batch, batch[-1].position if len(batch) == self.batch_size else head
+
+    async def _write(
+        self,
+        projection: SqlProjection,
+        position: int,
+        new_position: int,
+        batch: list[RecordedEvent],
+    ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             if batch:
                 await projection.apply(conn, batch)
@@ -135,7 +162,6 @@ class ProjectionRunner:
             )
             if moved != "UPDATE 1":
                 raise CheckpointMoved(projection.name)
-        return new_position
 
     # --- bookkeeping -----------------------------------------------------------------
 

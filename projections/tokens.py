@@ -40,20 +40,23 @@ class _Batch:
     clients: set[str] = field(default_factory=set)
     connections: set[tuple[str, str]] = field(default_factory=set)
     stripped: list[tuple[str, list[str]]] = field(default_factory=list)
+    by_family: dict[str, list[bytes]] = field(default_factory=dict)
 
     def insert(self, token_hash: str, row: _Row) -> None:
         if row.expires_at is None or row.expires_at > time.time():
-            self.inserts[bytes.fromhex(token_hash)] = row
+            key = bytes.fromhex(token_hash)
+            self.inserts[key] = row
+            self.by_family.setdefault(row.family_id, []).append(key)
 
-    def forget(self, family_id: str = "", client_id: str = "", company_id: str = "") -> None:
-        self.inserts = {
-            key: row
-            for key, row in self.inserts.items()
-            if not (
-                row.family_id == family_id
-                or (row.client_id == client_id and company_id in ("", row.company_id))
-            )
-        }
+    def forget_family(self, family_id: str) -> None:
+        for key in self.by_family.pop(family_id, ()):
+            self.inserts.pop(key, None)
+
+    def forget_client(self, client_id: str, company_id: str | None = None) -> None:
+        # rare (an application deleted, a connection revoked): a full pass is fine
+        for key, row in list(self.inserts.items()):
+            if row.client_id == client_id and company_id in (None, row.company_id):
+                del self.inserts[key]
 
 
 class TokensProjection:
@@ -84,13 +87,13 @@ class TokensProjection:
             batch.insert(e.token_hash, row)
         elif isinstance(e, ev.TokenRevoked):
             batch.families.add(e.family_id)
-            batch.forget(family_id=e.family_id)
+            batch.forget_family(e.family_id)
         elif isinstance(e, ev.ApplicationDeleted):
             batch.clients.add(e.client_id)
-            batch.forget(client_id=e.client_id)
+            batch.forget_client(e.client_id)
         elif isinstance(e, ev.ConnectionRevoked):
             batch.connections.add((e.company_id, e.client_id))
-            batch.forget(client_id=e.client_id, company_id=e.company_id)
+            batch.forget_client(e.client_id, e.company_id)
         elif isinstance(e, ev.PermissionsChanged):
             removed = sorted(set(e.before) - set(e.after))
             if removed:

@@ -58,7 +58,11 @@ async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
     database = app[DATABASE]
-    runner = ProjectionRunner(app[EVENTLOG], database.pool, database.dsn, sql_projections(),
+    runner = ProjectionRunner(
+        app[EVENTLOG],
+        database.pool,
+        database.dsn,
+        sql_projections(),
         batch_size=app[SETTINGS].projection_batch_size,
     )
     await runner.ensure_checkpoints()

@@ -1,9 +1,9 @@
 """The hash chain over the event log: what each event's `hash` covers, and its verification.
 
 hash(n) = SHA-256(hash(n-1) || canonical(n)), where canonical(n) is a JSON array of the
-event's position, stream, version, type, schema version, tenant, payload and metadata (both
-with sorted keys) and recorded time. Positions are dense, so a deleted event shows up as a
-gap, a changed or moved event as a hash that no longer matches.
+event's position, stream, version, type, schema version, tenant, payload and metadata (the
+exact JSON stored, keys sorted) and recorded time. Positions are dense, so a deleted event
+shows up as a gap, a changed or moved event as a hash that no longer matches.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ GENESIS = bytes(32)
 _canonical = msgspec.json.Encoder(order="sorted")
 
 
-def canonical_json(raw: str | bytes) -> bytes:
-    """Stored JSON (jsonb reorders keys) back to the canonical bytes that were hashed."""
-    return _canonical.encode(msgspec.json.decode(raw))
+def timestamp(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
 
 
 def event_hash(
@@ -37,8 +36,9 @@ def event_hash(
     company_id: str | None,
     payload: bytes,
     metadata: bytes,
-    recorded_at: datetime,
+    recorded_at: str,
 ) -> bytes:
+    """`recorded_at` is the ISO 8601 form with microseconds (see `timestamp`)."""
     body = _canonical.encode(
         [
             position,
@@ -49,7 +49,7 @@ def event_hash(
             company_id,
             msgspec.Raw(payload),
             msgspec.Raw(metadata),
-            recorded_at.isoformat(timespec="microseconds"),
+            recorded_at,
         ]
     )
     return hashlib.sha256(previous + body).digest()
@@ -103,9 +103,9 @@ async def verify(rows: AsyncIterator[Any]) -> VerifyResult:
             type=row["type"],
             schema_version=row["schema_version"],
             company_id=row["company_id"],
-            payload=canonical_json(row["payload"]),
-            metadata=canonical_json(row["metadata"]),
-            recorded_at=row["recorded_at"],
+            payload=row["payload"].encode(),
+            metadata=row["metadata"].encode(),
+            recorded_at=timestamp(row["recorded_at"]),
         )
         if digest != bytes(row["hash"]):
             reason = "content does not match its hash (changed, or moved from another position)"

@@ -83,7 +83,13 @@ async def _with_runner(
     eventlog = EventLog(database.pool, database.dsn if listen else None)
     await eventlog.start()
     try:
-        runner = ProjectionRunner(eventlog, database.pool, database.dsn, sql_projections(), batch_size=settings.projection_batch_size)
+        runner = ProjectionRunner(
+            eventlog,
+            database.pool,
+            database.dsn,
+            sql_projections(),
+            batch_size=settings.projection_batch_size,
+        )
         await runner.ensure_checkpoints()
         return await body(runner)
     finally:

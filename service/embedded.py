@@ -100,7 +100,7 @@ class EmbeddedPostgres:
             self._user = pwd.getpwnam(_SYSTEM_USER)
         # The server account must be able to walk down to the data directory and read the
         # binaries that pip installed as root.
-        for path in [self.pgdata, *self.pgdata.parents]:
+        for path in self.pgdata.parents:
             mode = path.stat().st_mode
             path.chmod(mode | stat.S_IXOTH | stat.S_IXGRP)
         for path in [_bin_dir().parent, *(_bin_dir().parent.rglob("*"))]:

@@ -82,11 +82,10 @@ async def test_condition_on_another_stream_refuses_when_it_moved(eventlog: Event
 
 
 async def test_a_failing_append_does_not_fail_its_batch_neighbours(eventlog: EventLog):
-    # PostgreSQL refuses a NUL character inside jsonb; that append fails on its own.
-    bad = ev.CompanyCreated(company_id="c-bad", name="nul\u0000name")
+    # PostgreSQL refuses a NUL character in text; that append fails on its own.
     results = await asyncio.gather(
         *(eventlog.append(f"s-{n}", 0, [company(n)]) for n in range(5)),
-        eventlog.append("s-bad", 0, [bad]),
+        eventlog.append("s-\u0000bad", 0, [company(9)]),
         return_exceptions=True,
     )
     assert isinstance(results[-1], EventLogUnavailable)
@@ -229,7 +228,7 @@ async def test_verify_names_a_changed_payload(eventlog: EventLog, db):
     await _ten_events(eventlog)
     await _tamper(
         db,
-        """UPDATE events SET payload = jsonb_set(payload, '{name}', '"Evil"')
+        """UPDATE events SET payload = jsonb_set(payload::jsonb, '{name}', '"Evil"')::json
                          WHERE position = 4""",
     )
     result = await verify_log(db.pool, batch=3)
@@ -242,7 +241,7 @@ async def test_verify_names_changed_metadata(eventlog: EventLog, db):
     await _ten_events(eventlog)
     await _tamper(
         db,
-        """UPDATE events SET metadata = jsonb_set(metadata, '{actor}', '"user:x"')
+        """UPDATE events SET metadata = jsonb_set(metadata::jsonb, '{actor}', '"user:x"')::json
                          WHERE position = 7""",
     )
     assert (await verify_log(db.pool)).broken.position == 7
@@ -274,5 +273,6 @@ async def test_verify_names_a_deleted_last_event_by_head_hash_change(eventlog: E
     await _tamper(db, "DELETE FROM events WHERE position = 10")
     after = await verify_log(db.pool)
     # Truncating the tail leaves a valid shorter chain: the recorded head hash shows it.
-    assert after.ok and after.head == 9
+    assert after.ok
+    assert after.head == 9
     assert after.head_hash != before.head_hash

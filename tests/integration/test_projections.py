@@ -67,7 +67,8 @@ async def test_projection_tables_reflect_the_log(eventlog: EventLog, db):
         "SELECT count(*) FROM live_tokens WHERE company_id = 'co0' AND client_id = 'co0-app1'"
     )
     for status in await runner.status():
-        assert status.lag_events == 0 and status.position == head
+        assert status.lag_events == 0
+        assert status.position == head
 
 
 async def test_crash_between_batches_then_restart_equals_a_rebuild(eventlog: EventLog, db):
@@ -96,7 +97,7 @@ async def test_crash_between_batches_then_restart_equals_a_rebuild(eventlog: Eve
     resumed = await snapshot(db.pool)
 
     rebuild = tollgate(db, "projections", "rebuild")
-    out, err = rebuild.communicate(timeout=60)
+    _out, err = rebuild.communicate(timeout=60)
     assert rebuild.returncode == 0, err
     assert await snapshot(db.pool) == resumed
     assert sum(r[2] for r in resumed["event_stats"]) == head  # each event counted once
@@ -126,7 +127,8 @@ async def test_rebuild_while_a_worker_runs_gives_the_same_tables(eventlog: Event
         after = await snapshot(db.pool)
     finally:
         task.cancel()
-    assert after["applications"] != [] and len(after["live_tokens"]) >= len(before["live_tokens"])
+    assert after["applications"] != []
+    assert len(after["live_tokens"]) >= len(before["live_tokens"])
     fresh = runner_for(eventlog, db)
     for name in fresh.projections:
         await fresh.rebuild(name)

@@ -1,5 +1,5 @@
-from service.eventlog import Metadata
 from service import events as ev
+from service.eventlog import Metadata
 
 
 async def test_append_and_read_back(eventlog):

@@ -1,0 +1,314 @@
+"""The in-process read model that the hot path (token endpoint, gateway, policy checks)
+decides from: applications, live tokens and connections, fed from the event log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Callable, Iterable, Sequence
+
+import msgspec
+import structlog
+
+from service import events as ev
+from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+
+log = structlog.get_logger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AppState(msgspec.Struct, gc=False):
+    client_id: str
+    company_id: str
+    name: str
+    grant_type: str
+    redirect_uri: str | None
+    ip_allowlist: tuple[str, ...]
+    networks: tuple[IPNetwork, ...]
+    permissions: frozenset[str]
+    notification_emails: tuple[str, ...]
+    secret_hash: str
+    secret_version: int
+    previous_secret_hashes: tuple[str, ...]
+    version: int  # the application stream's version: a condition for writes that rely on it
+
+
+# Hundreds of thousands of these live for the life of the process: msgspec Structs with
+# gc=False are small, quick to build, and never scanned by the cycle collector (they hold
+# only strings, numbers, tuples and frozensets, so they cannot form a cycle).
+class TokenState(msgspec.Struct, gc=False):
+    family_id: str
+    client_id: str
+    company_id: str
+    permissions: frozenset[str]
+    expires_at: int | None
+
+
+class FamilyState(msgspec.Struct, gc=False):
+    client_id: str
+    company_id: str
+    tokens: tuple[bytes, ...] = ()
+    refresh_token_hash: str | None = None  # the live one
+    refresh_hashes: tuple[str, ...] = ()  # every one issued (spent ones show reuse)
+    version: int = 0  # the token stream's version
+
+
+def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+class PolicyModel:
+    """Applies events in position order; every lookup is a dict access."""
+
+    name = "policy"
+    event_types: frozenset[str] | None = None
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.apps: dict[str, AppState] = {}
+        self.tokens: dict[bytes, TokenState] = {}
+        self.families: dict[str, FamilyState] = {}
+        # every refresh-token hash issued, live or spent → its family (reuse detection)
+        self.refresh_tokens: dict[str, str] = {}
+        self.connections: dict[tuple[str, str], frozenset[str]] = {}
+        self._client_families: dict[str, set[str]] = {}
+        self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
+        self._handlers: dict[type[ev.Event], Callable[[ev.Event, RecordedEvent], None]] = {
+            ev.ApplicationCreated: self._app_created,  # type: ignore[dict-item]
+            ev.ApplicationRenamed: self._app_changed,
+            ev.RedirectUriChanged: self._app_changed,
+            ev.IpAllowlistChanged: self._app_changed,
+            ev.NotificationEmailsChanged: self._app_changed,
+            ev.PermissionsChanged: self._permissions_changed,  # type: ignore[dict-item]
+            ev.ClientSecretRotated: self._secret_rotated,  # type: ignore[dict-item]
+            ev.ApplicationDeleted: self._app_deleted,  # type: ignore[dict-item]
+            ev.ConnectionGranted: self._connection_granted,  # type: ignore[dict-item]
+            ev.ConnectionRevoked: self._connection_revoked,  # type: ignore[dict-item]
+            ev.AccessTokenIssued: self._token_issued,  # type: ignore[dict-item]
+            ev.TokenRefreshed: self._token_refreshed,  # type: ignore[dict-item]
+            ev.TokenRevoked: self._token_revoked,  # type: ignore[dict-item]
+        }
+
+    def apply(self, events: Sequence[RecordedEvent]) -> None:
+        handlers = self._handlers
+        for recorded in events:
+            if recorded.position <= self.position:
+                continue  # already applied (idempotent on overlap)
+            handler = handlers.get(type(recorded.event))
+            if handler is not None:
+                handler(recorded.event, recorded)
+            self.position = recorded.position
+
+    # --- lookups ---------------------------------------------------------------------
+
+    def token(self, token_hash: bytes, now: float) -> TokenState | None:
+        state = self.tokens.get(token_hash)
+        if state is None:
+            return None
+        if state.expires_at is not None and state.expires_at <= now:
+            self._drop_token(token_hash)  # expired tokens leave the model
+            return None
+        return state
+
+    # --- applications ----------------------------------------------------------------
+
+    def _app_created(self, e: ev.ApplicationCreated, r: RecordedEvent) -> None:
+        self.apps[e.client_id] = AppState(
+            client_id=e.client_id,
+            company_id=e.company_id,
+            name=e.name,
+            grant_type=e.grant_type,
+            redirect_uri=e.redirect_uri,
+            ip_allowlist=tuple(e.ip_allowlist),
+            networks=networks_of(e.ip_allowlist),
+            permissions=frozenset(e.permissions),
+            notification_emails=tuple(e.notification_emails),
+            secret_hash=e.secret_hash,
+            secret_version=1,
+            previous_secret_hashes=(),
+            version=r.version,
+        )
+
+    def _app_changed(self, e: ev.Event, r: RecordedEvent) -> None:
+        app = self.apps.get(e.client_id)  # type: ignore[attr-defined]
+        if app is None:
+            return
+        after = e.after  # type: ignore[attr-defined]
+        if isinstance(e, ev.ApplicationRenamed):
+            app.name = after
+        elif isinstance(e, ev.RedirectUriChanged):
+            app.redirect_uri = after
+        elif isinstance(e, ev.IpAllowlistChanged):
+            app.ip_allowlist = tuple(after)
+            app.networks = networks_of(after)
+        elif isinstance(e, ev.NotificationEmailsChanged):
+            app.notification_emails = tuple(after)
+        app.version = r.version
+
+    def _permissions_changed(self, e: ev.PermissionsChanged, r: RecordedEvent) -> None:
+        app = self.apps.get(e.client_id)
+        if app is None:
+            return
+        app.permissions = frozenset(e.after)
+        app.version = r.version
+        removed = frozenset(e.before) - app.permissions
+        if not removed:
+            return  # added permissions do not extend existing grants
+        for key, granted in list(self.connections.items()):
+            if key[1] == e.client_id:
+                self.connections[key] = granted - removed
+        for family_id in self._client_families.get(e.client_id, ()):
+            family = self.families[family_id]
+            for token_hash in family.tokens:
+                token = self.tokens.get(token_hash)
+                if token is not None:
+                    token.permissions = self._intern(token.permissions - removed)
+
+    def _secret_rotated(self, e: ev.ClientSecretRotated, r: RecordedEvent) -> None:
+        app = self.apps.get(e.client_id)
+        if app is None:
+            return
+        app.previous_secret_hashes = (*app.previous_secret_hashes, app.secret_hash)
+        app.secret_hash = e.secret_hash
+        app.secret_version = e.secret_version
+        app.version = r.version
+
+    def _app_deleted(self, e: ev.ApplicationDeleted, _r: RecordedEvent) -> None:
+        self.apps.pop(e.client_id, None)
+        for key in [k for k in self.connections if k[1] == e.client_id]:
+            del self.connections[key]
+        for family_id in list(self._client_families.get(e.client_id, ())):
+            self._revoke_family(family_id)
+
+    # --- connections -----------------------------------------------------------------
+
+    def _connection_granted(self, e: ev.ConnectionGranted, _r: RecordedEvent) -> None:
+        self.connections[(e.company_id, e.client_id)] = frozenset(e.permissions)
+
+    def _connection_revoked(self, e: ev.ConnectionRevoked, _r: RecordedEvent) -> None:
+        self.connections.pop((e.company_id, e.client_id), None)
+        for family_id in list(self._client_families.get(e.client_id, ())):
+            if self.families[family_id].company_id == e.company_id:
+                self._revoke_family(family_id)
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def _token_issued(self, e: ev.AccessTokenIssued, r: RecordedEvent) -> None:
+        family = FamilyState(e.client_id, e.company_id, version=r.version)
+        self.families[e.family_id] = family
+        self._client_families.setdefault(e.client_id, set()).add(e.family_id)
+        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
+        if e.refresh_token_hash is not None:
+            family.refresh_token_hash = e.refresh_token_hash
+            family.refresh_hashes = (e.refresh_token_hash,)
+            self.refresh_tokens[e.refresh_token_hash] = e.family_id
+
+    def _token_refreshed(self, e: ev.TokenRefreshed, r: RecordedEvent) -> None:
+        family = self.families.get(e.family_id)
+        if family is None:
+            return
+        family.version = r.version
+        family.refresh_token_hash = e.refresh_token_hash
+        family.refresh_hashes = (*family.refresh_hashes, e.refresh_token_hash)
+        self.refresh_tokens[e.refresh_token_hash] = e.family_id
+        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
+
+    def _token_revoked(self, e: ev.TokenRevoked, _r: RecordedEvent) -> None:
+        self._revoke_family(e.family_id)
+
+    def _add_token(
+        self,
+        family: FamilyState,
+        family_id: str,
+        token_hash: str,
+        permissions: list[str],
+        expires_at: int | None,
+    ) -> None:
+        key = bytes.fromhex(token_hash)
+        family.tokens = (*family.tokens, key)
+        self.tokens[key] = TokenState(
+            family_id,
+            family.client_id,
+            family.company_id,
+            self._intern(frozenset(permissions)),
+            expires_at,
+        )
+
+    def _intern(self, permissions: frozenset[str]) -> frozenset[str]:
+        """Tokens share a handful of permission sets: keep one copy of each."""
+        return self._permission_sets.setdefault(permissions, permissions)
+
+    def _revoke_family(self, family_id: str) -> None:
+        """A revoked family leaves the model entirely: the log keeps its history, and a
+        token or refresh token of it presented later is simply unknown."""
+        family = self.families.pop(family_id, None)
+        if family is None:
+            return
+        for token_hash in family.tokens:
+            self.tokens.pop(token_hash, None)
+        for refresh_hash in family.refresh_hashes:
+            self.refresh_tokens.pop(refresh_hash, None)
+        client_families = self._client_families.get(family.client_id)
+        if client_families is not None:
+            client_families.discard(family_id)
+
+    def _drop_token(self, token_hash: bytes) -> None:
+        self.tokens.pop(token_hash, None)
+
+
+class MemoryFeed:
+    """Keeps a PolicyModel current from the log; `wait_for(position)` gives read-your-writes."""
+
+    def __init__(self, eventlog: EventLog, model: PolicyModel, *, batch_size: int = 5000) -> None:
+        self.eventlog = eventlog
+        self.model = model
+        self.batch_size = batch_size
+        self._advanced = asyncio.Event()
+        self._catch_up_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def catch_up(self) -> int:
+        """Apply everything committed so far; concurrent callers share one read.
+
+        The next batch is fetched while the current one is applied, so the database and
+        this process work side by side.
+        """
+        async with self._catch_up_lock:
+            read = self.eventlog.read_all
+            batch = await read(self.model.position, self.batch_size, lean=True)
+            while batch:
+                upcoming = asyncio.ensure_future(
+                    read(batch[-1].position, self.batch_size, lean=True)
+                )
+                await asyncio.sleep(0)  # let it send the query before applying takes the CPU
+                try:
+                    self.model.apply(batch)
+                finally:
+                    self._advanced.set()
+                    self._advanced = asyncio.Event()
+                batch = await upcoming
+            return self.model.position
+
+    async def wait_for(self, position: int) -> None:
+        while self.model.position < position:
+            await self.catch_up()
+
+    async def start(self) -> None:
+        await self.catch_up()
+        self._task = asyncio.create_task(self._follow(), name="policy-model-feed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.catch_up()
+            except EventLogUnavailable as exc:
+                log.warning("policy_model.catch_up_failed", error=str(exc))
+            await self.eventlog.wakeup.wait(self.model.position, self.eventlog.poll_interval)

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): figures from one run on this machine, never timed tests."""

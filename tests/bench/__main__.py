@@ -1,0 +1,54 @@
+"""`python -m tests.bench [SECTION ...]`: run the benchmarks and print their figures.
+
+Everything runs against one durable PostgreSQL (a fresh embedded cluster under a temporary
+directory, fsync on, as `make run` uses; or BENCH_DATABASE_URL), so the figures in one
+run compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from service.database import apply_schema, create_pool
+from service.embedded import EmbeddedPostgres
+from service.logs import configure_logging
+from tests.bench import eventlog_bench
+
+SECTIONS = {"eventlog": eventlog_bench.run}
+
+
+async def main(sections: list[str]) -> None:
+    url = os.environ.get("BENCH_DATABASE_URL")
+    embedded = None
+    tmp = None
+    if url is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tollgate-bench-")
+        embedded = EmbeddedPostgres(Path(tmp.name) / "pg", durable=True)
+        url = embedded.start()
+    try:
+        pool = await create_pool(url, min_size=1, max_size=4)
+        async with pool.acquire() as conn:
+            await apply_schema(conn)
+        await pool.close()
+        print(f"# Tollgate benchmarks ({os.cpu_count()} CPUs, PostgreSQL at {url})", flush=True)
+        for name in sections:
+            await SECTIONS[name](url)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m tests.bench")
+    parser.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=list(SECTIONS))
+    args = parser.parse_args()
+    configure_logging("console", "warning")
+    asyncio.run(main(args.sections or list(SECTIONS)))
+    sys.exit(0)

@@ -1,0 +1,123 @@
+"""Event-log append throughput against a bare INSERT loop, and projection catch-up speed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+
+from projections.catalog import sql_projections
+from projections.memory import MemoryFeed, PolicyModel
+from projections.runner import ProjectionRunner
+from service.database import create_pool
+from service.eventlog import EventLog, Metadata
+from tests.factories import application, populate, token
+
+SECONDS = 5.0
+CONCURRENCY = (1, 16, 64)
+CATCH_UP_TOKENS = 182_000  # with revocations and the rest, a log of a little over 200,000
+
+
+async def append_rate(dsn: str, concurrency: int, run: str) -> float:
+    pool = await create_pool(dsn, min_size=2, max_size=4)
+    log = EventLog(pool)
+    await log.start()
+    app = application("bench", 0)
+    meta = Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
+    count = 0
+    deadline = time.perf_counter() + SECONDS
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        n = 0
+        while time.perf_counter() < deadline:
+            tok = token(app, n)
+            await log.append(f"{run}-{w}-{n}", 0, [tok], meta)
+            n += 1
+            count += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await log.close()
+    await pool.close()
+    return count / elapsed
+
+
+async def bare_insert_rate(dsn: str, concurrency: int) -> float:
+    """One row per INSERT, one commit each, one connection per worker: the baseline."""
+    conns = [await asyncpg.connect(dsn) for _ in range(concurrency)]
+    await conns[0].execute(
+        "CREATE TABLE IF NOT EXISTS bench_bare (id bigserial PRIMARY KEY, stream text, "
+        "payload jsonb)"
+    )
+    payload = '{"type": "AccessTokenIssued", "token_hash": "' + "ab" * 32 + '"}'
+    count = 0
+    deadline = time.perf_counter() + SECONDS
+
+    async def worker(conn: asyncpg.Connection, w: int) -> None:
+        nonlocal count
+        n = 0
+        while time.perf_counter() < deadline:
+            await conn.execute(
+                "INSERT INTO bench_bare (stream, payload) VALUES ($1, $2)", f"{w}-{n}", payload
+            )
+            n += 1
+            count += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c, w) for w, c in enumerate(conns)))
+    elapsed = time.perf_counter() - started
+    for conn in conns:
+        await conn.close()
+    return count / elapsed
+
+
+async def catch_up(dsn: str) -> None:
+    pool = await create_pool(dsn, min_size=2, max_size=8)
+    log = EventLog(pool)
+    await log.start()
+    started = time.perf_counter()
+    await populate(log, tokens=CATCH_UP_TOKENS, chunk=4000)
+    head = await log.head()  # with the events of the append runs before
+    print(f"\nlog built: {head:,} events ({time.perf_counter() - started:.1f} s)", flush=True)
+
+    runner = ProjectionRunner(log, pool, dsn, sql_projections())
+    await runner.ensure_checkpoints()
+    print("\n## Projection catch-up from position 0 (SQL tables)")
+    print("| projection | events read | seconds | events/s |")
+    print("|---|---:|---:|---:|")
+    total_elapsed = 0.0
+    for name in runner.projections:
+        started = time.perf_counter()
+        await runner.rebuild(name)
+        elapsed = time.perf_counter() - started
+        total_elapsed += elapsed
+        print(f"| {name} | {head:,} | {elapsed:.2f} | {head / elapsed:,.0f} |", flush=True)
+    print(f"| all three, one after another | {head:,} | {total_elapsed:.2f} | "
+          f"{head / total_elapsed:,.0f} |")
+
+    model = PolicyModel()
+    feed = MemoryFeed(log, model, batch_size=10_000)
+    started = time.perf_counter()
+    await feed.catch_up()
+    elapsed = time.perf_counter() - started
+    print("\n## Projection catch-up from position 0 (in-memory read model)")
+    print("| model | events | seconds | events/s | live tokens |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| policy | {model.position:,} | {elapsed:.2f} | {model.position / elapsed:,.0f} | "
+          f"{len(model.tokens):,} |")
+    await log.close()
+    await pool.close()
+
+
+async def run(dsn: str) -> None:
+    print("\n## Event-log appends (1 event per append, each awaited until committed)")
+    print("| concurrency | event log (events/s) | bare INSERT+commit (rows/s) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for concurrency in CONCURRENCY:
+        bare = await bare_insert_rate(dsn, concurrency)
+        logged = await append_rate(dsn, concurrency, f"run{concurrency}")
+        print(f"| {concurrency} | {logged:,.0f} | {bare:,.0f} | {logged / bare:.2f}x |", flush=True)
+    await catch_up(dsn)
