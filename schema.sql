@@ -109,10 +109,10 @@ BEGIN
                      <> s.v::integer) THEN
         RETURN false;
     END IF;
+    -- A new stream that exists after all raises unique_violation: the writer takes that
+    -- as "false" (an EXCEPTION block here would cost a subtransaction per call).
     PERFORM events_insert(p_rows, p_recorded);
     RETURN true;
-EXCEPTION WHEN unique_violation THEN
-    RETURN false;
 END $$;
 
 -- Projection bookkeeping: one row per projection, written in the same transaction as the

@@ -157,6 +157,11 @@ class EmbeddedPostgres:
             "-c listen_addresses=''",
             f"-c unix_socket_directories='{self.socket_dir}'",
             f"-c max_connections={self.max_connections}",
+            # A dedicated server for one service: room for the log's hot end in memory,
+            # and fewer checkpoints (each makes the next writes log full pages again).
+            "-c shared_buffers=512MB",
+            "-c max_wal_size=4GB",
+            "-c checkpoint_timeout=15min",
         ]
         if not self.durable:
             # Throw-away clusters (tests) skip the disk flushes; nothing else changes.

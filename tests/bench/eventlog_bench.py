@@ -6,12 +6,14 @@ import asyncio
 import time
 
 import asyncpg
+import msgspec
 
 from projections.catalog import sql_projections
 from projections.memory import MemoryFeed, PolicyModel
 from projections.runner import ProjectionRunner
 from service.database import create_pool
 from service.eventlog import EventLog, Metadata
+from service.events import encode
 from tests.factories import application, populate, token
 
 SECONDS = 5.0
@@ -45,14 +47,35 @@ async def append_rate(dsn: str, concurrency: int, run: str) -> float:
     return count / elapsed
 
 
-async def bare_insert_rate(dsn: str, concurrency: int) -> float:
-    """One row per INSERT, one commit each, one connection per worker: the baseline."""
+async def bare_insert_rate(dsn: str, concurrency: int, *, same_rows: bool) -> float:
+    """The baseline: one row per INSERT, one commit each, one connection per worker.
+
+    `same_rows`: the same rows as the event log writes (payload, metadata, hash) into a
+    table shaped like `events` with the same indexes; otherwise a small two-column row.
+    """
     conns = [await asyncpg.connect(dsn) for _ in range(concurrency)]
-    await conns[0].execute(
-        "CREATE TABLE IF NOT EXISTS bench_bare (id bigserial PRIMARY KEY, stream text, "
-        "payload jsonb)"
+    app = application("bench", 0)
+    meta = msgspec.json.encode(
+        Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
     )
-    payload = '{"type": "AccessTokenIssued", "token_hash": "' + "ab" * 32 + '"}'
+    if same_rows:
+        await conns[0].execute(
+            "DROP TABLE IF EXISTS bench_rows; "
+            "CREATE TABLE bench_rows (LIKE events INCLUDING ALL); "
+            "CREATE SEQUENCE IF NOT EXISTS bench_rows_seq"
+        )
+        sql = (
+            "INSERT INTO bench_rows (position, stream_id, version, type, schema_version, "
+            "company_id, payload, metadata, recorded_at, hash) "
+            "VALUES (nextval('bench_rows_seq'), $1, 1, 'AccessTokenIssued', 1, $2, $3, $4, "
+            "now(), $5)"
+        )
+    else:
+        await conns[0].execute(
+            "CREATE TABLE IF NOT EXISTS bench_bare (id bigserial PRIMARY KEY, stream text, "
+            "payload jsonb)"
+        )
+        sql = "INSERT INTO bench_bare (stream, payload) VALUES ($1, $2)"
     count = 0
     deadline = time.perf_counter() + SECONDS
 
@@ -60,9 +83,12 @@ async def bare_insert_rate(dsn: str, concurrency: int) -> float:
         nonlocal count
         n = 0
         while time.perf_counter() < deadline:
-            await conn.execute(
-                "INSERT INTO bench_bare (stream, payload) VALUES ($1, $2)", f"{w}-{n}", payload
-            )
+            payload = encode(token(app, n)).decode()
+            if same_rows:
+                args = (f"bare-{w}-{n}", app.company_id, payload, meta.decode(), bytes(32))
+            else:
+                args = (f"bare-{w}-{n}", '{"n": 1}')
+            await conn.execute(sql, *args)
             n += 1
             count += 1
 
@@ -95,8 +121,10 @@ async def catch_up(dsn: str) -> None:
         elapsed = time.perf_counter() - started
         total_elapsed += elapsed
         print(f"| {name} | {head:,} | {elapsed:.2f} | {head / elapsed:,.0f} |", flush=True)
-    print(f"| all three, one after another | {head:,} | {total_elapsed:.2f} | "
-          f"{head / total_elapsed:,.0f} |")
+    print(
+        f"| all three, one after another | {head:,} | {total_elapsed:.2f} | "
+        f"{head / total_elapsed:,.0f} |"
+    )
 
     model = PolicyModel()
     feed = MemoryFeed(log, model, batch_size=10_000)
@@ -106,18 +134,31 @@ async def catch_up(dsn: str) -> None:
     print("\n## Projection catch-up from position 0 (in-memory read model)")
     print("| model | events | seconds | events/s | live tokens |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| policy | {model.position:,} | {elapsed:.2f} | {model.position / elapsed:,.0f} | "
-          f"{len(model.tokens):,} |")
+    print(
+        f"| policy | {model.position:,} | {elapsed:.2f} | {model.position / elapsed:,.0f} | "
+        f"{len(model.tokens):,} |"
+    )
     await log.close()
     await pool.close()
 
 
 async def run(dsn: str) -> None:
     print("\n## Event-log appends (1 event per append, each awaited until committed)")
-    print("| concurrency | event log (events/s) | bare INSERT+commit (rows/s) | ratio |")
-    print("|---:|---:|---:|---:|")
+    print("Baselines, same database, same concurrency: one row per INSERT and one commit per")
+    print("row, (a) the same event rows into a table shaped like `events`, same indexes;")
+    print("(b) a small two-column row.\n")
+    print(
+        "| concurrency | event log (events/s) | (a) same rows (rows/s) | ratio | "
+        "(b) small rows (rows/s) | ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
     for concurrency in CONCURRENCY:
-        bare = await bare_insert_rate(dsn, concurrency)
+        same = await bare_insert_rate(dsn, concurrency, same_rows=True)
+        small = await bare_insert_rate(dsn, concurrency, same_rows=False)
         logged = await append_rate(dsn, concurrency, f"run{concurrency}")
-        print(f"| {concurrency} | {logged:,.0f} | {bare:,.0f} | {logged / bare:.2f}x |", flush=True)
+        print(
+            f"| {concurrency} | {logged:,.0f} | {same:,.0f} | {logged / same:.2f}x | "
+            f"{small:,.0f} | {logged / small:.2f}x |",
+            flush=True,
+        )
     await catch_up(dsn)
