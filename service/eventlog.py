@@ -37,6 +37,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from service import chain
 from service.events import SCHEMA_VERSIONS, Event, decode, encode, tenant_of, type_of
@@ -161,6 +162,7 @@ class EventLog:
         self._queue: asyncio.Queue[_Append] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
+        self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
         #: sizes of the committed batches, for metrics (appends per transaction)
         self.batch_sizes: list[int] = []
         #: the chain head as this process last wrote or saw it (None: not known yet)
@@ -184,6 +186,10 @@ class EventLog:
             with contextlib.suppress(*_DB_ERRORS):
                 await self._listener.close()
             self._listener = None
+        if self._conn is not None:
+            with contextlib.suppress(*_DB_ERRORS):
+                await self._pool.release(self._conn)
+            self._conn = None
 
     # --- writing ---------------------------------------------------------------------
 
@@ -222,6 +228,16 @@ class EventLog:
             first = await self._queue.get()
             await self._commit_batch(self._drain(first))
 
+    async def _writer_connection(self) -> PoolConnectionProxy[asyncpg.Record]:
+        """The writer keeps one connection: no pool round trip per batch."""
+        if self._conn is not None and self._conn.is_closed():
+            with contextlib.suppress(*_DB_ERRORS):
+                await self._pool.release(self._conn)
+            self._conn = None
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        return self._conn
+
     def _drain(self, first: _Append) -> list[_Append]:
         batch = [first]
         size = len(first.events)
@@ -255,13 +271,14 @@ class EventLog:
             self.wakeup.notify(last)
 
     async def _commit(self, batch: list[_Append]) -> None:
+        conn = await self._writer_connection()
         assumed = _assumed_versions(batch)
         predicted = self._head
         if predicted is not None and assumed is not None:
             plan = _Plan.build(batch, predicted, assumed)
             exact = {s: v for s, v in assumed.items() if v or s in plan.condition_streams}
             try:
-                committed = await self._pool.fetchval(
+                committed = await conn.fetchval(
                     "SELECT events_append_if_head($1, $2, $3, $4, $5)",
                     predicted.position,
                     None if predicted.position == 0 else predicted.hash,
@@ -281,7 +298,7 @@ class EventLog:
                 [r.stream_id for r in batch] + [s for r in batch for s, _ in r.conditions]
             )
         )
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             row = await conn.fetchrow("SELECT * FROM events_begin_append($1)", streams)
             assert row is not None
             head = _Head(
