@@ -154,11 +154,50 @@ CREATE INDEX IF NOT EXISTS live_tokens_client ON live_tokens (client_id);
 CREATE INDEX IF NOT EXISTS live_tokens_family ON live_tokens (family_id);
 CREATE INDEX IF NOT EXISTS live_tokens_expiry ON live_tokens (expires_at) WHERE expires_at IS NOT NULL;
 
+CREATE TABLE IF NOT EXISTS companies (
+    company_id text        PRIMARY KEY,
+    name       text        NOT NULL,
+    created_at timestamptz NOT NULL
+);
+
+-- No password hashes here: the log has them, a dashboard has no use for them.
+CREATE TABLE IF NOT EXISTS users (
+    user_id    text        PRIMARY KEY,
+    company_id text        NOT NULL,
+    email      text        NOT NULL,
+    role       text        NOT NULL,
+    created_at timestamptz NOT NULL,
+    removed_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS users_company ON users (company_id);
+
+CREATE TABLE IF NOT EXISTS admin_keys (
+    key_id     text        PRIMARY KEY,
+    company_id text        NOT NULL,
+    label      text        NOT NULL,
+    issued_by  text        NOT NULL,
+    issued_at  timestamptz NOT NULL,
+    revoked_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS admin_keys_company ON admin_keys (company_id);
+
 CREATE TABLE IF NOT EXISTS event_stats (
     day   date   NOT NULL,
     type  text   NOT NULL,
     count bigint NOT NULL,
     PRIMARY KEY (day, type)
 );
+
+-- Browser sessions (login for consent and the dashboard). Not events: operational state
+-- that expires; the cookie's value is stored only as a SHA-256 digest.
+CREATE TABLE IF NOT EXISTS web_sessions (
+    session_hash text        PRIMARY KEY,
+    user_id      text        NOT NULL,
+    company_id   text        NOT NULL,
+    csrf_hash    text        NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS web_sessions_expiry ON web_sessions (expires_at);
 
 INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from projections.applications import ApplicationsProjection
 from projections.base import SqlProjection
+from projections.companies import CompaniesProjection
 from projections.stats import EventStatsProjection
 from projections.tokens import TokensProjection
 
 
 def sql_projections() -> list[SqlProjection]:
-    return [ApplicationsProjection(), TokensProjection(), EventStatsProjection()]
+    return [
+        ApplicationsProjection(),
+        CompaniesProjection(),
+        TokensProjection(),
+        EventStatsProjection(),
+    ]

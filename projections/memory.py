@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -258,14 +259,23 @@ class PolicyModel:
         self.tokens.pop(token_hash, None)
 
 
-class MemoryFeed:
-    """Keeps a PolicyModel current from the log; `wait_for(position)` gives read-your-writes."""
+class Model(Protocol):
+    position: int
 
-    def __init__(self, eventlog: EventLog, model: PolicyModel, *, batch_size: int = 5000) -> None:
+    def apply(self, events: Sequence[RecordedEvent]) -> None: ...
+
+
+class MemoryFeed:
+    """Keeps in-memory models current from the log; `wait_for(position)` gives a request
+    read-your-writes: what this process just appended is visible to its next request."""
+
+    def __init__(
+        self, eventlog: EventLog, models: Sequence[Model], *, batch_size: int = 5000
+    ) -> None:
         self.eventlog = eventlog
-        self.model = model
+        self.models = list(models)
+        self.position = min((m.position for m in self.models), default=0)
         self.batch_size = batch_size
-        self._advanced = asyncio.Event()
         self._catch_up_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -277,27 +287,29 @@ class MemoryFeed:
         """
         async with self._catch_up_lock:
             read = self.eventlog.read_all
-            batch = await read(self.model.position, self.batch_size, lean=True)
+            batch = await read(self.position, self.batch_size, lean=True)
             while batch:
                 upcoming = asyncio.ensure_future(
                     read(batch[-1].position, self.batch_size, lean=True)
                 )
                 await asyncio.sleep(0)  # let it send the query before applying takes the CPU
                 try:
-                    self.model.apply(batch)
-                finally:
-                    self._advanced.set()
-                    self._advanced = asyncio.Event()
+                    for model in self.models:
+                        model.apply(batch)
+                    self.position = batch[-1].position
+                except BaseException:
+                    upcoming.cancel()
+                    raise
                 batch = await upcoming
-            return self.model.position
+            return self.position
 
     async def wait_for(self, position: int) -> None:
-        while self.model.position < position:
+        while self.position < position:
             await self.catch_up()
 
     async def start(self) -> None:
         await self.catch_up()
-        self._task = asyncio.create_task(self._follow(), name="policy-model-feed")
+        self._task = asyncio.create_task(self._follow(), name="memory-feed")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -310,5 +322,5 @@ class MemoryFeed:
             try:
                 await self.catch_up()
             except EventLogUnavailable as exc:
-                log.warning("policy_model.catch_up_failed", error=str(exc))
-            await self.eventlog.wakeup.wait(self.model.position, self.eventlog.poll_interval)
+                log.warning("memory_feed.catch_up_failed", error=str(exc))
+            await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)

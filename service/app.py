@@ -10,16 +10,26 @@ import structlog
 from aiohttp import web
 
 from projections.catalog import sql_projections
+from projections.directory import DirectoryModel
+from projections.memory import MemoryFeed, PolicyModel
 from projections.runner import ProjectionRunner
+from service.context import Context
 from service.database import Database, open_database
+from service.domain.permissions import load_catalogue
 from service.eventlog import EventLog
+from service.metrics import METRICS, Metrics
 from service.settings import Settings
+from service.web.admin import routes as admin_routes
+from service.web.keys import CONTEXT, SETTINGS
+from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
+from service.web.ops import metrics_middleware
 from service.web.ops import routes as ops_routes
 
 log = structlog.get_logger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
+__all__ = ["CONTEXT", "DATABASE", "EVENTLOG", "RUNNER", "SETTINGS", "create_app"]
+
 DATABASE = web.AppKey("database", Database)
 EVENTLOG = web.AppKey("eventlog", EventLog)
 RUNNER = web.AppKey("runner", ProjectionRunner)
@@ -27,12 +37,18 @@ RUNNER = web.AppKey("runner", ProjectionRunner)
 
 def create_app(settings: Settings, *, database: Database | None = None) -> web.Application:
     """Build the application. `database` lets a caller (tests) hand in an open one."""
-    app = web.Application(middlewares=[request_context_middleware, error_middleware])
+    app = web.Application(
+        middlewares=[request_context_middleware, metrics_middleware, error_middleware]
+    )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database_ctx(database))
     app.cleanup_ctx.append(_eventlog_ctx)
+    app.cleanup_ctx.append(_context_ctx)
     app.cleanup_ctx.append(_projections_ctx)
     app.add_routes(ops_routes)
+    app.add_routes(login_routes)
+    app.add_routes(admin_routes)
     return app
 
 
@@ -54,6 +70,25 @@ async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EVENTLOG] = eventlog
     yield
     await eventlog.close()
+
+
+async def _context_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The in-memory models every decision reads, caught up before the first request."""
+    settings = app[SETTINGS]
+    policy, directory = PolicyModel(), DirectoryModel()
+    feed = MemoryFeed(app[EVENTLOG], [policy, directory])
+    await feed.start()
+    app[CONTEXT] = Context(
+        settings=settings,
+        pool=app[DATABASE].pool,
+        eventlog=app[EVENTLOG],
+        feed=feed,
+        policy=policy,
+        directory=directory,
+        catalogue=load_catalogue(settings.permissions_file),
+    )
+    yield
+    await feed.close()
 
 
 async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:

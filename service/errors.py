@@ -47,3 +47,31 @@ class PayloadTooLarge(TollgateError):
 class Unavailable(TollgateError):
     error = "temporarily_unavailable"
     status = 503
+
+
+class Unauthorized(TollgateError):
+    """RFC 6750 §3.1: no credentials, or credentials that are not valid."""
+
+    error = "invalid_token"
+    status = 401
+
+    def __init__(self, description: str = "", *, realm: str = "tollgate") -> None:
+        challenge = f'Bearer realm="{realm}"'
+        if description:
+            challenge += f', error="invalid_token", error_description="{description}"'
+        super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(TollgateError):
+    error = "forbidden"
+    status = 403
+
+
+class Conflict(TollgateError):
+    error = "conflict"
+    status = 409
+
+
+class PreconditionFailed(TollgateError):
+    error = "precondition_failed"
+    status = 412

@@ -99,3 +99,60 @@ async def eventlog(db: TestDatabase) -> AsyncIterator[EventLog]:
         yield log
     finally:
         await log.close()
+
+
+# --- the service over HTTP -------------------------------------------------------------
+
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from service.app import CONTEXT, create_app  # noqa: E402
+from service.database import Database  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, log_format="json", run_projections=True)
+
+
+@pytest.fixture
+async def client(db: TestDatabase, settings: Settings) -> AsyncIterator[TestClient]:
+    app = create_app(settings, database=Database(db.dsn, db.pool))
+    test_client = TestClient(TestServer(app, host="127.0.0.1"))
+    await test_client.start_server()
+    try:
+        yield test_client
+    finally:
+        await test_client.close()
+
+
+@dataclass
+class Company:
+    company_id: str
+    admin_key: str
+    admin_email: str
+    admin_password: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+
+async def make_company(client: TestClient, name: str = "Acme") -> Company:
+    from service.directory import create_company
+    from service.eventlog import Metadata
+
+    ctx = client.app[CONTEXT]
+    email = f"admin-{next(_counter)}@{name.lower().replace(' ', '')}.example"
+    made = await create_company(ctx, name, email, Metadata(actor="test"))
+    return Company(made.company_id, made.admin_key, made.admin_email, made.admin_password)
+
+
+@pytest.fixture
+async def company(client: TestClient) -> Company:
+    return await make_company(client, "Acme")
+
+
+@pytest.fixture
+async def other_company(client: TestClient) -> Company:
+    return await make_company(client, "Globex")

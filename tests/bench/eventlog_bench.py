@@ -130,7 +130,7 @@ async def catch_up(dsn: str) -> None:
     )
 
     model = PolicyModel()
-    feed = MemoryFeed(log, model, batch_size=10_000)
+    feed = MemoryFeed(log, [model], batch_size=10_000)
     started = time.perf_counter()
     await feed.catch_up()
     elapsed = time.perf_counter() - started

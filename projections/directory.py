@@ -1,0 +1,100 @@
+"""In-memory directory: companies, users, admin keys and resource-server keys, for
+authenticating admin requests, logins and resource servers without a database trip."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from service import events as ev
+from service.eventlog import RecordedEvent
+
+
+class Company(msgspec.Struct):
+    company_id: str
+    name: str
+
+
+class User(msgspec.Struct):
+    user_id: str
+    company_id: str
+    email: str
+    role: str
+    password_hash: str
+    removed: bool = False
+
+
+class AdminKey(msgspec.Struct):
+    key_id: str
+    company_id: str
+    label: str
+    revoked: bool = False
+
+
+class ResourceServer(msgspec.Struct):
+    resource_server_id: str
+    name: str
+    revoked: bool = False
+
+
+class DirectoryModel:
+    name = "directory"
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.companies: dict[str, Company] = {}
+        self.users: dict[str, User] = {}
+        self.users_by_email: dict[str, str] = {}  # lower-cased email → user id
+        self.admin_keys: dict[str, AdminKey] = {}  # key id → key
+        self.admin_key_hashes: dict[str, str] = {}  # live key hash → key id
+        self.resource_server_hashes: dict[str, ResourceServer] = {}  # live key hash → server
+
+    def apply(self, events: Sequence[RecordedEvent]) -> None:
+        for recorded in events:
+            if recorded.position <= self.position:
+                continue
+            self._apply(recorded.event)
+            self.position = recorded.position
+
+    def _apply(self, e: ev.Event) -> None:
+        if isinstance(e, ev.CompanyCreated):
+            self.companies[e.company_id] = Company(e.company_id, e.name)
+        elif isinstance(e, ev.UserAdded):
+            self.users[e.user_id] = User(e.user_id, e.company_id, e.email, e.role, e.password_hash)
+            self.users_by_email[e.email.lower()] = e.user_id
+        elif isinstance(e, ev.UserRoleChanged):
+            if (user := self.users.get(e.user_id)) is not None:
+                user.role = e.after
+        elif isinstance(e, ev.UserPasswordChanged):
+            if (user := self.users.get(e.user_id)) is not None:
+                user.password_hash = e.password_hash
+        elif isinstance(e, ev.UserRemoved):
+            if (user := self.users.get(e.user_id)) is not None:
+                user.removed = True
+                self.users_by_email.pop(user.email.lower(), None)
+        elif isinstance(e, ev.AdminKeyIssued):
+            self.admin_keys[e.key_id] = AdminKey(e.key_id, e.company_id, e.label)
+            self.admin_key_hashes[e.key_hash] = e.key_id
+        elif isinstance(e, ev.AdminKeyRevoked):
+            if (key := self.admin_keys.get(e.key_id)) is not None:
+                key.revoked = True
+            for key_hash, key_id in list(self.admin_key_hashes.items()):
+                if key_id == e.key_id:
+                    del self.admin_key_hashes[key_hash]
+        elif isinstance(e, ev.ResourceServerRegistered):
+            self.resource_server_hashes[e.key_hash] = ResourceServer(e.resource_server_id, e.name)
+        elif isinstance(e, ev.ResourceServerKeyRevoked):
+            for key_hash, server in list(self.resource_server_hashes.items()):
+                if server.resource_server_id == e.resource_server_id:
+                    del self.resource_server_hashes[key_hash]
+
+    def user_by_email(self, email: str) -> User | None:
+        user_id = self.users_by_email.get(email.lower())
+        return None if user_id is None else self.users.get(user_id)
+
+    def company_users(self, company_id: str) -> list[User]:
+        return [u for u in self.users.values() if u.company_id == company_id and not u.removed]
+
+    def company_keys(self, company_id: str) -> list[AdminKey]:
+        return [k for k in self.admin_keys.values() if k.company_id == company_id]

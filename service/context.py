@@ -1,0 +1,46 @@
+"""What command handlers work with: the log, the in-memory models, the configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from projections.directory import DirectoryModel
+from projections.memory import MemoryFeed, PolicyModel
+from service.eventlog import EventLog, Metadata
+from service.events import Event
+from service.settings import Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    pool: asyncpg.Pool
+    eventlog: EventLog
+    feed: MemoryFeed
+    policy: PolicyModel
+    directory: DirectoryModel
+    catalogue: Mapping[str, str]
+
+    async def record(
+        self,
+        stream_id: str,
+        expected_version: int | None,
+        events: Sequence[Event],
+        metadata: Metadata,
+        *,
+        conditions: Sequence[tuple[str, int]] = (),
+    ) -> list[int]:
+        """Append, then wait until this process's models have applied it, so the next
+        request here sees the change (read-your-writes)."""
+        positions = await self.eventlog.append(
+            stream_id, expected_version, events, metadata, conditions=conditions
+        )
+        await self.feed.wait_for(positions[-1])
+        return positions
+
+    async def refresh(self) -> None:
+        """Catch up with what other processes wrote (a lookup missed; look again)."""
+        await self.feed.catch_up()

@@ -1,0 +1,297 @@
+"""Applications: the rules of SPEC.md §2, as functions from commands to events."""
+
+from __future__ import annotations
+
+import ipaddress
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
+
+from email_validator import EmailNotValidError, validate_email
+
+from service import events as ev
+from service.errors import InvalidRequest
+
+AUTHORIZATION_CODE = "authorization_code"
+CLIENT_CREDENTIALS = "client_credentials"
+GRANT_TYPES = (AUTHORIZATION_CODE, CLIENT_CREDENTIALS)
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+MAX_NAME = 100
+MAX_URI = 2000
+MAX_ALLOWLIST = 200
+MAX_EMAILS = 20
+
+
+class FieldError(InvalidRequest):
+    """An input that breaks a rule; `field` names it for the error description."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class GrantTypeImmutable(FieldError):
+    def __init__(self) -> None:
+        super().__init__("grant_type", "cannot be changed once the application has been created")
+
+
+# --- field rules ---------------------------------------------------------------------
+
+
+def name(value: str) -> str:
+    cleaned = value.strip()
+    if not 1 <= len(cleaned) <= MAX_NAME:
+        raise FieldError("name", f"must be 1 to {MAX_NAME} characters")
+    if any(unicodedata.category(ch).startswith("C") for ch in cleaned):
+        raise FieldError("name", "must not contain control characters")
+    return cleaned
+
+
+def redirect_uri(value: str) -> str:
+    """An absolute https URL (http only for loopback hosts), no fragment, no credentials.
+    Stored exactly as given: it is compared by exact string match (RFC 9700 §4.1.3)."""
+    if len(value) > MAX_URI:
+        raise FieldError("redirect_uri", f"must be at most {MAX_URI} characters")
+    if value != value.strip() or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise FieldError("redirect_uri", "must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        raise FieldError("redirect_uri", "is not a valid URL") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise FieldError("redirect_uri", "must be an absolute https URL")
+    if parts.scheme == "http" and host not in LOOPBACK_HOSTS:
+        raise FieldError(
+            "redirect_uri", "must use https (http is allowed for localhost, 127.0.0.1, [::1])"
+        )
+    if parts.fragment or "#" in value:
+        raise FieldError("redirect_uri", "must not contain a fragment (RFC 6749 §3.1.2)")
+    if parts.username is not None or parts.password is not None:
+        raise FieldError("redirect_uri", "must not contain credentials")
+    return value
+
+
+def ip_entry(value: str) -> str:
+    """One address or CIDR range, normalised: '192.0.2.7', '2001:db8::/32'. An
+    IPv4-mapped IPv6 address becomes the IPv4 address it maps."""
+    raw = value.strip()
+    try:
+        if "/" not in raw:
+            address = ipaddress.ip_address(raw)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            return str(address)
+        network = ipaddress.ip_network(raw, strict=True)
+    except ValueError as exc:
+        message = f"{value!r} is not an IP address or CIDR range ({exc})"
+        raise FieldError("ip_allowlist", message) from None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
+        mapped = network.network_address.ipv4_mapped
+        prefix = network.prefixlen - 96
+        if prefix < 0:
+            raise FieldError("ip_allowlist", f"{value!r} is wider than the IPv4-mapped range")
+        network = ipaddress.IPv4Network(f"{mapped}/{prefix}")
+    if network.num_addresses == 1:
+        return str(network.network_address)
+    return str(network)
+
+
+def ip_allowlist(values: Sequence[str]) -> list[str]:
+    if len(values) > MAX_ALLOWLIST:
+        raise FieldError("ip_allowlist", f"must have at most {MAX_ALLOWLIST} entries")
+    return list(dict.fromkeys(ip_entry(v) for v in values))
+
+
+def permissions(values: Sequence[str], catalogue: Mapping[str, str]) -> list[str]:
+    if not values:
+        raise FieldError("permissions", "must name at least one permission")
+    unknown = [p for p in values if p not in catalogue]
+    if unknown:
+        raise FieldError("permissions", f"unknown permission(s): {', '.join(unknown[:5])}")
+    return list(dict.fromkeys(values))
+
+
+def notification_emails(values: Sequence[str]) -> list[str]:
+    if len(values) > MAX_EMAILS:
+        raise FieldError("notification_emails", f"must have at most {MAX_EMAILS} addresses")
+    cleaned = []
+    for value in values:
+        try:
+            cleaned.append(validate_email(value, check_deliverability=False).normalized)
+        except EmailNotValidError as exc:
+            raise FieldError("notification_emails", f"{value!r}: {exc}") from None
+    return list(dict.fromkeys(cleaned))
+
+
+# --- state ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Application:
+    """An application as its stream tells it; `version` is the stream's version."""
+
+    client_id: str
+    company_id: str
+    name: str
+    grant_type: str
+    redirect_uri: str | None
+    ip_allowlist: list[str]
+    permissions: list[str]
+    notification_emails: list[str]
+    secret_hash: str
+    secret_version: int = 1
+    deleted: bool = False
+    version: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    changes: list[str] = field(default_factory=list)
+
+
+def fold(history: Iterable[tuple[ev.Event, int, float]]) -> Application | None:
+    """Replay an application stream: (event, stream version, unix time) in order."""
+    app: Application | None = None
+    for event, version, at in history:
+        if isinstance(event, ev.ApplicationCreated):
+            app = Application(
+                client_id=event.client_id,
+                company_id=event.company_id,
+                name=event.name,
+                grant_type=event.grant_type,
+                redirect_uri=event.redirect_uri,
+                ip_allowlist=list(event.ip_allowlist),
+                permissions=list(event.permissions),
+                notification_emails=list(event.notification_emails),
+                secret_hash=event.secret_hash,
+                created_at=at,
+            )
+        elif app is None:
+            continue
+        elif isinstance(event, ev.ApplicationRenamed):
+            app = replace(app, name=event.after)
+        elif isinstance(event, ev.RedirectUriChanged):
+            app = replace(app, redirect_uri=event.after)
+        elif isinstance(event, ev.IpAllowlistChanged):
+            app = replace(app, ip_allowlist=list(event.after))
+        elif isinstance(event, ev.PermissionsChanged):
+            app = replace(app, permissions=list(event.after))
+        elif isinstance(event, ev.NotificationEmailsChanged):
+            app = replace(app, notification_emails=list(event.after))
+        elif isinstance(event, ev.ClientSecretRotated):
+            app = replace(app, secret_hash=event.secret_hash, secret_version=event.secret_version)
+        elif isinstance(event, ev.ApplicationDeleted):
+            app = replace(app, deleted=True)
+        app = replace(app, version=version, updated_at=at)
+    return app
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewApplication:
+    name: str
+    grant_type: str
+    redirect_uri: str | None = None
+    ip_allowlist: Sequence[str] = ()
+    permissions: Sequence[str] = ()
+    notification_emails: Sequence[str] = ()
+
+
+def _check_grant_rules(grant_type: str, redirect: str | None, allowlist: Sequence[str]) -> None:
+    if grant_type == AUTHORIZATION_CODE and not redirect:
+        raise FieldError("redirect_uri", "is required for the authorization_code grant")
+    if grant_type == CLIENT_CREDENTIALS and not allowlist:
+        raise FieldError(
+            "ip_allowlist", "needs at least one entry for the client_credentials grant"
+        )
+
+
+def create(
+    command: NewApplication,
+    *,
+    company_id: str,
+    client_id: str,
+    secret_hash: str,
+    catalogue: Mapping[str, str],
+) -> ev.ApplicationCreated:
+    if command.grant_type not in GRANT_TYPES:
+        raise FieldError("grant_type", f"must be one of {', '.join(GRANT_TYPES)}")
+    redirect = None if command.redirect_uri is None else redirect_uri(command.redirect_uri)
+    allowlist = ip_allowlist(command.ip_allowlist)
+    _check_grant_rules(command.grant_type, redirect, allowlist)
+    return ev.ApplicationCreated(
+        company_id=company_id,
+        client_id=client_id,
+        name=name(command.name),
+        grant_type=command.grant_type,
+        redirect_uri=redirect,
+        ip_allowlist=allowlist,
+        permissions=permissions(command.permissions, catalogue),
+        notification_emails=notification_emails(command.notification_emails),
+        secret_hash=secret_hash,
+    )
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Fields to change; None: leave as it is (redirect_uri: `clear_redirect_uri`)."""
+
+    name: str | None = None
+    grant_type: str | None = None
+    redirect_uri: str | None = None
+    clear_redirect_uri: bool = False
+    ip_allowlist: Sequence[str] | None = None
+    permissions: Sequence[str] | None = None
+    notification_emails: Sequence[str] | None = None
+
+
+def change(app: Application, patch: Patch, catalogue: Mapping[str, str]) -> list[ev.Event]:
+    """The events that apply `patch`, each with the value before and after; [] if nothing
+    changes. Refuses a new grant type, and any result that breaks the grant's rules."""
+    if patch.grant_type is not None and patch.grant_type != app.grant_type:
+        raise GrantTypeImmutable()
+    ids = {"company_id": app.company_id, "client_id": app.client_id}
+    out: list[ev.Event] = []
+    if patch.name is not None and (new_name := name(patch.name)) != app.name:
+        out.append(ev.ApplicationRenamed(**ids, before=app.name, after=new_name))
+    new_redirect = app.redirect_uri
+    if patch.clear_redirect_uri:
+        new_redirect = None
+    elif patch.redirect_uri is not None:
+        new_redirect = redirect_uri(patch.redirect_uri)
+    new_allowlist = app.ip_allowlist
+    if patch.ip_allowlist is not None:
+        new_allowlist = ip_allowlist(patch.ip_allowlist)
+    _check_grant_rules(app.grant_type, new_redirect, new_allowlist)
+    if new_redirect != app.redirect_uri:
+        out.append(ev.RedirectUriChanged(**ids, before=app.redirect_uri, after=new_redirect))
+    if new_allowlist != app.ip_allowlist:
+        out.append(ev.IpAllowlistChanged(**ids, before=app.ip_allowlist, after=new_allowlist))
+    if patch.permissions is not None:
+        new_permissions = permissions(patch.permissions, catalogue)
+        if new_permissions != app.permissions:
+            out.append(ev.PermissionsChanged(**ids, before=app.permissions, after=new_permissions))
+    if patch.notification_emails is not None:
+        emails = notification_emails(patch.notification_emails)
+        if emails != app.notification_emails:
+            out.append(
+                ev.NotificationEmailsChanged(**ids, before=app.notification_emails, after=emails)
+            )
+    return out
+
+
+def rotate_secret(app: Application, secret_hash: str) -> ev.ClientSecretRotated:
+    return ev.ClientSecretRotated(
+        company_id=app.company_id,
+        client_id=app.client_id,
+        secret_hash=secret_hash,
+        secret_version=app.secret_version + 1,
+    )
+
+
+def delete(app: Application) -> ev.ApplicationDeleted:
+    return ev.ApplicationDeleted(company_id=app.company_id, client_id=app.client_id)

@@ -1,0 +1,248 @@
+"""The admin API: applications, users and admin keys of the caller's company."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from service import applications, directory
+from service.context import Context
+from service.domain import applications as rules
+from service.domain import passwords
+from service.errors import InvalidRequest, NotFound
+from service.eventlog import Metadata
+from service.web import auth
+from service.web.bodies import json_body
+from service.web.keys import CONTEXT, metadata
+
+routes = web.RouteTableDef()
+
+Text = Annotated[str, msgspec.Meta(max_length=2000)]
+ShortList = Annotated[
+    list[Annotated[str, msgspec.Meta(max_length=320)]], msgspec.Meta(max_length=200)
+]
+
+
+class ApplicationIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Text
+    grant_type: Literal["authorization_code", "client_credentials"]
+    permissions: ShortList
+    redirect_uri: Text | None = None
+    ip_allowlist: ShortList = []
+    notification_emails: ShortList = []
+
+
+class ApplicationPatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Text | msgspec.UnsetType = msgspec.UNSET
+    grant_type: str | msgspec.UnsetType = msgspec.UNSET
+    redirect_uri: Text | msgspec.UnsetType | None = msgspec.UNSET
+    ip_allowlist: ShortList | msgspec.UnsetType = msgspec.UNSET
+    permissions: ShortList | msgspec.UnsetType = msgspec.UNSET
+    notification_emails: ShortList | msgspec.UnsetType = msgspec.UNSET
+
+
+class UserIn(msgspec.Struct, forbid_unknown_fields=True):
+    email: Annotated[str, msgspec.Meta(max_length=320)]
+    role: Literal["admin", "member"]
+    password: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class AdminKeyIn(msgspec.Struct, forbid_unknown_fields=True):
+    label: Annotated[str, msgspec.Meta(max_length=100)] = ""
+
+
+def _unset(value: Any) -> Any:
+    return None if value is msgspec.UNSET else value
+
+
+def application_json(app: rules.Application) -> dict[str, Any]:
+    return {
+        "client_id": app.client_id,
+        "name": app.name,
+        "grant_type": app.grant_type,
+        "redirect_uri": app.redirect_uri,
+        "ip_allowlist": app.ip_allowlist,
+        "permissions": app.permissions,
+        "notification_emails": app.notification_emails,
+        "secret_version": app.secret_version,
+        "version": app.version,
+        "created_at": _iso(app.created_at),
+        "updated_at": _iso(app.updated_at),
+    }
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _etag(app: rules.Application) -> dict[str, str]:
+    return {"ETag": f'"{app.version}"'}
+
+
+def _if_match(request: web.Request) -> int | None:
+    header = request.headers.get("If-Match")
+    if header is None:
+        return None
+    try:
+        return int(header.strip().strip('"').removeprefix("W/").strip('"'))
+    except ValueError:
+        raise InvalidRequest('If-Match must be a version ETag such as "3"') from None
+
+
+async def _admin(request: web.Request) -> tuple[Context, auth.Principal, Metadata]:
+    ctx = request.app[CONTEXT]
+    who = await auth.admin(request, ctx)
+    return ctx, who, metadata(request, who.actor)
+
+
+# --- applications --------------------------------------------------------------------
+
+
+@routes.post("/admin/applications")
+async def create_application(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    body = await json_body(request, ApplicationIn)
+    command = rules.NewApplication(
+        name=body.name,
+        grant_type=body.grant_type,
+        redirect_uri=body.redirect_uri,
+        ip_allowlist=body.ip_allowlist,
+        permissions=body.permissions,
+        notification_emails=body.notification_emails,
+    )
+    created = await applications.create(ctx, who.company_id, command, meta)
+    payload = application_json(created.app) | {"client_secret": created.client_secret}
+    headers = _etag(created.app) | {"Cache-Control": "no-store"}
+    return web.json_response(payload, status=201, headers=headers)
+
+
+@routes.get("/admin/applications")
+async def list_applications(request: web.Request) -> web.Response:
+    ctx, who, _ = await _admin(request)
+    apps = sorted(
+        (a for a in ctx.policy.apps.values() if a.company_id == who.company_id),
+        key=lambda a: a.name.lower(),
+    )
+    return web.json_response(
+        {
+            "applications": [
+                {
+                    "client_id": a.client_id,
+                    "name": a.name,
+                    "grant_type": a.grant_type,
+                    "redirect_uri": a.redirect_uri,
+                    "ip_allowlist": list(a.ip_allowlist),
+                    "permissions": sorted(a.permissions),
+                    "notification_emails": list(a.notification_emails),
+                    "secret_version": a.secret_version,
+                    "version": a.version,
+                }
+                for a in apps
+            ]
+        }
+    )
+
+
+@routes.get("/admin/applications/{client_id}")
+async def get_application(request: web.Request) -> web.Response:
+    ctx, who, _ = await _admin(request)
+    app = await applications.load(ctx, who.company_id, request.match_info["client_id"])
+    return web.json_response(application_json(app), headers=_etag(app))
+
+
+@routes.patch("/admin/applications/{client_id}")
+async def patch_application(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    if_match = _if_match(request)
+    body = await json_body(request, ApplicationPatchIn)
+    patch = rules.Patch(
+        name=_unset(body.name),
+        grant_type=_unset(body.grant_type),
+        redirect_uri=_unset(body.redirect_uri),
+        clear_redirect_uri=body.redirect_uri is None,
+        ip_allowlist=_unset(body.ip_allowlist),
+        permissions=_unset(body.permissions),
+        notification_emails=_unset(body.notification_emails),
+    )
+    client_id = request.match_info["client_id"]
+    app = await applications.update(ctx, who.company_id, client_id, patch, meta, if_match=if_match)
+    return web.json_response(application_json(app), headers=_etag(app))
+
+
+@routes.delete("/admin/applications/{client_id}")
+async def delete_application(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    await applications.delete(ctx, who.company_id, request.match_info["client_id"], meta)
+    return web.Response(status=204)
+
+
+@routes.post("/admin/applications/{client_id}/rotate-secret")
+async def rotate_secret(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    client_id = request.match_info["client_id"]
+    app, secret = await applications.rotate_secret(ctx, who.company_id, client_id, meta)
+    return web.json_response(
+        {"client_id": app.client_id, "client_secret": secret, "secret_version": app.secret_version},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+# --- users and keys ------------------------------------------------------------------
+
+
+@routes.post("/admin/users")
+async def create_user(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    body = await json_body(request, UserIn)
+    generated = body.password is None
+    password = passwords.generate_password() if body.password is None else body.password
+    user_id = await directory.add_user(ctx, who.company_id, body.email, body.role, password, meta)
+    user = ctx.directory.users[user_id]
+    payload: dict[str, Any] = {"user_id": user_id, "email": user.email, "role": user.role}
+    if generated:
+        payload["password"] = password  # shown this once
+    return web.json_response(payload, status=201, headers={"Cache-Control": "no-store"})
+
+
+@routes.get("/admin/users")
+async def list_users(request: web.Request) -> web.Response:
+    ctx, who, _ = await _admin(request)
+    users = sorted(ctx.directory.company_users(who.company_id), key=lambda u: u.email)
+    return web.json_response(
+        {"users": [{"user_id": u.user_id, "email": u.email, "role": u.role} for u in users]}
+    )
+
+
+@routes.post("/admin/keys")
+async def create_key(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    body = await json_body(request, AdminKeyIn)
+    key_id, key = await directory.issue_admin_key(ctx, who.company_id, body.label, meta)
+    return web.json_response(
+        {"key_id": key_id, "admin_key": key, "label": body.label},
+        status=201,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@routes.get("/admin/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    ctx, who, _ = await _admin(request)
+    keys = ctx.directory.company_keys(who.company_id)
+    return web.json_response(
+        {"keys": [{"key_id": k.key_id, "label": k.label, "revoked": k.revoked} for k in keys]}
+    )
+
+
+@routes.delete("/admin/keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    ctx, who, meta = await _admin(request)
+    key_id = request.match_info["key_id"]
+    if key_id not in ctx.directory.admin_keys:
+        raise NotFound("no such admin key")
+    await directory.revoke_admin_key(ctx, who.company_id, key_id, meta)
+    return web.Response(status=204)

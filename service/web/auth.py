@@ -1,0 +1,72 @@
+"""Who is calling the admin API: an admin key (Bearer) or a logged-in user's session."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from service.context import Context
+from service.domain import credentials
+from service.errors import Forbidden, Unauthorized
+from service.web import sessions
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_ADMIN_KEY = re.compile(rf"^{credentials.ADMIN_KEY_PREFIX}[A-Za-z0-9_-]{{43}}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    company_id: str
+    actor: str  # "admin_key:<id>" or "user:<id>", recorded with every change
+    role: str
+    session: sessions.Session | None = None
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("use Authorization: Bearer <admin key>", realm="tollgate-admin")
+    return value.strip()
+
+
+async def principal(request: web.Request, ctx: Context) -> Principal:
+    key = bearer(request)
+    if key is not None:
+        return await _admin_key(ctx, key)
+    cookie = request.cookies.get(sessions.COOKIE)
+    if cookie:
+        session = await sessions.load(ctx.pool, cookie)
+        user = ctx.directory.users.get(session.user_id) if session else None
+        if session is not None and user is not None and not user.removed:
+            if request.method not in SAFE_METHODS and not session.csrf_ok(
+                request.headers.get("X-CSRF-Token", "")
+            ):
+                raise Forbidden("a session-authenticated change needs its X-CSRF-Token header")
+            return Principal(user.company_id, f"user:{user.user_id}", user.role, session)
+    raise Unauthorized(realm="tollgate-admin")
+
+
+async def _admin_key(ctx: Context, key: str) -> Principal:
+    if not _ADMIN_KEY.match(key):
+        raise Unauthorized("malformed admin key", realm="tollgate-admin")
+    key_hash = credentials.digest(key)
+    key_id = ctx.directory.admin_key_hashes.get(key_hash)
+    if key_id is None:
+        await ctx.refresh()  # issued a moment ago by another process?
+        key_id = ctx.directory.admin_key_hashes.get(key_hash)
+    if key_id is None:
+        raise Unauthorized("unknown or revoked admin key", realm="tollgate-admin")
+    return Principal(ctx.directory.admin_keys[key_id].company_id, f"admin_key:{key_id}", "admin")
+
+
+async def admin(request: web.Request, ctx: Context) -> Principal:
+    """A company admin; members are refused (they may only grant consent)."""
+    who = await principal(request, ctx)
+    if who.role != "admin":
+        raise Forbidden("only company admins may manage applications, users and keys")
+    return who

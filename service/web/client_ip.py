@@ -1,0 +1,53 @@
+"""The caller's IP address: the socket peer, or, when the peer is a trusted proxy, the
+right-most address in X-Forwarded-For that is not itself a trusted proxy."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from aiohttp import web
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse(value: str) -> IPAddress | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:  # "[2001:db8::1]:443"
+        value = value[1 : value.index("]")]
+    elif value.count(":") == 1:  # "192.0.2.1:443"
+        value = value.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: IPAddress, proxies: Sequence[IPNetwork]) -> bool:
+    return any(address.version == net.version and address in net for net in proxies)
+
+
+def resolve(peer: str | None, forwarded_for: Sequence[str], proxies: Sequence[IPNetwork]) -> str:
+    """`forwarded_for`: every X-Forwarded-For header line, in order received."""
+    address = _parse(peer or "")
+    if address is None:
+        return peer or "unknown"
+    if not proxies or not _trusted(address, proxies):
+        return str(address)  # a header from an untrusted peer changes nothing
+    hops = [hop for line in forwarded_for for hop in line.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        hop_address = _parse(hop)
+        if hop_address is None:
+            return str(address)  # garbage in the chain: believe only the peer
+        if not _trusted(hop_address, proxies):
+            return str(hop_address)
+        address = hop_address
+    return str(address)
+
+
+def client_ip(request: web.Request, proxies: Sequence[IPNetwork]) -> str:
+    return resolve(request.remote, request.headers.getall("X-Forwarded-For", []), proxies)

@@ -1,0 +1,22 @@
+"""Typed application keys shared by the handlers, and per-request helpers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.context import Context
+from service.eventlog import Metadata
+from service.settings import Settings
+from service.web.client_ip import client_ip
+from service.web.middleware import REQUEST_ID
+
+SETTINGS = web.AppKey("settings", Settings)
+CONTEXT = web.AppKey("context", Context)
+
+
+def caller_ip(request: web.Request) -> str:
+    return client_ip(request, request.app[SETTINGS].trusted_proxies)
+
+
+def metadata(request: web.Request, actor: str) -> Metadata:
+    return Metadata(actor=actor, request_id=request.get(REQUEST_ID), client_ip=caller_ip(request))

@@ -1,0 +1,79 @@
+"""Signing in and out with a company user's email and password (a browser session)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from service.domain import passwords
+from service.errors import TollgateError
+from service.web import sessions
+from service.web.bodies import json_body
+from service.web.keys import CONTEXT
+
+routes = web.RouteTableDef()
+
+
+class LoginIn(msgspec.Struct, forbid_unknown_fields=True):
+    email: Annotated[str, msgspec.Meta(max_length=320)]
+    password: Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class InvalidCredentials(TollgateError):
+    error = "invalid_credentials"
+    status = 401
+
+
+async def authenticate(request: web.Request, email: str, password: str) -> str:
+    """The user id for these credentials; the same work and answer for an unknown email
+    as for a wrong password."""
+    ctx = request.app[CONTEXT]
+    user = ctx.directory.user_by_email(email)
+    if user is None:
+        await ctx.refresh()
+        user = ctx.directory.user_by_email(email)
+    stored = passwords.DUMMY_HASH if user is None or user.removed else user.password_hash
+    ok = await asyncio.to_thread(passwords.verify_password, password, stored)
+    if not ok or user is None or user.removed:
+        raise InvalidCredentials("wrong email or password")
+    return user.user_id
+
+
+def set_session_cookie(request: web.Request, response: web.StreamResponse, value: str) -> None:
+    response.set_cookie(
+        sessions.COOKIE,
+        value,
+        max_age=int(sessions.LIFETIME.total_seconds()),
+        httponly=True,
+        samesite="Lax",
+        secure=request.secure,
+        path="/",
+    )
+
+
+@routes.post("/session")
+async def login(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    body = await json_body(request, LoginIn)
+    user_id = await authenticate(request, body.email, body.password)
+    user = ctx.directory.users[user_id]
+    value, csrf = await sessions.create(ctx.pool, user_id, user.company_id)
+    response = web.json_response(
+        {"user_id": user_id, "company_id": user.company_id, "role": user.role, "csrf_token": csrf},
+        headers={"Cache-Control": "no-store"},
+    )
+    set_session_cookie(request, response, value)
+    return response
+
+
+@routes.delete("/session")
+async def logout(request: web.Request) -> web.Response:
+    value = request.cookies.get(sessions.COOKIE)
+    if value:
+        await sessions.delete(request.app[CONTEXT].pool, value)
+    response = web.Response(status=204)
+    response.del_cookie(sessions.COOKIE, path="/")
+    return response
