@@ -111,6 +111,17 @@ class ProjectionRunner:
         projection = self.projections[name]
         head = await self.eventlog.head()
         position = await self.checkpoint(name)
+        while position < head:
+            try:
+                position = await self._catch_up_from(projection, position, head, progress)
+            except CheckpointMoved:
+                # Another worker (the service's own) moved it: carry on from where it is.
+                position = await self.checkpoint(name)
+        return position
+
+    async def _catch_up_from(
+        self, projection: SqlProjection, position: int, head: int, progress: Progress | None
+    ) -> int:
         upcoming = asyncio.ensure_future(self._read(projection, position, head))
         try:
             while position < head:
@@ -120,7 +131,7 @@ class ProjectionRunner:
                 await self._write(projection, position, new_position, batch)
                 position = new_position
                 if progress is not None:
-                    progress(name, position, head)
+                    progress(projection.name, position, head)
         finally:
             upcoming.cancel()
         return position

@@ -37,10 +37,14 @@ async def create(client, company: Company, body: dict) -> dict:
     return await response.json()
 
 
-async def refused(client, company: Company, db, method: str, path: str, status: int = 400, **kw) -> dict:
+async def refused(
+    client, company: Company, db, method: str, path: str, status: int = 400, **kw
+) -> dict:
     """The request is refused with `status` in RFC format, and nothing is appended."""
     before = await db.pool.fetchval("SELECT count(*) FROM events")
-    response = await client.request(method, path, headers=company.auth | kw.pop("headers", {}), **kw)
+    response = await client.request(
+        method, path, headers=company.auth | kw.pop("headers", {}), **kw
+    )
     assert response.status == status, await response.text()
     body = await response.json()
     assert set(body) == {"error", "error_description"}
@@ -64,7 +68,9 @@ async def test_create_returns_the_secret_once_and_stores_only_its_hash(client, c
     dump = "".join(str(tuple(r)) for r in await events(db))
     assert body["client_secret"] not in dump
     # never shown again
-    one = await (await client.get(f"/admin/applications/{body['client_id']}", headers=company.auth)).json()
+    one = await (
+        await client.get(f"/admin/applications/{body['client_id']}", headers=company.auth)
+    ).json()
     listed = await (await client.get("/admin/applications", headers=company.auth)).json()
     assert "client_secret" not in one
     assert body["client_secret"] not in str(listed)
@@ -121,7 +127,16 @@ async def test_addresses_are_validated_and_normalised(client, company):
     body = await create(
         client,
         company,
-        CC | {"ip_allowlist": ["2001:DB8::1", "::ffff:192.0.2.9", "2001:db8:1::/48", "192.0.2.10", "192.0.2.10"]},
+        CC
+        | {
+            "ip_allowlist": [
+                "2001:DB8::1",
+                "::ffff:192.0.2.9",
+                "2001:db8:1::/48",
+                "192.0.2.10",
+                "192.0.2.10",
+            ]
+        },
     )
     assert body["ip_allowlist"] == ["2001:db8::1", "192.0.2.9", "2001:db8:1::/48", "192.0.2.10"]
 
@@ -129,14 +144,28 @@ async def test_addresses_are_validated_and_normalised(client, company):
 @pytest.mark.parametrize(
     ("kwargs", "status", "error"),
     [
-        ({"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_request"),
-        ({"data": "name=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, "unsupported_media_type"),
+        (
+            {"data": "{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_request",
+        ),
+        (
+            {"data": "name=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+            415,
+            "unsupported_media_type",
+        ),
         ({"data": "[]", "headers": {"Content-Type": "application/json"}}, 400, "invalid_request"),
-        ({"data": "x" * 70_000, "headers": {"Content-Type": "application/json"}}, 413, "request_too_large"),
+        (
+            {"data": "x" * 70_000, "headers": {"Content-Type": "application/json"}},
+            413,
+            "request_too_large",
+        ),
     ],
 )
 async def test_malformed_bodies_get_a_clear_4xx(client, company, db, kwargs, status, error):
-    refusal = await refused(client, company, db, "POST", "/admin/applications", status=status, **kwargs)
+    refusal = await refused(
+        client, company, db, "POST", "/admin/applications", status=status, **kwargs
+    )
     assert refusal["error"] == error
 
 
@@ -144,14 +173,20 @@ async def test_malformed_bodies_get_a_clear_4xx(client, company, db, kwargs, sta
 
 
 async def test_no_or_bad_credentials_get_401_with_a_bearer_challenge(client, company, db):
-    for headers in ({}, {"Authorization": "Bearer tgadm_" + "A" * 43}, {"Authorization": "Basic eDp5"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer tgadm_" + "A" * 43},
+        {"Authorization": "Basic eDp5"},
+    ):
         response = await client.get("/admin/applications", headers=headers)
         assert response.status == 401
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert (await response.json())["error"] == "invalid_token"
 
 
-async def test_other_companies_applications_are_invisible_both_ways(client, company, other_company, db):
+async def test_other_companies_applications_are_invisible_both_ways(
+    client, company, other_company, db
+):
     mine = await create(client, company, CC)
     theirs = await create(client, other_company, CC | {"name": "Globex sync"})
     for who, foreign in ((company, theirs), (other_company, mine)):
@@ -161,7 +196,7 @@ async def test_other_companies_applications_are_invisible_both_ways(client, comp
         await refused(client, who, db, "DELETE", path, status=404)
         await refused(client, who, db, "POST", path + "/rotate-secret", status=404)
         listed = await (await client.get("/admin/applications", headers=who.auth)).json()
-        assert [a["client_id"] for a in listed["applications"]] != [] 
+        assert [a["client_id"] for a in listed["applications"]] != []
         assert foreign["client_id"] not in str(listed)
     unknown = await client.get("/admin/applications/nope", headers=company.auth)
     assert unknown.status == 404  # the same answer as for another company's
@@ -174,7 +209,9 @@ async def test_members_are_refused(client, company, db):
         headers=company.auth,
     )
     assert created.status == 201
-    login = await client.post("/session", json={"email": "clerk@acme.example", "password": "correct horse battery"})
+    login = await client.post(
+        "/session", json={"email": "clerk@acme.example", "password": "correct horse battery"}
+    )
     assert login.status == 200
     csrf = (await login.json())["csrf_token"]
     response = await client.get("/admin/applications")  # the session cookie
@@ -187,7 +224,9 @@ async def test_members_are_refused(client, company, db):
 
 
 async def test_an_admin_session_works_and_needs_its_csrf_token_to_change(client, company, db):
-    login = await client.post("/session", json={"email": company.admin_email, "password": company.admin_password})
+    login = await client.post(
+        "/session", json={"email": company.admin_email, "password": company.admin_password}
+    )
     assert login.status == 200
     csrf = (await login.json())["csrf_token"]
     assert (await client.get("/admin/applications")).status == 200
@@ -202,7 +241,9 @@ async def test_an_admin_session_works_and_needs_its_csrf_token_to_change(client,
 
 async def test_wrong_password_and_unknown_user_get_the_same_answer(client, company):
     wrong = await client.post("/session", json={"email": company.admin_email, "password": "x" * 12})
-    unknown = await client.post("/session", json={"email": "nobody@acme.example", "password": "x" * 12})
+    unknown = await client.post(
+        "/session", json={"email": "nobody@acme.example", "password": "x" * 12}
+    )
     assert wrong.status == unknown.status == 401
     assert await wrong.json() == await unknown.json()
 
@@ -215,7 +256,11 @@ async def test_patch_records_before_and_after(client, company, db):
     path = f"/admin/applications/{app['client_id']}"
     response = await client.patch(
         path,
-        json={"name": "Billing sync v2", "ip_allowlist": ["192.0.2.0/24"], "permissions": ["invoices:read", "payments:read"]},
+        json={
+            "name": "Billing sync v2",
+            "ip_allowlist": ["192.0.2.0/24"],
+            "permissions": ["invoices:read", "payments:read"],
+        },
         headers=company.auth,
     )
     assert response.status == 200, await response.text()
@@ -223,7 +268,11 @@ async def test_patch_records_before_and_after(client, company, db):
     assert body["name"] == "Billing sync v2"
     assert body["version"] == 4
     assert response.headers["ETag"] == '"4"'
-    changes = {r["type"]: __import__("json").loads(r["payload"]) for r in await events(db) if r["stream_id"] == f"application-{app['client_id']}"}
+    changes = {
+        r["type"]: __import__("json").loads(r["payload"])
+        for r in await events(db)
+        if r["stream_id"] == f"application-{app['client_id']}"
+    }
     assert changes["ApplicationRenamed"]["before"] == "Billing sync"
     assert changes["ApplicationRenamed"]["after"] == "Billing sync v2"
     assert changes["IpAllowlistChanged"]["before"] == ["192.0.2.10", "198.51.100.0/24"]
@@ -234,33 +283,68 @@ async def test_patch_records_before_and_after(client, company, db):
 async def test_grant_type_cannot_change(client, company, db):
     app = await create(client, company, CC)
     refusal = await refused(
-        client, company, db, "PATCH", f"/admin/applications/{app['client_id']}",
+        client,
+        company,
+        db,
+        "PATCH",
+        f"/admin/applications/{app['client_id']}",
         json={"grant_type": "authorization_code", "redirect_uri": "https://x.example/cb"},
     )
     assert "grant_type" in refusal["error_description"]
-    same = await client.patch(f"/admin/applications/{app['client_id']}", json={"grant_type": "client_credentials"}, headers=company.auth)
+    same = await client.patch(
+        f"/admin/applications/{app['client_id']}",
+        json={"grant_type": "client_credentials"},
+        headers=company.auth,
+    )
     assert same.status == 200  # naming the grant it already has changes nothing
 
 
 async def test_patch_keeps_the_grant_rules(client, company, db):
     cc = await create(client, company, CC)
     ac = await create(client, company, AC)
-    await refused(client, company, db, "PATCH", f"/admin/applications/{cc['client_id']}", json={"ip_allowlist": []})
-    await refused(client, company, db, "PATCH", f"/admin/applications/{ac['client_id']}", json={"redirect_uri": None})
-    await refused(client, company, db, "PATCH", f"/admin/applications/{ac['client_id']}", json={"permissions": ["x:y"]})
+    await refused(
+        client,
+        company,
+        db,
+        "PATCH",
+        f"/admin/applications/{cc['client_id']}",
+        json={"ip_allowlist": []},
+    )
+    await refused(
+        client,
+        company,
+        db,
+        "PATCH",
+        f"/admin/applications/{ac['client_id']}",
+        json={"redirect_uri": None},
+    )
+    await refused(
+        client,
+        company,
+        db,
+        "PATCH",
+        f"/admin/applications/{ac['client_id']}",
+        json={"permissions": ["x:y"]},
+    )
 
 
 async def test_patch_with_nothing_new_appends_nothing(client, company, db):
     app = await create(client, company, CC)
     before = await db.pool.fetchval("SELECT count(*) FROM events")
-    response = await client.patch(f"/admin/applications/{app['client_id']}", json={"name": "Billing sync"}, headers=company.auth)
+    response = await client.patch(
+        f"/admin/applications/{app['client_id']}",
+        json={"name": "Billing sync"},
+        headers=company.auth,
+    )
     assert response.status == 200
     assert await db.pool.fetchval("SELECT count(*) FROM events") == before
 
 
 async def test_rotation_returns_a_new_secret_once(client, company, db):
     app = await create(client, company, CC)
-    response = await client.post(f"/admin/applications/{app['client_id']}/rotate-secret", headers=company.auth)
+    response = await client.post(
+        f"/admin/applications/{app['client_id']}/rotate-secret", headers=company.auth
+    )
     assert response.status == 200
     assert response.headers["Cache-Control"] == "no-store"
     rotated = await response.json()
@@ -290,16 +374,26 @@ async def test_concurrent_patches_lose_no_update(client, company, db):
     path = f"/admin/applications/{app['client_id']}"
     emails = [f"n{i}@acme.example" for i in range(6)]
     # Each writer changes a different field or value; all of them must be in the result.
-    patches = [{"name": "Renamed"}, {"ip_allowlist": ["192.0.2.99"]}, {"permissions": ["reports:read"]},
-               {"notification_emails": emails}]
-    responses = await asyncio.gather(*(client.patch(path, json=p, headers=company.auth) for p in patches))
+    patches = [
+        {"name": "Renamed"},
+        {"ip_allowlist": ["192.0.2.99"]},
+        {"permissions": ["reports:read"]},
+        {"notification_emails": emails},
+    ]
+    responses = await asyncio.gather(
+        *(client.patch(path, json=p, headers=company.auth) for p in patches)
+    )
     assert [r.status for r in responses] == [200] * 4
     final = await (await client.get(path, headers=company.auth)).json()
     assert final["name"] == "Renamed"
     assert final["ip_allowlist"] == ["192.0.2.99"]
     assert final["permissions"] == ["reports:read"]
     assert final["notification_emails"] == emails
-    versions = [r["version"] for r in await events(db) if r["stream_id"] == f"application-{app['client_id']}"]
+    versions = [
+        r["version"]
+        for r in await events(db)
+        if r["stream_id"] == f"application-{app['client_id']}"
+    ]
     assert versions == list(range(1, 6))
 
 
