@@ -53,7 +53,25 @@ class FamilyState(msgspec.Struct, gc=False):
     tokens: tuple[bytes, ...] = ()
     refresh_token_hash: str | None = None  # the live one
     refresh_hashes: tuple[str, ...] = ()  # every one issued (spent ones show reuse)
+    refresh_expires_at: int | None = None
+    permissions: frozenset[str] = frozenset()  # of the latest access token
     version: int = 0  # the token stream's version
+
+
+class ConnectionState(msgspec.Struct, gc=False):
+    permissions: frozenset[str]
+    user_id: str
+
+
+class CodeState(msgspec.Struct, gc=False):
+    client_id: str
+    company_id: str
+    user_id: str
+    redirect_uri: str
+    permissions: tuple[str, ...]
+    code_challenge: str | None
+    expires_at: int
+    redeemed: bool = False
 
 
 def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -73,7 +91,8 @@ class PolicyModel:
         self.families: dict[str, FamilyState] = {}
         # every refresh-token hash issued, live or spent → its family (reuse detection)
         self.refresh_tokens: dict[str, str] = {}
-        self.connections: dict[tuple[str, str], frozenset[str]] = {}
+        self.connections: dict[tuple[str, str], ConnectionState] = {}  # (company, client)
+        self.codes: dict[str, CodeState] = {}  # authorization-code hash → code
         self._client_families: dict[str, set[str]] = {}
         self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
         self._handlers: dict[type[ev.Event], Callable[[ev.Event, RecordedEvent], None]] = {
@@ -90,6 +109,8 @@ class PolicyModel:
             ev.AccessTokenIssued: self._token_issued,  # type: ignore[dict-item]
             ev.TokenRefreshed: self._token_refreshed,  # type: ignore[dict-item]
             ev.TokenRevoked: self._token_revoked,  # type: ignore[dict-item]
+            ev.AuthorizationCodeIssued: self._code_issued,  # type: ignore[dict-item]
+            ev.AuthorizationCodeRedeemed: self._code_redeemed,  # type: ignore[dict-item]
         }
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
@@ -157,9 +178,9 @@ class PolicyModel:
         removed = frozenset(e.before) - app.permissions
         if not removed:
             return  # added permissions do not extend existing grants
-        for key, granted in list(self.connections.items()):
+        for key, connection in self.connections.items():
             if key[1] == e.client_id:
-                self.connections[key] = granted - removed
+                connection.permissions = self._intern(connection.permissions - removed)
         for family_id in self._client_families.get(e.client_id, ()):
             family = self.families[family_id]
             for token_hash in family.tokens:
@@ -186,13 +207,37 @@ class PolicyModel:
     # --- connections -----------------------------------------------------------------
 
     def _connection_granted(self, e: ev.ConnectionGranted, _r: RecordedEvent) -> None:
-        self.connections[(e.company_id, e.client_id)] = frozenset(e.permissions)
+        self.connections[(e.company_id, e.client_id)] = ConnectionState(
+            self._intern(frozenset(e.permissions)), e.user_id
+        )
 
     def _connection_revoked(self, e: ev.ConnectionRevoked, _r: RecordedEvent) -> None:
         self.connections.pop((e.company_id, e.client_id), None)
         for family_id in list(self._client_families.get(e.client_id, ())):
             if self.families[family_id].company_id == e.company_id:
                 self._revoke_family(family_id)
+
+    # --- authorization codes ---------------------------------------------------------
+
+    def _code_issued(self, e: ev.AuthorizationCodeIssued, _r: RecordedEvent) -> None:
+        self.codes[e.code_hash] = CodeState(
+            e.client_id,
+            e.company_id,
+            e.user_id,
+            e.redirect_uri,
+            tuple(e.permissions),
+            e.code_challenge,
+            e.expires_at,
+        )
+
+    def _code_redeemed(self, e: ev.AuthorizationCodeRedeemed, _r: RecordedEvent) -> None:
+        if (code := self.codes.get(e.code_hash)) is not None:
+            code.redeemed = True
+
+    def forget_expired_codes(self, now: float, grace: int = 3600) -> None:
+        """Codes live 10 minutes; a spent one is kept a while longer to catch its reuse."""
+        for code_hash in [h for h, c in self.codes.items() if c.expires_at + grace < now]:
+            del self.codes[code_hash]
 
     # --- tokens ----------------------------------------------------------------------
 
@@ -204,6 +249,7 @@ class PolicyModel:
         if e.refresh_token_hash is not None:
             family.refresh_token_hash = e.refresh_token_hash
             family.refresh_hashes = (e.refresh_token_hash,)
+            family.refresh_expires_at = e.refresh_expires_at
             self.refresh_tokens[e.refresh_token_hash] = e.family_id
 
     def _token_refreshed(self, e: ev.TokenRefreshed, r: RecordedEvent) -> None:
@@ -213,6 +259,7 @@ class PolicyModel:
         family.version = r.version
         family.refresh_token_hash = e.refresh_token_hash
         family.refresh_hashes = (*family.refresh_hashes, e.refresh_token_hash)
+        family.refresh_expires_at = e.refresh_expires_at
         self.refresh_tokens[e.refresh_token_hash] = e.family_id
         self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
 
@@ -229,12 +276,9 @@ class PolicyModel:
     ) -> None:
         key = bytes.fromhex(token_hash)
         family.tokens = (*family.tokens, key)
+        family.permissions = self._intern(frozenset(permissions))
         self.tokens[key] = TokenState(
-            family_id,
-            family.client_id,
-            family.company_id,
-            self._intern(frozenset(permissions)),
-            expires_at,
+            family_id, family.client_id, family.company_id, family.permissions, expires_at
         )
 
     def _intern(self, permissions: frozenset[str]) -> frozenset[str]:

@@ -20,9 +20,11 @@ from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
 from service.settings import Settings
 from service.web.admin import routes as admin_routes
+from service.web.authorize import routes as authorize_routes
 from service.web.keys import CONTEXT, SETTINGS
 from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
+from service.web.oauth import routes as oauth_routes
 from service.web.ops import metrics_middleware
 from service.web.ops import routes as ops_routes
 
@@ -48,6 +50,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.cleanup_ctx.append(_projections_ctx)
     app.add_routes(ops_routes)
     app.add_routes(login_routes)
+    app.add_routes(oauth_routes)
+    app.add_routes(authorize_routes)
     app.add_routes(admin_routes)
     return app
 

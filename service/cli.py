@@ -32,9 +32,27 @@ def _parser() -> argparse.ArgumentParser:
         "--until-caught-up", action="store_true", help="stop once every projection is at the head"
     )
 
+    company = sub.add_parser("company", help="companies")
+    csub = company.add_subparsers(dest="action", required=True)
+    create = csub.add_parser("create", help="create a company with a first admin user and key")
+    create.add_argument("name")
+    create.add_argument("--admin-email", required=True)
+
+    resource_server = sub.add_parser("resource-server", help="resource servers")
+    rsub = resource_server.add_subparsers(dest="action", required=True)
+    rs_create = rsub.add_parser("create", help="register one; prints its key (shown once)")
+    rs_create.add_argument("name")
+
     audit = sub.add_parser("audit", help="auditing the event log")
     asub = audit.add_subparsers(dest="action", required=True)
     asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
+    replay = asub.add_parser(
+        "replay", help="applications, connections and live tokens as they were at a moment"
+    )
+    replay.add_argument(
+        "--until", required=True, metavar="POSITION|TIMESTAMP", help="log position or ISO 8601"
+    )
+    replay.add_argument("--output", metavar="FILE", help="write the JSON here (default: stdout)")
     return parser
 
 
@@ -165,9 +183,96 @@ async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+async def _audit_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.database import open_database
+    from service.replay import ReplayError, encode, parse_until, replay
+
+    try:
+        until = parse_until(args.until)
+    except ReplayError as exc:
+        raise ConfigError(f"--until: {exc}") from None
+    database = await open_database(settings, min_size=1)
+    try:
+        state = await replay(database.pool, until)
+    except ReplayError as exc:
+        raise ConfigError(f"--until: {exc}") from None
+    finally:
+        await database.close()
+    if args.output is None:
+        sys.stdout.buffer.write(encode(state))
+        return 0
+    try:
+        await asyncio.to_thread(Path(args.output).write_bytes, encode(state))
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot write {args.output}: {exc.strerror}") from None
+    _print_json(
+        {
+            "position": state.position,
+            "at": state.at,
+            "output": args.output,
+            "applications": len(state.applications),
+            "connections": len(state.connections),
+            "tokens": len(state.tokens),
+        }
+    )
+    return 0
+
+
+async def _company_create(settings: Settings, args: argparse.Namespace) -> int:
+    from service.directory import create_company
+    from service.domain.applications import FieldError
+    from service.errors import TollgateError
+    from service.runtime import open_context
+
+    async with open_context(settings) as ctx:
+        try:
+            company = await create_company(ctx, args.name, args.admin_email, _cli_meta())
+        except (FieldError, TollgateError) as exc:
+            raise ConfigError(str(exc)) from None
+    _print_json(
+        {
+            "company_id": company.company_id,
+            "admin_user_id": company.admin_user_id,
+            "admin_email": company.admin_email,
+            "admin_password": company.admin_password,
+            "admin_key_id": company.admin_key_id,
+            "admin_key": company.admin_key,
+        }
+    )
+    return 0
+
+
+async def _resource_server_create(settings: Settings, args: argparse.Namespace) -> int:
+    from service.directory import register_resource_server
+    from service.errors import TollgateError
+    from service.runtime import open_context
+
+    async with open_context(settings) as ctx:
+        try:
+            server_id, key = await register_resource_server(ctx, args.name, _cli_meta())
+        except TollgateError as exc:
+            raise ConfigError(str(exc)) from None
+    _print_json({"resource_server_id": server_id, "name": args.name.strip(), "key": key})
+    return 0
+
+
+def _cli_meta() -> Any:
+    import getpass
+    import secrets
+
+    from service.eventlog import Metadata
+
+    return Metadata(actor=f"cli:{getpass.getuser()}", request_id=f"cli-{secrets.token_hex(6)}")
+
+
 _COMMANDS: dict[tuple[str, str], Command] = {
+    ("company", "create"): _company_create,
+    ("resource-server", "create"): _resource_server_create,
     ("projections", "status"): _projections_status,
     ("projections", "rebuild"): _projections_rebuild,
     ("projections", "run"): _projections_run,
     ("audit", "verify"): _audit_verify,
+    ("audit", "replay"): _audit_replay,
 }

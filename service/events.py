@@ -225,6 +225,7 @@ class AccessTokenIssued(Event, frozen=True):
     expires_at: int | None  # None: never expires (client_credentials)
     refresh_token_hash: str | None = None
     owner_company_id: str | None = None  # the application's owner, when not the grantor
+    refresh_expires_at: int | None = None
 
 
 class TokenRefreshed(Event, frozen=True):
@@ -239,6 +240,7 @@ class TokenRefreshed(Event, frozen=True):
     permissions: list[str]
     issued_at: int
     expires_at: int
+    refresh_expires_at: int | None = None
 
 
 class RefreshTokenReused(Event, frozen=True):

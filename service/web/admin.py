@@ -8,6 +8,7 @@ import msgspec
 from aiohttp import web
 
 from service import applications, directory
+from service import events as ev
 from service.context import Context
 from service.domain import applications as rules
 from service.domain import passwords
@@ -245,4 +246,41 @@ async def revoke_key(request: web.Request) -> web.Response:
     if key_id not in ctx.directory.admin_keys:
         raise NotFound("no such admin key")
     await directory.revoke_admin_key(ctx, who.company_id, key_id, meta)
+    return web.Response(status=204)
+
+
+# --- connections ---------------------------------------------------------------------
+
+
+@routes.get("/admin/connections")
+async def list_connections(request: web.Request) -> web.Response:
+    """The applications connected to the caller's company (consents it gave)."""
+    ctx, who, _ = await _admin(request)
+    found = []
+    for (company_id, client_id), connection in ctx.policy.connections.items():
+        if company_id != who.company_id:
+            continue
+        app = ctx.policy.apps.get(client_id)
+        found.append(
+            {
+                "client_id": client_id,
+                "application": app.name if app else None,
+                "permissions": sorted(connection.permissions),
+                "granted_by": connection.user_id,
+            }
+        )
+    return web.json_response({"connections": sorted(found, key=lambda c: c["client_id"])})
+
+
+@routes.delete("/admin/connections/{client_id}")
+async def revoke_connection(request: web.Request) -> web.Response:
+    """The connection goes, and every token issued through it dies with it."""
+    ctx, who, meta = await _admin(request)
+    client_id = request.match_info["client_id"]
+    if (who.company_id, client_id) not in ctx.policy.connections:
+        raise NotFound("no such connection")
+    event = ev.ConnectionRevoked(
+        company_id=who.company_id, client_id=client_id, reason="admin_request"
+    )
+    await ctx.record(f"connection-{who.company_id}-{client_id}", None, [event], meta)
     return web.Response(status=204)

@@ -1,0 +1,196 @@
+"""Prometheus metrics: one registry per application, and a typed API to move them.
+
+Nothing here is global: `create_app` builds one `Metrics` and keeps it under `METRICS`, so
+two applications in one process (tests, a worker beside the service) never share a
+counter. Code that counts something takes the instance from the request
+(`request.config_dict[METRICS]`) and calls a method; no caller names a Prometheus object.
+
+Every label takes its value from a closed set (a route's canonical path, a known grant
+type or reason, else "other"), so no client can grow the number of series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from projections.runner import ProjectionStatus
+    from service.eventlog import EventLog
+
+OTHER = "other"
+GRANT_TYPES = ("authorization_code", "client_credentials", "refresh_token")
+#: the reasons `TokenRevoked` names (service/events.py)
+REVOCATION_REASONS = (
+    "ip_violation",
+    "client_request",
+    "refresh_reuse",
+    "code_reuse",
+    "connection_revoked",
+    "application_deleted",
+)
+#: where `IpViolationDetected` says the credential was used
+VIOLATION_ENDPOINTS = ("api", "token", "policy_check")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: the route label of a request that matched no route (a 404, or a 405 for the path)
+UNMATCHED = "unmatched"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _known(value: str, allowed: Iterable[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+class Metrics:
+    """The service's metrics, registered in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "tollgate_http_requests",
+            "HTTP requests answered, by route (canonical path), method and status.",
+            ("route", "method", "status"),
+            registry=r,
+        )
+        self._latency = Histogram(
+            "tollgate_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route (canonical path).",
+            ("route",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._batches = Histogram(
+            "tollgate_eventlog_append_batch_size",
+            "Appends committed together in one event-log transaction (group commit).",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self._lag_events = Gauge(
+            "tollgate_projection_lag_events",
+            "Events in the log that a projection has not applied yet.",
+            ("projection",),
+            registry=r,
+        )
+        self._lag_seconds = Gauge(
+            "tollgate_projection_lag_seconds",
+            "Age of the oldest event that a projection has not applied yet (0: caught up).",
+            ("projection",),
+            registry=r,
+        )
+        self._database_up = Gauge(
+            "tollgate_database_up",
+            "1 when the last scrape could read the projection checkpoints, else 0.",
+            registry=r,
+        )
+        self._tokens_issued = Counter(
+            "tollgate_tokens_issued",
+            "Access tokens issued, by grant type.",
+            ("grant_type",),
+            registry=r,
+        )
+        self._revocations = Counter(
+            "tollgate_token_revocations",
+            "Token families revoked, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self._violations = Counter(
+            "tollgate_ip_violations",
+            "Valid credentials used from outside the application's IP allow list.",
+            ("endpoint",),
+            registry=r,
+        )
+        self._emails_sent = Counter(
+            "tollgate_emails_sent", "IP-violation emails delivered.", registry=r
+        )
+        self._emails_failed = Counter(
+            "tollgate_emails_failed",
+            "IP-violation email delivery attempts that failed.",
+            registry=r,
+        )
+        # Known label values are exposed at zero from the start: a rate() over a series that
+        # appears only with its first increment misses that increment.
+        for grant in (*GRANT_TYPES, OTHER):
+            self._tokens_issued.labels(grant)
+        for reason in (*REVOCATION_REASONS, OTHER):
+            self._revocations.labels(reason)
+        for endpoint in (*VIOLATION_ENDPOINTS, OTHER):
+            self._violations.labels(endpoint)
+        self._eventlog: EventLog | None = None
+        self._batches_seen = 0
+
+    # --- what other code counts --------------------------------------------------------
+
+    def token_issued(self, grant_type: str) -> None:
+        """An access token was issued (`grant_type` as in the token request)."""
+        self._tokens_issued.labels(_known(grant_type, GRANT_TYPES)).inc()
+
+    def token_revoked(self, reason: str) -> None:
+        """A token family was revoked (`reason` as in `TokenRevoked.reason`)."""
+        self._revocations.labels(_known(reason, REVOCATION_REASONS)).inc()
+
+    def ip_violation(self, endpoint: str) -> None:
+        """A credential was used from a disallowed address (`IpViolationDetected.endpoint`)."""
+        self._violations.labels(_known(endpoint, VIOLATION_ENDPOINTS)).inc()
+
+    def email_sent(self) -> None:
+        self._emails_sent.inc()
+
+    def email_failed(self) -> None:
+        self._emails_failed.inc()
+
+    # --- what the web layer and the scrape record --------------------------------------
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """`route` must be a canonical path (`/admin/applications/{client_id}`) or UNMATCHED,
+        never the raw path: that is what keeps the number of series bounded."""
+        method = method if method in METHODS else OTHER
+        self._requests.labels(route, method, str(status)).inc()
+        self._latency.labels(route).observe(seconds)
+
+    def observe_append_batch(self, size: int) -> None:
+        """One event-log commit carried `size` appends (the hook for EventLog's writer)."""
+        self._batches.observe(size)
+
+    def collect_append_batches(self, eventlog: EventLog) -> None:
+        """Observe the batches `eventlog` committed since the last call.
+
+        EventLog only keeps a list of batch sizes; this reads the part of it not seen yet.
+        """
+        if eventlog is not self._eventlog:
+            self._eventlog, self._batches_seen = eventlog, 0
+        sizes = eventlog.batch_sizes
+        for size in sizes[self._batches_seen :]:
+            self._batches.observe(size)
+        self._batches_seen = len(sizes)
+
+    def set_projections(self, statuses: Iterable[ProjectionStatus] | None) -> None:
+        """Projection lag as read at scrape time; None: it could not be read.
+
+        An unknown lag is left out rather than reported stale: alerts on an absent series
+        and on `tollgate_database_up == 0` cover it.
+        """
+        self._lag_events.clear()
+        self._lag_seconds.clear()
+        if statuses is None:
+            self._database_up.set(0)
+            return
+        self._database_up.set(1)
+        for status in statuses:
+            self._lag_events.labels(status.name).set(status.lag_events)
+            self._lag_seconds.labels(status.name).set(status.lag_seconds)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition (text format, or OpenMetrics when `accept` asks) and its type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+METRICS = web.AppKey("metrics", Metrics)

@@ -1,0 +1,1 @@
+"""OAuth 2.0: token formats, client authentication, grants and their RFC errors."""

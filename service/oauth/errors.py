@@ -1,0 +1,62 @@
+"""RFC 6749 §5.2 errors (and RFC 6750 §3.1, RFC 7009 §2.2.1): one class per code,
+carrying its status and headers; the web middleware renders them.
+https://www.rfc-editor.org/rfc/rfc6749#section-5.2"""
+
+from __future__ import annotations
+
+from service.errors import TollgateError
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class OAuthError(TollgateError):
+    status = 400
+
+    def __init__(self, description: str = "", *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(description, headers=NO_STORE | (headers or {}))
+
+
+class InvalidRequest(OAuthError):
+    error = "invalid_request"
+
+
+class InvalidClient(OAuthError):
+    """Client authentication failed (RFC 6749 §5.2): 401 with a Basic challenge."""
+
+    error = "invalid_client"
+    status = 401
+
+    def __init__(self, description: str = "client authentication failed") -> None:
+        super().__init__(description, headers={"WWW-Authenticate": 'Basic realm="tollgate"'})
+
+
+class InvalidGrant(OAuthError):
+    error = "invalid_grant"
+
+
+class UnauthorizedClient(OAuthError):
+    error = "unauthorized_client"
+
+
+class UnsupportedGrantType(OAuthError):
+    error = "unsupported_grant_type"
+
+
+class InvalidScope(OAuthError):
+    error = "invalid_scope"
+
+
+class UnsupportedTokenType(OAuthError):
+    error = "unsupported_token_type"
+
+
+class IpNotAllowed(OAuthError):
+    """A valid credential from an address outside the application's allow list."""
+
+    error = "ip_not_allowed"
+    status = 403
+
+
+class TemporarilyUnavailable(OAuthError):
+    error = "temporarily_unavailable"
+    status = 503

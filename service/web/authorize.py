@@ -1,0 +1,247 @@
+"""GET/POST /oauth/authorize: sign-in, consent, and the redirect with a code
+(RFC 6749 §4.1, PKCE per RFC 7636, the redirect rules of RFC 9700 §4.1)."""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from aiohttp import web
+from multidict import MultiDict, MultiMapping
+
+from projections.memory import AppState
+from service import events as ev
+from service.context import Context
+from service.domain import credentials
+from service.domain.applications import AUTHORIZATION_CODE
+from service.errors import TollgateError
+from service.oauth import grants, tokens
+from service.web import pages, sessions
+from service.web.keys import CONTEXT, metadata
+from service.web.login import InvalidCredentials, authenticate, set_session_cookie
+
+routes = web.RouteTableDef()
+
+LOGIN_CSRF_COOKIE = "tg_login_csrf"
+_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+_PASSED = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method")
+
+
+class PageError(Exception):
+    """Shown as a page, never redirected: the client or its redirect URI is not trusted."""
+
+    def __init__(self, title: str, message: str) -> None:
+        super().__init__(message)
+        self.title = title
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AuthorizationRequest:
+    app: AppState
+    redirect_uri: str
+    state: str | None
+    permissions: list[str]
+    code_challenge: str | None
+
+    def fields(self) -> dict[str, str]:
+        fields = {"client_id": self.app.client_id, "redirect_uri": self.redirect_uri,
+                  "scope": " ".join(self.permissions)}  # fmt: skip
+        if self.state is not None:
+            fields["state"] = self.state
+        if self.code_challenge is not None:
+            fields["code_challenge"] = self.code_challenge
+            fields["code_challenge_method"] = "S256"
+        return fields
+
+
+def redirect_to(uri: str, params: dict[str, str | None]) -> web.HTTPFound:
+    """The registered URI exactly as registered, with the response parameters added."""
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    return web.HTTPFound(uri + ("&" if "?" in uri else "?") + query)
+
+
+async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest:
+    for key in params:
+        if len(params.getall(key)) > 1:
+            raise PageError("Invalid request", f"{key} is given more than once")
+    if "client_secret" in params:
+        raise PageError(
+            "Invalid request",
+            "invalid_request: client_secret must never be sent in the authorization URL",
+        )
+    client_id = params.get("client_id", "")
+    app = ctx.policy.apps.get(client_id) if client_id else None
+    if app is None and client_id:
+        await ctx.refresh()
+        app = ctx.policy.apps.get(client_id)
+    if app is None:
+        raise PageError("Unknown application", "this link names no known application")
+    if app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
+        raise PageError("Invalid request", "this application cannot ask users for access")
+    redirect_uri = params.get("redirect_uri")
+    if redirect_uri != app.redirect_uri:
+        raise PageError(
+            "Invalid redirect URI",
+            "the redirect_uri does not match the one registered for this application",
+        )
+    state = params.get("state")
+    # From here on errors go back to the application, with its state (RFC 6749 §4.1.2.1).
+    if params.get("response_type") != "code":
+        raise redirect_to(redirect_uri, {"error": "unsupported_response_type", "state": state})
+    challenge = params.get("code_challenge")
+    method = params.get("code_challenge_method")
+    if challenge is None and method is not None:
+        raise _redirect_error(redirect_uri, state, "code_challenge_method without code_challenge")
+    if challenge is not None:
+        if method != "S256":
+            raise _redirect_error(redirect_uri, state, "code_challenge_method must be S256")
+        if not _CHALLENGE.match(challenge):
+            raise _redirect_error(redirect_uri, state, "malformed code_challenge")
+    try:
+        permissions = grants.scope_from(params.get("scope"), app.permissions, app.permissions)
+    except TollgateError as exc:
+        raise redirect_to(
+            redirect_uri,
+            {"error": "invalid_scope", "error_description": exc.description, "state": state},
+        ) from None
+    return AuthorizationRequest(app, redirect_uri, state, permissions, challenge)
+
+
+def _redirect_error(uri: str, state: str | None, description: str) -> web.HTTPFound:
+    return redirect_to(
+        uri, {"error": "invalid_request", "error_description": description, "state": state}
+    )
+
+
+async def _session(request: web.Request, ctx: Context) -> sessions.Session | None:
+    value = request.cookies.get(sessions.COOKIE)
+    session = await sessions.load(ctx.pool, value) if value else None
+    if session is None:
+        return None
+    user = ctx.directory.users.get(session.user_id)
+    return None if user is None or user.removed else session
+
+
+@routes.get("/oauth/authorize")
+async def authorize(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    try:
+        auth_request = await parse(ctx, request.query)
+    except PageError as exc:
+        return pages.error_page(exc.title, exc.message)
+    session = await _session(request, ctx)
+    if session is None:
+        return _login(request, request.path_qs)
+    return await _consent(request, ctx, auth_request, session)
+
+
+def _login(
+    request: web.Request, next_url: str, message: str | None = None, status: int = 200
+) -> web.Response:
+    # Login CSRF: a double-submit token, in a cookie and in the form.
+    token = request.cookies.get(LOGIN_CSRF_COOKIE) or credentials.random_token(24)
+    response = pages.login_page(
+        action="/oauth/login",
+        fields={"next": next_url, "csrf_token": token},
+        message=message,
+        status=status,
+    )
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=request.secure,
+        path="/oauth", max_age=3600,
+    )  # fmt: skip
+    return response
+
+
+def consent_token(request: web.Request) -> str:
+    """The consent form's CSRF token: derived from the session cookie, which another site
+    can neither read nor send along with a cross-site POST (SameSite=Lax)."""
+    return credentials.digest("consent:" + request.cookies.get(sessions.COOKIE, ""))
+
+
+async def _consent(
+    request: web.Request,
+    ctx: Context,
+    auth_request: AuthorizationRequest,
+    session: sessions.Session,
+) -> web.Response:
+    user = ctx.directory.users[session.user_id]
+    company = ctx.directory.companies.get(user.company_id)
+    return pages.consent_page(
+        application=auth_request.app.name,
+        company=company.name if company else user.company_id,
+        user_email=user.email,
+        permissions=[(p, ctx.catalogue.get(p, "")) for p in auth_request.permissions],
+        fields=auth_request.fields() | {"csrf_token": consent_token(request)},
+    )
+
+
+@routes.post("/oauth/login")
+async def login(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    form = await request.post()
+    email, password = str(form.get("email", "")), str(form.get("password", ""))
+    next_url = str(form.get("next", ""))
+    if not next_url.startswith("/oauth/authorize?"):
+        next_url = "/oauth/authorize"  # never an open redirect
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    presented = str(form.get("csrf_token", ""))
+    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+        return pages.error_page("Session expired", "reload the page and sign in again", status=403)
+    try:
+        user_id = await authenticate(request, email[:320], password[:256])
+    except InvalidCredentials:
+        return _login(request, next_url, "Wrong email or password.", status=401)
+    user = ctx.directory.users[user_id]
+    value, _csrf = await sessions.create(ctx.pool, user_id, user.company_id)
+    response = web.HTTPSeeOther(next_url)
+    set_session_cookie(request, response, value)
+    raise response
+
+
+@routes.post("/oauth/authorize")
+async def decide(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    form = await request.post()
+    fields = {k: str(v) for k, v in form.items() if isinstance(v, str)}
+    session = await _session(request, ctx)
+    if session is None:
+        return pages.error_page("Signed out", "sign in again from the application", status=401)
+    presented = fields.get("csrf_token", "")
+    if not hmac.compare_digest(presented.encode(), consent_token(request).encode()):
+        return pages.error_page("Request refused", "the form expired; start again", status=403)
+    passed = [(k, fields[k]) for k in _PASSED if k in fields]
+    try:
+        auth_request = await parse(ctx, MultiDict([*passed, ("response_type", "code")]))
+    except PageError as exc:
+        return pages.error_page(exc.title, exc.message)
+    app = auth_request.app
+    if fields.get("decision") != "approve":
+        raise redirect_to(
+            auth_request.redirect_uri, {"error": "access_denied", "state": auth_request.state}
+        )
+    user = ctx.directory.users[session.user_id]
+    meta = metadata(request, f"user:{user.user_id}")
+    ids = {"company_id": user.company_id, "client_id": app.client_id}
+    await ctx.record(
+        f"connection-{user.company_id}-{app.client_id}", None,
+        [ev.ConnectionGranted(**ids, user_id=user.user_id, permissions=auth_request.permissions)],
+        meta,
+    )  # fmt: skip
+    code = tokens.new(tokens.CODE)
+    code_hash = tokens.token_hash(code)
+    issued = ev.AuthorizationCodeIssued(
+        **ids,
+        user_id=user.user_id,
+        code_hash=code_hash,
+        redirect_uri=auth_request.redirect_uri,
+        permissions=auth_request.permissions,
+        code_challenge=auth_request.code_challenge,
+        expires_at=int(time.time()) + grants.CODE_TTL,
+    )
+    await ctx.record(f"code-{code_hash[:40]}", 0, [issued], meta)
+    raise redirect_to(auth_request.redirect_uri, {"code": code, "state": auth_request.state})

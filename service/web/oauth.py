@@ -1,0 +1,235 @@
+"""The OAuth endpoints: token (RFC 6749), revocation (RFC 7009), introspection
+(RFC 7662) and server metadata (RFC 8414)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from projections.memory import AppState
+from service import events as ev
+from service import policy
+from service.context import Context
+from service.domain import credentials
+from service.eventlog import Metadata
+from service.oauth import grants, tokens
+from service.oauth.clients import authenticate, credentials_from
+from service.oauth.errors import (
+    NO_STORE,
+    InvalidClient,
+    InvalidRequest,
+    IpNotAllowed,
+    TemporarilyUnavailable,
+    UnsupportedGrantType,
+)
+from service.web.bodies import read_body
+from service.web.keys import CONTEXT, metadata
+
+routes = web.RouteTableDef()
+
+MAX_PARAMS_BODY = 16 * 1024
+GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token")
+_json_params = msgspec.json.Decoder(dict[str, str])
+
+
+async def oauth_params(request: web.Request) -> dict[str, str]:
+    """The body as parameters: form-urlencoded, multipart/form-data (curl --form) or JSON.
+    A parameter sent twice is refused (RFC 6749 §3.2)."""
+    ctype = request.content_type
+    if ctype == "application/json":
+        body = await read_body(request, MAX_PARAMS_BODY)
+        try:
+            return _json_params.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"the JSON body must be an object of strings: {exc}") from None
+    if ctype not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        raise InvalidRequest(
+            "send the parameters as application/x-www-form-urlencoded, "
+            "multipart/form-data or application/json"
+        )
+    if request.content_length is not None and request.content_length > MAX_PARAMS_BODY:
+        raise InvalidRequest("the body is too large")
+    try:
+        form = await request.post()
+    except (ValueError, AssertionError) as exc:
+        raise InvalidRequest(f"unreadable form body: {exc}") from None
+    params: dict[str, str] = {}
+    for key in form:
+        values = form.getall(key)
+        if len(values) > 1:
+            raise InvalidRequest(f"{key} is given more than once")
+        if not isinstance(values[0], str):
+            raise InvalidRequest(f"{key} must be a plain value, not a file")
+        params[key] = values[0]
+    return params
+
+
+async def _client(
+    request: web.Request, ctx: Context, params: dict[str, str]
+) -> tuple[AppState, Metadata]:
+    found = credentials_from(request.headers.get("Authorization"), params)
+    if found is None:
+        raise InvalidClient("client authentication is required")
+    client_id, secret = found
+    meta = metadata(request, f"client:{client_id[:64]}")
+    app = await authenticate(ctx, client_id, secret, meta.client_ip or "", meta)
+    return app, meta
+
+
+async def _allowed_or_refused(ctx: Context, app: AppState, meta: Metadata, endpoint: str) -> None:
+    ip = meta.client_ip or ""
+    if not policy.ip_allowed(app, ip):
+        await policy.record_violation(ctx, app, ip, endpoint, meta)
+        raise IpNotAllowed(f"requests for this client are not allowed from {ip}")
+
+
+Grant = Callable[[Context, AppState, dict[str, str], Metadata], Awaitable[grants.Issued]]
+
+_GRANTS: dict[str, Grant] = {
+    "client_credentials": lambda ctx, app, p, meta: grants.client_credentials(
+        ctx, app, p.get("scope"), meta
+    ),
+    "authorization_code": lambda ctx, app, p, meta: grants.authorization_code(
+        ctx, app, p.get("code"), p.get("redirect_uri"), p.get("code_verifier"), meta
+    ),
+    "refresh_token": lambda ctx, app, p, meta: grants.refresh_token(
+        ctx, app, p.get("refresh_token"), p.get("scope"), meta
+    ),
+}
+
+
+@routes.post("/oauth/token")
+async def token(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    params = await oauth_params(request)
+    grant_type = params.get("grant_type")
+    if not grant_type:
+        raise InvalidRequest("grant_type is required")
+    grant = _GRANTS.get(grant_type)
+    if grant is None:
+        raise UnsupportedGrantType(f"supported: {', '.join(GRANT_TYPES)}")
+    for _attempt in range(3):
+        app, meta = await _client(request, ctx, params)
+        await _allowed_or_refused(ctx, app, meta, "token")
+        try:
+            issued = await grant(ctx, app, params, meta)
+        except grants.ApplicationChanged:
+            await ctx.refresh()  # a rotation (or another change) committed first: look again
+            continue
+        return web.json_response(issued.body(), headers=NO_STORE)
+    raise TemporarilyUnavailable("the application keeps changing; try again")
+
+
+def _family_of(ctx: Context, token: str) -> str | None:
+    if tokens.well_formed(token, tokens.ACCESS):
+        state = ctx.policy.tokens.get(bytes.fromhex(tokens.token_hash(token)))
+        return None if state is None else state.family_id
+    if tokens.well_formed(token, tokens.REFRESH):
+        return ctx.policy.refresh_tokens.get(tokens.token_hash(token))
+    return None
+
+
+@routes.post("/oauth/revoke")
+async def revoke(request: web.Request) -> web.Response:
+    """RFC 7009: 200 whether or not the token was known, live, or this client's."""
+    ctx = request.app[CONTEXT]
+    params = await oauth_params(request)
+    app, meta = await _client(request, ctx, params)
+    token = params.get("token")
+    if not token:
+        raise InvalidRequest("token is required")
+    family_id = _family_of(ctx, token)
+    if family_id is None:
+        await ctx.refresh()
+        family_id = _family_of(ctx, token)
+    family = ctx.policy.families.get(family_id) if family_id else None
+    if family is not None and family_id is not None and family.client_id == app.client_id:
+        event = ev.TokenRevoked(
+            company_id=family.company_id,
+            client_id=app.client_id,
+            family_id=family_id,
+            reason="client_request",
+            token_hash=tokens.token_hash(token),
+        )
+        await ctx.record(f"token-{family_id}", None, [event], meta)
+    return web.Response(status=200, headers=NO_STORE)
+
+
+INACTIVE = {"active": False}
+
+
+@routes.post("/oauth/introspect")
+async def introspect(request: web.Request) -> web.Response:
+    """RFC 7662. Callers: a resource server (Bearer key) or the token's own client."""
+    ctx = request.app[CONTEXT]
+    params = await oauth_params(request)
+    caller_client: str | None = None
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        server = ctx.directory.resource_server_hashes.get(credentials.digest(header[7:].strip()))
+        if server is None:
+            await ctx.refresh()
+            server = ctx.directory.resource_server_hashes.get(
+                credentials.digest(header[7:].strip())
+            )
+        if server is None:
+            raise InvalidClient("unknown or revoked resource-server key")
+    else:
+        app, _ = await _client(request, ctx, params)
+        caller_client = app.client_id
+    token = params.get("token")
+    if not token:
+        raise InvalidRequest("token is required")
+    return web.json_response(await _introspection(ctx, token, caller_client), headers=NO_STORE)
+
+
+async def _introspection(ctx: Context, token: str, caller_client: str | None) -> dict[str, Any]:
+    if not tokens.well_formed(token, tokens.ACCESS):
+        return INACTIVE
+    key = bytes.fromhex(tokens.token_hash(token))
+    state = ctx.policy.token(key, time.time())
+    if state is None:
+        await ctx.refresh()
+        state = ctx.policy.token(key, time.time())
+    if state is None or (caller_client is not None and state.client_id != caller_client):
+        return INACTIVE
+    body: dict[str, Any] = {
+        "active": True,
+        "scope": " ".join(sorted(state.permissions)),
+        "client_id": state.client_id,
+        "token_type": "Bearer",
+        "sub": state.company_id,
+        "company_id": state.company_id,
+    }
+    if state.expires_at is not None:
+        body["exp"] = state.expires_at
+    return body
+
+
+@routes.get("/.well-known/oauth-authorization-server")
+async def server_metadata(request: web.Request) -> web.Response:
+    """RFC 8414 §2."""
+    ctx = request.app[CONTEXT]
+    issuer = f"{request.scheme}://{request.host}"
+    auth_methods = ["client_secret_basic", "client_secret_post"]
+    return web.json_response(
+        {
+            "issuer": issuer,
+            "authorization_endpoint": f"{issuer}/oauth/authorize",
+            "token_endpoint": f"{issuer}/oauth/token",
+            "revocation_endpoint": f"{issuer}/oauth/revoke",
+            "introspection_endpoint": f"{issuer}/oauth/introspect",
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": list(GRANT_TYPES),
+            "token_endpoint_auth_methods_supported": auth_methods,
+            "revocation_endpoint_auth_methods_supported": auth_methods,
+            "introspection_endpoint_auth_methods_supported": [*auth_methods, "bearer"],
+            "code_challenge_methods_supported": ["S256"],
+            "scopes_supported": sorted(ctx.catalogue),
+        }
+    )

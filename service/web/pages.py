@@ -1,0 +1,120 @@
+"""Server-rendered pages for people: login, consent, errors. Plain HTML, no external
+assets, every value escaped."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from html import escape
+
+from aiohttp import web
+
+_STYLE = """
+:root { color-scheme: light dark; --accent: #1f5fbf; }
+* { box-sizing: border-box; }
+body { font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
+       display: grid; place-items: center; min-height: 100vh;
+       background: Canvas; color: CanvasText; }
+main { width: min(28rem, 92vw); padding: 2rem; border-radius: 12px;
+       border: 1px solid color-mix(in srgb, CanvasText 20%, transparent); }
+h1 { font-size: 1.35rem; margin: 0 0 1rem; }
+label { display: block; margin: .75rem 0 .25rem; font-weight: 600; }
+input[type=email], input[type=password] { width: 100%; padding: .6rem; font: inherit;
+       border: 1px solid color-mix(in srgb, CanvasText 35%, transparent); border-radius: 6px; }
+button { font: inherit; padding: .6rem 1.2rem; border-radius: 6px; border: 1px solid var(--accent);
+       cursor: pointer; margin-top: 1rem; }
+button.primary { background: var(--accent); color: white; }
+button.secondary { background: transparent; color: inherit; }
+button:focus-visible, input:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+ul.permissions { padding-left: 1.2rem; }
+ul.permissions li { margin: .35rem 0; }
+.permission { font-family: ui-monospace, monospace; font-size: .9em; }
+.error { border-left: 4px solid #c0392b; padding: .5rem .75rem;
+         background: color-mix(in srgb, #c0392b 10%, transparent); }
+.actions { display: flex; gap: .75rem; flex-wrap: wrap; }
+.muted { opacity: .75; font-size: .9rem; }
+"""
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def page(title: str, body: str, *, status: int = 200) -> web.Response:
+    html = (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{escape(title)} · Tollgate</title>\n<style>{_STYLE}</style>\n</head>\n"
+        f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
+    )
+    return web.Response(
+        text=html, status=status, content_type="text/html", headers=SECURITY_HEADERS
+    )
+
+
+def _hidden(fields: Mapping[str, str]) -> str:
+    return "\n".join(
+        f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">' for k, v in fields.items()
+    )
+
+
+def error_page(title: str, message: str, *, status: int = 400) -> web.Response:
+    return page(
+        title,
+        f'<h1>{escape(title)}</h1>\n<p class="error" role="alert">{escape(message)}</p>\n'
+        '<p class="muted">You can close this page. If you followed a link from an '
+        "application, tell its makers what happened.</p>",
+        status=status,
+    )
+
+
+def login_page(
+    *, action: str, fields: Mapping[str, str], message: str | None = None, status: int = 200
+) -> web.Response:
+    alert = f'<p class="error" role="alert">{escape(message)}</p>\n' if message else ""
+    return page(
+        "Sign in",
+        f"<h1>Sign in</h1>\n{alert}"
+        f'<form method="post" action="{escape(action)}">\n{_hidden(fields)}\n'
+        '<label for="email">Email</label>\n'
+        '<input id="email" name="email" type="email" autocomplete="username" required autofocus>\n'
+        '<label for="password">Password</label>\n'
+        '<input id="password" name="password" type="password" '
+        'autocomplete="current-password" required>\n'
+        '<div class="actions"><button class="primary" type="submit">Sign in</button></div>\n'
+        "</form>",
+        status=status,
+    )
+
+
+def consent_page(
+    *,
+    application: str,
+    company: str,
+    user_email: str,
+    permissions: Sequence[tuple[str, str]],
+    fields: Mapping[str, str],
+) -> web.Response:
+    items = "\n".join(
+        f'<li><span class="permission">{escape(name)}</span>: {escape(text)}</li>'
+        for name, text in permissions
+    )
+    return page(
+        f"Allow {application}",
+        f"<h1>Allow <strong>{escape(application)}</strong> to access {escape(company)}?</h1>\n"
+        f"<p>{escape(application)} asks for these permissions:</p>\n"
+        f'<ul class="permissions">\n{items}\n</ul>\n'
+        f'<p class="muted">Signed in as {escape(user_email)}. You can revoke this connection '
+        "at any time in your company settings.</p>\n"
+        f'<form method="post" action="/oauth/authorize">\n{_hidden(fields)}\n'
+        '<div class="actions">'
+        '<button class="primary" type="submit" name="decision" value="approve">Allow</button>'
+        '<button class="secondary" type="submit" name="decision" value="deny">Deny</button>'
+        "</div>\n</form>",
+    )

@@ -1,0 +1,353 @@
+"""Ops endpoints over aiohttp's real stack on a real PostgreSQL: /metrics and /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import prometheus_client
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import events as ev
+from service.app import EVENTLOG, RUNNER, create_app
+from service.database import Database
+from service.metrics import METRICS, Metrics
+from service.settings import Settings
+from service.web.ops import READINESS, ReadinessPolicy
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@asynccontextmanager
+async def serving(
+    db,
+    tmp_path: Path,
+    *,
+    run_projections: bool = False,
+    readiness: ReadinessPolicy | None = None,
+    setup: Callable[[web.Application], None] | None = None,
+) -> AsyncIterator[TestClient]:
+    settings = Settings(data_dir=tmp_path, log_format="json", run_projections=run_projections)
+    app = create_app(settings, database=Database(db.dsn, db.pool))
+    if readiness is not None:
+        app[READINESS] = readiness
+    if setup is not None:
+        setup(app)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def scrape(client: TestClient) -> Samples:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    return parse(await response.text())
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+async def add_companies(client: TestClient, count: int, start: int = 0) -> None:
+    eventlog = client.app[EVENTLOG]
+    await asyncio.gather(
+        *(
+            eventlog.append(
+                f"company-ops{n}", 0, [ev.CompanyCreated(company_id=f"ops{n}", name="X")]
+            )
+            for n in range(start, start + count)
+        )
+    )
+
+
+async def catch_up(client: TestClient) -> None:
+    runner = client.app[RUNNER]
+    for name in runner.projections:
+        await runner.catch_up(name)
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await probe():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+# --- /metrics ----------------------------------------------------------------------------
+
+
+async def test_metrics_exposes_every_family_in_prometheus_text(db, tmp_path):
+    async with serving(db, tmp_path) as client:
+        response = await client.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    assert {
+        "tollgate_http_requests",
+        "tollgate_http_request_duration_seconds",
+        "tollgate_eventlog_append_batch_size",
+        "tollgate_projection_lag_events",
+        "tollgate_projection_lag_seconds",
+        "tollgate_database_up",
+        "tollgate_tokens_issued",
+        "tollgate_token_revocations",
+        "tollgate_ip_violations",
+        "tollgate_emails_sent",
+        "tollgate_emails_failed",
+    } <= set(families)
+    # the counters that other code moves are there at zero before anything happened
+    issued = {
+        s.labels["grant_type"]: s.value
+        for s in families["tollgate_tokens_issued"].samples
+        if s.name.endswith("_total")
+    }
+    assert issued == {
+        "authorization_code": 0,
+        "client_credentials": 0,
+        "refresh_token": 0,
+        "other": 0,
+    }
+    reasons = {s.labels["reason"] for s in families["tollgate_token_revocations"].samples}
+    assert {"ip_violation", "refresh_reuse", "application_deleted"} <= reasons
+
+
+async def test_openmetrics_is_served_when_the_scraper_asks_for_it(db, tmp_path):
+    async with serving(db, tmp_path) as client:
+        response = await client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await response.text()).rstrip().endswith("# EOF")
+
+
+async def test_request_counter_and_latency_histogram_move_with_traffic(db, tmp_path):
+    async def item(_request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    def add_item_route(app: web.Application) -> None:
+        app.router.add_get("/items/{item_id}", item)
+
+    async with serving(db, tmp_path, setup=add_item_route) as client:
+        before = await scrape(client)
+        for _ in range(3):
+            assert (await client.get("/healthz")).status == 200
+        for n in range(4):
+            assert (await client.get(f"/items/{n}")).status == 200
+        assert (await client.get("/no/such/path/1")).status == 404
+        assert (await client.get("/no/such/path/2")).status == 404
+        assert (await client.post("/healthz")).status == 405
+        after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return (value(after, name, **labels) or 0) - (value(before, name, **labels) or 0)
+
+    requests = "tollgate_http_requests_total"
+    assert moved(requests, route="/healthz", method="GET", status="200") == 3
+    # the canonical path, never the raw one: one series for every item
+    assert moved(requests, route="/items/{item_id}", method="GET", status="200") == 4
+    assert moved(requests, route="unmatched", method="GET", status="404") == 2
+    assert moved(requests, route="unmatched", method="POST", status="405") == 1
+    routes = {dict(labels).get("route") for (_name, labels) in after}
+    assert not any(r and ("/no/such" in r or r.startswith("/items/0")) for r in routes)
+
+    latency = "tollgate_http_request_duration_seconds"
+    assert moved(f"{latency}_count", route="/healthz") == 3
+    assert moved(f"{latency}_count", route="/items/{item_id}") == 4
+    assert moved(f"{latency}_sum", route="/items/{item_id}") > 0
+    assert moved(f"{latency}_bucket", route="/healthz", le="+Inf") == 3
+    # the first scrape itself was counted by the time of the second
+    assert value(after, requests, route="/metrics", method="GET", status="200") == 1
+
+
+async def test_append_batch_sizes_are_observed_once_each(db, tmp_path):
+    async with serving(db, tmp_path) as client:
+        eventlog = client.app[EVENTLOG]
+        await add_companies(client, 40)  # concurrent: group-committed into few batches
+        for n in range(40, 45):
+            await add_companies(client, 1, start=n)
+        first = await scrape(client)
+        second = await scrape(client)
+        sizes = list(eventlog.batch_sizes)
+    name = "tollgate_eventlog_append_batch_size"
+    assert sum(sizes) >= 45
+    assert value(first, f"{name}_count") == len(sizes)
+    assert value(first, f"{name}_sum") == sum(sizes)
+    assert value(second, f"{name}_count") == len(sizes)  # a second scrape adds nothing
+    assert value(first, f"{name}_bucket", le="1.0") >= 5  # the five lone appends
+
+
+async def test_projection_lag_is_measured_at_scrape_time(db, tmp_path):
+    async with serving(db, tmp_path, run_projections=False) as client:
+        names = list(client.app[RUNNER].projections)
+        await add_companies(client, 12)
+        await asyncio.sleep(0.05)
+        lagging = await scrape(client)
+        await catch_up(client)
+        caught_up = await scrape(client)
+    assert value(lagging, "tollgate_database_up") == 1
+    for name in names:
+        assert value(lagging, "tollgate_projection_lag_events", projection=name) == 12
+        assert value(lagging, "tollgate_projection_lag_seconds", projection=name) >= 0.05
+        assert value(caught_up, "tollgate_projection_lag_events", projection=name) == 0
+        assert value(caught_up, "tollgate_projection_lag_seconds", projection=name) == 0
+
+
+async def test_counters_for_other_code_move_through_the_metrics_api(db, tmp_path):
+    async with serving(db, tmp_path) as client:
+        metrics = client.app[METRICS]
+        metrics.token_issued("client_credentials")
+        metrics.token_issued("client_credentials")
+        metrics.token_issued("password")  # not a grant Tollgate knows: no new series
+        metrics.token_revoked("refresh_reuse")
+        metrics.ip_violation("token")
+        metrics.email_sent()
+        metrics.email_failed()
+        metrics.email_failed()
+        samples = await scrape(client)
+    assert value(samples, "tollgate_tokens_issued_total", grant_type="client_credentials") == 2
+    assert value(samples, "tollgate_tokens_issued_total", grant_type="other") == 1
+    assert value(samples, "tollgate_tokens_issued_total", grant_type="password") is None
+    assert value(samples, "tollgate_token_revocations_total", reason="refresh_reuse") == 1
+    assert value(samples, "tollgate_ip_violations_total", endpoint="token") == 1
+    assert value(samples, "tollgate_emails_sent_total") == 1
+    assert value(samples, "tollgate_emails_failed_total") == 2
+
+
+async def test_each_application_has_its_own_registry(tmp_path):
+    first = create_app(Settings(data_dir=tmp_path))
+    second = create_app(Settings(data_dir=tmp_path))
+    assert first[METRICS].registry is not second[METRICS].registry
+    first[METRICS].email_sent()
+    sent = "tollgate_emails_sent_total"
+    assert value(parse(second[METRICS].render()[0].decode()), sent) == 0
+    assert value(parse(first[METRICS].render()[0].decode()), sent) == 1
+    # nothing lands in prometheus_client's process-wide default registry
+    default = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
+    assert "tollgate_" not in default
+    Metrics()  # a third one registers its own collectors without a clash
+
+
+# --- /readyz -----------------------------------------------------------------------------
+
+
+async def test_ready_when_the_database_answers_and_projections_are_current(db, tmp_path):
+    async with serving(db, tmp_path) as client:
+        response = await client.get("/readyz")
+        body = await response.json()
+        names = set(client.app[RUNNER].projections)
+    assert response.status == 200, body
+    assert body["status"] == "ready"
+    assert {p["name"] for p in body["projections"]} == names
+    assert all(p["lag_events"] == 0 for p in body["projections"])
+
+
+async def test_not_ready_while_projections_lag_then_ready_once_caught_up(db, tmp_path):
+    policy = ReadinessPolicy(max_lag_events=5, max_lag_seconds=60)
+    async with serving(db, tmp_path, run_projections=False, readiness=policy) as client:
+        await add_companies(client, 5)
+        assert (await client.get("/readyz")).status == 200  # at the limit is still ready
+        await add_companies(client, 1, start=5)
+        response = await client.get("/readyz")
+        lagging = await response.json()
+        assert response.status == 503
+        await catch_up(client)
+        response = await client.get("/readyz")
+        assert response.status == 200
+        assert (await response.json())["status"] == "ready"
+        names = client.app[RUNNER].projections
+    assert lagging["status"] == "not_ready"
+    assert sorted(lagging["reasons"]) == sorted(
+        f"projection {name} is 6 events behind (at most 5)" for name in names
+    )
+    assert all(p["lag_events"] == 6 for p in lagging["projections"])
+
+
+async def test_default_policy_allows_a_thousand_events_of_lag(db, tmp_path):
+    async with serving(db, tmp_path, run_projections=False) as client:
+        await add_companies(client, 1000)
+        ready = await client.get("/readyz")
+        await add_companies(client, 1, start=1000)
+        lagging = await client.get("/readyz")
+        body = await lagging.json()
+    assert ready.status == 200
+    assert lagging.status == 503
+    assert any("1001 events behind (at most 1000)" in reason for reason in body["reasons"])
+
+
+async def test_not_ready_when_the_oldest_pending_event_is_too_old(db, tmp_path):
+    policy = ReadinessPolicy(max_lag_events=1000, max_lag_seconds=1.0)
+    async with serving(db, tmp_path, run_projections=False, readiness=policy) as client:
+        await add_companies(client, 1)
+        fresh = await client.get("/readyz")
+        await asyncio.sleep(1.1)
+        stale = await client.get("/readyz")
+        body = await stale.json()
+    assert fresh.status == 200
+    assert stale.status == 503
+    assert body["reasons"]
+    assert all("s behind (at most 1 s)" in r for r in body["reasons"])
+
+
+async def test_becomes_ready_as_the_running_projections_catch_up(db, tmp_path):
+    policy = ReadinessPolicy(max_lag_events=0, max_lag_seconds=60)
+    async with serving(db, tmp_path, run_projections=True, readiness=policy) as client:
+        await add_companies(client, 30)
+
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status == 200
+
+        await eventually(ready)
+        body = await (await client.get("/readyz")).json()
+    assert body["status"] == "ready"
+    assert all(p["lag_events"] == 0 for p in body["projections"])
+
+
+async def test_not_ready_while_the_database_is_unreachable(db, pg_server, tmp_path):
+    admin = await asyncpg.connect(pg_server.admin_dsn)
+    try:
+        async with serving(db, tmp_path) as client:
+            assert (await client.get("/readyz")).status == 200
+            await admin.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS false")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                db.name,
+            )
+            down = await client.get("/readyz")
+            down_body = await down.json()
+            metrics = await scrape(client)
+            await admin.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS true")
+
+            async def ready() -> bool:
+                return (await client.get("/readyz")).status == 200
+
+            await eventually(ready)
+            back = await scrape(client)
+    finally:
+        await admin.execute(f"ALTER DATABASE {db.name} ALLOW_CONNECTIONS true")
+        await admin.close()
+    assert down.status == 503
+    assert down_body == {
+        "status": "not_ready",
+        "reasons": ["database unreachable"],
+        "projections": [],
+    }
+    assert value(metrics, "tollgate_database_up") == 0
+    assert not any(name == "tollgate_projection_lag_events" for name, _ in metrics)
+    assert value(back, "tollgate_database_up") == 1
