@@ -201,7 +201,7 @@ async def _code_reused(
         # this one has not applied yet. A family revoked twice stays revoked.
         ev.TokenRevoked(**ids, family_id=family_id, reason="code_reuse"),
     ]
-    await ctx.eventlog.append(f"token-{family_id}", None, events, meta)
+    await ctx.record(f"token-{family_id}", None, events, meta)  # visible here at once
     raise InvalidGrant("the authorization code was already used; its tokens are revoked")
 
 
@@ -262,5 +262,5 @@ async def _refresh_reused(
         ev.RefreshTokenReused(**ids, refresh_token_hash=refresh_hash, ip=meta.client_ip or ""),
         ev.TokenRevoked(**ids, reason="refresh_reuse"),
     ]
-    await ctx.eventlog.append(f"token-{family_id}", None, events, meta)
+    await ctx.record(f"token-{family_id}", None, events, meta)  # visible here at once
     raise InvalidGrant("this refresh token was already used; the whole grant is revoked")

@@ -135,7 +135,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
         return pages.error_page(exc.title, exc.message)
     session = await _session(request, ctx)
     if session is None:
-        return _login(request, request.path_qs)
+        return _login(request, request.raw_path)
     return await _consent(request, ctx, auth_request, session)
 
 

@@ -23,7 +23,15 @@ log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 # ProjectionRunner.status() queries the pool directly, so driver errors reach this far.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, EventLogUnavailable)
+# InternalClientError derives from neither of asyncpg's bases: it is what a query raises
+# when the server ends the connection under it (seen when the database went away).
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    EventLogUnavailable,
+)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def query_of(location: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
 
 
-async def sign_in(client, email: str, password: str, next_url: str) -> None:
+async def sign_in(client, email: str, password: str, next_url: str) -> list[str]:
     """The login form, as a browser submits it."""
     page = await client.get(next_url)
     assert page.status == 200
@@ -67,7 +67,11 @@ async def sign_in(client, email: str, password: str, next_url: str) -> None:
         allow_redirects=False,
     )
     assert response.status == 303, await response.text()
-    assert response.headers["Location"] == next_url
+    # back to the authorization request it came from (the client may re-quote the URL)
+    location = response.headers["Location"]
+    assert location.startswith("/oauth/authorize?")
+    assert query_of(location) == query_of(next_url)
+    return response.headers.getall("Set-Cookie")
 
 
 async def consent(client, authorize_url: str, decision: str = "approve") -> str:

@@ -1,0 +1,405 @@
+"""The authorization-code flow end to end: sign-in, consent, code, PKCE, refresh rotation,
+reuse detection; revocation, introspection, metadata, connections and permissions."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from service import events as ev
+from service.app import CONTEXT
+from service.eventlog import Metadata
+from service.oauth import tokens
+from tests.e2e.oauth_helpers import (
+    REDIRECT,
+    authorize_url,
+    basic,
+    cc_token,
+    code_for,
+    consent,
+    new_app,
+    pkce,
+    query_of,
+    sign_in,
+)
+
+
+async def exchange(client, app, code, verifier=None, redirect_uri=None, secret=None):
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri or app["redirect_uri"],
+    }
+    if verifier:
+        data["code_verifier"] = verifier
+    return await client.post(
+        "/oauth/token", data=data, headers=basic(app["client_id"], secret or app["client_secret"])
+    )
+
+
+async def refresh(client, app, refresh_token, **extra):
+    return await client.post(
+        "/oauth/token",
+        data={"grant_type": "refresh_token", "refresh_token": refresh_token, **extra},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+
+
+async def introspect(client, app, token) -> dict:
+    response = await client.post(
+        "/oauth/introspect",
+        data={"token": token},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert response.status == 200
+    return await response.json()
+
+
+@pytest.fixture
+async def ac_app(client, company):
+    return await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+
+
+async def test_full_flow_with_pkce_and_refresh(client, company, ac_app, db):
+    verifier, challenge = pkce()
+    url = authorize_url(ac_app, challenge=challenge, state="s-123")
+    login_page = await client.get(url)
+    assert "Sign in" in await login_page.text()  # no session yet
+    [cookie] = await sign_in(client, company.admin_email, company.admin_password, url)
+    assert cookie.startswith("tg_session=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie
+    page = await (await client.get(url)).text()
+    assert "Test app" in page and "invoices:read" in page and "Read invoices" in page
+    location = await consent(client, url)
+    params = query_of(location)
+    assert location.startswith(REDIRECT + "&")  # the registered URI, its query kept
+    assert params["state"] == "s-123"
+    response = await exchange(client, ac_app, params["code"], verifier)
+    assert response.status == 200, await response.text()
+    assert response.headers["Cache-Control"] == "no-store"
+    body = await response.json()
+    assert body["expires_in"] == 7200
+    assert body["token_type"] == "Bearer"
+    assert tokens.well_formed(body["refresh_token"], tokens.REFRESH)
+    assert (await introspect(client, ac_app, body["access_token"]))["active"] is True
+
+    renewed = await refresh(client, ac_app, body["refresh_token"])
+    assert renewed.status == 200
+    second = await renewed.json()
+    assert second["refresh_token"] != body["refresh_token"]
+    assert second["expires_in"] == 7200
+    # the spent refresh token again: the whole family dies (RFC 9700 §4.14.2)
+    reused = await refresh(client, ac_app, body["refresh_token"])
+    assert reused.status == 400
+    assert (await reused.json())["error"] == "invalid_grant"
+    assert (await introspect(client, ac_app, second["access_token"])) == {"active": False}
+    assert (await refresh(client, ac_app, second["refresh_token"])).status == 400
+    revoked = await db.pool.fetch("SELECT payload FROM events WHERE type = 'TokenRevoked'")
+    assert [json.loads(r["payload"])["reason"] for r in revoked] == ["refresh_reuse"]
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'ConnectionGranted'") == 1
+    )
+
+
+async def test_a_code_is_single_use_and_a_second_use_revokes_its_tokens(
+    client, company, ac_app, db
+):
+    code = await code_for(client, company, ac_app)
+    first = await (await exchange(client, ac_app, code)).json()
+    again = await exchange(client, ac_app, code)
+    assert again.status == 400
+    assert (await again.json())["error"] == "invalid_grant"
+    assert await introspect(client, ac_app, first["access_token"]) == {"active": False}
+    assert (await refresh(client, ac_app, first["refresh_token"])).status == 400
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'AuthorizationCodeReused'")
+        == 1
+    )
+
+
+async def test_redirect_uri_and_pkce_are_checked_at_the_token_endpoint(client, company, ac_app):
+    verifier, challenge = pkce()
+    code = await code_for(client, company, ac_app, challenge=challenge)
+    for response in (
+        await exchange(client, ac_app, code, verifier, redirect_uri="https://app.example/callback"),
+        await exchange(client, ac_app, code, "x" * 50),
+        await exchange(client, ac_app, code),
+    ):
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_grant"
+    assert (await exchange(client, ac_app, code, verifier)).status == 200
+
+
+async def test_an_expired_code_is_refused(client, company, ac_app):
+    ctx = client.app[CONTEXT]
+    code = tokens.new(tokens.CODE)
+    user = ctx.directory.user_by_email(company.admin_email)
+    await ctx.record(
+        f"connection-{company.company_id}-{ac_app['client_id']}",
+        None,
+        [
+            ev.ConnectionGranted(
+                company_id=company.company_id,
+                client_id=ac_app["client_id"],
+                user_id=user.user_id,
+                permissions=["invoices:read"],
+            )
+        ],
+        Metadata(),
+    )
+    await ctx.record(
+        "code-expired",
+        0,
+        [
+            ev.AuthorizationCodeIssued(
+                company_id=company.company_id,
+                client_id=ac_app["client_id"],
+                user_id=user.user_id,
+                code_hash=tokens.token_hash(code),
+                redirect_uri=ac_app["redirect_uri"],
+                permissions=["invoices:read"],
+                code_challenge=None,
+                expires_at=int(time.time()) - 1,
+            )
+        ],
+        Metadata(),
+    )
+    response = await exchange(client, ac_app, code)
+    assert response.status == 400
+    assert "expired" in (await response.json())["error_description"]
+
+
+async def test_another_clients_code_is_invalid_grant(client, company, ac_app):
+    other = await new_app(client, company, grant_type="authorization_code", name="Other")
+    code = await code_for(client, company, ac_app)
+    response = await exchange(client, other, code, redirect_uri=ac_app["redirect_uri"])
+    assert (await response.json())["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"redirect_uri": "https://evil.example/cb"}, "redirect"),
+        ({"client_id": "unknown"}, "Unknown application"),
+        ({"client_secret": "leaked"}, "client_secret"),
+    ],
+)
+async def test_authorize_errors_are_pages_never_redirects(client, company, ac_app, change, needle):
+    url = authorize_url(ac_app, **{k: v for k, v in change.items() if k == "client_secret"})
+    if "redirect_uri" in change:
+        url = url.replace(
+            "redirect_uri=https",
+            "redirect_uri="
+            + change["redirect_uri"].replace(":", "%3A").replace("/", "%2F")
+            + "&x=https",
+        )
+    if "client_id" in change:
+        url = url.replace(ac_app["client_id"], change["client_id"])
+    response = await client.get(url, allow_redirects=False)
+    assert response.status == 400
+    assert "Location" not in response.headers
+    text = await response.text()
+    assert needle.lower() in text.lower()
+    assert text.startswith("<!doctype html>")
+
+
+async def test_authorize_errors_after_the_redirect_check_go_back_with_state(
+    client, company, ac_app
+):
+    for extra, error in (
+        ({"response_type": "token"}, "unsupported_response_type"),
+        ({"scope": "payments:write"}, "invalid_scope"),
+        ({"code_challenge": "a" * 43, "code_challenge_method": "plain"}, "invalid_request"),
+    ):
+        url = (
+            authorize_url(ac_app, state="st") + "&" + "&".join(f"{k}={v}" for k, v in extra.items())
+        )
+        if "response_type" in extra:
+            url = url.replace("response_type=code&", "")
+        response = await client.get(url, allow_redirects=False)
+        assert response.status == 302, await response.text()
+        params = query_of(response.headers["Location"])
+        assert params["error"] == error
+        assert params["state"] == "st"
+
+
+async def test_deny_redirects_with_access_denied(client, company, ac_app, db):
+    url = authorize_url(ac_app, state="d")
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    params = query_of(await consent(client, url, decision="deny"))
+    assert params == {"provider": "tollgate", "error": "access_denied", "state": "d"}
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'AuthorizationCodeIssued'")
+        == 0
+    )
+
+
+async def test_consent_without_its_csrf_token_is_refused(client, company, ac_app, db):
+    url = authorize_url(ac_app)
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    response = await client.post(
+        "/oauth/authorize",
+        data={
+            "client_id": ac_app["client_id"],
+            "redirect_uri": ac_app["redirect_uri"],
+            "decision": "approve",
+            "csrf_token": "forged",
+        },
+        allow_redirects=False,
+    )
+    assert response.status == 403
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'AuthorizationCodeIssued'")
+        == 0
+    )
+
+
+async def test_any_company_can_connect_an_authorization_code_app(
+    client, company, other_company, ac_app, db
+):
+    code = await code_for(client, other_company, ac_app)
+    body = await (await exchange(client, ac_app, code)).json()
+    info = await introspect(client, ac_app, body["access_token"])
+    assert info["company_id"] == other_company.company_id
+    connections = await (await client.get("/admin/connections", headers=other_company.auth)).json()
+    assert [c["client_id"] for c in connections["connections"]] == [ac_app["client_id"]]
+    assert (await (await client.get("/admin/connections", headers=company.auth)).json()) == {
+        "connections": []
+    }
+
+
+async def test_revoking_a_connection_kills_its_tokens(client, company, ac_app):
+    body = await (await exchange(client, ac_app, await code_for(client, company, ac_app))).json()
+    response = await client.delete(
+        f"/admin/connections/{ac_app['client_id']}", headers=company.auth
+    )
+    assert response.status == 204
+    assert await introspect(client, ac_app, body["access_token"]) == {"active": False}
+    assert (await refresh(client, ac_app, body["refresh_token"])).status == 400
+    assert (
+        await client.delete(f"/admin/connections/{ac_app['client_id']}", headers=company.auth)
+    ).status == 404
+
+
+async def test_removing_a_permission_strips_it_everywhere_and_adding_one_does_not_extend(
+    client, company, ac_app
+):
+    body = await (await exchange(client, ac_app, await code_for(client, company, ac_app))).json()
+    assert (await introspect(client, ac_app, body["access_token"]))[
+        "scope"
+    ] == "debtors:read invoices:read"
+    path = f"/admin/applications/{ac_app['client_id']}"
+    await client.patch(path, json={"permissions": ["invoices:read"]}, headers=company.auth)
+    assert (await introspect(client, ac_app, body["access_token"]))["scope"] == "invoices:read"
+    connections = await (await client.get("/admin/connections", headers=company.auth)).json()
+    assert connections["connections"][0]["permissions"] == ["invoices:read"]
+    await client.patch(
+        path,
+        json={"permissions": ["invoices:read", "debtors:read", "payments:read"]},
+        headers=company.auth,
+    )
+    assert (await introspect(client, ac_app, body["access_token"]))["scope"] == "invoices:read"
+    renewed = await (await refresh(client, ac_app, body["refresh_token"])).json()
+    assert renewed["scope"] == "invoices:read"  # users must authorise again to grant more
+
+
+async def test_deleting_an_application_revokes_its_tokens(client, company):
+    app = await new_app(client, company)
+    token = (await cc_token(client, app))["access_token"]
+    ctx = client.app[CONTEXT]
+    await ctx.refresh()  # issuing does not wait for the model; a lookup that misses does
+    assert ctx.policy.token(bytes.fromhex(tokens.token_hash(token)), time.time()) is not None
+    assert (
+        await client.delete(f"/admin/applications/{app['client_id']}", headers=company.auth)
+    ).status == 204
+    assert ctx.policy.token(bytes.fromhex(tokens.token_hash(token)), time.time()) is None
+
+
+async def test_revocation_endpoint(client, company, db):
+    app = await new_app(client, company)
+    other = await new_app(client, company, name="Other")
+    token = (await cc_token(client, app))["access_token"]
+    # another client cannot revoke it; unknown tokens get 200 too (RFC 7009 §2.2)
+    for who, tok in ((other, token), (app, "tgat_nonsense")):
+        response = await client.post(
+            "/oauth/revoke",
+            data={"token": tok},
+            headers=basic(who["client_id"], who["client_secret"]),
+        )
+        assert response.status == 200
+    assert (await introspect(client, app, token))["active"] is True
+    response = await client.post(
+        "/oauth/revoke",
+        data={"token": token, "token_type_hint": "access_token"},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert response.status == 200
+    assert await introspect(client, app, token) == {"active": False}
+    unauthenticated = await client.post("/oauth/revoke", data={"token": token})
+    assert unauthenticated.status == 401
+
+
+async def test_introspection_by_a_resource_server_and_by_other_clients(client, company, db):
+    from service.directory import register_resource_server
+
+    app = await new_app(client, company)
+    other = await new_app(client, company, name="Other")
+    token = (await cc_token(client, app))["access_token"]
+    _, key = await register_resource_server(client.app[CONTEXT], "invoices api", Metadata())
+    response = await client.post(
+        "/oauth/introspect", data={"token": token}, headers={"Authorization": f"Bearer {key}"}
+    )
+    info = await response.json()
+    assert info["active"] is True
+    assert info["client_id"] == app["client_id"]
+    assert "exp" not in info  # client_credentials tokens do not expire
+    assert await introspect(client, other, token) == {"active": False}
+    assert await introspect(client, app, "garbage") == {"active": False}
+    bad = await client.post(
+        "/oauth/introspect", data={"token": token}, headers={"Authorization": "Bearer tgrs_nope"}
+    )
+    assert bad.status == 401
+
+
+async def test_server_metadata(client):
+    response = await client.get("/.well-known/oauth-authorization-server")
+    meta = await response.json()
+    assert meta["token_endpoint"].endswith("/oauth/token")
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert "invoices:read" in meta["scopes_supported"]
+    assert meta["issuer"] == str(client.make_url("")).rstrip("/")
+
+
+async def test_no_token_code_or_secret_is_stored_or_logged_in_clear(client, company, ac_app, db):
+    import structlog
+
+    from tests.e2e.test_admin_people import caught_up, everything_stored
+
+    with structlog.testing.capture_logs() as logs:
+        verifier, challenge = pkce()
+        code = await code_for(client, company, ac_app, challenge=challenge)
+        first = await (await exchange(client, ac_app, code, verifier)).json()
+        second = await (await refresh(client, ac_app, first["refresh_token"])).json()
+        await exchange(client, ac_app, code, verifier)  # reused: revokes, logs, records
+        cc = await new_app(client, company, name="CC")
+        cc_access = (await cc_token(client, cc))["access_token"]
+        await caught_up(client)
+    secrets = [
+        code,
+        verifier,
+        first["access_token"],
+        first["refresh_token"],
+        second["access_token"],
+        second["refresh_token"],
+        ac_app["client_secret"],
+        cc["client_secret"],
+        cc_access,
+    ]
+    stored, logged = await everything_stored(db), repr(logs)
+    assert "AccessTokenIssued" in stored and "TokenRefreshed" in stored
+    for secret in secrets:
+        assert secret not in stored
+        assert secret not in logged
