@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import ipaddress
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -94,6 +96,7 @@ class PolicyModel:
         self.connections: dict[tuple[str, str], ConnectionState] = {}  # (company, client)
         self.codes: dict[str, CodeState] = {}  # authorization-code hash → code
         self._client_families: dict[str, set[str]] = {}
+        self._expiry: list[tuple[int, bytes]] = []  # a heap of (expires_at, token hash)
         self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
         self._handlers: dict[type[ev.Event], Callable[[ev.Event, RecordedEvent], None]] = {
             ev.ApplicationCreated: self._app_created,  # type: ignore[dict-item]
@@ -280,6 +283,8 @@ class PolicyModel:
         self.tokens[key] = TokenState(
             family_id, family.client_id, family.company_id, family.permissions, expires_at
         )
+        if expires_at is not None:
+            heapq.heappush(self._expiry, (expires_at, key))
 
     def _intern(self, permissions: frozenset[str]) -> frozenset[str]:
         """Tokens share a handful of permission sets: keep one copy of each."""
@@ -302,6 +307,17 @@ class PolicyModel:
     def _drop_token(self, token_hash: bytes) -> None:
         self.tokens.pop(token_hash, None)
 
+    def sweep(self, now: float) -> int:
+        """Expired tokens leave the model (the log keeps them): a heap makes this cheap."""
+        dropped = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            token = self.tokens.get(key)
+            if token is not None and token.expires_at is not None and token.expires_at <= now:
+                del self.tokens[key]
+                dropped += 1
+        return dropped
+
 
 class Model(Protocol):
     position: int
@@ -321,31 +337,42 @@ class MemoryFeed:
         self.position = min((m.position for m in self.models), default=0)
         self.batch_size = batch_size
         self._catch_up_lock = asyncio.Lock()
+        self._next: asyncio.Future[int] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def catch_up(self) -> int:
-        """Apply everything committed so far; concurrent callers share one read.
+        """Apply everything committed so far.
 
-        The next batch is fetched while the current one is applied, so the database and
-        this process work side by side.
+        Callers that arrive while a catch-up runs share the next one (which starts after
+        it and so sees whatever they are looking for): any number of concurrent misses
+        cost at most two reads.
         """
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._catch_up_after_current())
+        return await asyncio.shield(self._next)
+
+    async def _catch_up_after_current(self) -> int:
         async with self._catch_up_lock:
-            read = self.eventlog.read_all
-            batch = await read(self.position, self.batch_size, lean=True)
-            while batch:
-                upcoming = asyncio.ensure_future(
-                    read(batch[-1].position, self.batch_size, lean=True)
-                )
-                await asyncio.sleep(0)  # let it send the query before applying takes the CPU
-                try:
-                    for model in self.models:
-                        model.apply(batch)
-                    self.position = batch[-1].position
-                except BaseException:
-                    upcoming.cancel()
-                    raise
-                batch = await upcoming
-            return self.position
+            self._next = None  # from here on, newcomers need a read that starts later
+            return await self._read_and_apply()
+
+    async def _read_and_apply(self) -> int:
+        # The next batch is fetched while the current one is applied, so the database and
+        # this process work side by side.
+        read = self.eventlog.read_all
+        batch = await read(self.position, self.batch_size, lean=True)
+        while batch:
+            upcoming = asyncio.ensure_future(read(batch[-1].position, self.batch_size, lean=True))
+            await asyncio.sleep(0)  # let it send the query before applying takes the CPU
+            try:
+                for model in self.models:
+                    model.apply(batch)
+                self.position = batch[-1].position
+            except BaseException:
+                upcoming.cancel()
+                raise
+            batch = await upcoming
+        return self.position
 
     async def wait_for(self, position: int) -> None:
         while self.position < position:
@@ -367,4 +394,9 @@ class MemoryFeed:
                 await self.catch_up()
             except EventLogUnavailable as exc:
                 log.warning("memory_feed.catch_up_failed", error=str(exc))
+            now = time.time()
+            for model in self.models:
+                sweep = getattr(model, "sweep", None)
+                if sweep is not None:
+                    sweep(now)
             await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)

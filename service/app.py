@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -16,17 +17,20 @@ from projections.runner import ProjectionRunner
 from service.context import Context
 from service.database import Database, open_database
 from service.domain.permissions import load_catalogue
+from service.domain.routes import load_routes
 from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
 from service.settings import Settings
 from service.web.admin import routes as admin_routes
 from service.web.authorize import routes as authorize_routes
-from service.web.keys import CONTEXT, SETTINGS
+from service.web.gateway import routes as gateway_routes
+from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, Upstream
 from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
 from service.web.oauth import routes as oauth_routes
 from service.web.ops import metrics_middleware
 from service.web.ops import routes as ops_routes
+from service.web.policy_check import routes as policy_routes
 
 log = structlog.get_logger(__name__)
 
@@ -48,12 +52,32 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_context_ctx)
     app.cleanup_ctx.append(_projections_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app[ROUTES] = load_routes(settings.routes_file, load_catalogue(settings.permissions_file))
     app.add_routes(ops_routes)
     app.add_routes(login_routes)
     app.add_routes(oauth_routes)
     app.add_routes(authorize_routes)
     app.add_routes(admin_routes)
+    app.add_routes(policy_routes)
+    app.add_routes(gateway_routes)
     return app
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One client session to the upstream API for the life of the process."""
+    if app[SETTINGS].upstream_url is None:
+        app[UPSTREAM] = Upstream()
+        yield
+        return
+    session = aiohttp.ClientSession(
+        auto_decompress=False,  # bodies pass through as the upstream encoded them
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
+        connector=aiohttp.TCPConnector(limit=256),
+    )
+    app[UPSTREAM] = Upstream(session)
+    yield
+    await session.close()
 
 
 def _database_ctx(given: Database | None) -> Callable[[web.Application], AsyncIterator[None]]:

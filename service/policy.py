@@ -1,14 +1,59 @@
-"""The policy decision: is this address on the application's allow list, and what
-happens when a valid credential comes from one that is not."""
+"""The policy decision for a request that carries an access token: is the token live, is
+the caller's address on its application's allow list, does it carry the permission the
+route needs. A valid token from a disallowed address is revoked on the spot."""
 
 from __future__ import annotations
 
 import ipaddress
+import time
+from dataclasses import dataclass
 
-from projections.memory import AppState
+from projections.memory import AppState, TokenState
 from service import events as ev
 from service.context import Context
-from service.eventlog import Metadata
+from service.errors import TollgateError
+from service.eventlog import ConcurrencyError, Metadata
+from service.oauth import tokens
+
+REALM = "tollgate"
+
+
+class InvalidToken(TollgateError):
+    """RFC 6750 §3.1: 401 invalid_token (no error code when no token was sent at all)."""
+
+    error = "invalid_token"
+    status = 401
+
+    def __init__(self, description: str, *, sent: bool = True) -> None:
+        challenge = f'Bearer realm="{REALM}"'
+        if sent:
+            challenge += f', error="invalid_token", error_description="{description}"'
+        super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+
+class InsufficientScope(TollgateError):
+    error = "insufficient_scope"
+    status = 403
+
+    def __init__(self, permission: str) -> None:
+        challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{permission}"'
+        super().__init__(
+            f"this token lacks the {permission} permission",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+
+class IpNotAllowed(TollgateError):
+    error = "ip_not_allowed"
+    status = 403
+
+    def __init__(self, ip: str, *, revoked: bool) -> None:
+        what = "the token has been revoked" if revoked else "no token was issued"
+        challenge = f'Bearer realm="{REALM}", error="ip_not_allowed"'
+        super().__init__(
+            f"requests for this client are not allowed from {ip}; {what}",
+            headers={"WWW-Authenticate": challenge},
+        )
 
 
 def ip_allowed(app: AppState, ip: str) -> bool:
@@ -33,3 +78,84 @@ async def record_violation(
     )
     [position] = await ctx.eventlog.append(f"violations-{app.client_id}", None, [event], meta)
     return position
+
+
+@dataclass(frozen=True)
+class Allowed:
+    token: TokenState
+    app: AppState
+
+
+async def live_token(ctx: Context, raw: str) -> TokenState:
+    """The token's state, or InvalidToken. Malformed tokens never reach a lookup; a miss
+    catches up with the log once (the token may come from another process)."""
+    if not tokens.well_formed(raw, tokens.ACCESS):
+        raise InvalidToken("malformed access token")
+    key = bytes.fromhex(tokens.token_hash(raw))
+    token = ctx.policy.token(key, time.time())
+    if token is None:
+        await ctx.refresh()
+        token = ctx.policy.token(key, time.time())
+    if token is None:
+        raise InvalidToken("unknown, expired or revoked access token")
+    return token
+
+
+async def decide(
+    ctx: Context,
+    raw: str,
+    ip: str,
+    permission: str | None,
+    endpoint: str,
+    meta: Metadata,
+) -> Allowed:
+    token = await live_token(ctx, raw)
+    app = ctx.policy.apps.get(token.client_id)
+    if app is None:
+        raise InvalidToken("unknown, expired or revoked access token")
+    if not ip_allowed(app, ip):
+        await revoke_for_violation(ctx, raw, token, app, ip, endpoint, meta)
+        raise IpNotAllowed(ip, revoked=True)
+    if permission is not None and permission not in token.permissions:
+        raise InsufficientScope(permission)
+    return Allowed(token, app)
+
+
+async def revoke_for_violation(
+    ctx: Context,
+    raw: str,
+    token: TokenState,
+    app: AppState,
+    ip: str,
+    endpoint: str,
+    meta: Metadata,
+) -> None:
+    """Revoke the token's family and record the violation, in one append. Concurrent
+    requests with the same token race on the family's version: it is revoked once."""
+    for _attempt in range(3):
+        family = ctx.policy.families.get(token.family_id)
+        if family is None:
+            return  # revoked meanwhile (by a concurrent request, here or elsewhere)
+        events: list[ev.Event] = [
+            ev.TokenRevoked(
+                company_id=token.company_id,
+                client_id=token.client_id,
+                family_id=token.family_id,
+                reason="ip_violation",
+                ip=ip,
+                token_hash=tokens.token_hash(raw),
+            ),
+            ev.IpViolationDetected(
+                company_id=app.company_id,
+                client_id=app.client_id,
+                ip=ip,
+                endpoint=endpoint,
+                family_id=token.family_id,
+                token_revoked=True,
+            ),
+        ]
+        try:
+            await ctx.record(f"token-{token.family_id}", family.version, events, meta)
+            return
+        except ConcurrencyError:
+            await ctx.refresh()

@@ -28,6 +28,7 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     upstream_url: str | None = None
     permissions_file: Path | None = None
+    routes_file: Path | None = None
     log_format: str = "json"
     log_level: str = "info"
     # Projections run inside `tollgate serve` unless ops run them as their own process.
@@ -91,6 +92,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
     if log_format not in {"console", "json"}:
         raise ConfigError(f"LOG_FORMAT must be console or json, got {log_format!r}")
     permissions_file = env.get("PERMISSIONS_FILE")
+    routes_file = env.get("ROUTES_FILE")
     return Settings(
         host=env.get("HOST") or "127.0.0.1",
         port=_int(env, "PORT", 8080),
@@ -102,6 +104,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         trusted_proxies=_networks(env.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"),
         upstream_url=env.get("UPSTREAM_URL") or None,
         permissions_file=Path(permissions_file) if permissions_file else None,
+        routes_file=Path(routes_file) if routes_file else None,
         log_format=log_format,
         log_level=(env.get("LOG_LEVEL") or "info").lower(),
         run_projections=_bool(env, "RUN_PROJECTIONS", True),

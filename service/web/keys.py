@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import aiohttp
 from aiohttp import web
 
 from service.context import Context
+from service.domain.routes import RouteTable
 from service.eventlog import Metadata
 from service.settings import Settings
 from service.web.client_ip import client_ip
@@ -12,6 +16,17 @@ from service.web.middleware import REQUEST_ID
 
 SETTINGS = web.AppKey("settings", Settings)
 CONTEXT = web.AppKey("context", Context)
+ROUTES = web.AppKey("routes", RouteTable)
+
+
+@dataclass
+class Upstream:
+    """The client session to UPSTREAM_URL; None when the gateway serves whoami itself."""
+
+    session: aiohttp.ClientSession | None = None
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
 
 
 def caller_ip(request: web.Request) -> str:

@@ -84,7 +84,7 @@ async def _allowed_or_refused(ctx: Context, app: AppState, meta: Metadata, endpo
     ip = meta.client_ip or ""
     if not policy.ip_allowed(app, ip):
         await policy.record_violation(ctx, app, ip, endpoint, meta)
-        raise IpNotAllowed(f"requests for this client are not allowed from {ip}")
+        raise IpNotAllowed(f"requests for this client are not allowed from {ip}")  # 403
 
 
 Grant = Callable[[Context, AppState, dict[str, str], Metadata], Awaitable[grants.Issued]]

@@ -1,0 +1,107 @@
+"""The gateway, /api/{path}: the policy decision, then the request goes to the upstream
+API (streamed both ways) with headers naming the company, client and permissions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohttp import web
+
+from service import policy
+from service.errors import TollgateError
+from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
+
+routes = web.RouteTableDef()
+
+IDENTITY_HEADERS = ("X-Tollgate-Company", "X-Tollgate-Client", "X-Tollgate-Permissions")
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)  # fmt: skip
+
+
+class BadGateway(TollgateError):
+    error = "bad_gateway"
+    status = 502
+
+
+def bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise policy.InvalidToken("an access token is required", sent=False)
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise policy.InvalidToken("use Authorization: Bearer <access token>")
+    return value.strip()
+
+
+@routes.route("*", "/api/{path:.*}")
+async def gateway(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    raw = bearer_token(request)
+    ip = caller_ip(request)
+    permission = request.app[ROUTES].permission_for(request.method, request.path)
+    meta = metadata(request, "gateway")
+    allowed = await policy.decide(ctx, raw, ip, permission, "api", meta)
+    upstream = request.app[UPSTREAM].session
+    if upstream is None:
+        return _builtin(request, allowed)
+    return await _proxy(request, upstream, allowed, ip)
+
+
+def _builtin(request: web.Request, allowed: policy.Allowed) -> web.Response:
+    if request.path != "/api/v1/whoami" or request.method not in ("GET", "HEAD"):
+        raise web.HTTPNotFound(reason="no upstream API is configured; try GET /api/v1/whoami")
+    token = allowed.token
+    expires = token.expires_at
+    expires_at = None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
+    return web.json_response(
+        {
+            "company_id": token.company_id,
+            "client_id": token.client_id,
+            "permissions": sorted(token.permissions),
+            "expires_at": expires_at,
+        }
+    )
+
+
+async def _proxy(
+    request: web.Request, session: aiohttp.ClientSession, allowed: policy.Allowed, ip: str
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    assert settings.upstream_url is not None
+    target = settings.upstream_url.rstrip("/") + request.rel_url.raw_path_qs
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if k.lower() not in HOP_BY_HOP
+        and k.lower() != "authorization"
+        and k.lower() not in {h.lower() for h in IDENTITY_HEADERS}
+    }
+    headers["X-Tollgate-Company"] = allowed.token.company_id
+    headers["X-Tollgate-Client"] = allowed.token.client_id
+    headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.token.permissions))
+    forwarded = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{forwarded}, {ip}" if forwarded else ip
+    body = request.content if request.body_exists else None
+    try:
+        async with session.request(
+            request.method, target, headers=headers, data=body, allow_redirects=False
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BadGateway(f"the upstream API did not answer: {type(exc).__name__}") from None

@@ -1,0 +1,57 @@
+"""POST /policy/check: the gateway's decision for resource servers that do not sit
+behind it. Authenticated with a resource-server key."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from service import policy
+from service.domain import credentials
+from service.errors import InvalidRequest, Unauthorized
+from service.web.bodies import json_body
+from service.web.keys import CONTEXT, metadata
+
+routes = web.RouteTableDef()
+
+
+class CheckIn(msgspec.Struct, forbid_unknown_fields=True):
+    token: Annotated[str, msgspec.Meta(max_length=200)]
+    ip: Annotated[str, msgspec.Meta(max_length=64)]
+    permission: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+
+
+@routes.post("/policy/check")
+async def check(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.strip().partition(" ")
+    server = None
+    if scheme.lower() == "bearer" and key:
+        key_hash = credentials.digest(key.strip())
+        server = ctx.directory.resource_server_hashes.get(key_hash)
+        if server is None:
+            await ctx.refresh()
+            server = ctx.directory.resource_server_hashes.get(key_hash)
+    if server is None:
+        raise Unauthorized("a resource-server key is required", realm="tollgate-policy")
+    body = await json_body(request, CheckIn)
+    try:
+        ip = str(ipaddress.ip_address(body.ip.strip()))
+    except ValueError:
+        raise InvalidRequest("ip: not an IP address") from None
+    meta = metadata(request, f"resource_server:{server.resource_server_id}")
+    allowed = await policy.decide(ctx, body.token, ip, body.permission, "policy_check", meta)
+    token = allowed.token
+    return web.json_response(
+        {
+            "allow": True,
+            "company_id": token.company_id,
+            "client_id": token.client_id,
+            "permissions": sorted(token.permissions),
+            "expires_at": token.expires_at,
+        }
+    )

@@ -1,0 +1,323 @@
+"""The gateway and /policy/check over HTTP: tokens, real source addresses, trusted
+proxies, revocation on violation (once), permissions, and the upstream proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.app import CONTEXT, create_app
+from service.database import Database
+from service.directory import register_resource_server
+from service.eventlog import Metadata
+from tests.conftest import make_company
+from tests.e2e.oauth_helpers import basic, cc_token, new_app
+
+
+async def start(db, settings, host: str = "127.0.0.1", **overrides) -> TestClient:
+    app = create_app(dataclasses.replace(settings, **overrides), database=Database(db.dsn, db.pool))
+    client = TestClient(TestServer(app, host=host))
+    await client.start_server()
+    return client
+
+
+def from_address(client: TestClient, address: str) -> aiohttp.ClientSession:
+    """A real client socket bound to `address` (127.0.0.2 is another loopback address)."""
+    return aiohttp.ClientSession(
+        base_url=str(client.make_url("")), connector=aiohttp.TCPConnector(local_addr=(address, 0))
+    )
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def count(db, type_: str) -> int:
+    return await db.pool.fetchval("SELECT count(*) FROM events WHERE type = $1", type_)
+
+
+async def test_whoami_with_a_valid_token(client, company):
+    app = await new_app(
+        client, company, ip_allowlist=["127.0.0.1/32"], permissions=["invoices:read"]
+    )
+    token = (await cc_token(client, app))["access_token"]
+    response = await client.get("/api/v1/whoami", headers=bearer(token))
+    assert response.status == 200
+    assert await response.json() == {
+        "company_id": company.company_id,
+        "client_id": app["client_id"],
+        "permissions": ["invoices:read"],
+        "expires_at": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("headers", "challenge"),
+    [
+        ({}, 'Bearer realm="tollgate"'),
+        ({"Authorization": "Bearer nonsense"}, 'error="invalid_token"'),
+        ({"Authorization": "Basic abc"}, 'error="invalid_token"'),
+        ({"Authorization": "Bearer tgat_" + "A" * 49}, 'error="invalid_token"'),
+    ],
+)
+async def test_missing_malformed_or_unknown_tokens_get_401(client, headers, challenge):
+    response = await client.get("/api/v1/whoami", headers=headers)
+    assert response.status == 401
+    assert (await response.json())["error"] == "invalid_token"
+    assert challenge in response.headers["WWW-Authenticate"]
+
+
+async def test_a_valid_token_from_outside_the_allow_list_is_revoked(client, company, db):
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1/32"])
+    token = (await cc_token(client, app))["access_token"]
+    async with from_address(client, "127.0.0.2") as outsider:
+        response = await outsider.get("/api/v1/whoami", headers=bearer(token))
+        assert response.status == 403
+        assert (await response.json())["error"] == "ip_not_allowed"
+    [revoked] = await db.pool.fetch("SELECT * FROM events WHERE type = 'TokenRevoked'")
+    payload = json.loads(revoked["payload"])
+    assert payload["reason"] == "ip_violation"
+    assert payload["ip"] == "127.0.0.2"
+    [violation] = await db.pool.fetch("SELECT * FROM events WHERE type = 'IpViolationDetected'")
+    assert json.loads(violation["payload"])["token_revoked"] is True
+    assert json.loads(violation["payload"])["endpoint"] == "api"
+    # from then on 401 everywhere, the allowed address included
+    again = await client.get("/api/v1/whoami", headers=bearer(token))
+    assert again.status == 401
+    assert (await again.json())["error"] == "invalid_token"
+
+
+async def test_concurrent_requests_from_a_bad_address_revoke_once(client, company, db):
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1/32"])
+    token = (await cc_token(client, app))["access_token"]
+    async with from_address(client, "127.0.0.2") as outsider:
+        responses = await asyncio.gather(
+            *(outsider.get("/api/v1/whoami", headers=bearer(token)) for _ in range(20))
+        )
+        statuses = [r.status for r in responses]
+    assert set(statuses) <= {401, 403}
+    assert 403 in statuses
+    assert await count(db, "TokenRevoked") == 1
+    assert await count(db, "IpViolationDetected") == 1
+
+
+async def test_a_forged_forwarded_header_from_an_untrusted_peer_changes_nothing(
+    client, company, db
+):
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1/32"])
+    token = (await cc_token(client, app))["access_token"]
+    async with from_address(client, "127.0.0.2") as outsider:
+        response = await outsider.get(
+            "/api/v1/whoami", headers=bearer(token) | {"X-Forwarded-For": "127.0.0.1"}
+        )
+    assert response.status == 403
+    assert (
+        json.loads(
+            await db.pool.fetchval("SELECT payload FROM events WHERE type = 'IpViolationDetected'")
+        )["ip"]
+        == "127.0.0.2"
+    )
+
+
+async def test_trusted_proxies_forward_the_right_most_untrusted_address(db, settings):
+    client = await start(db, settings, trusted_proxies=(ipaddress.ip_network("127.0.0.0/30"),))
+    try:
+        company = await make_company(client)
+        app = await new_app(client, company, ip_allowlist=["198.51.100.0/24"])
+        token = (
+            await cc_token(
+                client,
+                app,
+            )
+            if False
+            else None
+        )
+        # the token endpoint sees the forwarded address too
+        response = await client.post(
+            "/oauth/token",
+            data={"grant_type": "client_credentials"},
+            headers=basic(app["client_id"], app["client_secret"])
+            | {"X-Forwarded-For": "198.51.100.7"},
+        )
+        assert response.status == 200
+        token = (await response.json())["access_token"]
+        ok = await client.get(
+            "/api/v1/whoami", headers=bearer(token) | {"X-Forwarded-For": "198.51.100.7, 127.0.0.2"}
+        )
+        assert ok.status == 200  # 127.0.0.2 is a trusted hop; 198.51.100.7 is the client
+        spoofed = await client.get(
+            "/api/v1/whoami",
+            headers=bearer(token) | {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"},
+        )
+        assert spoofed.status == 403  # the right-most untrusted entry is what counts
+        violation = json.loads(
+            await db.pool.fetchval("SELECT payload FROM events WHERE type = 'IpViolationDetected'")
+        )
+        assert violation["ip"] == "203.0.113.9"
+    finally:
+        await client.close()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_addresses_and_ranges(db, settings):
+    client = await start(db, settings, host="::1")
+    try:
+        company = await make_company(client)
+        inside = await new_app(client, company, ip_allowlist=["::1"], name="v6 in")
+        wide = await new_app(client, company, ip_allowlist=["::/127"], name="v6 range")
+        outside = await new_app(
+            client, company, ip_allowlist=["2001:db8::/32", "127.0.0.1"], name="v6 out"
+        )
+        for app, status in ((inside, 200), (wide, 200), (outside, 403)):
+            token = (await cc_token(client, app))["access_token"] if status == 200 else None
+            if token is None:
+                response = await client.post(
+                    "/oauth/token",
+                    data={"grant_type": "client_credentials"},
+                    headers=basic(app["client_id"], app["client_secret"]),
+                )
+                assert response.status == 403  # the token endpoint enforces it too
+                continue
+            assert (await client.get("/api/v1/whoami", headers=bearer(token))).status == status
+    finally:
+        await client.close()
+
+
+async def test_a_route_needs_its_permission(client, company):
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1"], permissions=["invoices:read"])
+    token = (await cc_token(client, app))["access_token"]
+    response = await client.post("/api/v1/invoices", headers=bearer(token), json={})
+    assert response.status == 403
+    assert (await response.json())["error"] == "insufficient_scope"
+    assert 'scope="invoices:write"' in response.headers["WWW-Authenticate"]
+    assert (await client.get("/api/v1/whoami", headers=bearer(token))).status == 200
+
+
+async def test_a_token_issued_by_another_process_is_accepted_at_once(client, company, db, settings):
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1"])
+    other = await start(db, settings)
+    try:
+        token = (await cc_token(other, app))["access_token"]
+        assert (await client.get("/api/v1/whoami", headers=bearer(token))).status == 200
+    finally:
+        await other.close()
+
+
+async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
+    seen: dict = {}
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        seen["headers"] = dict(request.headers)
+        seen["body"] = await request.read()
+        seen["path"] = request.path_qs
+        response = web.StreamResponse(status=207, headers={"X-Upstream": "yes"})
+        await response.prepare(request)
+        for _ in range(16):
+            await response.write(b"x" * 65536)
+        await response.write_eof()
+        return response
+
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", echo)
+    upstream = TestServer(upstream_app, host="127.0.0.1")
+    await upstream.start_server()
+    client = await start(db, settings, upstream_url=str(upstream.make_url("")).rstrip("/"))
+    try:
+        company = await make_company(client)
+        app = await new_app(
+            client,
+            company,
+            ip_allowlist=["127.0.0.1"],
+            permissions=["invoices:read", "invoices:write"],
+        )
+        token = (await cc_token(client, app))["access_token"]
+        body = b"y" * 300_000
+        response = await client.post(
+            "/api/v1/invoices/7?x=1",
+            data=body,
+            headers=bearer(token) | {"X-Tollgate-Company": "forged", "X-Custom": "kept"},
+        )
+        assert response.status == 207
+        assert response.headers["X-Upstream"] == "yes"
+        assert len(await response.read()) == 16 * 65536
+        assert seen["body"] == body
+        assert seen["path"] == "/api/v1/invoices/7?x=1"
+        headers = seen["headers"]
+        assert headers["X-Tollgate-Company"] == company.company_id
+        assert headers["X-Tollgate-Client"] == app["client_id"]
+        assert headers["X-Tollgate-Permissions"] == "invoices:read invoices:write"
+        assert headers["X-Custom"] == "kept"
+        assert "Authorization" not in headers
+        assert headers["X-Forwarded-For"] == "127.0.0.1"
+    finally:
+        await client.close()
+        await upstream.close()
+
+
+async def test_policy_check_for_resource_servers(client, company, db):
+    app = await new_app(
+        client, company, ip_allowlist=["192.0.2.0/24"], permissions=["invoices:read"]
+    )
+    response = await client.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials"},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert response.status == 403  # 127.0.0.1 may not fetch tokens for this app
+    # a token issued when the app allowed everyone: widen, issue, narrow again
+    path = f"/admin/applications/{app['client_id']}"
+    await client.patch(
+        path, json={"ip_allowlist": ["192.0.2.0/24", "127.0.0.1"]}, headers=company.auth
+    )
+    token = (await cc_token(client, app))["access_token"]
+    await client.patch(path, json={"ip_allowlist": ["192.0.2.0/24"]}, headers=company.auth)
+    _, key = await register_resource_server(client.app[CONTEXT], "billing api", Metadata())
+    rs = bearer(key)
+    ok = await client.post(
+        "/policy/check",
+        json={"token": token, "ip": "192.0.2.5", "permission": "invoices:read"},
+        headers=rs,
+    )
+    assert ok.status == 200
+    assert (await ok.json())["allow"] is True
+    scope = await client.post(
+        "/policy/check",
+        json={"token": token, "ip": "192.0.2.5", "permission": "invoices:write"},
+        headers=rs,
+    )
+    assert scope.status == 403
+    assert (await scope.json())["error"] == "insufficient_scope"
+    assert (
+        await client.post("/policy/check", json={"token": token, "ip": "nope"}, headers=rs)
+    ).status == 400
+    assert (
+        await client.post("/policy/check", json={"token": token, "ip": "192.0.2.5"})
+    ).status == 401
+    bad = await client.post("/policy/check", json={"token": token, "ip": "203.0.113.1"}, headers=rs)
+    assert bad.status == 403
+    assert (await bad.json())["error"] == "ip_not_allowed"
+    gone = await client.post("/policy/check", json={"token": token, "ip": "192.0.2.5"}, headers=rs)
+    assert gone.status == 401
+    violation = json.loads(
+        await db.pool.fetchval(
+            "SELECT payload FROM events WHERE type = 'IpViolationDetected' AND payload->>'endpoint' = 'policy_check'"
+        )
+    )
+    assert violation["ip"] == "203.0.113.1"
