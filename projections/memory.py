@@ -63,6 +63,7 @@ class FamilyState(msgspec.Struct, gc=False):
 class ConnectionState(msgspec.Struct, gc=False):
     permissions: frozenset[str]
     user_id: str
+    version: int = 0  # the connection stream's version: a condition for token writes
 
 
 class CodeState(msgspec.Struct, gc=False):
@@ -209,9 +210,9 @@ class PolicyModel:
 
     # --- connections -----------------------------------------------------------------
 
-    def _connection_granted(self, e: ev.ConnectionGranted, _r: RecordedEvent) -> None:
+    def _connection_granted(self, e: ev.ConnectionGranted, r: RecordedEvent) -> None:
         self.connections[(e.company_id, e.client_id)] = ConnectionState(
-            self._intern(frozenset(e.permissions)), e.user_id
+            self._intern(frozenset(e.permissions)), e.user_id, r.version
         )
 
     def _connection_revoked(self, e: ev.ConnectionRevoked, _r: RecordedEvent) -> None:
@@ -383,10 +384,11 @@ class MemoryFeed:
         self._task = asyncio.create_task(self._follow(), name="memory-feed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for pending in (self._task, self._next):
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EventLogUnavailable):
+                    await pending
 
     async def _follow(self) -> None:
         while True:

@@ -26,7 +26,13 @@ from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, EventLogUnavailable)
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    EventLogUnavailable,
+)
 
 
 class CheckpointMoved(Exception):
@@ -75,6 +81,26 @@ class ProjectionRunner:
         async with asyncio.TaskGroup() as group:
             for projection in self.projections.values():
                 group.create_task(self._supervise(projection), name=f"projection-{projection.name}")
+            group.create_task(self._sweep_forever(), name="projection-sweeper")
+
+    async def _sweep_forever(self, every: float = 60.0) -> None:
+        """Expired rows leave the tables that keep them (`live_tokens`): lookups stay fast
+        as years of tokens pile up in the log. Idempotent, so any process may do it."""
+        while True:
+            for projection in self.projections.values():
+                sweep = getattr(projection, "sweep_expired", None)
+                if sweep is None:
+                    continue
+                try:
+                    dropped = await sweep(self.pool)
+                except _DB_ERRORS as exc:
+                    log.warning(
+                        "projection.sweep_failed", projection=projection.name, error=str(exc)
+                    )
+                    continue
+                if dropped:
+                    log.info("projection.swept", projection=projection.name, rows=dropped)
+            await asyncio.sleep(every)
 
     async def _supervise(self, projection: SqlProjection) -> None:
         while True:
@@ -210,15 +236,18 @@ class ProjectionRunner:
         return await self.catch_up(name, progress)
 
     async def status(self) -> list[ProjectionStatus]:
-        await self.ensure_checkpoints()
+        """Read-only (a probe or a scrape writes nothing); a projection that never ran
+        shows at position 0."""
         rows = await self.pool.fetch(
             """
             SELECT c.name, c.position, c.updated_at, h.head,
                    (SELECT e.recorded_at FROM events e WHERE e.position = c.position + 1)
                        AS oldest_pending
-            FROM projection_checkpoints c
+            FROM (SELECT n.name, coalesce(p.position, 0) AS position, p.updated_at
+                  FROM unnest($1::text[]) AS n(name)
+                  LEFT JOIN projection_checkpoints p ON p.name = n.name) c
             CROSS JOIN (SELECT coalesce(max(position), 0) AS head FROM events) h
-            WHERE c.name = ANY($1) ORDER BY c.name
+            ORDER BY c.name
             """,
             list(self.projections),
         )

@@ -20,6 +20,7 @@ from service.domain.permissions import load_catalogue
 from service.domain.routes import load_routes
 from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
+from service.notifier import Notifier
 from service.settings import Settings
 from service.web.admin import routes as admin_routes
 from service.web.authorize import routes as authorize_routes
@@ -34,11 +35,12 @@ from service.web.policy_check import routes as policy_routes
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["CONTEXT", "DATABASE", "EVENTLOG", "RUNNER", "SETTINGS", "create_app"]
+__all__ = ["CONTEXT", "DATABASE", "EVENTLOG", "NOTIFIER", "RUNNER", "SETTINGS", "create_app"]
 
 DATABASE = web.AppKey("database", Database)
 EVENTLOG = web.AppKey("eventlog", EventLog)
 RUNNER = web.AppKey("runner", ProjectionRunner)
+NOTIFIER = web.AppKey("notifier", Notifier)
 
 
 def create_app(settings: Settings, *, database: Database | None = None) -> web.Application:
@@ -52,6 +54,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_context_ctx)
     app.cleanup_ctx.append(_projections_ctx)
+    app.cleanup_ctx.append(_notifier_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app[ROUTES] = load_routes(settings.routes_file, load_catalogue(settings.permissions_file))
     app.add_routes(ops_routes)
@@ -62,6 +65,15 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.add_routes(policy_routes)
     app.add_routes(gateway_routes)
     return app
+
+
+async def _notifier_ctx(app: web.Application) -> AsyncIterator[None]:
+    """IP-violation emails: one process sends them (advisory lock), the others stand by."""
+    notifier = Notifier(app[CONTEXT], dsn=app[DATABASE].dsn)
+    await notifier.start()
+    app[NOTIFIER] = notifier
+    yield
+    await notifier.close()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -93,7 +105,7 @@ def _database_ctx(given: Database | None) -> Callable[[web.Application], AsyncIt
 
 async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     database = app[DATABASE]
-    eventlog = EventLog(database.pool, database.dsn)
+    eventlog = EventLog(database.pool, database.dsn, on_commit=app[METRICS].observe_append_batch)
     await eventlog.start()
     app[EVENTLOG] = eventlog
     yield
@@ -114,6 +126,7 @@ async def _context_ctx(app: web.Application) -> AsyncIterator[None]:
         policy=policy,
         directory=directory,
         catalogue=load_catalogue(settings.permissions_file),
+        metrics=app[METRICS],
     )
     yield
     await feed.close()

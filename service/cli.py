@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -74,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
+        # The database cannot be reached (or started): one line, not a traceback.
+        print(f"tollgate: database: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

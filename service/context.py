@@ -11,6 +11,7 @@ from projections.directory import DirectoryModel
 from projections.memory import MemoryFeed, PolicyModel
 from service.eventlog import EventLog, Metadata
 from service.events import Event
+from service.metrics import Metrics
 from service.settings import Settings
 
 
@@ -23,6 +24,14 @@ class Context:
     policy: PolicyModel
     directory: DirectoryModel
     catalogue: Mapping[str, str]
+    #: this process's counters (None outside the web server)
+    metrics: Metrics | None = None
+
+    def count(self, name: str, label: str | None = None) -> None:
+        """Move a counter of the Metrics API if there is one: count("token_issued", grant)."""
+        if self.metrics is not None:
+            method = getattr(self.metrics, name)
+            method() if label is None else method(label)
 
     async def record(
         self,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -108,7 +108,13 @@ class EventLogUnavailable(EventLogError):
     """The database could not be reached or refused the write."""
 
 
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 @dataclass(eq=False)
@@ -153,6 +159,7 @@ class EventLog:
         *,
         max_batch_events: int = 2000,
         poll_interval: float = 1.0,
+        on_commit: Callable[[int], None] | None = None,
     ) -> None:
         self._pool = pool
         self._dsn = dsn
@@ -163,8 +170,11 @@ class EventLog:
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
-        #: sizes of the committed batches, for metrics (appends per transaction)
-        self.batch_sizes: list[int] = []
+        #: committed transactions and the appends they carried (group commit at work)
+        self.batches_committed = 0
+        self.appends_committed = 0
+        #: called with each committed batch's size (metrics)
+        self.on_commit = on_commit
         #: the chain head as this process last wrote or saw it (None: not known yet)
         self._head: _Head | None = None
 
@@ -263,7 +273,10 @@ class EventLog:
             for request in batch:
                 _settle(request, EventLogUnavailable(f"append interrupted: {exc!r}"))
             raise
-        self.batch_sizes.append(len(batch))
+        self.batches_committed += 1
+        self.appends_committed += len(batch)
+        if self.on_commit is not None:
+            self.on_commit(len(batch))
         for request in batch:
             _settle(request)
         last = max((r.positions[-1] for r in batch if r.positions), default=0)

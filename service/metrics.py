@@ -159,18 +159,6 @@ class Metrics:
         """One event-log commit carried `size` appends (the hook for EventLog's writer)."""
         self._batches.observe(size)
 
-    def collect_append_batches(self, eventlog: EventLog) -> None:
-        """Observe the batches `eventlog` committed since the last call.
-
-        EventLog only keeps a list of batch sizes; this reads the part of it not seen yet.
-        """
-        if eventlog is not self._eventlog:
-            self._eventlog, self._batches_seen = eventlog, 0
-        sizes = eventlog.batch_sizes
-        for size in sizes[self._batches_seen :]:
-            self._batches.observe(size)
-        self._batches_seen = len(sizes)
-
     def set_projections(self, statuses: Iterable[ProjectionStatus] | None) -> None:
         """Projection lag as read at scrape time; None: it could not be read.
 

@@ -77,6 +77,7 @@ async def record_violation(
         company_id=app.company_id, client_id=app.client_id, ip=ip, endpoint=endpoint
     )
     [position] = await ctx.eventlog.append(f"violations-{app.client_id}", None, [event], meta)
+    ctx.count("ip_violation", endpoint)
     return position
 
 
@@ -156,6 +157,8 @@ async def revoke_for_violation(
         ]
         try:
             await ctx.record(f"token-{token.family_id}", family.version, events, meta)
+            ctx.count("ip_violation", endpoint)
+            ctx.count("token_revoked", "ip_violation")
             return
         except ConcurrencyError:
             await ctx.refresh()

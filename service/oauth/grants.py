@@ -27,8 +27,8 @@ MAX_SCOPE = 2000
 
 
 class ApplicationChanged(Exception):
-    """The application changed while a token was being issued (a secret rotation, say):
-    authenticate again against the new state."""
+    """The application or the connection changed while a token was being issued (a
+    secret rotation, a revoked connection): authenticate again against the new state."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ class Issued:
 
 def app_stream(app: AppState) -> str:
     return f"application-{app.client_id}"
+
+
+def connection_stream(company_id: str, client_id: str) -> str:
+    return f"connection-{company_id}-{client_id}"
 
 
 def scope_from(raw: str | None, allowed: frozenset[str], default: frozenset[str]) -> list[str]:
@@ -76,11 +80,12 @@ async def _append(
 ) -> None:
     # The application must still be at the version the client was authenticated against:
     # a rotation that committed first makes this fail, so an old secret cannot slip through.
+    # Likewise the connection a token is issued through: one revoked first wins.
     conditions = [(app_stream(app), app.version), *(extra or [])]
     try:
         await ctx.eventlog.append(stream, expected, events, meta, conditions=conditions)
     except ConcurrencyError as exc:
-        if exc.stream_id == app_stream(app):
+        if exc.stream_id in {s for s, _ in conditions}:
             raise ApplicationChanged() from None
         raise
 
@@ -104,6 +109,7 @@ async def client_credentials(
         expires_at=None,  # the seed: these tokens do not expire
     )
     await _append(ctx, app, f"token-{family_id}", 0, [event], meta)
+    ctx.count("token_issued", CLIENT_CREDENTIALS)
     return Issued(token, permissions)
 
 
@@ -182,9 +188,13 @@ async def authorization_code(
     ]
     try:
         # One family per code: a second redemption finds the stream taken.
-        await _append(ctx, app, f"token-{family_id}", 0, events, meta)
+        await _append(
+            ctx, app, f"token-{family_id}", 0, events, meta,
+            [(connection_stream(state.company_id, app.client_id), connection.version)],
+        )  # fmt: skip
     except ConcurrencyError:
         await _code_reused(ctx, app, state.company_id, code_hash, family_id, meta)
+    ctx.count("token_issued", AUTHORIZATION_CODE)
     return Issued(access, permissions, refresh, ACCESS_TOKEN_TTL)
 
 
@@ -202,6 +212,7 @@ async def _code_reused(
         ev.TokenRevoked(**ids, family_id=family_id, reason="code_reuse"),
     ]
     await ctx.record(f"token-{family_id}", None, events, meta)  # visible here at once
+    ctx.count("token_revoked", "code_reuse")
     raise InvalidGrant("the authorization code was already used; its tokens are revoked")
 
 
@@ -246,10 +257,14 @@ async def refresh_token(
         refresh_expires_at=now + REFRESH_TOKEN_TTL,
     )
     try:
-        await _append(ctx, app, f"token-{family_id}", family.version, [event], meta)
+        await _append(
+            ctx, app, f"token-{family_id}", family.version, [event], meta,
+            [(connection_stream(family.company_id, app.client_id), connection.version)],
+        )  # fmt: skip
     except ConcurrencyError:
         # Another request spent this refresh token first: this one is a reuse.
         await _refresh_reused(ctx, app, family.company_id, family_id, refresh_hash, meta)
+    ctx.count("token_issued", "refresh_token")
     return Issued(access, permissions, new_refresh, ACCESS_TOKEN_TTL)
 
 
@@ -263,4 +278,5 @@ async def _refresh_reused(
         ev.TokenRevoked(**ids, reason="refresh_reuse"),
     ]
     await ctx.record(f"token-{family_id}", None, events, meta)  # visible here at once
+    ctx.count("token_revoked", "refresh_reuse")
     raise InvalidGrant("this refresh token was already used; the whole grant is revoked")

@@ -14,6 +14,7 @@ from service.domain import applications as rules
 from service.domain import passwords
 from service.errors import InvalidRequest, NotFound
 from service.eventlog import Metadata
+from service.oauth import grants
 from service.web import auth
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, metadata
@@ -282,5 +283,5 @@ async def revoke_connection(request: web.Request) -> web.Response:
     event = ev.ConnectionRevoked(
         company_id=who.company_id, client_id=client_id, reason="admin_request"
     )
-    await ctx.record(f"connection-{who.company_id}-{client_id}", None, [event], meta)
+    await ctx.record(grants.connection_stream(who.company_id, client_id), None, [event], meta)
     return web.Response(status=204)

@@ -228,7 +228,7 @@ async def decide(request: web.Request) -> web.StreamResponse:
     meta = metadata(request, f"user:{user.user_id}")
     ids = {"company_id": user.company_id, "client_id": app.client_id}
     await ctx.record(
-        f"connection-{user.company_id}-{app.client_id}", None,
+        grants.connection_stream(user.company_id, app.client_id), None,
         [ev.ConnectionGranted(**ids, user_id=user.user_id, permissions=auth_request.permissions)],
         meta,
     )  # fmt: skip

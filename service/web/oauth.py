@@ -156,6 +156,7 @@ async def revoke(request: web.Request) -> web.Response:
             token_hash=tokens.token_hash(token),
         )
         await ctx.record(f"token-{family_id}", None, [event], meta)
+        ctx.count("token_revoked", "client_request")
     return web.Response(status=200, headers=NO_STORE)
 
 

@@ -106,12 +106,11 @@ def _readiness(reasons: list[str], projections: list[dict[str, Any]]) -> web.Res
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """The Prometheus exposition; projection lag and append batches are read now."""
+    """The Prometheus exposition; projection lag is read now."""
     recorder = request.config_dict[METRICS]
     runner = _runner(request)
     policy = request.config_dict.get(READINESS) or ReadinessPolicy()
     recorder.set_projections(await _statuses(runner, policy.timeout))
-    recorder.collect_append_batches(runner.eventlog)
     body, content_type = recorder.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 

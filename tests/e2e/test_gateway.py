@@ -321,3 +321,50 @@ async def test_policy_check_for_resource_servers(client, company, db):
         )
     )
     assert violation["ip"] == "203.0.113.1"
+
+
+async def test_the_violation_path_end_to_end_sends_one_email(db, settings):
+    """Gateway → revocation → the service's own notifier → a real SMTP server."""
+    from tests.integration.test_notifier import SmtpServer
+
+    smtp = SmtpServer()
+    await smtp.start()
+    client = await start(
+        db,
+        settings,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp.port,
+        mail_from="tollgate@alerts.example",
+    )
+    try:
+        company = await make_company(client)
+        app = await new_app(
+            client,
+            company,
+            ip_allowlist=["127.0.0.1/32"],
+            notification_emails=["sec@acme.example", "ops@acme.example"],
+        )
+        token = (await cc_token(client, app))["access_token"]
+        async with from_address(client, "127.0.0.2") as outsider:
+            assert (await outsider.get("/api/v1/whoami", headers=bearer(token))).status == 403
+        for _ in range(200):
+            if smtp.mailbox.received:
+                break
+            await asyncio.sleep(0.05)
+        [(sender, recipients, message)] = smtp.mailbox.received
+        assert sender == "tollgate@alerts.example"
+        assert sorted(recipients) == ["ops@acme.example", "sec@acme.example"]
+        text = message.get_content()
+        assert "127.0.0.2" in message["Subject"] + text
+        assert "Test app" in message["Subject"] + text
+        assert "revoked" in text
+        assert token not in text
+        await asyncio.sleep(0.3)
+        assert len(smtp.mailbox.received) == 1
+        assert await count(db, "ViolationNotificationSent") == 1
+        metrics = await (await client.get("/metrics")).text()
+        assert "tollgate_emails_sent_total 1.0" in metrics
+        assert 'tollgate_ip_violations_total{endpoint="api"} 1.0' in metrics
+    finally:
+        await client.close()
+        await smtp.stop()

@@ -1,0 +1,469 @@
+"""The IP-violation notifier: turns IpViolationDetected events into emails, at least once.
+
+Delivery follows the log, not the request that saw the violation: the worker reads
+violations after its checkpoint (the row "notifier" in projection_checkpoints), sends
+one email per violation and records `ViolationNotificationSent` on the stream
+`notification-{position}` with expected version 0 before it moves the checkpoint. So:
+
+- a crash after sending but before recording resends on restart (at-least-once: the
+  Message-ID is derived from the violation, so a resend is recognisable as the same mail);
+- a crash after recording but before the checkpoint moved finds the Sent event and skips;
+- a second worker that slipped past the lock cannot record twice (expected version 0).
+
+Only one notifier runs across processes: it holds a session-level advisory lock on a
+connection of its own for as long as it runs, like the projection workers; the others
+stand by and try again. A failed send is recorded (`ViolationNotificationFailed` on
+`notification-failures-{position}`) and retried with exponential backoff; later
+violations wait, so emails go out in violation order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.policy
+import email.utils
+import hashlib
+import os
+import re
+import textwrap
+import unicodedata
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+import asyncpg
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+
+from projections.memory import AppState
+from projections.runner import CheckpointMoved, lock_key
+from service.context import Context
+from service.database import Conn
+from service.eventlog import ConcurrencyError, EventLogError, Metadata, RecordedEvent
+from service.events import (
+    IpViolationDetected,
+    ViolationNotificationFailed,
+    ViolationNotificationSent,
+)
+from service.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+NAME = "notifier"  # its checkpoint row and its advisory lock
+_TYPES = ("IpViolationDetected",)
+
+
+def notification_stream(position: int) -> str:
+    return f"notification-{position}"
+
+
+def failures_stream(position: int) -> str:
+    return f"notification-failures-{position}"
+
+
+class LockLost(Exception):
+    """The connection holding the advisory lock closed: another worker may take over."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before attempt n+1 after n failures: base, 2·base, 4·base … at most cap."""
+
+    base: float = 1.0
+    cap: float = 300.0
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.cap, self.base * 2 ** min(max(failures - 1, 0), 40)))
+
+
+class Notifier:
+    """The worker. `start()`/`close()` run it in the background under the lock;
+    `run_once()`/`drain()` do the work in the caller's task (tests, one-off runs) and do
+    not take the lock."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        dsn: str | None = None,
+        backoff: Backoff | None = None,
+        batch_size: int = 100,
+        standby_interval: float = 2.0,
+        poll_interval: float | None = None,
+        smtp_timeout: float = 30.0,
+    ) -> None:
+        self.ctx = ctx
+        self.dsn = dsn  # None: the lock connection is borrowed from ctx.pool for good
+        self.backoff = backoff or Backoff()
+        self.batch_size = batch_size
+        self.standby_interval = standby_interval
+        self.poll_interval = poll_interval or ctx.eventlog.poll_interval
+        self.smtp_timeout = smtp_timeout
+        self.position = 0  # the checkpoint as this worker last read or wrote it
+        self.active = False  # holds the lock and works (the others stand by)
+        self._task: asyncio.Task[None] | None = None
+        self._lock_conn: Conn | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.ensure_checkpoint()
+        self._task = asyncio.create_task(self._supervise(), name="notifier")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._run_locked()
+            except Exception as exc:
+                # Only cancellation stops the worker; anything else is logged and retried.
+                log.warning("notifier.restarting", error=describe(exc))
+            await asyncio.sleep(self.standby_interval)
+
+    async def _run_locked(self) -> None:
+        conn = await self._connect()
+        try:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(NAME)):
+                return  # another process runs it; stand by and try again later
+            self._lock_conn, self.active = conn, True
+            log.info("notifier.started")
+            while not conn.is_closed():
+                if await self.run_once() < self.batch_size:
+                    await self.ctx.eventlog.wakeup.wait(self.position, self.poll_interval)
+        finally:
+            self._lock_conn, self.active = None, False
+            await self._disconnect(conn)
+
+    async def _connect(self) -> Conn:
+        if self.dsn is not None:
+            conn: Conn = await asyncpg.connect(self.dsn)
+            return conn
+        return await self.ctx.pool.acquire()
+
+    async def _disconnect(self, conn: Conn) -> None:
+        # Closing the session releases its advisory lock; a pool connection is reset (which
+        # unlocks too) on release, but unlock explicitly rather than rely on that.
+        with contextlib.suppress(Exception):
+            if isinstance(conn, PoolConnectionProxy):
+                if not conn.is_closed():
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                await self.ctx.pool.release(conn)
+            else:
+                await conn.close()
+
+    # --- the work --------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Handle one batch of violations after the checkpoint; return how many."""
+        checkpoint = await self.checkpoint()
+        self.position = checkpoint
+        # Read the head first: every event at or below it has committed (positions follow
+        # commit order), so the checkpoint may move up to it past a filtered read.
+        head = await self.ctx.eventlog.head()
+        if head <= checkpoint:
+            return 0
+        batch = await self.ctx.eventlog.read_all(
+            checkpoint, self.batch_size, types=_TYPES, until=head
+        )
+        for recorded in batch:
+            await self._deliver(recorded)
+            await self._advance(recorded.position)
+        end = batch[-1].position if len(batch) == self.batch_size else head
+        if end > self.position:
+            await self._advance(end)
+        return len(batch)
+
+    async def drain(self) -> int:
+        """Work until the checkpoint reaches the head as it is now; return how many."""
+        target = await self.ctx.eventlog.head()
+        handled = 0
+        while await self.checkpoint() < target:
+            handled += await self.run_once()
+        return handled
+
+    async def _deliver(self, recorded: RecordedEvent) -> None:
+        """Send the violation's email until it goes out, or find it already recorded."""
+        violation = recorded.event
+        assert isinstance(violation, IpViolationDetected)
+        position = recorded.position
+        failures = await self.ctx.eventlog.stream_version(failures_stream(position))
+        while True:
+            self._check_lock()
+            if await self.ctx.eventlog.stream_version(notification_stream(position)):
+                log.info("notifier.already_recorded", position=position)
+                return
+            await self.ctx.feed.wait_for(position)
+            app = self.ctx.policy.apps.get(violation.client_id)
+            try:
+                recipients = await self._send(recorded, violation, app)
+            except Exception as exc:
+                failures += 1
+                await self._record_failure(position, violation, failures, describe(exc))
+                await asyncio.sleep(self.backoff.delay(failures))
+                continue
+            await self._record_sent(position, violation, recipients)
+            return
+
+    async def _send(
+        self, recorded: RecordedEvent, violation: IpViolationDetected, app: AppState | None
+    ) -> list[str]:
+        """Send (or drop as a file) the email; return the recipients that accepted it."""
+        recipients = list(dict.fromkeys(app.notification_emails)) if app is not None else []
+        if not recipients:
+            log.info("notifier.no_recipients", position=recorded.position)
+            return []
+        settings = self.ctx.settings
+        message = build_message(
+            position=recorded.position,
+            violation=violation,
+            app_name=app.name if app is not None else None,
+            recorded_at=recorded.recorded_at,
+            recipients=recipients,
+            mail_from=settings.mail_from,
+        )
+        if settings.smtp_host:
+            refused, _reply = await aiosmtplib.send(
+                message,
+                sender=settings.mail_from,
+                recipients=recipients,
+                hostname=settings.smtp_host,
+                port=settings.smtp_port,
+                timeout=self.smtp_timeout,
+            )
+            if refused:
+                # Some accepted it: retrying would mail them again; the rest stays logged.
+                log.warning(
+                    "notifier.recipients_refused",
+                    position=recorded.position,
+                    refused={r: response.code for r, response in refused.items()},
+                )
+            recipients = [r for r in recipients if r not in refused]
+        else:
+            await asyncio.to_thread(write_eml, settings, recorded.position, message)
+        log.info(
+            "notifier.sent",
+            position=recorded.position,
+            client_id=violation.client_id,
+            recipients=len(recipients),
+            transport="smtp" if settings.smtp_host else "file",
+        )
+        return recipients
+
+    async def _record_sent(
+        self, position: int, violation: IpViolationDetected, recipients: list[str]
+    ) -> None:
+        event = ViolationNotificationSent(
+            company_id=violation.company_id,
+            client_id=violation.client_id,
+            violation_position=position,
+            recipients=recipients,
+        )
+        self.ctx.count("email_sent")
+        try:
+            await self.ctx.eventlog.append(
+                notification_stream(position), 0, [event], Metadata(causation=position)
+            )
+        except ConcurrencyError:
+            log.info("notifier.recorded_elsewhere", position=position)
+
+    async def _record_failure(
+        self, position: int, violation: IpViolationDetected, attempt: int, error: str
+    ) -> None:
+        log.warning("notifier.send_failed", position=position, attempt=attempt, error=error)
+        self.ctx.count("email_failed")
+        event = ViolationNotificationFailed(
+            company_id=violation.company_id,
+            client_id=violation.client_id,
+            violation_position=position,
+            attempt=attempt,
+            error=error,
+        )
+        try:
+            await self.ctx.eventlog.append(
+                failures_stream(position), None, [event], Metadata(causation=position)
+            )
+        except EventLogError as exc:
+            # The retry goes on; only the record of this attempt is missing.
+            log.warning("notifier.failure_not_recorded", position=position, error=str(exc))
+
+    def _check_lock(self) -> None:
+        if self._lock_conn is not None and self._lock_conn.is_closed():
+            raise LockLost(NAME)
+
+    # --- checkpoint ------------------------------------------------------------------
+
+    async def ensure_checkpoint(self) -> None:
+        await self.ctx.pool.execute(
+            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", NAME
+        )
+
+    async def checkpoint(self) -> int:
+        value = await self.ctx.pool.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", NAME
+        )
+        if value is None:
+            await self.ensure_checkpoint()
+            return 0
+        return int(value)
+
+    async def _advance(self, position: int) -> None:
+        # Conditional on where this worker left it: a worker that lost its lock unnoticed
+        # cannot move the checkpoint under the one that holds it now.
+        status = await self.ctx.pool.execute(
+            "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
+            "WHERE name = $1 AND position = $3",
+            NAME,
+            position,
+            self.position,
+        )
+        if status != "UPDATE 1":
+            raise CheckpointMoved(NAME)
+        self.position = position
+
+
+# --- the email -----------------------------------------------------------------------
+
+_ENDPOINTS = {
+    "api": (
+        "a valid access token was presented to the API gateway",
+        "the API gateway (/api/...)",
+    ),
+    "policy_check": (
+        "a resource server asked Tollgate about a valid access token used",
+        "the policy check (POST /policy/check)",
+    ),
+    "token": (
+        "valid client credentials were presented at the token endpoint",
+        "the token endpoint (POST /oauth/token)",
+    ),
+}
+
+
+def build_message(
+    *,
+    position: int,
+    violation: IpViolationDetected,
+    app_name: str | None,
+    recorded_at: datetime,
+    recipients: list[str],
+    mail_from: str,
+    now: datetime | None = None,
+) -> EmailMessage:
+    """The notification email. It names the application, the address and the time, and
+    never carries a token, hash, secret or code."""
+    name = _one_line(app_name) if app_name else "(deleted application)"
+    what, where = _ENDPOINTS.get(
+        violation.endpoint,
+        ("valid credentials were presented", _one_line(violation.endpoint)),
+    )
+    message = EmailMessage()
+    message["Subject"] = (
+        f'Tollgate security alert: "{name}" used from {violation.ip}, outside its IP allow list'
+    )
+    message["From"] = mail_from
+    message["To"] = ", ".join(recipients)
+    message["Date"] = email.utils.format_datetime(now or datetime.now(UTC))
+    message["Message-ID"] = message_id(position, violation.client_id, mail_from)
+    message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
+    message["X-Tollgate-Violation"] = str(position)
+    body = _body(position, violation, name, recorded_at, what, where)
+    # Plain ASCII goes as is (readable in the .eml file); other text is encoded.
+    message.set_content(body, cte="7bit" if body.isascii() else None)
+    return message
+
+
+def _body(
+    position: int,
+    violation: IpViolationDetected,
+    name: str,
+    recorded_at: datetime,
+    what: str,
+    where: str,
+) -> str:
+    if violation.token_revoked:
+        outcome = "The access token was revoked: whoever used it must obtain a new one."
+    elif violation.endpoint == "token":
+        outcome = "The request was refused (403); no token was issued."
+    else:
+        outcome = "The request was refused (403); the token was not revoked."
+    when = recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    intro = textwrap.fill(
+        f"Tollgate refused a request for one of your applications: {what} from "
+        f"{violation.ip}, an address outside the application's IP allow list.",
+        width=76,
+    )
+    return f"""\
+{intro}
+
+Application:  {name}
+Client ID:    {violation.client_id}
+IP address:   {violation.ip}
+When:         {when}
+Endpoint:     {where}
+
+{outcome}
+
+What to do:
+- Check where this application's credentials are used, and whether the
+  address above is one of your systems.
+- If the credentials may have leaked, rotate the client secret now; in the
+  admin API:
+  POST /admin/applications/{violation.client_id}/rotate-secret
+- If the address is legitimate, add it to the application's IP allow list.
+
+Reference: violation {position}. You receive this email because this address is one of
+the application's notification addresses.
+"""
+
+
+def message_id(position: int, client_id: str, mail_from: str) -> str:
+    """The same violation always gets the same Message-ID, so a resend is recognisable."""
+    domain = email.utils.parseaddr(mail_from)[1].rpartition("@")[2]
+    domain = re.sub(r"[^A-Za-z0-9.-]", "", domain) or "tollgate.invalid"
+    # A digest of the client_id keeps the header short enough not to be folded.
+    client = hashlib.sha256(client_id.encode()).hexdigest()[:16]
+    return f"<violation-{position}.{client}@{domain}>"
+
+
+def _one_line(text: str) -> str:
+    """User-supplied text in a header or a body line: no control characters, no newlines."""
+    cleaned = "".join(" " if unicodedata.category(c).startswith("C") else c for c in text)
+    return " ".join(cleaned.split())
+
+
+def eml_path(mail_dir: Path, position: int) -> Path:
+    # Zero-padded: the files sort by violation position.
+    return mail_dir / f"violation-{position:012d}.eml"
+
+
+def write_eml(settings: Settings, position: int, message: EmailMessage) -> Path:
+    """Write the message as an RFC 5322 file; a resend replaces it atomically."""
+    settings.mail_dir.mkdir(parents=True, exist_ok=True)
+    path = eml_path(settings.mail_dir, position)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(message.as_bytes(policy=email.policy.SMTP))
+    os.replace(partial, path)
+    return path
+
+
+def describe(exc: BaseException) -> str:
+    """A short, secret-free account of a failure for the log and the Failed event."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = f"SMTP {exc.code}: {exc.message}"
+    elif isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = sorted({r.code for r in exc.recipients})
+        text = f"SMTP: every recipient refused ({', '.join(map(str, codes))})"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{type(exc).__name__}: {exc.strerror}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:200]

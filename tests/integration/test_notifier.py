@@ -1,0 +1,457 @@
+"""IP-violation emails: over a real SMTP server (aiosmtpd on loopback) or as .eml files,
+from the real event log; once per violation, at least once across failures and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+import structlog
+from aiosmtpd.controller import Controller
+
+from service import events as ev
+from service.app import CONTEXT
+from service.context import Context
+from service.database import Database
+from service.eventlog import EventLogUnavailable
+from service.notifier import (
+    NAME,
+    Backoff,
+    Notifier,
+    eml_path,
+    failures_stream,
+    message_id,
+    notification_stream,
+)
+from service.runtime import open_context
+from service.settings import Settings
+from tests.e2e.oauth_helpers import new_app
+
+SECRET_HASH = "5e" * 32
+FAMILY = "family-must-not-be-mailed"
+
+
+# --- a real SMTP server ----------------------------------------------------------------
+
+
+class Mailbox:
+    """aiosmtpd handler: keeps every message it accepts (it runs on the server's thread)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], EmailMessage]] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), message))
+        return "250 Message accepted for delivery"
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        return [m for _, _, m in self.received]
+
+
+class SmtpServer:
+    def __init__(self) -> None:
+        with socket.socket() as probe:  # a port that nothing listens on (yet)
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.mailbox = Mailbox()
+        self._controller: Controller | None = None
+
+    async def start(self) -> None:
+        self._controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
+        await asyncio.to_thread(self._controller.start)
+
+    async def stop(self) -> None:
+        if self._controller is not None:
+            await asyncio.to_thread(self._controller.stop)
+            self._controller = None
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    """Not started: a test starts it (or leaves the port dead)."""
+    server = SmtpServer()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+# --- wiring ----------------------------------------------------------------------------
+
+
+def smtp_settings(tmp_path: Path, smtp: SmtpServer) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp.port,
+        mail_from="tollgate@alerts.example",
+    )
+
+
+@asynccontextmanager
+async def context(db, settings: Settings) -> AsyncIterator[Context]:
+    async with open_context(settings, database=Database(db.dsn, db.pool)) as ctx:
+        ctx.eventlog.poll_interval = 0.05  # other instances' appends do not wake this one
+        yield ctx
+
+
+def notifier(ctx: Context, db) -> Notifier:
+    return Notifier(
+        ctx,
+        dsn=db.dsn,
+        backoff=Backoff(base=0.05, cap=0.2),
+        standby_interval=0.05,
+        poll_interval=0.05,
+        smtp_timeout=5,
+    )
+
+
+@asynccontextmanager
+async def running(*workers: Notifier) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        for worker in workers:
+            await worker.start()
+            stack.push_async_callback(worker.close)
+        yield
+
+
+async def add_app(
+    ctx: Context,
+    client_id: str = "billing-sync",
+    *,
+    name: str = "Billing sync",
+    emails: tuple[str, ...] = ("ops@acme.example", "security@acme.example"),
+) -> None:
+    created = ev.ApplicationCreated(
+        company_id="acme",
+        client_id=client_id,
+        name=name,
+        grant_type="client_credentials",
+        redirect_uri=None,
+        ip_allowlist=["192.0.2.0/24"],
+        permissions=["invoices:read"],
+        notification_emails=list(emails),
+        secret_hash=SECRET_HASH,
+    )
+    await ctx.eventlog.append(f"application-{client_id}", 0, [created])
+
+
+async def violate(
+    ctx: Context,
+    client_id: str = "billing-sync",
+    *,
+    ip: str = "203.0.113.9",
+    endpoint: str = "api",
+    revoked: bool = True,
+    company_id: str = "acme",
+) -> int:
+    violation = ev.IpViolationDetected(
+        company_id=company_id,
+        client_id=client_id,
+        ip=ip,
+        endpoint=endpoint,
+        family_id=FAMILY if endpoint != "token" else None,
+        token_revoked=revoked,
+    )
+    [position] = await ctx.eventlog.append(f"violations-{client_id}", None, [violation])
+    return position
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_stream(ctx: Context, stream_id: str, count: int = 1) -> list:
+    deadline = time.monotonic() + 10
+    while len(events := await ctx.eventlog.read_stream(stream_id)) < count:
+        assert time.monotonic() < deadline, f"timed out waiting for {stream_id}"
+        await asyncio.sleep(0.02)
+    return events
+
+
+async def checkpoint(db) -> int:
+    return await db.pool.fetchval(
+        "SELECT position FROM projection_checkpoints WHERE name = $1", NAME
+    )
+
+
+def mid(position: int, client_id: str = "billing-sync") -> str:
+    return message_id(position, client_id, "tollgate@alerts.example")
+
+
+def body_of(message: EmailMessage) -> str:
+    part = message.get_body(("plain",))
+    assert part is not None
+    return " ".join(part.get_content().split())  # the text is wrapped for reading
+
+
+# --- delivery --------------------------------------------------------------------------
+
+
+async def test_violation_email_arrives_over_smtp_once_with_what_happened(db, tmp_path, smtp):
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        api = await violate(ctx, ip="203.0.113.9", endpoint="api", revoked=True)
+        token = await violate(ctx, ip="2001:db8::7", endpoint="token", revoked=False)
+        worker = notifier(ctx, db)
+        with structlog.testing.capture_logs() as logs:
+            async with running(worker):
+                await eventually(lambda: len(smtp.mailbox.received) >= 2)
+                sent_api = await wait_for_stream(ctx, notification_stream(api))
+                sent_token = await wait_for_stream(ctx, notification_stream(token))
+                await eventually(lambda: worker.position >= token)
+                await asyncio.sleep(0.3)  # time enough for a duplicate to show up
+
+    assert len(smtp.mailbox.received) == 2
+    (sender, rcpts, first), (_, _, second) = smtp.mailbox.received
+    assert sender == "tollgate@alerts.example"
+    assert rcpts == ["ops@acme.example", "security@acme.example"]
+    assert first["To"] == "ops@acme.example, security@acme.example"
+    assert first["From"] == "tollgate@alerts.example"
+    assert "Billing sync" in first["Subject"] and "203.0.113.9" in first["Subject"]
+    assert "Billing sync" in second["Subject"] and "2001:db8::7" in second["Subject"]
+    assert first["Message-ID"] == mid(api)
+    assert second["Message-ID"] == mid(token)
+    assert first["Message-ID"].startswith(f"<violation-{api}.")
+    assert first["Date"] is not None and first["Auto-Submitted"] == "auto-generated"
+
+    text = body_of(first)
+    recorded_at = (await recorded_at_of(db, api)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    for expected in (
+        "Billing sync",
+        "billing-sync",
+        "203.0.113.9",
+        "valid access token",
+        "API gateway",
+        recorded_at,
+        "was revoked",
+        "rotate the client secret",
+        "allow list",
+        "Check where this application's credentials are used",
+    ):
+        assert expected in text, expected
+    text = body_of(second)
+    assert "valid client credentials" in text and "token endpoint" in text
+    assert "no token was issued" in text and "was revoked" not in text
+
+    for message in (first, second):
+        raw = message.as_string()
+        assert SECRET_HASH not in raw and FAMILY not in raw
+
+    [sent] = sent_api
+    assert sent.event == ev.ViolationNotificationSent(
+        company_id="acme",
+        client_id="billing-sync",
+        violation_position=api,
+        recipients=["ops@acme.example", "security@acme.example"],
+    )
+    assert sent.metadata.causation == api
+    assert len(sent_token) == 1
+    assert await checkpoint(db) >= token
+    assert not any(SECRET_HASH in str(entry) for entry in logs)
+    assert any(entry["event"] == "notifier.sent" for entry in logs)
+
+
+async def recorded_at_of(db, position: int):
+    return await db.pool.fetchval("SELECT recorded_at FROM events WHERE position = $1", position)
+
+
+async def test_smtp_down_records_failures_then_delivers_once_when_it_is_back(db, tmp_path, smtp):
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        position = await violate(ctx)
+        async with running(notifier(ctx, db)):
+            failures = await wait_for_stream(ctx, failures_stream(position), count=2)
+            assert await ctx.eventlog.read_stream(notification_stream(position)) == []
+            assert await checkpoint(db) < position  # the checkpoint waits for the email
+            await smtp.start()
+            [sent] = await wait_for_stream(ctx, notification_stream(position))
+            await eventually(lambda: len(smtp.mailbox.received) == 1)
+            await asyncio.sleep(0.3)
+        failures = await ctx.eventlog.read_stream(failures_stream(position))
+
+    assert len(smtp.mailbox.received) == 1
+    assert sent.event.recipients == ["ops@acme.example", "security@acme.example"]
+    assert [f.event.attempt for f in failures] == list(range(1, len(failures) + 1))
+    first = failures[0].event
+    assert isinstance(first, ev.ViolationNotificationFailed)
+    assert (first.company_id, first.client_id, first.violation_position) == (
+        "acme",
+        "billing-sync",
+        position,
+    )
+    assert 0 < len(first.error) <= 200 and "SMTP" in first.error
+    assert await checkpoint(db) >= position
+
+
+async def test_a_restarted_notifier_does_not_resend(db, tmp_path, smtp):
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        before = await violate(ctx)
+        async with running(notifier(ctx, db)):
+            await wait_for_stream(ctx, notification_stream(before))
+            await eventually(lambda: len(smtp.mailbox.received) == 1)
+        after = await violate(ctx, ip="198.51.100.4")
+        async with running(notifier(ctx, db)):
+            await wait_for_stream(ctx, notification_stream(after))
+            await eventually(lambda: len(smtp.mailbox.received) == 2)
+            await asyncio.sleep(0.3)
+
+    ids = [m["Message-ID"] for m in smtp.mailbox.messages]
+    assert ids == [mid(before), mid(after)]
+
+
+async def test_crash_between_sending_and_recording_resends_the_same_message(
+    db, tmp_path, smtp, monkeypatch
+):
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        position = await violate(ctx)
+        append = ctx.eventlog.append
+
+        async def crashing_append(stream_id, *args, **kwargs):
+            if stream_id == notification_stream(position):
+                raise EventLogUnavailable("the database went away")
+            return await append(stream_id, *args, **kwargs)
+
+        monkeypatch.setattr(ctx.eventlog, "append", crashing_append)
+        with pytest.raises(EventLogUnavailable):
+            await notifier(ctx, db).run_once()
+        monkeypatch.undo()
+        assert len(smtp.mailbox.received) == 1
+        assert await checkpoint(db) < position
+
+        await notifier(ctx, db).drain()  # "after the restart"
+        sent = await ctx.eventlog.read_stream(notification_stream(position))
+
+    assert len(sent) == 1
+    first, second = smtp.mailbox.messages
+    assert first["Message-ID"] == second["Message-ID"]  # recognisably the same email
+    assert await checkpoint(db) >= position
+
+
+async def test_recorded_but_not_checkpointed_is_not_sent_again(db, tmp_path, smtp):
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        position = await violate(ctx)
+        recorded = ev.ViolationNotificationSent(
+            company_id="acme",
+            client_id="billing-sync",
+            violation_position=position,
+            recipients=["ops@acme.example"],
+        )
+        await ctx.eventlog.append(notification_stream(position), 0, [recorded])
+        assert await notifier(ctx, db).drain() == 1
+        assert len(await ctx.eventlog.read_stream(notification_stream(position))) == 1
+
+    assert smtp.mailbox.received == []
+    assert await checkpoint(db) == await db.pool.fetchval("SELECT max(position) FROM events")
+
+
+async def test_without_smtp_the_email_is_an_eml_file_under_mail_dir(client, company, db):
+    ctx = client.app[CONTEXT]
+    settings = ctx.settings
+    assert settings.smtp_host is None
+    app = await new_app(
+        client, company, name="Invoice export", notification_emails=["it@acme.example"]
+    )
+    first = await violate(ctx, app["client_id"], company_id=company.company_id)
+    second = await violate(
+        ctx, app["client_id"], ip="198.51.100.23", endpoint="policy_check", revoked=False,
+        company_id=company.company_id,
+    )  # fmt: skip
+    worker = notifier(ctx, db)
+    async with running(worker):
+        for position in (first, second):
+            await wait_for_stream(ctx, notification_stream(position))
+
+    files = sorted(settings.mail_dir.glob("*.eml"))
+    assert files == [eml_path(settings.mail_dir, first), eml_path(settings.mail_dir, second)]
+    raw = files[0].read_bytes()
+    assert b"\r\n" in raw  # RFC 5322 line endings
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["To"] == "it@acme.example"
+    assert message["From"] == settings.mail_from
+    assert "Invoice export" in message["Subject"] and "203.0.113.9" in message["Subject"]
+    assert message["Message-ID"] == message_id(first, app["client_id"], settings.mail_from)
+    text = body_of(message)
+    assert app["client_id"] in text and "was revoked" in text
+    assert app["client_secret"] not in raw.decode()
+    later = email.message_from_bytes(files[1].read_bytes(), policy=email.policy.default)
+    assert "policy check" in body_of(later) and "not revoked" in body_of(later)
+    [sent] = await ctx.eventlog.read_stream(notification_stream(first))
+    assert sent.event.recipients == ["it@acme.example"]
+    assert sent.company_id == company.company_id  # in the company's own history
+
+
+async def test_no_notification_address_records_sent_with_no_recipients(db, tmp_path, smtp):
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx, "silent", name="Silent", emails=())
+        await add_app(ctx, "gone", name="Gone")
+        await ctx.eventlog.append(
+            "application-gone", 1, [ev.ApplicationDeleted(company_id="acme", client_id="gone")]
+        )
+        silent = await violate(ctx, "silent")
+        gone = await violate(ctx, "gone")  # reported after the application was deleted
+        await notifier(ctx, db).drain()
+        [silent_sent] = await ctx.eventlog.read_stream(notification_stream(silent))
+        [gone_sent] = await ctx.eventlog.read_stream(notification_stream(gone))
+
+    assert silent_sent.event.recipients == [] and silent_sent.event.client_id == "silent"
+    assert gone_sent.event.recipients == [] and gone_sent.event.client_id == "gone"
+    assert smtp.mailbox.received == []
+    assert not list(tmp_path.glob("mail/*.eml"))
+
+
+async def test_two_notifiers_send_each_email_once(db, tmp_path, smtp):
+    await smtp.start()
+    settings = smtp_settings(tmp_path, smtp)
+    async with context(db, settings) as one, context(db, settings) as two:
+        await add_app(one)
+        first, second = notifier(one, db), notifier(two, db)
+        async with running(first):
+            await eventually(lambda: first.active)
+            async with running(second):
+                positions = [await violate(one, ip=f"203.0.113.{n}") for n in range(1, 6)]
+                for position in positions:
+                    await wait_for_stream(one, notification_stream(position))
+                await eventually(lambda: len(smtp.mailbox.received) >= 5)
+                await asyncio.sleep(0.3)
+                assert not second.active  # it stood by the whole time
+                # The active one goes away: the standby takes over.
+                await first.close()
+                await eventually(lambda: second.active)
+                late = await violate(two, ip="203.0.113.99")
+                await wait_for_stream(two, notification_stream(late))
+                await eventually(lambda: len(smtp.mailbox.received) >= 6)
+                await asyncio.sleep(0.3)
+
+    ids = [m["Message-ID"] for m in smtp.mailbox.messages]
+    assert ids == [mid(p) for p in [*positions, late]]
+    for position in [*positions, late]:
+        assert len(await one.eventlog.read_stream(notification_stream(position))) == 1
+
+
+def test_backoff_doubles_up_to_its_cap():
+    backoff = Backoff(base=1.0, cap=300.0)
+    assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff.delay(9) == 256.0 and backoff.delay(10) == 300.0
+    assert backoff.delay(10_000) == 300.0
