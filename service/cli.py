@@ -21,7 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="run the service (HTTP, projections)")
+    serve = sub.add_parser("serve", help="run the service (HTTP, projections)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="service processes sharing the port (default 1)"
+    )
 
     projections = sub.add_parser("projections", help="projection status, rebuild and worker")
     psub = projections.add_subparsers(dest="action", required=True)
@@ -68,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
+        if not 1 <= args.workers <= 64:
+            print("tollgate: --workers must be between 1 and 64", file=sys.stderr)
+            return 2
+        if args.workers > 1:
+            from service.workers import serve_workers
+
+            return serve_workers(settings, args.workers)
         return _serve(settings)
     command: Command = _COMMANDS[(args.command, args.action)]
     try:
@@ -84,9 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    import os
+
     from service.app import create_app
 
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    reuse_port = os.environ.get("TOLLGATE_REUSE_PORT") == "1"  # a worker of `--workers N`
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        reuse_port=reuse_port,
+    )
     return 0
 
 

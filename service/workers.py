@@ -1,0 +1,55 @@
+"""`tollgate serve --workers N`: N service processes on one port (SO_REUSEPORT) and one
+database. The parent starts the embedded PostgreSQL when there is one, applies the
+schema, and forwards Ctrl-C / SIGTERM to the workers before stopping the database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+import structlog
+
+from service.database import apply_schema, create_pool, resolve_dsn
+from service.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+async def _prepare(dsn: str) -> None:
+    pool = await create_pool(dsn, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await apply_schema(conn)
+    finally:
+        await pool.close()
+
+
+def serve_workers(settings: Settings, workers: int) -> int:
+    dsn, embedded = resolve_dsn(settings)
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        asyncio.run(_prepare(dsn))
+        env = {**os.environ, "DATABASE_URL": dsn, "TOLLGATE_REUSE_PORT": "1"}
+        for _ in range(workers):
+            children.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env))
+        log.info("workers.started", workers=workers, host=settings.host, port=settings.port)
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes = [child.wait() for child in children]
+        return 0 if all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        if embedded is not None:
+            embedded.stop()
