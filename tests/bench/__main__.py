@@ -17,9 +17,9 @@ from pathlib import Path
 from service.database import apply_schema, create_pool
 from service.embedded import EmbeddedPostgres
 from service.logs import configure_logging
-from tests.bench import eventlog_bench
+from tests.bench import eventlog_bench, http_bench
 
-SECTIONS = {"eventlog": eventlog_bench.run}
+SECTIONS = {"eventlog": eventlog_bench.run, "http": http_bench.run}
 
 
 async def main(sections: list[str]) -> None:
