@@ -42,7 +42,7 @@ class AppState(msgspec.Struct, gc=False):
 # gc=False are small, quick to build, and never scanned by the cycle collector (they hold
 # only strings, numbers, tuples and frozensets, so they cannot form a cycle).
 class TokenState(msgspec.Struct, gc=False):
-    family_id: str
+    family_id: str | None  # None: a lone token, its family id derived from its hash
     client_id: str
     company_id: str
     permissions: frozenset[str]
@@ -77,6 +77,13 @@ class CodeState(msgspec.Struct, gc=False):
     redeemed: bool = False
 
 
+LONE = "fam_"  # a lone token's family id: LONE + its hash (client_credentials tokens)
+
+
+def lone_family(token_hash_hex: str) -> str:
+    return LONE + token_hash_hex
+
+
 def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
@@ -97,6 +104,9 @@ class PolicyModel:
         self.connections: dict[tuple[str, str], ConnectionState] = {}  # (company, client)
         self.codes: dict[str, CodeState] = {}  # authorization-code hash → code
         self._client_families: dict[str, set[str]] = {}
+        # lone tokens by client, for application-wide revocations (8 bytes a token; keys
+        # of tokens gone otherwise are dropped when the list is next compacted)
+        self._client_tokens: dict[str, list[bytes]] = {}
         self._expiry: list[tuple[int, bytes]] = []  # a heap of (expires_at, token hash)
         self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
         self._handlers: dict[type[ev.Event], Callable[[ev.Event, RecordedEvent], None]] = {
@@ -137,6 +147,41 @@ class PolicyModel:
             self._drop_token(token_hash)  # expired tokens leave the model
             return None
         return state
+
+    def effective_permissions(self, token: TokenState) -> frozenset[str]:
+        """What a token may do now: what it was granted, less what its application lost
+        since (removing a permission takes effect at once; adding one extends nothing)."""
+        app = self.apps.get(token.client_id)
+        return token.permissions & app.permissions if app is not None else frozenset()
+
+    def family_of(self, key: bytes, token: TokenState) -> str:
+        return token.family_id if token.family_id is not None else lone_family(key.hex())
+
+    def family_version(self, family_id: str) -> int | None:
+        """The family stream's version while the family is live, else None."""
+        family = self.families.get(family_id)
+        if family is not None:
+            return family.version
+        key = self._lone_key(family_id)
+        return 1 if key is not None and key in self.tokens else None
+
+    def family_owner(self, family_id: str) -> tuple[str, str] | None:
+        """(client_id, company_id) of a live family."""
+        family = self.families.get(family_id)
+        if family is not None:
+            return family.client_id, family.company_id
+        key = self._lone_key(family_id)
+        token = self.tokens.get(key) if key is not None else None
+        return None if token is None else (token.client_id, token.company_id)
+
+    @staticmethod
+    def _lone_key(family_id: str) -> bytes | None:
+        if len(family_id) != len(LONE) + 64 or not family_id.startswith(LONE):
+            return None
+        try:
+            return bytes.fromhex(family_id[len(LONE) :])
+        except ValueError:
+            return None
 
     # --- applications ----------------------------------------------------------------
 
@@ -207,6 +252,8 @@ class PolicyModel:
             del self.connections[key]
         for family_id in list(self._client_families.get(e.client_id, ())):
             self._revoke_family(family_id)
+        for token_key in self._client_tokens.pop(e.client_id, ()):
+            self.tokens.pop(token_key, None)
 
     # --- connections -----------------------------------------------------------------
 
@@ -220,6 +267,13 @@ class PolicyModel:
         for family_id in list(self._client_families.get(e.client_id, ())):
             if self.families[family_id].company_id == e.company_id:
                 self._revoke_family(family_id)
+        keys = self._client_tokens.get(e.client_id)
+        if keys:
+            for key in keys:
+                token = self.tokens.get(key)
+                if token is not None and token.company_id == e.company_id:
+                    del self.tokens[key]
+            self._compact(e.client_id)
 
     # --- authorization codes ---------------------------------------------------------
 
@@ -246,6 +300,17 @@ class PolicyModel:
     # --- tokens ----------------------------------------------------------------------
 
     def _token_issued(self, e: ev.AccessTokenIssued, r: RecordedEvent) -> None:
+        if e.refresh_token_hash is None and e.family_id == lone_family(e.token_hash):
+            # A lone token (client_credentials): no family record, the smallest footprint.
+            key = bytes.fromhex(e.token_hash)
+            permissions = self._intern(frozenset(e.permissions))
+            self.tokens[key] = TokenState(
+                None, e.client_id, e.company_id, permissions, e.expires_at
+            )
+            self._client_tokens.setdefault(e.client_id, []).append(key)
+            if e.expires_at is not None:
+                heapq.heappush(self._expiry, (e.expires_at, key))
+            return
         family = FamilyState(e.client_id, e.company_id, version=r.version)
         self.families[e.family_id] = family
         self._client_families.setdefault(e.client_id, set()).add(e.family_id)
@@ -268,7 +333,15 @@ class PolicyModel:
         self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
 
     def _token_revoked(self, e: ev.TokenRevoked, _r: RecordedEvent) -> None:
-        self._revoke_family(e.family_id)
+        if e.family_id in self.families:
+            self._revoke_family(e.family_id)
+        elif (key := self._lone_key(e.family_id)) is not None:
+            self.tokens.pop(key, None)
+
+    def _compact(self, client_id: str) -> None:
+        keys = self._client_tokens.get(client_id)
+        if keys is not None:
+            keys[:] = [k for k in keys if k in self.tokens]
 
     def _add_token(
         self,
@@ -307,6 +380,11 @@ class PolicyModel:
 
     def _drop_token(self, token_hash: bytes) -> None:
         self.tokens.pop(token_hash, None)
+
+    def compact(self) -> None:
+        """Forget the keys of lone tokens that are gone (revoked one by one, expired)."""
+        for client_id in list(self._client_tokens):
+            self._compact(client_id)
 
     def sweep(self, now: float) -> int:
         """Expired tokens leave the model (the log keeps them): a heap makes this cheap."""
@@ -391,6 +469,7 @@ class MemoryFeed:
                     await pending
 
     async def _follow(self) -> None:
+        compacted = time.monotonic()
         while True:
             try:
                 await self.catch_up()
@@ -401,4 +480,10 @@ class MemoryFeed:
                 sweep = getattr(model, "sweep", None)
                 if sweep is not None:
                     sweep(now)
+            if time.monotonic() - compacted > 300:
+                compacted = time.monotonic()
+                for model in self.models:
+                    compact = getattr(model, "compact", None)
+                    if compact is not None:
+                        compact()
             await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)

@@ -83,13 +83,15 @@ async def record_violation(
 
 @dataclass(frozen=True)
 class Allowed:
+    key: bytes
     token: TokenState
     app: AppState
+    permissions: frozenset[str]  # what the token may do now
 
 
-async def live_token(ctx: Context, raw: str) -> TokenState:
-    """The token's state, or InvalidToken. Malformed tokens never reach a lookup; a miss
-    catches up with the log once (the token may come from another process)."""
+async def live_token(ctx: Context, raw: str) -> tuple[bytes, TokenState]:
+    """The token's key and state, or InvalidToken. Malformed tokens never reach a lookup;
+    a miss catches up with the log once (the token may come from another process)."""
     if not tokens.well_formed(raw, tokens.ACCESS):
         raise InvalidToken("malformed access token")
     key = bytes.fromhex(tokens.token_hash(raw))
@@ -99,7 +101,7 @@ async def live_token(ctx: Context, raw: str) -> TokenState:
         token = ctx.policy.token(key, time.time())
     if token is None:
         raise InvalidToken("unknown, expired or revoked access token")
-    return token
+    return key, token
 
 
 async def decide(
@@ -110,21 +112,22 @@ async def decide(
     endpoint: str,
     meta: Metadata,
 ) -> Allowed:
-    token = await live_token(ctx, raw)
+    key, token = await live_token(ctx, raw)
     app = ctx.policy.apps.get(token.client_id)
     if app is None:
         raise InvalidToken("unknown, expired or revoked access token")
     if not ip_allowed(app, ip):
-        await revoke_for_violation(ctx, raw, token, app, ip, endpoint, meta)
+        await revoke_for_violation(ctx, key, token, app, ip, endpoint, meta)
         raise IpNotAllowed(ip, revoked=True)
-    if permission is not None and permission not in token.permissions:
+    permissions = ctx.policy.effective_permissions(token)
+    if permission is not None and permission not in permissions:
         raise InsufficientScope(permission)
-    return Allowed(token, app)
+    return Allowed(key, token, app, permissions)
 
 
 async def revoke_for_violation(
     ctx: Context,
-    raw: str,
+    key: bytes,
     token: TokenState,
     app: AppState,
     ip: str,
@@ -133,30 +136,31 @@ async def revoke_for_violation(
 ) -> None:
     """Revoke the token's family and record the violation, in one append. Concurrent
     requests with the same token race on the family's version: it is revoked once."""
+    family_id = ctx.policy.family_of(key, token)
     for _attempt in range(3):
-        family = ctx.policy.families.get(token.family_id)
-        if family is None:
+        version = ctx.policy.family_version(family_id)
+        if version is None:
             return  # revoked meanwhile (by a concurrent request, here or elsewhere)
         events: list[ev.Event] = [
             ev.TokenRevoked(
                 company_id=token.company_id,
                 client_id=token.client_id,
-                family_id=token.family_id,
+                family_id=family_id,
                 reason="ip_violation",
                 ip=ip,
-                token_hash=tokens.token_hash(raw),
+                token_hash=key.hex(),
             ),
             ev.IpViolationDetected(
                 company_id=app.company_id,
                 client_id=app.client_id,
                 ip=ip,
                 endpoint=endpoint,
-                family_id=token.family_id,
+                family_id=family_id,
                 token_revoked=True,
             ),
         ]
         try:
-            await ctx.record(f"token-{token.family_id}", family.version, events, meta)
+            await ctx.record(f"token-{family_id}", version, events, meta)
             ctx.count("ip_violation", endpoint)
             ctx.count("token_revoked", "ip_violation")
             return

@@ -165,10 +165,10 @@ def _export(model: PolicyModel, position: int, moment: datetime | None, head: in
     tokens = [
         ReplayedToken(
             token_hash_prefix=token_hash.hex()[:TOKEN_HASH_PREFIX],
-            family_id=token.family_id,
+            family_id=model.family_of(token_hash, token),
             client_id=token.client_id,
             company_id=token.company_id,
-            permissions=sorted(token.permissions),
+            permissions=sorted(model.effective_permissions(token)),
             expires_at=(
                 None if token.expires_at is None else datetime.fromtimestamp(token.expires_at, UTC)
             ),

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from types import FrameType
 
 import structlog
@@ -38,15 +39,29 @@ def serve_workers(settings: Settings, workers: int) -> int:
             children.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env))
         log.info("workers.started", workers=workers, host=settings.host, port=settings.port)
 
+        stopping = False
+
         def forward(signum: int, _frame: FrameType | None) -> None:
+            nonlocal stopping
+            stopping = True
             for child in children:
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        codes = [child.wait() for child in children]
-        return 0 if all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
+        # A worker that exits on its own is a failure: stop the others and say so, so the
+        # supervisor (systemd, Kubernetes) restarts the whole service.
+        while any(child.poll() is None for child in children):
+            if not stopping and any(child.poll() is not None for child in children):
+                log.error("workers.worker_exited", codes=[c.poll() for c in children])
+                forward(signal.SIGTERM, None)
+                stopping = False
+                for child in children:
+                    child.wait()
+                return 1
+            time.sleep(0.2)
+        return 0
     finally:
         for child in children:
             if child.poll() is None:

@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from projections.memory import AppState
+from projections.memory import AppState, lone_family
 from service import events as ev
 from service.context import Context
-from service.domain import credentials
 from service.domain.applications import AUTHORIZATION_CODE, CLIENT_CREDENTIALS
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
@@ -97,13 +96,16 @@ async def client_credentials(
         raise UnauthorizedClient("this client may not use the client_credentials grant")
     permissions = scope_from(scope, app.permissions, app.permissions)
     token = tokens.new(tokens.ACCESS)
-    family_id = credentials.new_id("fam")
+    token_hash = tokens.token_hash(token)
+    # A lone token: its family id is derived from its hash, so the read model needs no
+    # family record for it (memory per live token is what bounds a process).
+    family_id = lone_family(token_hash)
     event = ev.AccessTokenIssued(
         company_id=app.company_id,
         client_id=app.client_id,
         family_id=family_id,
         grant_type=CLIENT_CREDENTIALS,
-        token_hash=tokens.token_hash(token),
+        token_hash=token_hash,
         permissions=permissions,
         issued_at=int(time.time()),
         expires_at=None,  # the seed: these tokens do not expire

@@ -63,7 +63,7 @@ def _builtin(request: web.Request, allowed: policy.Allowed) -> web.Response:
         {
             "company_id": token.company_id,
             "client_id": token.client_id,
-            "permissions": sorted(token.permissions),
+            "permissions": sorted(allowed.permissions),
             "expires_at": expires_at,
         }
     )
@@ -84,7 +84,7 @@ async def _proxy(
     }
     headers["X-Tollgate-Company"] = allowed.token.company_id
     headers["X-Tollgate-Client"] = allowed.token.client_id
-    headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.token.permissions))
+    headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
     forwarded = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{forwarded}, {ip}" if forwarded else ip
     body = request.content if request.body_exists else None

@@ -126,8 +126,9 @@ async def token(request: web.Request) -> web.Response:
 
 def _family_of(ctx: Context, token: str) -> str | None:
     if tokens.well_formed(token, tokens.ACCESS):
-        state = ctx.policy.tokens.get(bytes.fromhex(tokens.token_hash(token)))
-        return None if state is None else state.family_id
+        key = bytes.fromhex(tokens.token_hash(token))
+        state = ctx.policy.tokens.get(key)
+        return None if state is None else ctx.policy.family_of(key, state)
     if tokens.well_formed(token, tokens.REFRESH):
         return ctx.policy.refresh_tokens.get(tokens.token_hash(token))
     return None
@@ -146,10 +147,10 @@ async def revoke(request: web.Request) -> web.Response:
     if family_id is None:
         await ctx.refresh()
         family_id = _family_of(ctx, token)
-    family = ctx.policy.families.get(family_id) if family_id else None
-    if family is not None and family_id is not None and family.client_id == app.client_id:
+    owner = ctx.policy.family_owner(family_id) if family_id else None
+    if owner is not None and family_id is not None and owner[0] == app.client_id:
         event = ev.TokenRevoked(
-            company_id=family.company_id,
+            company_id=owner[1],
             client_id=app.client_id,
             family_id=family_id,
             reason="client_request",
@@ -200,7 +201,7 @@ async def _introspection(ctx: Context, token: str, caller_client: str | None) ->
         return INACTIVE
     body: dict[str, Any] = {
         "active": True,
-        "scope": " ".join(sorted(state.permissions)),
+        "scope": " ".join(sorted(ctx.policy.effective_permissions(state))),
         "client_id": state.client_id,
         "token_type": "Bearer",
         "sub": state.company_id,

@@ -51,7 +51,7 @@ async def check(request: web.Request) -> web.Response:
             "allow": True,
             "company_id": token.company_id,
             "client_id": token.client_id,
-            "permissions": sorted(token.permissions),
+            "permissions": sorted(allowed.permissions),
             "expires_at": token.expires_at,
         }
     )
