@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from projections.memory import PolicyModel
+from projections.memory import PolicyModel, lone_family
 from service import events as ev
 from service.database import Database, create_pool
 from service.directory import create_company
@@ -196,12 +196,13 @@ def memory_per_million() -> None:
     position, now = 1, int(time.time())
     for start in range(0, 1_000_000, 10_000):
         batch = []
-        for n in range(start, start + 10_000):
+        for _ in range(start, start + 10_000):
             position += 1
+            token_hash = os.urandom(32).hex()
             token = ev.AccessTokenIssued(
-                company_id="co", client_id="app", family_id=f"fam_{n:022d}", grant_type="client_credentials",
-                token_hash=os.urandom(32).hex(), permissions=["invoices:read", "debtors:read"],
-                issued_at=now, expires_at=None,
+                company_id="co", client_id="app", family_id=lone_family(token_hash),
+                grant_type="client_credentials", token_hash=token_hash,
+                permissions=["invoices:read", "debtors:read"], issued_at=now, expires_at=None,
             )  # fmt: skip
             batch.append(RecordedEvent(position, "t", 1, "AccessTokenIssued", 1, None, token,
                                        NO_METADATA, EPOCH, b""))  # fmt: skip
