@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from projections.base import SqlProjection
+from service.database import Conn
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 
 log = structlog.get_logger(__name__)
@@ -188,17 +189,22 @@ class ProjectionRunner:
         batch: list[RecordedEvent],
     ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
+            # The checkpoint row first: a rebuild's switch takes it first too, so the two
+            # queue up instead of deadlocking on the projection's rows.
+            current = await conn.fetchval(
+                "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+                projection.name,
+            )
+            if current != position:
+                raise CheckpointMoved(projection.name)
             if batch:
                 await projection.apply(conn, batch)
-            moved = await conn.execute(
+            await conn.execute(
                 "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
-                "WHERE name = $1 AND position = $3",
+                "WHERE name = $1",
                 projection.name,
                 new_position,
-                position,
             )
-            if moved != "UPDATE 1":
-                raise CheckpointMoved(projection.name)
 
     # --- bookkeeping -----------------------------------------------------------------
 
@@ -218,22 +224,77 @@ class ProjectionRunner:
         return int(value)
 
     async def rebuild(self, name: str, progress: Progress | None = None) -> int:
-        """Empty the projection's tables and apply the log again from position 0."""
+        """Rebuild a projection from position 0 beside the live one, then switch.
+
+        The projection runs into copies of its tables in a schema of their own (its SQL
+        names tables without a schema, so `search_path` points it there) while the live
+        tables keep serving. The switch is one transaction: it takes the checkpoint row
+        (a running worker finishes its batch first, then waits), applies what arrived
+        since, replaces the live rows with the rebuilt ones and moves the checkpoint.
+        Readers see the old rows until it commits, then the new ones.
+        """
         projection = self.projections[name]
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Waits for a running worker's batch to finish; its next checkpoint update
-            # then fails (CheckpointMoved) and it resumes from 0 on its own.
-            await conn.execute(
-                "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name
-            )
-            for table in projection.tables:
-                await conn.execute(f"DELETE FROM {table}")
-            await conn.execute(
-                "UPDATE projection_checkpoints SET position = 0, updated_at = now() "
-                "WHERE name = $1",
-                name,
-            )
-        return await self.catch_up(name, progress)
+        shadow = f"rebuild_{name}"
+        # A connection of its own: its statement cache points at the copies, and it must
+        # not go back to the pool like that.
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {shadow} CASCADE; CREATE SCHEMA {shadow}")
+            try:
+                for table in projection.tables:
+                    await conn.execute(
+                        f"CREATE TABLE {shadow}.{table} (LIKE public.{table} INCLUDING ALL)"
+                    )
+                await conn.execute(f"SET search_path = {shadow}, public")
+                position = await self._build(
+                    conn, projection, 0, await self.eventlog.head(), progress
+                )
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+                        name,
+                    )
+                    head = await self.eventlog.head()
+                    position = await self._build(conn, projection, position, head, None)
+                    for table in projection.tables:
+                        await conn.execute(f"DELETE FROM public.{table}")
+                        await conn.execute(
+                            f"INSERT INTO public.{table} SELECT * FROM {shadow}.{table}"
+                        )
+                    await conn.execute(
+                        "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
+                        "WHERE name = $1",
+                        name,
+                        position,
+                    )
+            finally:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {shadow} CASCADE")
+        finally:
+            await conn.close()
+        if progress is not None:
+            progress(name, position, position)
+        return position
+
+    async def _build(
+        self,
+        conn: Conn,
+        projection: SqlProjection,
+        position: int,
+        head: int,
+        progress: Progress | None,
+    ) -> int:
+        """Apply events (position, head] on `conn` (whatever its search_path says)."""
+        while position < head:
+            batch, position = await self._read(projection, position, head)
+            if batch:
+                if conn.is_in_transaction():
+                    await projection.apply(conn, batch)
+                else:
+                    async with conn.transaction():
+                        await projection.apply(conn, batch)
+            if progress is not None:
+                progress(projection.name, position, head)
+        return position
 
     async def status(self) -> list[ProjectionStatus]:
         """Read-only (a probe or a scrape writes nothing); a projection that never ran

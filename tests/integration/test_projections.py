@@ -163,3 +163,32 @@ async def test_only_one_instance_of_a_projection_runs(eventlog: EventLog, db):
         task2.cancel()
     finally:
         await holder.close()
+
+
+async def test_rebuild_builds_beside_and_readers_never_see_a_partial_table(eventlog: EventLog, db):
+    await populate(eventlog, tokens=3000)
+    runner = runner_for(eventlog, db, batch_size=100)  # many batches: a long rebuild
+    for name in runner.projections:
+        await runner.catch_up(name)
+    before = await snapshot(db.pool)
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def read_while_rebuilding() -> None:
+        while not done.is_set():
+            seen.append(await db.pool.fetchval("SELECT count(*) FROM live_tokens"))
+            await asyncio.sleep(0.005)
+
+    reader = asyncio.create_task(read_while_rebuilding())
+    try:
+        await runner.rebuild("tokens")
+    finally:
+        done.set()
+        await reader
+    assert len(seen) > 5
+    assert set(seen) == {len(before["live_tokens"])}  # the old rows, then the same rows
+    assert await snapshot(db.pool) == before
+    leftovers = await db.pool.fetchval(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'rebuild_%'"
+    )
+    assert leftovers == 0
