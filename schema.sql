@@ -201,3 +201,54 @@ CREATE TABLE IF NOT EXISTS web_sessions (
 CREATE INDEX IF NOT EXISTS web_sessions_expiry ON web_sessions (expires_at);
 
 INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+
+-- Views for teams that build their own dashboards (Grafana and the like). Plain views over
+-- the log and the read models: nothing is stored twice, `CREATE OR REPLACE` keeps them
+-- idempotent, and a filter on `company_id` reaches the indexes underneath.
+
+-- v_ip_violations: one row per request with a valid credential from outside its
+-- application's IP allow list (IpViolationDetected); `company_id` is the application's
+-- owner, `endpoint` is api, token or policy_check, `token_revoked` says whether a token died.
+CREATE OR REPLACE VIEW v_ip_violations AS
+SELECT e.position,
+       e.recorded_at,
+       e.company_id,
+       e.payload ->> 'client_id' AS client_id,
+       e.payload ->> 'ip' AS ip,
+       e.payload ->> 'endpoint' AS endpoint,
+       coalesce((e.payload ->> 'token_revoked')::boolean, false) AS token_revoked
+FROM events e
+WHERE e.type = 'IpViolationDetected';
+
+-- v_live_tokens_per_application: every live application with the number of its access
+-- tokens that are neither revoked nor expired (tokens granted by any company count toward
+-- the application's owner); expired rows the sweeper has not removed yet are not counted.
+CREATE OR REPLACE VIEW v_live_tokens_per_application AS
+SELECT a.client_id,
+       a.company_id,
+       a.name,
+       count(t.token_hash) AS live_tokens
+FROM applications a
+LEFT JOIN live_tokens t
+       ON t.client_id = a.client_id AND (t.expires_at IS NULL OR t.expires_at > now())
+GROUP BY a.client_id, a.company_id, a.name;
+
+-- v_admin_changes: who changed which application, user, admin key or connection, when and
+-- from where (service.history.CHANGE_TYPES lists the same types). Password hashes are
+-- redacted: a low-entropy password could be guessed from one offline.
+CREATE OR REPLACE VIEW v_admin_changes AS
+SELECT e.position,
+       e.recorded_at,
+       e.company_id,
+       e.type,
+       e.metadata ->> 'actor' AS actor,
+       e.metadata ->> 'client_ip' AS client_ip,
+       e.metadata ->> 'request_id' AS request_id,
+       jsonb_set(e.payload::jsonb, '{password_hash}', '"[redacted]"', false) - 'type' AS payload
+FROM events e
+WHERE e.company_id IS NOT NULL
+  AND e.type IN ('ApplicationCreated', 'ApplicationRenamed', 'RedirectUriChanged',
+                 'IpAllowlistChanged', 'PermissionsChanged', 'NotificationEmailsChanged',
+                 'ClientSecretRotated', 'ApplicationDeleted', 'UserAdded', 'UserRoleChanged',
+                 'UserPasswordChanged', 'UserRemoved', 'AdminKeyIssued', 'AdminKeyRevoked',
+                 'ConnectionGranted', 'ConnectionRevoked');

@@ -24,7 +24,9 @@ from service.notifier import Notifier
 from service.settings import Settings
 from service.web.admin import routes as admin_routes
 from service.web.authorize import routes as authorize_routes
+from service.web.dashboard import routes as dashboard_routes
 from service.web.gateway import routes as gateway_routes
+from service.web.history import routes as history_routes
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, Upstream
 from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
@@ -62,6 +64,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.add_routes(oauth_routes)
     app.add_routes(authorize_routes)
     app.add_routes(admin_routes)
+    app.add_routes(history_routes)
+    app.add_routes(dashboard_routes)
     app.add_routes(policy_routes)
     app.add_routes(gateway_routes)
     return app

@@ -47,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     rs_create = rsub.add_parser("create", help="register one; prints its key (shown once)")
     rs_create.add_argument("name")
 
+    events = sub.add_parser(
+        "events", help="event history, one JSON object a line (as GET /admin/events)"
+    )
+    events.add_argument("--company", metavar="ID", help="one company's events (default: all)")
+    events.add_argument("--after", metavar="N", help="events after this position (default 0)")
+    events.add_argument("--limit", metavar="N", help="at most N events, 1 to 1000 (default: all)")
+    events.add_argument("--type", metavar="T", help="only events of this type")
+    events.add_argument("--stream", metavar="S", help="only events of this stream")
+    events.set_defaults(action="list")
+
     audit = sub.add_parser("audit", help="auditing the event log")
     asub = audit.add_subparsers(dest="action", required=True)
     asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
@@ -282,6 +292,42 @@ async def _resource_server_create(settings: Settings, args: argparse.Namespace) 
     return 0
 
 
+async def _events(settings: Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from service import history
+    from service.database import open_database
+
+    params = {"after": args.after, "limit": args.limit, "type": args.type, "stream": args.stream}
+    try:
+        query = history.parse(params, args.company)
+    except history.HistoryError as exc:
+        raise ConfigError(f"--{exc}") from None
+    remaining = query.limit if args.limit is not None else None  # default: every event
+    database = await open_database(settings, min_size=1)
+    try:
+        if args.company is not None and not await history.company_known(
+            database.pool, args.company
+        ):
+            raise ConfigError(f"--company: no company {args.company!r} in the event log")
+        while remaining is None or remaining > 0:
+            size = history.MAX_LIMIT if remaining is None else min(remaining, history.MAX_LIMIT)
+            items = await history.read(database.pool, dataclasses.replace(query, limit=size))
+            for item in items:
+                _print_json(item)
+            sys.stdout.flush()
+            if len(items) < size:
+                break
+            query = dataclasses.replace(query, after=items[-1]["position"])
+            remaining = None if remaining is None else remaining - len(items)
+    except BrokenPipeError:  # `tollgate events | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        await database.close()
+    return 0
+
+
 def _cli_meta() -> Any:
     import getpass
     import secrets
@@ -299,4 +345,5 @@ _COMMANDS: dict[tuple[str, str], Command] = {
     ("projections", "run"): _projections_run,
     ("audit", "verify"): _audit_verify,
     ("audit", "replay"): _audit_replay,
+    ("events", "list"): _events,
 }
