@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 
+import msgspec
 import structlog
+
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+def _json(event: object, **_: object) -> str:
+    # A log line per request: msgspec writes it several times faster than json.dumps.
+    return _encoder.encode(event).decode()
 
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
@@ -24,5 +32,6 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
+        # Configured once per process (tests leave it unconfigured, for capture_logs).
+        cache_logger_on_first_use=True,
     )

@@ -45,7 +45,7 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     raw = bearer_token(request)
     ip = caller_ip(request)
     permission = request.app[ROUTES].permission_for(request.method, request.path)
-    meta = metadata(request, "gateway")
+    meta = metadata(request, "gateway", ip)
     allowed = await policy.decide(ctx, raw, ip, permission, "api", meta)
     upstream = request.app[UPSTREAM].session
     if upstream is None:

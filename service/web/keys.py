@@ -33,5 +33,7 @@ def caller_ip(request: web.Request) -> str:
     return client_ip(request, request.app[SETTINGS].trusted_proxies)
 
 
-def metadata(request: web.Request, actor: str) -> Metadata:
-    return Metadata(actor=actor, request_id=request.get(REQUEST_ID), client_ip=caller_ip(request))
+def metadata(request: web.Request, actor: str, ip: str | None = None) -> Metadata:
+    return Metadata(
+        actor=actor, request_id=request.get(REQUEST_ID), client_ip=ip or caller_ip(request)
+    )
