@@ -125,7 +125,7 @@ async def catch_up(dsn: str) -> None:
         total_elapsed += elapsed
         print(f"| {name} | {head:,} | {elapsed:.2f} | {head / elapsed:,.0f} |", flush=True)
     print(
-        f"| all three, one after another | {head:,} | {total_elapsed:.2f} | "
+        f"| all of them, one after another | {head:,} | {total_elapsed:.2f} | "
         f"{head / total_elapsed:,.0f} |"
     )
 
