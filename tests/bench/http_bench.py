@@ -46,7 +46,7 @@ async def process(argv: list[str], env: dict[str, str], port: int) -> Any:
             for _ in range(600):
                 try:
                     async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        if r.status in (200, 404):
+                        if r.status != 503:  # 503: projections still catching up
                             break
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
