@@ -42,14 +42,18 @@ def free_port() -> int:
 async def process(argv: list[str], env: dict[str, str], port: int) -> Any:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # Measure only once the service is ready: its projections have caught up with the
+        # log (after the event-log section, several hundred thousand events). A bare
+        # handler answers anything at once.
         async with aiohttp.ClientSession() as http:
-            for _ in range(600):
+            for _ in range(3000):
                 try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        if r.status != 503:  # 503: projections still catching up
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status != 503:
                             break
                 except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+                    pass
+                await asyncio.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
