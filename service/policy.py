@@ -4,6 +4,7 @@ route needs. A valid token from a disallowed address is revoked on the spot."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -56,16 +57,24 @@ class IpNotAllowed(TollgateError):
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def ip_allowed(app: AppState, ip: str) -> bool:
     """An empty allow list allows every address (it is optional for authorization_code)."""
     if not app.networks:
         return True
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    address = _address(ip)
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return any(address.version == net.version and address in net for net in app.networks)
 
 

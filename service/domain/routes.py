@@ -4,6 +4,7 @@ or derived from the permission catalogue (`invoices:read` → GET/HEAD /api/v1/i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ class RouteTable:
     rules: tuple[RouteRule, ...]
 
     def permission_for(self, method: str, path: str) -> str | None:
+        return _permission_for(self, method, path)
+
+    def match(self, method: str, path: str) -> str | None:
         """The permission of the longest matching prefix (a prefix matches whole path
         segments: /api/v1/invoices matches /api/v1/invoices/7, not /api/v1/invoicesX)."""
         best: RouteRule | None = None
@@ -40,6 +44,11 @@ class RouteTable:
             if matches and (best is None or len(prefix) > len(best.prefix.rstrip("/"))):
                 best = rule
         return None if best is None else best.permission
+
+
+@functools.lru_cache(maxsize=8192)
+def _permission_for(table: RouteTable, method: str, path: str) -> str | None:
+    return table.match(method, path)
 
 
 def default_rules(catalogue: Mapping[str, str]) -> tuple[RouteRule, ...]:

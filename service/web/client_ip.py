@@ -3,6 +3,7 @@ right-most address in X-Forwarded-For that is not itself a trusted proxy."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -12,7 +13,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse(value: str) -> IPAddress | None:
+    """Cached: a service sees the same few addresses over and over (this is per request)."""
     value = value.strip()
     if value.startswith("[") and "]" in value:  # "[2001:db8::1]:443"
         value = value[1 : value.index("]")]

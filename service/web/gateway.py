@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from service import policy
@@ -59,14 +60,13 @@ def _builtin(request: web.Request, allowed: policy.Allowed) -> web.Response:
     token = allowed.token
     expires = token.expires_at
     expires_at = None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
-    return web.json_response(
-        {
-            "company_id": token.company_id,
-            "client_id": token.client_id,
-            "permissions": sorted(allowed.permissions),
-            "expires_at": expires_at,
-        }
-    )
+    body = {
+        "company_id": token.company_id,
+        "client_id": token.client_id,
+        "permissions": sorted(allowed.permissions),
+        "expires_at": expires_at,
+    }
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
 
 
 async def _proxy(

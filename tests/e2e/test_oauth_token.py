@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -61,6 +62,7 @@ async def test_credentials_in_the_body_and_json_bodies_work(client, company):
     assert (await as_json.json())["token_type"] == "Bearer"
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_the_seeds_curl_form_request(client, company):
     app = await new_app(client, company)
     header = basic(app["client_id"], app["client_secret"])["Authorization"]

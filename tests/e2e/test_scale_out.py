@@ -12,6 +12,7 @@ import time
 from contextlib import asynccontextmanager
 
 import aiohttp
+import psutil
 
 from service.database import Database
 from service.directory import create_company
@@ -133,8 +134,6 @@ async def test_serve_with_workers_shares_one_port(db):
             async with http.get("/healthz") as r:
                 statuses.append(r.status)
         assert statuses == [200] * 20
-        workers = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
+        workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
     assert proc.returncode == 0
