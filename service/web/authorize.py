@@ -20,6 +20,7 @@ from service.domain.applications import AUTHORIZATION_CODE
 from service.errors import TollgateError
 from service.oauth import grants, tokens
 from service.web import pages, sessions
+from service.web.bodies import form_body
 from service.web.keys import CONTEXT, metadata
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
 
@@ -183,7 +184,7 @@ async def _consent(
 @routes.post("/oauth/login")
 async def login(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    form = await request.post()
+    form = await form_body(request)
     email, password = str(form.get("email", "")), str(form.get("password", ""))
     next_url = str(form.get("next", ""))
     if not next_url.startswith("/oauth/authorize?"):
@@ -206,7 +207,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 @routes.post("/oauth/authorize")
 async def decide(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    form = await request.post()
+    form = await form_body(request)
     fields = {k: str(v) for k, v in form.items() if isinstance(v, str)}
     session = await _session(request, ctx)
     if session is None:

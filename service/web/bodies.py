@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import msgspec
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
@@ -45,3 +46,15 @@ def _describe(exc: msgspec.ValidationError) -> str:
         text, _, path = message.partition(" - at `$.")
         return f"{path.rstrip('`')}: {text}"
     return message
+
+
+async def form_body(
+    request: web.Request, limit: int = MAX_BODY
+) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """A form body (urlencoded or multipart); a malformed one is a 400, never a 500."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body must be at most {limit} bytes")
+    try:
+        return await request.post()
+    except (ValueError, AssertionError, UnicodeDecodeError, LookupError) as exc:
+        raise InvalidRequest(f"unreadable form body: {exc}") from None

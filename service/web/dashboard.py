@@ -17,6 +17,7 @@ from service.context import Context
 from service.domain import credentials
 from service.history import COMPANY_IS
 from service.web import pages, sessions
+from service.web.bodies import form_body
 from service.web.keys import CONTEXT
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
 
@@ -95,7 +96,7 @@ def logout_token(request: web.Request) -> str:
 @routes.post("/dashboard/login")
 async def login(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    form = await request.post()
+    form = await form_body(request)
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     presented = str(form.get("csrf_token", ""))
     if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
@@ -114,7 +115,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/dashboard/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await form_body(request)
     value = request.cookies.get(sessions.COOKIE)
     presented = str(form.get("csrf_token", ""))
     if value and hmac.compare_digest(presented.encode(), logout_token(request).encode()):

@@ -15,6 +15,7 @@ from service import events as ev
 from service import policy
 from service.context import Context
 from service.domain import credentials
+from service.errors import TollgateError
 from service.eventlog import Metadata
 from service.oauth import grants, tokens
 from service.oauth.clients import authenticate, credentials_from
@@ -26,7 +27,7 @@ from service.oauth.errors import (
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
-from service.web.bodies import read_body
+from service.web.bodies import form_body, read_body
 from service.web.keys import CONTEXT, metadata
 
 routes = web.RouteTableDef()
@@ -54,9 +55,9 @@ async def oauth_params(request: web.Request) -> dict[str, str]:
     if request.content_length is not None and request.content_length > MAX_PARAMS_BODY:
         raise InvalidRequest("the body is too large")
     try:
-        form = await request.post()
-    except (ValueError, AssertionError) as exc:
-        raise InvalidRequest(f"unreadable form body: {exc}") from None
+        form = await form_body(request, MAX_PARAMS_BODY)
+    except TollgateError as exc:
+        raise InvalidRequest(exc.description) from None  # in the RFC 6749 shape
     params: dict[str, str] = {}
     for key in form:
         values = form.getall(key)

@@ -1,0 +1,73 @@
+"""No request can cause a 500: every route, hit with malformed methods, bodies, headers
+and parameters, answers 2xx/3xx/4xx."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from tests.e2e.oauth_helpers import basic, cc_token, new_app
+
+BODIES = [
+    (b"", None),
+    (b"{", "application/json"),
+    (b"[]", "application/json"),
+    (b'{"a": 1}', "application/json"),
+    (b'{"name": null, "grant_type": 7}', "application/json"),
+    (b"\xff\xfe\x00garbage", "application/json"),
+    (b"a=1&a=2&grant_type=client_credentials", "application/x-www-form-urlencoded"),
+    (b"%%%=%%%", "application/x-www-form-urlencoded"),
+    (b"--x\r\nContent-Disposition: form-data\r\n\r\n--x--", "multipart/form-data; boundary=x"),
+    (b"--nope", "multipart/form-data"),
+    (b"x" * 20000, "text/plain"),
+]
+HEADERS = [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Basic ####"},
+    {"Authorization": "Basic " + "QQ==" * 300},
+    {"Authorization": "Negotiate abc"},
+    {"If-Match": "not-a-version"},
+    {"X-Forwarded-For": "not an address, ::1, 999.1.1.1"},
+    {"Cookie": "tg_session=" + "x" * 64 + "; tg_login_csrf=y"},
+]
+
+
+async def test_malformed_requests_never_get_a_500(client, company):
+    app = await new_app(client, company)
+    token = (await cc_token(client, app))["access_token"]
+    paths = [
+        "/oauth/token", "/oauth/revoke", "/oauth/introspect", "/oauth/authorize",
+        "/oauth/authorize?client_id=" + app["client_id"] + "&response_type=code&redirect_uri=%ff",
+        "/oauth/authorize?client_id=%00&redirect_uri=x&x=1&x=2", "/oauth/login",
+        "/.well-known/oauth-authorization-server", "/api/v1/whoami", "/api/v1/invoices/%2e%2e/x",
+        "/policy/check", "/admin/applications", f"/admin/applications/{app['client_id']}",
+        f"/admin/applications/{app['client_id']}/rotate-secret", "/admin/users", "/admin/keys",
+        "/admin/keys/x", "/admin/connections", "/admin/connections/x",
+        "/admin/events?after=-1&limit=x&type=Nope", "/session", "/dashboard", "/dashboard/login",
+        "/healthz", "/readyz", "/metrics", "/nope",
+    ]  # fmt: skip
+    auths = [{}, company.auth, basic(app["client_id"], app["client_secret"]),
+             {"Authorization": f"Bearer {token}"}]  # fmt: skip
+    rng = random.Random(5)
+    combos = list(itertools.product(paths, ["GET", "POST", "PATCH", "DELETE", "PUT"]))
+    seen = 0
+    for path, method in combos:
+        body, ctype = rng.choice(BODIES)
+        headers = rng.choice(HEADERS) | rng.choice(auths)
+        if ctype:
+            headers = headers | {"Content-Type": ctype}
+        response = await client.request(
+            method, path, data=body, headers=headers, allow_redirects=False
+        )
+        text = await response.text()
+        assert response.status < 500, (
+            method,
+            path,
+            headers,
+            body[:80],
+            response.status,
+            text[:300],
+        )
+        seen += 1
+    assert seen == len(combos)
