@@ -27,6 +27,7 @@ class Settings:
     mail_from: str = "tollgate@localhost"
     trusted_proxies: tuple[IPNetwork, ...] = ()
     upstream_url: str | None = None
+    public_url: str | None = None  # the issuer (RFC 8414); unset: taken from the request
     permissions_file: Path | None = None
     routes_file: Path | None = None
     log_format: str = "json"
@@ -103,6 +104,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         mail_from=env.get("MAIL_FROM") or "tollgate@localhost",
         trusted_proxies=_networks(env.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"),
         upstream_url=env.get("UPSTREAM_URL") or None,
+        public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
         permissions_file=Path(permissions_file) if permissions_file else None,
         routes_file=Path(routes_file) if routes_file else None,
         log_format=log_format,

@@ -403,3 +403,21 @@ async def test_no_token_code_or_secret_is_stored_or_logged_in_clear(client, comp
     for secret in secrets:
         assert secret not in stored
         assert secret not in logged
+
+
+async def test_the_issuer_comes_from_public_url_when_set(db, settings):
+    import dataclasses
+
+    from tests.e2e.test_gateway import start
+
+    client = await start(db, dataclasses.replace(settings), public_url="https://auth.example.com")
+    try:
+        meta = await (
+            await client.get(
+                "/.well-known/oauth-authorization-server", headers={"Host": "evil.example"}
+            )
+        ).json()
+    finally:
+        await client.close()
+    assert meta["issuer"] == "https://auth.example.com"
+    assert meta["token_endpoint"] == "https://auth.example.com/oauth/token"
