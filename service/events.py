@@ -291,6 +291,17 @@ class ViolationNotificationFailed(Event, frozen=True):
     error: str
 
 
+class ViolationNotificationAbandoned(Event, frozen=True):
+    """The mail server refused the email permanently (5xx) time after time: given up, so
+    that the emails behind it are not held back for ever."""
+
+    company_id: str
+    client_id: str
+    violation_position: int
+    attempts: int
+    error: str
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     CompanyCreated, UserAdded, UserRoleChanged, UserPasswordChanged, UserRemoved,
     AdminKeyIssued, AdminKeyRevoked, ResourceServerRegistered, ResourceServerKeyRevoked,
@@ -299,7 +310,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     OldClientSecretUsed, ConnectionGranted, ConnectionRevoked, AuthorizationCodeIssued,
     AuthorizationCodeRedeemed, AuthorizationCodeReused, AccessTokenIssued, TokenRefreshed,
     RefreshTokenReused, TokenRevoked, IpViolationDetected, ViolationNotificationSent,
-    ViolationNotificationFailed,
+    ViolationNotificationFailed, ViolationNotificationAbandoned,
 )  # fmt: skip
 
 BY_TAG: dict[str, type[Event]] = {cls.__name__: cls for cls in EVENT_TYPES}

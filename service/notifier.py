@@ -45,6 +45,7 @@ from service.database import Conn
 from service.eventlog import ConcurrencyError, EventLogError, Metadata, RecordedEvent
 from service.events import (
     IpViolationDetected,
+    ViolationNotificationAbandoned,
     ViolationNotificationFailed,
     ViolationNotificationSent,
 )
@@ -94,6 +95,7 @@ class Notifier:
         standby_interval: float = 2.0,
         poll_interval: float | None = None,
         smtp_timeout: float = 30.0,
+        max_refusals: int = 5,
     ) -> None:
         self.ctx = ctx
         self.dsn = dsn  # None: the lock connection is borrowed from ctx.pool for good
@@ -102,6 +104,8 @@ class Notifier:
         self.standby_interval = standby_interval
         self.poll_interval = poll_interval or ctx.eventlog.poll_interval
         self.smtp_timeout = smtp_timeout
+        #: permanent (5xx) refusals in a row after which an email is given up
+        self.max_refusals = max_refusals
         self.position = 0  # the checkpoint as this worker last read or wrote it
         self.active = False  # holds the lock and works (the others stand by)
         self._task: asyncio.Task[None] | None = None
@@ -196,6 +200,7 @@ class Notifier:
         assert isinstance(violation, IpViolationDetected)
         position = recorded.position
         failures = await self.ctx.eventlog.stream_version(failures_stream(position))
+        refusals = 0  # consecutive permanent (5xx) refusals in this run
         while True:
             self._check_lock()
             if await self.ctx.eventlog.stream_version(notification_stream(position)):
@@ -208,6 +213,10 @@ class Notifier:
             except Exception as exc:
                 failures += 1
                 await self._record_failure(position, violation, failures, describe(exc))
+                refusals = refusals + 1 if permanent(exc) else 0
+                if refusals >= self.max_refusals:
+                    await self._record_abandoned(position, violation, failures, describe(exc))
+                    return
                 await asyncio.sleep(self.backoff.delay(failures))
                 continue
             await self._record_sent(position, violation, recipients)
@@ -269,6 +278,25 @@ class Notifier:
         )
         self.ctx.count("email_sent")
         try:
+            await self.ctx.eventlog.append(
+                notification_stream(position), 0, [event], Metadata(causation=position)
+            )
+        except ConcurrencyError:
+            log.info("notifier.recorded_elsewhere", position=position)
+
+    async def _record_abandoned(
+        self, position: int, violation: IpViolationDetected, attempts: int, error: str
+    ) -> None:
+        log.error("notifier.abandoned", position=position, attempts=attempts, error=error)
+        event = ViolationNotificationAbandoned(
+            company_id=violation.company_id,
+            client_id=violation.client_id,
+            violation_position=position,
+            attempts=attempts,
+            error=error,
+        )
+        try:
+            # In the notification stream: it counts as handled, like a Sent event.
             await self.ctx.eventlog.append(
                 notification_stream(position), 0, [event], Metadata(causation=position)
             )
@@ -453,6 +481,14 @@ def write_eml(settings: Settings, position: int, message: EmailMessage) -> Path:
     partial.write_bytes(message.as_bytes(policy=email.policy.SMTP))
     os.replace(partial, path)
     return path
+
+
+def permanent(exc: BaseException) -> bool:
+    """A 5xx answer from the mail server: trying again will not change it. Connection
+    errors, timeouts and 4xx answers are transient and retried for as long as it takes."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(500 <= r.code < 600 for r in exc.recipients)
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600
 
 
 def describe(exc: BaseException) -> str:

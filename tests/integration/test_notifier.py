@@ -455,3 +455,35 @@ def test_backoff_doubles_up_to_its_cap():
     assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert backoff.delay(9) == 256.0 and backoff.delay(10) == 300.0
     assert backoff.delay(10_000) == 300.0
+
+
+class Refusing(Mailbox):
+    """Refuses, permanently, any message to bounce@…; accepts the rest."""
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if address.startswith("bounce@"):
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+async def test_a_permanently_refused_email_is_given_up_and_the_next_goes_out(db, tmp_path, smtp):
+    smtp.mailbox = Refusing()
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx, "bouncing", emails=("bounce@acme.example",))
+        await add_app(ctx, "fine", name="Fine app", emails=("ops@acme.example",))
+        first = await violate(ctx, "bouncing")
+        second = await violate(ctx, "fine")
+        worker = notifier(ctx, db)
+        worker.max_refusals = 3
+        async with running(worker):
+            [given_up] = await wait_for_stream(ctx, notification_stream(first))
+            [sent] = await wait_for_stream(ctx, notification_stream(second))
+        failures = await ctx.eventlog.read_stream(failures_stream(first))
+    assert isinstance(given_up.event, ev.ViolationNotificationAbandoned)
+    assert given_up.event.attempts == 3
+    assert "550" in given_up.event.error
+    assert len(failures) == 3
+    assert isinstance(sent.event, ev.ViolationNotificationSent)
+    assert [rcpts for _, rcpts, _ in smtp.mailbox.received] == [["ops@acme.example"]]
