@@ -18,6 +18,7 @@ from service.context import Context
 from service.database import Database, open_database
 from service.domain.permissions import load_catalogue
 from service.domain.routes import load_routes
+from service.domain.throttle import Throttle
 from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
 from service.notifier import Notifier
@@ -27,7 +28,7 @@ from service.web.authorize import routes as authorize_routes
 from service.web.dashboard import routes as dashboard_routes
 from service.web.gateway import routes as gateway_routes
 from service.web.history import routes as history_routes
-from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, Upstream
+from service.web.keys import CONTEXT, ROUTES, SETTINGS, THROTTLE, UPSTREAM, Upstream
 from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
 from service.web.oauth import routes as oauth_routes
@@ -58,6 +59,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.cleanup_ctx.append(_projections_ctx)
     app.cleanup_ctx.append(_notifier_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    # Per address and caller: 5 failures in 15 minutes. Per address from anywhere: 20.
+    app[THROTTLE] = Throttle(limit=5, window=900)
     app[ROUTES] = load_routes(settings.routes_file, load_catalogue(settings.permissions_file))
     app.add_routes(ops_routes)
     app.add_routes(login_routes)

@@ -195,8 +195,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         return pages.error_page("Session expired", "reload the page and sign in again", status=403)
     try:
         user_id = await authenticate(request, email[:320], password[:256])
-    except InvalidCredentials:
-        return _login(request, next_url, "Wrong email or password.", status=401)
+    except InvalidCredentials as exc:
+        return _login(request, next_url, exc.description, status=exc.status)
     user = ctx.directory.users[user_id]
     value, _csrf = await sessions.create(ctx.pool, user_id, user.company_id)
     response = web.HTTPSeeOther(next_url)

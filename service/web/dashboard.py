@@ -104,8 +104,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     email, password = str(form.get("email", "")), str(form.get("password", ""))
     try:
         user_id = await authenticate(request, email[:320], password[:256])
-    except InvalidCredentials:
-        return _login(request, "Wrong email or password.", status=401)
+    except InvalidCredentials as exc:
+        return _login(request, exc.description, status=exc.status)
     user = ctx.directory.users[user_id]
     value, _csrf = await sessions.create(ctx.pool, user_id, user.company_id)
     response = web.HTTPSeeOther("/dashboard")

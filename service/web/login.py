@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated
 
 import msgspec
@@ -12,7 +13,7 @@ from service.domain import passwords
 from service.errors import TollgateError
 from service.web import sessions
 from service.web.bodies import json_body
-from service.web.keys import CONTEXT
+from service.web.keys import CONTEXT, THROTTLE, caller_ip
 
 routes = web.RouteTableDef()
 
@@ -27,9 +28,40 @@ class InvalidCredentials(TollgateError):
     status = 401
 
 
+class TooManyAttempts(InvalidCredentials):
+    error = "too_many_attempts"
+    status = 429
+
+    def __init__(self, seconds: float) -> None:
+        wait = max(1, int(seconds) + 1)
+        super().__init__(
+            f"too many failed sign-ins; try again in {wait} seconds",
+            headers={"Retry-After": str(wait)},
+        )
+
+
 async def authenticate(request: web.Request, email: str, password: str) -> str:
     """The user id for these credentials; the same work and answer for an unknown email
-    as for a wrong password."""
+    as for a wrong password. Failures are throttled per address and caller, and per
+    address from anywhere (a slower limit against guessing from many places)."""
+    throttle = request.app[THROTTLE]
+    now = time.monotonic()
+    keys = (f"{email.lower()}|{caller_ip(request)}", f"{email.lower()}|*")
+    wait = max(
+        throttle.retry_after(keys[0], now),
+        throttle.retry_after(keys[1], now, limit=4 * throttle.limit),
+    )
+    if wait:
+        raise TooManyAttempts(wait)
+    try:
+        return await _check_password(request, email, password)
+    except InvalidCredentials:
+        for key in keys:
+            throttle.failed(key, now)
+        raise
+
+
+async def _check_password(request: web.Request, email: str, password: str) -> str:
     ctx = request.app[CONTEXT]
     user = ctx.directory.user_by_email(email)
     if user is None:
@@ -38,7 +70,7 @@ async def authenticate(request: web.Request, email: str, password: str) -> str:
     stored = passwords.DUMMY_HASH if user is None or user.removed else user.password_hash
     ok = await asyncio.to_thread(passwords.verify_password, password, stored)
     if not ok or user is None or user.removed:
-        raise InvalidCredentials("wrong email or password")
+        raise InvalidCredentials("Wrong email or password.")
     return user.user_id
 
 

@@ -406,3 +406,22 @@ async def test_if_match_refuses_a_stale_version(client, company, db):
     )
     assert sorted([a.status, b.status]) == [200, 412]
     assert len(await events(db, "ApplicationRenamed")) == 1
+
+
+async def test_repeated_failed_sign_ins_are_throttled(client, company):
+    for _ in range(5):
+        response = await client.post(
+            "/session", json={"email": company.admin_email, "password": "wrong guess 123"}
+        )
+        assert response.status == 401
+    blocked = await client.post(
+        "/session", json={"email": company.admin_email, "password": company.admin_password}
+    )
+    assert blocked.status == 429
+    assert (await blocked.json())["error"] == "too_many_attempts"
+    assert int(blocked.headers["Retry-After"]) > 0
+    # another address is not held back by these failures
+    other = await client.post(
+        "/session", json={"email": "nobody@acme.example", "password": "x" * 12}
+    )
+    assert other.status == 401
