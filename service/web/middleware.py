@@ -5,11 +5,22 @@ from __future__ import annotations
 import secrets
 import time
 
+import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.errors import TollgateError
+from service.errors import TollgateError, Unavailable
+from service.eventlog import EventLogUnavailable
+
+UNAVAILABLE = (
+    EventLogUnavailable,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    TimeoutError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +76,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
+    except UNAVAILABLE as exc:
+        # The database is down or unreachable: a 503 the client may retry, not a 500.
+        log.warning("http.database_unavailable", path=request.path, error=type(exc).__name__)
+        return error_response(Unavailable("the service cannot reach its database; try again"))
     except Exception:
         log.exception("http.unhandled_error", method=request.method, path=request.path)
         return web.json_response(

@@ -1,0 +1,42 @@
+"""The one error middleware, through aiohttp's real stack: an unreachable database is a
+503 the client may retry; anything else unexpected is a 500 that says nothing more."""
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.eventlog import EventLogUnavailable
+from service.web.middleware import error_middleware
+
+
+async def serve(exc: Exception) -> TestClient:
+    async def handler(_request: web.Request) -> web.Response:
+        raise exc
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/boom", handler)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client
+
+
+async def test_an_unreachable_database_is_a_503_not_a_500():
+    client = await serve(EventLogUnavailable("connection refused"))
+    try:
+        response = await client.get("/boom")
+        assert response.status == 503
+        assert (await response.json())["error"] == "temporarily_unavailable"
+    finally:
+        await client.close()
+
+
+async def test_anything_else_unexpected_is_a_500_without_details():
+    client = await serve(KeyError("internal detail"))
+    try:
+        response = await client.get("/boom")
+        assert response.status == 500
+        assert await response.json() == {
+            "error": "server_error",
+            "error_description": "internal error",
+        }
+    finally:
+        await client.close()
