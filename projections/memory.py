@@ -232,10 +232,16 @@ class PolicyModel:
                 connection.permissions = self._intern(connection.permissions - removed)
         for family_id in self._client_families.get(e.client_id, ()):
             family = self.families[family_id]
+            family.permissions = self._intern(family.permissions - removed)
             for token_hash in family.tokens:
                 token = self.tokens.get(token_hash)
                 if token is not None:
                     token.permissions = self._intern(token.permissions - removed)
+        # Lone tokens too: a permission removed and added back must not come back to them.
+        for lone_key in self._client_tokens.get(e.client_id, ()):
+            lone = self.tokens.get(lone_key)
+            if lone is not None:
+                lone.permissions = self._intern(lone.permissions - removed)
 
     def _secret_rotated(self, e: ev.ClientSecretRotated, r: RecordedEvent) -> None:
         app = self.apps.get(e.client_id)

@@ -17,9 +17,13 @@ def _json(event: object, **_: object) -> str:
 
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-    )
+    renderer: structlog.typing.Processor
+    if fmt == "console":
+        # Plain tracebacks: the rich ones print local variables, which may hold a
+        # request's secrets.
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_json)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -46,7 +46,9 @@ def new_id(prefix: str) -> str:
 
 def digest(secret: str) -> str:
     """The stored form of a high-entropy secret: SHA-256, hex."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # surrogateescape: a header with bytes that are not UTF-8 reaches here as lone
+    # surrogates; it must hash (to nothing anyone knows), not raise.
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def matches(secret: str, stored_digest: str) -> bool:

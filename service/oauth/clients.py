@@ -32,7 +32,7 @@ def credentials_from(
             raise InvalidRequest("use one client authentication method, not two (RFC 6749 §2.3)")
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # also non-ASCII input, and bad UTF-8
             raise InvalidClient("malformed Basic credentials") from None
         client_id, sep, secret = decoded.partition(":")
         if not sep:

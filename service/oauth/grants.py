@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ ACCESS_TOKEN_TTL = 2 * 3600  # authorization_code access tokens (the seed: 2 hou
 REFRESH_TOKEN_TTL = 30 * 86400
 CODE_TTL = 600  # at most 10 minutes (RFC 6749 §4.1.2)
 MAX_SCOPE = 2000
+VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")  # RFC 7636 §4.1
 
 
 class ApplicationChanged(Exception):
@@ -159,6 +161,8 @@ async def authorization_code(
     if state.code_challenge is not None:
         if not verifier:
             raise InvalidGrant("code_verifier is required (PKCE)")
+        if not VERIFIER.match(verifier):
+            raise InvalidGrant("code_verifier must be 43 to 128 unreserved characters")
         if not pkce_ok(verifier, state.code_challenge):
             raise InvalidGrant("code_verifier does not match the code_challenge")
     elif verifier:

@@ -40,12 +40,28 @@ def bearer_token(request: web.Request) -> str:
     return value.strip()
 
 
+def canonical_path(request: web.Request) -> str:
+    """The path the permission is decided on is the path the upstream gets: one with a
+    `.`/`..` segment or an empty one (`//`) could mean another route there, so it is
+    refused rather than normalised."""
+    segments = request.path.split("/")[1:]
+    if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
+        raise GatewayBadRequest("the path has empty, '.' or '..' segments")
+    return request.path
+
+
+class GatewayBadRequest(TollgateError):
+    error = "invalid_request"
+    status = 400
+
+
 @routes.route("*", "/api/{path:.*}")
 async def gateway(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
+    path = canonical_path(request)
     raw = bearer_token(request)
     ip = caller_ip(request)
-    permission = request.app[ROUTES].permission_for(request.method, request.path)
+    permission = request.app[ROUTES].permission_for(request.method, path)
     meta = metadata(request, "gateway", ip)
     allowed = await policy.decide(ctx, raw, ip, permission, "api", meta)
     upstream = request.app[UPSTREAM].session
@@ -85,8 +101,9 @@ async def _proxy(
     headers["X-Tollgate-Company"] = allowed.token.company_id
     headers["X-Tollgate-Client"] = allowed.token.client_id
     headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
-    forwarded = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{forwarded}, {ip}" if forwarded else ip
+    # The caller's address as Tollgate decided it (trusted proxies honoured): a chain the
+    # caller sent itself could be forged, so it is not passed on.
+    headers["X-Forwarded-For"] = ip
     body = request.content if request.body_exists else None
     try:
         async with session.request(

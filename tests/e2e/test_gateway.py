@@ -368,3 +368,24 @@ async def test_the_violation_path_end_to_end_sends_one_email(db, settings):
     finally:
         await client.close()
         await smtp.stop()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/x/../invoices",
+        "/api/v1/./invoices/7",
+        "/api/v1//invoices",
+        "/api/v1/%2e%2e/invoices",
+    ],
+)
+async def test_paths_with_dot_or_empty_segments_are_refused_not_normalised(client, company, path):
+    from tests.e2e.test_no_server_errors import raw_request
+
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1"], permissions=["debtors:read"])
+    token = (await cc_token(client, app))["access_token"]
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    assert await raw_request(client, request) == 400

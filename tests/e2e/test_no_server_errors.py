@@ -74,3 +74,36 @@ async def test_malformed_requests_never_get_a_500(client, company, seed):
         )
         seen += 1
     assert seen == len(combos)
+
+
+async def raw_request(client, request: bytes) -> int:
+    """Bytes on the wire, as a client that is not aiohttp may send them."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(request)
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+@pytest.mark.parametrize(
+    ("path", "header"),
+    [
+        ("/oauth/token", b"Authorization: Basic \xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"),
+        ("/oauth/introspect", b"Authorization: Bearer \xff\xfe"),
+        ("/policy/check", b"Authorization: Bearer \xff\xfe"),
+        ("/admin/applications", b"Cookie: tg_session=" + b"a" * 40 + b"\xff"),
+        ("/oauth/authorize?client_id=x", b"Cookie: tg_session=" + b"a" * 40 + b"\xff"),
+    ],
+)
+async def test_header_bytes_that_are_not_utf8_get_a_4xx(client, path, header):
+    method = b"GET" if "authorize" in path else b"POST"
+    body = b"grant_type=client_credentials&token=x"
+    request = (
+        method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    assert 400 <= await raw_request(client, request) < 500

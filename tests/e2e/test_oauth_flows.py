@@ -421,3 +421,32 @@ async def test_the_issuer_comes_from_public_url_when_set(db, settings):
         await client.close()
     assert meta["issuer"] == "https://auth.example.com"
     assert meta["token_endpoint"] == "https://auth.example.com/oauth/token"
+
+
+async def test_a_malformed_code_verifier_is_invalid_grant(client, company, ac_app):
+    _verifier, challenge = pkce()
+    code = await code_for(client, company, ac_app, challenge=challenge)
+    response = await exchange(client, ac_app, code, "é" * 50)
+    assert response.status == 400
+    assert (await response.json())["error"] == "invalid_grant"
+
+
+async def test_a_removed_permission_does_not_come_back_to_a_client_credentials_token(
+    client, company
+):
+    app = await new_app(
+        client, company, ip_allowlist=["127.0.0.1"], permissions=["invoices:read", "debtors:read"]
+    )
+    token = (await cc_token(client, app))["access_token"]
+    path = f"/admin/applications/{app['client_id']}"
+    headers = {"Authorization": f"Bearer {token}"}
+    await client.patch(path, json={"permissions": ["invoices:read"]}, headers=company.auth)
+    assert (await (await client.get("/api/v1/whoami", headers=headers)).json())["permissions"] == [
+        "invoices:read"
+    ]
+    await client.patch(
+        path, json={"permissions": ["invoices:read", "debtors:read"]}, headers=company.auth
+    )
+    assert (await (await client.get("/api/v1/whoami", headers=headers)).json())["permissions"] == [
+        "invoices:read"
+    ]
