@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 import structlog
@@ -44,6 +44,7 @@ DATABASE = web.AppKey("database", Database)
 EVENTLOG = web.AppKey("eventlog", EventLog)
 RUNNER = web.AppKey("runner", ProjectionRunner)
 NOTIFIER = web.AppKey("notifier", Notifier)
+CATALOGUE = web.AppKey("catalogue", Mapping[str, str])
 
 
 def create_app(settings: Settings, *, database: Database | None = None) -> web.Application:
@@ -61,7 +62,9 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.cleanup_ctx.append(_upstream_ctx)
     # Per address and caller: 5 failures in 15 minutes. Per address from anywhere: 20.
     app[THROTTLE] = Throttle(limit=5, window=900)
-    app[ROUTES] = load_routes(settings.routes_file, load_catalogue(settings.permissions_file))
+    # Read once, here: a bad PERMISSIONS_FILE or ROUTES_FILE stops the start at once.
+    app[CATALOGUE] = load_catalogue(settings.permissions_file)
+    app[ROUTES] = load_routes(settings.routes_file, app[CATALOGUE])
     app.add_routes(ops_routes)
     app.add_routes(login_routes)
     app.add_routes(oauth_routes)
@@ -132,7 +135,7 @@ async def _context_ctx(app: web.Application) -> AsyncIterator[None]:
         feed=feed,
         policy=policy,
         directory=directory,
-        catalogue=load_catalogue(settings.permissions_file),
+        catalogue=app[CATALOGUE],
         metrics=app[METRICS],
     )
     yield

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from projections.directory import User
 from service.context import Context
 from service.domain import credentials
 from service.errors import Forbidden, Unauthorized
@@ -38,17 +39,26 @@ async def principal(request: web.Request, ctx: Context) -> Principal:
     key = bearer(request)
     if key is not None:
         return await _admin_key(ctx, key)
-    cookie = request.cookies.get(sessions.COOKIE)
-    if cookie:
-        session = await sessions.load(ctx.pool, cookie)
-        user = ctx.directory.users.get(session.user_id) if session else None
-        if session is not None and user is not None and not user.removed:
-            if request.method not in SAFE_METHODS and not session.csrf_ok(
-                request.headers.get("X-CSRF-Token", "")
-            ):
-                raise Forbidden("a session-authenticated change needs its X-CSRF-Token header")
-            return Principal(user.company_id, f"user:{user.user_id}", user.role, session)
+    found = await signed_in(request, ctx)
+    if found is not None:
+        session, user = found
+        if request.method not in SAFE_METHODS and not session.csrf_ok(
+            request.headers.get("X-CSRF-Token", "")
+        ):
+            raise Forbidden("a session-authenticated change needs its X-CSRF-Token header")
+        return Principal(user.company_id, f"user:{user.user_id}", user.role, session)
     raise Unauthorized(realm="tollgate-admin")
+
+
+async def signed_in(request: web.Request, ctx: Context) -> tuple[sessions.Session, User] | None:
+    """The browser session and its user, while both are live (a removed user's session
+    is worth nothing)."""
+    value = request.cookies.get(sessions.COOKIE)
+    session = await sessions.load(ctx.pool, value) if value else None
+    user = ctx.directory.users.get(session.user_id) if session is not None else None
+    if session is None or user is None or user.removed:
+        return None
+    return session, user
 
 
 async def _admin_key(ctx: Context, key: str) -> Principal:

@@ -20,6 +20,7 @@ from service.domain.applications import AUTHORIZATION_CODE
 from service.errors import TollgateError
 from service.oauth import grants, tokens
 from service.web import pages, sessions
+from service.web.auth import signed_in
 from service.web.bodies import form_body
 from service.web.keys import CONTEXT, metadata
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
@@ -119,12 +120,8 @@ def _redirect_error(uri: str, state: str | None, description: str) -> web.HTTPFo
 
 
 async def _session(request: web.Request, ctx: Context) -> sessions.Session | None:
-    value = request.cookies.get(sessions.COOKIE)
-    session = await sessions.load(ctx.pool, value) if value else None
-    if session is None:
-        return None
-    user = ctx.directory.users.get(session.user_id)
-    return None if user is None or user.removed else session
+    found = await signed_in(request, ctx)
+    return None if found is None else found[0]
 
 
 @routes.get("/oauth/authorize")

@@ -17,6 +17,7 @@ from service.context import Context
 from service.domain import credentials
 from service.history import COMPANY_IS
 from service.web import pages, sessions
+from service.web.auth import signed_in
 from service.web.bodies import form_body
 from service.web.keys import CONTEXT
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
@@ -66,12 +67,8 @@ class Overview:
 
 async def _signed_in(request: web.Request, ctx: Context) -> tuple[str, str] | None:
     """(user id, role) of the session's user, if there is a live session."""
-    value = request.cookies.get(sessions.COOKIE)
-    session = await sessions.load(ctx.pool, value) if value else None
-    user = ctx.directory.users.get(session.user_id) if session else None
-    if user is None or user.removed:
-        return None
-    return user.user_id, user.role
+    found = await signed_in(request, ctx)
+    return None if found is None else (found[1].user_id, found[1].role)
 
 
 def _login(request: web.Request, message: str | None = None, status: int = 200) -> web.Response:
