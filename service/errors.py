@@ -55,9 +55,13 @@ class Unauthorized(TollgateError):
     error = "invalid_token"
     status = 401
 
-    def __init__(self, description: str = "", *, realm: str = "tollgate") -> None:
+    def __init__(
+        self, description: str = "", *, realm: str = "tollgate", sent: bool | None = None
+    ) -> None:
+        # `sent`: whether credentials came at all; without them the challenge names no
+        # error (RFC 6750 §3.1). By default: whether there is something to describe.
         challenge = f'Bearer realm="{realm}"'
-        if description:
+        if description and (sent is None or sent):
             challenge += f', error="invalid_token", error_description="{description}"'
         super().__init__(description, headers={"WWW-Authenticate": challenge})
 

@@ -12,24 +12,18 @@ from dataclasses import dataclass
 from projections.memory import AppState, TokenState
 from service import events as ev
 from service.context import Context
-from service.errors import TollgateError
+from service.errors import TollgateError, Unauthorized
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
 
 REALM = "tollgate"
 
 
-class InvalidToken(TollgateError):
+class InvalidToken(Unauthorized):
     """RFC 6750 §3.1: 401 invalid_token (no error code when no token was sent at all)."""
 
-    error = "invalid_token"
-    status = 401
-
     def __init__(self, description: str, *, sent: bool = True) -> None:
-        challenge = f'Bearer realm="{REALM}"'
-        if sent:
-            challenge += f', error="invalid_token", error_description="{description}"'
-        super().__init__(description, headers={"WWW-Authenticate": challenge})
+        super().__init__(description, realm=REALM, sent=sent)
 
 
 class InsufficientScope(TollgateError):

@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from service import policy
-from service.errors import TollgateError
+from service.errors import InvalidRequest, TollgateError
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
 
 routes = web.RouteTableDef()
@@ -46,13 +46,8 @@ def canonical_path(request: web.Request) -> str:
     refused rather than normalised."""
     segments = request.path.split("/")[1:]
     if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
-        raise GatewayBadRequest("the path has empty, '.' or '..' segments")
+        raise InvalidRequest("the path has empty, '.' or '..' segments")
     return request.path
-
-
-class GatewayBadRequest(TollgateError):
-    error = "invalid_request"
-    status = 400
 
 
 @routes.route("*", "/api/{path:.*}")
