@@ -61,27 +61,39 @@ BEGIN
                        ORDER BY e.position DESC LIMIT 1) AS h ON true;
 END $$;
 
--- Inserts a batch planned by the writer (positions, versions and hashes already computed
--- under the lock) and wakes the listeners. The rows come as one JSON array: one parameter
--- to encode instead of ten arrays.
-CREATE OR REPLACE FUNCTION events_insert(p_rows json, p_recorded timestamptz)
+-- A batch planned by the writer (positions, versions and hashes computed under the lock),
+-- as rows of the table. The rows come as one JSON array: one parameter to encode instead
+-- of ten arrays. `json` operators parse the whole text on every call, so it is parsed once,
+-- here, and nothing else looks into it.
+CREATE OR REPLACE FUNCTION events_rows(p_rows json, p_recorded timestamptz)
+RETURNS events[]
+LANGUAGE sql STABLE AS $$
+    SELECT ARRAY(
+        SELECT ROW(r.position, r.stream_id, r.version, r.type, r.schema_version, r.company_id,
+                   r.payload, r.metadata, p_recorded, decode(r.hash, 'hex'))::events
+        FROM json_to_recordset(p_rows) AS r(position bigint, stream_id text, version integer,
+                                             type text, schema_version smallint,
+                                             company_id text, payload json, metadata json,
+                                             hash text))
+$$;
+
+-- Writes a planned batch and wakes the listeners.
+CREATE OR REPLACE FUNCTION events_write(p_batch events[])
 RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    last_position bigint;
 BEGIN
-    INSERT INTO events (position, stream_id, version, type, schema_version, company_id,
-                        payload, metadata, recorded_at, hash)
-    SELECT r.position, r.stream_id, r.version, r.type, r.schema_version, r.company_id,
-           r.payload, r.metadata, p_recorded, decode(r.hash, 'hex')
-    FROM json_to_recordset(p_rows) AS r(position bigint, stream_id text, version integer,
-                                         type text, schema_version smallint, company_id text,
-                                         payload json, metadata json, hash text);
-    last_position := (p_rows -> (json_array_length(p_rows) - 1) ->> 'position')::bigint;
-    IF last_position IS NOT NULL THEN
-        PERFORM pg_notify('tollgate_events', last_position::text);
+    IF cardinality(p_batch) > 0 THEN
+        INSERT INTO events SELECT * FROM unnest(p_batch);
+        PERFORM pg_notify('tollgate_events', p_batch[cardinality(p_batch)].position::text);
     END IF;
 END $$;
+
+-- The locked path: inside the transaction opened by events_begin_append.
+CREATE OR REPLACE FUNCTION events_insert(p_rows json, p_recorded timestamptz)
+RETURNS void
+LANGUAGE sql AS $$
+    SELECT events_write(events_rows(p_rows, p_recorded))
+$$;
 
 -- The common case in one round trip: this process appended last, so it already knows the
 -- head of the chain and assumes each stream is at its expected version. Under the same lock,
@@ -97,6 +109,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     head_position bigint;
     head_hash bytea;
+    -- Parsed before the lock is taken: less time holding it.
+    batch events[] := events_rows(p_rows, p_recorded);
 BEGIN
     LOCK TABLE events IN EXCLUSIVE MODE;
     SELECT e.position, e.hash INTO head_position, head_hash
@@ -111,7 +125,7 @@ BEGIN
     END IF;
     -- A new stream that exists after all raises unique_violation: the writer takes that
     -- as "false" (an EXCEPTION block here would cost a subtransaction per call).
-    PERFORM events_insert(p_rows, p_recorded);
+    PERFORM events_write(batch);
     RETURN true;
 END $$;
 
