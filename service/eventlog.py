@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -117,7 +118,7 @@ _DB_ERRORS = (
 )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Append:
     stream_id: str
     expected_version: int | None
@@ -166,7 +167,8 @@ class EventLog:
         self._max_batch_events = max_batch_events
         self.poll_interval = poll_interval
         self.wakeup = Wakeup()
-        self._queue: asyncio.Queue[_Append] = asyncio.Queue()
+        self._pending: deque[_Append] = deque()
+        self._idle: asyncio.Future[None] | None = None  # set while the writer waits for work
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
@@ -192,6 +194,8 @@ class EventLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        while self._pending:  # appends the writer never took: not written
+            _settle(self._pending.popleft(), EventLogUnavailable("the event log was closed"))
         if self._listener is not None:
             with contextlib.suppress(*_DB_ERRORS):
                 await self._listener.close()
@@ -227,7 +231,10 @@ class EventLog:
         request = _Append(
             stream_id, expected_version, events, metadata or Metadata(), conditions, future
         )
-        self._queue.put_nowait(request)
+        self._pending.append(request)
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
         return await future
 
     async def _writer(self) -> None:
@@ -235,8 +242,10 @@ class EventLog:
         # next batch. (Two in flight, chained on the predicted head, measured no faster:
         # the second one only waits for the table lock.)
         while True:
-            first = await self._queue.get()
-            await self._commit_batch(self._drain(first))
+            if not self._pending:
+                self._idle = asyncio.get_running_loop().create_future()
+                await self._idle
+            await self._commit_batch(self._drain())
 
     async def _writer_connection(self) -> PoolConnectionProxy[asyncpg.Record]:
         """The writer keeps one connection: no pool round trip per batch."""
@@ -248,11 +257,12 @@ class EventLog:
             self._conn = await self._pool.acquire()
         return self._conn
 
-    def _drain(self, first: _Append) -> list[_Append]:
-        batch = [first]
-        size = len(first.events)
-        while size < self._max_batch_events and not self._queue.empty():
-            request = self._queue.get_nowait()
+    def _drain(self) -> list[_Append]:
+        pending = self._pending
+        batch = [pending.popleft()]
+        size = len(batch[0].events)
+        while pending and size < self._max_batch_events:
+            request = pending.popleft()
             batch.append(request)
             size += len(request.events)
         return batch
