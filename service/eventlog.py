@@ -31,8 +31,6 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -41,7 +39,31 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from service import chain
-from service.events import SCHEMA_VERSIONS, Event, decode, encode, tenant_of, type_of
+from service.appends import Append, Head, Plan, assumed_versions, settle, versions_encoder
+from service.events import Event, decode
+from service.records import (
+    EPOCH,
+    NO_METADATA,
+    ConcurrencyError,
+    EventLogError,
+    EventLogUnavailable,
+    Metadata,
+    RecordedEvent,
+    to_recorded,
+)
+
+__all__ = [
+    "EPOCH",
+    "NO_METADATA",
+    "ConcurrencyError",
+    "EventLog",
+    "EventLogError",
+    "EventLogUnavailable",
+    "Metadata",
+    "RecordedEvent",
+    "Wakeup",
+    "to_recorded",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -61,54 +83,6 @@ FROM (SELECT position, version, type, schema_version, payload FROM events
 _lean_decoder = msgspec.json.Decoder(list[tuple[int, int, str, int, msgspec.Raw]])
 
 
-class Metadata(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """Who, from where, and why: recorded with every event."""
-
-    actor: str = "system"  # "user:<id>", "admin_key:<id>", "client:<id>", "system"
-    request_id: str | None = None
-    client_ip: str | None = None
-    causation: int | None = None  # position of the event that caused this one
-
-
-_metadata_encoder = msgspec.json.Encoder(order="sorted")
-_metadata_decoder = msgspec.json.Decoder(Metadata)
-
-
-NO_METADATA = Metadata()
-EPOCH = datetime.fromtimestamp(0, UTC)
-
-
-class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
-    position: int
-    stream_id: str
-    version: int
-    type: str
-    schema_version: int
-    company_id: str | None
-    event: Event
-    metadata: Metadata
-    recorded_at: datetime
-    hash: bytes
-
-
-class EventLogError(Exception):
-    """Base of the errors raised by the event log."""
-
-
-class ConcurrencyError(EventLogError):
-    """A stream (or a condition stream) was not at the expected version; nothing written."""
-
-    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
-        super().__init__(f"stream {stream_id!r} is at version {actual}, expected {expected}")
-        self.stream_id = stream_id
-        self.expected = expected
-        self.actual = actual
-
-
-class EventLogUnavailable(EventLogError):
-    """The database could not be reached or refused the write."""
-
-
 _DB_ERRORS = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -116,18 +90,6 @@ _DB_ERRORS = (
     OSError,
     asyncio.TimeoutError,
 )
-
-
-@dataclass(eq=False, slots=True)
-class _Append:
-    stream_id: str
-    expected_version: int | None
-    events: Sequence[Event]
-    metadata: Metadata
-    conditions: Sequence[tuple[str, int]]
-    future: asyncio.Future[list[int]]
-    positions: list[int] = field(default_factory=list)
-    error: EventLogError | None = None
 
 
 class Wakeup:
@@ -167,7 +129,7 @@ class EventLog:
         self._max_batch_events = max_batch_events
         self.poll_interval = poll_interval
         self.wakeup = Wakeup()
-        self._pending: deque[_Append] = deque()
+        self._pending: deque[Append] = deque()
         self._idle: asyncio.Future[None] | None = None  # set while the writer waits for work
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncpg.Connection | None = None
@@ -178,7 +140,7 @@ class EventLog:
         #: called with each committed batch's size (metrics)
         self.on_commit = on_commit
         #: the chain head as this process last wrote or saw it (None: not known yet)
-        self._head: _Head | None = None
+        self._head: Head | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -195,7 +157,7 @@ class EventLog:
                 await task
         self._tasks.clear()
         while self._pending:  # appends the writer never took: not written
-            _settle(self._pending.popleft(), EventLogUnavailable("the event log was closed"))
+            settle(self._pending.popleft(), EventLogUnavailable("the event log was closed"))
         if self._listener is not None:
             with contextlib.suppress(*_DB_ERRORS):
                 await self._listener.close()
@@ -228,7 +190,7 @@ class EventLog:
         if not self._tasks:
             raise EventLogError("the event log is not started")
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        request = _Append(
+        request = Append(
             stream_id, expected_version, events, metadata or Metadata(), conditions, future
         )
         self._pending.append(request)
@@ -257,7 +219,7 @@ class EventLog:
             self._conn = await self._pool.acquire()
         return self._conn
 
-    def _drain(self) -> list[_Append]:
+    def _drain(self) -> list[Append]:
         pending = self._pending
         batch = [pending.popleft()]
         size = len(batch[0].events)
@@ -267,7 +229,7 @@ class EventLog:
             size += len(request.events)
         return batch
 
-    async def _commit_batch(self, batch: list[_Append]) -> None:
+    async def _commit_batch(self, batch: list[Append]) -> None:
         try:
             await self._commit(batch)
         except _DB_ERRORS as exc:
@@ -277,35 +239,35 @@ class EventLog:
                     await self._commit_batch([request])
                 return
             log.warning("eventlog.append_failed", error=str(exc), stream_id=batch[0].stream_id)
-            _settle(batch[0], EventLogUnavailable(str(exc)))
+            settle(batch[0], EventLogUnavailable(str(exc)))
             return
         except BaseException as exc:
             for request in batch:
-                _settle(request, EventLogUnavailable(f"append interrupted: {exc!r}"))
+                settle(request, EventLogUnavailable(f"append interrupted: {exc!r}"))
             raise
         self.batches_committed += 1
         self.appends_committed += len(batch)
         if self.on_commit is not None:
             self.on_commit(len(batch))
         for request in batch:
-            _settle(request)
+            settle(request)
         last = max((r.positions[-1] for r in batch if r.positions), default=0)
         if last:
             self.wakeup.notify(last)
 
-    async def _commit(self, batch: list[_Append]) -> None:
+    async def _commit(self, batch: list[Append]) -> None:
         conn = await self._writer_connection()
-        assumed = _assumed_versions(batch)
+        assumed = assumed_versions(batch)
         predicted = self._head
         if predicted is not None and assumed is not None:
-            plan = _Plan.build(batch, predicted, assumed)
+            plan = Plan.build(batch, predicted, assumed)
             exact = {s: v for s, v in assumed.items() if v or s in plan.condition_streams}
             try:
                 committed = await conn.fetchval(
                     "SELECT events_append_if_head($1, $2, $3, $4, $5)",
                     predicted.position,
                     None if predicted.position == 0 else predicted.hash,
-                    _versions_encoder.encode(exact).decode(),
+                    versions_encoder.encode(exact).decode(),
                     plan.rows,
                     plan.recorded_at,
                 )
@@ -324,11 +286,11 @@ class EventLog:
         async with conn.transaction():
             row = await conn.fetchrow("SELECT * FROM events_begin_append($1)", streams)
             assert row is not None
-            head = _Head(
+            head = Head(
                 row["head_position"] or 0,
                 bytes(row["head_hash"]) if row["head_hash"] else chain.GENESIS,
             )
-            plan = _Plan.build(batch, head, dict(zip(streams, row["versions"], strict=True)))
+            plan = Plan.build(batch, head, dict(zip(streams, row["versions"], strict=True)))
             if plan.count:
                 await conn.execute("SELECT events_insert($1, $2)", plan.rows, plan.recorded_at)
         self._head = plan.head
@@ -439,128 +401,3 @@ class EventLog:
                         await self._listener.close()
                     self._listener = None
             await asyncio.sleep(self.poll_interval)
-
-
-@dataclass(frozen=True)
-class _Head:
-    position: int
-    hash: bytes
-
-
-class _Row(msgspec.Struct, gc=False):
-    """One event as `events_insert` reads it (json_to_recordset)."""
-
-    position: int
-    stream_id: str
-    version: int
-    type: str
-    schema_version: int
-    company_id: str | None
-    payload: msgspec.Raw
-    metadata: msgspec.Raw
-    hash: str  # hex
-
-
-_rows_encoder = msgspec.json.Encoder()
-_versions_encoder = msgspec.json.Encoder()
-
-
-@dataclass
-class _Plan:
-    """The rows of one batch: positions, versions and the hash chain, as one JSON array."""
-
-    rows: str
-    count: int
-    head: _Head
-    recorded_at: datetime
-    condition_streams: frozenset[str]
-
-    @classmethod
-    def build(cls, batch: list[_Append], head: _Head, versions: dict[str, int]) -> _Plan:
-        versions = dict(versions)
-        recorded_at = datetime.now(UTC)
-        stamp = chain.timestamp(recorded_at)
-        position, previous = head.position, head.hash
-        rows: list[_Row] = []
-        for request in batch:
-            request.positions = []
-            request.error = _check(request, versions)
-            if request.error is not None:
-                continue
-            meta = _metadata_encoder.encode(request.metadata)
-            stream_id = request.stream_id
-            for event in request.events:
-                position += 1
-                version = versions[stream_id] = versions[stream_id] + 1
-                tag = type_of(event)
-                payload = encode(event)
-                schema_version = SCHEMA_VERSIONS[tag]
-                tenant = tenant_of(event)
-                previous = chain.event_hash(
-                    previous,
-                    position=position,
-                    stream_id=stream_id,
-                    version=version,
-                    type=tag,
-                    schema_version=schema_version,
-                    company_id=tenant,
-                    payload=payload,
-                    metadata=meta,
-                    recorded_at=stamp,
-                )
-                rows.append(
-                    _Row(position, stream_id, version, tag, schema_version, tenant,
-                         msgspec.Raw(payload), msgspec.Raw(meta), previous.hex())
-                )  # fmt: skip
-                request.positions.append(position)
-        text = _rows_encoder.encode(rows).decode()
-        conditions = frozenset(s for r in batch for s, _ in r.conditions)
-        return cls(text, len(rows), _Head(position, previous), recorded_at, conditions)
-
-
-def _assumed_versions(batch: list[_Append]) -> dict[str, int] | None:
-    """The versions every stream must be at for this batch to go through as asked, or None
-    when an append accepts any version (then only the real versions can tell)."""
-    assumed: dict[str, int] = {}
-    for request in batch:
-        if request.expected_version is None:
-            return None
-        for stream_id, version in request.conditions:
-            assumed.setdefault(stream_id, version)
-        assumed.setdefault(request.stream_id, request.expected_version)
-    return assumed
-
-
-def _check(request: _Append, versions: dict[str, int]) -> EventLogError | None:
-    for stream_id, expected in request.conditions:
-        if versions[stream_id] != expected:
-            return ConcurrencyError(stream_id, expected, versions[stream_id])
-    actual = versions[request.stream_id]
-    if request.expected_version is not None and actual != request.expected_version:
-        return ConcurrencyError(request.stream_id, request.expected_version, actual)
-    return None
-
-
-def _settle(request: _Append, error: EventLogError | None = None) -> None:
-    if request.future.done():
-        return
-    error = error or request.error
-    if error is not None:
-        request.future.set_exception(error)
-    else:
-        request.future.set_result(request.positions)
-
-
-def to_recorded(row: Any) -> RecordedEvent:
-    return RecordedEvent(
-        position=row["position"],
-        stream_id=row["stream_id"],
-        version=row["version"],
-        type=row["type"],
-        schema_version=row["schema_version"],
-        company_id=row["company_id"],
-        event=decode(row["type"], row["schema_version"], row["payload"]),
-        metadata=_metadata_decoder.decode(row["metadata"]),
-        recorded_at=row["recorded_at"],
-        hash=bytes(row["hash"]),
-    )

@@ -1,0 +1,73 @@
+"""What the event log stores and raises: event metadata, recorded events, errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from service.events import Event, decode
+
+
+class Metadata(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Who, from where, and why: recorded with every event."""
+
+    actor: str = "system"  # "user:<id>", "admin_key:<id>", "client:<id>", "system"
+    request_id: str | None = None
+    client_ip: str | None = None
+    causation: int | None = None  # position of the event that caused this one
+
+
+metadata_encoder = msgspec.json.Encoder(order="sorted")
+metadata_decoder = msgspec.json.Decoder(Metadata)
+
+
+NO_METADATA = Metadata()
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    company_id: str | None
+    event: Event
+    metadata: Metadata
+    recorded_at: datetime
+    hash: bytes
+
+
+class EventLogError(Exception):
+    """Base of the errors raised by the event log."""
+
+
+class ConcurrencyError(EventLogError):
+    """A stream (or a condition stream) was not at the expected version; nothing written."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id!r} is at version {actual}, expected {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class EventLogUnavailable(EventLogError):
+    """The database could not be reached or refused the write."""
+
+
+def to_recorded(row: Any) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        stream_id=row["stream_id"],
+        version=row["version"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        company_id=row["company_id"],
+        event=decode(row["type"], row["schema_version"], row["payload"]),
+        metadata=metadata_decoder.decode(row["metadata"]),
+        recorded_at=row["recorded_at"],
+        hash=bytes(row["hash"]),
+    )
