@@ -22,15 +22,8 @@ from service.app import CONTEXT
 from service.context import Context
 from service.database import Database
 from service.eventlog import EventLogUnavailable
-from service.notifier import (
-    NAME,
-    Backoff,
-    Notifier,
-    eml_path,
-    failures_stream,
-    message_id,
-    notification_stream,
-)
+from service.mail import eml_path, message_id
+from service.notifier import NAME, Backoff, Notifier, failures_stream, notification_stream
 from service.runtime import open_context
 from service.settings import Settings
 from tests.e2e.oauth_helpers import new_app

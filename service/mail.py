@@ -1,0 +1,164 @@
+"""The violation email: its text and headers, its `.eml` drop, and SMTP failures told
+apart (permanent or worth retrying)."""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import hashlib
+import os
+import re
+import textwrap
+import unicodedata
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+
+from service.events import IpViolationDetected
+from service.settings import Settings
+
+_ENDPOINTS = {
+    "api": (
+        "a valid access token was presented to the API gateway",
+        "the API gateway (/api/...)",
+    ),
+    "policy_check": (
+        "a resource server asked Tollgate about a valid access token used",
+        "the policy check (POST /policy/check)",
+    ),
+    "token": (
+        "valid client credentials were presented at the token endpoint",
+        "the token endpoint (POST /oauth/token)",
+    ),
+}
+
+
+def build_message(
+    *,
+    position: int,
+    violation: IpViolationDetected,
+    app_name: str | None,
+    recorded_at: datetime,
+    recipients: list[str],
+    mail_from: str,
+    now: datetime | None = None,
+) -> EmailMessage:
+    """The notification email. It names the application, the address and the time, and
+    never carries a token, hash, secret or code."""
+    name = _one_line(app_name) if app_name else "(deleted application)"
+    what, where = _ENDPOINTS.get(
+        violation.endpoint,
+        ("valid credentials were presented", _one_line(violation.endpoint)),
+    )
+    message = EmailMessage()
+    message["Subject"] = (
+        f'Tollgate security alert: "{name}" used from {violation.ip}, outside its IP allow list'
+    )
+    message["From"] = mail_from
+    message["To"] = ", ".join(recipients)
+    message["Date"] = email.utils.format_datetime(now or datetime.now(UTC))
+    message["Message-ID"] = message_id(position, violation.client_id, mail_from)
+    message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
+    message["X-Tollgate-Violation"] = str(position)
+    body = _body(position, violation, name, recorded_at, what, where)
+    # Plain ASCII goes as is (readable in the .eml file); other text is encoded.
+    message.set_content(body, cte="7bit" if body.isascii() else None)
+    return message
+
+
+def _body(
+    position: int,
+    violation: IpViolationDetected,
+    name: str,
+    recorded_at: datetime,
+    what: str,
+    where: str,
+) -> str:
+    if violation.token_revoked:
+        outcome = "The access token was revoked: whoever used it must obtain a new one."
+    elif violation.endpoint == "token":
+        outcome = "The request was refused (403); no token was issued."
+    else:
+        outcome = "The request was refused (403); the token was not revoked."
+    when = recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    intro = textwrap.fill(
+        f"Tollgate refused a request for one of your applications: {what} from "
+        f"{violation.ip}, an address outside the application's IP allow list.",
+        width=76,
+    )
+    return f"""\
+{intro}
+
+Application:  {name}
+Client ID:    {violation.client_id}
+IP address:   {violation.ip}
+When:         {when}
+Endpoint:     {where}
+
+{outcome}
+
+What to do:
+- Check where this application's credentials are used, and whether the
+  address above is one of your systems.
+- If the credentials may have leaked, rotate the client secret now; in the
+  admin API:
+  POST /admin/applications/{violation.client_id}/rotate-secret
+- If the address is legitimate, add it to the application's IP allow list.
+
+Reference: violation {position}. You receive this email because this address is one of
+the application's notification addresses.
+"""
+
+
+def message_id(position: int, client_id: str, mail_from: str) -> str:
+    """The same violation always gets the same Message-ID, so a resend is recognisable."""
+    domain = email.utils.parseaddr(mail_from)[1].rpartition("@")[2]
+    domain = re.sub(r"[^A-Za-z0-9.-]", "", domain) or "tollgate.invalid"
+    # A digest of the client_id keeps the header short enough not to be folded.
+    client = hashlib.sha256(client_id.encode()).hexdigest()[:16]
+    return f"<violation-{position}.{client}@{domain}>"
+
+
+def _one_line(text: str) -> str:
+    """User-supplied text in a header or a body line: no control characters, no newlines."""
+    cleaned = "".join(" " if unicodedata.category(c).startswith("C") else c for c in text)
+    return " ".join(cleaned.split())
+
+
+def eml_path(mail_dir: Path, position: int) -> Path:
+    # Zero-padded: the files sort by violation position.
+    return mail_dir / f"violation-{position:012d}.eml"
+
+
+def write_eml(settings: Settings, position: int, message: EmailMessage) -> Path:
+    """Write the message as an RFC 5322 file; a resend replaces it atomically."""
+    settings.mail_dir.mkdir(parents=True, exist_ok=True)
+    path = eml_path(settings.mail_dir, position)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(message.as_bytes(policy=email.policy.SMTP))
+    os.replace(partial, path)
+    return path
+
+
+def permanent(exc: BaseException) -> bool:
+    """A 5xx answer from the mail server: trying again will not change it. Connection
+    errors, timeouts and 4xx answers are transient and retried for as long as it takes."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(500 <= r.code < 600 for r in exc.recipients)
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600
+
+
+def describe(exc: BaseException) -> str:
+    """A short, secret-free account of a failure for the log and the Failed event."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = f"SMTP {exc.code}: {exc.message}"
+    elif isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = sorted({r.code for r in exc.recipients})
+        text = f"SMTP: every recipient refused ({', '.join(map(str, codes))})"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{type(exc).__name__}: {exc.strerror}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:200]
