@@ -12,7 +12,8 @@ from aiohttp import web
 
 from projections.catalog import sql_projections
 from projections.directory import DirectoryModel
-from projections.memory import MemoryFeed, PolicyModel
+from projections.feed import MemoryFeed
+from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
 from service.context import Context
 from service.database import Database, open_database

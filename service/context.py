@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from projections.directory import DirectoryModel
-from projections.memory import MemoryFeed, PolicyModel
+from projections.feed import MemoryFeed
+from projections.memory import PolicyModel
 from service.eventlog import EventLog, Metadata
 from service.events import Event
 from service.metrics import Metrics

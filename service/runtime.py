@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from projections.directory import DirectoryModel
-from projections.memory import MemoryFeed, PolicyModel
+from projections.feed import MemoryFeed
+from projections.memory import PolicyModel
 from service.context import Context
 from service.database import Database, open_database
 from service.domain.permissions import load_catalogue

@@ -13,7 +13,8 @@ import asyncpg
 import msgspec
 
 from projections.catalog import sql_projections
-from projections.memory import MemoryFeed, PolicyModel
+from projections.feed import MemoryFeed
+from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
 from service.database import create_pool
 from service.embedded import pg_binary

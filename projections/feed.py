@@ -1,0 +1,107 @@
+"""Feeds the in-memory models from the event log: on demand (a miss, or a request that
+must see its own write) and by following the log's notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+
+log = structlog.get_logger(__name__)
+
+
+class Model(Protocol):
+    position: int
+
+    def apply(self, events: Sequence[RecordedEvent]) -> None: ...
+
+
+class MemoryFeed:
+    """Keeps in-memory models current from the log; `wait_for(position)` gives a request
+    read-your-writes: what this process just appended is visible to its next request."""
+
+    def __init__(
+        self, eventlog: EventLog, models: Sequence[Model], *, batch_size: int = 5000
+    ) -> None:
+        self.eventlog = eventlog
+        self.models = list(models)
+        self.position = min((m.position for m in self.models), default=0)
+        self.batch_size = batch_size
+        self._catch_up_lock = asyncio.Lock()
+        self._next: asyncio.Future[int] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def catch_up(self) -> int:
+        """Apply everything committed so far.
+
+        Callers that arrive while a catch-up runs share the next one (which starts after
+        it and so sees whatever they are looking for): any number of concurrent misses
+        cost at most two reads.
+        """
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._catch_up_after_current())
+        return await asyncio.shield(self._next)
+
+    async def _catch_up_after_current(self) -> int:
+        async with self._catch_up_lock:
+            self._next = None  # from here on, newcomers need a read that starts later
+            return await self._read_and_apply()
+
+    async def _read_and_apply(self) -> int:
+        # The next batch is fetched while the current one is applied, so the database and
+        # this process work side by side.
+        read = self.eventlog.read_all
+        batch = await read(self.position, self.batch_size, lean=True)
+        while batch:
+            upcoming = asyncio.ensure_future(read(batch[-1].position, self.batch_size, lean=True))
+            await asyncio.sleep(0)  # let it send the query before applying takes the CPU
+            try:
+                for model in self.models:
+                    model.apply(batch)
+                self.position = batch[-1].position
+            except BaseException:
+                upcoming.cancel()
+                raise
+            batch = await upcoming
+        return self.position
+
+    async def wait_for(self, position: int) -> None:
+        while self.position < position:
+            await self.catch_up()
+
+    async def start(self) -> None:
+        await self.catch_up()
+        self._task = asyncio.create_task(self._follow(), name="memory-feed")
+
+    async def close(self) -> None:
+        for pending in (self._task, self._next):
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EventLogUnavailable):
+                    await pending
+
+    async def _follow(self) -> None:
+        compacted = time.monotonic()
+        while True:
+            try:
+                await self.catch_up()
+            except EventLogUnavailable as exc:
+                log.warning("memory_feed.catch_up_failed", error=str(exc))
+            now = time.time()
+            for model in self.models:
+                sweep = getattr(model, "sweep", None)
+                if sweep is not None:
+                    sweep(now)
+            if time.monotonic() - compacted > 300:
+                compacted = time.monotonic()
+                for model in self.models:
+                    compact = getattr(model, "compact", None)
+                    if compact is not None:
+                        compact()
+            await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)
