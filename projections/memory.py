@@ -52,7 +52,9 @@ class FamilyState(msgspec.Struct, gc=False):
     refresh_token_hash: str | None = None  # the live one
     refresh_hashes: tuple[str, ...] = ()  # every one issued (spent ones show reuse)
     refresh_expires_at: int | None = None
-    permissions: frozenset[str] = frozenset()  # of the latest access token
+    # The grant (RFC 6749 §6: what a refresh may ask for, all of it when it names no scope):
+    # what the resource owner consented to, less what the application has lost since.
+    permissions: frozenset[str] = frozenset()
     version: int = 0  # the token stream's version
 
 
@@ -313,7 +315,10 @@ class PolicyModel:
             if e.expires_at is not None:
                 heapq.heappush(self._expiry, (e.expires_at, key))
             return
-        family = FamilyState(e.client_id, e.company_id, version=r.version)
+        family = FamilyState(
+            e.client_id, e.company_id, permissions=self._intern(frozenset(e.permissions)),
+            version=r.version,
+        )  # fmt: skip
         self.families[e.family_id] = family
         self._client_families.setdefault(e.client_id, set()).add(e.family_id)
         self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
@@ -355,9 +360,12 @@ class PolicyModel:
     ) -> None:
         key = bytes.fromhex(token_hash)
         family.tokens = (*family.tokens, key)
-        family.permissions = self._intern(frozenset(permissions))
         self.tokens[key] = TokenState(
-            family_id, family.client_id, family.company_id, family.permissions, expires_at
+            family_id,
+            family.client_id,
+            family.company_id,
+            self._intern(frozenset(permissions) & family.permissions),
+            expires_at,
         )
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, key))

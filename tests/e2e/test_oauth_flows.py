@@ -306,6 +306,31 @@ async def test_removing_a_permission_strips_it_everywhere_and_adding_one_does_no
     assert renewed["scope"] == "invoices:read"  # users must authorise again to grant more
 
 
+async def test_a_refresh_may_narrow_the_scope_and_later_ask_for_the_whole_grant(
+    client, company, ac_app
+):
+    """RFC 6749 §6: a refresh asks for any part of the original grant, and an omitted scope
+    means all of it, whatever the previous access token carried."""
+    body = await (await exchange(client, ac_app, await code_for(client, company, ac_app))).json()
+    assert body["scope"] == "debtors:read invoices:read"
+    narrow = await (
+        await refresh(client, ac_app, body["refresh_token"], scope="invoices:read")
+    ).json()
+    assert narrow["scope"] == "invoices:read"
+    assert (await introspect(client, ac_app, narrow["access_token"]))["scope"] == "invoices:read"
+    whole = await (await refresh(client, ac_app, narrow["refresh_token"])).json()
+    assert whole["scope"] == "debtors:read invoices:read"
+    named = await refresh(
+        client, ac_app, whole["refresh_token"], scope="invoices:read debtors:read"
+    )
+    assert named.status == 200, await named.text()
+    again = await named.json()
+    assert set(again["scope"].split()) == {"debtors:read", "invoices:read"}
+    wider = await refresh(client, ac_app, again["refresh_token"], scope="payments:read")
+    assert wider.status == 400
+    assert (await wider.json())["error"] == "invalid_scope"
+
+
 async def test_deleting_an_application_revokes_its_tokens(client, company):
     app = await new_app(client, company)
     token = (await cc_token(client, app))["access_token"]
