@@ -15,6 +15,8 @@ from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 
 log = structlog.get_logger(__name__)
 
+COMPACT_EVERY = 300.0  # seconds between compactions (dropped keys, spent codes)
+
 
 class Model(Protocol):
     position: int
@@ -98,10 +100,10 @@ class MemoryFeed:
                 sweep = getattr(model, "sweep", None)
                 if sweep is not None:
                     sweep(now)
-            if time.monotonic() - compacted > 300:
+            if time.monotonic() - compacted > COMPACT_EVERY:
                 compacted = time.monotonic()
                 for model in self.models:
                     compact = getattr(model, "compact", None)
                     if compact is not None:
-                        compact()
+                        compact(now)
             await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)

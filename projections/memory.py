@@ -391,10 +391,12 @@ class PolicyModel:
     def _drop_token(self, token_hash: bytes) -> None:
         self.tokens.pop(token_hash, None)
 
-    def compact(self) -> None:
-        """Forget the keys of lone tokens that are gone (revoked one by one, expired)."""
+    def compact(self, now: float) -> None:
+        """Forget the keys of lone tokens that are gone (revoked one by one, expired), and
+        authorization codes past their reuse window."""
         for client_id in list(self._client_tokens):
             self._compact(client_id)
+        self.forget_expired_codes(now)
 
     def sweep(self, now: float) -> int:
         """Expired tokens leave the model (the log keeps them): a heap makes this cheap."""
