@@ -27,7 +27,7 @@ class Settings:
     mail_from: str = "tollgate@localhost"
     trusted_proxies: tuple[IPNetwork, ...] = ()
     upstream_url: str | None = None
-    public_url: str | None = None  # the issuer (RFC 8414); unset: taken from the request
+    public_url: str | None = None  # the issuer (RFC 8414); unset: the address served on
     permissions_file: Path | None = None
     routes_file: Path | None = None
     log_format: str = "json"
@@ -37,6 +37,17 @@ class Settings:
     pool_size: int = 10
     projection_batch_size: int = 5000
     extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def issuer(self) -> str:
+        """The authorization server's identifier (RFC 8414 §2): PUBLIC_URL, or the address
+        the service listens on. Never the request's Host header, which the caller writes."""
+        if self.public_url:
+            return self.public_url
+        host = {"0.0.0.0": "localhost", "::": "localhost"}.get(self.host, self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def mail_dir(self) -> Path:

@@ -217,8 +217,7 @@ async def _introspection(ctx: Context, token: str, caller_client: str | None) ->
 async def server_metadata(request: web.Request) -> web.Response:
     """RFC 8414 §2."""
     ctx = request.app[CONTEXT]
-    # Behind a proxy or on a public name, set PUBLIC_URL: the Host header is the caller's.
-    issuer = ctx.settings.public_url or f"{request.scheme}://{request.host}"
+    issuer = ctx.settings.issuer
     auth_methods = ["client_secret_basic", "client_secret_post"]
     return web.json_response(
         {

@@ -392,10 +392,21 @@ async def test_introspection_by_a_resource_server_and_by_other_clients(client, c
 async def test_server_metadata(client):
     response = await client.get("/.well-known/oauth-authorization-server")
     meta = await response.json()
-    assert meta["token_endpoint"].endswith("/oauth/token")
+    assert meta["token_endpoint"] == "http://127.0.0.1:8080/oauth/token"
     assert meta["code_challenge_methods_supported"] == ["S256"]
     assert "invoices:read" in meta["scopes_supported"]
-    assert meta["issuer"] == str(client.make_url("")).rstrip("/")
+    assert meta["issuer"] == "http://127.0.0.1:8080"  # where `make run` serves
+
+
+async def test_the_issuer_does_not_come_from_the_host_header(client):
+    """A caller must not be able to make the metadata name its own host (a cached copy
+    would send other clients' credentials there)."""
+    response = await client.get(
+        "/.well-known/oauth-authorization-server", headers={"Host": "evil.example"}
+    )
+    meta = await response.json()
+    assert "evil.example" not in json.dumps(meta)
+    assert meta["issuer"] == "http://127.0.0.1:8080"
 
 
 async def test_no_token_code_or_secret_is_stored_or_logged_in_clear(client, company, ac_app, db):
