@@ -44,7 +44,8 @@ class Settings:
         the service listens on. Never the request's Host header, which the caller writes."""
         if self.public_url:
             return self.public_url
-        host = {"0.0.0.0": "localhost", "::": "localhost"}.get(self.host, self.host)
+        wildcard = ipaddress.ip_address(self.host).is_unspecified if _is_ip(self.host) else False
+        host = "localhost" if wildcard else self.host
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
@@ -124,3 +125,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         pool_size=_int(env, "DB_POOL_SIZE", 10),
         projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000),
     )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
