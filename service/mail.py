@@ -15,6 +15,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
+import msgspec
 
 from service.events import IpViolationDetected
 from service.settings import Settings
@@ -48,6 +49,11 @@ def build_message(
     """The notification email. It names the application, the address and the time, and
     never carries a token, hash, secret or code."""
     name = _one_line(app_name) if app_name else "(deleted application)"
+    # The address was checked on the way in, but the log also holds events written before a
+    # check existed: nothing from an event reaches a header unfiltered.
+    violation = msgspec.structs.replace(
+        violation, ip=_one_line(violation.ip), client_id=_one_line(violation.client_id)
+    )
     what, where = _ENDPOINTS.get(
         violation.endpoint,
         ("valid credentials were presented", _one_line(violation.endpoint)),
@@ -142,9 +148,15 @@ def write_eml(settings: Settings, position: int, message: EmailMessage) -> Path:
     return path
 
 
+class Unsendable(Exception):
+    """The message itself cannot be built or encoded: no retry will send it."""
+
+
 def permanent(exc: BaseException) -> bool:
     """A 5xx answer from the mail server: trying again will not change it. Connection
     errors, timeouts and 4xx answers are transient and retried for as long as it takes."""
+    if isinstance(exc, Unsendable):
+        return True
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         return all(500 <= r.code < 600 for r in exc.recipients)
     return isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -39,7 +40,7 @@ from service.events import (
     ViolationNotificationFailed,
     ViolationNotificationSent,
 )
-from service.mail import build_message, describe, permanent, write_eml
+from service.mail import Unsendable, build_message, describe, permanent, write_eml
 
 log = structlog.get_logger(__name__)
 
@@ -204,7 +205,8 @@ class Notifier:
                 failures += 1
                 await self._record_failure(position, violation, failures, describe(exc))
                 refusals = refusals + 1 if permanent(exc) else 0
-                if refusals >= self.max_refusals:
+                if refusals >= self.max_refusals or isinstance(exc, Unsendable):
+                    # Later violations wait for this one: never let one block them all.
                     await self._record_abandoned(position, violation, failures, describe(exc))
                     return
                 await asyncio.sleep(self.backoff.delay(failures))
@@ -221,14 +223,18 @@ class Notifier:
             log.info("notifier.no_recipients", position=recorded.position)
             return []
         settings = self.ctx.settings
-        message = build_message(
-            position=recorded.position,
-            violation=violation,
-            app_name=app.name if app is not None else None,
-            recorded_at=recorded.recorded_at,
-            recipients=recipients,
-            mail_from=settings.mail_from,
-        )
+        try:
+            message = build_message(
+                position=recorded.position,
+                violation=violation,
+                app_name=app.name if app is not None else None,
+                recorded_at=recorded.recorded_at,
+                recipients=recipients,
+                mail_from=settings.mail_from,
+            )
+            message.as_bytes(policy=email.policy.SMTP)  # a header that cannot be encoded
+        except (ValueError, TypeError, UnicodeError) as exc:
+            raise Unsendable(describe(exc)) from exc
         if settings.smtp_host:
             refused, _reply = await aiosmtplib.send(
                 message,

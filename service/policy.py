@@ -5,13 +5,13 @@ route needs. A valid token from a disallowed address is revoked on the spot."""
 from __future__ import annotations
 
 import functools
-import ipaddress
 import time
 from dataclasses import dataclass
 
 from projections.memory import AppState, TokenState
 from service import events as ev
 from service.context import Context
+from service.domain import addresses
 from service.errors import TollgateError, Unauthorized
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
@@ -52,14 +52,11 @@ class IpNotAllowed(TollgateError):
 
 
 @functools.lru_cache(maxsize=4096)
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _address(ip: str) -> addresses.IPAddress | None:
     try:
-        address = ipaddress.ip_address(ip)
+        return addresses.ip_address(ip)
     except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+        return None  # not allowed anywhere
 
 
 def ip_allowed(app: AppState, ip: str) -> bool:

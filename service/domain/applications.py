@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from email_validator import EmailNotValidError, validate_email
 
 from service import events as ev
+from service.domain import addresses
 from service.errors import InvalidRequest
 
 AUTHORIZATION_CODE = "authorization_code"
@@ -81,10 +82,9 @@ def ip_entry(value: str) -> str:
     raw = value.strip()
     try:
         if "/" not in raw:
-            address = ipaddress.ip_address(raw)
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            return str(address)
+            return str(addresses.ip_address(raw))
+        if "%" in raw:
+            raise ValueError("an IPv6 zone ID is not accepted")
         network = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
         message = f"{value!r} is not an IP address or CIDR range ({exc})"

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from service.domain import addresses
+
+IPAddress = addresses.IPAddress
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -22,12 +24,9 @@ def _parse(value: str) -> IPAddress | None:
     elif value.count(":") == 1:  # "192.0.2.1:443"
         value = value.split(":", 1)[0]
     try:
-        address = ipaddress.ip_address(value)
+        return addresses.ip_address(value)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 def _trusted(address: IPAddress, proxies: Sequence[IPNetwork]) -> bool:

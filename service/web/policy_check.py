@@ -3,14 +3,13 @@ behind it. Authenticated with a resource-server key."""
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated
 
 import msgspec
 from aiohttp import web
 
 from service import policy
-from service.domain import credentials
+from service.domain import addresses, credentials
 from service.errors import InvalidRequest, Unauthorized
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, metadata
@@ -40,7 +39,7 @@ async def check(request: web.Request) -> web.Response:
         raise Unauthorized("a resource-server key is required", realm="tollgate-policy")
     body = await json_body(request, CheckIn)
     try:
-        ip = str(ipaddress.ip_address(body.ip.strip()))
+        ip = str(addresses.ip_address(body.ip.strip()))
     except ValueError:
         raise InvalidRequest("ip: not an IP address") from None
     meta = metadata(request, f"resource_server:{server.resource_server_id}")

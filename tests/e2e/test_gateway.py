@@ -307,6 +307,11 @@ async def test_policy_check_for_resource_servers(client, company, db):
     assert (
         await client.post("/policy/check", json={"token": token, "ip": "nope"}, headers=rs)
     ).status == 400
+    for zoned in ("fe80::1%eth0", "fe80::1%\nBcc: thief@evil.example", "fe80::1%\u0000"):
+        refused = await client.post("/policy/check", json={"token": token, "ip": zoned}, headers=rs)
+        assert refused.status == 400, zoned  # a zone ID would reach events and email headers
+        assert (await refused.json())["error"] == "invalid_request"
+    assert await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'") == 0
     assert (
         await client.post("/policy/check", json={"token": token, "ip": "192.0.2.5"})
     ).status == 401

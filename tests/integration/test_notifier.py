@@ -480,3 +480,48 @@ async def test_a_permanently_refused_email_is_given_up_and_the_next_goes_out(db,
     assert len(failures) == 3
     assert isinstance(sent.event, ev.ViolationNotificationSent)
     assert [rcpts for _, rcpts, _ in smtp.mailbox.received] == [["ops@acme.example"]]
+
+
+async def test_an_address_from_the_log_cannot_add_a_header_to_the_email(db, tmp_path, smtp):
+    """Events written before addresses were checked stay in the log: one that carries a
+    newline must neither reach a header nor hold up the violations after it."""
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        first = await violate(ctx, ip="fe80::1%\nBcc: thief@evil.example")
+        second = await violate(ctx, ip="203.0.113.10")
+        async with running(notifier(ctx, db)):
+            await wait_for_stream(ctx, notification_stream(first))
+            await wait_for_stream(ctx, notification_stream(second))
+    received = smtp.mailbox.received
+    assert len(received) == 2
+    assert all("thief@evil.example" not in rcpts for _, rcpts, _ in received)
+    injected = received[0][2]
+    assert injected["Bcc"] is None
+    assert "\n" not in injected["Subject"]
+
+
+async def test_an_email_that_cannot_be_built_is_given_up_at_once(db, tmp_path, smtp, monkeypatch):
+    import service.notifier as notifier_module
+
+    build = notifier_module.build_message
+
+    def failing_for_the_first(*, position, **kw):
+        if position == first:
+            raise ValueError("Header values may not contain linefeed")
+        return build(position=position, **kw)
+
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        first = await violate(ctx)
+        second = await violate(ctx, ip="203.0.113.10")
+        monkeypatch.setattr(notifier_module, "build_message", failing_for_the_first)
+        async with running(notifier(ctx, db)):
+            [given_up] = await wait_for_stream(ctx, notification_stream(first))
+            [sent] = await wait_for_stream(ctx, notification_stream(second))
+        failures = await ctx.eventlog.read_stream(failures_stream(first))
+    assert isinstance(given_up.event, ev.ViolationNotificationAbandoned)
+    assert given_up.event.attempts == 1  # no retry can build it: not five tries
+    assert len(failures) == 1
+    assert isinstance(sent.event, ev.ViolationNotificationSent)
