@@ -141,7 +141,7 @@ def _login(
     request: web.Request, next_url: str, message: str | None = None, status: int = 200
 ) -> web.Response:
     # Login CSRF: a double-submit token, in a cookie and in the form.
-    token = request.cookies.get(LOGIN_CSRF_COOKIE) or credentials.random_token(24)
+    token = pages.login_csrf_token(request, LOGIN_CSRF_COOKIE)
     response = pages.login_page(
         action="/oauth/login",
         fields={"next": next_url, "csrf_token": token},
@@ -186,9 +186,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     next_url = str(form.get("next", ""))
     if not next_url.startswith("/oauth/authorize?"):
         next_url = "/oauth/authorize"  # never an open redirect
-    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     presented = str(form.get("csrf_token", ""))
-    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+    if not pages.login_csrf_ok(request, LOGIN_CSRF_COOKIE, presented):
         return pages.error_page("Session expired", "reload the page and sign in again", status=403)
     try:
         user_id = await authenticate(request, email[:320], password[:256])

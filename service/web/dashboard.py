@@ -73,7 +73,7 @@ async def _signed_in(request: web.Request, ctx: Context) -> tuple[str, str] | No
 
 def _login(request: web.Request, message: str | None = None, status: int = 200) -> web.Response:
     # Login CSRF: a double-submit token, in a cookie and in the form.
-    token = request.cookies.get(LOGIN_CSRF_COOKIE) or credentials.random_token(24)
+    token = pages.login_csrf_token(request, LOGIN_CSRF_COOKIE)
     response = pages.login_page(
         action="/dashboard/login", fields={"csrf_token": token}, message=message, status=status
     )
@@ -94,9 +94,8 @@ def logout_token(request: web.Request) -> str:
 async def login(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     form = await form_body(request)
-    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     presented = str(form.get("csrf_token", ""))
-    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+    if not pages.login_csrf_ok(request, LOGIN_CSRF_COOKIE, presented):
         return _login(request, "The form expired. Please sign in again.", status=403)
     email, password = str(form.get("email", "")), str(form.get("password", ""))
     try:

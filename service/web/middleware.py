@@ -42,8 +42,20 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    response = await handler(request)
-    response.headers["X-Request-Id"] = request_id
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        # Redirects are raised, and pass through the error middleware (which renders
+        # only 4xx/5xx); aiohttp turns them into the response after this returns.
+        _finish(request, exc, started)
+        raise
+    _finish(request, response, started)
+    return response
+
+
+def _finish(request: web.Request, response: web.StreamResponse, started: float) -> None:
+    """The request id on the response, and the one log line for the request."""
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     log.info(
         "http.request",
         method=request.method,
@@ -51,7 +63,6 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         status=response.status,
         ms=round((time.perf_counter() - started) * 1000, 2),
     )
-    return response
 
 
 def error_response(error: TollgateError) -> web.Response:

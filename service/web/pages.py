@@ -1,12 +1,16 @@
-"""Server-rendered pages for people: login, consent, errors. Plain HTML, no external
-assets, every value escaped."""
+"""Server-rendered pages for people: login (with its CSRF token), consent, errors. Plain
+HTML, no external assets, every value escaped."""
 
 from __future__ import annotations
 
+import hmac
+import re
 from collections.abc import Mapping, Sequence
 from html import escape
 
 from aiohttp import web
+
+from service.domain import credentials
 
 _STYLE = """
 :root { color-scheme: light dark; --accent: #1f5fbf; }
@@ -91,6 +95,34 @@ def login_page(
         "</form>",
         status=status,
     )
+
+
+# --- login CSRF: a double-submit token, in a cookie and in the form -------------------
+
+_LOGIN_CSRF_BYTES = 24
+# What credentials.random_token(24) gives: 24 bytes in base64url without padding.
+_LOGIN_CSRF_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+def login_csrf_cookie(request: web.Request, name: str) -> str | None:
+    """The login-CSRF cookie, only if it has the shape this service issues. Anything else
+    (bytes that are not UTF-8, a forged or truncated value) counts as no cookie: it is
+    never echoed into a page or encoded for a comparison, where it could raise."""
+    value = request.cookies.get(name, "")
+    return value if _LOGIN_CSRF_SHAPE.fullmatch(value) else None
+
+
+def login_csrf_token(request: web.Request, name: str) -> str:
+    """The token for a sign-in form: the browser's own cookie if well formed, else new."""
+    return login_csrf_cookie(request, name) or credentials.random_token(_LOGIN_CSRF_BYTES)
+
+
+def login_csrf_ok(request: web.Request, name: str, presented: str) -> bool:
+    """The form's token matches a well-formed cookie."""
+    expected = login_csrf_cookie(request, name)
+    # surrogatepass: a form field holding lone surrogates must compare unequal, not raise.
+    given = presented.encode("utf-8", "surrogatepass")
+    return expected is not None and hmac.compare_digest(given, expected.encode())
 
 
 def consent_page(
