@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from service.context import Context
@@ -11,6 +12,9 @@ from service.errors import NotFound, PreconditionFailed
 from service.eventlog import ConcurrencyError, Metadata
 
 MAX_ATTEMPTS = 5
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what credentials.new_client_id makes
 
 
 def stream(client_id: str) -> str:
@@ -26,6 +30,8 @@ class Created:
 async def load(ctx: Context, company_id: str, client_id: str) -> rules.Application:
     """The application as its stream tells it; 404 when it is another company's, deleted,
     or unknown (its existence does not leak)."""
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise NotFound("no such application")  # not even looked up (a NUL, say)
     history = await ctx.eventlog.read_stream(stream(client_id))
     app = rules.fold((r.event, r.version, r.recorded_at.timestamp()) for r in history)
     if app is None or app.deleted or app.company_id != company_id:

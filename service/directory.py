@@ -83,6 +83,8 @@ async def issue_admin_key(
 ) -> tuple[str, str]:
     if len(label) > 100:
         raise FieldError("label", "must be at most 100 characters")
+    if not label.isprintable():
+        raise FieldError("label", "must not contain control characters")
     key = credentials.new_admin_key()
     key_id = credentials.new_id("key")
     event = ev.AdminKeyIssued(

@@ -46,6 +46,7 @@ from service.records import (
     NO_METADATA,
     ConcurrencyError,
     EventLogError,
+    EventLogRefused,
     EventLogUnavailable,
     Metadata,
     RecordedEvent,
@@ -58,6 +59,7 @@ __all__ = [
     "ConcurrencyError",
     "EventLog",
     "EventLogError",
+    "EventLogRefused",
     "EventLogUnavailable",
     "Metadata",
     "RecordedEvent",
@@ -90,6 +92,15 @@ _DB_ERRORS = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+def failure(exc: BaseException) -> EventLogError:
+    """What a database error means to the caller: a value it refused (class 22, data
+    exception: a NUL character in text, say) is the request's fault and will not go away;
+    anything else is the database being unavailable."""
+    if isinstance(exc, asyncpg.DataError):
+        return EventLogRefused(str(exc))
+    return EventLogUnavailable(str(exc))
 
 
 class Wakeup:
@@ -241,7 +252,7 @@ class EventLog:
                     await self._commit_batch([request])
                 return
             log.warning("eventlog.append_failed", error=str(exc), stream_id=batch[0].stream_id)
-            settle(batch[0], EventLogUnavailable(str(exc)))
+            settle(batch[0], failure(exc))
             return
         except BaseException as exc:
             for request in batch:
@@ -303,7 +314,7 @@ class EventLog:
         try:
             value = await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
         except _DB_ERRORS as exc:
-            raise EventLogUnavailable(str(exc)) from exc
+            raise failure(exc) from exc
         return int(value)
 
     async def read_all(
@@ -339,7 +350,7 @@ class EventLog:
         try:
             text = await self._pool.fetchval(query, *args)
         except _DB_ERRORS as exc:
-            raise EventLogUnavailable(str(exc)) from exc
+            raise failure(exc) from exc
         return [
             RecordedEvent(p, "", v, t, sv, None, decode(t, sv, raw), NO_METADATA, EPOCH, b"")
             for p, v, t, sv, raw in _lean_decoder.decode(text)
@@ -357,14 +368,14 @@ class EventLog:
                 "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
             )
         except _DB_ERRORS as exc:
-            raise EventLogUnavailable(str(exc)) from exc
+            raise failure(exc) from exc
         return int(value)
 
     async def _fetch(self, query: str, *args: Any) -> list[RecordedEvent]:
         try:
             rows = await self._pool.fetch(query, *args)
         except _DB_ERRORS as exc:
-            raise EventLogUnavailable(str(exc)) from exc
+            raise failure(exc) from exc
         return [to_recorded(row) for row in rows]
 
     async def subscribe(

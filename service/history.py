@@ -82,6 +82,8 @@ def parse(params: Mapping[str, str | None], company_id: str | None) -> Query:
     stream = params.get("stream")
     if stream is not None and not 1 <= len(stream) <= MAX_STREAM_LENGTH:
         raise HistoryError("stream", f"must be 1 to {MAX_STREAM_LENGTH} characters")
+    if stream is not None and not stream.isprintable():
+        raise HistoryError("stream", "must not contain control characters")
     return Query(company_id, after, limit, type_, stream)
 
 

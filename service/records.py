@@ -54,8 +54,12 @@ class ConcurrencyError(EventLogError):
         self.actual = actual
 
 
+class EventLogRefused(EventLogError):
+    """The database refused a value (a NUL character in text, say); nothing written."""
+
+
 class EventLogUnavailable(EventLogError):
-    """The database could not be reached or refused the write."""
+    """The database could not be reached, or failed the write for a reason of its own."""
 
 
 def to_recorded(row: Any) -> RecordedEvent:

@@ -10,8 +10,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.errors import TollgateError, Unavailable
-from service.eventlog import EventLogUnavailable
+from service.errors import InvalidRequest, TollgateError, Unavailable
+from service.eventlog import EventLogRefused, EventLogUnavailable
 
 UNAVAILABLE = (
     EventLogUnavailable,
@@ -87,6 +87,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
+    except (EventLogRefused, asyncpg.DataError) as exc:
+        # A value PostgreSQL cannot store (a NUL in text, say) that no check caught first:
+        # the request's fault, and retrying will not help.
+        log.warning("http.value_refused", path=request.path, error=type(exc).__name__)
+        return error_response(InvalidRequest("the request holds a value that cannot be stored"))
     except UNAVAILABLE as exc:
         # The database is down or unreachable: a 503 the client may retry, not a 500.
         log.warning("http.database_unavailable", path=request.path, error=type(exc).__name__)

@@ -203,6 +203,12 @@ async def test_other_companies_applications_are_invisible_both_ways(
         assert foreign["client_id"] not in str(listed)
     unknown = await client.get("/admin/applications/nope", headers=company.auth)
     assert unknown.status == 404  # the same answer as for another company's
+    for odd in ("%00", "a%00b", "%C3%A9", "x" * 65):  # never looked up: not a 503 either
+        path = f"/admin/applications/{odd}"
+        assert (await client.get(path, headers=company.auth)).status == 404
+        await refused(client, company, db, "PATCH", path, status=404, json={"name": "x"})
+        await refused(client, company, db, "DELETE", path, status=404)
+        await refused(client, company, db, "POST", path + "/rotate-secret", status=404)
 
 
 async def test_members_are_refused(client, company, db):

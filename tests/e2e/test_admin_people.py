@@ -110,6 +110,15 @@ async def test_admin_keys_are_shown_once_and_can_be_revoked(client, company, db)
     assert (await client.get("/admin/applications", headers=key_auth)).status == 401
 
 
+async def test_an_admin_key_label_with_a_control_character_is_refused(client, company, db):
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    for label in ("x\u0000y", "line\nbreak"):
+        response = await client.post("/admin/keys", json={"label": label}, headers=company.auth)
+        assert response.status == 400  # not a 503: the database is fine
+        assert "label" in (await response.json())["error_description"]
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
+
+
 async def test_another_companys_key_cannot_be_revoked(client, company, other_company, db):
     theirs = await (await client.get("/admin/keys", headers=other_company.auth)).json()
     key_id = theirs["keys"][0]["key_id"]

@@ -131,6 +131,8 @@ async def test_type_and_stream_filters(client, company, db):
         ("type=", "type"),
         ("stream=", "stream"),
         ("stream=" + "s" * 501, "stream"),
+        ("stream=a%00b", "stream"),
+        ("stream=a%0Ab", "stream"),
     ],
 )
 async def test_bad_parameters_are_refused_and_change_nothing(client, company, db, query, parameter):

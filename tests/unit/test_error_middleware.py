@@ -4,7 +4,7 @@
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.eventlog import EventLogUnavailable
+from service.eventlog import EventLogRefused, EventLogUnavailable
 from service.web.middleware import error_middleware
 
 
@@ -27,6 +27,24 @@ async def test_an_unreachable_database_is_a_503_not_a_500():
         assert (await response.json())["error"] == "temporarily_unavailable"
     finally:
         await client.close()
+
+
+async def test_a_value_the_database_refuses_is_a_400_not_a_503():
+    import asyncpg
+
+    for exc in (
+        EventLogRefused("invalid byte sequence for encoding UTF8: 0x00"),
+        asyncpg.CharacterNotInRepertoireError("invalid byte sequence for encoding UTF8: 0x00"),
+    ):
+        client = await serve(exc)
+        try:
+            response = await client.get("/boom")
+            assert response.status == 400
+            body = await response.json()
+            assert body["error"] == "invalid_request"
+            assert "0x00" not in body["error_description"]  # says nothing of the internals
+        finally:
+            await client.close()
 
 
 async def test_anything_else_unexpected_is_a_500_without_details():
