@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from projections.memory import AppState
 from service import events as ev
@@ -31,33 +33,58 @@ from service.web.bodies import form_body, read_body
 from service.web.keys import CONTEXT, metadata
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 MAX_PARAMS_BODY = 16 * 1024
 GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token")
-_json_params = msgspec.json.Decoder(dict[str, str])
+PARAMS_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
+_json_object_of_strings = msgspec.json.Decoder(dict[str, str])
 
 
 async def oauth_params(request: web.Request) -> dict[str, str]:
     """The body as parameters: form-urlencoded, multipart/form-data (curl --form) or JSON.
-    A parameter sent twice is refused (RFC 6749 §3.2)."""
+    A parameter sent twice is refused: "Request and response parameters MUST NOT be
+    included more than once." https://www.rfc-editor.org/rfc/rfc6749#section-3.1"""
     ctype = request.content_type
-    if ctype == "application/json":
-        body = await read_body(request, MAX_PARAMS_BODY)
-        try:
-            return _json_params.decode(body)
-        except msgspec.DecodeError as exc:
-            raise InvalidRequest(f"the JSON body must be an object of strings: {exc}") from None
-    if ctype not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    if ctype not in PARAMS_TYPES:
         raise InvalidRequest(
             "send the parameters as application/x-www-form-urlencoded, "
             "multipart/form-data or application/json"
         )
-    if request.content_length is not None and request.content_length > MAX_PARAMS_BODY:
-        raise InvalidRequest("the body is too large")
+    if ctype == "application/json":
+        return _json_params(await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY)))
+    return _form_params(await _in_oauth_shape(form_body(request, MAX_PARAMS_BODY)))
+
+
+async def _in_oauth_shape(reading: Awaitable[T]) -> T:
+    """An unreadable or oversized body, said in the RFC 6749 §5.2 shape (never cached) like
+    every other error at these endpoints, not in the admin API's shape (413, cacheable)."""
     try:
-        form = await form_body(request, MAX_PARAMS_BODY)
+        return await reading
     except TollgateError as exc:
-        raise InvalidRequest(exc.description) from None  # in the RFC 6749 shape
+        raise InvalidRequest(exc.description) from None
+
+
+def _json_params(body: bytes) -> dict[str, str]:
+    try:
+        params = _json_object_of_strings.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the JSON body must be an object of strings: {exc}") from None
+    # msgspec keeps the last of a repeated key; parse again only to see the repeats.
+    json.loads(body, object_pairs_hook=_refuse_repeats)
+    return params
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _value in pairs:
+        if key in seen:
+            raise InvalidRequest(f"{key} is given more than once")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _form_params(form: MultiDictProxy[str | bytes | bytearray | web.FileField]) -> dict[str, str]:
     params: dict[str, str] = {}
     for key in form:
         values = form.getall(key)

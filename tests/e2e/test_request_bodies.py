@@ -1,0 +1,239 @@
+"""Request bodies that cannot be read or decoded (bad compression, unknown part encodings,
+repeated or oversized JSON parameters): a 4xx in the endpoint's error format, never a 500,
+and nothing written."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import zlib
+
+import pytest
+
+from tests.e2e.oauth_helpers import basic, new_app
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+CC_BODIES = {FORM: b"grant_type=client_credentials", JSON: b'{"grant_type":"client_credentials"}'}
+COMPRESS = {"gzip": gzip.compress, "deflate": zlib.compress}
+
+
+async def _writes(db) -> tuple[int, int]:
+    """Everything a request could have changed: the log, and the sign-in sessions."""
+    events = await db.pool.fetchval("SELECT count(*) FROM events")
+    sessions = await db.pool.fetchval("SELECT count(*) FROM web_sessions")
+    return events, sessions
+
+
+async def _issued(db) -> int:
+    return await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
+
+
+async def _assert_oauth_invalid_request(response, mentions: str = "") -> None:
+    """RFC 6749 §5.2: a JSON error body, never cached."""
+    assert response.status == 400, await response.text()
+    body = await response.json()
+    assert body["error"] == "invalid_request"
+    assert mentions in body["error_description"]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Pragma"] == "no-cache"
+
+
+# --- Content-Encoding of the whole body ------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("ctype", [FORM, JSON])
+async def test_a_compressed_token_request_is_read(client, company, db, encoding, ctype):
+    app = await new_app(client, company)
+    response = await client.post(
+        "/oauth/token",
+        data=COMPRESS[encoding](CC_BODIES[ctype]),
+        headers=basic(app["client_id"], app["client_secret"])
+        | {"Content-Type": ctype, "Content-Encoding": encoding},
+    )
+    assert response.status == 200, await response.text()
+    assert await _issued(db) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "ctype", "encoding"),
+    [
+        ("/oauth/token", FORM, "gzip"),
+        ("/oauth/token", JSON, "gzip"),
+        ("/oauth/token", FORM, "deflate"),
+        ("/oauth/token", JSON, "deflate"),
+        ("/oauth/revoke", FORM, "gzip"),
+        ("/oauth/introspect", JSON, "gzip"),
+    ],
+)
+async def test_a_body_that_does_not_decompress_is_invalid_request_at_oauth_endpoints(
+    client, company, db, path, ctype, encoding
+):
+    app = await new_app(client, company)
+    before = await _writes(db)
+    response = await client.post(
+        path,
+        data=b"garbage!!!",
+        headers=basic(app["client_id"], app["client_secret"])
+        | {"Content-Type": ctype, "Content-Encoding": encoding},
+    )
+    await _assert_oauth_invalid_request(response, f"Can not decode content-encoding: {encoding}")
+    assert await _writes(db) == before
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_an_admin_body_that_does_not_decompress_is_invalid_request(
+    client, company, db, encoding
+):
+    headers = company.auth | {"Content-Type": JSON, "Content-Encoding": encoding}
+    before = await _writes(db)
+    refused = await client.post("/admin/keys", data=b"garbage!!!", headers=headers)
+    assert refused.status == 400, await refused.text()
+    body = await refused.json()
+    assert body["error"] == "invalid_request"
+    assert (
+        body["error_description"] == f"unreadable body: Can not decode content-encoding: {encoding}"
+    )
+    assert await _writes(db) == before
+    # the same endpoint reads a body that does decompress
+    made = await client.post(
+        "/admin/keys", data=COMPRESS[encoding](b'{"label":"ci"}'), headers=headers
+    )
+    assert made.status == 201, await made.text()
+    assert (await made.json())["label"] == "ci"
+
+
+# --- encodings of one multipart part ---------------------------------------------------
+
+
+def _multipart(part_headers: str, value: bytes) -> tuple[bytes, dict[str, str]]:
+    body = (
+        b"--b\r\n"
+        b'Content-Disposition: form-data; name="grant_type"\r\n'
+        + part_headers.encode()
+        + b"\r\n"
+        + value
+        + b"\r\n--b--\r\n"
+    )
+    return body, {"Content-Type": "multipart/form-data; boundary=b"}
+
+
+# (a part's Content-Encoding is ignored in form-data, RFC 7578 §4.8; its transfer encoding
+# is not)
+BAD_PARTS = [
+    ("Content-Transfer-Encoding: x-bogus\r\n", b"client_credentials"),
+    ("Content-Transfer-Encoding: base64\r\n", b"abc"),  # not base64: no padding
+]
+
+
+@pytest.mark.parametrize(("part_headers", "value"), BAD_PARTS)
+async def test_a_part_that_cannot_be_decoded_is_invalid_request_at_the_token_endpoint(
+    client, company, db, part_headers, value
+):
+    app = await new_app(client, company)
+    body, headers = _multipart(part_headers, value)
+    before = await _writes(db)
+    response = await client.post(
+        "/oauth/token",
+        data=body,
+        headers=basic(app["client_id"], app["client_secret"]) | headers,
+    )
+    await _assert_oauth_invalid_request(response, "unreadable form body")
+    assert await _writes(db) == before
+
+
+async def test_a_part_in_a_known_transfer_encoding_is_read(client, company, db):
+    app = await new_app(client, company)
+    body, headers = _multipart(
+        "Content-Transfer-Encoding: base64\r\n", base64.b64encode(b"client_credentials")
+    )
+    response = await client.post(
+        "/oauth/token",
+        data=body,
+        headers=basic(app["client_id"], app["client_secret"]) | headers,
+    )
+    assert response.status == 200, await response.text()
+    assert await _issued(db) == 1
+
+
+@pytest.mark.parametrize(
+    "path", ["/oauth/login", "/oauth/authorize", "/dashboard/login", "/dashboard/logout"]
+)
+async def test_a_part_in_an_unknown_transfer_encoding_is_400_at_the_browser_forms(
+    client, company, db, path
+):
+    body, headers = _multipart("Content-Transfer-Encoding: x-bogus\r\n", b"x")
+    before = await _writes(db)
+    response = await client.post(path, data=body, headers=headers, allow_redirects=False)
+    assert response.status == 400, await response.text()
+    answer = await response.json()
+    assert answer["error"] == "invalid_request"
+    assert "unknown content transfer encoding" in answer["error_description"]
+    assert await _writes(db) == before
+
+
+# --- JSON parameters, held to the form's rules -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "repeated"),
+    [
+        ('{"grant_type":"password","grant_type":"client_credentials"}', "grant_type"),
+        ('{"grant_type":"client_credentials","scope":"invoices:read","scope":""}', "scope"),
+    ],
+)
+async def test_a_json_parameter_given_twice_is_refused(client, company, db, body, repeated):
+    """RFC 6749 §3.1: request parameters MUST NOT be included more than once; the form
+    path already refuses it, JSON must not quietly keep the last one."""
+    app = await new_app(client, company)
+    response = await client.post(
+        "/oauth/token",
+        data=body.encode(),
+        headers=basic(app["client_id"], app["client_secret"]) | {"Content-Type": JSON},
+    )
+    await _assert_oauth_invalid_request(response, f"{repeated} is given more than once")
+    assert await _issued(db) == 0
+
+
+async def test_a_json_parameter_given_twice_is_refused_at_revocation(client, company, db):
+    app = await new_app(client, company)
+    before = await _writes(db)
+    response = await client.post(
+        "/oauth/revoke",
+        data=b'{"token":"a","token":"b"}',
+        headers=basic(app["client_id"], app["client_secret"]) | {"Content-Type": JSON},
+    )
+    await _assert_oauth_invalid_request(response, "token is given more than once")
+    assert await _writes(db) == before
+
+
+def _oversized(ctype: str) -> bytes:
+    padding = "x" * (17 * 1024)
+    if ctype == JSON:
+        return json.dumps({"grant_type": "client_credentials", "scope": padding}).encode()
+    return f"grant_type=client_credentials&scope={padding}".encode()
+
+
+async def _chunked(body: bytes):
+    # an async generator makes the client send Transfer-Encoding: chunked, with no
+    # Content-Length for the server to check up front
+    for start in range(0, len(body), 4096):
+        yield body[start : start + 4096]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("ctype", [FORM, JSON])
+async def test_an_oversized_body_is_invalid_request_in_either_format(
+    client, company, db, ctype, chunked
+):
+    app = await new_app(client, company)
+    body = _oversized(ctype)
+    response = await client.post(
+        "/oauth/token",
+        data=_chunked(body) if chunked else body,
+        headers=basic(app["client_id"], app["client_secret"]) | {"Content-Type": ctype},
+    )
+    await _assert_oauth_invalid_request(response, "at most 16384 bytes")
+    assert await _issued(db) == 0
