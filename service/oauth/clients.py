@@ -22,8 +22,9 @@ MAX_CREDENTIAL = 256
 def credentials_from(
     authorization: str | None, params: Mapping[str, str]
 ) -> tuple[str, str] | None:
-    """(client_id, client_secret) from the Basic header or the body; None if neither."""
-    in_body = "client_secret" in params
+    """(client_id, client_secret) from the Basic header or the body; None if neither.
+    An empty parameter counts as omitted (RFC 6749 §3.1)."""
+    in_body = bool(params.get("client_secret"))
     if authorization is not None:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() != "basic":

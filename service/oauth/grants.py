@@ -140,7 +140,7 @@ async def authorization_code(
         raise UnauthorizedClient("this client may not use the authorization_code grant")
     if not code:
         raise InvalidRequest("code is required")
-    if redirect_uri is None:
+    if not redirect_uri:  # an empty parameter is an omitted one (RFC 6749 §3.1)
         raise InvalidRequest("redirect_uri is required")
     if not tokens.well_formed(code, tokens.CODE):
         raise InvalidGrant("unknown, expired or spent authorization code")

@@ -92,7 +92,10 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
         )
     state = params.get("state")
     # From here on errors go back to the application, with its state (RFC 6749 §4.1.2.1).
-    if params.get("response_type") != "code":
+    response_type = params.get("response_type")
+    if not response_type:  # RFC 6749 §3.1: an empty parameter is an omitted one
+        raise _redirect_error(redirect_uri, state, "response_type is required")
+    if response_type != "code":
         raise redirect_to(redirect_uri, {"error": "unsupported_response_type", "state": state})
     challenge = params.get("code_challenge")
     method = params.get("code_challenge_method")

@@ -211,12 +211,13 @@ async def test_authorize_errors_after_the_redirect_check_go_back_with_state(
 ):
     for extra, error in (
         ({"response_type": "token"}, "unsupported_response_type"),
+        ({"response_type": ""}, "invalid_request"),  # empty is missing (RFC 6749 §3.1)
+        ({"response_type": None}, "invalid_request"),  # missing
         ({"scope": "payments:write"}, "invalid_scope"),
         ({"code_challenge": "a" * 43, "code_challenge_method": "plain"}, "invalid_request"),
     ):
-        url = (
-            authorize_url(ac_app, state="st") + "&" + "&".join(f"{k}={v}" for k, v in extra.items())
-        )
+        given = "&".join(f"{k}={v}" for k, v in extra.items() if v is not None)
+        url = authorize_url(ac_app, state="st") + ("&" + given if given else "")
         if "response_type" in extra:
             url = url.replace("response_type=code&", "")
         response = await client.get(url, allow_redirects=False)
@@ -224,6 +225,19 @@ async def test_authorize_errors_after_the_redirect_check_go_back_with_state(
         params = query_of(response.headers["Location"])
         assert params["error"] == error
         assert params["state"] == "st"
+
+
+async def test_an_empty_redirect_uri_is_a_missing_one(client, company, ac_app):
+    code = await code_for(client, company, ac_app)
+    response = await client.post(
+        "/oauth/token",
+        data={"grant_type": "authorization_code", "code": code, "redirect_uri": ""},
+        headers=basic(ac_app["client_id"], ac_app["client_secret"]),
+    )
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"] == "invalid_request"  # not invalid_grant: nothing to compare
+    assert "redirect_uri" in body["error_description"]
 
 
 async def test_deny_redirects_with_access_denied(client, company, ac_app, db):

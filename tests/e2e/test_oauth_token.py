@@ -173,6 +173,18 @@ async def test_two_authentication_methods_or_repeated_parameters_are_refused(cli
     assert (await twice.json())["error"] == "invalid_request"
 
 
+async def test_an_empty_parameter_counts_as_omitted(client, company):
+    """RFC 6749 §3.1: "Parameters sent without a value MUST be treated as if they were
+    omitted from the request." An empty client_secret beside Basic is not a second method."""
+    app = await new_app(client, company)
+    response = await client.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials", "client_secret": ""},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert response.status == 200, await response.text()
+
+
 @pytest.mark.parametrize(
     ("body", "ctype"),
     [
