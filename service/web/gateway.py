@@ -3,6 +3,7 @@ API (streamed both ways) with headers naming the company, client and permissions
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import aiohttp
@@ -40,6 +41,9 @@ def bearer_token(request: web.Request) -> str:
     return value.strip()
 
 
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+
+
 def canonical_path(request: web.Request) -> str:
     """The path the permission is decided on is the path the upstream gets: one with a
     `.`/`..` segment or an empty one (`//`) could mean another route there, so it is
@@ -47,6 +51,10 @@ def canonical_path(request: web.Request) -> str:
     segments = request.path.split("/")[1:]
     if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
         raise InvalidRequest("the path has empty, '.' or '..' segments")
+    # Decided on the decoded path, forwarded raw: an encoded "/" (or a "\", which some
+    # servers read as one) would split segments differently upstream.
+    if "\\" in request.path or _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
+        raise InvalidRequest("the path has an encoded '/' or a '\\'")
     return request.path
 
 

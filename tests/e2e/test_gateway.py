@@ -382,6 +382,10 @@ async def test_the_violation_path_end_to_end_sends_one_email(db, settings):
         "/api/v1/./invoices/7",
         "/api/v1//invoices",
         "/api/v1/%2e%2e/invoices",
+        "/api/v1/debtors%2F..%2Finvoices",
+        "/api/v1/debtors%2finvoices",
+        "/api/v1/debtors%5Cinvoices",
+        "/api/v1/debtors\\invoices",
     ],
 )
 async def test_paths_with_dot_or_empty_segments_are_refused_not_normalised(client, company, path):
