@@ -218,6 +218,8 @@ async def introspect(request: web.Request) -> web.Response:
 
 
 async def _introspection(ctx: Context, token: str, caller_client: str | None) -> dict[str, Any]:
+    if caller_client is not None and tokens.well_formed(token, tokens.REFRESH):
+        return await _refresh_introspection(ctx, token, caller_client)
     if not tokens.well_formed(token, tokens.ACCESS):
         return INACTIVE
     key = bytes.fromhex(tokens.token_hash(token))
@@ -237,6 +239,38 @@ async def _introspection(ctx: Context, token: str, caller_client: str | None) ->
     }
     if state.expires_at is not None:
         body["exp"] = state.expires_at
+    return body
+
+
+async def _refresh_introspection(ctx: Context, token: str, caller_client: str) -> dict[str, Any]:
+    """A refresh token, for its own client only: a resource server never has one to check,
+    and one that answered `active` to a refresh token could take it for an access token."""
+    refresh_hash = tokens.token_hash(token)
+    # Rare, and must be exact: a rotation a moment ago (in any process) has spent it.
+    await ctx.refresh()
+    family_id = ctx.policy.refresh_tokens.get(refresh_hash)
+    family = ctx.policy.families.get(family_id) if family_id is not None else None
+    if family is None or family.client_id != caller_client:
+        return INACTIVE
+    if family.refresh_token_hash != refresh_hash:  # spent: using it would revoke the family
+        return INACTIVE
+    if family.refresh_expires_at is not None and family.refresh_expires_at <= time.time():
+        return INACTIVE
+    app = ctx.policy.apps.get(family.client_id)
+    connection = ctx.policy.connections.get((family.company_id, family.client_id))
+    if app is None or connection is None:
+        return INACTIVE
+    body: dict[str, Any] = {
+        "active": True,
+        # what a refresh would grant now
+        "scope": " ".join(sorted(family.permissions & app.permissions & connection.permissions)),
+        "client_id": family.client_id,
+        "token_type": "refresh_token",
+        "sub": family.company_id,
+        "company_id": family.company_id,
+    }
+    if family.refresh_expires_at is not None:
+        body["exp"] = family.refresh_expires_at
     return body
 
 

@@ -403,6 +403,38 @@ async def test_introspection_by_a_resource_server_and_by_other_clients(client, c
     assert bad.status == 401
 
 
+async def test_a_refresh_token_introspects_for_its_own_client_only(client, company, ac_app):
+    from service.directory import register_resource_server
+
+    first = await (await exchange(client, ac_app, await code_for(client, company, ac_app))).json()
+    live = await introspect(client, ac_app, first["refresh_token"])
+    assert live["active"] is True
+    assert live["token_type"] == "refresh_token"  # never to be taken for an access token
+    assert live["client_id"] == ac_app["client_id"]
+    assert live["scope"] == "debtors:read invoices:read"
+    assert live["exp"] > time.time() + 3600
+    # a resource server has no business with refresh tokens; another client neither
+    _, key = await register_resource_server(client.app[CONTEXT], "billing api", Metadata())
+    by_server = await client.post(
+        "/oauth/introspect",
+        data={"token": first["refresh_token"]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert await by_server.json() == {"active": False}
+    other = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    assert await introspect(client, other, first["refresh_token"]) == {"active": False}
+    # spent by a rotation, the old one is inactive and the new one live; revoked, neither
+    second = await (await refresh(client, ac_app, first["refresh_token"])).json()
+    assert await introspect(client, ac_app, first["refresh_token"]) == {"active": False}
+    assert (await introspect(client, ac_app, second["refresh_token"]))["active"] is True
+    await client.post(
+        "/oauth/revoke",
+        data={"token": second["refresh_token"]},
+        headers=basic(ac_app["client_id"], ac_app["client_secret"]),
+    )
+    assert await introspect(client, ac_app, second["refresh_token"]) == {"active": False}
+
+
 async def test_server_metadata(client):
     response = await client.get("/.well-known/oauth-authorization-server")
     meta = await response.json()
