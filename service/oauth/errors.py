@@ -30,6 +30,20 @@ class InvalidClient(OAuthError):
         super().__init__(description, headers={"WWW-Authenticate": 'Basic realm="tollgate"'})
 
 
+class InvalidBearerKey(OAuthError):
+    """A resource server's Bearer key at introspection that is unknown or revoked: RFC 7662
+    §2.3 sends it to RFC 6750 §3, so a Bearer challenge, not a Basic one."""
+
+    error = "invalid_token"
+    status = 401
+
+    def __init__(self, description: str = "unknown or revoked resource-server key") -> None:
+        challenge = (
+            f'Bearer realm="tollgate", error="invalid_token", error_description="{description}"'
+        )
+        super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+
 class InvalidGrant(OAuthError):
     error = "invalid_grant"
 

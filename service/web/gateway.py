@@ -37,7 +37,8 @@ def bearer_token(request: web.Request) -> str:
         raise policy.InvalidToken("an access token is required", sent=False)
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        raise policy.InvalidToken("use Authorization: Bearer <access token>")
+        # Another scheme is no attempt at a Bearer token: no error code (RFC 6750 §3.1).
+        raise policy.InvalidToken("use Authorization: Bearer <access token>", sent=False)
     return value.strip()
 
 

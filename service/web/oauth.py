@@ -23,6 +23,7 @@ from service.oauth import grants, tokens
 from service.oauth.clients import authenticate, credentials_from
 from service.oauth.errors import (
     NO_STORE,
+    InvalidBearerKey,
     InvalidClient,
     InvalidRequest,
     IpNotAllowed,
@@ -207,7 +208,7 @@ async def introspect(request: web.Request) -> web.Response:
                 credentials.digest(header[7:].strip())
             )
         if server is None:
-            raise InvalidClient("unknown or revoked resource-server key")
+            raise InvalidBearerKey()
     else:
         app, _ = await _client(request, ctx, params)
         caller_client = app.client_id

@@ -36,7 +36,11 @@ async def check(request: web.Request) -> web.Response:
             await ctx.refresh()
             server = ctx.directory.resource_server_hashes.get(key_hash)
     if server is None:
-        raise Unauthorized("a resource-server key is required", realm="tollgate-policy")
+        raise Unauthorized(
+            "a resource-server key is required",
+            realm="tollgate-policy",
+            sent=scheme.lower() == "bearer" and bool(key),  # no error code unless one came
+        )
     body = await json_body(request, CheckIn)
     try:
         ip = str(addresses.ip_address(body.ip.strip()))

@@ -60,19 +60,22 @@ async def test_whoami_with_a_valid_token(client, company):
 
 
 @pytest.mark.parametrize(
-    ("headers", "challenge"),
+    ("headers", "attempted"),
     [
-        ({}, 'Bearer realm="tollgate"'),
-        ({"Authorization": "Bearer nonsense"}, 'error="invalid_token"'),
-        ({"Authorization": "Basic abc"}, 'error="invalid_token"'),
-        ({"Authorization": "Bearer tgat_" + "A" * 49}, 'error="invalid_token"'),
+        ({}, False),
+        ({"Authorization": "Basic abc"}, False),  # another scheme: no Bearer attempt
+        ({"Authorization": "Bearer nonsense"}, True),
+        ({"Authorization": "Bearer tgat_" + "A" * 49}, True),
     ],
 )
-async def test_missing_malformed_or_unknown_tokens_get_401(client, headers, challenge):
+async def test_missing_malformed_or_unknown_tokens_get_401(client, headers, attempted):
+    """RFC 6750 §3.1: the challenge names an error only when a Bearer token was tried."""
     response = await client.get("/api/v1/whoami", headers=headers)
     assert response.status == 401
     assert (await response.json())["error"] == "invalid_token"
-    assert challenge in response.headers["WWW-Authenticate"]
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer realm="tollgate"')
+    assert ('error="invalid_token"' in challenge) is attempted
 
 
 async def test_a_valid_token_from_outside_the_allow_list_is_revoked(client, company, db):
@@ -312,9 +315,14 @@ async def test_policy_check_for_resource_servers(client, company, db):
         assert refused.status == 400, zoned  # a zone ID would reach events and email headers
         assert (await refused.json())["error"] == "invalid_request"
     assert await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'") == 0
-    assert (
-        await client.post("/policy/check", json={"token": token, "ip": "192.0.2.5"})
-    ).status == 401
+    keyless = await client.post("/policy/check", json={"token": token, "ip": "192.0.2.5"})
+    assert keyless.status == 401
+    assert keyless.headers["WWW-Authenticate"] == 'Bearer realm="tollgate-policy"'
+    wrong = await client.post(
+        "/policy/check", json={"token": token, "ip": "192.0.2.5"}, headers=bearer("tgrs_nope")
+    )
+    assert wrong.status == 401
+    assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
     bad = await client.post("/policy/check", json={"token": token, "ip": "203.0.113.1"}, headers=rs)
     assert bad.status == 403
     assert (await bad.json())["error"] == "ip_not_allowed"

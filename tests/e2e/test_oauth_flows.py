@@ -401,6 +401,11 @@ async def test_introspection_by_a_resource_server_and_by_other_clients(client, c
         "/oauth/introspect", data={"token": token}, headers={"Authorization": "Bearer tgrs_nope"}
     )
     assert bad.status == 401
+    # a Bearer credential gets a Bearer challenge (RFC 7662 §2.3, RFC 6750 §3)
+    assert bad.headers["WWW-Authenticate"].startswith(
+        'Bearer realm="tollgate", error="invalid_token"'
+    )
+    assert bad.headers["Cache-Control"] == "no-store"
 
 
 async def test_a_refresh_token_introspects_for_its_own_client_only(client, company, ac_app):
