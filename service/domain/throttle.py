@@ -32,6 +32,13 @@ class Throttle:
     def succeeded(self, key: str) -> None:
         self._failures.pop(key, None)
 
+    def withdraw(self, key: str, when: float) -> None:
+        """Take back one failure counted at `when` (an attempt counted before its outcome
+        was known, that then succeeded)."""
+        failures = self._failures.get(key)
+        if failures is not None and when in failures:
+            failures.remove(when)
+
     def _recent(self, key: str, now: float) -> deque[float]:
         failures = self._failures.get(key, deque())
         while failures and failures[0] <= now - self.window:

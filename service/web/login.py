@@ -53,12 +53,14 @@ async def authenticate(request: web.Request, email: str, password: str) -> str:
     )
     if wait:
         raise TooManyAttempts(wait)
-    try:
-        return await _check_password(request, email, password)
-    except InvalidCredentials:
-        for key in keys:
-            throttle.failed(key, now)
-        raise
+    # Counted as failed before the (slow) check, so that a burst of concurrent attempts
+    # meets the limit as a sequence would; a success takes its count back.
+    for key in keys:
+        throttle.failed(key, now)
+    user_id = await _check_password(request, email, password)
+    for key in keys:
+        throttle.withdraw(key, now)
+    return user_id
 
 
 async def _check_password(request: web.Request, email: str, password: str) -> str:

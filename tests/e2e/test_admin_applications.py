@@ -434,3 +434,25 @@ async def test_repeated_failed_sign_ins_are_throttled(client, company):
         "/session", json={"email": "nobody@acme.example", "password": "x" * 12}
     )
     assert other.status == 401
+
+
+async def test_concurrent_failed_sign_ins_meet_the_same_limit(client, company):
+    """A burst must not get more guesses than a sequence: the limit (5 per address and
+    caller) holds while the password checks of the burst are still running."""
+    guesses = await asyncio.gather(
+        *(
+            client.post("/session", json={"email": company.admin_email, "password": f"guess {n}"})
+            for n in range(30)
+        )
+    )
+    statuses = sorted(r.status for r in guesses)
+    assert statuses.count(401) <= 5
+    assert statuses.count(429) >= 25
+
+
+async def test_a_successful_sign_in_does_not_count_as_a_failure(client, company):
+    for _ in range(8):  # more than the limit: each success takes its count back
+        ok = await client.post(
+            "/session", json={"email": company.admin_email, "password": company.admin_password}
+        )
+        assert ok.status == 200

@@ -29,3 +29,13 @@ def test_a_higher_limit_for_a_wider_key():
         throttle.failed("wide", t)
     assert throttle.retry_after("wide", 5, limit=8) == 0
     assert throttle.retry_after("wide", 5, limit=5) == 55
+
+
+def test_an_attempt_counted_ahead_can_be_withdrawn():
+    throttle = Throttle(limit=2, window=60)
+    throttle.failed("k", 0)
+    throttle.failed("k", 1)  # counted before its outcome was known
+    assert throttle.retry_after("k", 2) > 0
+    throttle.withdraw("k", 1)  # it succeeded
+    assert throttle.retry_after("k", 2) == 0
+    throttle.withdraw("missing", 1)  # nothing to take back: no error
