@@ -10,7 +10,8 @@ import asyncpg
 from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
-from service.eventlog import EventLog, Metadata
+from service.errors import Unauthorized
+from service.eventlog import ConcurrencyError, EventLog, Metadata
 from service.events import Event
 from service.metrics import Metrics
 from service.settings import Settings
@@ -44,13 +45,31 @@ class Context:
         conditions: Sequence[tuple[str, int]] = (),
     ) -> list[int]:
         """Append, then wait until this process's models have applied it, so the next
-        request here sees the change (read-your-writes)."""
-        positions = await self.eventlog.append(
-            stream_id, expected_version, events, metadata, conditions=conditions
-        )
+        request here sees the change (read-your-writes).
+
+        A change made with an admin key holds only while the key does: the append is
+        conditional on the key's stream being at version 1 (issued, not revoked), so a
+        revocation that committed first, in any process, refuses it however stale this
+        process's view of the keys is."""
+        key_stream = _admin_key_stream(metadata.actor)
+        if key_stream is not None:
+            conditions = [*conditions, (key_stream, 1)]
+        try:
+            positions = await self.eventlog.append(
+                stream_id, expected_version, events, metadata, conditions=conditions
+            )
+        except ConcurrencyError as exc:
+            if key_stream is not None and exc.stream_id == key_stream:
+                raise Unauthorized("unknown or revoked admin key", realm="tollgate-admin") from None
+            raise
         await self.feed.wait_for(positions[-1])
         return positions
 
     async def refresh(self) -> None:
         """Catch up with what other processes wrote (a lookup missed; look again)."""
         await self.feed.catch_up()
+
+
+def _admin_key_stream(actor: str) -> str | None:
+    prefix = "admin_key:"
+    return f"admin-key-{actor[len(prefix) :]}" if actor.startswith(prefix) else None

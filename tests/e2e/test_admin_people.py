@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import structlog
 
 from service.app import CONTEXT, RUNNER
@@ -242,3 +243,34 @@ async def test_command_line_refuses_bad_input_with_one_line(db):
 
 async def test_context_is_wired(client):
     assert client.app[CONTEXT].catalogue["invoices:read"]
+
+
+async def test_a_key_revoked_elsewhere_cannot_write_however_stale_this_process_is(
+    client, company, db
+):
+    """Another process revoked the key; this one has not seen it yet. A change made with
+    the key (say, minting a fresh key that would outlive it) must still be refused."""
+    from service import directory
+    from service import events as ev
+    from service.errors import Unauthorized
+    from service.eventlog import EventLog, Metadata
+
+    made = await (
+        await client.post("/admin/keys", json={"label": "leaked"}, headers=company.auth)
+    ).json()
+    elsewhere = EventLog(db.pool)  # the other process's writer
+    await elsewhere.start()
+    try:
+        await elsewhere.append(
+            f"admin-key-{made['key_id']}",
+            1,
+            [ev.AdminKeyRevoked(company_id=company.company_id, key_id=made["key_id"])],
+        )
+    finally:
+        await elsewhere.close()
+    ctx = client.app[CONTEXT]
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    actor = Metadata(actor=f"admin_key:{made['key_id']}")
+    with pytest.raises(Unauthorized):
+        await directory.issue_admin_key(ctx, company.company_id, "successor", actor)
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
