@@ -22,7 +22,7 @@ from service.oauth import grants, tokens
 from service.web import pages, sessions
 from service.web.auth import signed_in
 from service.web.bodies import form_body
-from service.web.keys import CONTEXT, metadata
+from service.web.keys import CONTEXT, metadata, secure_cookies
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
 
 routes = web.RouteTableDef()
@@ -152,7 +152,7 @@ def _login(
         status=status,
     )
     response.set_cookie(
-        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=request.secure,
+        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=secure_cookies(request),
         path="/oauth", max_age=3600,
     )  # fmt: skip
     return response

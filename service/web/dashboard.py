@@ -19,7 +19,7 @@ from service.history import COMPANY_IS
 from service.web import pages, sessions
 from service.web.auth import signed_in
 from service.web.bodies import form_body
-from service.web.keys import CONTEXT
+from service.web.keys import CONTEXT, secure_cookies
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
 
 routes = web.RouteTableDef()
@@ -78,7 +78,7 @@ def _login(request: web.Request, message: str | None = None, status: int = 200) 
         action="/dashboard/login", fields={"csrf_token": token}, message=message, status=status
     )
     response.set_cookie(
-        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=request.secure,
+        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=secure_cookies(request),
         path="/dashboard", max_age=3600,
     )  # fmt: skip
     return response

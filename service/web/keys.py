@@ -32,6 +32,13 @@ class Upstream:
 UPSTREAM = web.AppKey("upstream", Upstream)
 
 
+def secure_cookies(request: web.Request) -> bool:
+    """Whether cookies get the Secure flag: on TLS, and whenever the service is published
+    as https (PUBLIC_URL), which is how it runs behind a proxy that ends TLS; there the
+    socket is plain http and `request.secure` is false."""
+    return request.secure or request.app[CONTEXT].settings.issuer.startswith("https://")
+
+
 def caller_ip(request: web.Request) -> str:
     return client_ip(request, request.app[SETTINGS].trusted_proxies)
 

@@ -13,7 +13,7 @@ from service.domain import passwords
 from service.errors import TollgateError
 from service.web import sessions
 from service.web.bodies import json_body
-from service.web.keys import CONTEXT, THROTTLE, caller_ip
+from service.web.keys import CONTEXT, THROTTLE, caller_ip, secure_cookies
 
 routes = web.RouteTableDef()
 
@@ -83,7 +83,7 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, value
         max_age=int(sessions.LIFETIME.total_seconds()),
         httponly=True,
         samesite="Lax",
-        secure=request.secure,
+        secure=secure_cookies(request),
         path="/",
     )
 

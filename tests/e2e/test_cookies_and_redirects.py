@@ -168,3 +168,31 @@ async def test_an_error_page_from_an_exception_is_still_json_and_logged_once(cli
     assert (await response.json())["error"] == "method_not_allowed"
     assert response.headers["X-Request-Id"] == "wrong-method"
     logged_once(logs, "/oauth/login", 405)
+
+
+async def test_cookies_are_secure_when_the_service_is_published_over_https(db, settings):
+    """Behind a proxy that ends TLS the socket is plain http: PUBLIC_URL says https."""
+    from tests.conftest import make_company
+    from tests.e2e.test_gateway import start
+
+    published = await start(db, settings, public_url="https://auth.example.com")
+    try:
+        company = await make_company(published, "Secure Co")
+        signed = await published.post(
+            "/session", json={"email": company.admin_email, "password": company.admin_password}
+        )
+        assert signed.status == 200
+        assert "Secure" in signed.headers["Set-Cookie"]
+        page = await published.get("/dashboard")
+        assert all("Secure" in c for c in page.headers.getall("Set-Cookie"))
+    finally:
+        await published.close()
+
+
+async def test_cookies_are_not_secure_on_plain_local_http(client, company):
+    """`make run` serves http on 127.0.0.1: a Secure cookie would never come back."""
+    signed = await client.post(
+        "/session", json={"email": company.admin_email, "password": company.admin_password}
+    )
+    assert signed.status == 200
+    assert "Secure" not in signed.headers["Set-Cookie"]
