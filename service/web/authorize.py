@@ -134,6 +134,13 @@ async def authorize(request: web.Request) -> web.StreamResponse:
         auth_request = await parse(ctx, request.query)
     except PageError as exc:
         return pages.error_page(exc.title, exc.message)
+    except web.HTTPFound:
+        # An error for the application goes back to it only once the user has signed in:
+        # otherwise any registered URI would make this server a redirector for phishing
+        # links (RFC 9700 §4.11.2).
+        if await _session(request, ctx) is None:
+            return _login(request, request.raw_path)
+        raise
     session = await _session(request, ctx)
     if session is None:
         return _login(request, request.raw_path)

@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from tests.conftest import Company
-from tests.e2e.oauth_helpers import authorize_url, new_app
+from tests.e2e.oauth_helpers import authorize_url, new_app, sign_in
 
 # credentials.random_token(24): 24 random bytes in base64url without padding.
 ISSUED = re.compile(r"[A-Za-z0-9_-]{32}")
@@ -123,6 +123,7 @@ def logged_once(logs: list[dict], path: str, status: int) -> None:
 
 async def test_a_redirect_back_to_the_application_has_a_request_id_and_a_log_line(client, company):
     app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    await sign_in(client, company.admin_email, company.admin_password, authorize_url(app))
     with structlog.testing.capture_logs() as logs:
         response = await client.get(
             authorize_url(app, response_type="token"),

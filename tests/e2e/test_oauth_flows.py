@@ -209,6 +209,7 @@ async def test_authorize_errors_are_pages_never_redirects(client, company, ac_ap
 async def test_authorize_errors_after_the_redirect_check_go_back_with_state(
     client, company, ac_app
 ):
+    await sign_in(client, company.admin_email, company.admin_password, authorize_url(ac_app))
     for extra, error in (
         ({"response_type": "token"}, "unsupported_response_type"),
         ({"response_type": ""}, "invalid_request"),  # empty is missing (RFC 6749 §3.1)
@@ -225,6 +226,23 @@ async def test_authorize_errors_after_the_redirect_check_go_back_with_state(
         params = query_of(response.headers["Location"])
         assert params["error"] == error
         assert params["state"] == "st"
+
+
+async def test_before_sign_in_an_error_shows_the_sign_in_page_not_a_redirect(client, company, db):
+    """RFC 9700 §4.11.2: whoever registered the URI (any company can), the server must
+    authenticate the user before it redirects there, or it is a redirector for phishing."""
+    app = await new_app(
+        client, company, grant_type="authorization_code", ip_allowlist=[],
+        redirect_uri="https://phish.example/landing",
+    )  # fmt: skip
+    for extra in ({"response_type": "token"}, {"scope": "nuclear:launch"}):
+        url = authorize_url(app, **extra)
+        if "response_type" in extra:
+            url = url.replace("response_type=code&", "", 1)
+        response = await client.get(url, allow_redirects=False)
+        assert response.status == 200, extra
+        assert "Sign in" in await response.text()
+        assert "Location" not in response.headers
 
 
 async def test_an_empty_redirect_uri_is_a_missing_one(client, company, ac_app):
