@@ -94,6 +94,14 @@ _DB_ERRORS = (
 )
 
 
+def _ambiguous(exc: BaseException) -> bool:
+    """The connection failed, rather than the server refusing the statement (which rolls
+    it back): a commit sent may or may not have happened."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return isinstance(exc, asyncpg.PostgresConnectionError)
+    return isinstance(exc, _DB_ERRORS)
+
+
 def failure(exc: BaseException) -> EventLogError:
     """What a database error means to the caller: a value it refused (class 22, data
     exception: a NUL character in text, say) is the request's fault and will not go away;
@@ -152,6 +160,7 @@ class EventLog:
         self.on_commit = on_commit
         #: the chain head as this process last wrote or saw it (None: not known yet)
         self._head: Head | None = None
+        self._in_flight: Head | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -224,13 +233,22 @@ class EventLog:
 
     async def _writer_connection(self) -> PoolConnectionProxy[asyncpg.Record]:
         """The writer keeps one connection: no pool round trip per batch."""
-        if self._conn is not None and self._conn.is_closed():
-            with contextlib.suppress(*_DB_ERRORS):
-                await self._pool.release(self._conn)
-            self._conn = None
+        if self._conn is not None:
+            try:
+                closed = self._conn.is_closed()
+            except asyncpg.InterfaceError:
+                closed = True  # it broke, and the pool has taken it back
+            if closed:
+                await self._drop_connection()
         if self._conn is None:
             self._conn = await self._pool.acquire()
         return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*_DB_ERRORS):
+                await self._pool.release(conn)
 
     def _drain(self) -> list[Append]:
         pending = self._pending
@@ -245,19 +263,59 @@ class EventLog:
     async def _commit_batch(self, batch: list[Append]) -> None:
         try:
             await self._commit(batch)
-        except _DB_ERRORS as exc:
-            if len(batch) > 1:
-                # One bad append must not fail its neighbours: retry each on its own.
-                for request in batch:
-                    await self._commit_batch([request])
-                return
-            log.warning("eventlog.append_failed", error=str(exc), stream_id=batch[0].stream_id)
-            settle(batch[0], failure(exc))
-            return
-        except BaseException as exc:
+        except asyncio.CancelledError:
             for request in batch:
-                settle(request, EventLogUnavailable(f"append interrupted: {exc!r}"))
+                settle(request, EventLogUnavailable("append interrupted: the log was closed"))
             raise
+        except Exception as exc:
+            if not await self._recover(batch, exc):
+                return
+        self._committed(batch)
+
+    async def _recover(self, batch: list[Append], exc: Exception) -> bool:
+        """After a failed batch: True if it committed after all, else each append is
+        retried alone or failed. The writer itself never dies of one batch."""
+        if _ambiguous(exc) and self._in_flight is not None:
+            # The connection failed after the batch was sent: the commit may have happened.
+            # Retrying before knowing would write the events twice.
+            await self._drop_connection()
+            landed = await self._landed(self._in_flight)
+            if landed:
+                self._head = self._in_flight
+                return True
+            if landed is None:
+                log.warning("eventlog.append_outcome_unknown", error=str(exc))
+                for request in batch:
+                    settle(
+                        request, EventLogUnavailable(f"the append may not have been written: {exc}")
+                    )
+                return False
+        elif _ambiguous(exc):
+            await self._drop_connection()
+        if len(batch) > 1:
+            # One bad append must not fail its neighbours: retry each on its own.
+            for request in batch:
+                await self._commit_batch([request])
+            return False
+        log.warning("eventlog.append_failed", error=str(exc), stream_id=batch[0].stream_id)
+        if isinstance(exc, _DB_ERRORS):
+            settle(batch[0], failure(exc))
+        else:
+            log.exception("eventlog.append_error", stream_id=batch[0].stream_id)
+            settle(batch[0], EventLogError(f"the append could not be written: {exc!r}"))
+        return False
+
+    async def _landed(self, head: Head) -> bool | None:
+        """Whether the batch that would leave `head` is in the log (None: cannot tell)."""
+        try:
+            found = await self._pool.fetchval(
+                "SELECT hash FROM events WHERE position = $1", head.position
+            )
+        except _DB_ERRORS:
+            return None
+        return found is not None and bytes(found) == head.hash
+
+    def _committed(self, batch: list[Append]) -> None:
         self.batches_committed += 1
         self.appends_committed += len(batch)
         if self.on_commit is not None:
@@ -269,12 +327,14 @@ class EventLog:
             self.wakeup.notify(last)
 
     async def _commit(self, batch: list[Append]) -> None:
+        self._in_flight = None  # the head a batch sent to the server would leave
         conn = await self._writer_connection()
         assumed = assumed_versions(batch)
         predicted = self._head
         if predicted is not None and assumed is not None:
             plan = Plan.build(batch, predicted, assumed)
             exact = {s: v for s, v in assumed.items() if v or s in plan.condition_streams}
+            self._in_flight = plan.head if plan.count else None
             try:
                 committed = await conn.fetchval(
                     "SELECT events_append_if_head($1, $2, $3, $4, $5)",
@@ -304,6 +364,7 @@ class EventLog:
                 bytes(row["head_hash"]) if row["head_hash"] else chain.GENESIS,
             )
             plan = Plan.build(batch, head, dict(zip(streams, row["versions"], strict=True)))
+            self._in_flight = plan.head if plan.count else None
             if plan.count:
                 await conn.execute("SELECT events_insert($1, $2)", plan.rows, plan.recorded_at)
         self._head = plan.head

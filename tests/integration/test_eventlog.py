@@ -16,6 +16,7 @@ from service.database import apply_schema, create_pool
 from service.eventlog import (
     ConcurrencyError,
     EventLog,
+    EventLogError,
     EventLogRefused,
     EventLogUnavailable,
     Metadata,
@@ -303,3 +304,106 @@ async def test_verify_names_a_deleted_last_event_by_head_hash_change(eventlog: E
     assert after.ok
     assert after.head == 9
     assert after.head_hash != before.head_hash
+
+
+async def test_the_writer_reconnects_after_its_connection_is_killed(eventlog: EventLog, db):
+    assert await eventlog.append("before", 0, [company(1)]) == [1]
+    writer_pid = eventlog._conn.get_server_pid()
+    await db.pool.execute("SELECT pg_terminate_backend($1)", writer_pid)
+    outcomes = []
+    for n in range(5):  # the first may fail while the loss is noticed; then it must write
+        try:
+            outcomes.append(await eventlog.append(f"after-{n}", 0, [company(2)]))
+        except EventLogUnavailable:
+            outcomes.append(None)
+    assert all(outcomes[1:]), outcomes  # before the fix: every one of them failed, for ever
+    assert eventlog._conn.get_server_pid() != writer_pid
+    assert (await verify_log(db.pool)).ok
+
+
+class _ReplyLost:
+    """The writer's connection, except that the next statement's reply is lost after the
+    server has run (and committed) it: the client cannot know whether it committed."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self.armed = True
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def _lose(self) -> None:
+        if self.armed:
+            self.armed = False
+            raise ConnectionResetError("the reply was lost")
+
+    async def fetchval(self, *args, **kwargs):  # the one-statement path
+        result = await self._conn.fetchval(*args, **kwargs)
+        self._lose()
+        return result
+
+    def transaction(self):  # the locked path: the reply to COMMIT is lost
+        outer = self
+
+        class Committing:
+            async def __aenter__(self):
+                self._tx = outer._conn.transaction()
+                return await self._tx.__aenter__()
+
+            async def __aexit__(self, *exc):
+                done = await self._tx.__aexit__(*exc)
+                if exc[0] is None:
+                    outer._lose()
+                return done
+
+        return Committing()
+
+
+@pytest.mark.parametrize("any_version", [False, True])  # the one-statement / locked path
+async def test_a_batch_whose_commit_reply_is_lost_is_neither_repeated_nor_refused(
+    eventlog: EventLog, db, monkeypatch, any_version
+):
+    assert await eventlog.append("first", 0, [company(0)]) == [1]  # the head is known
+    real = EventLog._writer_connection
+    lost: list[_ReplyLost] = []
+
+    async def once(self):
+        conn = await real(self)
+        if not lost:
+            lost.append(_ReplyLost(conn))
+            return lost[0]
+        return conn
+
+    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    # Any version: retried, it would be written twice. Version 0: retried, it would find
+    # itself there and fail as a conflict. (An append that accepts any version goes the
+    # locked path.)
+    expected = None if any_version else 0
+    results = await asyncio.gather(
+        eventlog.append("any-1", expected, [company(1)]),
+        eventlog.append("new-2", 0, [company(2)]),
+        eventlog.append("any-3", expected, [company(3)]),
+        return_exceptions=True,
+    )
+    assert not lost[0].armed  # the reply was indeed lost
+    assert results == [[2], [3], [4]]  # committed once, and reported as committed
+    async with db.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT stream_id, version FROM events ORDER BY position")
+    assert [(r["stream_id"], r["version"]) for r in rows] == [
+        ("first", 1), ("any-1", 1), ("new-2", 1), ("any-3", 1)
+    ]  # fmt: skip
+    assert await eventlog.append("later", 0, [company(4)]) == [5]
+    assert (await verify_log(db.pool)).ok
+
+
+async def test_an_append_that_cannot_be_encoded_fails_alone_and_the_writer_lives(
+    eventlog: EventLog,
+):
+    results = await asyncio.gather(
+        eventlog.append("good", 0, [company(1)]),
+        eventlog.append("bad", 0, [ev.CompanyCreated(company_id="c2", name="\ud800")]),
+        return_exceptions=True,
+    )
+    assert results[0] == [1]
+    assert isinstance(results[1], EventLogError)
+    assert await asyncio.wait_for(eventlog.append("after", 0, [company(3)]), 5) == [2]
