@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+import structlog
 
 from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service.errors import Unauthorized
-from service.eventlog import ConcurrencyError, EventLog, Metadata
+from service.eventlog import ConcurrencyError, EventLog, EventLogError, Metadata
 from service.events import Event
 from service.metrics import Metrics
 from service.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -62,8 +66,20 @@ class Context:
             if key_stream is not None and exc.stream_id == key_stream:
                 raise Unauthorized("unknown or revoked admin key", realm="tollgate-admin") from None
             raise
-        await self.feed.wait_for(positions[-1])
+        await self._catch_up_to(positions[-1])
         return positions
+
+    async def _catch_up_to(self, position: int) -> None:
+        """Read-your-writes, but never at the price of reporting a committed change as
+        failed (a new application's secret is shown once): if the log cannot be read back
+        now, the models catch up when it can, and the caller hears of the commit."""
+        for attempt in range(3):
+            try:
+                await self.feed.wait_for(position)
+                return
+            except EventLogError as exc:
+                log.warning("context.catch_up_failed", position=position, error=str(exc))
+                await asyncio.sleep(0.1 * (attempt + 1))
 
     async def refresh(self) -> None:
         """Catch up with what other processes wrote (a lookup missed; look again)."""

@@ -456,3 +456,35 @@ async def test_a_successful_sign_in_does_not_count_as_a_failure(client, company)
             "/session", json={"email": company.admin_email, "password": company.admin_password}
         )
         assert ok.status == 200
+
+
+async def test_a_committed_change_is_reported_even_if_reading_it_back_fails(
+    client, company, db, monkeypatch
+):
+    """The database went away between the commit and this process reading the log back:
+    the application exists, so the caller must get its one-time secret, not a 503."""
+    from service import applications
+    from service.app import CONTEXT
+    from service.eventlog import EventLogUnavailable
+
+    feed = client.app[CONTEXT].feed
+
+    async def unreachable(position: int) -> None:
+        raise EventLogUnavailable("connection lost")
+
+    monkeypatch.setattr(feed, "wait_for", unreachable)
+    load = applications.load
+    calls = 0
+
+    async def read_back_fails(*args):  # the database is gone for the read after the commit
+        nonlocal calls
+        calls += 1
+        raise EventLogUnavailable("connection lost")
+
+    monkeypatch.setattr(applications, "load", read_back_fails)
+    response = await client.post("/admin/applications", json=CC, headers=company.auth)
+    monkeypatch.setattr(applications, "load", load)
+    assert calls == 1
+    assert response.status == 201, await response.text()
+    assert (await response.json())["client_secret"]
+    assert len(await events(db, "ApplicationCreated")) == 1
