@@ -95,6 +95,11 @@ class MemoryFeed:
                 await self.catch_up()
             except EventLogUnavailable as exc:
                 log.warning("memory_feed.catch_up_failed", error=str(exc))
+            except Exception:
+                # A bug, or an event the models cannot apply: keep following what can be
+                # applied rather than freeze every decision of this process.
+                log.exception("memory_feed.catch_up_error")
+                await asyncio.sleep(1.0)
             now = time.time()
             for model in self.models:
                 sweep = getattr(model, "sweep", None)

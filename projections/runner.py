@@ -104,11 +104,20 @@ class ProjectionRunner:
             await asyncio.sleep(every)
 
     async def _supervise(self, projection: SqlProjection) -> None:
+        failures = 0
         while True:
             try:
                 await self._run_locked(projection)
+                failures = 0
             except (*_DB_ERRORS, CheckpointMoved) as exc:
                 log.warning("projection.restarting", projection=projection.name, error=str(exc))
+            except Exception:
+                # An event it cannot apply (one a newer version wrote, say): it stops before
+                # it, with its checkpoint unmoved and its lock released, so that a process
+                # that knows the event can take over; and says so.
+                failures += 1
+                log.exception("projection.failed", projection=projection.name)
+                await asyncio.sleep(min(30.0, self.standby_interval * 2**failures))
             await asyncio.sleep(self.standby_interval)
 
     async def _run_locked(self, projection: SqlProjection) -> None:

@@ -40,7 +40,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from service import chain
 from service.appends import Append, Head, Plan, assumed_versions, settle, versions_encoder
-from service.events import Event, decode
+from service.events import Event, decode_or_unknown
 from service.records import (
     EPOCH,
     NO_METADATA,
@@ -391,7 +391,8 @@ class EventLog:
 
         `lean` reads only what in-memory models use (position, version, type and the event);
         stream and tenant come back empty and metadata, time and hash as `NO_METADATA`,
-        `EPOCH` and b"". It makes a catch-up markedly faster.
+        `EPOCH` and b"". It makes a catch-up markedly faster. An event this version cannot
+        read comes back as `UnknownEvent` (models skip it); a full read raises instead.
         """
         clauses = ["position > $1"]
         args: list[Any] = [after, limit]
@@ -413,7 +414,9 @@ class EventLog:
         except _DB_ERRORS as exc:
             raise failure(exc) from exc
         return [
-            RecordedEvent(p, "", v, t, sv, None, decode(t, sv, raw), NO_METADATA, EPOCH, b"")
+            RecordedEvent(
+                p, "", v, t, sv, None, decode_or_unknown(t, sv, raw), NO_METADATA, EPOCH, b""
+            )
             for p, v, t, sv, raw in _lean_decoder.decode(text)
         ]
 

@@ -347,11 +347,29 @@ class UnknownEventType(ValueError):
     pass
 
 
+class UnknownEvent(Event, frozen=True):
+    """Stands for an event this version cannot read: its type, or its schema version, is
+    newer (written by a newer Tollgate during a rolling deploy). Not in the catalogue:
+    never appended. In-memory models skip it; SQL projections stop before it instead (see
+    projections/runner.py), since moving their checkpoint past it would lose it for good."""
+
+    tenant_field: ClassVar[str | None] = None
+    type_name: str
+    schema_version: int
+
+
+def decode_or_unknown(tag: str, schema_version: int, payload: bytes | str | msgspec.Raw) -> Event:
+    current = SCHEMA_VERSIONS.get(tag)
+    if current is None or schema_version > current:
+        return UnknownEvent(type_name=tag, schema_version=schema_version)
+    return decode(tag, schema_version, payload)
+
+
 def decode(tag: str, schema_version: int, payload: bytes | str | msgspec.Raw) -> Event:
     """Decode a stored payload, upcasting an old shape to the current one first."""
     current = SCHEMA_VERSIONS.get(tag)
-    if current is None:
-        raise UnknownEventType(tag)
+    if current is None or schema_version > current:
+        raise UnknownEventType(f"{tag} (schema version {schema_version})")
     if schema_version == current:
         event: Event = _decoders[tag].decode(payload)
         return event

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from projections import feed as feed_module
@@ -42,3 +43,64 @@ async def test_the_feed_forgets_codes_past_their_reuse_window(eventlog: EventLog
         await feed.close()
     assert f"{1:064x}" not in model.codes  # a process that runs for months stays small
     assert f"{2:064x}" in model.codes
+
+
+async def write_unknown_event(db, eventlog: EventLog) -> int:
+    """An event of a type this version does not know, as a newer version would write it."""
+    position = await eventlog.head() + 1
+    async with db.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO events (position, stream_id, version, type, schema_version,"
+            " company_id, payload, metadata, recorded_at, hash)"
+            " VALUES ($1, 'future-1', 1, 'FromTheFuture', 1, 'c1', '{\"x\": 1}', '{}', now(),"
+            " sha256($2::bytea))",
+            position,
+            str(position).encode(),
+        )
+    return position
+
+
+async def test_the_feed_skips_an_event_it_cannot_read_and_goes_on(eventlog: EventLog, db):
+    await eventlog.append("code-a", 0, [code(1, int(time.time()) + 600)])
+    unknown = await write_unknown_event(db, eventlog)
+    [after] = await eventlog.append("code-b", 0, [code(2, int(time.time()) + 600)])
+    assert after > unknown
+    model = PolicyModel()
+    feed = MemoryFeed(eventlog, [model])
+    await feed.catch_up()
+    assert model.position == after  # not stuck before the unknown event
+    assert f"{2:064x}" in model.codes  # and what follows it applied
+
+
+async def test_a_projection_stops_before_an_event_it_cannot_read_and_says_so(
+    eventlog: EventLog, db
+):
+    import structlog
+
+    from projections.catalog import sql_projections
+    from projections.runner import ProjectionRunner
+
+    await eventlog.append("code-a", 0, [code(1, int(time.time()) + 600)])
+    unknown = await write_unknown_event(db, eventlog)
+    await eventlog.append("code-b", 0, [code(2, int(time.time()) + 600)])
+    runner = ProjectionRunner(eventlog, db.pool, db.dsn, sql_projections())
+    runner.standby_interval = 0.05
+    await runner.ensure_checkpoints()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(runner.run_forever())
+        try:
+            for _ in range(100):
+                if any(e["event"] == "projection.failed" for e in logs):
+                    break
+                await asyncio.sleep(0.05)
+            assert not task.done()  # the runner lives on; it did not die with the error
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert any(e["event"] == "projection.failed" for e in logs)
+    checkpoints = dict(await db.pool.fetch("SELECT name, position FROM projection_checkpoints"))
+    # event_stats reads every type: it stops before the event, so nothing is skipped; the
+    # others read only the types they apply, which this is not, and go on to the head.
+    assert checkpoints["event_stats"] < unknown
+    assert checkpoints["applications"] == checkpoints["tokens"] == await eventlog.head()
