@@ -40,6 +40,13 @@ class CheckpointMoved(Exception):
     """The checkpoint changed under a worker (a rebuild, or another instance)."""
 
 
+class RebuildInProgress(Exception):
+    """Another rebuild of the same projection is running (they would share its work schema)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a rebuild of {name!r} is already running; try again when it ends")
+
+
 def lock_key(name: str) -> int:
     digest = hashlib.sha256(f"tollgate.projection.{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -248,6 +255,12 @@ class ProjectionRunner:
         # not go back to the pool like that.
         conn = await asyncpg.connect(self.dsn)
         try:
+            # One rebuild of a projection at a time: two would drop and fill each other's
+            # work schema and switch in a mix of both. Released when the connection closes.
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", lock_key(f"rebuild:{name}")
+            ):
+                raise RebuildInProgress(name)
             await conn.execute(f"DROP SCHEMA IF EXISTS {shadow} CASCADE; CREATE SCHEMA {shadow}")
             try:
                 for table in projection.tables:

@@ -90,11 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_workers(settings, args.workers)
         return _serve(settings)
     command: Command = _COMMANDS[(args.command, args.action)]
+    from projections.runner import RebuildInProgress
+
     try:
         return asyncio.run(command(settings, args))
     except ConfigError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
+    except RebuildInProgress as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
         # The database cannot be reached (or started): one line, not a traceback.
         print(f"tollgate: database: {exc}".splitlines()[0], file=sys.stderr)
@@ -170,7 +175,7 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
     from service.progress import progress_reporter
 
     async def body(runner: Any) -> int:
-        names = [args.name] if args.name else list(runner.projections)
+        names = [args.name] if args.name is not None else list(runner.projections)
         unknown = [n for n in names if n not in runner.projections]
         if unknown:
             raise ConfigError(f"no projection named {unknown[0]!r}")

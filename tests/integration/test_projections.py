@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import asyncpg
+import pytest
 
 from projections.catalog import sql_projections
 from projections.runner import ProjectionRunner, lock_key
@@ -192,3 +193,30 @@ async def test_rebuild_builds_beside_and_readers_never_see_a_partial_table(event
         "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'rebuild_%'"
     )
     assert leftovers == 0
+
+
+async def test_a_second_rebuild_of_the_same_projection_is_refused_not_mixed_in(
+    eventlog: EventLog, db
+):
+    from projections.runner import RebuildInProgress
+
+    await populate(eventlog, tokens=1500)
+    first = runner_for(eventlog, db, batch_size=50)  # slow enough to be caught running
+    second = runner_for(eventlog, db)
+    await first.ensure_checkpoints()
+    running = asyncio.create_task(first.rebuild("event_stats"))
+    try:
+        for _ in range(500):
+            shadow = await db.pool.fetchval(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'rebuild_event_stats'"
+            )
+            if shadow:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(RebuildInProgress):
+            await second.rebuild("event_stats")
+    finally:
+        await running
+    head = await eventlog.head()
+    counted = await db.pool.fetchval("SELECT sum(count) FROM event_stats")
+    assert counted == head  # every event counted once: no half of another run mixed in
