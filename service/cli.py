@@ -209,17 +209,24 @@ async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:
         result = await verify_log(database.pool)
     finally:
         await database.close()
+    good_hash = result.head_hash.hex() if result.head_hash else None
+    if result.broken is None:
+        # The head hash is the anchor to record elsewhere: a truncated tail changes it.
+        _print_json({"ok": True, "checked": result.checked, "head": result.head,
+                     "head_hash": good_hash})  # fmt: skip
+        return 0
+    # Broken: no head to anchor; say how far the chain holds and where it breaks.
     _print_json(
         {
-            "ok": result.ok,
+            "ok": False,
             "checked": result.checked,
-            "head": result.head,
-            "head_hash": result.head_hash.hex() if result.head_hash else None,
-            "broken_at": result.broken.position if result.broken else None,
-            "reason": result.broken.reason if result.broken else None,
+            "intact_through": result.broken.position - 1,
+            "intact_hash": good_hash,
+            "broken_at": result.broken.position,
+            "reason": result.broken.reason,
         }
     )
-    return 0 if result.ok else 1
+    return 1
 
 
 async def _audit_replay(settings: Settings, args: argparse.Namespace) -> int:

@@ -87,7 +87,12 @@ def parse_until(text: str) -> Until:
         raise ReplayError(
             f"expected a log position or an ISO 8601 timestamp, got {text!r}"
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:
+        moment.astimezone(UTC)  # 9999-12-31T23:59-05:00 is past what a timestamp holds
+    except OverflowError:
+        raise ReplayError(f"{text!r} is out of range") from None
+    return moment
 
 
 async def replay(pool: asyncpg.Pool, until: Until, *, batch_size: int = 5000) -> ReplayedState:

@@ -61,7 +61,11 @@ def serve_workers(settings: Settings, workers: int) -> int:
                     child.wait()
                 return 1
             time.sleep(0.2)
-        return 0
+        if stopping:
+            return 0
+        # Every worker ended between two looks, none asked to: a failure all the same.
+        log.error("workers.worker_exited", codes=[c.poll() for c in children])
+        return 1
     finally:
         for child in children:
             if child.poll() is None:

@@ -407,3 +407,31 @@ async def test_an_append_that_cannot_be_encoded_fails_alone_and_the_writer_lives
     assert results[0] == [1]
     assert isinstance(results[1], EventLogError)
     assert await asyncio.wait_for(eventlog.append("after", 0, [company(3)]), 5) == [2]
+
+
+async def test_the_verify_command_prints_the_anchor_or_where_the_chain_breaks(
+    eventlog: EventLog, db
+):
+    import json
+
+    from tests.integration.test_replay import tollgate
+
+    await _ten_events(eventlog)
+    code, out, _err = await tollgate(db, "audit", "verify")
+    intact = json.loads(out)
+    assert code == 0
+    assert intact["ok"] is True and intact["head"] == 10
+    assert intact["head_hash"] == (await eventlog.read_all(9, 1))[0].hash.hex()
+    await _tamper(
+        db,
+        """UPDATE events SET payload = jsonb_set(payload::jsonb, '{name}', '"Evil"')::json
+                         WHERE position = 4""",
+    )
+    code, out, _err = await tollgate(db, "audit", "verify")
+    broken = json.loads(out)
+    assert code == 1
+    assert broken["ok"] is False
+    assert broken["broken_at"] == 4
+    assert broken["intact_through"] == 3  # not "head": the head of the log is 10
+    assert broken["intact_hash"] == (await eventlog.read_all(2, 1))[0].hash.hex()
+    assert "head_hash" not in broken  # not an anchor to record

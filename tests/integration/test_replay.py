@@ -335,6 +335,8 @@ async def test_command_prints_the_replay_at_a_timestamp(eventlog: EventLog, db):
     [
         ("last-tuesday", "tollgate: --until: expected a log position or an ISO 8601 timestamp"),
         ("99", "tollgate: --until: position 99 is beyond the head of the log (1)"),
+        ("9999-12-31T23:59:59-05:00", "tollgate: --until: '9999-12-31T23:59:59-05:00' is out"),
+        ("0001-01-01T00:00:00+05:00", "tollgate: --until: '0001-01-01T00:00:00+05:00' is out"),
     ],
 )
 async def test_command_refuses_bad_input_with_one_line(eventlog: EventLog, db, until, message):
