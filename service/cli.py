@@ -84,11 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 1 <= args.workers <= 64:
             print("tollgate: --workers must be between 1 and 64", file=sys.stderr)
             return 2
-        if args.workers > 1:
-            from service.workers import serve_workers
+        try:
+            if args.workers > 1:
+                from service.workers import serve_workers
 
-            return serve_workers(settings, args.workers)
-        return _serve(settings)
+                return serve_workers(settings, args.workers)
+            return _serve(settings)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
+            # The port is taken, the host unknown, the database unreachable: one line.
+            print(f"tollgate: cannot serve: {exc}".splitlines()[0], file=sys.stderr)
+            return 1
     command: Command = _COMMANDS[(args.command, args.action)]
     from projections.runner import RebuildInProgress
 

@@ -59,14 +59,19 @@ class Settings:
         return self.data_dir / "postgres"
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, low: int = 1, high: int = 2**31 - 1
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be from {low} to {high}, got {value}")
+    return value
 
 
 def _networks(raw: str, name: str) -> tuple[IPNetwork, ...]:
@@ -108,11 +113,11 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
     routes_file = env.get("ROUTES_FILE")
     return Settings(
         host=env.get("HOST") or "127.0.0.1",
-        port=_int(env, "PORT", 8080),
+        port=_int(env, "PORT", 8080, 1, 65535),
         data_dir=Path(env.get("DATA_DIR") or ".data"),
         database_url=env.get("DATABASE_URL") or None,
         smtp_host=env.get("SMTP_HOST") or None,
-        smtp_port=_int(env, "SMTP_PORT", 25),
+        smtp_port=_int(env, "SMTP_PORT", 25, 1, 65535),
         mail_from=env.get("MAIL_FROM") or "tollgate@localhost",
         trusted_proxies=_networks(env.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"),
         upstream_url=env.get("UPSTREAM_URL") or None,
@@ -120,11 +125,22 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         permissions_file=Path(permissions_file) if permissions_file else None,
         routes_file=Path(routes_file) if routes_file else None,
         log_format=log_format,
-        log_level=(env.get("LOG_LEVEL") or "info").lower(),
+        log_level=_log_level(env),
         run_projections=_bool(env, "RUN_PROJECTIONS", True),
-        pool_size=_int(env, "DB_POOL_SIZE", 10),
-        projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000),
+        # two at least: the writer keeps one, requests and readers need another
+        pool_size=_int(env, "DB_POOL_SIZE", 10, 2, 1000),
+        projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000, 1, 1_000_000),
     )
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    level = (env.get("LOG_LEVEL") or "info").lower()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+    return level
 
 
 def _is_ip(text: str) -> bool:
