@@ -48,6 +48,9 @@ class MemoryFeed:
         """
         if self._next is None:
             self._next = asyncio.ensure_future(self._catch_up_after_current())
+            # Its callers may all be gone when it fails (shutting down): the failure is
+            # theirs to see, not an "exception was never retrieved" on the way out.
+            self._next.add_done_callback(_retrieved)
         return await asyncio.shield(self._next)
 
     async def _catch_up_after_current(self) -> int:
@@ -112,3 +115,8 @@ class MemoryFeed:
                     if compact is not None:
                         compact(now)
             await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)
+
+
+def _retrieved(future: asyncio.Future[int]) -> None:
+    if not future.cancelled():
+        future.exception()
