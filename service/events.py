@@ -359,10 +359,15 @@ class UnknownEvent(Event, frozen=True):
 
 
 def decode_or_unknown(tag: str, schema_version: int, payload: bytes | str | msgspec.Raw) -> Event:
+    """`decode`, or UnknownEvent for what this version cannot read: a newer type or shape,
+    or a payload that is not what its type says (tampering: `audit verify` names it)."""
     current = SCHEMA_VERSIONS.get(tag)
     if current is None or schema_version > current:
         return UnknownEvent(type_name=tag, schema_version=schema_version)
-    return decode(tag, schema_version, payload)
+    try:
+        return decode(tag, schema_version, payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return UnknownEvent(type_name=tag, schema_version=schema_version)
 
 
 def decode(tag: str, schema_version: int, payload: bytes | str | msgspec.Raw) -> Event:

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from service.events import Event, decode
+from service.events import Event, decode, decode_or_unknown
 
 
 class Metadata(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -62,7 +62,11 @@ class EventLogUnavailable(EventLogError):
     """The database could not be reached, or failed the write for a reason of its own."""
 
 
-def to_recorded(row: Any) -> RecordedEvent:
+def to_recorded(row: Any, *, readable_only: bool = True) -> RecordedEvent:
+    """A stored row as a RecordedEvent. `readable_only`: an event this version cannot read
+    raises (projections must stop before it); otherwise it comes back as UnknownEvent
+    (for showing history)."""
+    read = decode if readable_only else decode_or_unknown
     return RecordedEvent(
         position=row["position"],
         stream_id=row["stream_id"],
@@ -70,7 +74,7 @@ def to_recorded(row: Any) -> RecordedEvent:
         type=row["type"],
         schema_version=row["schema_version"],
         company_id=row["company_id"],
-        event=decode(row["type"], row["schema_version"], row["payload"]),
+        event=read(row["type"], row["schema_version"], row["payload"]),
         metadata=metadata_decoder.decode(row["metadata"]),
         recorded_at=row["recorded_at"],
         hash=bytes(row["hash"]),

@@ -359,3 +359,23 @@ async def test_a_page_reads_the_company_index_not_the_whole_log(db):
             assert "events_company_position" in plan, plan
             removed = [int(x) for x in re.findall(r"Rows Removed by Filter: (\d+)", plan)]
             assert sum(removed) <= 3000, plan  # at most the company's own rows (co_big3: 3000)
+
+
+async def test_an_event_this_version_cannot_read_is_shown_not_a_500(client, company, db):
+    """Written by a newer version during a rolling deploy (or altered): the history shows
+    that it is there and unreadable, and nothing of its content."""
+    await create(client, company, CC)
+    position = await db.pool.fetchval("SELECT max(position) FROM events") + 1
+    await db.pool.execute(
+        "INSERT INTO events (position, stream_id, version, type, schema_version, company_id,"
+        " payload, metadata, recorded_at, hash) VALUES ($1, 'future-1', 1, 'FromTheFuture', 1,"
+        " $2, '{\"secret_hash\": \"abc\"}', '{}', now(), sha256('x'::bytea))",
+        position,
+        company.company_id,
+    )
+    page = await history(client, company)
+    [unread] = [e for e in page["events"] if e["position"] == position]
+    assert unread["type"] == "FromTheFuture"
+    assert unread["payload"] == {"unreadable": "written by a newer version of Tollgate, or altered"}
+    printed = lines(tollgate(db, "--company", company.company_id))
+    assert [e["payload"] for e in printed if e["position"] == position] == [unread["payload"]]
