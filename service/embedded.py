@@ -15,6 +15,7 @@ import pwd
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class EmbeddedPostgres:
         self.pgdata = pgdata.absolute()
         self.durable = durable
         self.max_connections = max_connections
-        self.owned = False  # True when this process started the server and must stop it
+        self.owned = False  # True once this process uses the server (and stops it, if last)
         self._user: pwd.struct_passwd | None = None
 
     @property
@@ -74,17 +75,52 @@ class EmbeddedPostgres:
                 log.info("embedded_postgres.reused", pgdata=str(self.pgdata))
             else:
                 self._pg_ctl_start()
-                self.owned = True
                 log.info("embedded_postgres.started", pgdata=str(self.pgdata))
+            self._clients.mkdir(exist_ok=True)
+            (self._clients / str(os.getpid())).touch()
+            self.owned = True
         return self.dsn()
 
     def stop(self) -> None:
+        """Stop the server, unless another process still uses it (`serve` and
+        `projections run` side by side, say): the last one out stops it."""
         if not self.owned:
             return
-        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
-            self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
         self.owned = False
+        with self._file_lock():
+            (self._clients / str(os.getpid())).unlink(missing_ok=True)
+            others = self._other_clients()
+            if others:
+                log.info("embedded_postgres.left_running", pgdata=str(self.pgdata), users=others)
+                return
+            with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
+                self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+            # Ctrl-C at a terminal signals the server too (same process group): pg_ctl may
+            # then find it already shutting down and return before it is down.
+            deadline = time.monotonic() + 30
+            while (self.pgdata / "postmaster.pid").exists() and time.monotonic() < deadline:
+                if not self._running():
+                    break
+                time.sleep(0.05)
         log.info("embedded_postgres.stopped", pgdata=str(self.pgdata))
+
+    @property
+    def _clients(self) -> Path:
+        """One empty file per process using the server, named by its pid."""
+        return self.pgdata.parent / f".{self.pgdata.name}.clients"
+
+    def _other_clients(self) -> int:
+        alive = 0
+        for entry in self._clients.glob("*") if self._clients.exists() else ():
+            try:
+                os.kill(int(entry.name), 0)
+            except (ValueError, ProcessLookupError):
+                entry.unlink(missing_ok=True)  # a process that ended without stopping
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            alive += 1
+        return alive
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -143,14 +179,18 @@ class EmbeddedPostgres:
             )
 
     def _initdb(self) -> None:
-        self._run(
-            "initdb",
-            "-D", str(self.pgdata),
-            "-U", "postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-        )  # fmt: skip
+        try:
+            self._run(
+                "initdb",
+                "-D", str(self.pgdata),
+                "-U", "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            )  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            said = " ".join(str(exc.stderr or exc.stdout or "").split())[-500:]
+            raise RuntimeError(f"initdb failed in {self.pgdata}: {said}") from None
 
     def _running(self) -> bool:
         pid_file = self.pgdata / "postmaster.pid"
