@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return serve_workers(settings, args.workers)
             return _serve(settings)
+        except ConfigError as exc:
+            print(f"tollgate: {exc}", file=sys.stderr)
+            return 2
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
             # The port is taken, the host unknown, the database unreachable: one line.
             print(f"tollgate: cannot serve: {exc}".splitlines()[0], file=sys.stderr)

@@ -10,7 +10,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from service.embedded import EmbeddedPostgres
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 
 #: a connection, whether held directly or borrowed from a pool
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -46,7 +46,10 @@ async def apply_schema(conn: Conn) -> None:
 async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
     dsn, embedded = resolve_dsn(settings)
     try:
-        pool = await create_pool(dsn, min_size=min_size, max_size=settings.pool_size)
+        try:
+            pool = await create_pool(dsn, min_size=min_size, max_size=settings.pool_size)
+        except ValueError as exc:  # a DATABASE_URL asyncpg cannot parse (port "x", ...)
+            raise ConfigError(f"DATABASE_URL: {exc}") from None
         async with pool.acquire() as conn:
             await apply_schema(conn)
     except BaseException:

@@ -34,3 +34,10 @@ async def test_a_port_out_of_range_is_refused_before_starting(db):
     code, err = await serve(db, PORT="99999")
     assert code == 2
     assert err.strip() == "tollgate: PORT must be from 1 to 65535, got 99999"
+
+
+async def test_a_database_url_that_does_not_parse_is_refused_by_name(db):
+    code, err = await serve(db, DATABASE_URL="postgresql://u@host:notaport/x")
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tollgate: DATABASE_URL:")
