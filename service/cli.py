@@ -84,24 +84,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 1 <= args.workers <= 64:
             print("tollgate: --workers must be between 1 and 64", file=sys.stderr)
             return 2
-        try:
-            if args.workers > 1:
-                from service.workers import serve_workers
+        if args.workers > 1:
+            from service.workers import serve_workers
 
-                return serve_workers(settings, args.workers)
-            return _serve(settings)
-        except ConfigError as exc:
-            print(f"tollgate: {exc}", file=sys.stderr)
-            return 2
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
             # The port is taken, the host unknown, the database unreachable: one line.
-            print(f"tollgate: cannot serve: {exc}".splitlines()[0], file=sys.stderr)
-            return 1
+            return _one_line(lambda: serve_workers(settings, args.workers), "cannot serve")
+        return _one_line(lambda: _serve(settings), "cannot serve")
     command: Command = _COMMANDS[(args.command, args.action)]
+    try:
+        # The database cannot be reached (or started): one line, not a traceback.
+        return _one_line(lambda: asyncio.run(command(settings, args)), "database")
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(run: Callable[[], int], what: str) -> int:
+    """Run a command; what stops it for a known reason is one line and an exit code."""
     from projections.runner import RebuildInProgress
 
     try:
-        return asyncio.run(command(settings, args))
+        return run()
     except ConfigError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
@@ -109,11 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
-        # The database cannot be reached (or started): one line, not a traceback.
-        print(f"tollgate: database: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"tollgate: {what}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 def _serve(settings: Settings) -> int:

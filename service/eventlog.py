@@ -275,23 +275,22 @@ class EventLog:
     async def _recover(self, batch: list[Append], exc: Exception) -> bool:
         """After a failed batch: True if it committed after all, else each append is
         retried alone or failed. The writer itself never dies of one batch."""
-        if _ambiguous(exc) and self._in_flight is not None:
+        ambiguous = _ambiguous(exc)
+        if ambiguous:
+            await self._drop_connection()
+        if ambiguous and self._in_flight is not None:
             # The connection failed after the batch was sent: the commit may have happened.
             # Retrying before knowing would write the events twice.
-            await self._drop_connection()
             landed = await self._landed(self._in_flight)
             if landed:
                 self._head = self._in_flight
                 return True
             if landed is None:
                 log.warning("eventlog.append_outcome_unknown", error=str(exc))
+                unknown = EventLogUnavailable(f"the append may or may not be written: {exc}")
                 for request in batch:
-                    settle(
-                        request, EventLogUnavailable(f"the append may not have been written: {exc}")
-                    )
+                    settle(request, unknown)
                 return False
-        elif _ambiguous(exc):
-            await self._drop_connection()
         if len(batch) > 1:
             # One bad append must not fail its neighbours: retry each on its own.
             for request in batch:

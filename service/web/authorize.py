@@ -22,7 +22,7 @@ from service.oauth import grants, tokens
 from service.web import pages, sessions
 from service.web.auth import signed_in
 from service.web.bodies import form_body
-from service.web.keys import CONTEXT, metadata, secure_cookies
+from service.web.keys import CONTEXT, metadata
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
 
 routes = web.RouteTableDef()
@@ -150,19 +150,10 @@ async def authorize(request: web.Request) -> web.StreamResponse:
 def _login(
     request: web.Request, next_url: str, message: str | None = None, status: int = 200
 ) -> web.Response:
-    # Login CSRF: a double-submit token, in a cookie and in the form.
-    token = pages.login_csrf_token(request, LOGIN_CSRF_COOKIE)
-    response = pages.login_page(
-        action="/oauth/login",
-        fields={"next": next_url, "csrf_token": token},
-        message=message,
-        status=status,
-    )
-    response.set_cookie(
-        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=secure_cookies(request),
-        path="/oauth", max_age=3600,
+    return pages.sign_in_form(
+        request, cookie=LOGIN_CSRF_COOKIE, path="/oauth", action="/oauth/login",
+        fields={"next": next_url}, message=message, status=status,
     )  # fmt: skip
-    return response
 
 
 def consent_token(request: web.Request) -> str:

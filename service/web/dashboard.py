@@ -19,7 +19,7 @@ from service.history import COMPANY_IS
 from service.web import pages, sessions
 from service.web.auth import signed_in
 from service.web.bodies import form_body
-from service.web.keys import CONTEXT, secure_cookies
+from service.web.keys import CONTEXT
 from service.web.login import InvalidCredentials, authenticate, set_session_cookie
 
 routes = web.RouteTableDef()
@@ -72,16 +72,10 @@ async def _signed_in(request: web.Request, ctx: Context) -> tuple[str, str] | No
 
 
 def _login(request: web.Request, message: str | None = None, status: int = 200) -> web.Response:
-    # Login CSRF: a double-submit token, in a cookie and in the form.
-    token = pages.login_csrf_token(request, LOGIN_CSRF_COOKIE)
-    response = pages.login_page(
-        action="/dashboard/login", fields={"csrf_token": token}, message=message, status=status
-    )
-    response.set_cookie(
-        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Lax", secure=secure_cookies(request),
-        path="/dashboard", max_age=3600,
+    return pages.sign_in_form(
+        request, cookie=LOGIN_CSRF_COOKIE, path="/dashboard", action="/dashboard/login",
+        fields={}, message=message, status=status,
     )  # fmt: skip
-    return response
 
 
 def logout_token(request: web.Request) -> str:

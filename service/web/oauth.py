@@ -230,17 +230,10 @@ async def _introspection(ctx: Context, token: str, caller_client: str | None) ->
         state = ctx.policy.token(key, time.time())
     if state is None or (caller_client is not None and state.client_id != caller_client):
         return INACTIVE
-    body: dict[str, Any] = {
-        "active": True,
-        "scope": " ".join(sorted(ctx.policy.effective_permissions(state))),
-        "client_id": state.client_id,
-        "token_type": "Bearer",
-        "sub": state.company_id,
-        "company_id": state.company_id,
-    }
-    if state.expires_at is not None:
-        body["exp"] = state.expires_at
-    return body
+    return _active(
+        ctx.policy.effective_permissions(state), state.client_id, "Bearer", state.company_id,
+        state.expires_at,
+    )  # fmt: skip
 
 
 async def _refresh_introspection(ctx: Context, token: str, caller_client: str) -> dict[str, Any]:
@@ -261,17 +254,26 @@ async def _refresh_introspection(ctx: Context, token: str, caller_client: str) -
     connection = ctx.policy.connections.get((family.company_id, family.client_id))
     if app is None or connection is None:
         return INACTIVE
+    granted = family.permissions & app.permissions & connection.permissions  # a refresh now
+    return _active(
+        granted, family.client_id, "refresh_token", family.company_id, family.refresh_expires_at
+    )
+
+
+def _active(
+    scope: frozenset[str], client_id: str, token_type: str, company_id: str, exp: int | None
+) -> dict[str, Any]:
+    """RFC 7662 §2.2: what an active token's introspection says."""
     body: dict[str, Any] = {
         "active": True,
-        # what a refresh would grant now
-        "scope": " ".join(sorted(family.permissions & app.permissions & connection.permissions)),
-        "client_id": family.client_id,
-        "token_type": "refresh_token",
-        "sub": family.company_id,
-        "company_id": family.company_id,
+        "scope": " ".join(sorted(scope)),
+        "client_id": client_id,
+        "token_type": token_type,
+        "sub": company_id,
+        "company_id": company_id,
     }
-    if family.refresh_expires_at is not None:
-        body["exp"] = family.refresh_expires_at
+    if exp is not None:
+        body["exp"] = exp
     return body
 
 

@@ -11,6 +11,7 @@ from html import escape
 from aiohttp import web
 
 from service.domain import credentials
+from service.web.keys import secure_cookies
 
 _STYLE = """
 :root { color-scheme: light dark; --accent: #1f5fbf; }
@@ -115,6 +116,29 @@ def login_csrf_cookie(request: web.Request, name: str) -> str | None:
 def login_csrf_token(request: web.Request, name: str) -> str:
     """The token for a sign-in form: the browser's own cookie if well formed, else new."""
     return login_csrf_cookie(request, name) or credentials.random_token(_LOGIN_CSRF_BYTES)
+
+
+def sign_in_form(
+    request: web.Request,
+    *,
+    cookie: str,
+    path: str,
+    action: str,
+    fields: Mapping[str, str],
+    message: str | None = None,
+    status: int = 200,
+) -> web.Response:
+    """The sign-in page with its login-CSRF token, in the form and in a cookie scoped to
+    `path` (a double submit)."""
+    token = login_csrf_token(request, cookie)
+    response = login_page(
+        action=action, fields={**fields, "csrf_token": token}, message=message, status=status
+    )
+    response.set_cookie(
+        cookie, token, httponly=True, samesite="Lax", secure=secure_cookies(request),
+        path=path, max_age=3600,
+    )  # fmt: skip
+    return response
 
 
 def login_csrf_ok(request: web.Request, name: str, presented: str) -> bool:
