@@ -4,86 +4,35 @@ decides from: applications, live tokens and connections, fed from the event log.
 from __future__ import annotations
 
 import heapq
-import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
-import msgspec
 import structlog
 
 from service import events as ev
+from service.domain.state import (
+    AppState,
+    CodeState,
+    ConnectionState,
+    FamilyState,
+    TokenState,
+    networks_of,
+)
+from service.domain.streams import LONE, lone_family, lone_key
 from service.eventlog import RecordedEvent
 
+__all__ = [
+    "LONE",
+    "AppState",
+    "CodeState",
+    "ConnectionState",
+    "FamilyState",
+    "PolicyModel",
+    "TokenState",
+    "lone_family",
+    "networks_of",
+]
+
 log = structlog.get_logger(__name__)
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class AppState(msgspec.Struct, gc=False):
-    client_id: str
-    company_id: str
-    name: str
-    grant_type: str
-    redirect_uri: str | None
-    ip_allowlist: tuple[str, ...]
-    networks: tuple[IPNetwork, ...]
-    permissions: frozenset[str]
-    notification_emails: tuple[str, ...]
-    secret_hash: str
-    secret_version: int
-    previous_secret_hashes: tuple[str, ...]
-    version: int  # the application stream's version: a condition for writes that rely on it
-
-
-# Hundreds of thousands of these live for the life of the process: msgspec Structs with
-# gc=False are small, quick to build, and never scanned by the cycle collector (they hold
-# only strings, numbers, tuples and frozensets, so they cannot form a cycle).
-class TokenState(msgspec.Struct, gc=False):
-    family_id: str | None  # None: a lone token, its family id derived from its hash
-    client_id: str
-    company_id: str
-    permissions: frozenset[str]
-    expires_at: int | None
-
-
-class FamilyState(msgspec.Struct, gc=False):
-    client_id: str
-    company_id: str
-    tokens: tuple[bytes, ...] = ()
-    refresh_token_hash: str | None = None  # the live one
-    refresh_hashes: tuple[str, ...] = ()  # every one issued (spent ones show reuse)
-    refresh_expires_at: int | None = None
-    # The grant (RFC 6749 §6: what a refresh may ask for, all of it when it names no scope):
-    # what the resource owner consented to, less what the application has lost since.
-    permissions: frozenset[str] = frozenset()
-    version: int = 0  # the token stream's version
-
-
-class ConnectionState(msgspec.Struct, gc=False):
-    permissions: frozenset[str]
-    user_id: str
-    version: int = 0  # the connection stream's version: a condition for token writes
-
-
-class CodeState(msgspec.Struct, gc=False):
-    client_id: str
-    company_id: str
-    user_id: str
-    redirect_uri: str
-    permissions: tuple[str, ...]
-    code_challenge: str | None
-    expires_at: int
-    redeemed: bool = False
-
-
-LONE = "fam_"  # a lone token's family id: LONE + its hash (client_credentials tokens)
-
-
-def lone_family(token_hash_hex: str) -> str:
-    return LONE + token_hash_hex
-
-
-def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
 
 class PolicyModel:
@@ -160,7 +109,7 @@ class PolicyModel:
         family = self.families.get(family_id)
         if family is not None:
             return family.version
-        key = self._lone_key(family_id)
+        key = lone_key(family_id)
         return 1 if key is not None and key in self.tokens else None
 
     def family_owner(self, family_id: str) -> tuple[str, str] | None:
@@ -168,18 +117,9 @@ class PolicyModel:
         family = self.families.get(family_id)
         if family is not None:
             return family.client_id, family.company_id
-        key = self._lone_key(family_id)
+        key = lone_key(family_id)
         token = self.tokens.get(key) if key is not None else None
         return None if token is None else (token.client_id, token.company_id)
-
-    @staticmethod
-    def _lone_key(family_id: str) -> bytes | None:
-        if len(family_id) != len(LONE) + 64 or not family_id.startswith(LONE):
-            return None
-        try:
-            return bytes.fromhex(family_id[len(LONE) :])
-        except ValueError:
-            return None
 
     # --- applications ----------------------------------------------------------------
 
@@ -236,8 +176,8 @@ class PolicyModel:
                 if token is not None:
                     token.permissions = self._intern(token.permissions - removed)
         # Lone tokens too: a permission removed and added back must not come back to them.
-        for lone_key in self._client_tokens.get(e.client_id, ()):
-            lone = self.tokens.get(lone_key)
+        for lone_token in self._client_tokens.get(e.client_id, ()):
+            lone = self.tokens.get(lone_token)
             if lone is not None:
                 lone.permissions = self._intern(lone.permissions - removed)
 
@@ -342,7 +282,7 @@ class PolicyModel:
     def _token_revoked(self, e: ev.TokenRevoked, _r: RecordedEvent) -> None:
         if e.family_id in self.families:
             self._revoke_family(e.family_id)
-        elif (key := self._lone_key(e.family_id)) is not None:
+        elif (key := lone_key(e.family_id)) is not None:
             self.tokens.pop(key, None)
 
     def _compact(self, client_id: str) -> None:

@@ -74,3 +74,52 @@ class IpNotAllowed(OAuthError):
 class TemporarilyUnavailable(OAuthError):
     error = "temporarily_unavailable"
     status = 503
+
+
+# --- RFC 6750 §3.1: errors of a request that carries (or lacks) a Bearer access token ---
+
+BEARER_REALM = "tollgate"
+
+
+class InvalidToken(OAuthError):
+    """401 invalid_token; with no error code in the challenge when no token was sent at
+    all (RFC 6750 §3.1). https://www.rfc-editor.org/rfc/rfc6750#section-3.1"""
+
+    error = "invalid_token"
+    status = 401
+
+    def __init__(self, description: str, *, sent: bool = True, realm: str = BEARER_REALM) -> None:
+        challenge = f'Bearer realm="{realm}"'
+        if description and sent:
+            challenge += f', error="invalid_token", error_description="{description}"'
+        super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+
+class InsufficientScope(OAuthError):
+    error = "insufficient_scope"
+    status = 403
+
+    def __init__(self, permission: str) -> None:
+        challenge = (
+            f'Bearer realm="{BEARER_REALM}", error="insufficient_scope", scope="{permission}"'
+        )
+        super().__init__(
+            f"this token lacks the {permission} permission",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+
+class TokenIpNotAllowed(OAuthError):
+    """A valid access token from an address outside its application's allow list: 403 with
+    a Bearer challenge; `revoked` says whether the token died of it."""
+
+    error = "ip_not_allowed"
+    status = 403
+
+    def __init__(self, ip: str, *, revoked: bool) -> None:
+        what = "the token has been revoked" if revoked else "no token was issued"
+        challenge = f'Bearer realm="{BEARER_REALM}", error="ip_not_allowed"'
+        super().__init__(
+            f"requests for this client are not allowed from {ip}; {what}",
+            headers={"WWW-Authenticate": challenge},
+        )

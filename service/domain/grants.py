@@ -1,0 +1,326 @@
+"""The token rules: client_credentials, code redemption (with PKCE), refresh rotation with
+reuse detection, and revocation. Values in, a decision out: no I/O, no clock, no
+randomness. The caller passes the time and the hashes of the tokens it made, and records
+what the decision says (https://www.rfc-editor.org/rfc/rfc6749#section-4)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service import events as ev
+from service.domain import streams
+from service.domain.applications import AUTHORIZATION_CODE, CLIENT_CREDENTIALS
+from service.domain.state import AppState, CodeState, ConnectionState, FamilyState
+from service.oauth.errors import InvalidGrant, InvalidScope, OAuthError, UnauthorizedClient
+
+REFRESH_TOKEN = "refresh_token"  # noqa: S105  (a grant type, not a secret)
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """How long what a grant issues lives, in seconds; None: the access token never expires,
+    or no refresh token is issued."""
+
+    access: int | None
+    refresh: int | None
+
+
+#: The seed's table: authorization_code tokens live 2 hours and come with a refresh token;
+#: client_credentials tokens never expire and come without one.
+LIFETIMES: Mapping[str, Lifetime] = {
+    AUTHORIZATION_CODE: Lifetime(access=2 * 3600, refresh=30 * 86400),
+    CLIENT_CREDENTIALS: Lifetime(access=None, refresh=None),
+}
+CODE_TTL = 600  # at most 10 minutes (RFC 6749 §4.1.2)
+MAX_SCOPE = 2000
+VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")  # RFC 7636 §4.1
+
+
+@dataclass(frozen=True)
+class Record:
+    """Events to append to `stream` at `expected_version` (None: any), on condition that
+    each of `conditions` (stream, version) still holds."""
+
+    stream: str
+    expected_version: int | None
+    events: tuple[ev.Event, ...]
+    conditions: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A security signal to record, then the error to answer with."""
+
+    record: Record
+    error: OAuthError
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Tokens to issue: `record` them, then answer with `scope` (and a refresh token when
+    `refresh`). A conflict on the token's own stream means another request won the race
+    for the same code or refresh token: `conflict` says what to record and answer then.
+    A conflict on a condition stream (the application, the connection) means it changed
+    after the client was authenticated: authenticate again."""
+
+    record: Record
+    scope: list[str]
+    expires_in: int | None
+    refresh: bool = False
+    conflict: Refusal | None = None
+
+    @property
+    def condition_streams(self) -> frozenset[str]:
+        return frozenset(stream for stream, _ in self.record.conditions)
+
+
+def scope_from(raw: str | None, allowed: frozenset[str], default: frozenset[str]) -> list[str]:
+    """Requested permissions, each of which must be allowed; none requested: `default`
+    (RFC 6749 §3.3)."""
+    if raw is None or not raw.strip():
+        return sorted(default)
+    if len(raw) > MAX_SCOPE:
+        raise InvalidScope("scope is too long")
+    requested = list(dict.fromkeys(raw.split()))
+    refused = [p for p in requested if p not in allowed]
+    if refused:
+        raise InvalidScope(f"not granted to this client: {' '.join(refused[:5])}")
+    return requested
+
+
+def pkce_ok(verifier: str, challenge: str) -> bool:
+    """RFC 7636 §4.6, S256: BASE64URL(SHA256(verifier)) == challenge."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    computed = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return hmac.compare_digest(computed, challenge)
+
+
+def _app_condition(app: AppState) -> tuple[str, int]:
+    # The application must still be at the version the client was authenticated against:
+    # a secret rotation that committed first fails the append, so an old secret cannot
+    # slip through in a process that had not seen the rotation yet.
+    return (streams.application(app.client_id), app.version)
+
+
+# --- client_credentials (RFC 6749 §4.4) ------------------------------------------------
+
+
+def client_credentials(app: AppState, scope: str | None, access_hash: str, now: int) -> Issue:
+    if app.grant_type != CLIENT_CREDENTIALS:
+        raise UnauthorizedClient("this client may not use the client_credentials grant")
+    permissions = scope_from(scope, app.permissions, app.permissions)
+    lifetime = LIFETIMES[CLIENT_CREDENTIALS]
+    family_id = streams.lone_family(access_hash)
+    event = ev.AccessTokenIssued(
+        company_id=app.company_id,
+        client_id=app.client_id,
+        family_id=family_id,
+        grant_type=CLIENT_CREDENTIALS,
+        token_hash=access_hash,
+        permissions=permissions,
+        issued_at=now,
+        expires_at=None if lifetime.access is None else now + lifetime.access,
+    )
+    record = Record(streams.token_family(family_id), 0, (event,), (_app_condition(app),))
+    return Issue(record, permissions, lifetime.access)
+
+
+# --- authorization_code (RFC 6749 §4.1.3, RFC 7636 §4.6) --------------------------------
+
+
+def redeem_code(
+    app: AppState,
+    code_hash: str,
+    code: CodeState | None,
+    redirect_uri: str,
+    verifier: str | None,
+    connection: ConnectionState | None,
+    tokens: tuple[str, str],
+    now: int,
+    ip: str,
+) -> Issue | Refusal:
+    """`tokens`: the hashes of the new access and refresh tokens."""
+    if app.grant_type != AUTHORIZATION_CODE:
+        raise UnauthorizedClient("this client may not use the authorization_code grant")
+    if code is None or code.client_id != app.client_id:
+        raise InvalidGrant("unknown, expired or spent authorization code")
+    family_id = streams.code_family(code_hash)
+    reuse = _code_reused(app, code.company_id, code_hash, family_id, ip)
+    if code.redeemed:
+        return reuse
+    if code.expires_at <= now:
+        raise InvalidGrant("the authorization code has expired")
+    if redirect_uri != code.redirect_uri:
+        raise InvalidGrant("redirect_uri does not match the one of the authorization request")
+    _check_pkce(code.code_challenge, verifier)
+    if connection is None:
+        raise InvalidGrant("the connection behind this code was revoked")
+    # Consent that was given, less what the application or the connection lost since.
+    permissions = [
+        p for p in code.permissions if p in app.permissions and p in connection.permissions
+    ]
+    lifetime = LIFETIMES[AUTHORIZATION_CODE]
+    assert lifetime.access is not None
+    access_hash, refresh_hash = tokens
+    ids = {"company_id": code.company_id, "client_id": app.client_id}
+    events = (
+        ev.AuthorizationCodeRedeemed(**ids, code_hash=code_hash, family_id=family_id),
+        ev.AccessTokenIssued(
+            **ids,
+            family_id=family_id,
+            grant_type=AUTHORIZATION_CODE,
+            token_hash=access_hash,
+            permissions=permissions,
+            issued_at=now,
+            expires_at=now + lifetime.access,
+            refresh_token_hash=refresh_hash,
+            owner_company_id=app.company_id,
+            refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
+        ),
+    )
+    conditions = (
+        _app_condition(app),
+        (streams.connection(code.company_id, app.client_id), connection.version),
+    )
+    # One family per code: a second redemption finds the stream taken.
+    record = Record(streams.token_family(family_id), 0, events, conditions)
+    return Issue(record, permissions, lifetime.access, refresh=True, conflict=reuse)
+
+
+def _check_pkce(challenge: str | None, verifier: str | None) -> None:
+    if challenge is not None:
+        if not verifier:
+            raise InvalidGrant("code_verifier is required (PKCE)")
+        if not VERIFIER.match(verifier):
+            raise InvalidGrant("code_verifier must be 43 to 128 unreserved characters")
+        if not pkce_ok(verifier, challenge):
+            raise InvalidGrant("code_verifier does not match the code_challenge")
+    elif verifier:
+        raise InvalidGrant("no code_challenge was sent for this code")
+
+
+def _code_reused(
+    app: AppState, company_id: str, code_hash: str, family_id: str, ip: str
+) -> Refusal:
+    """RFC 6749 §4.1.2: a code used twice revokes what the first use produced. Always
+    recorded with the revocation: the first redemption may have happened in another
+    process whose event this one has not applied yet, and a family revoked twice stays
+    revoked."""
+    ids = {"company_id": company_id, "client_id": app.client_id}
+    events = (
+        ev.AuthorizationCodeReused(**ids, code_hash=code_hash, family_id=family_id, ip=ip),
+        ev.TokenRevoked(**ids, family_id=family_id, reason="code_reuse"),
+    )
+    return Refusal(
+        Record(streams.token_family(family_id), None, events),
+        InvalidGrant("the authorization code was already used; its tokens are revoked"),
+    )
+
+
+# --- refresh_token (RFC 6749 §6, RFC 9700 §4.14.2) --------------------------------------
+
+
+def refresh(
+    app: AppState,
+    refresh_hash: str,
+    found: tuple[str, FamilyState] | None,
+    connection: ConnectionState | None,
+    scope: str | None,
+    tokens: tuple[str, str],
+    now: int,
+    ip: str,
+) -> Issue | Refusal:
+    """`found`: the family the refresh token belongs to (live or spent), if any;
+    `tokens`: the hashes of the new access and refresh tokens."""
+    if app.grant_type != AUTHORIZATION_CODE:
+        raise UnauthorizedClient("this client may not use the refresh_token grant")
+    if found is None or found[1].client_id != app.client_id:
+        raise InvalidGrant("unknown, expired or revoked refresh token")
+    family_id, family = found
+    reuse = _refresh_reused(app, family.company_id, family_id, refresh_hash, ip)
+    if family.refresh_token_hash != refresh_hash:
+        return reuse
+    if family.refresh_expires_at is not None and family.refresh_expires_at <= now:
+        raise InvalidGrant("the refresh token has expired")
+    if connection is None:
+        raise InvalidGrant("the connection behind this token was revoked")
+    # RFC 6749 §6: any part of the original grant, less what was taken away since.
+    allowed = family.permissions & app.permissions & connection.permissions
+    permissions = scope_from(scope, allowed, allowed)
+    lifetime = LIFETIMES[AUTHORIZATION_CODE]
+    assert lifetime.access is not None
+    access_hash, new_refresh_hash = tokens
+    event = ev.TokenRefreshed(
+        company_id=family.company_id,
+        client_id=app.client_id,
+        family_id=family_id,
+        spent_refresh_token_hash=refresh_hash,
+        token_hash=access_hash,
+        refresh_token_hash=new_refresh_hash,
+        permissions=permissions,
+        issued_at=now,
+        expires_at=now + lifetime.access,
+        refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
+    )
+    conditions = (
+        _app_condition(app),
+        (streams.connection(family.company_id, app.client_id), connection.version),
+    )
+    record = Record(streams.token_family(family_id), family.version, (event,), conditions)
+    # Another request that spent this refresh token first makes this one a reuse.
+    return Issue(record, permissions, lifetime.access, refresh=True, conflict=reuse)
+
+
+def _refresh_reused(
+    app: AppState, company_id: str, family_id: str, refresh_hash: str, ip: str
+) -> Refusal:
+    """RFC 9700 §4.14.2: a spent refresh token presented again revokes the family."""
+    ids = {"company_id": company_id, "client_id": app.client_id, "family_id": family_id}
+    events = (
+        ev.RefreshTokenReused(**ids, refresh_token_hash=refresh_hash, ip=ip),
+        ev.TokenRevoked(**ids, reason="refresh_reuse"),
+    )
+    return Refusal(
+        Record(streams.token_family(family_id), None, events),
+        InvalidGrant("this refresh token was already used; the whole grant is revoked"),
+    )
+
+
+# --- revocation (RFC 7009 §2.1) ---------------------------------------------------------
+
+
+def revoke(
+    client_id: str, family_id: str | None, owner: tuple[str, str] | None, token_hash: str
+) -> Record | None:
+    """What revoking a token asked by `client_id` records: its family, when the token is a
+    live one of this client; nothing otherwise (unknown, dead, or another client's token:
+    the answer is 200 all the same, so a client cannot probe for others' tokens)."""
+    if family_id is None or owner is None or owner[0] != client_id:
+        return None
+    event = ev.TokenRevoked(
+        company_id=owner[1],
+        client_id=client_id,
+        family_id=family_id,
+        reason="client_request",
+        token_hash=token_hash,
+    )
+    return Record(streams.token_family(family_id), None, (event,))
+
+
+#: Which kind of application may use each grant type of the token request.
+APPLICATION_GRANT = {
+    CLIENT_CREDENTIALS: CLIENT_CREDENTIALS,
+    AUTHORIZATION_CODE: AUTHORIZATION_CODE,
+    REFRESH_TOKEN: AUTHORIZATION_CODE,
+}
+
+
+def check_grant_type(app: AppState, grant_type: str) -> None:
+    """RFC 6749 §5.2 unauthorized_client: the grant type is not this application's."""
+    if APPLICATION_GRANT.get(grant_type) != app.grant_type:
+        raise UnauthorizedClient(f"this client may not use the {grant_type} grant")

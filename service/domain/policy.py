@@ -1,0 +1,134 @@
+"""The policy decision for a request that carries an access token (the gateway, the policy
+check): is the token live, is the caller on its application's allow list, does it carry
+the permission the route needs. Values in, a decision out; a valid token from a
+disallowed address is revoked, and the decision says what to record."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from service import events as ev
+from service.domain import addresses, streams
+from service.domain.grants import Record
+from service.domain.state import AppState, TokenState
+from service.oauth.errors import InsufficientScope, InvalidToken, TokenIpNotAllowed
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str) -> addresses.IPAddress | None:
+    try:
+        return addresses.ip_address(ip)
+    except ValueError:
+        return None  # not allowed anywhere
+
+
+def ip_allowed(app: AppState, ip: str) -> bool:
+    """An empty allow list allows every address (it is optional for authorization_code)."""
+    if not app.networks:
+        return True
+    address = _address(ip)
+    if address is None:
+        return False
+    return any(address.version == net.version and address in net for net in app.networks)
+
+
+def effective_permissions(token: TokenState, app: AppState | None) -> frozenset[str]:
+    """What a token may do now: what it was granted, less what its application lost since
+    (removing a permission takes effect at once; adding one extends nothing)."""
+    return token.permissions & app.permissions if app is not None else frozenset()
+
+
+@dataclass(frozen=True)
+class Allowed:
+    key: bytes
+    token: TokenState
+    app: AppState
+    permissions: frozenset[str]  # what the token may do now
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A valid token from outside its allow list: record the revocation and the violation
+    (None: the family was revoked meanwhile, nothing left to record), answer 403."""
+
+    record: Record | None
+    error: TokenIpNotAllowed
+
+
+def decide(
+    key: bytes,
+    token: TokenState | None,
+    app: AppState | None,
+    family_version: int | None,
+    ip: str,
+    permission: str | None,
+    endpoint: str,
+) -> Allowed | Violation:
+    """`token` as the read model has it (None: unknown, expired or revoked), `family_version`
+    the version of the token's family stream while it is live."""
+    if token is None or app is None:
+        raise InvalidToken("unknown, expired or revoked access token")
+    if not ip_allowed(app, ip):
+        return Violation(
+            _revocation(key, token, app, family_version, ip, endpoint),
+            TokenIpNotAllowed(ip, revoked=True),
+        )
+    permissions = effective_permissions(token, app)
+    if permission is not None and permission not in permissions:
+        raise InsufficientScope(permission)
+    return Allowed(key, token, app, permissions)
+
+
+def _revocation(
+    key: bytes,
+    token: TokenState,
+    app: AppState,
+    family_version: int | None,
+    ip: str,
+    endpoint: str,
+) -> Record | None:
+    """The family revoked and the violation recorded in one append, at the family's
+    version: concurrent requests with the same token revoke it once."""
+    if family_version is None:
+        return None
+    family_id = token.family_id if token.family_id is not None else streams.lone_family(key.hex())
+    events = (
+        ev.TokenRevoked(
+            company_id=token.company_id,
+            client_id=token.client_id,
+            family_id=family_id,
+            reason="ip_violation",
+            ip=ip,
+            token_hash=key.hex(),
+        ),
+        ev.IpViolationDetected(
+            company_id=app.company_id,
+            client_id=app.client_id,
+            ip=ip,
+            endpoint=endpoint,
+            family_id=family_id,
+            token_revoked=True,
+        ),
+    )
+    return Record(streams.token_family(family_id), family_version, events)
+
+
+def client_violation(app: AppState, ip: str, endpoint: str) -> Record:
+    """Valid client credentials from outside the allow list (the token endpoint): there is
+    no token to revoke, only the violation to record."""
+    event = ev.IpViolationDetected(
+        company_id=app.company_id, client_id=app.client_id, ip=ip, endpoint=endpoint
+    )
+    return Record(streams.violations(app.client_id), None, (event,))
+
+
+def old_secret_used(app: AppState, ip: str) -> Record:
+    """A rotated-away secret was presented: refused, and recorded as a security signal."""
+    event = ev.OldClientSecretUsed(
+        company_id=app.company_id,
+        client_id=app.client_id,
+        ip=ip,
+        secret_version=app.secret_version,
+    )
+    return Record(streams.secret_use(app.client_id), None, (event,))

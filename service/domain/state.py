@@ -1,0 +1,72 @@
+"""The state the token and policy rules decide on: applications, live tokens, families,
+connections and authorization codes, as the in-memory read model holds them."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+import msgspec
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AppState(msgspec.Struct, gc=False):
+    client_id: str
+    company_id: str
+    name: str
+    grant_type: str
+    redirect_uri: str | None
+    ip_allowlist: tuple[str, ...]
+    networks: tuple[IPNetwork, ...]
+    permissions: frozenset[str]
+    notification_emails: tuple[str, ...]
+    secret_hash: str
+    secret_version: int
+    previous_secret_hashes: tuple[str, ...]
+    version: int  # the application stream's version: a condition for writes that rely on it
+
+
+# Hundreds of thousands of these live for the life of the process: msgspec Structs with
+# gc=False are small, quick to build, and never scanned by the cycle collector (they hold
+# only strings, numbers, tuples and frozensets, so they cannot form a cycle).
+class TokenState(msgspec.Struct, gc=False):
+    family_id: str | None  # None: a lone token, its family id derived from its hash
+    client_id: str
+    company_id: str
+    permissions: frozenset[str]
+    expires_at: int | None
+
+
+class FamilyState(msgspec.Struct, gc=False):
+    client_id: str
+    company_id: str
+    tokens: tuple[bytes, ...] = ()
+    refresh_token_hash: str | None = None  # the live one
+    refresh_hashes: tuple[str, ...] = ()  # every one issued (spent ones show reuse)
+    refresh_expires_at: int | None = None
+    # The grant (RFC 6749 §6: what a refresh may ask for, all of it when it names no scope):
+    # what the resource owner consented to, less what the application has lost since.
+    permissions: frozenset[str] = frozenset()
+    version: int = 0  # the token stream's version
+
+
+class ConnectionState(msgspec.Struct, gc=False):
+    permissions: frozenset[str]
+    user_id: str
+    version: int = 0  # the connection stream's version: a condition for token writes
+
+
+class CodeState(msgspec.Struct, gc=False):
+    client_id: str
+    company_id: str
+    user_id: str
+    redirect_uri: str
+    permissions: tuple[str, ...]
+    code_challenge: str | None
+    expires_at: int
+    redeemed: bool = False
+
+
+def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)

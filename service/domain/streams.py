@@ -1,0 +1,88 @@
+"""Stream names and family ids: stored in the log, so their formats never change.
+
+Every stream Tollgate writes is named here and nowhere else; `tests/unit/test_streams.py`
+pins each format, because a changed name would split a stream's history in two (old
+events under the old name, new ones under the new) and break optimistic concurrency.
+"""
+
+from __future__ import annotations
+
+from service.domain.credentials import digest
+
+#: A lone token's family id is LONE + its hash: client_credentials tokens need no family
+#: record in the read model (memory per live token is what bounds a process).
+LONE = "fam_"
+
+
+def company(company_id: str) -> str:
+    return f"company-{company_id}"
+
+
+def user(email: str) -> str:
+    """Keyed by the address, so two concurrent sign-ups of one address cannot both succeed."""
+    return "user-" + digest(email.lower())[:40]
+
+
+def admin_key(key_id: str) -> str:
+    return f"admin-key-{key_id}"
+
+
+def resource_server(server_id: str) -> str:
+    return f"resource-server-{server_id}"
+
+
+def application(client_id: str) -> str:
+    return f"application-{client_id}"
+
+
+def connection(company_id: str, client_id: str) -> str:
+    return f"connection-{company_id}-{client_id}"
+
+
+def token_family(family_id: str) -> str:
+    return f"token-{family_id}"
+
+
+def code(code_hash: str) -> str:
+    return f"code-{code_hash[:40]}"
+
+
+def violations(client_id: str) -> str:
+    return f"violations-{client_id}"
+
+
+def secret_use(client_id: str) -> str:
+    return f"secret-use-{client_id}"
+
+
+def notification(position: int) -> str:
+    return f"notification-{position}"
+
+
+def notification_failures(position: int) -> str:
+    return f"notification-failures-{position}"
+
+
+def lone_family(token_hash_hex: str) -> str:
+    return LONE + token_hash_hex
+
+
+def code_family(code_hash: str) -> str:
+    """One family per authorization code: a second redemption finds its stream taken."""
+    return LONE + code_hash[:40]
+
+
+def lone_key(family_id: str) -> bytes | None:
+    """The token hash behind a lone family id, or None for any other family id."""
+    if len(family_id) != len(LONE) + 64 or not family_id.startswith(LONE):
+        return None
+    try:
+        return bytes.fromhex(family_id[len(LONE) :])
+    except ValueError:
+        return None
+
+
+def admin_key_of(actor: str) -> str | None:
+    """The stream of the admin key an actor ("admin_key:<id>") acts with, if any."""
+    prefix = "admin_key:"
+    return admin_key(actor[len(prefix) :]) if actor.startswith(prefix) else None
