@@ -1,5 +1,5 @@
 """The violation email: its text and headers, its `.eml` drop, and SMTP failures told
-apart (permanent or worth retrying)."""
+apart (the recipient's refusal, our own configuration, or worth retrying)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import email.utils
 import hashlib
 import os
 import re
+import ssl
 import textwrap
 import unicodedata
 from datetime import UTC, datetime
@@ -153,18 +154,67 @@ class Unsendable(Exception):
 
 
 def permanent(exc: BaseException) -> bool:
-    """A 5xx answer from the mail server: trying again will not change it. Connection
-    errors, timeouts and 4xx answers are transient and retried for as long as it takes."""
+    """A 5xx answer about this message or its recipients: trying again will not change it.
+    Connection errors, timeouts, 4xx answers, and our own failures to log in or to set up
+    TLS (see `auth_failed`, `tls_failed`) are transient and retried for as long as it takes."""
     if isinstance(exc, Unsendable):
         return True
+    if auth_failed(exc) or tls_failed(exc):
+        return False
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         return all(500 <= r.code < 600 for r in exc.recipients)
     return isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600
 
 
-def describe(exc: BaseException) -> str:
-    """A short, secret-free account of a failure for the log and the Failed event."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
+# RFC 4954 §6: authentication required, mechanism too weak, credentials invalid, encryption
+# required. Each says something about our settings, nothing about the recipients.
+_AUTH_CODES = frozenset({530, 534, 535, 538})
+
+
+def auth_failed(exc: BaseException) -> bool:
+    """The server did not accept our login (or wants one we did not give): fixing
+    SMTP_USERNAME/SMTP_PASSWORD sends the email, so it must not be given up."""
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return True
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code in _AUTH_CODES
+
+
+def tls_failed(exc: BaseException) -> bool:
+    """TLS could not be set up: a certificate that does not verify, a failed handshake, or
+    a server that does not offer the STARTTLS we require (which is how a stripping attacker
+    looks, so the email waits rather than go out in clear)."""
+    if _ssl_error(exc) is not None:
+        return True
+    return (
+        isinstance(exc, aiosmtplib.SMTPException)
+        and not isinstance(exc, aiosmtplib.SMTPResponseException)
+        # str(), not .message: SMTPRecipientsRefused never sets one
+        and "STARTTLS" in str(exc)
+    )
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    # aiosmtplib raises the handshake's error itself after STARTTLS, but wraps it in an
+    # SMTPConnectError for implicit TLS: look down the chain.
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe(exc: BaseException, *, secrets: tuple[str | None, ...] = ()) -> str:
+    """A short account of a failure for the log and the Failed event. Any of `secrets`
+    that a server or library echoed back is cut out: the description is stored for good."""
+    tls = _ssl_error(exc)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        text = f"TLS: server certificate not trusted: {tls.verify_message}"
+    elif tls is not None:
+        text = f"TLS: {tls.reason or tls.strerror or type(tls).__name__}"
+    elif isinstance(exc, aiosmtplib.SMTPResponseException):
         text = f"SMTP {exc.code}: {exc.message}"
     elif isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = sorted({r.code for r in exc.recipients})
@@ -173,4 +223,7 @@ def describe(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc.strerror}"
     else:
         text = f"{type(exc).__name__}: {exc}"
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
     return " ".join(text.split())[:200]

@@ -14,7 +14,10 @@ Only one notifier runs across processes: it holds a session-level advisory lock 
 connection of its own for as long as it runs, like the projection workers; the others
 stand by and try again. A failed send is recorded (`ViolationNotificationFailed` on
 `notification-failures-{position}`) and retried with exponential backoff; later
-violations wait, so emails go out in violation order.
+violations wait, so emails go out in violation order. Only the recipients' refusal (a
+5xx about the message) gives an email up after `max_refusals`; a login the provider
+refuses or a certificate that does not verify is our configuration, retried until an
+operator fixes it, with one error line per attempt that says which.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import email.policy
 from dataclasses import dataclass
+from email.message import EmailMessage
 
 import aiosmtplib
 import asyncpg
@@ -40,7 +44,15 @@ from service.events import (
     ViolationNotificationFailed,
     ViolationNotificationSent,
 )
-from service.mail import Unsendable, build_message, describe, permanent, write_eml
+from service.mail import (
+    Unsendable,
+    auth_failed,
+    build_message,
+    describe,
+    permanent,
+    tls_failed,
+    write_eml,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -95,7 +107,8 @@ class Notifier:
         self.standby_interval = standby_interval
         self.poll_interval = poll_interval or ctx.eventlog.poll_interval
         self.smtp_timeout = smtp_timeout
-        #: permanent (5xx) refusals in a row after which an email is given up
+        #: the recipients' permanent (5xx) refusals in a row after which an email is given
+        #: up; failures to log in or to set up TLS never count
         self.max_refusals = max_refusals
         self.position = 0  # the checkpoint as this worker last read or wrote it
         self.active = False  # holds the lock and works (the others stand by)
@@ -106,6 +119,14 @@ class Notifier:
 
     async def start(self) -> None:
         await self.ensure_checkpoint()
+        settings = self.ctx.settings
+        if settings.smtp_host and settings.smtp_tls != "none" and not settings.smtp_tls_verify:
+            # Said once at start: an opt-out that nobody remembers is how it stays on.
+            log.warning(
+                "notifier.smtp_tls_unverified",
+                host=settings.smtp_host,
+                detail="SMTP_TLS_VERIFY=false: a machine in the middle can pose as the server",
+            )
         self._task = asyncio.create_task(self._supervise(), name="notifier")
 
     async def close(self) -> None:
@@ -121,7 +142,7 @@ class Notifier:
                 await self._run_locked()
             except Exception as exc:
                 # Only cancellation stops the worker; anything else is logged and retried.
-                log.warning("notifier.restarting", error=describe(exc))
+                log.warning("notifier.restarting", error=self._describe(exc))
             await asyncio.sleep(self.standby_interval)
 
     async def _run_locked(self) -> None:
@@ -203,11 +224,13 @@ class Notifier:
                 recipients = await self._send(recorded, violation, app)
             except Exception as exc:
                 failures += 1
-                await self._record_failure(position, violation, failures, describe(exc))
+                error = self._describe(exc)
+                self._log_failure(position, failures, exc, error)
+                await self._record_failure(position, violation, failures, error)
                 refusals = refusals + 1 if permanent(exc) else 0
                 if refusals >= self.max_refusals or isinstance(exc, Unsendable):
                     # Later violations wait for this one: never let one block them all.
-                    await self._record_abandoned(position, violation, failures, describe(exc))
+                    await self._record_abandoned(position, violation, failures, error)
                     return
                 await asyncio.sleep(self.backoff.delay(failures))
                 continue
@@ -236,14 +259,7 @@ class Notifier:
         except (ValueError, TypeError, UnicodeError) as exc:
             raise Unsendable(describe(exc)) from exc
         if settings.smtp_host:
-            refused, _reply = await aiosmtplib.send(
-                message,
-                sender=settings.mail_from,
-                recipients=recipients,
-                hostname=settings.smtp_host,
-                port=settings.smtp_port,
-                timeout=self.smtp_timeout,
-            )
+            refused = await self._smtp(message, recipients, settings.smtp_host)
             if refused:
                 # Some accepted it: retrying would mail them again; the rest stays logged.
                 log.warning(
@@ -262,6 +278,32 @@ class Notifier:
             transport="smtp" if settings.smtp_host else "file",
         )
         return recipients
+
+    async def _smtp(
+        self, message: EmailMessage, recipients: list[str], host: str
+    ) -> dict[str, aiosmtplib.SMTPResponse]:
+        """Hand the message to the mail server; return the recipients it refused."""
+        settings = self.ctx.settings
+        ca_file = settings.smtp_ca_file
+        refused, _reply = await aiosmtplib.send(
+            message,
+            sender=settings.mail_from,
+            recipients=recipients,
+            hostname=host,
+            port=settings.smtp_port,
+            timeout=self.smtp_timeout,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            use_tls=settings.smtp_tls == "tls",
+            # Required, not opportunistic: a server that does not offer STARTTLS is an
+            # error, so an attacker who strips it cannot read the login. `none` means none,
+            # even when offered: it is the opt-out for a relay whose certificate cannot
+            # verify.
+            start_tls=settings.smtp_tls == "starttls",
+            validate_certs=settings.smtp_tls_verify,
+            cert_bundle=str(ca_file) if ca_file is not None else None,
+        )
+        return refused
 
     async def _record_sent(
         self, position: int, violation: IpViolationDetected, recipients: list[str]
@@ -299,10 +341,39 @@ class Notifier:
         except ConcurrencyError:
             log.info("notifier.recorded_elsewhere", position=position)
 
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, secrets=(self.ctx.settings.smtp_password,))
+
+    def _log_failure(self, position: int, attempt: int, exc: Exception, error: str) -> None:
+        """One line per failed attempt; an error when an operator has to act on it."""
+        settings = self.ctx.settings
+        where = {"host": settings.smtp_host, "port": settings.smtp_port}
+        if auth_failed(exc):
+            log.error(
+                "notifier.smtp_auth_failed",
+                **where,
+                username=settings.smtp_username,
+                position=position,
+                attempt=attempt,
+                error=error,
+            )
+        elif tls_failed(exc):
+            log.error(
+                "notifier.smtp_tls_failed",
+                **where,
+                tls=settings.smtp_tls,
+                verify=settings.smtp_tls_verify,
+                ca_file=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
+                position=position,
+                attempt=attempt,
+                error=error,
+            )
+        else:
+            log.warning("notifier.send_failed", position=position, attempt=attempt, error=error)
+
     async def _record_failure(
         self, position: int, violation: IpViolationDetected, attempt: int, error: str
     ) -> None:
-        log.warning("notifier.send_failed", position=position, attempt=attempt, error=error)
         self.ctx.count("email_failed")
         event = ViolationNotificationFailed(
             company_id=violation.company_id,

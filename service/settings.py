@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SmtpTls = Literal["starttls", "tls", "none"]
 
 
 class ConfigError(ValueError):
@@ -25,6 +28,12 @@ class Settings:
     smtp_host: str | None = None
     smtp_port: int = 25
     mail_from: str = "tollgate@localhost"
+    smtp_username: str | None = None
+    # Out of repr: settings end up in tracebacks and debug output.
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_tls: SmtpTls = "none"
+    smtp_tls_verify: bool = True
+    smtp_ca_file: Path | None = None  # trusted on top of the system's CAs
     trusted_proxies: tuple[IPNetwork, ...] = ()
     upstream_url: str | None = None
     public_url: str | None = None  # the issuer (RFC 8414); unset: the address served on
@@ -111,14 +120,20 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         raise ConfigError(f"LOG_FORMAT must be console or json, got {log_format!r}")
     permissions_file = env.get("PERMISSIONS_FILE")
     routes_file = env.get("ROUTES_FILE")
+    smtp = _smtp(env)
     return Settings(
         host=env.get("HOST") or "127.0.0.1",
         port=_int(env, "PORT", 8080, 1, 65535),
         data_dir=Path(env.get("DATA_DIR") or ".data"),
         database_url=env.get("DATABASE_URL") or None,
         smtp_host=env.get("SMTP_HOST") or None,
-        smtp_port=_int(env, "SMTP_PORT", 25, 1, 65535),
+        smtp_port=_int(env, "SMTP_PORT", _SMTP_PORTS[smtp.tls], 1, 65535),
         mail_from=env.get("MAIL_FROM") or "tollgate@localhost",
+        smtp_username=smtp.username,
+        smtp_password=smtp.password,
+        smtp_tls=smtp.tls,
+        smtp_tls_verify=_bool(env, "SMTP_TLS_VERIFY", True),
+        smtp_ca_file=smtp.ca_file,
         trusted_proxies=_networks(env.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"),
         upstream_url=env.get("UPSTREAM_URL") or None,
         public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
@@ -131,6 +146,53 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         pool_size=_int(env, "DB_POOL_SIZE", 10, 2, 1000),
         projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000, 1, 1_000_000),
     )
+
+
+# The ports that providers use for each mode (RFC 8314 §3.3 for implicit TLS, RFC 6409
+# submission for STARTTLS), so that SMTP_TLS=tls alone does not talk TLS to port 25.
+_SMTP_PORTS: dict[SmtpTls, int] = {"tls": 465, "starttls": 587, "none": 25}
+
+
+@dataclass(frozen=True)
+class _Smtp:
+    username: str | None
+    password: str | None = field(repr=False)
+    tls: SmtpTls
+    ca_file: Path | None
+
+
+def _smtp(env: Mapping[str, str]) -> _Smtp:
+    """The provider's credentials and TLS mode, checked together: no combination that
+    would send the password in clear or could never log in."""
+    username = env.get("SMTP_USERNAME") or None
+    password = env.get("SMTP_PASSWORD") or None
+    raw_tls = (env.get("SMTP_TLS") or "").lower() or ("starttls" if username else "none")
+    modes: tuple[SmtpTls, ...] = get_args(SmtpTls)
+    if raw_tls not in modes:
+        raise ConfigError(f"SMTP_TLS must be one of {', '.join(modes)}, got {raw_tls!r}")
+    tls = modes[modes.index(raw_tls)]
+    if password and not username:
+        raise ConfigError("SMTP_PASSWORD is set but SMTP_USERNAME is not")
+    if username and not password:
+        raise ConfigError("SMTP_USERNAME is set but SMTP_PASSWORD is not")
+    if username and tls == "none":
+        # Refused rather than warned about: a warning scrolls by, the password is out.
+        raise ConfigError("SMTP_TLS=none would send SMTP_PASSWORD in clear: use starttls or tls")
+    raw_ca = env.get("SMTP_CA_FILE")
+    ca_file = Path(raw_ca) if raw_ca else None
+    if ca_file is not None:
+        _check_ca_file(ca_file)
+    return _Smtp(username, password, tls, ca_file)
+
+
+def _check_ca_file(path: Path) -> None:
+    """Load the bundle once now, so a wrong path is a start-up error, not a failure on the
+    first violation's email hours later."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except OSError as exc:  # ssl.SSLError is an OSError too: not PEM, no certificate
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise ConfigError(f"SMTP_CA_FILE: cannot load {str(path)!r}: {reason}") from None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

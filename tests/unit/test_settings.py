@@ -32,3 +32,92 @@ def test_the_defaults_and_good_values_load():
     )
     assert (settings.port, settings.pool_size, settings.log_level) == (9000, 2, "warning")
     assert load_settings({}, dotenv=False).port == 8080
+
+
+# --- a mail provider -------------------------------------------------------------------
+
+PASSWORD = "s3cret-provider-password"
+
+
+@pytest.fixture
+def ca_file(tmp_path):
+    import trustme
+
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SMTP_TLS": "ssl"}, "SMTP_TLS must be one of starttls, tls, none, got 'ssl'"),
+        ({"SMTP_PASSWORD": PASSWORD}, "SMTP_PASSWORD is set but SMTP_USERNAME is not"),
+        ({"SMTP_USERNAME": "alerts"}, "SMTP_USERNAME is set but SMTP_PASSWORD is not"),
+        (
+            {"SMTP_USERNAME": "alerts", "SMTP_PASSWORD": PASSWORD, "SMTP_TLS": "none"},
+            "SMTP_TLS=none would send SMTP_PASSWORD in clear",
+        ),
+        ({"SMTP_TLS_VERIFY": "sometimes"}, "SMTP_TLS_VERIFY must be true or false"),
+        ({"SMTP_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_CA_FILE: cannot load"),
+        ({"SMTP_CA_FILE": "/"}, "SMTP_CA_FILE: cannot load"),
+    ],
+)
+def test_a_bad_mail_provider_setting_is_one_line_naming_it(env, words):
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env, dotenv=False)
+    message = str(refused.value)
+    assert message.startswith(words)
+    assert "\n" not in message and PASSWORD not in message
+
+
+def test_a_file_that_holds_no_certificate_is_not_a_ca_file(tmp_path):
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"SMTP_CA_FILE": str(garbage)}, dotenv=False)
+    assert str(refused.value).startswith(f"SMTP_CA_FILE: cannot load '{garbage}'")
+
+
+def test_a_login_defaults_to_starttls_on_the_submission_port(ca_file):
+    settings = load_settings(
+        {
+            "SMTP_HOST": "smtp.example.com",
+            "SMTP_USERNAME": "alerts",
+            "SMTP_PASSWORD": PASSWORD,
+            "SMTP_CA_FILE": str(ca_file),
+        },
+        dotenv=False,
+    )
+    assert (settings.smtp_tls, settings.smtp_port, settings.smtp_tls_verify) == (
+        "starttls",
+        587,
+        True,
+    )
+    assert (settings.smtp_username, settings.smtp_password) == ("alerts", PASSWORD)
+    assert settings.smtp_ca_file == ca_file
+
+
+@pytest.mark.parametrize(
+    ("env", "tls", "port"),
+    [
+        ({}, "none", 25),
+        ({"SMTP_TLS": "TLS"}, "tls", 465),
+        ({"SMTP_TLS": "starttls"}, "starttls", 587),
+        ({"SMTP_TLS": "tls", "SMTP_PORT": "2465"}, "tls", 2465),
+        ({"SMTP_TLS_VERIFY": "false", "SMTP_TLS": "tls"}, "tls", 465),
+    ],
+)
+def test_the_tls_mode_picks_the_default_port(env, tls, port):
+    settings = load_settings(env, dotenv=False)
+    assert (settings.smtp_tls, settings.smtp_port) == (tls, port)
+    assert settings.smtp_tls_verify == (env.get("SMTP_TLS_VERIFY") != "false")
+
+
+def test_the_smtp_password_is_not_in_the_settings_repr():
+    settings = load_settings(
+        {"SMTP_USERNAME": "alerts", "SMTP_PASSWORD": PASSWORD, "SMTP_TLS": "tls"}, dotenv=False
+    )
+    assert settings.smtp_password == PASSWORD
+    assert "alerts" in repr(settings)
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
