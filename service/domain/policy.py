@@ -92,7 +92,7 @@ def _revocation(
     version: concurrent requests with the same token revoke it once."""
     if family_version is None:
         return None
-    family_id = token.family_id if token.family_id is not None else streams.lone_family(key.hex())
+    family_id = streams.family_of(key, token.family_id)
     events = (
         ev.TokenRevoked(
             company_id=token.company_id,

@@ -86,3 +86,8 @@ def admin_key_of(actor: str) -> str | None:
     """The stream of the admin key an actor ("admin_key:<id>") acts with, if any."""
     prefix = "admin_key:"
     return admin_key(actor[len(prefix) :]) if actor.startswith(prefix) else None
+
+
+def family_of(token_hash: bytes, family_id: str | None) -> str:
+    """A token's family id: its own, or the one a lone token's hash gives it."""
+    return family_id if family_id is not None else lone_family(token_hash.hex())

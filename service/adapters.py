@@ -1,0 +1,120 @@
+"""The protocol core's ports implemented once, over the in-memory read models (fed from the
+event log in this process) and the event log itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+
+from projections.directory import DirectoryModel
+from projections.feed import MemoryFeed
+from projections.memory import PolicyModel
+from service.domain.grants import Record
+from service.domain.state import AppState, CodeState, ConnectionState, FamilyState, TokenState
+from service.eventlog import EventLog, EventLogError, Metadata
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class ModelLookups:
+    """Every lookup is a dict access; a miss catches up with the log once and looks again
+    (concurrent misses share one read: see MemoryFeed.catch_up)."""
+
+    def __init__(self, feed: MemoryFeed, policy: PolicyModel, directory: DirectoryModel) -> None:
+        self._feed = feed
+        self._policy = policy
+        self._directory = directory
+
+    async def _found(self, look: Callable[[], T | None]) -> T | None:
+        found = look()
+        if found is None:
+            await self._feed.catch_up()  # written a moment ago through another process?
+            found = look()
+        return found
+
+    async def application(self, client_id: str) -> AppState | None:
+        return await self._found(lambda: self._policy.apps.get(client_id))
+
+    async def code(self, code_hash: str) -> CodeState | None:
+        return await self._found(lambda: self._policy.codes.get(code_hash))
+
+    async def refresh_family(self, refresh_hash: str) -> tuple[str, FamilyState] | None:
+        def look() -> tuple[str, FamilyState] | None:
+            family_id = self._policy.refresh_tokens.get(refresh_hash)
+            family = self._policy.families.get(family_id) if family_id is not None else None
+            return None if family is None or family_id is None else (family_id, family)
+
+        return await self._found(look)
+
+    async def access_token(self, key: bytes, now: float) -> TokenState | None:
+        return await self._found(lambda: self._policy.token(key, now))
+
+    async def family_of(self, token_hash: str, *, refresh: bool) -> str | None:
+        def look() -> str | None:
+            if refresh:
+                return self._policy.refresh_tokens.get(token_hash)
+            key = bytes.fromhex(token_hash)
+            state = self._policy.tokens.get(key)
+            return None if state is None else self._policy.family_of(key, state)
+
+        return await self._found(look)
+
+    async def resource_server(self, key_hash: str) -> str | None:
+        def look() -> str | None:
+            server = self._directory.resource_server_hashes.get(key_hash)
+            return None if server is None else server.resource_server_id
+
+        return await self._found(look)
+
+    def connection(self, company_id: str, client_id: str) -> ConnectionState | None:
+        return self._policy.connections.get((company_id, client_id))
+
+    def family_version(self, family_id: str) -> int | None:
+        return self._policy.family_version(family_id)
+
+    def family_owner(self, family_id: str) -> tuple[str, str] | None:
+        return self._policy.family_owner(family_id)
+
+    def application_now(self, client_id: str) -> AppState | None:
+        return self._policy.apps.get(client_id)
+
+    async def catch_up(self) -> None:
+        await self._feed.catch_up()
+
+
+class LogLedger:
+    """Appends to the event log; a visible record waits until this process's models have
+    applied it (read-your-writes)."""
+
+    def __init__(self, eventlog: EventLog, feed: MemoryFeed) -> None:
+        self._eventlog = eventlog
+        self._feed = feed
+
+    async def record(self, record: Record, meta: Metadata, *, visible: bool = False) -> list[int]:
+        positions = await self._eventlog.append(
+            record.stream,
+            record.expected_version,
+            record.events,
+            meta,
+            conditions=record.conditions,
+        )
+        if visible:
+            await self.wait_for(positions[-1])
+        return positions
+
+    async def wait_for(self, position: int) -> None:
+        """Read-your-writes, but never at the price of reporting a committed change as
+        failed (a new application's secret is shown once): if the log cannot be read back
+        now, the models catch up when it can, and the caller hears of the commit."""
+        for attempt in range(3):
+            try:
+                await self._feed.wait_for(position)
+                return
+            except EventLogError as exc:
+                log.warning("context.catch_up_failed", position=position, error=str(exc))
+                await asyncio.sleep(0.1 * (attempt + 1))

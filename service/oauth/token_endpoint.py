@@ -1,0 +1,225 @@
+"""The token endpoint's protocol core (RFC 6749 §3.2): authenticate the client, hold it to
+its allow list, dispatch to its grant, record what the grant decides, answer. It knows
+nothing of the web framework: parameters in, a token response (or an OAuthError) out.
+https://www.rfc-editor.org/rfc/rfc6749#section-3.2"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
+
+from service.domain import grants, policy
+from service.domain.state import AppState
+from service.eventlog import ConcurrencyError, Metadata
+from service.oauth import tokens
+from service.oauth.client_auth import authenticate
+from service.oauth.errors import (
+    InvalidGrant,
+    InvalidRequest,
+    IpNotAllowed,
+    TemporarilyUnavailable,
+    UnsupportedGrantType,
+)
+from service.oauth.ports import Ledger, Lookups
+
+Clock = Callable[[], float]
+
+
+class ApplicationChanged(Exception):
+    """The application or the connection changed while a token was being issued (a
+    secret rotation, a revoked connection): authenticate again against the new state."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    access_token: str
+    scope: list[str]
+    refresh_token: str | None = None
+    expires_in: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        """RFC 6749 §5.1."""
+        body: dict[str, Any] = {"access_token": self.access_token, "token_type": "Bearer"}
+        if self.expires_in is not None:
+            body["expires_in"] = self.expires_in
+        if self.refresh_token is not None:
+            body["refresh_token"] = self.refresh_token
+        body["scope"] = " ".join(self.scope)
+        return body
+
+
+@dataclass(frozen=True)
+class Request:
+    """One token request, as the grants see it."""
+
+    app: AppState
+    params: Mapping[str, str]
+    meta: Metadata
+    now: int
+
+    @property
+    def ip(self) -> str:
+        return self.meta.client_ip or ""
+
+
+class Grant:
+    """A grant type of the token endpoint: its name, the parameters it requires, and how it
+    decides. The endpoint dispatches on `grant_type` without knowing any of them."""
+
+    grant_type: ClassVar[str]
+    required: ClassVar[tuple[str, ...]] = ()
+    issues_refresh: ClassVar[bool] = False
+
+    def __init__(self, lookups: Lookups) -> None:
+        self.lookups = lookups
+
+    async def decide(
+        self, request: Request, access: str, refresh: str
+    ) -> grants.Issue | grants.Refusal:
+        raise NotImplementedError
+
+
+class ClientCredentials(Grant):
+    """RFC 6749 §4.4."""
+
+    grant_type = "client_credentials"
+
+    async def decide(
+        self, request: Request, access: str, refresh: str
+    ) -> grants.Issue | grants.Refusal:
+        scope = request.params.get("scope")
+        return grants.client_credentials(request.app, scope, tokens.token_hash(access), request.now)
+
+
+class AuthorizationCode(Grant):
+    """RFC 6749 §4.1.3 with PKCE (RFC 7636 §4.5)."""
+
+    grant_type = "authorization_code"
+    required = ("code", "redirect_uri")
+    issues_refresh = True
+
+    async def decide(
+        self, request: Request, access: str, refresh: str
+    ) -> grants.Issue | grants.Refusal:
+        code = request.params["code"]
+        if not tokens.well_formed(code, tokens.CODE):
+            raise InvalidGrant("unknown, expired or spent authorization code")
+        code_hash = tokens.token_hash(code)
+        state = await self.lookups.code(code_hash)
+        connection = (
+            self.lookups.connection(state.company_id, request.app.client_id) if state else None
+        )
+        return grants.redeem_code(
+            request.app,
+            code_hash,
+            state,
+            request.params["redirect_uri"],
+            request.params.get("code_verifier"),
+            connection,
+            (tokens.token_hash(access), tokens.token_hash(refresh)),
+            request.now,
+            request.ip,
+        )
+
+
+class RefreshToken(Grant):
+    """RFC 6749 §6, rotation with reuse detection (RFC 9700 §4.14.2)."""
+
+    grant_type = "refresh_token"
+    required = ("refresh_token",)
+    issues_refresh = True
+
+    async def decide(
+        self, request: Request, access: str, refresh: str
+    ) -> grants.Issue | grants.Refusal:
+        presented = request.params["refresh_token"]
+        if not tokens.well_formed(presented, tokens.REFRESH):
+            raise InvalidGrant("unknown, expired or revoked refresh token")
+        refresh_hash = tokens.token_hash(presented)
+        found = await self.lookups.refresh_family(refresh_hash)
+        connection = (
+            self.lookups.connection(found[1].company_id, request.app.client_id) if found else None
+        )
+        return grants.refresh(
+            request.app,
+            refresh_hash,
+            found,
+            connection,
+            request.params.get("scope"),
+            (tokens.token_hash(access), tokens.token_hash(refresh)),
+            request.now,
+            request.ip,
+        )
+
+
+GRANT_TYPES: tuple[type[Grant], ...] = (ClientCredentials, AuthorizationCode, RefreshToken)
+
+
+class TokenEndpoint:
+    def __init__(
+        self, lookups: Lookups, ledger: Ledger, clock: Clock, *, attempts: int = 3
+    ) -> None:
+        self.lookups = lookups
+        self.ledger = ledger
+        self.clock = clock
+        self.attempts = attempts
+        self.grants = {g.grant_type: g(lookups) for g in GRANT_TYPES}
+
+    @property
+    def grant_types(self) -> list[str]:
+        return list(self.grants)
+
+    async def token(
+        self, params: Mapping[str, str], client: tuple[str, str] | None, meta: Metadata
+    ) -> Issued:
+        """`client`: the (client_id, client_secret) the request authenticates with."""
+        grant_type = params.get("grant_type")
+        if not grant_type:
+            raise InvalidRequest("grant_type is required")
+        grant = self.grants.get(grant_type)
+        if grant is None:
+            raise UnsupportedGrantType(f"supported: {', '.join(self.grants)}")
+        for _attempt in range(self.attempts):
+            app = await authenticate(self.lookups, self.ledger, client, meta)
+            await self.allowed_or_refused(app, meta, "token")
+            grants.check_grant_type(app, grant_type)
+            for name in grant.required:
+                if not params.get(name):  # an empty parameter is an omitted one (§3.1)
+                    raise InvalidRequest(f"{name} is required")
+            try:
+                return await self._issue(grant, Request(app, params, meta, int(self.clock())))
+            except ApplicationChanged:
+                await self.lookups.catch_up()  # a rotation committed first: look again
+        raise TemporarilyUnavailable("the application keeps changing; try again")
+
+    async def allowed_or_refused(self, app: AppState, meta: Metadata, endpoint: str) -> None:
+        """SPEC §2: a correct client authentication from a disallowed address gets 403 and
+        raises the same notification as a token used from there."""
+        ip = meta.client_ip or ""
+        if not policy.ip_allowed(app, ip):
+            await self.ledger.record(policy.client_violation(app, ip, endpoint), meta)
+            raise IpNotAllowed(f"requests for this client are not allowed from {ip}")
+
+    async def _issue(self, grant: Grant, request: Request) -> Issued:
+        access = tokens.new(tokens.ACCESS)
+        refresh = tokens.new(tokens.REFRESH) if grant.issues_refresh else ""
+        decision = await grant.decide(request, access, refresh)
+        if isinstance(decision, grants.Refusal):
+            await self._refuse(decision, request.meta)
+        try:
+            await self.ledger.record(decision.record, request.meta)
+        except ConcurrencyError as exc:
+            if exc.stream_id in decision.condition_streams:
+                raise ApplicationChanged() from None
+            if decision.conflict is None:
+                raise
+            await self._refuse(decision.conflict, request.meta)
+        return Issued(
+            access, decision.scope, refresh if decision.refresh else None, decision.expires_in
+        )
+
+    async def _refuse(self, refusal: grants.Refusal, meta: Metadata) -> NoReturn:
+        # Visible at once: the next request here must find the family revoked.
+        await self.ledger.record(refusal.record, meta, visible=True)
+        raise refusal.error
