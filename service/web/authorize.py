@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 from multidict import MultiDict, MultiMapping
+from yarl import URL
 
 from projections.memory import AppState
 from service import events as ev
@@ -18,6 +19,7 @@ from service.context import Context
 from service.domain import credentials
 from service.domain.applications import AUTHORIZATION_CODE
 from service.errors import TollgateError
+from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import grants, tokens
 from service.web import pages, sessions
 from service.web.auth import signed_in
@@ -153,7 +155,24 @@ def _login(
     return pages.sign_in_form(
         request, cookie=LOGIN_CSRF_COOKIE, path="/oauth", action="/oauth/login",
         fields={"next": next_url}, message=message, status=status,
+        redirect_uri=_registered_redirect(request.app[CONTEXT], next_url),
     )  # fmt: skip
+
+
+def _registered_redirect(ctx: Context, next_url: str) -> str | None:
+    """The registered redirect URI that the authorization request `next_url` names exactly,
+    if any. The sign-in form can end there: an error held back until the user signs in
+    (see `authorize`) is a redirect to it at the end of the form's redirects, and the
+    page's CSP form-action must let the browser follow it."""
+    try:
+        query = URL(next_url).query
+    except ValueError:
+        return None
+    client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
+    app = ctx.policy.apps.get(client_ids[0]) if len(client_ids) == 1 else None
+    if app is None or app.grant_type != AUTHORIZATION_CODE or redirect_uris != [app.redirect_uri]:
+        return None
+    return app.redirect_uri
 
 
 def consent_token(request: web.Request) -> str:
@@ -176,6 +195,7 @@ async def _consent(
         user_email=user.email,
         permissions=[(p, ctx.catalogue.get(p, "")) for p in auth_request.permissions],
         fields=auth_request.fields() | {"csrf_token": consent_token(request)},
+        redirect_uri=auth_request.redirect_uri,
     )
 
 
@@ -224,22 +244,43 @@ async def decide(request: web.Request) -> web.StreamResponse:
         )
     user = ctx.directory.users[session.user_id]
     meta = metadata(request, f"user:{user.user_id}")
-    ids = {"company_id": user.company_id, "client_id": app.client_id}
-    await ctx.record(
-        grants.connection_stream(user.company_id, app.client_id), None,
-        [ev.ConnectionGranted(**ids, user_id=user.user_id, permissions=auth_request.permissions)],
-        meta,
-    )  # fmt: skip
     code = tokens.new(tokens.CODE)
-    code_hash = tokens.token_hash(code)
     issued = ev.AuthorizationCodeIssued(
-        **ids,
+        company_id=user.company_id,
+        client_id=app.client_id,
         user_id=user.user_id,
-        code_hash=code_hash,
+        code_hash=tokens.token_hash(code),
         redirect_uri=auth_request.redirect_uri,
         permissions=auth_request.permissions,
         code_challenge=auth_request.code_challenge,
         expires_at=int(time.time()) + grants.CODE_TTL,
     )
-    await ctx.record(f"code-{code_hash[:40]}", 0, [issued], meta)
+    await _record_consent(ctx, issued, meta)
     raise redirect_to(auth_request.redirect_uri, {"code": code, "state": auth_request.state})
+
+
+async def _record_consent(ctx: Context, issued: ev.AuthorizationCodeIssued, meta: Metadata) -> None:
+    """The grant, then the code. A consent given again for exactly the permissions that the
+    connection holds (Allow pressed twice, a reload, a retry after a failed redirect) adds
+    no second grant to the log, only the code. That code is appended on condition that the
+    connection has not changed since this process saw it: if another process revoked or
+    changed it meanwhile, the grant is recorded after all, so the code is never left
+    pointing at a connection that is gone."""
+    stream = grants.connection_stream(issued.company_id, issued.client_id)
+    code_stream = f"code-{issued.code_hash[:40]}"
+    connection = ctx.policy.connections.get((issued.company_id, issued.client_id))
+    if connection is not None and connection.permissions == frozenset(issued.permissions):
+        try:
+            await ctx.record(
+                code_stream, 0, [issued], meta, conditions=[(stream, connection.version)]
+            )
+            return
+        except ConcurrencyError as exc:
+            if exc.stream_id != stream:
+                raise
+    granted = ev.ConnectionGranted(
+        company_id=issued.company_id, client_id=issued.client_id, user_id=issued.user_id,
+        permissions=issued.permissions,
+    )  # fmt: skip
+    await ctx.record(stream, None, [granted], meta)
+    await ctx.record(code_stream, 0, [issued], meta)

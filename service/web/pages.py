@@ -7,6 +7,7 @@ import hmac
 import re
 from collections.abc import Mapping, Sequence
 from html import escape
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -39,19 +40,63 @@ ul.permissions li { margin: .35rem 0; }
 .muted { opacity: .75; font-size: .9rem; }
 """
 
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
+_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; form-action {form_action}; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
+SECURITY_HEADERS = {"Content-Security-Policy": _CSP.format(form_action="'self'"), **_HEADERS}
+
+# CSP3 §2.3.1 host-part without wildcards: ASCII letters, digits and hyphens in labels.
+_CSP_HOST = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 
 
-def page(title: str, body: str, *, status: int = 200) -> web.Response:
+def redirect_source(uri: str) -> str | None:
+    """The CSP source expression (CSP3 §2.3.1) that lets a form on a page end in a redirect
+    to `uri`: its scheme://host[:port]. Chromium and Safari check form-action against every
+    redirect a form submission follows, so a consent page with `form-action 'self'` keeps
+    the browser from reaching the application (https://github.com/w3c/webappsec-csp/issues/8).
+    CSP ignores the path after a redirect, so the origin is all there is to name.
+
+    Built from the parsed parts, each checked against the grammar, never copied from the
+    string: nothing that ends a directive or a source (`;`, `,`, spaces, quotes) gets
+    through. A host the grammar cannot express (an IPv6 literal such as `[::1]`, which
+    Chromium drops as an invalid source; a name that is not valid IDNA) falls back to the
+    scheme alone (`http:`): wider, but it widens only where this page's form may lead, and
+    the form's own action is fixed. None for anything that is not an http(s) URL."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("https", "http"):
+        return None
+    try:
+        host = (parts.hostname or "").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        host = ""
+    if not _CSP_HOST.fullmatch(host):
+        return f"{parts.scheme}:"
+    return f"{parts.scheme}://{host}" + ("" if port is None else f":{port:d}")
+
+
+def security_headers(redirect_uri: str | None = None) -> dict[str, str]:
+    """The headers of every page. `redirect_uri`: where a form on the page may end up after
+    the server's redirect (the application's registered redirect URI), besides 'self'."""
+    source = None if redirect_uri is None else redirect_source(redirect_uri)
+    if source is None:
+        return dict(SECURITY_HEADERS)
+    return {"Content-Security-Policy": _CSP.format(form_action=f"'self' {source}"), **_HEADERS}
+
+
+def page(
+    title: str, body: str, *, status: int = 200, redirect_uri: str | None = None
+) -> web.Response:
     html = (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -59,7 +104,10 @@ def page(title: str, body: str, *, status: int = 200) -> web.Response:
         f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
     )
     return web.Response(
-        text=html, status=status, content_type="text/html", headers=SECURITY_HEADERS
+        text=html,
+        status=status,
+        content_type="text/html",
+        headers=security_headers(redirect_uri),
     )
 
 
@@ -80,7 +128,12 @@ def error_page(title: str, message: str, *, status: int = 400) -> web.Response:
 
 
 def login_page(
-    *, action: str, fields: Mapping[str, str], message: str | None = None, status: int = 200
+    *,
+    action: str,
+    fields: Mapping[str, str],
+    message: str | None = None,
+    status: int = 200,
+    redirect_uri: str | None = None,
 ) -> web.Response:
     alert = f'<p class="error" role="alert">{escape(message)}</p>\n' if message else ""
     return page(
@@ -95,6 +148,7 @@ def login_page(
         '<div class="actions"><button class="primary" type="submit">Sign in</button></div>\n'
         "</form>",
         status=status,
+        redirect_uri=redirect_uri,
     )
 
 
@@ -127,13 +181,15 @@ def sign_in_form(
     fields: Mapping[str, str],
     message: str | None = None,
     status: int = 200,
+    redirect_uri: str | None = None,
 ) -> web.Response:
     """The sign-in page with its login-CSRF token, in the form and in a cookie scoped to
-    `path` (a double submit)."""
+    `path` (a double submit). `redirect_uri`: where the sign-in may end up, as on `page`."""
     token = login_csrf_token(request, cookie)
     response = login_page(
-        action=action, fields={**fields, "csrf_token": token}, message=message, status=status
-    )
+        action=action, fields={**fields, "csrf_token": token}, message=message, status=status,
+        redirect_uri=redirect_uri,
+    )  # fmt: skip
     response.set_cookie(
         cookie, token, httponly=True, samesite="Lax", secure=secure_cookies(request),
         path=path, max_age=3600,
@@ -156,7 +212,10 @@ def consent_page(
     user_email: str,
     permissions: Sequence[tuple[str, str]],
     fields: Mapping[str, str],
+    redirect_uri: str,
 ) -> web.Response:
+    """Allow or Deny: either answer is a redirect to the application's `redirect_uri`,
+    which the page's CSP form-action must let the browser follow."""
     items = "\n".join(
         f'<li><span class="permission">{escape(name)}</span>: {escape(text)}</li>'
         for name, text in permissions
@@ -173,4 +232,5 @@ def consent_page(
         '<button class="primary" type="submit" name="decision" value="approve">Allow</button>'
         '<button class="secondary" type="submit" name="decision" value="deny">Deny</button>'
         "</div>\n</form>",
+        redirect_uri=redirect_uri,
     )

@@ -555,3 +555,127 @@ async def test_a_removed_permission_does_not_come_back_to_a_client_credentials_t
     assert (await (await client.get("/api/v1/whoami", headers=headers)).json())["permissions"] == [
         "invoices:read"
     ]
+
+
+# --- consent: where the browser may go after it, and what it records --------------------
+
+
+def form_action(response) -> list[str]:
+    for directive in response.headers["Content-Security-Policy"].split(";"):
+        name, *sources = directive.split()
+        if name == "form-action":
+            return sources
+    raise AssertionError("no form-action directive")
+
+
+async def grants_in_log(db) -> int:
+    return await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'ConnectionGranted'")
+
+
+async def test_the_consent_page_lets_the_browser_follow_allow_and_deny_to_the_application(
+    client, company, ac_app
+):
+    """Chromium checks form-action against the redirect after a form POST: the consent
+    page names the application's origin, and keeps clickjacking protection."""
+    url = authorize_url(ac_app)
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    page = await client.get(url)
+    assert page.status == 200
+    assert form_action(page) == ["'self'", "https://app.example"]
+    csp = page.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in csp
+    assert "default-src 'none'" in csp
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert 'name="csrf_token"' in await page.text()
+
+
+async def test_the_sign_in_page_of_an_authorization_request_names_its_redirect_origin(
+    client, company, ac_app
+):
+    """An error held back until the sign-in is a redirect at the end of the sign-in form's
+    submission, so that page names the origin too, also when shown again after a typo."""
+    url = authorize_url(ac_app, response_type="token")
+    page = await client.get(url)
+    assert 'name="password"' in await page.text()
+    assert form_action(page) == ["'self'", "https://app.example"]
+    csrf = (await page.text()).split('name="csrf_token" value="')[1].split('"')[0]
+    again = await client.post(
+        "/oauth/login",
+        data={"email": company.admin_email, "password": "wrong", "next": url, "csrf_token": csrf},
+    )
+    assert again.status == 401
+    assert form_action(again) == ["'self'", "https://app.example"]
+
+
+async def test_every_other_page_keeps_form_action_self(client, company, ac_app):
+    forged = authorize_url(ac_app).replace("app.example", "attacker.example")
+    error = await client.get(forged)
+    assert error.status == 400
+    assert form_action(error) == ["'self'"]
+    # A sign-in whose `next` names another redirect URI than the registered one.
+    page = await client.get(authorize_url(ac_app))
+    csrf = (await page.text()).split('name="csrf_token" value="')[1].split('"')[0]
+    again = await client.post(
+        "/oauth/login",
+        data={"email": company.admin_email, "password": "x", "next": forged, "csrf_token": csrf},
+    )
+    assert again.status == 401
+    assert form_action(again) == ["'self'"]
+    assert form_action(await client.get("/dashboard")) == ["'self'"]
+
+
+async def test_approving_again_records_no_second_grant(client, company, ac_app, db):
+    """Allow pressed twice, a reload, a retry: a new code each time, one grant in the log."""
+    url = authorize_url(ac_app)
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    first = query_of(await consent(client, url))["code"]
+    second = query_of(await consent(client, url))["code"]
+
+    assert first != second
+    assert await grants_in_log(db) == 1
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'AuthorizationCodeIssued'")
+        == 2
+    )
+    assert (await exchange(client, ac_app, second)).status == 200
+    assert (await exchange(client, ac_app, first)).status == 200
+
+
+async def test_approving_other_permissions_or_after_a_revocation_records_a_grant(
+    client, company, ac_app, db
+):
+    url = authorize_url(ac_app)
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    await consent(client, url)
+    await consent(client, authorize_url(ac_app, scope="invoices:read"))
+    assert await grants_in_log(db) == 2
+    connections = await (await client.get("/admin/connections", headers=company.auth)).json()
+    assert connections["connections"][0]["permissions"] == ["invoices:read"]
+
+    revoked = await client.delete(f"/admin/connections/{ac_app['client_id']}", headers=company.auth)
+    assert revoked.status == 204
+    code = query_of(await consent(client, authorize_url(ac_app, scope="invoices:read")))["code"]
+    assert await grants_in_log(db) == 3
+    assert (await exchange(client, ac_app, code)).status == 200
+
+
+async def test_a_consent_on_a_stale_view_of_a_revoked_connection_records_the_grant(
+    client, company, ac_app, db
+):
+    """Another process may not have seen a revocation yet: its code goes in only while the
+    connection is as that process saw it, else the grant is recorded after all."""
+    url = authorize_url(ac_app)
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    await consent(client, url)
+    ctx = client.app[CONTEXT]
+    key = (company.company_id, ac_app["client_id"])
+    seen = ctx.policy.connections[key]
+    revoked = await client.delete(f"/admin/connections/{ac_app['client_id']}", headers=company.auth)
+    assert revoked.status == 204
+    ctx.policy.connections[key] = seen  # as a process that has not applied the revocation
+
+    code = query_of(await consent(client, url))["code"]
+
+    assert await grants_in_log(db) == 2
+    response = await exchange(client, ac_app, code)
+    assert response.status == 200, await response.text()

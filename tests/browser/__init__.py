@@ -1,0 +1,1 @@
+"""Flows and pages driven in real headless Chromium."""

@@ -1,0 +1,35 @@
+"""The dashboard in real Chromium: sign in, the overview, sign out for good."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.web import sessions
+from tests.browser.steps import sign_in
+
+pytestmark = pytest.mark.browser
+
+
+async def test_sign_in_overview_and_sign_out(page, context, company, oauth_client):
+    await page.goto("/dashboard")
+    await page.get_by_role("heading", name="Sign in").wait_for()
+    await sign_in(page, company.admin_email, company.admin_password)
+
+    await page.get_by_role("heading", name="Acme", exact=True).wait_for()
+    assert page.url.endswith("/dashboard")
+    applications = page.get_by_role("table", name="Your company's applications")
+    row = applications.get_by_role("row", name="Invoice Sync")
+    assert await row.get_by_role("cell", name="authorization_code").is_visible()
+    assert oauth_client.client_id in await row.inner_text()
+    [session] = [c for c in await context.cookies() if c["name"] == sessions.COOKIE]
+
+    await page.get_by_role("button", name="Sign out").click()
+
+    await page.get_by_role("heading", name="Sign in").wait_for()
+    assert page.url.endswith("/dashboard")
+    assert sessions.COOKIE not in {cookie["name"] for cookie in await context.cookies()}
+    # The session is over on the server too: its old cookie, put back, opens nothing.
+    await context.add_cookies([session])
+    await page.goto("/dashboard")
+    assert await page.get_by_role("heading", name="Sign in").is_visible()
+    assert await page.get_by_role("button", name="Sign out").count() == 0
