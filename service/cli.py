@@ -10,7 +10,6 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from aiohttp import web
 
 from service.settings import ConfigError, Settings, load_settings
 
@@ -19,6 +18,7 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the service (HTTP, projections)")
@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tollgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -119,15 +128,10 @@ def _serve(settings: Settings) -> int:
     import os
 
     from service.app import create_app
+    from service.web.server import serve
 
     reuse_port = os.environ.get("TOLLGATE_REUSE_PORT") == "1"  # a worker of `--workers N`
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        reuse_port=reuse_port,
-    )
+    serve(create_app(settings), settings, reuse_port=reuse_port)
     return 0
 
 

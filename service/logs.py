@@ -1,14 +1,103 @@
-"""structlog, configured once: JSON lines in production, readable lines on a terminal."""
+"""structlog, configured once: JSON lines in production, readable lines on a terminal;
+stdlib logging (aiohttp, asyncio, warnings) routed through the same processors, and
+credentials redacted from every event before it is rendered."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 _encoder = msgspec.json.Encoder(enc_hook=str)
+
+REDACTED = "[redacted]"
+
+# Fields that hold a credential whatever their value looks like.
+_SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "admin_key",
+        "authorization",
+        "client_secret",
+        "code",
+        "code_verifier",
+        "cookie",
+        "password",
+        "refresh_token",
+        "secret",
+        "token",
+    }
+)
+_PARAMS = r"client_secret|password|code|code_verifier|refresh_token|access_token|token"
+# What a request can carry that must not be read back from a log line: aiohttp's parser
+# errors quote the offending header or request line, and an exception's text may quote a
+# value. A scheme's parameters (`Bearer realm="…"`) are not credentials and stay.
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(tgat|tgrt|tgac|tgadm|tgrs)_[A-Za-z0-9_\-]+"), rf"\1_{REDACTED}"),
+    (
+        re.compile(
+            r"(?i)\b(bearer|basic)(\s+|%20|\+)(?!(?:realm|error|scope|charset)=)[^\s\"',;&]+"
+        ),
+        rf"\1\2{REDACTED}",
+    ),
+    (re.compile(rf"(?i)\b({_PARAMS})(=|%3D)[^&\s\"',;]*"), rf"\1\2{REDACTED}"),
+    (re.compile(rf"(?i)([\"']?\b(?:{_PARAMS})[\"']?\s*:\s*[\"'])[^\"']*"), rf"\1{REDACTED}"),
+    (re.compile(r"(?i)\b((?:set-)?cookie\s*[:=]\s*)[^\r\n\"']+"), rf"\1{REDACTED}"),
+    (re.compile(r"(?i)\b(tg_[a-z_]+=)[^;\s\"',]+"), rf"\1{REDACTED}"),
+)
+# One cheap look decides whether a string needs the patterns at all (most do not).
+_SUSPECT = re.compile(
+    rf"(?i)tgat_|tgrt_|tgac_|tgadm_|tgrs_|bearer|basic|cookie|tg_|{_PARAMS}",
+)
+
+
+def redact_text(text: str) -> str:
+    if not _SUSPECT.search(text):
+        return text
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {k: REDACTED if k in _SECRET_KEYS else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v) for v in value]
+    # Anything else is rendered with str() later: redact what that would print.
+    return redact_text(str(value))
+
+
+def redact(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """Every field of every event, the formatted exception included."""
+    for key, value in event.items():
+        if key in _SECRET_KEYS:
+            event[key] = REDACTED
+        elif not key.startswith("_"):  # ProcessorFormatter's own record, removed later
+            event[key] = _redact_value(value)
+    return event
+
+
+def _one_line(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """A terminal line per event: the traceback becomes a field (the console renderer
+    writes field values with repr, line breaks escaped) rather than lines of its own, and
+    the message, written as it is, has its line breaks escaped."""
+    if "exception" in event:
+        event["traceback"] = event.pop("exception")
+    message = event.get("event")
+    if isinstance(message, str):
+        event["event"] = message.rstrip().replace("\r", "\\r").replace("\n", "\\n")
+    return event
 
 
 def _json(event: object, **_: object) -> str:
@@ -16,26 +105,49 @@ def _json(event: object, **_: object) -> str:
     return _encoder.encode(event).decode()
 
 
-def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    renderer: structlog.typing.Processor
+def _renderer(fmt: str) -> list[Processor]:
     if fmt == "console":
-        # Plain tracebacks: the rich ones print local variables, which may hold a
-        # request's secrets.
-        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
-    else:
-        renderer = structlog.processors.JSONRenderer(serializer=_json)
+        return [_one_line, structlog.dev.ConsoleRenderer()]
+    return [structlog.processors.JSONRenderer(serializer=_json)]
+
+
+def configure_logging(fmt: str = "json", level: str = "info") -> None:
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    # The traceback is formatted first, so that redaction sees its text too.
+    tail: list[Processor] = [
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        redact,
+        *_renderer(fmt),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        processors=[*shared, *tail],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         # Configured once per process (tests leave it unconfigured, for capture_logs).
         cache_logger_on_first_use=True,
     )
+    _route_stdlib(shared, tail, numeric)
+
+
+def _route_stdlib(shared: list[Processor], tail: list[Processor], level: int) -> None:
+    """aiohttp, asyncio and every other library log through stdlib `logging`: their
+    records get the same fields, redaction and rendering as the service's own events."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Python's warnings print the source line under the message: one event instead.
+    logging.captureWarnings(True)

@@ -38,6 +38,9 @@ VIOLATION_ENDPOINTS = ("api", "token", "policy_check")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: the route label of a request that matched no route (a 404, or a 405 for the path)
 UNMATCHED = "unmatched"
+#: the status of a request whose client closed the connection before it was answered
+#: (nginx's convention): never sent, but counted apart from the service's own failures
+CLIENT_CLOSED_REQUEST = 499
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)

@@ -8,6 +8,8 @@ import functools
 import time
 from dataclasses import dataclass
 
+import structlog
+
 from projections.memory import AppState, TokenState
 from service import events as ev
 from service.context import Context
@@ -17,6 +19,8 @@ from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
 
 REALM = "tollgate"
+
+log = structlog.get_logger(__name__)
 
 
 class InvalidToken(Unauthorized):
@@ -78,7 +82,20 @@ async def record_violation(
     )
     [position] = await ctx.eventlog.append(f"violations-{app.client_id}", None, [event], meta)
     ctx.count("ip_violation", endpoint)
+    _log_violation(app, ip, endpoint, token_revoked=False)
     return position
+
+
+def _log_violation(app: AppState, ip: str, endpoint: str, *, token_revoked: bool) -> None:
+    """What an operator needs to act (who, from where, where): never the credential."""
+    log.warning(
+        "security.ip_violation",
+        company_id=app.company_id,
+        client_id=app.client_id,
+        ip=ip,
+        endpoint=endpoint,
+        token_revoked=token_revoked,
+    )
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,7 @@ async def revoke_for_violation(
             await ctx.record(f"token-{family_id}", version, events, meta)
             ctx.count("ip_violation", endpoint)
             ctx.count("token_revoked", "ip_violation")
+            _log_violation(app, ip, endpoint, token_revoked=True)
             return
         except ConcurrencyError:
             await ctx.refresh()

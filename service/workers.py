@@ -16,6 +16,7 @@ import structlog
 
 from service.database import apply_schema, create_pool, resolve_dsn
 from service.settings import Settings
+from service.web.server import dashboard_url, listen_url
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +38,12 @@ def serve_workers(settings: Settings, workers: int) -> int:
         env = {**os.environ, "DATABASE_URL": dsn, "TOLLGATE_REUSE_PORT": "1"}
         for _ in range(workers):
             children.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env))
-        log.info("workers.started", workers=workers, host=settings.host, port=settings.port)
+        log.info(
+            "service.started",
+            listen=listen_url(settings),
+            dashboard=dashboard_url(settings),
+            workers=workers,
+        )
 
         stopping = False
 

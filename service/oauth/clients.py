@@ -9,6 +9,8 @@ import binascii
 from collections.abc import Mapping
 from urllib.parse import unquote_plus
 
+import structlog
+
 from projections.memory import AppState
 from service import events as ev
 from service.context import Context
@@ -17,6 +19,8 @@ from service.eventlog import Metadata
 from service.oauth.errors import InvalidClient, InvalidRequest
 
 MAX_CREDENTIAL = 256
+
+log = structlog.get_logger(__name__)
 
 
 def credentials_from(
@@ -68,5 +72,16 @@ async def authenticate(
             secret_version=app.secret_version,
         )
         await ctx.eventlog.append(f"secret-use-{app.client_id}", None, [event], meta)
+        log.warning(
+            "security.old_client_secret_used",
+            company_id=app.company_id,
+            client_id=app.client_id,
+            ip=ip,
+            secret_version=app.secret_version,
+        )
         raise InvalidClient("this client secret has been rotated; use the new one")
+    # A known client with a wrong secret: guessing, or a deployment with a stale secret.
+    log.warning(
+        "security.client_secret_wrong", company_id=app.company_id, client_id=app.client_id, ip=ip
+    )
     raise InvalidClient()

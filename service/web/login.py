@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from service.domain import passwords
@@ -16,11 +17,15 @@ from service.web.bodies import json_body
 from service.web.keys import CONTEXT, THROTTLE, caller_ip, secure_cookies
 
 routes = web.RouteTableDef()
+log = structlog.get_logger(__name__)
 
 
 class LoginIn(msgspec.Struct, forbid_unknown_fields=True):
     email: Annotated[str, msgspec.Meta(max_length=320)]
     password: Annotated[str, msgspec.Meta(max_length=256)]
+
+
+MAX_LOGGED_EMAIL = 320
 
 
 class InvalidCredentials(TollgateError):
@@ -46,18 +51,26 @@ async def authenticate(request: web.Request, email: str, password: str) -> str:
     address from anywhere (a slower limit against guessing from many places)."""
     throttle = request.app[THROTTLE]
     now = time.monotonic()
-    keys = (f"{email.lower()}|{caller_ip(request)}", f"{email.lower()}|*")
+    ip = caller_ip(request)
+    keys = (f"{email.lower()}|{ip}", f"{email.lower()}|*")
     wait = max(
         throttle.retry_after(keys[0], now),
         throttle.retry_after(keys[1], now, limit=4 * throttle.limit),
     )
+    # The email says whose account is under attack; the password is never logged.
+    who = email[:MAX_LOGGED_EMAIL]
     if wait:
+        log.warning("security.sign_in_throttled", email=who, ip=ip, retry_after=round(wait))
         raise TooManyAttempts(wait)
     # Counted as failed before the (slow) check, so that a burst of concurrent attempts
     # meets the limit as a sequence would; a success takes its count back.
     for key in keys:
         throttle.failed(key, now)
-    user_id = await _check_password(request, email, password)
+    try:
+        user_id = await _check_password(request, email, password)
+    except InvalidCredentials:
+        log.warning("security.sign_in_failed", email=who, ip=ip)
+        raise
     for key in keys:
         throttle.withdraw(key, now)
     return user_id

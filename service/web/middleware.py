@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from service.errors import InvalidRequest, TollgateError, Unavailable
 from service.eventlog import EventLogRefused, EventLogUnavailable
+from service.metrics import CLIENT_CLOSED_REQUEST
 
 UNAVAILABLE = (
     EventLogUnavailable,
@@ -62,7 +63,24 @@ def _finish(request: web.Request, response: web.StreamResponse, started: float) 
         path=request.path,  # never the query string: it may carry codes or state
         status=response.status,
         ms=round((time.perf_counter() - started) * 1000, 2),
+        ip=_caller_ip(request),
     )
+
+
+def _caller_ip(request: web.Request) -> str:
+    # service.web.keys imports this module (for REQUEST_ID): its helper is looked up late.
+    from service.web.keys import SETTINGS, caller_ip
+
+    if SETTINGS in request.config_dict:
+        return caller_ip(request)
+    return request.remote or "unknown"  # an application without settings (unit tests)
+
+
+def client_went_away(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is aiohttp telling the handler that the client closed the connection
+    while the body was being read: it sets exactly that exception on the request's body
+    stream. A ConnectionError from anywhere else (the database's socket) is not this."""
+    return isinstance(exc, ConnectionError) and request.content.exception() is exc
 
 
 def error_response(error: TollgateError) -> web.Response:
@@ -93,6 +111,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning("http.value_refused", path=request.path, error=type(exc).__name__)
         return error_response(InvalidRequest("the request holds a value that cannot be stored"))
     except UNAVAILABLE as exc:
+        if client_went_away(request, exc):
+            # Nobody is left to answer; the status says so in the request line and the
+            # metrics (nginx's 499), and a database alert does not fire for a slow client.
+            log.info("http.client_disconnected", path=request.path, ip=_caller_ip(request))
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         # The database is down or unreachable: a 503 the client may retry, not a 500.
         log.warning("http.database_unavailable", path=request.path, error=type(exc).__name__)
         return error_response(Unavailable("the service cannot reach its database; try again"))

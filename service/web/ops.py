@@ -120,8 +120,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Counts every request by the matched route's canonical path and its final status.
 
     It sits inside the request-context middleware and outside the error middleware, so it
-    sees the status of the rendered error (404, 500) rather than the exception. A cancelled
-    request (the client went away) has no status and is not counted."""
+    sees the status of the rendered error (404, 500) rather than the exception. A client
+    that leaves while its body is read is counted as 499 (CLIENT_CLOSED_REQUEST), apart
+    from the 503s of a database in trouble; a cancelled request has no status and is not
+    counted."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else UNMATCHED
     recorder = request.config_dict[METRICS]

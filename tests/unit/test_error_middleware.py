@@ -13,7 +13,7 @@ async def serve(exc: Exception) -> TestClient:
         raise exc
 
     app = web.Application(middlewares=[error_middleware])
-    app.router.add_get("/boom", handler)
+    app.router.add_route("*", "/boom", handler)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
@@ -56,5 +56,17 @@ async def test_anything_else_unexpected_is_a_500_without_details():
             "error": "server_error",
             "error_description": "internal error",
         }
+    finally:
+        await client.close()
+
+
+async def test_a_connection_error_that_is_not_the_client_leaving_is_still_a_503():
+    # aiohttp sets the client's disconnect on the body stream; a ConnectionError from
+    # anywhere else (the database's socket) is the database's trouble, not the client's.
+    client = await serve(ConnectionResetError("Connection reset by peer"))
+    try:
+        response = await client.post("/boom", data=b"a body that was read in full")
+        assert response.status == 503
+        assert (await response.json())["error"] == "temporarily_unavailable"
     finally:
         await client.close()
