@@ -24,11 +24,13 @@ from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
 from service.notifier import Notifier
 from service.settings import Settings
+from service.web import openapi
 from service.web.admin import routes as admin_routes
 from service.web.authorize import routes as authorize_routes
 from service.web.dashboard import routes as dashboard_routes
 from service.web.gateway import routes as gateway_routes
 from service.web.history import routes as history_routes
+from service.web.home import routes as home_routes
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, THROTTLE, UPSTREAM, Upstream
 from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
@@ -67,6 +69,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app[CATALOGUE] = load_catalogue(settings.permissions_file)
     app[ROUTES] = load_routes(settings.routes_file, app[CATALOGUE])
     app.add_routes(ops_routes)
+    app.add_routes(home_routes)
     app.add_routes(login_routes)
     app.add_routes(oauth_routes)
     app.add_routes(authorize_routes)
@@ -75,6 +78,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.add_routes(dashboard_routes)
     app.add_routes(policy_routes)
     app.add_routes(gateway_routes)
+    openapi.setup(app)
     return app
 
 

@@ -1,0 +1,502 @@
+"""Builds service/web/openapi.json, the OpenAPI 3.1 document of Tollgate's HTTP interface.
+
+The request schemas come from the handlers' own msgspec Structs (their limits, Literal
+values and `forbid_unknown_fields` as `additionalProperties: false`) and the event types
+from the event catalogue, so those parts cannot drift; the responses are written here.
+After a change to a route, a Struct or this file:
+
+    .venv/bin/python -m tests.contract.openapi_document
+
+tests/e2e/test_openapi_served.py fails while the checked-in file differs from `build()`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from service import events as ev
+from service.history import MAX_LIMIT, MAX_POSITION, MAX_STREAM_LENGTH
+from tests.contract.openapi_components import (
+    ADMIN,
+    ADMIN_ERRORS,
+    ADMIN_READ,
+    BODY_ERRORS,
+    CLIENT,
+    CLIENT_ID,
+    ETAG,
+    HTML,
+    JSON,
+    NO_STORE_HEADER,
+    OAUTH_BODIES,
+    RETRY_AFTER,
+    SECURITY_SCHEMES,
+    STRING,
+    Json,
+    common_responses,
+    error,
+    form_body,
+    header,
+    html,
+    json_body,
+    ok,
+    op,
+    redirect,
+    ref,
+    request_schemas,
+    response_schemas,
+    use,
+)
+
+PATH = Path(__file__).resolve().parents[2] / "service" / "web" / "openapi.json"
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+def application_paths() -> Json:
+    tag = "applications"
+    etag = {"ETag": ETAG}
+    return {
+        "/admin/applications": {
+            "post": op(
+                "Register an application; its client_secret is shown here only",
+                ok(
+                    "CreatedApplication",
+                    "created",
+                    status="201",
+                    headers=etag | {"Cache-Control": NO_STORE_HEADER},
+                )
+                | use(*BODY_ERRORS, *ADMIN_ERRORS),
+                tag=tag,
+                operationId="createApplication",
+                security=ADMIN,
+                requestBody=json_body("ApplicationIn"),
+            ),
+            "get": op(
+                "The caller company's applications, by name",
+                ok("ApplicationList", "the applications") | use(*ADMIN_ERRORS),
+                tag=tag,
+                operationId="listApplications",
+                security=ADMIN_READ,
+            ),
+        },
+        "/admin/applications/{client_id}": {
+            "parameters": [CLIENT_ID],
+            "get": op(
+                "One application",
+                ok("Application", "the application", headers=etag) | use("NotFound", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="getApplication",
+                security=ADMIN_READ,
+            ),
+            "patch": op(
+                "Change an application (not its grant_type)",
+                ok("Application", "the changed application", headers=etag)
+                | use(*BODY_ERRORS, "NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="patchApplication",
+                security=ADMIN,
+                parameters=[if_match()],
+                requestBody=json_body("ApplicationPatchIn"),
+            ),
+            "delete": op(
+                "Delete an application; its tokens and connections are revoked",
+                {"204": {"description": "deleted"}}
+                | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="deleteApplication",
+                security=ADMIN,
+            ),
+        },
+        "/admin/applications/{client_id}/rotate-secret": {
+            "parameters": [CLIENT_ID],
+            "post": op(
+                "A new client_secret; the old one is refused at once, issued tokens live on",
+                ok(
+                    "RotatedSecret",
+                    "the new secret, shown here only",
+                    headers={"Cache-Control": NO_STORE_HEADER},
+                )
+                | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="rotateSecret",
+                security=ADMIN,
+            ),
+        },
+    }
+
+
+def if_match() -> Json:
+    return {
+        "name": "If-Match",
+        "in": "header",
+        "required": False,
+        "description": 'The ETag of the version the change is based on, e.g. "3": a newer '
+        "one answers 412. Anything but a version ETag is a 400.",
+        "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]+"?$'},
+    }
+
+
+def people_paths() -> Json:
+    no_store = {"Cache-Control": NO_STORE_HEADER}
+    key_id = {"name": "key_id", "in": "path", "required": True, "schema": STRING}
+    return {
+        "/admin/users": {
+            "post": op(
+                "Add a user (admin or member) to the company",
+                ok("CreatedUser", "added", status="201", headers=no_store)
+                | use(*BODY_ERRORS, "Conflict", *ADMIN_ERRORS),
+                tag="users",
+                operationId="createUser",
+                security=ADMIN,
+                requestBody=json_body("UserIn"),
+            ),
+            "get": op(
+                "The company's users",
+                ok("UserList", "the users") | use(*ADMIN_ERRORS),
+                tag="users",
+                operationId="listUsers",
+                security=ADMIN_READ,
+            ),
+        },
+        "/admin/keys": {
+            "post": op(
+                "Issue an admin key (shown here only)",
+                ok("CreatedAdminKey", "issued", status="201", headers=no_store)
+                | use(*BODY_ERRORS, *ADMIN_ERRORS),
+                tag="keys",
+                operationId="createAdminKey",
+                security=ADMIN,
+                requestBody=json_body("AdminKeyIn"),
+            ),
+            "get": op(
+                "The company's admin keys",
+                ok("AdminKeyList", "the keys") | use(*ADMIN_ERRORS),
+                tag="keys",
+                operationId="listAdminKeys",
+                security=ADMIN_READ,
+            ),
+        },
+        "/admin/keys/{key_id}": {
+            "parameters": [key_id],
+            "delete": op(
+                "Revoke an admin key",
+                {"204": {"description": "revoked"}} | use("NotFound", *ADMIN_ERRORS),
+                tag="keys",
+                operationId="revokeAdminKey",
+                security=ADMIN,
+            ),
+        },
+        "/admin/connections": {
+            "get": op(
+                "The applications connected to the company (the consents it gave)",
+                ok("ConnectionList", "the connections") | use(*ADMIN_ERRORS),
+                tag="connections",
+                operationId="listConnections",
+                security=ADMIN_READ,
+            ),
+        },
+        "/admin/connections/{client_id}": {
+            "parameters": [CLIENT_ID],
+            "delete": op(
+                "Revoke a connection: its tokens die with it",
+                {"204": {"description": "revoked"}} | use("NotFound", *ADMIN_ERRORS),
+                tag="connections",
+                operationId="revokeConnection",
+                security=ADMIN,
+            ),
+        },
+        "/admin/events": {"get": events_operation()},
+    }
+
+
+def events_operation() -> Json:
+    def query(name: str, schema: Json, description: str) -> Json:
+        return {"name": name, "in": "query", "required": False, "schema": schema,
+                "description": description + " (each at most once)"}  # fmt: skip
+
+    parameters = [
+        query("after", {"type": "integer", "minimum": 0, "maximum": MAX_POSITION},
+              "events after this position: the previous page's next_after"),
+        query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+              "at most this many events (default 100)"),
+        query("type", {"enum": sorted(ev.BY_TAG)}, "only events of this type"),
+        query("stream", {"type": "string", "minLength": 1, "maxLength": MAX_STREAM_LENGTH},
+              "only events of this stream"),
+    ]  # fmt: skip
+    return op(
+        "The company's own event history, in position order, page by page",
+        ok("EventPage", "one page", headers={"Cache-Control": NO_STORE_HEADER})
+        | use("BadRequest", *ADMIN_ERRORS),
+        tag="history",
+        operationId="listEvents",
+        security=ADMIN_READ,
+        parameters=parameters,
+    )
+
+
+def oauth_body(schema: str) -> Json:
+    return {"required": True, "content": {media: {"schema": ref(schema)} for media in OAUTH_BODIES}}
+
+
+def oauth_paths() -> Json:
+    no_store = {"Cache-Control": NO_STORE_HEADER, "Pragma": header({"const": "no-cache"}, "")}
+    errors = ("OAuthBadRequest", "InvalidClient", "OAuthUnavailable")
+    return {
+        "/oauth/token": {
+            "post": op(
+                "Tokens for the client_credentials, authorization_code and refresh_token grants",
+                ok("TokenResponse", "issued", headers=no_store) | use(*errors, "IpNotAllowed"),
+                tag="oauth",
+                operationId="token",
+                security=CLIENT,
+                requestBody=oauth_body("TokenRequest"),
+                description="Client authentication by HTTP Basic (client_id and secret "
+                "form-urlencoded first, RFC 6749 §2.3.1) or client_id + client_secret in the "
+                "body, never both. A secret rotated away is refused and recorded.",
+            ),
+        },
+        "/oauth/revoke": {
+            "post": op(
+                "RFC 7009: 200 whether or not the token was known, live or this client's",
+                {"200": {"description": "revoked, or nothing to revoke", "headers": no_store}}
+                | use(*errors),
+                tag="oauth",
+                operationId="revoke",
+                security=CLIENT,
+                requestBody=oauth_body("TokenParameter"),
+            ),
+        },
+        "/oauth/introspect": {
+            "post": op(
+                "RFC 7662 introspection, for the token's own client or a resource server",
+                ok("Introspection", "the token's state", headers=no_store) | use(*errors),
+                tag="oauth",
+                operationId="introspect",
+                security=[{"resourceServerKey": []}, *CLIENT],
+                requestBody=oauth_body("TokenParameter"),
+            ),
+        },
+        "/.well-known/oauth-authorization-server": {
+            "get": op(
+                "RFC 8414 server metadata; scopes_supported is the permission catalogue",
+                ok("ServerMetadata", "the metadata"),
+                tag="oauth",
+                operationId="serverMetadata",
+            ),
+        },
+    }
+
+
+def session_and_policy_paths() -> Json:
+    throttled = error(
+        "too_many_attempts: too many failed sign-ins for this address", {"Retry-After": RETRY_AFTER}
+    )
+    cookie = header(
+        {"type": "string", "pattern": "^tg_session="},
+        "the session cookie (HttpOnly, SameSite=Lax)",
+    )
+    return {
+        "/session": {
+            "post": op(
+                "Sign in for the admin API: a session cookie and its CSRF token",
+                ok(
+                    "Session",
+                    "signed in",
+                    headers={"Set-Cookie": cookie, "Cache-Control": NO_STORE_HEADER},
+                )
+                | use(*BODY_ERRORS, "Unavailable")
+                | {"401": error("invalid_credentials: wrong email or password"), "429": throttled},
+                tag="session",
+                operationId="signIn",
+                requestBody=json_body("LoginIn"),
+            ),
+            "delete": op(
+                "Sign out: the session ends",
+                {"204": {"description": "signed out"}} | use("Unavailable"),
+                tag="session",
+                operationId="signOut",
+            ),
+        },
+        "/policy/check": {
+            "post": op(
+                "The gateway's decision, for resource servers that do not sit behind it",
+                ok("PolicyDecision", "allowed")
+                | use(*BODY_ERRORS, "TokenUnauthorized", "TokenForbidden", "Unavailable"),
+                tag="policy",
+                operationId="policyCheck",
+                security=[{"resourceServerKey": []}],
+                requestBody=json_body("CheckIn"),
+                description="401: no or an unknown resource-server key, or an unknown, "
+                "expired or revoked access token. 403: the address is outside the "
+                "application's allow list (the token is revoked) or the permission is missing.",
+            ),
+        },
+        "/api/v1/whoami": {
+            "get": op(
+                "The gateway's built-in endpoint (no UPSTREAM_URL): who the token is",
+                ok("WhoAmI", "the token's company, client, permissions and expiry")
+                | use("TokenUnauthorized", "TokenForbidden", "Unavailable"),
+                tag="gateway",
+                operationId="whoami",
+                security=[{"accessToken": []}],
+                description="Every /api/{path} goes through the gateway: the token, the "
+                "allow list and the route's permission are checked, then the request is "
+                "proxied to UPSTREAM_URL; only this path is Tollgate's own.",
+            ),
+        },
+    }
+
+
+def ops_paths() -> Json:
+    metrics_types = ("text/plain", "application/openmetrics-text")
+    readiness = {
+        "content": {JSON: {"schema": ref("Readiness")}},
+        "headers": {"Cache-Control": NO_STORE_HEADER},
+    }
+    return {
+        "/healthz": {
+            "get": op(
+                "Liveness", ok("Health", "the process is up"), tag="ops", operationId="healthz"
+            ),
+        },
+        "/readyz": {
+            "get": op(
+                "Readiness: the database answers and the projections are caught up",
+                {
+                    "200": {"description": "ready"} | readiness,
+                    "503": {"description": "not ready, with the reasons"} | readiness,
+                },
+                tag="ops",
+                operationId="readyz",
+            ),
+        },
+        "/metrics": {
+            "get": op(
+                "Prometheus metrics (OpenMetrics when Accept asks for it)",
+                {
+                    "200": {
+                        "description": "the exposition",
+                        "content": {t: {"schema": STRING} for t in metrics_types},
+                    }
+                },
+                tag="ops",
+                operationId="metrics",
+            ),
+        },
+        "/openapi.json": {
+            "get": op(
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+                tag="ops",
+                operationId="openapi",
+            ),
+        },
+    }
+
+
+def page(summary: str, responses: Json, operation_id: str, **more: Any) -> Json:
+    """A page a person uses: HTML, except that an unreadable body or the database being away
+    is answered in JSON like everywhere else."""
+    return op(summary, responses | use("Unavailable"), tag="pages", operationId=operation_id,
+              **more)  # fmt: skip
+
+
+def page_paths() -> Json:
+    form_errors = {
+        "400": {
+            "description": "an error page, or JSON for an unreadable body",
+            "content": {HTML: {"schema": STRING}, JSON: {"schema": ref("Error")}},
+        },
+        "413": {"$ref": "#/components/responses/PayloadTooLarge"},
+    }
+    sign_in = form_errors | {
+        "401": html("wrong email or password: the form again"),
+        "403": html("the form expired (its CSRF cookie is missing)"),
+        "429": html("too many failed sign-ins"),
+    }
+    authorize = ("client_id", "redirect_uri", "response_type", "scope", "state",
+                 "code_challenge", "code_challenge_method")  # fmt: skip
+    query = [{"name": n, "in": "query", "required": False, "schema": STRING} for n in authorize]
+    home = {HTML: {"schema": STRING}, JSON: {"schema": ref("Home")}}
+    back = redirect("an error, to a signed-in user's application")
+    consent = {"302": redirect("back to the application"), "401": html("signed out"),
+               "403": html("the form expired")}  # fmt: skip
+    return {
+        "/": {"get": op("Where a person lands; JSON links for programs",
+                        {"200": {"description": "the page, or links", "content": home}},
+                        tag="pages", operationId="home")},
+        "/oauth/authorize": {
+            "get": page("Sign-in, then the consent page (RFC 6749 §4.1.1)",
+                        form_errors | {"200": html("the sign-in or consent page"), "302": back},
+                        "authorize", parameters=query),
+            "post": page("The consent decision: 302 to the redirect_uri with a code or an error",
+                         form_errors | consent, "decide",
+                         requestBody=form_body((*authorize, "csrf_token", "decision"))),
+        },
+        "/oauth/login": {
+            "post": page("The consent flow's sign-in form",
+                         sign_in | {"303": redirect("back to the authorization request")},
+                         "authorizeSignIn",
+                         requestBody=form_body(("email", "password", "next", "csrf_token"))),
+        },
+        "/dashboard": {
+            "get": page("The company admins' dashboard, or its sign-in form",
+                        {"200": html("the dashboard or the sign-in form"),
+                         "403": html("admins only")}, "dashboard"),
+        },
+        "/dashboard/login": {
+            "post": page("The dashboard's sign-in form",
+                         sign_in | {"303": redirect("to the dashboard")}, "dashboardSignIn",
+                         requestBody=form_body(("email", "password", "csrf_token"))),
+        },
+        "/dashboard/logout": {
+            "post": page("Sign out of the dashboard",
+                         form_errors | {"303": redirect("to the dashboard")}, "dashboardSignOut",
+                         requestBody=form_body(("csrf_token",))),
+        },
+    }  # fmt: skip
+
+
+def build() -> Json:
+    paths: Json = {}
+    for part in (application_paths, people_paths, oauth_paths, session_and_policy_paths,
+                 ops_paths, page_paths):  # fmt: skip
+        paths |= part()
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tollgate",
+            "version": "0.1.0",
+            "description": "An event-sourced OAuth 2.0 token and policy service. Errors are "
+            'JSON {"error", "error_description"} everywhere; a method a path does not take '
+            "is 405 with Allow.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": request_schemas() | response_schemas(),
+            "responses": common_responses(),
+            "securitySchemes": SECURITY_SCHEMES,
+        },
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> int:
+    PATH.write_text(render(), encoding="utf-8")
+    print(f"wrote {PATH}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
