@@ -1,87 +1,60 @@
-"""Client authentication at the token, revocation and introspection endpoints:
-HTTP Basic with form-urlencoded credentials (RFC 6749 §2.3.1), or client_id and
-client_secret in the body; never both. Secrets are compared in constant time."""
+"""Client authentication at the token, revocation and introspection endpoints: HTTP Basic
+with form-urlencoded credentials, or client_id and client_secret in the body; never both.
+Secrets are compared in constant time (RFC 6749 §2.3.1, RFC 9700 §2.5).
+https://www.rfc-editor.org/rfc/rfc6749#section-2.3.1"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
-from urllib.parse import unquote_plus
 
 import structlog
 
-from projections.memory import AppState
-from service import events as ev
-from service.context import Context
-from service.domain import credentials
+from service.domain import credentials, policy
+from service.domain.state import AppState
 from service.eventlog import Metadata
+from service.oauth import credentials as authorization
 from service.oauth.errors import InvalidClient, InvalidRequest
-
-MAX_CREDENTIAL = 256
+from service.oauth.ports import Ledger, Lookups
 
 log = structlog.get_logger(__name__)
 
+MAX_CREDENTIAL = 256
+_UNKNOWN = "0" * 64  # compared against for an unknown client: the same work either way
 
-def credentials_from(
-    authorization: str | None, params: Mapping[str, str]
-) -> tuple[str, str] | None:
+
+def client_credentials(header: str | None, params: Mapping[str, str]) -> tuple[str, str] | None:
     """(client_id, client_secret) from the Basic header or the body; None if neither.
     An empty parameter counts as omitted (RFC 6749 §3.1)."""
     in_body = bool(params.get("client_secret"))
-    if authorization is not None:
-        scheme, _, value = authorization.strip().partition(" ")
-        if scheme.lower() != "basic":
-            raise InvalidClient("use HTTP Basic or client_id and client_secret in the body")
-        if in_body:
-            raise InvalidRequest("use one client authentication method, not two (RFC 6749 §2.3)")
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode()
-        except (binascii.Error, ValueError):  # also non-ASCII input, and bad UTF-8
-            raise InvalidClient("malformed Basic credentials") from None
-        client_id, sep, secret = decoded.partition(":")
-        if not sep:
-            raise InvalidClient("malformed Basic credentials")
-        # RFC 6749 §2.3.1: both parts are form-urlencoded before base64.
-        return unquote_plus(client_id), unquote_plus(secret)
+    found = authorization.parse(header)
+    if found is None:
+        return (params.get("client_id", ""), params["client_secret"]) if in_body else None
+    if not isinstance(found, authorization.Basic) and found != authorization.Unreadable("basic"):
+        raise InvalidClient("use HTTP Basic or client_id and client_secret in the body")
     if in_body:
-        return params.get("client_id", ""), params["client_secret"]
-    return None
+        raise InvalidRequest("use one client authentication method, not two (RFC 6749 §2.3)")
+    if not isinstance(found, authorization.Basic):
+        raise InvalidClient("malformed Basic credentials")
+    return found.client_id, found.secret
 
 
 async def authenticate(
-    ctx: Context, client_id: str, secret: str, ip: str, meta: Metadata
+    lookups: Lookups, ledger: Ledger, client: tuple[str, str] | None, meta: Metadata
 ) -> AppState:
+    """The application whose credentials these are, or InvalidClient (401). A rotated-away
+    secret is refused and recorded: a security signal for the application's admins."""
+    if client is None:
+        raise InvalidClient("client authentication is required")
+    client_id, secret = client
     if not client_id or len(client_id) > MAX_CREDENTIAL or len(secret) > MAX_CREDENTIAL:
         raise InvalidClient()
-    app = ctx.policy.apps.get(client_id)
+    app = await lookups.application(client_id)
     if app is None:
-        await ctx.refresh()  # created a moment ago through another process?
-        app = ctx.policy.apps.get(client_id)
-    if app is None:
-        credentials.matches(secret, "0" * 64)  # the same work for an unknown client
+        credentials.matches(secret, _UNKNOWN)
         raise InvalidClient()
     if credentials.matches(secret, app.secret_hash):
         return app
     if any(credentials.matches(secret, old) for old in app.previous_secret_hashes):
-        # A rotated-away secret: refused, and recorded as a security signal for admins.
-        event = ev.OldClientSecretUsed(
-            company_id=app.company_id,
-            client_id=app.client_id,
-            ip=ip,
-            secret_version=app.secret_version,
-        )
-        await ctx.eventlog.append(f"secret-use-{app.client_id}", None, [event], meta)
-        log.warning(
-            "security.old_client_secret_used",
-            company_id=app.company_id,
-            client_id=app.client_id,
-            ip=ip,
-            secret_version=app.secret_version,
-        )
+        await ledger.record(policy.old_secret_used(app, meta.client_ip or ""), meta)
         raise InvalidClient("this client secret has been rotated; use the new one")
-    # A known client with a wrong secret: guessing, or a deployment with a stale secret.
-    log.warning(
-        "security.client_secret_wrong", company_id=app.company_id, client_id=app.client_id, ip=ip
-    )
     raise InvalidClient()
