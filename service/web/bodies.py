@@ -39,15 +39,23 @@ def _reason(exc: BaseException) -> str:
 
 
 async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The whole body, however many pieces it arrives in: one read returns only what has
+    arrived so far, and a body split over TCP segments or chunks would be cut short. At
+    most limit + 1 bytes are held, so a chunked body is refused once it passes the limit."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    body = bytearray()
     try:
-        body = await request.content.read(limit + 1)
+        while len(body) <= limit:
+            piece = await request.content.read(limit + 1 - len(body))
+            if not piece:
+                break
+            body += piece
     except _UNREADABLE as exc:
         raise InvalidRequest(f"unreadable body: {_reason(exc)}") from None
     if len(body) > limit:
         raise _too_large(limit)
-    return body
+    return bytes(body)
 
 
 async def json_body(request: web.Request, type_: type[T]) -> T:
@@ -77,12 +85,15 @@ async def form_body(
     """A form body (urlencoded or multipart); a malformed one is a 400, never a 500."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    # aiohttp reads the whole form, piece by piece, but within its own client_max_size
+    # (1 MiB): a chunked body, with no Content-Length to refuse up front, is held to ours.
     try:
-        form = await request.post()
+        form = await request.clone(client_max_size=limit).post()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
     except _UNREADABLE_FORM as exc:
         raise InvalidRequest(f"unreadable form body: {_reason(exc)}") from None
-    # A chunked body has no Content-Length to refuse up front; aiohttp has read it within
-    # its own (larger) client_max_size, so hold it to ours now.
+    # aiohttp checks a multipart body's size while it reads the parts, not what follows them.
     if request.content.total_bytes > limit:
         raise _too_large(limit)
     return form
