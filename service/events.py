@@ -289,17 +289,23 @@ class ViolationNotificationFailed(Event, frozen=True):
     violation_position: int
     attempt: int
     error: str
+    #: when the next attempt is due (unix seconds); None when none follows (given up) and
+    #: in events written before retries were scheduled
+    retry_at: float | None = None
 
 
 class ViolationNotificationAbandoned(Event, frozen=True):
-    """The mail server refused the email permanently (5xx) time after time: given up, so
-    that the emails behind it are not held back for ever."""
+    """The email was given up, and is recorded as such, never dropped in silence."""
 
     company_id: str
     client_id: str
     violation_position: int
     attempts: int
-    error: str
+    error: str  # the last attempt's failure
+    #: "refused" (the recipients' server said 5xx time after time), "unsendable" (the
+    #: message cannot be built), "expired" (failing for longer than NOTIFY_GIVE_UP_AFTER);
+    #: events written before the reason was recorded were all refusals or unsendable
+    reason: str = ""
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (

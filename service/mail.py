@@ -149,6 +149,32 @@ def write_eml(settings: Settings, position: int, message: EmailMessage) -> Path:
     return path
 
 
+async def smtp_send(
+    settings: Settings, message: EmailMessage, recipients: list[str], smtp_timeout: float
+) -> dict[str, aiosmtplib.SMTPResponse]:
+    """Hand the message to the mail server; return the recipients it refused."""
+    assert settings.smtp_host is not None
+    ca_file = settings.smtp_ca_file
+    refused, _reply = await aiosmtplib.send(
+        message,
+        sender=settings.mail_from,
+        recipients=recipients,
+        hostname=settings.smtp_host,
+        port=settings.smtp_port,
+        timeout=smtp_timeout,
+        username=settings.smtp_username,
+        password=settings.smtp_password,
+        use_tls=settings.smtp_tls == "tls",
+        # Required, not opportunistic: a server that does not offer STARTTLS is an error,
+        # so an attacker who strips it cannot read the login. `none` means none, even when
+        # offered: it is the opt-out for a relay whose certificate cannot verify.
+        start_tls=settings.smtp_tls == "starttls",
+        validate_certs=settings.smtp_tls_verify,
+        cert_bundle=str(ca_file) if ca_file is not None else None,
+    )
+    return refused
+
+
 class Unsendable(Exception):
     """The message itself cannot be built or encoded: no retry will send it."""
 
@@ -191,6 +217,13 @@ def tls_failed(exc: BaseException) -> bool:
         # str(), not .message: SMTPRecipientsRefused never sets one
         and "STARTTLS" in str(exc)
     )
+
+
+def server_side(exc: BaseException) -> bool:
+    """The failure says nothing about this message: the server could not be reached, did
+    not answer in time, or would not take our login or TLS. Once another email goes
+    through, this one will too, so it need not wait out its backoff."""
+    return isinstance(exc, OSError) or auth_failed(exc) or tls_failed(exc)
 
 
 def _ssl_error(exc: BaseException) -> ssl.SSLError | None:

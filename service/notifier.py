@@ -1,23 +1,44 @@
 """The IP-violation notifier: turns IpViolationDetected events into emails, at least once.
 
-Delivery follows the log, not the request that saw the violation: the worker reads
-violations after its checkpoint (the row "notifier" in projection_checkpoints), sends
-one email per violation and records `ViolationNotificationSent` on the stream
-`notification-{position}` with expected version 0 before it moves the checkpoint. So:
+Delivery follows the log, not the request that saw the violation. The worker reads the
+violations after its checkpoint (the row "notifier" in projection_checkpoints), in log
+order, and makes one attempt at each one's email. The checkpoint moves past a violation
+once the attempt's outcome is recorded:
+
+- sent: `ViolationNotificationSent` on `notification-{position}`, expected version 0;
+- given up: `ViolationNotificationAbandoned` on that same stream, expected version 0;
+- failed: `ViolationNotificationFailed` on `notification-failures-{position}`, with the
+  attempt number and when the next one is due (`retry_at`).
+
+A failed email is *pending* (a Failed event, neither Sent nor Abandoned) and a second loop
+retries it when due, each email on its own backoff (1 s, doubling up to NOTIFY_RETRY_MAX):
+one company's greylisting or full mailbox never holds back another's alert, and fresh
+emails still go out in violation order. The pending set lives in memory and is rebuilt
+from the log whenever a worker takes over, from the Failed, Sent and Abandoned events
+after the row "notifier-retries": a low-water mark at or below which every violation is
+settled, so a restart reads only the tail it needs. So:
 
 - a crash after sending but before recording resends on restart (at-least-once: the
   Message-ID is derived from the violation, so a resend is recognisable as the same mail);
 - a crash after recording but before the checkpoint moved finds the Sent event and skips;
+- a pending retry survives a restart: its Failed events are in the log;
 - a second worker that slipped past the lock cannot record twice (expected version 0).
 
 Only one notifier runs across processes: it holds a session-level advisory lock on a
 connection of its own for as long as it runs, like the projection workers; the others
-stand by and try again. A failed send is recorded (`ViolationNotificationFailed` on
-`notification-failures-{position}`) and retried with exponential backoff; later
-violations wait, so emails go out in violation order. Only the recipients' refusal (a
-5xx about the message) gives an email up after `max_refusals`; a login the provider
-refuses or a certificate that does not verify is our configuration, retried until an
-operator fixes it, with one error line per attempt that says which.
+stand by and try again.
+
+A server that cannot be reached (or refuses our login or TLS) fails every email alike:
+while it does, the emails that failed that way wait behind the last one to try, rather
+than each open a connection and wait out a timeout of its own, and when an email goes
+through they are all due at once. A recovered server is noticed within the backoff cap.
+
+An email is given up (recorded with the reason, logged at error, never dropped in silence)
+when the recipients' server refuses it permanently (5xx) `max_refusals` times in a row,
+when it cannot be built at all, or when it has been failing for NOTIFY_GIVE_UP_AFTER. A
+login the provider refuses or a certificate that does not verify is our configuration:
+retried until an operator fixes it, never given up, with one error line per attempt that
+says which.
 """
 
 from __future__ import annotations
@@ -25,10 +46,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.policy
+import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from email.message import EmailMessage
+from typing import Any
 
-import aiosmtplib
 import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
@@ -37,7 +59,7 @@ from projections.memory import AppState
 from projections.runner import CheckpointMoved, lock_key
 from service.context import Context
 from service.database import Conn
-from service.eventlog import ConcurrencyError, EventLogError, Metadata, RecordedEvent
+from service.eventlog import ConcurrencyError, Metadata, RecordedEvent
 from service.events import (
     IpViolationDetected,
     ViolationNotificationAbandoned,
@@ -50,6 +72,8 @@ from service.mail import (
     build_message,
     describe,
     permanent,
+    server_side,
+    smtp_send,
     tls_failed,
     write_eml,
 )
@@ -57,7 +81,13 @@ from service.mail import (
 log = structlog.get_logger(__name__)
 
 NAME = "notifier"  # its checkpoint row and its advisory lock
+RETRIES = "notifier-retries"  # the low-water mark of the pending retries
 _TYPES = ("IpViolationDetected",)
+_OUTCOMES = (
+    "ViolationNotificationFailed",
+    "ViolationNotificationSent",
+    "ViolationNotificationAbandoned",
+)
 
 
 def notification_stream(position: int) -> str:
@@ -77,16 +107,35 @@ class Backoff:
     """Delay before attempt n+1 after n failures: base, 2·base, 4·base … at most cap."""
 
     base: float = 1.0
-    cap: float = 300.0
+    cap: float = 60.0
 
     def delay(self, failures: int) -> float:
         return float(min(self.cap, self.base * 2 ** min(max(failures - 1, 0), 40)))
 
 
+@dataclass
+class Pending:
+    """An email that failed and waits for its next attempt."""
+
+    recorded: RecordedEvent  # the violation
+    attempts: int  # failed attempts so far (the last Failed event's number)
+    first_failed: float  # unix seconds; the give-up bound counts from here
+    retry_at: float  # unix seconds
+    #: the recipients' 5xx refusals in a row, counted since this worker took over
+    refusals: int = 0
+    #: the last failure was the server's or our configuration's, not this message's
+    server_side: bool = False
+
+    @property
+    def position(self) -> int:
+        return self.recorded.position
+
+
 class Notifier:
     """The worker. `start()`/`close()` run it in the background under the lock;
-    `run_once()`/`drain()` do the work in the caller's task (tests, one-off runs) and do
-    not take the lock."""
+    `run_once()`/`drain()` make one attempt at each new violation's email in the caller's
+    task (tests, one-off runs) and do not take the lock; `restore()` and `retry_due()` do
+    the same for the pending retries."""
 
     def __init__(
         self,
@@ -94,15 +143,21 @@ class Notifier:
         *,
         dsn: str | None = None,
         backoff: Backoff | None = None,
+        give_up_after: float | None = None,
         batch_size: int = 100,
         standby_interval: float = 2.0,
         poll_interval: float | None = None,
         smtp_timeout: float = 30.0,
         max_refusals: int = 5,
     ) -> None:
+        settings = ctx.settings
         self.ctx = ctx
         self.dsn = dsn  # None: the lock connection is borrowed from ctx.pool for good
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff(cap=float(settings.notify_retry_max))
+        #: seconds after its first failure at which a still-failing email is given up
+        self.give_up_after = float(
+            settings.notify_give_up_after if give_up_after is None else give_up_after
+        )
         self.batch_size = batch_size
         self.standby_interval = standby_interval
         self.poll_interval = poll_interval or ctx.eventlog.poll_interval
@@ -114,6 +169,16 @@ class Notifier:
         self.active = False  # holds the lock and works (the others stand by)
         self._task: asyncio.Task[None] | None = None
         self._lock_conn: Conn | None = None
+        self._pending: dict[int, Pending] = {}  # by violation position
+        self._retry_wakeup = asyncio.Event()
+        # The low-water mark as last read or written; None until restored.
+        self._low: int | None = None
+        self._low_lock = asyncio.Lock()
+
+    @property
+    def pending(self) -> frozenset[int]:
+        """The violations whose email waits for a retry."""
+        return frozenset(self._pending)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -151,13 +216,27 @@ class Notifier:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(NAME)):
                 return  # another process runs it; stand by and try again later
             self._lock_conn, self.active = conn, True
-            log.info("notifier.started")
-            while not conn.is_closed():
-                if await self.run_once() < self.batch_size:
-                    await self.ctx.eventlog.wakeup.wait(self.position, self.poll_interval)
+            await self.restore()
+            log.info("notifier.started", pending=len(self._pending))
+            await _until_one_ends(self._follow(conn), self._retry_forever())
         finally:
             self._lock_conn, self.active = None, False
             await self._disconnect(conn)
+
+    async def _follow(self, conn: Conn) -> None:
+        while not conn.is_closed():
+            if await self.run_once() < self.batch_size:
+                await self.ctx.eventlog.wakeup.wait(self.position, self.poll_interval)
+
+    async def _retry_forever(self) -> None:
+        while True:
+            await self.retry_due()
+            self._retry_wakeup.clear()
+            next_due = min((entry.retry_at for entry in self._pending.values()), default=None)
+            timeout = None if next_due is None else max(0.0, next_due - time.time())
+            # Woken early by a new pending email or by one that went through.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_wakeup.wait(), timeout)
 
     async def _connect(self) -> Conn:
         if self.dsn is not None:
@@ -179,7 +258,8 @@ class Notifier:
     # --- the work --------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """Handle one batch of violations after the checkpoint; return how many."""
+        """One attempt at each violation's email in a batch after the checkpoint, in log
+        order; return how many violations the batch held."""
         checkpoint = await self.checkpoint()
         self.position = checkpoint
         # Read the head first: every event at or below it has committed (positions follow
@@ -191,11 +271,13 @@ class Notifier:
             checkpoint, self.batch_size, types=_TYPES, until=head
         )
         for recorded in batch:
-            await self._deliver(recorded)
+            if recorded.position not in self._pending:  # else restored: the retries have it
+                await self._attempt(recorded)
             await self._advance(recorded.position)
         end = batch[-1].position if len(batch) == self.batch_size else head
         if end > self.position:
             await self._advance(end)
+        await self._move_low_water()
         return len(batch)
 
     async def drain(self) -> int:
@@ -206,36 +288,104 @@ class Notifier:
             handled += await self.run_once()
         return handled
 
-    async def _deliver(self, recorded: RecordedEvent) -> None:
-        """Send the violation's email until it goes out, or find it already recorded."""
+    async def retry_due(self) -> int:
+        """One more attempt at each pending email whose time has come, the longest waiting
+        first; return how many were attempted."""
+        now = time.time()
+        due = sorted(
+            (entry for entry in self._pending.values() if entry.retry_at <= now),
+            key=lambda entry: (entry.retry_at, entry.position),
+        )
+        attempted = 0
+        for entry in due:
+            if self._pending.get(entry.position) is not entry or entry.retry_at > time.time():
+                continue  # settled, or lined up behind another (`_line_up_behind`) meanwhile
+            attempted += 1
+            await self._attempt(entry.recorded)
+        if due:
+            await self._move_low_water()
+        return attempted
+
+    async def _attempt(self, recorded: RecordedEvent) -> None:
+        """Try the violation's email once; its outcome is in the log when this returns."""
         violation = recorded.event
         assert isinstance(violation, IpViolationDetected)
         position = recorded.position
-        failures = await self.ctx.eventlog.stream_version(failures_stream(position))
-        refusals = 0  # consecutive permanent (5xx) refusals in this run
-        while True:
-            self._check_lock()
-            if await self.ctx.eventlog.stream_version(notification_stream(position)):
-                log.info("notifier.already_recorded", position=position)
-                return
-            await self.ctx.feed.wait_for(position)
-            app = self.ctx.policy.apps.get(violation.client_id)
-            try:
-                recipients = await self._send(recorded, violation, app)
-            except Exception as exc:
-                failures += 1
-                error = self._describe(exc)
-                self._log_failure(position, failures, exc, error)
-                await self._record_failure(position, violation, failures, error)
-                refusals = refusals + 1 if permanent(exc) else 0
-                if refusals >= self.max_refusals or isinstance(exc, Unsendable):
-                    # Later violations wait for this one: never let one block them all.
-                    await self._record_abandoned(position, violation, failures, error)
-                    return
-                await asyncio.sleep(self.backoff.delay(failures))
-                continue
-            await self._record_sent(position, violation, recipients)
+        self._check_lock()
+        if await self.ctx.eventlog.stream_version(notification_stream(position)):
+            log.info("notifier.already_recorded", position=position)
+            self._pending.pop(position, None)
             return
+        await self.ctx.feed.wait_for(position)
+        app = self.ctx.policy.apps.get(violation.client_id)
+        try:
+            recipients = await self._send(recorded, violation, app)
+        except Exception as exc:
+            await self._failed(recorded, violation, exc)
+            return
+        await self._record_sent(position, violation, recipients)
+        self._pending.pop(position, None)
+        if recipients:  # else no server was asked: that says nothing about it
+            self._server_is_back()
+
+    def _server_is_back(self) -> None:
+        """An email went through: those that failed only for want of a working server need
+        not wait out their backoff."""
+        now = time.time()
+        woken = [entry for entry in self._pending.values() if entry.server_side]
+        for entry in woken:
+            entry.retry_at, entry.server_side = min(entry.retry_at, now), False
+        if woken:
+            self._retry_wakeup.set()
+
+    async def _failed(
+        self, recorded: RecordedEvent, violation: IpViolationDetected, exc: Exception
+    ) -> None:
+        """Record the failed attempt and schedule the next, or give the email up."""
+        position, now = recorded.position, time.time()
+        entry = self._pending.get(position)
+        if entry is None:
+            attempts = await self.ctx.eventlog.stream_version(failures_stream(position))
+            entry = Pending(recorded, attempts, first_failed=now, retry_at=now)
+        entry.attempts += 1
+        entry.refusals = entry.refusals + 1 if permanent(exc) else 0
+        entry.server_side = server_side(exc)
+        error = self._describe(exc)
+        reason = self._give_up_reason(entry, exc, now)
+        if reason is not None:
+            self._log_failure(position, entry.attempts, exc, error, retry_in=None)
+            await self._record_failure(position, violation, entry.attempts, error, None)
+            await self._record_abandoned(entry, violation, error, reason, now)
+            self._pending.pop(position, None)
+            return
+        delay = self.backoff.delay(entry.attempts)
+        self._log_failure(position, entry.attempts, exc, error, retry_in=delay)
+        # Recorded before the checkpoint moves on: the log is what a restart retries from.
+        await self._record_failure(position, violation, entry.attempts, error, now + delay)
+        entry.retry_at = now + delay
+        self._pending[position] = entry
+        if entry.server_side:
+            self._line_up_behind(entry)
+        self._retry_wakeup.set()
+
+    def _line_up_behind(self, probe: Pending) -> None:
+        """The server just failed `probe`: the other emails that wait for a working server
+        wait for its next attempt, instead of each trying on a connection (and a timeout) of
+        its own. When it gets through, they follow at once (`_server_is_back`)."""
+        for entry in self._pending.values():
+            if entry.server_side and entry is not probe:
+                entry.retry_at = max(entry.retry_at, probe.retry_at)
+
+    def _give_up_reason(self, entry: Pending, exc: Exception, now: float) -> str | None:
+        if isinstance(exc, Unsendable):
+            return "unsendable"  # no retry can build it
+        if entry.refusals >= self.max_refusals:
+            return "refused"
+        if auth_failed(exc) or tls_failed(exc):
+            return None  # our configuration: the email goes out once an operator fixes it
+        if now - entry.first_failed >= self.give_up_after:
+            return "expired"
+        return None
 
     async def _send(
         self, recorded: RecordedEvent, violation: IpViolationDetected, app: AppState | None
@@ -259,7 +409,7 @@ class Notifier:
         except (ValueError, TypeError, UnicodeError) as exc:
             raise Unsendable(describe(exc)) from exc
         if settings.smtp_host:
-            refused = await self._smtp(message, recipients, settings.smtp_host)
+            refused = await smtp_send(settings, message, recipients, self.smtp_timeout)
             if refused:
                 # Some accepted it: retrying would mail them again; the rest stays logged.
                 log.warning(
@@ -279,32 +429,6 @@ class Notifier:
         )
         return recipients
 
-    async def _smtp(
-        self, message: EmailMessage, recipients: list[str], host: str
-    ) -> dict[str, aiosmtplib.SMTPResponse]:
-        """Hand the message to the mail server; return the recipients it refused."""
-        settings = self.ctx.settings
-        ca_file = settings.smtp_ca_file
-        refused, _reply = await aiosmtplib.send(
-            message,
-            sender=settings.mail_from,
-            recipients=recipients,
-            hostname=host,
-            port=settings.smtp_port,
-            timeout=self.smtp_timeout,
-            username=settings.smtp_username,
-            password=settings.smtp_password,
-            use_tls=settings.smtp_tls == "tls",
-            # Required, not opportunistic: a server that does not offer STARTTLS is an
-            # error, so an attacker who strips it cannot read the login. `none` means none,
-            # even when offered: it is the opt-out for a relay whose certificate cannot
-            # verify.
-            start_tls=settings.smtp_tls == "starttls",
-            validate_certs=settings.smtp_tls_verify,
-            cert_bundle=str(ca_file) if ca_file is not None else None,
-        )
-        return refused
-
     async def _record_sent(
         self, position: int, violation: IpViolationDetected, recipients: list[str]
     ) -> None:
@@ -323,15 +447,31 @@ class Notifier:
             log.info("notifier.recorded_elsewhere", position=position)
 
     async def _record_abandoned(
-        self, position: int, violation: IpViolationDetected, attempts: int, error: str
+        self,
+        entry: Pending,
+        violation: IpViolationDetected,
+        error: str,
+        reason: str,
+        now: float,
     ) -> None:
-        log.error("notifier.abandoned", position=position, attempts=attempts, error=error)
+        position = entry.position
+        log.error(
+            "notifier.abandoned",
+            position=position,
+            company_id=violation.company_id,
+            client_id=violation.client_id,
+            reason=reason,
+            attempts=entry.attempts,
+            failing_for=round(now - entry.first_failed, 1),
+            error=error,
+        )
         event = ViolationNotificationAbandoned(
             company_id=violation.company_id,
             client_id=violation.client_id,
             violation_position=position,
-            attempts=attempts,
+            attempts=entry.attempts,
             error=error,
+            reason=reason,
         )
         try:
             # In the notification stream: it counts as handled, like a Sent event.
@@ -344,36 +484,43 @@ class Notifier:
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, secrets=(self.ctx.settings.smtp_password,))
 
-    def _log_failure(self, position: int, attempt: int, exc: Exception, error: str) -> None:
+    def _log_failure(
+        self, position: int, attempt: int, exc: Exception, error: str, *, retry_in: float | None
+    ) -> None:
         """One line per failed attempt; an error when an operator has to act on it."""
         settings = self.ctx.settings
-        where = {"host": settings.smtp_host, "port": settings.smtp_port}
+        common = {
+            "host": settings.smtp_host,
+            "port": settings.smtp_port,
+            "position": position,
+            "attempt": attempt,
+            "retry_in": retry_in,
+            "error": error,
+        }
         if auth_failed(exc):
-            log.error(
-                "notifier.smtp_auth_failed",
-                **where,
-                username=settings.smtp_username,
-                position=position,
-                attempt=attempt,
-                error=error,
-            )
+            log.error("notifier.smtp_auth_failed", **common, username=settings.smtp_username)
         elif tls_failed(exc):
             log.error(
                 "notifier.smtp_tls_failed",
-                **where,
+                **common,
                 tls=settings.smtp_tls,
                 verify=settings.smtp_tls_verify,
                 ca_file=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
-                position=position,
-                attempt=attempt,
-                error=error,
             )
         else:
-            log.warning("notifier.send_failed", position=position, attempt=attempt, error=error)
+            log.warning("notifier.send_failed", **common)
 
     async def _record_failure(
-        self, position: int, violation: IpViolationDetected, attempt: int, error: str
+        self,
+        position: int,
+        violation: IpViolationDetected,
+        attempt: int,
+        error: str,
+        retry_at: float | None,
     ) -> None:
+        # Not best effort: the checkpoint moves past the violation on the strength of this
+        # record, and a restart finds the pending retry by it. If it cannot be written, the
+        # error restarts the worker, which tries the email again from the checkpoint.
         self.ctx.count("email_failed")
         event = ViolationNotificationFailed(
             company_id=violation.company_id,
@@ -381,24 +528,103 @@ class Notifier:
             violation_position=position,
             attempt=attempt,
             error=error,
+            retry_at=retry_at,
         )
-        try:
-            await self.ctx.eventlog.append(
-                failures_stream(position), None, [event], Metadata(causation=position)
-            )
-        except EventLogError as exc:
-            # The retry goes on; only the record of this attempt is missing.
-            log.warning("notifier.failure_not_recorded", position=position, error=str(exc))
+        await self.ctx.eventlog.append(
+            failures_stream(position), None, [event], Metadata(causation=position)
+        )
 
     def _check_lock(self) -> None:
         if self._lock_conn is not None and self._lock_conn.is_closed():
             raise LockLost(NAME)
+
+    # --- the pending set, rebuilt from the log ---------------------------------------
+
+    async def restore(self) -> None:
+        """Rebuild the pending set: the violations after the low-water mark with a Failed
+        event and neither a Sent nor an Abandoned one."""
+        self._pending.clear()
+        low = self._low = await self._low_water()
+        head = await self.ctx.eventlog.head()
+        failures: dict[int, list[tuple[float, ViolationNotificationFailed]]] = {}
+        settled: set[int] = set()
+        after = low
+        while batch := await self.ctx.eventlog.read_all(
+            after, self.batch_size, types=_OUTCOMES, until=head
+        ):
+            for recorded in batch:
+                event = recorded.event
+                if isinstance(event, ViolationNotificationFailed):
+                    at = recorded.recorded_at.timestamp()
+                    failures.setdefault(event.violation_position, []).append((at, event))
+                elif isinstance(event, ViolationNotificationSent | ViolationNotificationAbandoned):
+                    settled.add(event.violation_position)
+            after = batch[-1].position
+        for position in sorted(failures.keys() - settled):
+            if position > low:
+                await self._restore_one(position, failures[position])
+
+    async def _restore_one(
+        self, position: int, failures: list[tuple[float, ViolationNotificationFailed]]
+    ) -> None:
+        found = await self.ctx.eventlog.read_all(position - 1, 1, types=_TYPES)
+        if not found or found[0].position != position:
+            log.error("notifier.violation_missing", position=position)
+            return
+        now = time.time()
+        last = failures[-1][1]
+        retry_at = now if last.retry_at is None else last.retry_at
+        self._pending[position] = Pending(
+            found[0],
+            attempts=max(event.attempt for _, event in failures),
+            first_failed=failures[0][0],
+            # A NOTIFY_RETRY_MAX lowered since the failure applies at once.
+            retry_at=min(retry_at, now + self.backoff.cap),
+        )
+
+    async def _low_water(self) -> int:
+        value = await self.ctx.pool.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", RETRIES
+        )
+        if value is None:
+            await self.ensure_checkpoint()
+            return await self._low_water()
+        return int(value)
+
+    async def _move_low_water(self) -> None:
+        """Raise the low-water mark to just below the oldest pending violation, or to the
+        checkpoint when none is pending, so that a restart reads no more than it needs."""
+        async with self._low_lock:
+            if self._low is None:
+                return  # not restored (a one-off run): the mark stays where it is, still true
+            low = min([self.position, *(position - 1 for position in self._pending)])
+            if low <= self._low:
+                return
+            status = await self.ctx.pool.execute(
+                "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
+                "WHERE name = $1 AND position = $3",
+                RETRIES,
+                low,
+                self._low,
+            )
+            if status != "UPDATE 1":
+                raise CheckpointMoved(RETRIES)
+            self._low = low
 
     # --- checkpoint ------------------------------------------------------------------
 
     async def ensure_checkpoint(self) -> None:
         await self.ctx.pool.execute(
             "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", NAME
+        )
+        # Workers before the pending set never moved the checkpoint past an email that had
+        # not gone out: nothing at or below it waits for a retry.
+        await self.ctx.pool.execute(
+            "INSERT INTO projection_checkpoints (name, position) "
+            "SELECT $1, position FROM projection_checkpoints WHERE name = $2 "
+            "ON CONFLICT DO NOTHING",
+            RETRIES,
+            NAME,
         )
 
     async def checkpoint(self) -> int:
@@ -423,3 +649,17 @@ class Notifier:
         if status != "UPDATE 1":
             raise CheckpointMoved(NAME)
         self.position = position
+
+
+async def _until_one_ends(*work: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines side by side until one of them returns or fails; cancel the
+    others; raise its error, if any."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()

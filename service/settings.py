@@ -45,6 +45,11 @@ class Settings:
     run_projections: bool = True
     pool_size: int = 10
     projection_batch_size: int = 5000
+    # Violation emails: each failing one is retried on its own, waiting at most
+    # notify_retry_max seconds between attempts, and given up (recorded) once it has been
+    # failing for notify_give_up_after seconds.
+    notify_retry_max: int = 60
+    notify_give_up_after: int = 24 * 3600
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -121,6 +126,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
     permissions_file = env.get("PERMISSIONS_FILE")
     routes_file = env.get("ROUTES_FILE")
     smtp = _smtp(env)
+    retry_max, give_up_after = _notify(env)
     return Settings(
         host=env.get("HOST") or "127.0.0.1",
         port=_int(env, "PORT", 8080, 1, 65535),
@@ -145,7 +151,22 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         # two at least: the writer keeps one, requests and readers need another
         pool_size=_int(env, "DB_POOL_SIZE", 10, 2, 1000),
         projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000, 1, 1_000_000),
+        notify_retry_max=retry_max,
+        notify_give_up_after=give_up_after,
     )
+
+
+def _notify(env: Mapping[str, str]) -> tuple[int, int]:
+    """NOTIFY_RETRY_MAX and NOTIFY_GIVE_UP_AFTER, in seconds. Giving up sooner than the
+    longest wait between two tries is refused: it says the two values were swapped."""
+    retry_max = _int(env, "NOTIFY_RETRY_MAX", 60, 1, 24 * 3600)
+    give_up_after = _int(env, "NOTIFY_GIVE_UP_AFTER", 24 * 3600, 1, 365 * 24 * 3600)
+    if give_up_after < retry_max:
+        raise ConfigError(
+            f"NOTIFY_GIVE_UP_AFTER ({give_up_after}) must be at least "
+            f"NOTIFY_RETRY_MAX ({retry_max})"
+        )
+    return retry_max, give_up_after
 
 
 # The ports that providers use for each mode (RFC 8314 §3.3 for implicit TLS, RFC 6409
