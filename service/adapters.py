@@ -4,14 +4,15 @@ event log in this process) and the event log itself."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import structlog
 
-from projections.directory import DirectoryModel
+from projections.directory import AdminKey, DirectoryModel, User
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
+from service import events as ev
 from service.domain.grants import Record
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState, TokenState
 from service.eventlog import EventLog, EventLogError, Metadata
@@ -83,17 +84,36 @@ class ModelLookups:
     def application_now(self, client_id: str) -> AppState | None:
         return self._policy.apps.get(client_id)
 
+    # --- beyond the protocol core: the admin API and sign-in -------------------------
+
+    async def admin_key(self, key_hash: str) -> AdminKey | None:
+        def look() -> AdminKey | None:
+            key_id = self._directory.admin_key_hashes.get(key_hash)
+            return None if key_id is None else self._directory.admin_keys.get(key_id)
+
+        return await self._found(look)
+
+    async def user_by_email(self, email: str) -> User | None:
+        return await self._found(lambda: self._directory.user_by_email(email))
+
     async def catch_up(self) -> None:
         await self._feed.catch_up()
 
 
+Observer = Callable[[Sequence[ev.Event]], None]
+
+
 class LogLedger:
     """Appends to the event log; a visible record waits until this process's models have
-    applied it (read-your-writes)."""
+    applied it (read-your-writes). Observers see what was recorded, once it committed
+    (metrics, security log lines): one place, whichever path recorded it."""
 
-    def __init__(self, eventlog: EventLog, feed: MemoryFeed) -> None:
+    def __init__(
+        self, eventlog: EventLog, feed: MemoryFeed, observers: Sequence[Observer] = ()
+    ) -> None:
         self._eventlog = eventlog
         self._feed = feed
+        self._observers = tuple(observers)
 
     async def record(self, record: Record, meta: Metadata, *, visible: bool = False) -> list[int]:
         positions = await self._eventlog.append(
@@ -103,6 +123,8 @@ class LogLedger:
             meta,
             conditions=record.conditions,
         )
+        for observe in self._observers:
+            observe(record.events)
         if visible:
             await self.wait_for(positions[-1])
         return positions
@@ -118,3 +140,26 @@ class LogLedger:
             except EventLogError as exc:
                 log.warning("context.catch_up_failed", position=position, error=str(exc))
                 await asyncio.sleep(0.1 * (attempt + 1))
+
+
+def log_security_signals(events: Sequence[ev.Event]) -> None:
+    """What an operator must see at once, as warnings: who, from where, where; never a
+    credential."""
+    for event in events:
+        if isinstance(event, ev.IpViolationDetected):
+            log.warning(
+                "security.ip_violation",
+                company_id=event.company_id,
+                client_id=event.client_id,
+                ip=event.ip,
+                endpoint=event.endpoint,
+                token_revoked=event.token_revoked,
+            )
+        elif isinstance(event, ev.OldClientSecretUsed):
+            log.warning(
+                "security.old_client_secret_used",
+                company_id=event.company_id,
+                client_id=event.client_id,
+                ip=event.ip,
+                secret_version=event.secret_version,
+            )

@@ -15,6 +15,7 @@ from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
+from service.adapters import log_security_signals
 from service.context import Context
 from service.database import Database, open_database
 from service.domain.permissions import load_catalogue
@@ -142,6 +143,7 @@ async def _context_ctx(app: web.Application) -> AsyncIterator[None]:
         directory=directory,
         catalogue=app[CATALOGUE],
         metrics=app[METRICS],
+        observers=[log_security_signals],
     )
     yield
     await feed.close()

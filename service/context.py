@@ -1,24 +1,28 @@
-"""What command handlers work with: the log, the in-memory models, the configuration."""
+"""What command handlers and web handlers work with: the log, the read models, the ports
+of the protocol core over them, and the configuration."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
-import structlog
 
 from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
+from service.adapters import LogLedger, ModelLookups, Observer
+from service.domain import streams
+from service.domain.grants import Record
 from service.errors import Unauthorized
-from service.eventlog import ConcurrencyError, EventLog, EventLogError, Metadata
+from service.eventlog import ConcurrencyError, EventLog, Metadata
 from service.events import Event
 from service.metrics import Metrics
+from service.oauth.introspection import Introspection
+from service.oauth.policy import PolicyPoint
+from service.oauth.token_endpoint import TokenEndpoint
 from service.settings import Settings
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -32,12 +36,23 @@ class Context:
     catalogue: Mapping[str, str]
     #: this process's counters (None outside the web server)
     metrics: Metrics | None = None
+    #: what else watches every record (the security log lines)
+    observers: Sequence[Observer] = ()
+    lookups: ModelLookups = field(init=False)
+    ledger: LogLedger = field(init=False)
+    token_endpoint: TokenEndpoint = field(init=False)
+    introspection: Introspection = field(init=False)
+    policy_point: PolicyPoint = field(init=False)
 
-    def count(self, name: str, label: str | None = None) -> None:
-        """Move a counter of the Metrics API if there is one: count("token_issued", grant)."""
+    def __post_init__(self) -> None:
+        self.lookups = ModelLookups(self.feed, self.policy, self.directory)
+        observers = [*self.observers]
         if self.metrics is not None:
-            method = getattr(self.metrics, name)
-            method() if label is None else method(label)
+            observers.append(self.metrics.observe_recorded)
+        self.ledger = LogLedger(self.eventlog, self.feed, observers)
+        self.token_endpoint = TokenEndpoint(self.lookups, self.ledger, time.time)
+        self.introspection = Introspection(self.lookups, time.time)
+        self.policy_point = PolicyPoint(self.lookups, self.ledger, time.time)
 
     async def record(
         self,
@@ -55,37 +70,25 @@ class Context:
         conditional on the key's stream being at version 1 (issued, not revoked), so a
         revocation that committed first, in any process, refuses it however stale this
         process's view of the keys is."""
-        key_stream = _admin_key_stream(metadata.actor)
+        key_stream = streams.admin_key_of(metadata.actor)
         if key_stream is not None:
             conditions = [*conditions, (key_stream, 1)]
+        record = Record(stream_id, expected_version, tuple(events), tuple(conditions))
         try:
-            positions = await self.eventlog.append(
-                stream_id, expected_version, events, metadata, conditions=conditions
-            )
+            return await self.ledger.record(record, metadata, visible=True)
         except ConcurrencyError as exc:
             if key_stream is not None and exc.stream_id == key_stream:
                 raise Unauthorized("unknown or revoked admin key", realm="tollgate-admin") from None
             raise
-        await self._catch_up_to(positions[-1])
-        return positions
-
-    async def _catch_up_to(self, position: int) -> None:
-        """Read-your-writes, but never at the price of reporting a committed change as
-        failed (a new application's secret is shown once): if the log cannot be read back
-        now, the models catch up when it can, and the caller hears of the commit."""
-        for attempt in range(3):
-            try:
-                await self.feed.wait_for(position)
-                return
-            except EventLogError as exc:
-                log.warning("context.catch_up_failed", position=position, error=str(exc))
-                await asyncio.sleep(0.1 * (attempt + 1))
 
     async def refresh(self) -> None:
         """Catch up with what other processes wrote (a lookup missed; look again)."""
         await self.feed.catch_up()
 
-
-def _admin_key_stream(actor: str) -> str | None:
-    prefix = "admin_key:"
-    return f"admin-key-{actor[len(prefix) :]}" if actor.startswith(prefix) else None
+    def count(self, name: str) -> None:
+        """The notifier's email counters (everything recorded is counted by the ledger)."""
+        if self.metrics is not None:
+            if name == "email_sent":
+                self.metrics.email_sent()
+            elif name == "email_failed":
+                self.metrics.email_failed()

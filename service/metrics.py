@@ -11,16 +11,33 @@ type or reason, else "other"), so no client can grow the number of series.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-if TYPE_CHECKING:
-    from projections.runner import ProjectionStatus
-    from service.eventlog import EventLog
+from service.events import (
+    AccessTokenIssued,
+    Event,
+    IpViolationDetected,
+    TokenRefreshed,
+    TokenRevoked,
+)
+
+
+class ProjectionLag(Protocol):
+    """What a scrape reports of each projection (projections.runner.ProjectionStatus)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def lag_events(self) -> int: ...
+
+    @property
+    def lag_seconds(self) -> float: ...
 
 OTHER = "other"
 GRANT_TYPES = ("authorization_code", "client_credentials", "refresh_token")
@@ -126,8 +143,6 @@ class Metrics:
             self._revocations.labels(reason)
         for endpoint in (*VIOLATION_ENDPOINTS, OTHER):
             self._violations.labels(endpoint)
-        self._eventlog: EventLog | None = None
-        self._batches_seen = 0
 
     # --- what other code counts --------------------------------------------------------
 
@@ -142,6 +157,19 @@ class Metrics:
     def ip_violation(self, endpoint: str) -> None:
         """A credential was used from a disallowed address (`IpViolationDetected.endpoint`)."""
         self._violations.labels(_known(endpoint, VIOLATION_ENDPOINTS)).inc()
+
+    def observe_recorded(self, events: Sequence[Event]) -> None:
+        """Count what the event log just recorded: tokens issued, families revoked,
+        violations. Called once per committed record, whatever path recorded it."""
+        for event in events:
+            if isinstance(event, AccessTokenIssued):
+                self.token_issued(event.grant_type)
+            elif isinstance(event, TokenRefreshed):
+                self.token_issued("refresh_token")
+            elif isinstance(event, TokenRevoked):
+                self.token_revoked(event.reason)
+            elif isinstance(event, IpViolationDetected):
+                self.ip_violation(event.endpoint)
 
     def email_sent(self) -> None:
         self._emails_sent.inc()
@@ -162,7 +190,7 @@ class Metrics:
         """One event-log commit carried `size` appends (the hook for EventLog's writer)."""
         self._batches.observe(size)
 
-    def set_projections(self, statuses: Iterable[ProjectionStatus] | None) -> None:
+    def set_projections(self, statuses: Iterable[ProjectionLag] | None) -> None:
         """Projection lag as read at scrape time; None: it could not be read.
 
         An unknown lag is left out rather than reported stale: alerts on an absent series

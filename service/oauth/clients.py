@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import msgspec
 import structlog
 
 from service.domain import credentials, policy
@@ -38,6 +39,12 @@ def client_credentials(header: str | None, params: Mapping[str, str]) -> tuple[s
     return found.client_id, found.secret
 
 
+def client_metadata(meta: Metadata, client: tuple[str, str] | None) -> Metadata:
+    """The request's metadata with the client it claims to be as the actor."""
+    actor = f"client:{client[0][:64]}" if client is not None else "client:"
+    return msgspec.structs.replace(meta, actor=actor)
+
+
 async def authenticate(
     lookups: Lookups, ledger: Ledger, client: tuple[str, str] | None, meta: Metadata
 ) -> AppState:
@@ -57,4 +64,11 @@ async def authenticate(
     if any(credentials.matches(secret, old) for old in app.previous_secret_hashes):
         await ledger.record(policy.old_secret_used(app, meta.client_ip or ""), meta)
         raise InvalidClient("this client secret has been rotated; use the new one")
+    # A known client with a wrong secret: guessing, or a deployment with a stale secret.
+    log.warning(
+        "security.client_secret_wrong",
+        company_id=app.company_id,
+        client_id=app.client_id,
+        ip=meta.client_ip,
+    )
     raise InvalidClient()

@@ -13,7 +13,7 @@ from service.domain import grants, policy
 from service.domain.state import AppState
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
-from service.oauth.client_auth import authenticate
+from service.oauth.clients import authenticate, client_credentials, client_metadata
 from service.oauth.errors import (
     InvalidGrant,
     InvalidRequest,
@@ -171,15 +171,18 @@ class TokenEndpoint:
         return list(self.grants)
 
     async def token(
-        self, params: Mapping[str, str], client: tuple[str, str] | None, meta: Metadata
+        self, params: Mapping[str, str], authorization: str | None, meta: Metadata
     ) -> Issued:
-        """`client`: the (client_id, client_secret) the request authenticates with."""
+        """`authorization`: the request's Authorization header (HTTP Basic client
+        credentials, or none when they are in `params`)."""
         grant_type = params.get("grant_type")
         if not grant_type:
             raise InvalidRequest("grant_type is required")
         grant = self.grants.get(grant_type)
         if grant is None:
             raise UnsupportedGrantType(f"supported: {', '.join(self.grants)}")
+        client = client_credentials(authorization, params)
+        meta = client_metadata(meta, client)
         for _attempt in range(self.attempts):
             app = await authenticate(self.lookups, self.ledger, client, meta)
             await self.allowed_or_refused(app, meta, "token")

@@ -11,10 +11,9 @@ from service import applications, directory
 from service import events as ev
 from service.context import Context
 from service.domain import applications as rules
-from service.domain import passwords
+from service.domain import passwords, streams
 from service.errors import InvalidRequest, NotFound
 from service.eventlog import Metadata
-from service.oauth import grants
 from service.web import auth
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, metadata
@@ -283,5 +282,5 @@ async def revoke_connection(request: web.Request) -> web.Response:
     event = ev.ConnectionRevoked(
         company_id=who.company_id, client_id=client_id, reason="admin_request"
     )
-    await ctx.record(grants.connection_stream(who.company_id, client_id), None, [event], meta)
+    await ctx.record(streams.connection(who.company_id, client_id), None, [event], meta)
     return web.Response(status=204)

@@ -11,6 +11,7 @@ from projections.directory import User
 from service.context import Context
 from service.domain import credentials
 from service.errors import Forbidden, Unauthorized
+from service.oauth import credentials as authorization
 from service.web import sessions
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -26,13 +27,12 @@ class Principal:
 
 
 def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
-    if header is None:
+    found = authorization.parse(request.headers.get("Authorization"))
+    if found is None:
         return None
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+    if not isinstance(found, authorization.Bearer):
         raise Unauthorized("use Authorization: Bearer <admin key>", realm="tollgate-admin")
-    return value.strip()
+    return found.value
 
 
 async def principal(request: web.Request, ctx: Context) -> Principal:
@@ -64,14 +64,10 @@ async def signed_in(request: web.Request, ctx: Context) -> tuple[sessions.Sessio
 async def _admin_key(ctx: Context, key: str) -> Principal:
     if not _ADMIN_KEY.match(key):
         raise Unauthorized("malformed admin key", realm="tollgate-admin")
-    key_hash = credentials.digest(key)
-    key_id = ctx.directory.admin_key_hashes.get(key_hash)
-    if key_id is None:
-        await ctx.refresh()  # issued a moment ago by another process?
-        key_id = ctx.directory.admin_key_hashes.get(key_hash)
-    if key_id is None:
+    found = await ctx.lookups.admin_key(credentials.digest(key))
+    if found is None or found.revoked:
         raise Unauthorized("unknown or revoked admin key", realm="tollgate-admin")
-    return Principal(ctx.directory.admin_keys[key_id].company_id, f"admin_key:{key_id}", "admin")
+    return Principal(found.company_id, f"admin_key:{found.key_id}", "admin")
 
 
 async def admin(request: web.Request, ctx: Context) -> Principal:

@@ -13,14 +13,14 @@ from aiohttp import web
 from multidict import MultiDict, MultiMapping
 from yarl import URL
 
-from projections.memory import AppState
-from service import events as ev
 from service.context import Context
-from service.domain import credentials
+from service.domain import consent, credentials
+from service.domain import grants as grant_rules
 from service.domain.applications import AUTHORIZATION_CODE
+from service.domain.state import AppState
 from service.errors import TollgateError
 from service.eventlog import ConcurrencyError, Metadata
-from service.oauth import grants, tokens
+from service.oauth import tokens
 from service.web import pages, sessions
 from service.web.auth import signed_in
 from service.web.bodies import form_body
@@ -78,10 +78,7 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
             "invalid_request: client_secret must never be sent in the authorization URL",
         )
     client_id = params.get("client_id", "")
-    app = ctx.policy.apps.get(client_id) if client_id else None
-    if app is None and client_id:
-        await ctx.refresh()
-        app = ctx.policy.apps.get(client_id)
+    app = await ctx.lookups.application(client_id) if client_id else None
     if app is None:
         raise PageError("Unknown application", "this link names no known application")
     if app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
@@ -109,7 +106,7 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
         if not _CHALLENGE.match(challenge):
             raise _redirect_error(redirect_uri, state, "malformed code_challenge")
     try:
-        permissions = grants.scope_from(params.get("scope"), app.permissions, app.permissions)
+        permissions = grant_rules.scope_from(params.get("scope"), app.permissions, app.permissions)
     except TollgateError as exc:
         raise redirect_to(
             redirect_uri,
@@ -169,7 +166,7 @@ def _registered_redirect(ctx: Context, next_url: str) -> str | None:
     except ValueError:
         return None
     client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
-    app = ctx.policy.apps.get(client_ids[0]) if len(client_ids) == 1 else None
+    app = ctx.lookups.application_now(client_ids[0]) if len(client_ids) == 1 else None
     if app is None or app.grant_type != AUTHORIZATION_CODE or redirect_uris != [app.redirect_uri]:
         return None
     return app.redirect_uri
@@ -245,42 +242,24 @@ async def decide(request: web.Request) -> web.StreamResponse:
     user = ctx.directory.users[session.user_id]
     meta = metadata(request, f"user:{user.user_id}")
     code = tokens.new(tokens.CODE)
-    issued = ev.AuthorizationCodeIssued(
-        company_id=user.company_id,
-        client_id=app.client_id,
-        user_id=user.user_id,
-        code_hash=tokens.token_hash(code),
-        redirect_uri=auth_request.redirect_uri,
-        permissions=auth_request.permissions,
-        code_challenge=auth_request.code_challenge,
-        expires_at=int(time.time()) + grants.CODE_TTL,
-    )
-    await _record_consent(ctx, issued, meta)
+    given = consent.approve(
+        app, user.company_id, user.user_id, auth_request.permissions, auth_request.redirect_uri,
+        auth_request.code_challenge, tokens.token_hash(code),
+        ctx.lookups.connection(user.company_id, app.client_id), int(time.time()),
+    )  # fmt: skip
+    await _record_consent(ctx, given, meta)
     raise redirect_to(auth_request.redirect_uri, {"code": code, "state": auth_request.state})
 
 
-async def _record_consent(ctx: Context, issued: ev.AuthorizationCodeIssued, meta: Metadata) -> None:
-    """The grant, then the code. A consent given again for exactly the permissions that the
-    connection holds (Allow pressed twice, a reload, a retry after a failed redirect) adds
-    no second grant to the log, only the code. That code is appended on condition that the
-    connection has not changed since this process saw it: if another process revoked or
-    changed it meanwhile, the grant is recorded after all, so the code is never left
-    pointing at a connection that is gone."""
-    stream = grants.connection_stream(issued.company_id, issued.client_id)
-    code_stream = f"code-{issued.code_hash[:40]}"
-    connection = ctx.policy.connections.get((issued.company_id, issued.client_id))
-    if connection is not None and connection.permissions == frozenset(issued.permissions):
+async def _record_consent(ctx: Context, given: consent.Consent, meta: Metadata) -> None:
+    """The grant, then the code; only the code when the connection already holds exactly
+    the approved permissions and is still as this process saw it (see consent.Consent)."""
+    if given.code_alone is not None:
         try:
-            await ctx.record(
-                code_stream, 0, [issued], meta, conditions=[(stream, connection.version)]
-            )
+            await ctx.ledger.record(given.code_alone, meta, visible=True)
             return
         except ConcurrencyError as exc:
-            if exc.stream_id != stream:
+            if exc.stream_id != given.grant.stream:
                 raise
-    granted = ev.ConnectionGranted(
-        company_id=issued.company_id, client_id=issued.client_id, user_id=issued.user_id,
-        permissions=issued.permissions,
-    )  # fmt: skip
-    await ctx.record(stream, None, [granted], meta)
-    await ctx.record(code_stream, 0, [issued], meta)
+    await ctx.ledger.record(given.grant, meta, visible=True)
+    await ctx.ledger.record(given.code, meta, visible=True)

@@ -10,8 +10,10 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from service import policy
+from service.domain.policy import Allowed
 from service.errors import InvalidRequest, TollgateError
+from service.oauth import credentials as authorization
+from service.oauth.errors import InvalidToken
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
 
 routes = web.RouteTableDef()
@@ -32,14 +34,13 @@ class BadGateway(TollgateError):
 
 
 def bearer_token(request: web.Request) -> str:
-    header = request.headers.get("Authorization")
-    if header is None:
-        raise policy.InvalidToken("an access token is required", sent=False)
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+    found = authorization.parse(request.headers.get("Authorization"))
+    if found is None:
+        raise InvalidToken("an access token is required", sent=False)
+    if not isinstance(found, authorization.Bearer):
         # Another scheme is no attempt at a Bearer token: no error code (RFC 6750 §3.1).
-        raise policy.InvalidToken("use Authorization: Bearer <access token>", sent=False)
-    return value.strip()
+        raise InvalidToken("use Authorization: Bearer <access token>", sent=False)
+    return found.value
 
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
@@ -67,14 +68,14 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     ip = caller_ip(request)
     permission = request.app[ROUTES].permission_for(request.method, path)
     meta = metadata(request, "gateway", ip)
-    allowed = await policy.decide(ctx, raw, ip, permission, "api", meta)
+    allowed = await ctx.policy_point.decide(raw, ip, permission, "api", meta)
     upstream = request.app[UPSTREAM].session
     if upstream is None:
         return _builtin(request, allowed)
     return await _proxy(request, upstream, allowed, ip)
 
 
-def _builtin(request: web.Request, allowed: policy.Allowed) -> web.Response:
+def _builtin(request: web.Request, allowed: Allowed) -> web.Response:
     if request.path != "/api/v1/whoami" or request.method not in ("GET", "HEAD"):
         raise web.HTTPNotFound(reason="no upstream API is configured; try GET /api/v1/whoami")
     token = allowed.token
@@ -90,7 +91,7 @@ def _builtin(request: web.Request, allowed: policy.Allowed) -> web.Response:
 
 
 async def _proxy(
-    request: web.Request, session: aiohttp.ClientSession, allowed: policy.Allowed, ip: str
+    request: web.Request, session: aiohttp.ClientSession, allowed: Allowed, ip: str
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     assert settings.upstream_url is not None

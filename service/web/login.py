@@ -78,10 +78,7 @@ async def authenticate(request: web.Request, email: str, password: str) -> str:
 
 async def _check_password(request: web.Request, email: str, password: str) -> str:
     ctx = request.app[CONTEXT]
-    user = ctx.directory.user_by_email(email)
-    if user is None:
-        await ctx.refresh()
-        user = ctx.directory.user_by_email(email)
+    user = await ctx.lookups.user_by_email(email)
     stored = passwords.DUMMY_HASH if user is None or user.removed else user.password_hash
     ok = await asyncio.to_thread(passwords.verify_password, password, stored)
     if not ok or user is None or user.removed:

@@ -8,9 +8,9 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from service import policy
 from service.domain import addresses, credentials
 from service.errors import InvalidRequest, Unauthorized
+from service.oauth import credentials as authorization
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, metadata
 
@@ -26,28 +26,24 @@ class CheckIn(msgspec.Struct, forbid_unknown_fields=True):
 @routes.post("/policy/check")
 async def check(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.strip().partition(" ")
+    found = authorization.parse(request.headers.get("Authorization"))
+    bearer = isinstance(found, authorization.Bearer)
     server = None
-    if scheme.lower() == "bearer" and key:
-        key_hash = credentials.digest(key.strip())
-        server = ctx.directory.resource_server_hashes.get(key_hash)
-        if server is None:
-            await ctx.refresh()
-            server = ctx.directory.resource_server_hashes.get(key_hash)
+    if isinstance(found, authorization.Bearer):
+        server = await ctx.lookups.resource_server(credentials.digest(found.value))
     if server is None:
         raise Unauthorized(
             "a resource-server key is required",
             realm="tollgate-policy",
-            sent=scheme.lower() == "bearer" and bool(key),  # no error code unless one came
+            sent=bearer,  # no error code unless a key came
         )
     body = await json_body(request, CheckIn)
     try:
         ip = str(addresses.ip_address(body.ip.strip()))
     except ValueError:
         raise InvalidRequest("ip: not an IP address") from None
-    meta = metadata(request, f"resource_server:{server.resource_server_id}")
-    allowed = await policy.decide(ctx, body.token, ip, body.permission, "policy_check", meta)
+    meta = metadata(request, f"resource_server:{server}")
+    allowed = await ctx.policy_point.decide(body.token, ip, body.permission, "policy_check", meta)
     token = allowed.token
     return web.json_response(
         {

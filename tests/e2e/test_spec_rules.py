@@ -4,9 +4,7 @@ test here fails when its rule is broken (the mutant named in its docstring)."""
 from __future__ import annotations
 
 import time
-import types
 
-from service import policy
 from service.app import CONTEXT
 from service.directory import register_resource_server
 from service.eventlog import Metadata
@@ -71,7 +69,7 @@ async def test_an_authorization_code_access_token_dies_after_two_hours(
     body = await (await exchange(client, app, await code_for(client, company, app))).json()
     assert (await client.get("/api/v1/whoami", headers=bearer(body["access_token"]))).status == 200
     real = time.time
-    monkeypatch.setattr(policy, "time", types.SimpleNamespace(time=lambda: real() + 7200 + 5))
+    monkeypatch.setattr(client.app[CONTEXT].policy_point, "clock", lambda: real() + 7200 + 5)
     assert (await client.get("/api/v1/whoami", headers=bearer(body["access_token"]))).status == 401
 
 
@@ -80,7 +78,7 @@ async def test_a_refreshed_access_token_dies_after_two_hours(client, company, mo
     first = await (await exchange(client, app, await code_for(client, company, app))).json()
     body = await (await refresh(client, app, first["refresh_token"])).json()
     real = time.time
-    monkeypatch.setattr(policy, "time", types.SimpleNamespace(time=lambda: real() + 7200 + 5))
+    monkeypatch.setattr(client.app[CONTEXT].policy_point, "clock", lambda: real() + 7200 + 5)
     assert (await client.get("/api/v1/whoami", headers=bearer(body["access_token"]))).status == 401
 
 

@@ -5,6 +5,8 @@ protocol's behaviour in milliseconds, without a database or a web server."""
 from __future__ import annotations
 
 import asyncio
+import base64
+from urllib.parse import quote_plus
 
 import pytest
 
@@ -76,7 +78,8 @@ class World(Wiring):
         return code
 
     async def token(self, params: dict[str, str], meta: Metadata = ALLOWED, secret: str = SECRET):
-        return await self.endpoint.token(params, ("cid", secret), meta)
+        raw = base64.b64encode(f"cid:{quote_plus(secret)}".encode()).decode()
+        return await self.endpoint.token(params, f"Basic {raw}", meta)
 
 
 @pytest.fixture
