@@ -2,31 +2,60 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps: `make run` installs only what serving needs; test, lint and bench add the
+# dev tools (which include the service). Either may come first.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
+# Extra pytest arguments: `make test PYTEST_ARGS="tests/integration -x"`.
+PYTEST_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test lint bench clean
+.PHONY: install install-dev run test test-install lint bench browser clean
 
-install: $(STAMP)
+install: $(RUN_STAMP)
 
-$(STAMP): pyproject.toml
+install-dev: $(DEV_STAMP)
+
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit("Tollgate needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	@touch $@ $(RUN_STAMP)
 
 run: install
 	$(BIN)/tollgate serve
 
-test: install
-	$(BIN)/pytest -q
+# The browser tests drive Debian's Chromium: as root, install it when it is missing.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "make browser: $(CHROMIUM) is missing; as root: apt-get install chromium" >&2; \
+	  fi; \
+	fi
 
-lint: install
+test: install-dev browser
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The install checks (a wheel in a clean virtualenv, a fresh copy in a private folder):
+# a few minutes of pip, so not part of `make test`.
+test-install: install-dev
+	$(BIN)/pytest -q -m install tests/install $(PYTEST_ARGS)
+
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install
+bench: install-dev
 	$(BIN)/python -m tests.bench
 
 clean:

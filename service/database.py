@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 from typing import TypeAlias
 
 import asyncpg
@@ -15,7 +15,11 @@ from service.settings import ConfigError, Settings
 #: a connection, whether held directly or borrowed from a pool
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+
+def schema_sql() -> str:
+    """`schema.sql`, shipped inside the package (a link to the repository's top-level file,
+    which stays the one source), so an installed wheel finds it as an editable install does."""
+    return files("service").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
 @dataclass
@@ -40,7 +44,7 @@ def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 
 async def apply_schema(conn: Conn) -> None:
     """Apply `schema.sql`; every statement in it is idempotent."""
-    await conn.execute(f"BEGIN;\n{SCHEMA_PATH.read_text()}\nCOMMIT;")
+    await conn.execute(f"BEGIN;\n{schema_sql()}\nCOMMIT;")
 
 
 async def open_database(settings: Settings, *, min_size: int = 2) -> Database:

