@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install install-dev run test test-install lint bench browser clean
+.PHONY: install install-dev run test test-fast test-install test-contract check-deploy lint bench browser clean
 
 install: $(RUN_STAMP)
 
@@ -44,6 +44,18 @@ browser:
 
 test: install-dev browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The unit tier alone: the rules and the protocol core over an in-memory log, in seconds.
+test-fast: install-dev
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+# The running service against its OpenAPI document (schemathesis), about a minute.
+test-contract: install-dev
+	$(BIN)/pytest -q -m contract tests/contract $(PYTEST_ARGS)
+
+# promtool on the alert rules in deploy/ (installs Debian's prometheus package when missing).
+check-deploy:
+	deploy/check
 
 # The install checks (a wheel in a clean virtualenv, a fresh copy in a private folder):
 # a few minutes of pip, so not part of `make test`.

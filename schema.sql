@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The event log. `position` is dense and follows commit order (see service/eventlog.py),
+-- The event log. `position` is dense and follows commit order (see service/eventlog/__init__.py),
 -- `(stream_id, version)` makes the schema itself refuse a concurrent write to a stream,
 -- and `hash` chains every event to the one before it (tamper evidence).
 CREATE TABLE IF NOT EXISTS events (

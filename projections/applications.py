@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from service import events as ev
-from service.database import Conn
 from service.eventlog import RecordedEvent
+from service.storage.database import Conn
 
 # Field changes: event type → column it sets from the event's `after`.
 _CHANGES: dict[type[ev.Event], str] = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from service.database import Conn
 from service.eventlog import RecordedEvent
+from service.storage.database import Conn
 
 
 class SqlProjection(Protocol):

@@ -22,8 +22,8 @@ import asyncpg
 import structlog
 
 from projections.base import SqlProjection
-from service.database import Conn
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+from service.storage.database import Conn
 
 log = structlog.get_logger(__name__)
 

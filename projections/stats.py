@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from service.database import Conn
 from service.eventlog import RecordedEvent
+from service.storage.database import Conn
 
 
 class EventStatsProjection:

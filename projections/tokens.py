@@ -12,8 +12,8 @@ import asyncpg
 import msgspec
 
 from service import events as ev
-from service.database import Conn
 from service.eventlog import RecordedEvent
+from service.storage.database import Conn
 
 
 def _at(seconds: int | None) -> datetime | None:

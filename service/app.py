@@ -17,14 +17,14 @@ from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
 from service.adapters import log_security_signals
 from service.context import Context
-from service.database import Database, open_database
 from service.domain.permissions import load_catalogue
 from service.domain.routes import load_routes
 from service.domain.throttle import Throttle
 from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
-from service.notifier import Notifier
+from service.notification.notifier import Notifier
 from service.settings import Settings
+from service.storage.database import Database, open_database
 from service.web import openapi
 from service.web.admin import routes as admin_routes
 from service.web.authorize import routes as authorize_routes

@@ -144,8 +144,8 @@ async def _with_runner(
 ) -> int:
     from projections.catalog import sql_projections
     from projections.runner import ProjectionRunner
-    from service.database import open_database
     from service.eventlog import EventLog
+    from service.storage.database import open_database
 
     database = await open_database(settings, min_size=1)
     eventlog = EventLog(database.pool, database.dsn if listen else None)
@@ -212,8 +212,8 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:
-    from service.audit import verify_log
-    from service.database import open_database
+    from service.audit.verify import verify_log
+    from service.storage.database import open_database
 
     database = await open_database(settings, min_size=1)
     try:
@@ -243,8 +243,8 @@ async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:
 async def _audit_replay(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from service.database import open_database
-    from service.replay import ReplayError, encode, parse_until, replay
+    from service.audit.replay import ReplayError, encode, parse_until, replay
+    from service.storage.database import open_database
 
     try:
         until = parse_until(args.until)
@@ -278,7 +278,7 @@ async def _audit_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _company_create(settings: Settings, args: argparse.Namespace) -> int:
-    from service.directory import create_company
+    from service.commands.directory import create_company
     from service.domain.applications import FieldError
     from service.errors import TollgateError
     from service.runtime import open_context
@@ -302,7 +302,7 @@ async def _company_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _resource_server_create(settings: Settings, args: argparse.Namespace) -> int:
-    from service.directory import register_resource_server
+    from service.commands.directory import register_resource_server
     from service.errors import TollgateError
     from service.runtime import open_context
 
@@ -319,8 +319,8 @@ async def _events(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from service import history
-    from service.database import open_database
+    from service.audit import history
+    from service.storage.database import open_database
 
     params = {"after": args.after, "limit": args.limit, "type": args.type, "stream": args.stream}
     try:

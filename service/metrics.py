@@ -39,6 +39,7 @@ class ProjectionLag(Protocol):
     @property
     def lag_seconds(self) -> float: ...
 
+
 OTHER = "other"
 GRANT_TYPES = ("authorization_code", "client_credentials", "refresh_token")
 #: the reasons `TokenRevoked` names (service/events.py)

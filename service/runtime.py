@@ -9,10 +9,10 @@ from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service.context import Context
-from service.database import Database, open_database
 from service.domain.permissions import load_catalogue
 from service.eventlog import EventLog
 from service.settings import Settings
+from service.storage.database import Database, open_database
 
 
 @contextlib.asynccontextmanager

@@ -14,8 +14,8 @@ from types import FrameType
 
 import structlog
 
-from service.database import apply_schema, create_pool, resolve_dsn
 from service.settings import Settings
+from service.storage.database import apply_schema, create_pool, resolve_dsn
 from service.web.server import dashboard_url, listen_url
 
 log = structlog.get_logger(__name__)

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from service.database import apply_schema, create_pool
-from service.embedded import EmbeddedPostgres
 from service.eventlog import EventLog
+from service.storage.database import apply_schema, create_pool
+from service.storage.embedded import EmbeddedPostgres
 
 TEMPLATE = "tollgate_test_template"
 _counter = itertools.count()
@@ -106,8 +106,8 @@ async def eventlog(db: TestDatabase) -> AsyncIterator[EventLog]:
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from service.app import CONTEXT, create_app  # noqa: E402
-from service.database import Database  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.storage.database import Database  # noqa: E402
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ class Company:
 
 
 async def make_company(client: TestClient, name: str = "Acme") -> Company:
-    from service.directory import create_company
+    from service.commands.directory import create_company
     from service.eventlog import Metadata
 
     ctx = client.app[CONTEXT]

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from service import chain
+from service.eventlog import chain
 
 
 async def verify_log(pool: asyncpg.Pool, *, batch: int = 5000) -> chain.VerifyResult:

@@ -38,10 +38,9 @@ import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from service import chain
-from service.appends import Append, Head, Plan, assumed_versions, settle, versions_encoder
-from service.events import Event, decode_or_unknown
-from service.records import (
+from service.eventlog import chain
+from service.eventlog.appends import Append, Head, Plan, assumed_versions, settle, versions_encoder
+from service.eventlog.records import (
     EPOCH,
     NO_METADATA,
     ConcurrencyError,
@@ -52,6 +51,7 @@ from service.records import (
     RecordedEvent,
     to_recorded,
 )
+from service.events import Event, decode_or_unknown
 
 __all__ = [
     "EPOCH",

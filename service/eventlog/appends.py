@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from service import chain
+from service.eventlog import chain
+from service.eventlog.records import ConcurrencyError, EventLogError, Metadata, metadata_encoder
 from service.events import SCHEMA_VERSIONS, Event, encode, tenant_of, type_of
-from service.records import ConcurrencyError, EventLogError, Metadata, metadata_encoder
 
 
 @dataclass(eq=False, slots=True)

@@ -58,7 +58,6 @@ from asyncpg.pool import PoolConnectionProxy
 from projections.memory import AppState
 from projections.runner import CheckpointMoved, lock_key
 from service.context import Context
-from service.database import Conn
 from service.eventlog import ConcurrencyError, Metadata, RecordedEvent
 from service.events import (
     IpViolationDetected,
@@ -66,7 +65,7 @@ from service.events import (
     ViolationNotificationFailed,
     ViolationNotificationSent,
 )
-from service.mail import (
+from service.notification.mail import (
     Unsendable,
     auth_failed,
     build_message,
@@ -77,6 +76,7 @@ from service.mail import (
     tls_failed,
     write_eml,
 )
+from service.storage.database import Conn
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from service.domain.grants import Record
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState, TokenState
-from service.records import Metadata
+from service.eventlog.records import Metadata
 
 
 class Lookups(Protocol):

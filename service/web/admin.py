@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
-from service import applications, directory
 from service import events as ev
+from service.commands import applications, directory
 from service.context import Context
 from service.domain import applications as rules
 from service.domain import passwords, streams

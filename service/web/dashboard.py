@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
+from service.audit.history import COMPANY_IS
 from service.context import Context
 from service.domain import credentials
-from service.history import COMPANY_IS
 from service.web import pages, sessions
 from service.web.auth import signed_in
 from service.web.bodies import form_body

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service import history
+from service.audit import history
 from service.errors import InvalidRequest
 from service.web import auth
 from service.web.keys import CONTEXT

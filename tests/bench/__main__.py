@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from service.database import apply_schema, create_pool
-from service.embedded import EmbeddedPostgres
 from service.logs import configure_logging
+from service.storage.database import apply_schema, create_pool
+from service.storage.embedded import EmbeddedPostgres
 from tests.bench import eventlog_bench, http_bench
 
 SECTIONS = {"eventlog": eventlog_bench.run, "http": http_bench.run}

@@ -16,10 +16,10 @@ from projections.catalog import sql_projections
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
-from service.database import create_pool
-from service.embedded import pg_binary
 from service.eventlog import EventLog, Metadata
 from service.events import encode
+from service.storage.database import create_pool
+from service.storage.embedded import pg_binary
 from tests.factories import application, populate, token
 
 SECONDS = 5.0

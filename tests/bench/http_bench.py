@@ -20,11 +20,11 @@ import psutil
 
 from projections.memory import PolicyModel, lone_family
 from service import events as ev
-from service.database import Database, create_pool
-from service.directory import create_company
+from service.commands.directory import create_company
 from service.eventlog import EPOCH, NO_METADATA, Metadata, RecordedEvent
 from service.runtime import open_context
 from service.settings import Settings
+from service.storage.database import Database, create_pool
 from tests.bench.load import Result, measure
 from tests.e2e.oauth_helpers import basic
 

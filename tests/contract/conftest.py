@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import requests
 
-from service.database import apply_schema
+from service.storage.database import apply_schema
 
 _counter = itertools.count()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service import events as ev
-from service.history import MAX_LIMIT, MAX_POSITION, MAX_STREAM_LENGTH
+from service.audit.history import MAX_LIMIT, MAX_POSITION, MAX_STREAM_LENGTH
 from tests.contract.openapi_components import (
     ADMIN,
     ADMIN_ERRORS,

@@ -463,8 +463,8 @@ async def test_a_committed_change_is_reported_even_if_reading_it_back_fails(
 ):
     """The database went away between the commit and this process reading the log back:
     the application exists, so the caller must get its one-time secret, not a 503."""
-    from service import applications
     from service.app import CONTEXT
+    from service.commands import applications
     from service.eventlog import EventLogUnavailable
 
     feed = client.app[CONTEXT].feed

@@ -250,8 +250,8 @@ async def test_a_key_revoked_elsewhere_cannot_write_however_stale_this_process_i
 ):
     """Another process revoked the key; this one has not seen it yet. A change made with
     the key (say, minting a fresh key that would outlive it) must still be refused."""
-    from service import directory
     from service import events as ev
+    from service.commands import directory
     from service.errors import Unauthorized
     from service.eventlog import EventLog, Metadata
 

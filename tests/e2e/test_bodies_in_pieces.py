@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import CONTEXT
-from service.directory import register_resource_server
+from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
 from tests.conftest import Company
 from tests.e2e.oauth_helpers import authorize_url, basic, cc_token, new_app, sign_in

@@ -7,7 +7,7 @@ import html
 import json
 import re
 
-from service.history import CHANGE_TYPES
+from service.audit.history import CHANGE_TYPES
 from tests.conftest import Company, make_company
 from tests.e2e.oauth_helpers import basic, cc_token, new_app
 from tests.e2e.test_admin_people import caught_up

@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import CONTEXT, create_app
-from service.database import Database
-from service.directory import register_resource_server
+from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
+from service.storage.database import Database
 from tests.conftest import make_company
 from tests.e2e.oauth_helpers import basic, cc_token, new_app
 

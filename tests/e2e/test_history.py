@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.history import Query, statement
+from service.audit.history import Query, statement
 from tests.conftest import Company, make_company
 from tests.e2e.test_admin_applications import AC, CC, create
 

@@ -15,8 +15,8 @@ import aiohttp
 import asyncpg
 
 from service import events as ev
-from service.embedded import EmbeddedPostgres
 from service.eventlog import EventLog
+from service.storage.embedded import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -400,7 +400,7 @@ async def test_revocation_endpoint(client, company, db):
 
 
 async def test_introspection_by_a_resource_server_and_by_other_clients(client, company, db):
-    from service.directory import register_resource_server
+    from service.commands.directory import register_resource_server
 
     app = await new_app(client, company)
     other = await new_app(client, company, name="Other")
@@ -427,7 +427,7 @@ async def test_introspection_by_a_resource_server_and_by_other_clients(client, c
 
 
 async def test_a_refresh_token_introspects_for_its_own_client_only(client, company, ac_app):
-    from service.directory import register_resource_server
+    from service.commands.directory import register_resource_server
 
     first = await (await exchange(client, ac_app, await code_for(client, company, ac_app))).json()
     live = await introspect(client, ac_app, first["refresh_token"])

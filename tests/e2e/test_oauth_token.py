@@ -270,7 +270,7 @@ async def test_no_process_accepts_the_old_secret_once_a_rotation_committed(
     from aiohttp.test_utils import TestClient, TestServer
 
     from service.app import create_app
-    from service.database import Database
+    from service.storage.database import Database
 
     app = await new_app(client, company)
     other = TestClient(

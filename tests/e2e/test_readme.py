@@ -32,7 +32,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.embedded import EmbeddedPostgres
+from service.storage.embedded import EmbeddedPostgres
 from tests.e2e.oauth_helpers import consent, query_of, sign_in
 
 ROOT = Path(__file__).resolve().parents[2]

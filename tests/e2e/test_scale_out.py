@@ -14,11 +14,11 @@ from contextlib import asynccontextmanager
 import aiohttp
 import psutil
 
-from service.database import Database
-from service.directory import create_company
+from service.commands.directory import create_company
 from service.eventlog import Metadata
 from service.runtime import open_context
 from service.settings import Settings
+from service.storage.database import Database
 from tests.e2e.oauth_helpers import basic
 from tests.e2e.test_make_run import free_port
 

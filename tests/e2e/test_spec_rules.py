@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from service.app import CONTEXT
-from service.directory import register_resource_server
+from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
 from tests.e2e.oauth_helpers import authorize_url, basic, code_for, new_app
 from tests.e2e.test_oauth_flows import exchange, introspect, refresh

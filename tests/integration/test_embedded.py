@@ -15,13 +15,13 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from service import embedded
-from service.embedded import EmbeddedPostgres
+from service.storage import embedded
+from service.storage.embedded import EmbeddedPostgres
 
 HOLDER = """
 import sys
 from pathlib import Path
-from service.embedded import EmbeddedPostgres
+from service.storage.embedded import EmbeddedPostgres
 server = EmbeddedPostgres(Path(sys.argv[1]), durable=False)
 server.start()
 print("up", flush=True)

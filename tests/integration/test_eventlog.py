@@ -11,8 +11,7 @@ import asyncpg
 import pytest
 
 from service import events as ev
-from service.audit import verify_log
-from service.database import apply_schema, create_pool
+from service.audit.verify import verify_log
 from service.eventlog import (
     ConcurrencyError,
     EventLog,
@@ -21,6 +20,7 @@ from service.eventlog import (
     EventLogUnavailable,
     Metadata,
 )
+from service.storage.database import apply_schema, create_pool
 
 pytestmark = pytest.mark.eventlog
 

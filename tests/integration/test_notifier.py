@@ -20,12 +20,18 @@ from aiosmtpd.controller import Controller
 from service import events as ev
 from service.app import CONTEXT
 from service.context import Context
-from service.database import Database
 from service.eventlog import EventLogUnavailable
-from service.mail import eml_path, message_id
-from service.notifier import NAME, Backoff, Notifier, failures_stream, notification_stream
+from service.notification.mail import eml_path, message_id
+from service.notification.notifier import (
+    NAME,
+    Backoff,
+    Notifier,
+    failures_stream,
+    notification_stream,
+)
 from service.runtime import open_context
 from service.settings import Settings
+from service.storage.database import Database
 from tests.e2e.oauth_helpers import new_app
 
 SECRET_HASH = "5e" * 32
@@ -507,7 +513,7 @@ async def test_an_address_from_the_log_cannot_add_a_header_to_the_email(db, tmp_
 
 
 async def test_an_email_that_cannot_be_built_is_given_up_at_once(db, tmp_path, smtp, monkeypatch):
-    import service.notifier as notifier_module
+    import service.notification.notifier as notifier_module
 
     build = notifier_module.build_message
 

@@ -13,7 +13,13 @@ import pytest
 import structlog
 
 from service import events as ev
-from service.notifier import RETRIES, Backoff, Notifier, failures_stream, notification_stream
+from service.notification.notifier import (
+    RETRIES,
+    Backoff,
+    Notifier,
+    failures_stream,
+    notification_stream,
+)
 from service.settings import ConfigError, Settings, load_settings
 from tests.integration.test_notifier import (
     Mailbox,

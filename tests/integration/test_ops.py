@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service import events as ev
 from service.app import EVENTLOG, RUNNER, create_app
-from service.database import Database
 from service.metrics import METRICS, Metrics
 from service.settings import Settings
+from service.storage.database import Database
 from service.web.ops import READINESS, ReadinessPolicy
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

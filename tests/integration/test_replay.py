@@ -16,8 +16,8 @@ import pytest
 from projections.catalog import sql_projections
 from projections.runner import ProjectionRunner
 from service import events as ev
+from service.audit.replay import ReplayedState, ReplayError, encode, parse_until, replay
 from service.eventlog import EventLog
-from service.replay import ReplayedState, ReplayError, encode, parse_until, replay
 from tests.factories import PERMISSIONS, application, digest, populate, token
 
 # --- helpers -----------------------------------------------------------------------------

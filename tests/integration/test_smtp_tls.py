@@ -25,7 +25,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from service import events as ev
-from service.notifier import Notifier, failures_stream, notification_stream
+from service.notification.notifier import Notifier, failures_stream, notification_stream
 from service.settings import Settings
 from tests.integration.test_notifier import (
     add_app,

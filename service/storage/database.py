@@ -9,8 +9,8 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from service.embedded import EmbeddedPostgres
 from service.settings import ConfigError, Settings
+from service.storage.embedded import EmbeddedPostgres
 
 #: a connection, whether held directly or borrowed from a pool
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"

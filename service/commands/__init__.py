@@ -1,0 +1,1 @@
+"""Command handlers: load a stream, let the domain decide, record the events."""
