@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install install-dev run test test-fast test-install test-contract check-deploy lint bench browser clean
+.PHONY: install install-dev run test test-fast test-install test-contract check-deploy lint bench wrk browser clean
 
 install: $(RUN_STAMP)
 
@@ -67,8 +67,18 @@ lint: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install-dev
-	$(BIN)/python -m tests.bench
+# The HTTP benchmarks drive load with wrk, a C load generator (Debian's): as root, install
+# it when it is missing.
+wrk:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; \
+	  else \
+	    echo "make bench: wrk is missing; as root: apt-get install wrk" >&2; exit 1; \
+	  fi; }
+
+bench: install-dev wrk
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

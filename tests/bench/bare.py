@@ -44,4 +44,5 @@ if __name__ == "__main__":
     tokens = set(sys.argv[3:])
     filler = {f"tgat_filler{i}" for i in range(100_000)}
     app = json_app() if kind == "json" else dict_app(tokens | filler)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    # reuse_port: `make bench` runs one or two of these on a port, as Tollgate's workers.
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, reuse_port=True)

@@ -25,7 +25,8 @@ from service.eventlog import EPOCH, NO_METADATA, Metadata, RecordedEvent
 from service.runtime import open_context
 from service.settings import Settings
 from service.storage.database import Database, create_pool
-from tests.bench.load import Result, measure
+from tests.bench import wrk
+from tests.bench.load import RequestSpec, Result
 from tests.e2e.oauth_helpers import basic
 
 CONNECTIONS = 64
@@ -39,8 +40,12 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def process(argv: list[str], env: dict[str, str], port: int) -> Any:
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+async def process(argv: list[str], env: dict[str, str], port: int, copies: int = 1) -> Any:
+    """`copies` processes of `argv` (bare handlers share the port with SO_REUSEPORT)."""
+    procs = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(copies)
+    ]
     try:
         # Measure only once the service is ready: its projections have caught up with the
         # log (after the event-log section, several hundred thousand events). A bare
@@ -56,23 +61,19 @@ async def process(argv: list[str], env: dict[str, str], port: int) -> Any:
                 await asyncio.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
-def service(dsn: str, port: int) -> tuple[list[str], dict[str, str]]:
+def service(dsn: str, port: int, workers: int = 1) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_FORMAT": "json"}
-    return [sys.executable, "-m", "service", "serve"], env
+    return [sys.executable, "-m", "service", "serve", "--workers", str(workers)], env
 
 
 def bare(kind: str, port: int, *tokens: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "tests.bench.bare", kind, str(port), *tokens], dict(os.environ)
-
-
-def row(name: str, result: Result, baseline: Result | None = None) -> str:
-    ratio = f"{result.rate / baseline.rate:.0%}" if baseline else "100%"
-    return (f"| {name} | {result.rate:,.0f} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | "
-            f"{result.errors} | {ratio} |")  # fmt: skip
 
 
 async def setup(dsn: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -112,42 +113,78 @@ async def issue(base: str, app: dict[str, Any], count: int) -> list[str]:
         return out
 
 
+def table(title: str, rows: list[str]) -> None:
+    print(f"\n## {title}")
+    print("| server | processes | requests/s | p50 ms | p99 ms | errors | of bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for line in rows:
+        print(line)
+
+
+def row(name: str, procs: int, result: Result, baseline: Result | None = None) -> str:
+    ratio = f"{result.rate / baseline.rate:.0%}" if baseline else "100%"
+    return (f"| {name} | {procs} | {result.rate:,.0f} | {result.p50_ms:.1f} | "
+            f"{result.p99_ms:.1f} | {result.errors} | {ratio} |")  # fmt: skip
+
+
+async def against_bare(
+    dsn: str, spec: RequestSpec, bare_kind: str, bare_tokens: tuple[str, ...]
+) -> list[tuple[int, Result, Result]]:
+    """(processes, Tollgate, bare) for 1 and 2 processes, each measured by wrk."""
+    out = []
+    for procs in (1, 2):
+        port = free_port()
+        async with process(*service(dsn, port, procs), port) as base:
+            ours = await asyncio.to_thread(wrk.measure, base, spec, connections=CONNECTIONS)
+        port = free_port()
+        async with process(*bare(bare_kind, port, *bare_tokens), port, procs) as bare_base:
+            baseline = await asyncio.to_thread(
+                wrk.measure, bare_base, spec, connections=CONNECTIONS
+            )
+        out.append((procs, ours, baseline))
+    return out
+
+
 async def token_endpoint(dsn: str, base: str, admin: dict[str, str]) -> None:
     app = await new_app(base, admin)
-    spec = ("POST", "/oauth/token", basic(app["client_id"], app["client_secret"])
-            | {"Content-Type": "application/x-www-form-urlencoded"}, b"grant_type=client_credentials")  # fmt: skip
+    spec: RequestSpec = (
+        "POST", "/oauth/token",
+        basic(app["client_id"], app["client_secret"])
+        | {"Content-Type": "application/x-www-form-urlencoded"},
+        b"grant_type=client_credentials",
+    )  # fmt: skip
     pool = await create_pool(dsn, min_size=1, max_size=1)
     before = await pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
-    issued = await asyncio.to_thread(measure, base, spec, connections=CONNECTIONS)
+    results = await against_bare(dsn, spec, "json", ())
     after = await pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
     await pool.close()
-    port = free_port()
-    async with process(*bare("json", port), port) as bare_base:
-        baseline = await asyncio.to_thread(measure, bare_base, spec, connections=CONNECTIONS)
-    print(f"\n## Token endpoint: client_credentials, {CONNECTIONS} connections, one process each")
-    print("| server | requests/s | p50 ms | p99 ms | errors | of bare |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(row("bare aiohttp handler (JSON answer)", baseline))
-    print(row("POST /oauth/token (each token appended to the log)", issued, baseline))
+    rows = []
+    for procs, ours, baseline in results:
+        rows.append(row("bare aiohttp handler (JSON answer)", procs, baseline))
+        rows.append(
+            row("POST /oauth/token (each token appended to the log)", procs, ours, baseline)
+        )
+    table(f"Token endpoint: client_credentials, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows)
+    one, two = results[0][1], results[1][1]
     print(
-        f"\nTokens committed to the log during the run (warm-up included): {after - before:,}; "
-        f"answered 200 in the measured window: {issued.requests:,}."
+        f"\nTwo processes against one: {two.rate / one.rate:.2f}x. Tokens committed to the log "
+        f"during the runs (warm-ups included): {after - before:,}; answered 200 in the "
+        f"measured windows: {one.requests + two.requests:,}."
     )
 
 
-async def gateway(base: str, admin: dict[str, str]) -> None:
+async def gateway(dsn: str, base: str, admin: dict[str, str]) -> None:
     app = await new_app(base, admin)
     [token] = await issue(base, app, 1)
-    spec = ("GET", "/api/v1/whoami", {"Authorization": f"Bearer {token}"}, None)
-    ours = await asyncio.to_thread(measure, base, spec, connections=CONNECTIONS)
-    port = free_port()
-    async with process(*bare("dict", port, token), port) as bare_base:
-        baseline = await asyncio.to_thread(measure, bare_base, spec, connections=CONNECTIONS)
-    print(f"\n## Gateway: GET /api/v1/whoami with a valid token, {CONNECTIONS} connections")
-    print("| server | requests/s | p50 ms | p99 ms | errors | of bare |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(row("bare aiohttp handler (SHA-256 + dict lookup)", baseline))
-    print(row("Tollgate gateway (token, allow list, permission)", ours, baseline))
+    spec: RequestSpec = ("GET", "/api/v1/whoami", {"Authorization": f"Bearer {token}"}, None)
+    results = await against_bare(dsn, spec, "dict", (token,))
+    rows = []
+    for procs, ours, baseline in results:
+        rows.append(row("bare aiohttp handler (SHA-256 + dict lookup)", procs, baseline))
+        rows.append(row("Tollgate gateway (token, allow list, permission)", procs, ours, baseline))
+    table(
+        f"Gateway: GET /api/v1/whoami with a valid token, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows
+    )
 
 
 async def propagation(dsn: str, base: str, admin: dict[str, str]) -> None:
@@ -226,6 +263,6 @@ async def run(dsn: str) -> None:
     port = free_port()
     async with process(*service(dsn, port), port) as base:
         await token_endpoint(dsn, base, admin)
-        await gateway(base, admin)
+        await gateway(dsn, base, admin)
         await propagation(dsn, base, admin)
     await asyncio.to_thread(memory_per_million)

@@ -1,0 +1,87 @@
+"""HTTP load from wrk, a C load generator (Debian's `wrk`), as peers measure: a Python
+driver on the same two cores caps the bare baselines it is compared with."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.bench.load import RequestSpec, Result
+
+THREADS = 2
+SECONDS = 10
+
+# wrk's Lua API: every request the same; the answers that are not 2xx/3xx counted by wrk.
+_SCRIPT = """
+wrk.method = {method}
+wrk.body = {body}
+{headers}
+"""
+
+
+def available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def _lua(text: str) -> str:
+    return "[==[" + text + "]==]"
+
+
+def script(spec: RequestSpec) -> str:
+    method, _path, headers, body = spec
+    lines = "\n".join(f"wrk.headers[{_lua(k)}] = {_lua(v)}" for k, v in headers.items())
+    return _SCRIPT.format(
+        method=_lua(method), body=_lua(body.decode()) if body else "nil", headers=lines
+    )
+
+
+def measure(
+    base: str,
+    spec: RequestSpec,
+    *,
+    connections: int = 64,
+    threads: int = THREADS,
+    seconds: int = SECONDS,
+) -> Result:
+    """Drive `base + path` with wrk for `seconds` after a short warm-up run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lua = Path(tmp) / "request.lua"
+        lua.write_text(script(spec))
+        url = base + spec[1]
+        argv = ["wrk", f"-t{threads}", f"-c{connections}", "--latency", "-s", str(lua)]
+        subprocess.run([*argv, "-d2s", url], check=True, capture_output=True, timeout=60)
+        done = subprocess.run(
+            [*argv, f"-d{seconds}s", url], check=True, capture_output=True, text=True,
+            timeout=seconds + 60,
+        )  # fmt: skip
+    return parse(done.stdout, seconds)
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def parse(output: str, seconds: float) -> Result:
+    """What wrk printed: requests completed, non-2xx/3xx answers and socket errors, the
+    latency distribution (--latency)."""
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    duration = re.search(r"requests in ([\d.]+)(us|ms|s|m)", output)
+    elapsed = seconds
+    if duration is not None:
+        amount, unit = float(duration.group(1)), duration.group(2)
+        elapsed = amount * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+    errors = 0
+    if (bad := re.search(r"Non-2xx or 3xx responses: (\d+)", output)) is not None:
+        errors += int(bad.group(1))
+    if (socket := re.search(r"Socket errors: (.*)", output)) is not None:
+        errors += sum(int(n) for n in re.findall(r"\d+", socket.group(1)))
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    return Result(requests - errors, errors, elapsed, p50, p99)
