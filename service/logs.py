@@ -128,7 +128,9 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     structlog.configure(
         processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (message and newline together): processes sharing stderr
+        # (--workers) never interleave inside a line, as print() with two writes could.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         # Configured once per process (tests leave it unconfigured, for capture_logs).
         cache_logger_on_first_use=True,
     )
