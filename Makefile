@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install install-dev run test test-fast test-install test-contract check-deploy lint bench wrk browser clean
+.PHONY: install install-dev run test test-fast test-install test-contract test-faults check-deploy lint bench wrk browser clean
 
 install: $(RUN_STAMP)
 
@@ -52,6 +52,12 @@ test-fast: install-dev
 # The running service against its OpenAPI document (schemathesis), about a minute.
 test-contract: install-dev
 	$(BIN)/pytest -q -m contract tests/contract $(PYTEST_ARGS)
+
+# The fault suite: PostgreSQL killed and stalled, SMTP down and refusing, the service
+# SIGKILLed, a slow-body flood, the parent of two workers killed; each under load, each
+# checking afterwards that every acknowledged write is in the log. A few minutes.
+test-faults: install-dev
+	$(BIN)/pytest -q -m faults tests/faults $(PYTEST_ARGS)
 
 # promtool on the alert rules in deploy/ (installs Debian's prometheus package when missing).
 check-deploy:

@@ -220,9 +220,13 @@ INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
 -- the log and the read models: nothing is stored twice, `CREATE OR REPLACE` keeps them
 -- idempotent, and a filter on `company_id` reaches the indexes underneath.
 
--- v_ip_violations: one row per request with a valid credential from outside its
--- application's IP allow list (IpViolationDetected); `company_id` is the application's
--- owner, `endpoint` is api, token or policy_check, `token_revoked` says whether a token died.
+-- v_ip_violations: requests with a valid credential from outside its application's IP
+-- allow list. One row per IpViolationDetected (`count` 1), and one per
+-- IpViolationsCoalesced: the attempts after the first in a VIOLATION_WINDOW, counted
+-- (`count`), from `first_at` to `last_at`, `coalesced` true: these are never mailed on their
+-- own (the next email counts them). Sum `count` to count attempts. `company_id` is
+-- the application's owner, `endpoint` is api, token, policy_check, revoke or introspect,
+-- `token_revoked` says whether a token died. Columns are only ever added, at the end.
 CREATE OR REPLACE VIEW v_ip_violations AS
 SELECT e.position,
        e.recorded_at,
@@ -230,9 +234,18 @@ SELECT e.position,
        e.payload ->> 'client_id' AS client_id,
        e.payload ->> 'ip' AS ip,
        e.payload ->> 'endpoint' AS endpoint,
-       coalesce((e.payload ->> 'token_revoked')::boolean, false) AS token_revoked
+       coalesce((e.payload ->> 'token_revoked')::boolean, false) AS token_revoked,
+       CASE WHEN e.type = 'IpViolationsCoalesced' THEN (e.payload ->> 'count')::bigint
+            ELSE 1 END AS count,
+       CASE WHEN e.type = 'IpViolationsCoalesced'
+            THEN to_timestamp((e.payload ->> 'first_at')::double precision)
+            ELSE e.recorded_at END AS first_at,
+       CASE WHEN e.type = 'IpViolationsCoalesced'
+            THEN to_timestamp((e.payload ->> 'last_at')::double precision)
+            ELSE e.recorded_at END AS last_at,
+       e.type = 'IpViolationsCoalesced' AS coalesced
 FROM events e
-WHERE e.type = 'IpViolationDetected';
+WHERE e.type IN ('IpViolationDetected', 'IpViolationsCoalesced');
 
 -- v_live_tokens_per_application: every live application with the number of its access
 -- tokens that are neither revoked nor expired (tokens granted by any company count toward
@@ -263,6 +276,28 @@ FROM events e
 WHERE e.company_id IS NOT NULL
   AND e.type IN ('ApplicationCreated', 'ApplicationRenamed', 'RedirectUriChanged',
                  'IpAllowlistChanged', 'PermissionsChanged', 'NotificationEmailsChanged',
-                 'ClientSecretRotated', 'ApplicationDeleted', 'UserAdded', 'UserRoleChanged',
+                 'ClientSecretRotated', 'ApplicationDeleted', 'ApplicationTokensRevoked',
+                 'UserAdded', 'UserRoleChanged',
                  'UserPasswordChanged', 'UserRemoved', 'AdminKeyIssued', 'AdminKeyRevoked',
                  'ConnectionGranted', 'ConnectionRevoked');
+
+-- Users' lifecycle (removal, password change): every session of a user ends at once, by
+-- deleting that user's rows.
+CREATE INDEX IF NOT EXISTS web_sessions_user ON web_sessions (user_id);
+
+-- Faults (readiness): /readyz writes a row here in a transaction it rolls back, so that
+-- "ready" means a write would succeed now (not a read-only or recovering database).
+CREATE TABLE IF NOT EXISTS readiness_probe (at timestamptz NOT NULL DEFAULT now());
+
+-- Sign-in throttling (service/storage/throttle.py). Failed sign-ins per key, shared by
+-- every process and host, so that `--workers N` or N hosts do not allow N times the
+-- guesses. Not events: operational state that expires (rows whose window has passed are
+-- pruned). A key is the lower-cased email and the caller's address (or `*`), never a
+-- password.
+CREATE TABLE IF NOT EXISTS sign_in_failures (
+    key          text        PRIMARY KEY,
+    max_failures integer     NOT NULL,
+    failures     integer     NOT NULL,
+    window_start timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sign_in_failures_window ON sign_in_failures (window_start);

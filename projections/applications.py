@@ -26,6 +26,7 @@ class ApplicationsProjection:
             "ApplicationCreated",
             "ClientSecretRotated",
             "ApplicationDeleted",
+            "ApplicationTokensRevoked",
             *(cls.__name__ for cls in _CHANGES),
         }
     )
@@ -67,6 +68,14 @@ class ApplicationsProjection:
             )
         elif isinstance(event, ev.ApplicationDeleted):
             await conn.execute("DELETE FROM applications WHERE client_id = $1", event.client_id)
+        elif isinstance(event, ev.ApplicationTokensRevoked):
+            # nothing the table shows changes, but the stream moved: `version` follows it,
+            # so the table's version is the one an If-Match must name
+            await conn.execute(
+                "UPDATE applications SET version = $2 WHERE client_id = $1",
+                event.client_id,
+                version,
+            )
         elif (column := _CHANGES.get(type(event))) is not None:
             await conn.execute(
                 f"UPDATE applications SET {column} = $2, updated_at = $3, version = $4 "

@@ -14,6 +14,9 @@ from service.eventlog import RecordedEvent
 class Company(msgspec.Struct):
     company_id: str
     name: str
+    # The company stream's version: role changes and removals are appended on condition
+    # that it has not moved, so two admins demoting each other cannot both succeed.
+    version: int = 0
 
 
 class User(msgspec.Struct):
@@ -23,6 +26,7 @@ class User(msgspec.Struct):
     role: str
     password_hash: str
     removed: bool = False
+    version: int = 0  # the user stream's version (UserAdded, UserPasswordChanged)
 
 
 class AdminKey(msgspec.Struct):
@@ -49,30 +53,34 @@ class DirectoryModel:
         self.admin_keys: dict[str, AdminKey] = {}  # key id → key
         self.admin_key_hashes: dict[str, str] = {}  # live key hash → key id
         self.resource_server_hashes: dict[str, ResourceServer] = {}  # live key hash → server
+        self.resource_servers: dict[str, ResourceServer] = {}  # id → server, revoked ones too
+        # lower-cased email → its user stream's version, removed users' addresses included:
+        # an address can be given to a new user once its previous holder is removed
+        self.address_versions: dict[str, int] = {}
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
         for recorded in events:
             if recorded.position <= self.position:
                 continue
-            self._apply(recorded.event)
+            self._apply(recorded.event, recorded.version)
             self.position = recorded.position
 
-    def _apply(self, e: ev.Event) -> None:
+    def _apply(self, e: ev.Event, version: int) -> None:
         if isinstance(e, ev.CompanyCreated):
-            self.companies[e.company_id] = Company(e.company_id, e.name)
+            self.companies[e.company_id] = Company(e.company_id, e.name, version)
         elif isinstance(e, ev.UserAdded):
-            self.users[e.user_id] = User(e.user_id, e.company_id, e.email, e.role, e.password_hash)
+            self.users[e.user_id] = User(
+                e.user_id, e.company_id, e.email, e.role, e.password_hash, version=version
+            )
             self.users_by_email[e.email.lower()] = e.user_id
-        elif isinstance(e, ev.UserRoleChanged):
-            if (user := self.users.get(e.user_id)) is not None:
-                user.role = e.after
+            self.address_versions[e.email.lower()] = version
+        elif isinstance(e, ev.UserRoleChanged | ev.UserRemoved):
+            self._company_change(e, version)
         elif isinstance(e, ev.UserPasswordChanged):
             if (user := self.users.get(e.user_id)) is not None:
                 user.password_hash = e.password_hash
-        elif isinstance(e, ev.UserRemoved):
-            if (user := self.users.get(e.user_id)) is not None:
-                user.removed = True
-                self.users_by_email.pop(user.email.lower(), None)
+                user.version = version
+                self.address_versions[user.email.lower()] = version
         elif isinstance(e, ev.AdminKeyIssued):
             self.admin_keys[e.key_id] = AdminKey(e.key_id, e.company_id, e.label)
             self.admin_key_hashes[e.key_hash] = e.key_id
@@ -83,11 +91,29 @@ class DirectoryModel:
                 if key_id == e.key_id:
                     del self.admin_key_hashes[key_hash]
         elif isinstance(e, ev.ResourceServerRegistered):
-            self.resource_server_hashes[e.key_hash] = ResourceServer(e.resource_server_id, e.name)
+            server = ResourceServer(e.resource_server_id, e.name)
+            self.resource_server_hashes[e.key_hash] = server
+            self.resource_servers[e.resource_server_id] = server
         elif isinstance(e, ev.ResourceServerKeyRevoked):
+            if (found := self.resource_servers.get(e.resource_server_id)) is not None:
+                found.revoked = True
             for key_hash, server in list(self.resource_server_hashes.items()):
                 if server.resource_server_id == e.resource_server_id:
                     del self.resource_server_hashes[key_hash]
+
+    def _company_change(self, e: ev.UserRoleChanged | ev.UserRemoved, version: int) -> None:
+        """Recorded on the company's stream (see Company.version)."""
+        if (company := self.companies.get(e.company_id)) is not None:
+            company.version = version
+        user = self.users.get(e.user_id)
+        if user is None:
+            return
+        if isinstance(e, ev.UserRoleChanged):
+            user.role = e.after
+        else:
+            user.removed = True
+            if self.users_by_email.get(user.email.lower()) == user.user_id:
+                del self.users_by_email[user.email.lower()]
 
     def user_by_email(self, email: str) -> User | None:
         user_id = self.users_by_email.get(email.lower())

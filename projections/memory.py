@@ -65,6 +65,7 @@ class PolicyModel:
             ev.PermissionsChanged: self._permissions_changed,  # type: ignore[dict-item]
             ev.ClientSecretRotated: self._secret_rotated,  # type: ignore[dict-item]
             ev.ApplicationDeleted: self._app_deleted,  # type: ignore[dict-item]
+            ev.ApplicationTokensRevoked: self._app_tokens_revoked,  # type: ignore[dict-item]
             ev.ConnectionGranted: self._connection_granted,  # type: ignore[dict-item]
             ev.ConnectionRevoked: self._connection_revoked,  # type: ignore[dict-item]
             ev.AccessTokenIssued: self._token_issued,  # type: ignore[dict-item]
@@ -111,6 +112,15 @@ class PolicyModel:
             return family.version
         key = lone_key(family_id)
         return 1 if key is not None and key in self.tokens else None
+
+    def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
+        """The hashes of a client's oldest live lone tokens that must go for one more to
+        keep it within `limit` live ones (none when `limit` is 0: no limit)."""
+        keys = self._client_tokens.get(client_id)
+        if not limit or keys is None or len(keys) < limit:
+            return ()
+        self._compact(client_id)  # at the limit only: the list then holds live keys alone
+        return tuple(key.hex() for key in keys[: len(keys) - limit + 1])
 
     def family_owner(self, family_id: str) -> tuple[str, str] | None:
         """(client_id, company_id) of a live family."""
@@ -199,6 +209,27 @@ class PolicyModel:
         for token_key in self._client_tokens.pop(e.client_id, ()):
             self.tokens.pop(token_key, None)
 
+    def _app_tokens_revoked(self, e: ev.ApplicationTokensRevoked, r: RecordedEvent) -> None:
+        """The kill switch: every token of the application goes, and every code not yet
+        redeemed (it would otherwise mint a token after the switch); the application and
+        its connections stay."""
+        if (app := self.apps.get(e.client_id)) is not None:
+            app.version = r.version  # recorded on the application's stream
+        for family_id in list(self._client_families.get(e.client_id, ())):
+            self._revoke_family(family_id)
+        for token_key in self._client_tokens.pop(e.client_id, ()):
+            self.tokens.pop(token_key, None)
+        doomed = [h for h, c in self.codes.items() if c.client_id == e.client_id and not c.redeemed]
+        for code_hash in doomed:
+            del self.codes[code_hash]
+
+    def live_grants(self, client_id: str, now: float) -> int:
+        """What the kill switch ends: the application's live token families and its live
+        client_credentials tokens."""
+        keys = self._client_tokens.get(client_id, ())
+        lone = sum(1 for key in keys if self.token(key, now) is not None)
+        return len(self._client_families.get(client_id, ())) + lone
+
     # --- connections -----------------------------------------------------------------
 
     def _connection_granted(self, e: ev.ConnectionGranted, r: RecordedEvent) -> None:
@@ -249,7 +280,7 @@ class PolicyModel:
             key = bytes.fromhex(e.token_hash)
             permissions = self._intern(frozenset(e.permissions))
             self.tokens[key] = TokenState(
-                None, e.client_id, e.company_id, permissions, e.expires_at
+                None, e.client_id, e.company_id, permissions, e.expires_at, e.issued_at
             )
             self._client_tokens.setdefault(e.client_id, []).append(key)
             if e.expires_at is not None:
@@ -257,11 +288,11 @@ class PolicyModel:
             return
         family = FamilyState(
             e.client_id, e.company_id, permissions=self._intern(frozenset(e.permissions)),
-            version=r.version,
+            version=r.version, issued_at=e.issued_at,
         )  # fmt: skip
         self.families[e.family_id] = family
         self._client_families.setdefault(e.client_id, set()).add(e.family_id)
-        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
+        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at)
         if e.refresh_token_hash is not None:
             family.refresh_token_hash = e.refresh_token_hash
             family.refresh_hashes = (e.refresh_token_hash,)
@@ -273,11 +304,19 @@ class PolicyModel:
         if family is None:
             return
         family.version = r.version
+        if e.grace_reuse and family.refresh_token_hash is not None:
+            # A repeat within the grace rotated the live one away: it may be repeated too,
+            # within the same grace (anchored at the first rotation).
+            family.recently_spent = (*family.recently_spent, family.refresh_token_hash)
+        else:
+            family.recently_spent = (e.spent_refresh_token_hash,)
+            family.spent_at = e.issued_at
         family.refresh_token_hash = e.refresh_token_hash
         family.refresh_hashes = (*family.refresh_hashes, e.refresh_token_hash)
         family.refresh_expires_at = e.refresh_expires_at
+        family.issued_at = e.issued_at
         self.refresh_tokens[e.refresh_token_hash] = e.family_id
-        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at)
+        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at)
 
     def _token_revoked(self, e: ev.TokenRevoked, _r: RecordedEvent) -> None:
         if e.family_id in self.families:
@@ -297,6 +336,7 @@ class PolicyModel:
         token_hash: str,
         permissions: list[str],
         expires_at: int | None,
+        issued_at: int,
     ) -> None:
         key = bytes.fromhex(token_hash)
         family.tokens = (*family.tokens, key)
@@ -306,6 +346,7 @@ class PolicyModel:
             family.company_id,
             self._intern(frozenset(permissions) & family.permissions),
             expires_at,
+            issued_at,
         )
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, key))

@@ -68,6 +68,7 @@ class TokensProjection:
             "TokenRefreshed",
             "TokenRevoked",
             "ApplicationDeleted",
+            "ApplicationTokensRevoked",
             "ConnectionRevoked",
             "PermissionsChanged",
         }
@@ -88,7 +89,9 @@ class TokensProjection:
         elif isinstance(e, ev.TokenRevoked):
             batch.families.add(e.family_id)
             batch.forget_family(e.family_id)
-        elif isinstance(e, ev.ApplicationDeleted):
+        elif isinstance(e, ev.ApplicationDeleted | ev.ApplicationTokensRevoked):
+            # the kill switch ends the same tokens as a deletion, and only those issued
+            # before it: rows of this batch that follow it are inserted after the DELETE
             batch.clients.add(e.client_id)
             batch.forget_client(e.client_id)
         elif isinstance(e, ev.ConnectionRevoked):

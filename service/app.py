@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
@@ -16,19 +19,23 @@ from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
 from service.adapters import log_security_signals
+from service.alerts import CoalescingLedger, running
 from service.context import Context
 from service.domain.permissions import load_catalogue
 from service.domain.routes import load_routes
-from service.domain.throttle import Throttle
 from service.eventlog import EventLog
 from service.metrics import METRICS, Metrics
 from service.notification.notifier import Notifier
 from service.settings import Settings
 from service.storage.database import Database, open_database
+from service.storage.embedded import Supervisor
+from service.storage.throttle import SignInThrottle
 from service.web import openapi
 from service.web.admin import routes as admin_routes
 from service.web.authorize import routes as authorize_routes
+from service.web.dashboard import TEMPLATES as DASHBOARD_TEMPLATES
 from service.web.dashboard import routes as dashboard_routes
+from service.web.dashboard import templates as dashboard_templates
 from service.web.gateway import routes as gateway_routes
 from service.web.history import routes as history_routes
 from service.web.home import routes as home_routes
@@ -36,7 +43,7 @@ from service.web.keys import CONTEXT, ROUTES, SETTINGS, THROTTLE, UPSTREAM, Upst
 from service.web.login import routes as login_routes
 from service.web.middleware import error_middleware, request_context_middleware
 from service.web.oauth import routes as oauth_routes
-from service.web.ops import metrics_middleware
+from service.web.ops import DATABASE_WATCH, metrics_middleware
 from service.web.ops import routes as ops_routes
 from service.web.policy_check import routes as policy_routes
 
@@ -49,6 +56,9 @@ EVENTLOG = web.AppKey("eventlog", EventLog)
 RUNNER = web.AppKey("runner", ProjectionRunner)
 NOTIFIER = web.AppKey("notifier", Notifier)
 CATALOGUE = web.AppKey("catalogue", Mapping[str, str])
+#: set when this process started the embedded PostgreSQL and keeps it up
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+SUPERVISING = web.AppKey("supervising", asyncio.Task[None])
 
 
 def create_app(settings: Settings, *, database: Database | None = None) -> web.Application:
@@ -59,13 +69,13 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database_ctx(database))
+    app.on_shutdown.append(_stop_supervising)
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_context_ctx)
+    app.cleanup_ctx.append(_alerts_ctx)
     app.cleanup_ctx.append(_projections_ctx)
     app.cleanup_ctx.append(_notifier_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
-    # Per address and caller: 5 failures in 15 minutes. Per address from anywhere: 20.
-    app[THROTTLE] = Throttle(limit=5, window=900)
     # Read once, here: a bad PERMISSIONS_FILE or ROUTES_FILE stops the start at once.
     app[CATALOGUE] = load_catalogue(settings.permissions_file)
     app[ROUTES] = load_routes(settings.routes_file, app[CATALOGUE])
@@ -76,6 +86,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     app.add_routes(authorize_routes)
     app.add_routes(admin_routes)
     app.add_routes(history_routes)
+    app[DASHBOARD_TEMPLATES] = dashboard_templates()  # read once: a broken template stops the start
     app.add_routes(dashboard_routes)
     app.add_routes(policy_routes)
     app.add_routes(gateway_routes)
@@ -112,11 +123,39 @@ def _database_ctx(given: Database | None) -> Callable[[web.Application], AsyncIt
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         database = given or await open_database(app[SETTINGS], min_size=2)
         app[DATABASE] = database
+        task = None
+        if database.embedded is not None:  # started here: nobody else restarts it
+            app[DATABASE_WATCH] = database.embedded
+            app[SUPERVISOR] = Supervisor(database.embedded)
+            task = asyncio.create_task(_supervise(app[SUPERVISOR]), name="embedded-postgres")
+            app[SUPERVISING] = task
         yield
+        if task is not None:  # before the server stops, or the task would start it again
+            await _stop_supervising(app)
         if given is None:
             await database.close()
 
     return ctx
+
+
+async def _stop_supervising(app: web.Application) -> None:
+    """On shutdown, first thing: the database goes down with the service (Ctrl-C reaches
+    both), and must not be started again meanwhile."""
+    task = app.get(SUPERVISING)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _supervise(supervisor: Supervisor, every: float = 2.0) -> None:
+    """Restart the embedded PostgreSQL when it dies; once it cannot be, stop the service
+    as SIGTERM does (the caller then exits non-zero, and its supervisor takes over)."""
+    while True:
+        await asyncio.sleep(every)
+        if not await asyncio.to_thread(supervisor.check):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -147,6 +186,20 @@ async def _context_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await feed.close()
+
+
+async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Refused attempts that can be repeated for ever are coalesced (service/alerts.py):
+    everything that records through the context's ledger goes through the coalescer. And
+    failed sign-ins are counted where every process sees them: per address and caller,
+    5 in 15 minutes; per address from anywhere, 20."""
+    ctx, settings = app[CONTEXT], app[SETTINGS]
+    observers = [log_security_signals, app[METRICS].observe_recorded]
+    ledger = CoalescingLedger(ctx.ledger, settings.violation_window, time.time, observers)
+    ctx.ledger = ctx.token_endpoint.ledger = ledger
+    app[THROTTLE] = SignInThrottle(ctx.pool, limit=5, window=900)
+    async with running(ledger):
+        yield
 
 
 async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,57 +17,10 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tollgate", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from projections.catalog import sql_projections
+    from service.cli_parser import parser
 
-    serve = sub.add_parser("serve", help="run the service (HTTP, projections)")
-    serve.add_argument(
-        "--workers", type=int, default=1, help="service processes sharing the port (default 1)"
-    )
-
-    projections = sub.add_parser("projections", help="projection status, rebuild and worker")
-    psub = projections.add_subparsers(dest="action", required=True)
-    psub.add_parser("status", help="position and lag of each projection")
-    rebuild = psub.add_parser("rebuild", help="rebuild projections from position 0")
-    rebuild.add_argument("name", nargs="?", help="one projection (default: all)")
-    run = psub.add_parser("run", help="run the projections as their own process")
-    run.add_argument(
-        "--until-caught-up", action="store_true", help="stop once every projection is at the head"
-    )
-
-    company = sub.add_parser("company", help="companies")
-    csub = company.add_subparsers(dest="action", required=True)
-    create = csub.add_parser("create", help="create a company with a first admin user and key")
-    create.add_argument("name")
-    create.add_argument("--admin-email", required=True)
-
-    resource_server = sub.add_parser("resource-server", help="resource servers")
-    rsub = resource_server.add_subparsers(dest="action", required=True)
-    rs_create = rsub.add_parser("create", help="register one; prints its key (shown once)")
-    rs_create.add_argument("name")
-
-    events = sub.add_parser(
-        "events", help="event history, one JSON object a line (as GET /admin/events)"
-    )
-    events.add_argument("--company", metavar="ID", help="one company's events (default: all)")
-    events.add_argument("--after", metavar="N", help="events after this position (default 0)")
-    events.add_argument("--limit", metavar="N", help="at most N events, 1 to 1000 (default: all)")
-    events.add_argument("--type", metavar="T", help="only events of this type")
-    events.add_argument("--stream", metavar="S", help="only events of this stream")
-    events.set_defaults(action="list")
-
-    audit = sub.add_parser("audit", help="auditing the event log")
-    asub = audit.add_subparsers(dest="action", required=True)
-    asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
-    replay = asub.add_parser(
-        "replay", help="applications, connections and live tokens as they were at a moment"
-    )
-    replay.add_argument(
-        "--until", required=True, metavar="POSITION|TIMESTAMP", help="log position or ISO 8601"
-    )
-    replay.add_argument("--output", metavar="FILE", help="write the JSON here (default: stdout)")
-    return parser
+    return parser([projection.name for projection in sql_projections()], _version())
 
 
 def _version() -> str:
@@ -84,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"tollgate: {exc}", file=sys.stderr)
-        return 2
+        return _problems(exc)
+    if args.command == "config":
+        return _config_check(settings)
     from service.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
@@ -114,8 +68,7 @@ def _one_line(run: Callable[[], int], what: str) -> int:
     try:
         return run()
     except ConfigError as exc:
-        print(f"tollgate: {exc}", file=sys.stderr)
-        return 2
+        return _problems(exc)
     except RebuildInProgress as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
@@ -124,14 +77,59 @@ def _one_line(run: Callable[[], int], what: str) -> int:
         return 1
 
 
+def _problems(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"tollgate: {problem}", file=sys.stderr)
+    return 2
+
+
+#: variables whose name is not their setting's name in capitals
+_VARIABLES = {"pool_size": "DB_POOL_SIZE"}
+
+
+def _config_check(settings: Settings) -> int:
+    """Print the effective configuration as VARIABLE=value lines: the secrets (the fields
+    kept out of repr) and the password in a URL masked."""
+    import dataclasses
+
+    from service.settings import MASK, mask_url
+
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.name == "extra":
+            continue
+        if value is None:
+            text = ""
+        elif not field.repr:
+            text = MASK
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(str(item) for item in value)
+        else:
+            text = mask_url(value) if isinstance(value, str) else str(value)
+        print(f"{_VARIABLES.get(field.name, field.name.upper())}={text}")
+    return 0
+
+
 def _serve(settings: Settings) -> int:
     import os
 
-    from service.app import create_app
+    from service.app import SUPERVISOR, create_app
     from service.web.server import serve
+    from service.workers import as_worker, bind_to_parent
 
     reuse_port = os.environ.get("TOLLGATE_REUSE_PORT") == "1"  # a worker of `--workers N`
-    serve(create_app(settings), settings, reuse_port=reuse_port)
+    if reuse_port:
+        bind_to_parent()
+    app = create_app(settings)
+    if reuse_port:
+        as_worker(app)
+    serve(app, settings, reuse_port=reuse_port)
+    supervisor = app.get(SUPERVISOR)
+    if supervisor is not None and supervisor.gave_up:
+        print("tollgate: the embedded PostgreSQL died and could not be restarted", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -315,6 +313,32 @@ async def _resource_server_create(settings: Settings, args: argparse.Namespace) 
     return 0
 
 
+async def _resource_server_list(settings: Settings, _args: argparse.Namespace) -> int:
+    from service.commands.directory import list_resource_servers
+    from service.runtime import open_context
+
+    async with open_context(settings) as ctx:
+        servers = await list_resource_servers(ctx)
+    for server in servers:
+        _print_json({"resource_server_id": server.resource_server_id, "name": server.name,
+                     "revoked": server.revoked})  # fmt: skip
+    return 0
+
+
+async def _resource_server_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from service.commands.directory import revoke_resource_server
+    from service.errors import TollgateError
+    from service.runtime import open_context
+
+    async with open_context(settings) as ctx:
+        try:
+            await revoke_resource_server(ctx, args.resource_server_id, _cli_meta())
+        except TollgateError as exc:
+            raise ConfigError(str(exc)) from None
+    _print_json({"resource_server_id": args.resource_server_id, "revoked": True})
+    return 0
+
+
 async def _events(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
     import os
@@ -363,6 +387,8 @@ def _cli_meta() -> Any:
 _COMMANDS: dict[tuple[str, str], Command] = {
     ("company", "create"): _company_create,
     ("resource-server", "create"): _resource_server_create,
+    ("resource-server", "list"): _resource_server_list,
+    ("resource-server", "revoke"): _resource_server_revoke,
     ("projections", "status"): _projections_status,
     ("projections", "rebuild"): _projections_rebuild,
     ("projections", "run"): _projections_run,

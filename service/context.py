@@ -21,7 +21,7 @@ from service.events import Event
 from service.metrics import Metrics
 from service.oauth.introspection import Introspection
 from service.oauth.policy import PolicyPoint
-from service.oauth.token_endpoint import TokenEndpoint
+from service.oauth.token_endpoint import Limits, TokenEndpoint
 from service.settings import Settings
 
 
@@ -50,7 +50,13 @@ class Context:
         if self.metrics is not None:
             observers.append(self.metrics.observe_recorded)
         self.ledger = LogLedger(self.eventlog, self.feed, observers)
-        self.token_endpoint = TokenEndpoint(self.lookups, self.ledger, time.time)
+        self.token_endpoint = TokenEndpoint(
+            self.lookups,
+            self.ledger,
+            time.time,
+            limits=Limits.of(self.settings),
+            live_tokens=self.policy,
+        )
         self.introspection = Introspection(self.lookups, time.time)
         self.policy_point = PolicyPoint(self.lookups, self.ledger, time.time)
 

@@ -154,6 +154,15 @@ class ApplicationDeleted(Event, frozen=True):
     client_id: str
 
 
+class ApplicationTokensRevoked(Event, frozen=True):
+    """The kill switch: every token of the application recorded before this event dies
+    (access and refresh tokens, client_credentials tokens, codes not yet redeemed); the
+    application, its client_id, its secret and its connections stay."""
+
+    company_id: str
+    client_id: str
+
+
 class OldClientSecretUsed(Event, frozen=True):
     """A token request authenticated with a secret that has been rotated away."""
 
@@ -229,7 +238,11 @@ class AccessTokenIssued(Event, frozen=True):
 
 
 class TokenRefreshed(Event, frozen=True):
-    """Refresh-token rotation: the old pair is spent, a new pair is live."""
+    """Refresh-token rotation: the old pair is spent, a new pair is live.
+
+    `grace_reuse`: the refresh token presented had been spent a moment before (a client's
+    retry after a lost answer, or two requests racing), within REFRESH_REUSE_GRACE: the new
+    pair rotates from the family's live refresh token, which is spent with it."""
 
     company_id: str
     client_id: str
@@ -241,6 +254,7 @@ class TokenRefreshed(Event, frozen=True):
     issued_at: int
     expires_at: int
     refresh_expires_at: int | None = None
+    grace_reuse: bool = False
 
 
 class RefreshTokenReused(Event, frozen=True):
@@ -255,7 +269,8 @@ class RefreshTokenReused(Event, frozen=True):
 
 class TokenRevoked(Event, frozen=True):
     """Every token of the family is dead. `reason`: ip_violation, client_request,
-    refresh_reuse, code_reuse, connection_revoked, application_deleted."""
+    refresh_reuse, code_reuse, connection_revoked, application_deleted, superseded (a
+    client_credentials application's oldest token, past CC_TOKEN_LIMIT live ones)."""
 
     company_id: str
     client_id: str
@@ -308,6 +323,39 @@ class ViolationNotificationAbandoned(Event, frozen=True):
     reason: str = ""
 
 
+class IpViolationsCoalesced(Event, frozen=True):
+    """The attempts after the first in a window (VIOLATION_WINDOW) with one application's
+    valid credentials, from one disallowed address, at one endpoint where there is no token
+    to revoke: counted, not recorded one by one. The window's first attempt has its own
+    IpViolationDetected; each process records at most one of these per window and endpoint.
+    `first_at`, `last_at`: unix seconds of the first and the last attempt counted."""
+
+    company_id: str
+    client_id: str
+    ip: str
+    endpoint: str
+    count: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    window_start: int = 0  # unix seconds, a multiple of window_seconds
+    window_seconds: int = 0
+
+
+class OldClientSecretUsesCoalesced(Event, frozen=True):
+    """The uses of a rotated-away secret after the first in a window (VIOLATION_WINDOW)
+    from one address, counted as IpViolationsCoalesced counts violations."""
+
+    company_id: str
+    client_id: str
+    ip: str
+    secret_version: int = 0
+    count: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    window_start: int = 0
+    window_seconds: int = 0
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     CompanyCreated, UserAdded, UserRoleChanged, UserPasswordChanged, UserRemoved,
     AdminKeyIssued, AdminKeyRevoked, ResourceServerRegistered, ResourceServerKeyRevoked,
@@ -316,7 +364,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     OldClientSecretUsed, ConnectionGranted, ConnectionRevoked, AuthorizationCodeIssued,
     AuthorizationCodeRedeemed, AuthorizationCodeReused, AccessTokenIssued, TokenRefreshed,
     RefreshTokenReused, TokenRevoked, IpViolationDetected, ViolationNotificationSent,
-    ViolationNotificationFailed, ViolationNotificationAbandoned,
+    ViolationNotificationFailed, ViolationNotificationAbandoned, ApplicationTokensRevoked,
+    IpViolationsCoalesced, OldClientSecretUsesCoalesced,
 )  # fmt: skip
 
 BY_TAG: dict[str, type[Event]] = {cls.__name__: cls for cls in EVENT_TYPES}

@@ -5,18 +5,31 @@ two applications in one process (tests, a worker beside the service) never share
 counter. Code that counts something takes the instance from the request
 (`request.config_dict[METRICS]`) and calls a method; no caller names a Prometheus object.
 
+Under `tollgate serve --workers N` the workers share one port, so a scrape reaches any one
+of them: there (PROMETHEUS_MULTIPROC_DIR set by the parent) the counts live in files that
+every worker writes and every scrape sums, and the process metrics of each live worker
+carry its `pid`. A dashboard sums over `pid`, and over `instance` for several hosts.
+
 Every label takes its value from a closed set (a route's canonical path, a known grant
 type or reason, else "other"), so no client can grow the number of series.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, values
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from service.events import (
     AccessTokenIssued,
@@ -50,9 +63,10 @@ REVOCATION_REASONS = (
     "code_reuse",
     "connection_revoked",
     "application_deleted",
+    "superseded",
 )
 #: where `IpViolationDetected` says the credential was used
-VIOLATION_ENDPOINTS = ("api", "token", "policy_check")
+VIOLATION_ENDPOINTS = ("api", "token", "policy_check", "revoke", "introspect")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: the route label of a request that matched no route (a 404, or a 405 for the path)
 UNMATCHED = "unmatched"
@@ -73,7 +87,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        shared = multiprocess_dir()
+        # Shared: the counts go to this worker's file and a scrape reads them back from
+        # every worker's through MultiProcessCollector; registered here as well, this
+        # worker's share would be exposed twice.
+        r = None if shared is not None else self.registry
         self._requests = Counter(
             "tollgate_http_requests",
             "HTTP requests answered, by route (canonical path), method and status.",
@@ -91,23 +109,6 @@ class Metrics:
             "tollgate_eventlog_append_batch_size",
             "Appends committed together in one event-log transaction (group commit).",
             buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
-        self._lag_events = Gauge(
-            "tollgate_projection_lag_events",
-            "Events in the log that a projection has not applied yet.",
-            ("projection",),
-            registry=r,
-        )
-        self._lag_seconds = Gauge(
-            "tollgate_projection_lag_seconds",
-            "Age of the oldest event that a projection has not applied yet (0: caught up).",
-            ("projection",),
-            registry=r,
-        )
-        self._database_up = Gauge(
-            "tollgate_database_up",
-            "1 when the last scrape could read the projection checkpoints, else 0.",
             registry=r,
         )
         self._tokens_issued = Counter(
@@ -144,6 +145,13 @@ class Metrics:
             self._revocations.labels(reason)
         for endpoint in (*VIOLATION_ENDPOINTS, OTHER):
             self._violations.labels(endpoint)
+        self._measured = _Measured()
+        self.registry.register(self._measured)
+        if shared is None:
+            ProcessCollector(registry=self.registry)
+        else:
+            MultiProcessCollector(self.registry, path=shared)  # type: ignore[no-untyped-call]
+            self.registry.register(_WorkerProcesses(shared))
 
     # --- what other code counts --------------------------------------------------------
 
@@ -197,15 +205,7 @@ class Metrics:
         An unknown lag is left out rather than reported stale: alerts on an absent series
         and on `tollgate_database_up == 0` cover it.
         """
-        self._lag_events.clear()
-        self._lag_seconds.clear()
-        if statuses is None:
-            self._database_up.set(0)
-            return
-        self._database_up.set(1)
-        for status in statuses:
-            self._lag_events.labels(status.name).set(status.lag_events)
-            self._lag_seconds.labels(status.name).set(status.lag_seconds)
+        self._measured.statuses = None if statuses is None else list(statuses)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition (text format, or OpenMetrics when `accept` asks) and its type."""
@@ -214,3 +214,79 @@ class Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+
+#: the variable prometheus_client reads, at import, to write its counts to files
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the workers of `serve --workers N` count in, when this process is one
+    (prometheus_client chose its file-backed values at import: both must say so)."""
+    if values.ValueClass is values.MutexValue:
+        return None
+    return os.environ.get(MULTIPROCESS_DIR) or None
+
+
+def fresh_multiprocess_dir(data_dir: Path) -> Path:
+    """An empty directory under DATA_DIR for one run's workers: the files of an earlier run
+    would be summed into this one's counters."""
+    parent = (data_dir / "metrics").resolve()
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="workers-", dir=parent))
+
+
+class _Measured(Collector):
+    """What a scrape measures in the database all processes share (projection lag, the
+    database up): the same whichever worker answers, so exposed as read, never summed."""
+
+    def __init__(self) -> None:
+        self.statuses: list[ProjectionLag] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "tollgate_database_up",
+            "1 when the last scrape could read the projection checkpoints, else 0.",
+            value=0 if self.statuses is None else 1,
+        )
+        events = GaugeMetricFamily(
+            "tollgate_projection_lag_events",
+            "Events in the log that a projection has not applied yet.",
+            labels=("projection",),
+        )
+        seconds = GaugeMetricFamily(
+            "tollgate_projection_lag_seconds",
+            "Age of the oldest event that a projection has not applied yet (0: caught up).",
+            labels=("projection",),
+        )
+        for status in self.statuses or ():
+            events.add_metric((status.name,), status.lag_events)
+            seconds.add_metric((status.name,), status.lag_seconds)
+        return (events, seconds, up)
+
+
+_WORKER_FILE = re.compile(r"_(\d+)\.db$")
+
+
+class _WorkerProcesses(Collector):
+    """`process_*` of every live worker, labelled `pid`: the scrape reaches one worker, so
+    it reads the others' from /proc, as ProcessCollector reads its own."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._live_workers():
+            reader = ProcessCollector(pid=functools.partial(str, pid), registry=None)
+            for family in reader.collect():
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        return merged.values()
+
+    def _live_workers(self) -> list[int]:
+        found = (_WORKER_FILE.search(name) for name in os.listdir(self._directory))
+        pids = {int(match.group(1)) for match in found if match}
+        return sorted(pid for pid in pids if os.path.exists(f"/proc/{pid}"))

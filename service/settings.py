@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import os
+import re
 import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
+from urllib.parse import urlsplit
+
+from service.domain.permissions import CatalogueError, load_catalogue
+from service.domain.routes import RoutesError, load_routes
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SmtpTls = Literal["starttls", "tls", "none"]
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing or malformed."""
+    """Configuration values that are missing or malformed: one line each, naming the
+    variable (`problems`; the message is those lines)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,32 @@ class Settings:
     # failing for notify_give_up_after seconds.
     notify_retry_max: int = 60
     notify_give_up_after: int = 24 * 3600
+    # The token endpoint's bounds: a repeat of the refresh token spent last gets a new pair
+    # within refresh_reuse_grace seconds instead of revoking the grant (0: never); a
+    # client_credentials application keeps at most cc_token_limit live tokens, the oldest
+    # superseded (0: no limit); and asks for at most token_rate_per_client of them a second
+    # after a burst of token_rate_burst, in each process (0: no limit).
+    refresh_reuse_grace: int = 10
+    cc_token_limit: int = 1000
+    token_rate_per_client: int = 20
+    token_rate_burst: int = 100
+    # The widest IP allow-list entry a client_credentials application may have: a /0 or a
+    # /1 would satisfy "an allow list is required" while allowing the whole internet.
+    allowlist_min_prefix_v4: int = 8
+    allowlist_min_prefix_v6: int = 32
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>`.
+    metrics_token: str | None = field(default=None, repr=False)
+    # Faults (seconds): each wait on the database (for a connection, for a statement, for
+    # an append to commit) and connecting to it at start; reading one request's headers and
+    # body; and the connections one process holds at once.
+    db_timeout: float = 5.0
+    db_connect_timeout: float = 10.0
+    body_timeout: float = 15.0
+    max_connections: int = 2000
+    # Security alerts with nothing to revoke (an IP violation at the token, revocation or
+    # introspection endpoint, a rotated-away secret): the first per application and address
+    # in each window of this many seconds is recorded and mailed, the rest are counted.
+    violation_window: int = 900
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -109,8 +146,33 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+_T = TypeVar("_T")
+
+
+class _Reader:
+    """Reads variables and keeps every problem, so that all of them are reported at once."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def checked(self, parse: Callable[[Mapping[str, str]], _T], fallback: _T) -> _T:
+        try:
+            return parse(self.env)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return fallback
+
+    def number(self, name: str, default: int, low: int = 1, high: int = 2**31 - 1) -> int:
+        return self.checked(lambda env: _int(env, name, default, low, high), default)
+
+    def flag(self, name: str, default: bool) -> bool:
+        return self.checked(lambda env: _bool(env, name, default), default)
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
-    """Read settings from `env` (default: the process environment plus `.env`)."""
+    """Read settings from `env` (default: the process environment plus `.env`). Every value
+    and file is checked now, and every problem reported at once (ConfigError.problems)."""
     if env is None:
         if dotenv:
             from dotenv import dotenv_values
@@ -119,41 +181,54 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
             env = {**file_values, **os.environ}
         else:
             env = dict(os.environ)
-    default_format = "console" if sys.stderr.isatty() else "json"
-    log_format = env.get("LOG_FORMAT") or default_format
-    if log_format not in {"console", "json"}:
-        raise ConfigError(f"LOG_FORMAT must be console or json, got {log_format!r}")
-    permissions_file = env.get("PERMISSIONS_FILE")
-    routes_file = env.get("ROUTES_FILE")
-    smtp = _smtp(env)
-    retry_max, give_up_after = _notify(env)
-    return Settings(
+    r = _Reader(env)
+    smtp = r.checked(_smtp, _Smtp(None, None, "none", None))
+    retry_max, give_up_after = r.checked(_notify, (60, 24 * 3600))
+    r.checked(_check_files, None)
+    settings = Settings(
         host=env.get("HOST") or "127.0.0.1",
-        port=_int(env, "PORT", 8080, 1, 65535),
-        data_dir=Path(env.get("DATA_DIR") or ".data"),
-        database_url=env.get("DATABASE_URL") or None,
+        port=r.number("PORT", 8080, 1, 65535),
+        data_dir=r.checked(_data_dir, Path(".data")),
+        database_url=r.checked(_database_url, None),
         smtp_host=env.get("SMTP_HOST") or None,
-        smtp_port=_int(env, "SMTP_PORT", _SMTP_PORTS[smtp.tls], 1, 65535),
-        mail_from=env.get("MAIL_FROM") or "tollgate@localhost",
+        smtp_port=r.number("SMTP_PORT", _SMTP_PORTS[smtp.tls], 1, 65535),
+        mail_from=r.checked(_mail_from, "tollgate@localhost"),
         smtp_username=smtp.username,
         smtp_password=smtp.password,
         smtp_tls=smtp.tls,
-        smtp_tls_verify=_bool(env, "SMTP_TLS_VERIFY", True),
+        smtp_tls_verify=r.flag("SMTP_TLS_VERIFY", True),
         smtp_ca_file=smtp.ca_file,
-        trusted_proxies=_networks(env.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"),
-        upstream_url=env.get("UPSTREAM_URL") or None,
-        public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
-        permissions_file=Path(permissions_file) if permissions_file else None,
-        routes_file=Path(routes_file) if routes_file else None,
-        log_format=log_format,
-        log_level=_log_level(env),
-        run_projections=_bool(env, "RUN_PROJECTIONS", True),
+        trusted_proxies=r.checked(
+            lambda e: _networks(e.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"), ()
+        ),
+        upstream_url=r.checked(lambda e: _http_url(e, "UPSTREAM_URL"), None),
+        public_url=r.checked(lambda e: _http_url(e, "PUBLIC_URL", public=True), None),
+        permissions_file=_path(env, "PERMISSIONS_FILE"),
+        routes_file=_path(env, "ROUTES_FILE"),
+        log_format=r.checked(_log_format, "json"),
+        log_level=r.checked(_log_level, "info"),
+        run_projections=r.flag("RUN_PROJECTIONS", True),
         # two at least: the writer keeps one, requests and readers need another
-        pool_size=_int(env, "DB_POOL_SIZE", 10, 2, 1000),
-        projection_batch_size=_int(env, "PROJECTION_BATCH_SIZE", 5000, 1, 1_000_000),
+        pool_size=r.number("DB_POOL_SIZE", 10, 2, 1000),
+        projection_batch_size=r.number("PROJECTION_BATCH_SIZE", 5000, 1, 1_000_000),
         notify_retry_max=retry_max,
         notify_give_up_after=give_up_after,
+        refresh_reuse_grace=r.number("REFRESH_REUSE_GRACE", 10, 0, 300),
+        cc_token_limit=r.number("CC_TOKEN_LIMIT", 1000, 0, 10_000_000),
+        token_rate_per_client=r.number("TOKEN_RATE_PER_CLIENT", 20, 0, 1_000_000),
+        token_rate_burst=r.number("TOKEN_RATE_BURST", 100, 1, 1_000_000),
+        allowlist_min_prefix_v4=r.number("ALLOWLIST_MIN_PREFIX_V4", 8, 0, 32),
+        allowlist_min_prefix_v6=r.number("ALLOWLIST_MIN_PREFIX_V6", 32, 0, 128),
+        metrics_token=r.checked(_metrics_token, None),
+        db_timeout=float(r.number("DB_TIMEOUT", 5, 1, 3600)),
+        db_connect_timeout=float(r.number("DB_CONNECT_TIMEOUT", 10, 1, 3600)),
+        body_timeout=float(r.number("BODY_TIMEOUT", 15, 1, 3600)),
+        max_connections=r.number("MAX_CONNECTIONS", 2000, 1, 1_000_000),
+        violation_window=r.number("VIOLATION_WINDOW", 900, 1, 7 * 24 * 3600),
     )
+    if r.problems:
+        raise ConfigError(*r.problems)
+    return settings
 
 
 def _notify(env: Mapping[str, str]) -> tuple[int, int]:
@@ -232,3 +307,101 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- checked at start: what would otherwise fail on first use ---------------------------
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw) if raw else None
+
+
+def _data_dir(env: Mapping[str, str]) -> Path:
+    path = Path(env.get("DATA_DIR") or ".data")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"DATA_DIR {str(path)!r} is not a directory")
+    return path
+
+
+def _log_format(env: Mapping[str, str]) -> str:
+    log_format = env.get("LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    if log_format not in {"console", "json"}:
+        raise ConfigError(f"LOG_FORMAT must be console or json, got {log_format!r}")
+    return log_format
+
+
+def _check_files(env: Mapping[str, str]) -> None:
+    """Load PERMISSIONS_FILE and ROUTES_FILE as the service will, so that a wrong file is
+    one line now rather than a traceback from `create_app`."""
+    try:
+        catalogue = load_catalogue(_path(env, "PERMISSIONS_FILE"))
+    except CatalogueError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    try:
+        load_routes(_path(env, "ROUTES_FILE"), catalogue)
+    except RoutesError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def _database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DATABASE_URL") or None
+    if raw is not None and raw.partition("://")[0] not in ("postgresql", "postgres"):
+        # not quoted: the value may hold a password
+        raise ConfigError("DATABASE_URL must be postgresql://user:password@host:5432/name")
+    return raw
+
+
+def _mail_from(env: Mapping[str, str]) -> str:
+    raw = env.get("MAIL_FROM") or "tollgate@localhost"
+    local, _, domain = email.utils.parseaddr(raw)[1].rpartition("@")
+    if not local or not domain or any(c in raw for c in "\r\n"):
+        raise ConfigError(f"MAIL_FROM must be an email address (alerts@example.com), got {raw!r}")
+    return raw
+
+
+def _http_url(env: Mapping[str, str], name: str, *, public: bool = False) -> str | None:
+    """An absolute http(s) URL with a host and no query or fragment (the service appends
+    paths to it). PUBLIC_URL is published in the metadata: no user or password in it."""
+    raw = env.get(name) or ""
+    if not raw:
+        return None
+    shown = mask_url(raw)
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 -- a port that is not a number raises here
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a URL ({exc}): {shown!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", raw):
+        raise ConfigError(f"{name} must be an http:// or https:// URL with a host, got {shown!r}")
+    if "?" in raw or "#" in raw:
+        raise ConfigError(f"{name} must have no query or fragment, got {shown!r}")
+    if public and "@" in parts.netloc:
+        raise ConfigError(f"{name} must not hold a user or password (it is published)")
+    return raw.rstrip("/")
+
+
+def _metrics_token(env: Mapping[str, str]) -> str | None:
+    raw = env.get("METRICS_TOKEN") or None
+    if raw is not None and (len(raw) < 16 or not all("!" <= c <= "~" for c in raw)):
+        # never quoted: it is a secret
+        raise ConfigError(
+            "METRICS_TOKEN must be 16 or more visible ASCII characters (openssl rand -hex 32)"
+        )
+    return raw
+
+
+MASK = "********"
+
+
+def mask_url(text: str) -> str:
+    """`text` with the password of a URL in it replaced by MASK."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    netloc, slash, tail = rest.partition("/")
+    user, at, hosts = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.partition(':')[0]}:{MASK}@{hosts}"
+    tail = re.sub(r"(?i)(\bpassword=)[^&#]*", rf"\g<1>{MASK}", tail)
+    return f"{scheme}://{netloc}{slash}{tail}"

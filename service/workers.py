@@ -1,24 +1,48 @@
 """`tollgate serve --workers N`: N service processes on one port (SO_REUSEPORT) and one
-database. The parent starts the embedded PostgreSQL when there is one, applies the
-schema, and forwards Ctrl-C / SIGTERM to the workers before stopping the database."""
+database. The parent claims the port (a lock under DATA_DIR that its workers inherit),
+starts the embedded PostgreSQL when there is one and keeps it up, applies the schema, and
+forwards Ctrl-C / SIGTERM to the workers before stopping the database. Workers die with
+their parent: nothing of an old generation keeps serving beside a new one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import structlog
+from aiohttp import web
 
+from service.metrics import MULTIPROCESS_DIR, fresh_multiprocess_dir
 from service.settings import Settings
 from service.storage.database import apply_schema, create_pool, resolve_dsn
+from service.storage.embedded import EmbeddedPostgres, Supervisor
+from service.web.ops import DATABASE_WATCH
 from service.web.server import dashboard_url, listen_url
 
 log = structlog.get_logger(__name__)
+
+#: what a worker is told by its parent: who it must die with, and which database to watch
+PARENT_PID = "TOLLGATE_PARENT_PID"
+EMBEDDED_PGDATA = "TOLLGATE_EMBEDDED_PGDATA"
+PORT_LOCK_FD = "TOLLGATE_PORT_LOCK_FD"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: how long a new parent waits for the workers of a killed one to finish their requests
+PORT_WAIT = 15.0
+#: how often the parent looks at the embedded PostgreSQL
+CHECK_EVERY = 2.0
 
 
 async def _prepare(dsn: str) -> None:
@@ -30,51 +54,165 @@ async def _prepare(dsn: str) -> None:
         await pool.close()
 
 
+@contextlib.contextmanager
+def _claim_port(settings: Settings) -> Iterator[IO[str]]:
+    """An exclusive lock per port, held by the parent and inherited by its workers, so it
+    is free only once no process of a generation listens any more (a worker lets go of it
+    when it stops listening, before it finishes the requests in flight). SO_REUSEPORT
+    alone would let a new generation bind beside the old one's orphans, with another
+    configuration."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.data_dir / f".serve-{settings.port}.lock").open("a+") as lock:
+        deadline = time.monotonic() + PORT_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.seek(0)
+                    holders = ", ".join(lock.read().split()) or "unknown"
+                    raise RuntimeError(
+                        f"port {settings.port} is still served by an earlier "
+                        f"`tollgate serve --workers` (pids {holders}); not sharing it"
+                    ) from None
+                time.sleep(0.2)
+        yield lock
+
+
 def serve_workers(settings: Settings, workers: int) -> int:
-    dsn, embedded = resolve_dsn(settings)
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        asyncio.run(_prepare(dsn))
-        env = {**os.environ, "DATABASE_URL": dsn, "TOLLGATE_REUSE_PORT": "1"}
-        for _ in range(workers):
-            children.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env))
-        log.info(
-            "service.started",
-            listen=listen_url(settings),
-            dashboard=dashboard_url(settings),
-            workers=workers,
-        )
-
-        stopping = False
-
-        def forward(signum: int, _frame: FrameType | None) -> None:
-            nonlocal stopping
-            stopping = True
+    with _claim_port(settings) as lock:
+        dsn, embedded = resolve_dsn(settings)
+        children: list[subprocess.Popen[bytes]] = []
+        # The workers count there, so that a scrape of any one of them sums them all.
+        metrics_dir = fresh_multiprocess_dir(settings.data_dir)
+        try:
+            asyncio.run(_prepare(dsn))
+            _spawn(children, workers, dsn, embedded, lock, metrics_dir)
+            log.info(
+                "service.started",
+                listen=listen_url(settings),
+                dashboard=dashboard_url(settings),
+                workers=workers,
+            )
+            return _watch(children, Supervisor(embedded) if embedded is not None else None)
+        finally:
             for child in children:
                 if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
+                    child.kill()
+            if embedded is not None:
+                embedded.stop()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        # A worker that exits on its own is a failure: stop the others and say so, so the
-        # supervisor (systemd, Kubernetes) restarts the whole service.
-        while any(child.poll() is None for child in children):
-            if not stopping and any(child.poll() is not None for child in children):
-                log.error("workers.worker_exited", codes=[c.poll() for c in children])
-                forward(signal.SIGTERM, None)
-                stopping = False
-                for child in children:
-                    child.wait()
-                return 1
-            time.sleep(0.2)
-        if stopping:
-            return 0
-        # Every worker ended between two looks, none asked to: a failure all the same.
-        log.error("workers.worker_exited", codes=[c.poll() for c in children])
-        return 1
-    finally:
+
+def _spawn(
+    children: list[subprocess.Popen[bytes]],
+    workers: int,
+    dsn: str,
+    embedded: EmbeddedPostgres | None,
+    lock: IO[str],
+    metrics_dir: Path,
+) -> None:
+    env = {
+        **os.environ,
+        MULTIPROCESS_DIR: str(metrics_dir),
+        "DATABASE_URL": dsn,
+        "TOLLGATE_REUSE_PORT": "1",
+        PARENT_PID: str(os.getpid()),
+        PORT_LOCK_FD: str(lock.fileno()),
+    }
+    if embedded is not None:
+        env[EMBEDDED_PGDATA] = str(embedded.pgdata)
+    for _ in range(workers):
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"], env=env, pass_fds=(lock.fileno(),)
+            )
+        )
+    # For the one line of a new parent that finds the port still held.
+    lock.seek(0)
+    lock.truncate()
+    lock.write(" ".join(str(pid) for pid in (os.getpid(), *(c.pid for c in children))) + "\n")
+    lock.flush()
+
+
+def _watch(children: list[subprocess.Popen[bytes]], supervisor: Supervisor | None) -> int:
+    """Wait for the workers; 0 when they stopped because we were asked to, 1 when one
+    exited on its own or the database could not be kept up."""
+    stopping = False
+
+    def forward(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
-                child.kill()
-        if embedded is not None:
-            embedded.stop()
+                child.send_signal(signal.SIGTERM)
+
+    def fail(event: str) -> int:
+        log.error(event, codes=[c.poll() for c in children])
+        forward(signal.SIGTERM, None)
+        for child in children:
+            child.wait()
+        return 1
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    next_check = time.monotonic() + CHECK_EVERY
+    while any(child.poll() is None for child in children):
+        # A worker that exits on its own is a failure: stop the others and say so, so the
+        # supervisor (systemd, Kubernetes) restarts the whole service.
+        if not stopping and any(child.poll() is not None for child in children):
+            return fail("workers.worker_exited")
+        if supervisor is not None and not stopping and time.monotonic() >= next_check:
+            if not supervisor.check():
+                return fail("workers.database_lost")
+            next_check = time.monotonic() + CHECK_EVERY
+        time.sleep(0.2)
+    if stopping:
+        return 0
+    # Every worker ended between two looks, none asked to: a failure all the same.
+    log.error("workers.worker_exited", codes=[c.poll() for c in children])
+    return 1
+
+
+def bind_to_parent() -> None:
+    """In a worker, first thing: die with the parent. The kernel sends SIGTERM when the
+    parent dies (PR_SET_PDEATHSIG); a parent that died before that was set is caught by
+    comparing the parent pid, and a watchdog thread catches what the kernel does not
+    (another platform, a parent thread that exits)."""
+    expected = os.environ.get(PARENT_PID)
+    if expected is None:  # TOLLGATE_REUSE_PORT set by hand: no parent to follow
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("workers.no_parent_death_signal", errno=ctypes.get_errno())
+    parent = int(expected)
+    if os.getppid() != parent:
+        raise RuntimeError(f"the parent process (pid {parent}) is gone; not serving")
+    threading.Thread(target=_watchdog, args=(parent,), name="parent-watchdog", daemon=True).start()
+
+
+def _watchdog(parent: int, every: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    log.error("workers.orphaned", parent=parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def as_worker(app: web.Application) -> None:
+    """What a worker adds to its application: /healthz follows the embedded PostgreSQL
+    that its parent keeps up, and the port lock goes once the worker stops listening."""
+    pgdata = os.environ.get(EMBEDDED_PGDATA)
+    if pgdata:
+        app[DATABASE_WATCH] = EmbeddedPostgres(Path(pgdata))
+    lock_fd = os.environ.get(PORT_LOCK_FD)
+    if lock_fd is not None:
+
+        async def release_port(_app: web.Application) -> None:
+            # aiohttp runs this once the listening socket is closed (and before the
+            # requests in flight finish, which may take SHUTDOWN_TIMEOUT).
+            with contextlib.suppress(OSError, ValueError):
+                os.close(int(lock_fd))
+
+        app.on_shutdown.append(release_port)

@@ -26,7 +26,8 @@ _DIGITS = re.compile(r"^[0-9]{1,19}$")
 CHANGE_TYPES: tuple[str, ...] = (
     "ApplicationCreated", "ApplicationRenamed", "RedirectUriChanged", "IpAllowlistChanged",
     "PermissionsChanged", "NotificationEmailsChanged", "ClientSecretRotated",
-    "ApplicationDeleted", "UserAdded", "UserRoleChanged", "UserPasswordChanged", "UserRemoved",
+    "ApplicationDeleted", "ApplicationTokensRevoked", "UserAdded", "UserRoleChanged",
+    "UserPasswordChanged", "UserRemoved",
     "AdminKeyIssued", "AdminKeyRevoked", "ConnectionGranted", "ConnectionRevoked",
 )  # fmt: skip
 

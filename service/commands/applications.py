@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -9,10 +11,23 @@ from dataclasses import dataclass
 from service.context import Context
 from service.domain import applications as rules
 from service.domain import credentials
-from service.errors import NotFound, PreconditionFailed
+from service.errors import Conflict, NotFound, PreconditionFailed
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
 
-MAX_ATTEMPTS = 5
+# A change made on top of whatever version is current retries when another writer got
+# there first. Writers that retry in step collide again, so each waits a random while,
+# longer with each attempt; a stream still contended after all of them is a 409 the
+# client may retry (never a 412: no precondition was sent).
+MAX_ATTEMPTS = 30
+BACKOFF = 0.005  # seconds, times the attempt number: the most one wait can be
+
+
+def _still_changing() -> Conflict:
+    return Conflict("the application keeps changing; try again", headers={"Retry-After": "1"})
+
+
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(random.uniform(0, BACKOFF * (attempt + 1)))  # noqa: S311 -- jitter
 
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what credentials.new_client_id makes
@@ -26,6 +41,12 @@ def stream(client_id: str) -> str:
 class Created:
     app: rules.Application
     client_secret: str
+
+
+def limits(ctx: Context) -> rules.AllowlistLimits:
+    return rules.AllowlistLimits(
+        ctx.settings.allowlist_min_prefix_v4, ctx.settings.allowlist_min_prefix_v6
+    )
 
 
 async def load(ctx: Context, company_id: str, client_id: str) -> rules.Application:
@@ -51,6 +72,7 @@ async def create(
         client_id=client_id,
         secret_hash=credentials.digest(secret),
         catalogue=ctx.catalogue,
+        limits=limits(ctx),
     )
     await ctx.record(stream(client_id), 0, [event], meta)
     try:
@@ -76,11 +98,11 @@ async def update(
     """Apply `patch` on the latest version. With `if_match` (the version the caller saw)
     a concurrent change is refused (412); without it the patch is re-applied on top of
     the concurrent change, so no update is lost either way."""
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         app = await load(ctx, company_id, client_id)
         if if_match is not None and app.version != if_match:
             raise PreconditionFailed(f"the application is at version {app.version}, not {if_match}")
-        changes = rules.change(app, patch, ctx.catalogue)
+        changes = rules.change(app, patch, ctx.catalogue, limits(ctx))
         if not changes:
             return app
         try:
@@ -88,32 +110,35 @@ async def update(
         except ConcurrencyError:
             if if_match is not None:
                 raise PreconditionFailed("the application changed meanwhile") from None
+            await _backoff(attempt)
             continue
         return await load(ctx, company_id, client_id)
-    raise PreconditionFailed("the application keeps changing; try again")
+    raise _still_changing()
 
 
 async def rotate_secret(
     ctx: Context, company_id: str, client_id: str, meta: Metadata
 ) -> tuple[rules.Application, str]:
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         app = await load(ctx, company_id, client_id)
         secret = credentials.new_client_secret()
         event = rules.rotate_secret(app, credentials.digest(secret))
         try:
             await ctx.record(stream(client_id), app.version, [event], meta)
         except ConcurrencyError:
+            await _backoff(attempt)
             continue
         return await load(ctx, company_id, client_id), secret
-    raise PreconditionFailed("the application keeps changing; try again")
+    raise _still_changing()
 
 
 async def delete(ctx: Context, company_id: str, client_id: str, meta: Metadata) -> None:
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         app = await load(ctx, company_id, client_id)
         try:
             await ctx.record(stream(client_id), app.version, [rules.delete(app)], meta)
         except ConcurrencyError:
+            await _backoff(attempt)
             continue
         return
-    raise PreconditionFailed("the application keeps changing; try again")
+    raise _still_changing()

@@ -9,17 +9,14 @@ from email_validator import EmailNotValidError, validate_email
 
 from service import events as ev
 from service.context import Context
-from service.domain import credentials, passwords
+from service.domain import credentials, passwords, streams
+from service.domain import users as user_rules
 from service.domain.applications import FieldError
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed
 from service.eventlog import ConcurrencyError, Metadata
 
-ROLES = ("admin", "member")
-
-
-def user_stream(email: str) -> str:
-    # Keyed by the address, so two concurrent sign-ups of one address cannot both succeed.
-    return "user-" + credentials.digest(email.lower())[:40]
+ROLES = user_rules.ROLES
+MAX_ATTEMPTS = 5
 
 
 def normalise_email(value: str, field: str = "email") -> str:
@@ -48,7 +45,7 @@ async def create_company(ctx: Context, name: str, admin_email: str, meta: Metada
         raise Conflict(f"a user with email {email} already exists")
     company_id = credentials.new_id("co")
     await ctx.record(
-        f"company-{company_id}", 0, [ev.CompanyCreated(company_id=company_id, name=name)], meta
+        streams.company(company_id), 0, [ev.CompanyCreated(company_id=company_id, name=name)], meta
     )
     password = passwords.generate_password()
     user_id = await add_user(ctx, company_id, email, "admin", password, meta)
@@ -62,20 +59,144 @@ async def add_user(
     if role not in ROLES:
         raise FieldError("role", "must be admin or member")
     email = normalise_email(email)
-    try:
-        passwords.check_strength(password)
-    except passwords.WeakPassword as exc:
-        raise FieldError("password", str(exc)) from None
-    password_hash = await asyncio.to_thread(passwords.hash_password, password)
+    password_hash = await _hash(password)
     user_id = credentials.new_id("usr")
     event = ev.UserAdded(
         company_id=company_id, user_id=user_id, email=email, role=role, password_hash=password_hash
     )
+    for attempt in range(2):
+        if ctx.directory.user_by_email(email) is not None:
+            raise Conflict(f"a user with email {email} already exists")
+        # An address whose previous holder was removed may be given again: its stream goes on.
+        version = ctx.directory.address_versions.get(email.lower(), 0)
+        try:
+            await ctx.record(streams.user(email), version, [event], meta)
+        except ConcurrencyError:
+            if attempt == 0:
+                await ctx.refresh()  # removed (or taken) through another process?
+                continue
+            raise Conflict(f"a user with email {email} already exists") from None
+        return user_id
+    raise Conflict(f"a user with email {email} already exists")
+
+
+async def _hash(password: str, field: str = "password") -> str:
     try:
-        await ctx.record(user_stream(email), 0, [event], meta)
+        passwords.check_strength(password)
+    except passwords.WeakPassword as exc:
+        raise FieldError(field, str(exc)) from None
+    return await asyncio.to_thread(passwords.hash_password, password)
+
+
+# --- a user's role, removal and password ----------------------------------------------
+
+
+async def _company_users(ctx: Context, company_id: str) -> tuple[int, dict[str, str]]:
+    """The company stream's version and the live users (id → role) as of that version.
+    The model is caught up first; whatever commits after that fails the append."""
+    await ctx.refresh()
+    company = ctx.directory.companies.get(company_id)
+    if company is None:
+        raise NotFound("no such user")
+    users = {u.user_id: u.role for u in ctx.directory.company_users(company_id)}
+    return company.version, users
+
+
+async def _record_on_company(
+    ctx: Context, company_id: str, event: ev.Event, version: int, meta: Metadata
+) -> bool:
+    """False when the company stream moved meanwhile: decide again."""
+    stream = streams.company(company_id)
+    try:
+        await ctx.record(stream, version, [event], meta)
+    except ConcurrencyError as exc:
+        if exc.stream_id != stream:
+            raise
+        return False
+    return True
+
+
+async def change_role(
+    ctx: Context, company_id: str, user_id: str, role: str, meta: Metadata
+) -> None:
+    """Recorded on the company's stream at the version the decision saw: two admins
+    demoting each other at once cannot leave the company without one."""
+    for _ in range(MAX_ATTEMPTS):
+        version, users = await _company_users(ctx, company_id)
+        event = user_rules.change_role(company_id, users, user_id, role)
+        if event is None or await _record_on_company(ctx, company_id, event, version, meta):
+            return
+    raise PreconditionFailed("the company's users keep changing; try again")
+
+
+async def remove_user(ctx: Context, company_id: str, user_id: str, meta: Metadata) -> None:
+    """The user can no longer sign in, and every session of theirs ends at once."""
+    for _ in range(MAX_ATTEMPTS):
+        version, users = await _company_users(ctx, company_id)
+        event = user_rules.remove(company_id, users, user_id)
+        if await _record_on_company(ctx, company_id, event, version, meta):
+            await end_sessions(ctx, user_id)
+            return
+    raise PreconditionFailed("the company's users keep changing; try again")
+
+
+async def end_sessions(ctx: Context, user_id: str) -> None:
+    """Every process reads a session's row on each request: with the rows gone, no process
+    accepts them, whatever it has or has not applied of the log yet."""
+    await ctx.pool.execute("DELETE FROM web_sessions WHERE user_id = $1", user_id)
+
+
+def _live_user(ctx: Context, user_id: str, company_id: str | None = None) -> str:
+    user = ctx.directory.users.get(user_id)
+    if user is None or user.removed or company_id not in (None, user.company_id):
+        raise NotFound("no such user")
+    return user.email
+
+
+async def reset_password(
+    ctx: Context, company_id: str, user_id: str, meta: Metadata, password: str | None = None
+) -> str:
+    """An admin sets a user's password: `password`, or a generated one, returned (to be
+    shown once). The user's sessions end."""
+    await ctx.refresh()
+    email = _live_user(ctx, user_id, company_id)
+    new = passwords.generate_password() if password is None else password
+    password_hash = await _hash(new)
+    event = ev.UserPasswordChanged(
+        company_id=company_id, user_id=user_id, password_hash=password_hash
+    )
+    await ctx.record(streams.user(email), None, [event], meta)
+    await end_sessions(ctx, user_id)
+    return new
+
+
+class WrongPassword(Forbidden):
+    error = "invalid_credentials"
+
+
+async def change_own_password(
+    ctx: Context, user_id: str, current: str, new: str, meta: Metadata
+) -> None:
+    """A user changes their own password, proving the current one. Every session of
+    theirs ends, the caller's too (it is for the caller to open a new one)."""
+    await ctx.refresh()
+    email = _live_user(ctx, user_id)
+    user = ctx.directory.users[user_id]
+    ok = await asyncio.to_thread(passwords.verify_password, current, user.password_hash)
+    if not ok:
+        raise WrongPassword("the current password is wrong")
+    if new == current:
+        raise FieldError("new_password", "must differ from the current password")
+    password_hash = await _hash(new, "new_password")
+    event = ev.UserPasswordChanged(
+        company_id=user.company_id, user_id=user_id, password_hash=password_hash
+    )
+    try:
+        # at the version whose password was verified: a reset that came first wins
+        await ctx.record(streams.user(email), user.version, [event], meta)
     except ConcurrencyError:
-        raise Conflict(f"a user with email {email} already exists") from None
-    return user_id
+        raise Conflict("the password was changed meanwhile; sign in again") from None
+    await end_sessions(ctx, user_id)
 
 
 async def issue_admin_key(
@@ -90,7 +211,7 @@ async def issue_admin_key(
     event = ev.AdminKeyIssued(
         company_id=company_id, key_id=key_id, key_hash=credentials.digest(key), label=label
     )
-    await ctx.record(f"admin-key-{key_id}", 0, [event], meta)
+    await ctx.record(streams.admin_key(key_id), 0, [event], meta)
     return key_id, key
 
 
@@ -102,7 +223,7 @@ async def revoke_admin_key(ctx: Context, company_id: str, key_id: str, meta: Met
         return
     event = ev.AdminKeyRevoked(company_id=company_id, key_id=key_id)
     try:
-        await ctx.record(f"admin-key-{key_id}", 1, [event], meta)
+        await ctx.record(streams.admin_key(key_id), 1, [event], meta)
     except ConcurrencyError:
         return  # revoked concurrently: the outcome asked for holds
 
@@ -116,5 +237,37 @@ async def register_resource_server(ctx: Context, name: str, meta: Metadata) -> t
     event = ev.ResourceServerRegistered(
         resource_server_id=server_id, name=name, key_hash=credentials.digest(key)
     )
-    await ctx.record(f"resource-server-{server_id}", 0, [event], meta)
+    await ctx.record(streams.resource_server(server_id), 0, [event], meta)
     return server_id, key
+
+
+@dataclass(frozen=True)
+class ResourceServerInfo:
+    resource_server_id: str
+    name: str
+    revoked: bool
+
+
+async def list_resource_servers(ctx: Context) -> list[ResourceServerInfo]:
+    """Every resource server registered, revoked ones included (never a key)."""
+    await ctx.refresh()
+    servers = ctx.directory.resource_servers.values()
+    return [
+        ResourceServerInfo(s.resource_server_id, s.name, s.revoked)
+        for s in sorted(servers, key=lambda s: (s.name.lower(), s.resource_server_id))
+    ]
+
+
+async def revoke_resource_server(ctx: Context, server_id: str, meta: Metadata) -> None:
+    """Its key is refused from then on; revoking a revoked one changes nothing."""
+    await ctx.refresh()
+    server = ctx.directory.resource_servers.get(server_id)
+    if server is None:
+        raise NotFound(f"no resource server {server_id!r}")
+    if server.revoked:
+        return
+    event = ev.ResourceServerKeyRevoked(resource_server_id=server_id)
+    try:
+        await ctx.record(streams.resource_server(server_id), 1, [event], meta)
+    except ConcurrencyError:
+        return  # revoked concurrently: the outcome asked for holds

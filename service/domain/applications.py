@@ -201,6 +201,40 @@ class NewApplication:
     notification_emails: Sequence[str] = ()
 
 
+@dataclass(frozen=True)
+class AllowlistLimits:
+    """The widest allow-list entry (the shortest prefix) a client_credentials application
+    may have, per IP version: the settings ALLOWLIST_MIN_PREFIX_V4 and _V6. The seed asks
+    for an allow list "to mitigate the risks of a static token"; 0.0.0.0/0 mitigates
+    nothing."""
+
+    v4: int = 8
+    v6: int = 32
+
+
+def _check_breadth(allowlist: Sequence[str], limits: AllowlistLimits) -> None:
+    for entry in allowlist:
+        network = ipaddress.ip_network(entry)  # normalised by ip_entry
+        v4 = network.version == 4
+        limit = limits.v4 if v4 else limits.v6
+        if network.prefixlen < limit:
+            setting = "ALLOWLIST_MIN_PREFIX_V4" if v4 else "ALLOWLIST_MIN_PREFIX_V6"
+            raise FieldError(
+                "ip_allowlist",
+                f"{entry} is broader than /{limit}, the widest IPv{network.version} range a "
+                f"client_credentials application may allow (setting {setting})",
+            )
+
+
+def _check_notified(emails: Sequence[str]) -> None:
+    if not emails:
+        raise FieldError(
+            "notification_emails",
+            "needs at least one address for the client_credentials grant: IP-violation "
+            "alerts for its never-expiring tokens go there",
+        )
+
+
 def _check_grant_rules(grant_type: str, redirect: str | None, allowlist: Sequence[str]) -> None:
     if grant_type == AUTHORIZATION_CODE and not redirect:
         raise FieldError("redirect_uri", "is required for the authorization_code grant")
@@ -217,12 +251,17 @@ def create(
     client_id: str,
     secret_hash: str,
     catalogue: Mapping[str, str],
+    limits: AllowlistLimits = AllowlistLimits(),
 ) -> ev.ApplicationCreated:
     if command.grant_type not in GRANT_TYPES:
         raise FieldError("grant_type", f"must be one of {', '.join(GRANT_TYPES)}")
     redirect = None if command.redirect_uri is None else redirect_uri(command.redirect_uri)
     allowlist = ip_allowlist(command.ip_allowlist)
     _check_grant_rules(command.grant_type, redirect, allowlist)
+    emails = notification_emails(command.notification_emails)
+    if command.grant_type == CLIENT_CREDENTIALS:
+        _check_breadth(allowlist, limits)
+        _check_notified(emails)
     return ev.ApplicationCreated(
         company_id=company_id,
         client_id=client_id,
@@ -231,7 +270,7 @@ def create(
         redirect_uri=redirect,
         ip_allowlist=allowlist,
         permissions=permissions(command.permissions, catalogue),
-        notification_emails=notification_emails(command.notification_emails),
+        notification_emails=emails,
         secret_hash=secret_hash,
     )
 
@@ -249,9 +288,16 @@ class Patch:
     notification_emails: Sequence[str] | None = None
 
 
-def change(app: Application, patch: Patch, catalogue: Mapping[str, str]) -> list[ev.Event]:
+def change(
+    app: Application,
+    patch: Patch,
+    catalogue: Mapping[str, str],
+    limits: AllowlistLimits = AllowlistLimits(),
+) -> list[ev.Event]:
     """The events that apply `patch`, each with the value before and after; [] if nothing
-    changes. Refuses a new grant type, and any result that breaks the grant's rules."""
+    changes. Refuses a new grant type, and any result that breaks the grant's rules. The
+    client_credentials limits (allow-list breadth, a notification address) hold for the
+    fields the patch sets, so an application made before them can still be renamed."""
     if patch.grant_type is not None and patch.grant_type != app.grant_type:
         raise GrantTypeImmutable()
     ids = {"company_id": app.company_id, "client_id": app.client_id}
@@ -267,6 +313,9 @@ def change(app: Application, patch: Patch, catalogue: Mapping[str, str]) -> list
     if patch.ip_allowlist is not None:
         new_allowlist = ip_allowlist(patch.ip_allowlist)
     _check_grant_rules(app.grant_type, new_redirect, new_allowlist)
+    cc = app.grant_type == CLIENT_CREDENTIALS
+    if cc and patch.ip_allowlist is not None:
+        _check_breadth(new_allowlist, limits)
     if new_redirect != app.redirect_uri:
         out.append(ev.RedirectUriChanged(**ids, before=app.redirect_uri, after=new_redirect))
     if new_allowlist != app.ip_allowlist:
@@ -277,6 +326,8 @@ def change(app: Application, patch: Patch, catalogue: Mapping[str, str]) -> list
             out.append(ev.PermissionsChanged(**ids, before=app.permissions, after=new_permissions))
     if patch.notification_emails is not None:
         emails = notification_emails(patch.notification_emails)
+        if cc:
+            _check_notified(emails)
         if emails != app.notification_emails:
             out.append(
                 ev.NotificationEmailsChanged(**ids, before=app.notification_emails, after=emails)

@@ -64,15 +64,18 @@ class Refusal:
 class Issue:
     """Tokens to issue: `record` them, then answer with `scope` (and a refresh token when
     `refresh`). A conflict on the token's own stream means another request won the race
-    for the same code or refresh token: `conflict` says what to record and answer then.
-    A conflict on a condition stream (the application, the connection) means it changed
-    after the client was authenticated: authenticate again."""
+    for the same code or refresh token: decide again on what it recorded, and if that
+    cannot be seen, `conflict` says what to record and answer. A conflict on a condition
+    stream (the application, the connection) means it changed after the client was
+    authenticated: authenticate again."""
 
     record: Record
     scope: list[str]
     expires_in: int | None
     refresh: bool = False
     conflict: Refusal | None = None
+    #: recorded once `record` has committed (each on a stream of its own)
+    then: tuple[Record, ...] = ()
 
     @property
     def condition_streams(self) -> frozenset[str]:
@@ -110,7 +113,17 @@ def _app_condition(app: AppState) -> tuple[str, int]:
 # --- client_credentials (RFC 6749 §4.4) ------------------------------------------------
 
 
-def client_credentials(app: AppState, scope: str | None, access_hash: str, now: int) -> Issue:
+def client_credentials(
+    app: AppState,
+    scope: str | None,
+    access_hash: str,
+    now: int,
+    superseded: tuple[str, ...] = (),
+) -> Issue:
+    """`superseded`: the hashes of the application's oldest live tokens, as many as must
+    go for the new one to stay within its limit of live tokens. These tokens never
+    expire: without a limit, a client that asks for a token per call grows every process's
+    memory for ever."""
     if app.grant_type != CLIENT_CREDENTIALS:
         raise UnauthorizedClient("this client may not use the client_credentials grant")
     permissions = scope_from(scope, app.permissions, app.permissions)
@@ -127,7 +140,23 @@ def client_credentials(app: AppState, scope: str | None, access_hash: str, now: 
         expires_at=None if lifetime.access is None else now + lifetime.access,
     )
     record = Record(streams.token_family(family_id), 0, (event,), (_app_condition(app),))
-    return Issue(record, permissions, lifetime.access)
+    return Issue(record, permissions, lifetime.access, then=_supersede(app, superseded))
+
+
+def _supersede(app: AppState, token_hashes: tuple[str, ...]) -> tuple[Record, ...]:
+    """Revoke each of these lone tokens; two processes superseding the same one revoke it
+    twice, which leaves it revoked."""
+    records = []
+    for token_hash in token_hashes:
+        family_id = streams.lone_family(token_hash)
+        event = ev.TokenRevoked(
+            company_id=app.company_id,
+            client_id=app.client_id,
+            family_id=family_id,
+            reason="superseded",
+        )
+        records.append(Record(streams.token_family(family_id), None, (event,)))
+    return tuple(records)
 
 
 # --- authorization_code (RFC 6749 §4.1.3, RFC 7636 §4.6) --------------------------------
@@ -234,16 +263,19 @@ def refresh(
     tokens: tuple[str, str],
     now: int,
     ip: str,
+    grace: int = 0,
 ) -> Issue | Refusal:
     """`found`: the family the refresh token belongs to (live or spent), if any;
-    `tokens`: the hashes of the new access and refresh tokens."""
+    `tokens`: the hashes of the new access and refresh tokens; `grace`: for how many
+    seconds after a rotation a repeat of what it spent rotates again (see `_repeat_allowed`)."""
     if app.grant_type != AUTHORIZATION_CODE:
         raise UnauthorizedClient("this client may not use the refresh_token grant")
     if found is None or found[1].client_id != app.client_id:
         raise InvalidGrant("unknown, expired or revoked refresh token")
     family_id, family = found
     reuse = _refresh_reused(app, family.company_id, family_id, refresh_hash, ip)
-    if family.refresh_token_hash != refresh_hash:
+    repeat = family.refresh_token_hash != refresh_hash
+    if repeat and not _repeat_allowed(family, refresh_hash, now, grace):
         return reuse
     if family.refresh_expires_at is not None and family.refresh_expires_at <= now:
         raise InvalidGrant("the refresh token has expired")
@@ -266,14 +298,35 @@ def refresh(
         issued_at=now,
         expires_at=now + lifetime.access,
         refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
+        grace_reuse=repeat,
     )
     conditions = (
         _app_condition(app),
         (streams.connection(family.company_id, app.client_id), connection.version),
     )
     record = Record(streams.token_family(family_id), family.version, (event,), conditions)
-    # Another request that spent this refresh token first makes this one a reuse.
+    # Another request that spent this refresh token first makes this one a repeat: within
+    # the grace it is decided again against the new live one; after it, it is a reuse.
     return Issue(record, permissions, lifetime.access, refresh=True, conflict=reuse)
+
+
+#: At most this many repeats within one grace: a client retries once or twice, and the
+#: family's state stays small whatever a thief with a spent refresh token sends.
+GRACE_REPEATS = 5
+
+
+def _repeat_allowed(family: FamilyState, refresh_hash: str, now: int, grace: int) -> bool:
+    """A spent refresh token presented again is a theft signal (RFC 9700 §4.14.2), unless
+    it is the one the family's last rotation spent (or one a repeat of it rotated away),
+    presented within `grace` seconds of that rotation: a retry after a lost answer, or a
+    request that lost a race with its twin. Such a repeat rotates from the live refresh
+    token, so the family still has exactly one; the grace never extends itself."""
+    return (
+        family.spent_at is not None
+        and now < family.spent_at + grace
+        and refresh_hash in family.recently_spent
+        and len(family.recently_spent) <= GRACE_REPEATS
+    )
 
 
 def _refresh_reused(

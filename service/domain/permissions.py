@@ -31,7 +31,10 @@ def load_catalogue(path: Path | None) -> dict[str, str]:
         return dict(DEFAULT_CATALOGUE)
     try:
         data = msgspec.json.decode(path.read_bytes(), type=dict[str, str])
-    except (OSError, msgspec.DecodeError) as exc:
+    except OSError as exc:  # the reason alone: str(exc) repeats the path
+        reason = exc.strerror or str(exc)
+        raise CatalogueError(f"PERMISSIONS_FILE {path}: cannot read: {reason}") from exc
+    except msgspec.DecodeError as exc:
         raise CatalogueError(f"PERMISSIONS_FILE {path}: {exc}") from exc
     bad = [name for name in data if not NAME.match(name)]
     if bad or not data:

@@ -132,3 +132,73 @@ def old_secret_used(app: AppState, ip: str) -> Record:
         secret_version=app.secret_version,
     )
     return Record(streams.secret_use(app.client_id), None, (event,))
+
+
+# --- coalescing: a flood of refused attempts is one event and a count ---------------------
+
+#: A refused attempt with nothing to revoke: a stolen secret tried from a disallowed
+#: address, or an old secret. Unlike a token, which dies once, it can be repeated for ever.
+Signal = ev.IpViolationDetected | ev.OldClientSecretUsed
+
+
+def coalescable(record: Record) -> Signal | None:
+    """The signal in a record that may be coalesced, if it is one: an IP violation with no
+    token revoked (the token, revocation and introspection endpoints), or an old secret
+    used. A token's revocation is never coalesced: each token dies once, already bounded."""
+    if len(record.events) != 1 or record.conditions:
+        return None
+    event = record.events[0]
+    if isinstance(event, ev.IpViolationDetected):
+        return None if event.token_revoked or event.family_id else event
+    return event if isinstance(event, ev.OldClientSecretUsed) else None
+
+
+def window_start(now: float, window: int) -> int:
+    """Windows are aligned to multiples of `window` seconds since the epoch, so that every
+    process agrees on them without talking to the others."""
+    return int(now // window) * window
+
+
+def signal_key(signal: Signal) -> str:
+    """What one summary counts: the endpoint for a violation, the kind for an old secret."""
+    return signal.endpoint if isinstance(signal, ev.IpViolationDetected) else "old_secret"
+
+
+def first_in_window(signal: Signal, start: int) -> Record:
+    """The window's first attempt, recorded as it always was, at version 0 of the window's
+    own stream: one process records it, the others fail the append (ConcurrencyError) and
+    learn that the window is open."""
+    kind = "violations" if isinstance(signal, ev.IpViolationDetected) else "secret-use"
+    return Record(streams.alert_window(kind, signal.client_id, signal.ip, start), 0, (signal,))
+
+
+def coalesced(
+    signal: Signal, count: int, first_at: float, last_at: float, start: int, window: int
+) -> Record:
+    """The attempts counted in a window after its first, as one summary on its stream."""
+    summary: ev.IpViolationsCoalesced | ev.OldClientSecretUsesCoalesced
+    if isinstance(signal, ev.IpViolationDetected):
+        summary = ev.IpViolationsCoalesced(
+            company_id=signal.company_id,
+            client_id=signal.client_id,
+            ip=signal.ip,
+            endpoint=signal.endpoint,
+            count=count,
+            first_at=first_at,
+            last_at=last_at,
+            window_start=start,
+            window_seconds=window,
+        )
+    else:
+        summary = ev.OldClientSecretUsesCoalesced(
+            company_id=signal.company_id,
+            client_id=signal.client_id,
+            ip=signal.ip,
+            secret_version=signal.secret_version,
+            count=count,
+            first_at=first_at,
+            last_at=last_at,
+            window_start=start,
+            window_seconds=window,
+        )
+    return Record(first_in_window(signal, start).stream, None, (summary,))

@@ -36,6 +36,7 @@ class TokenState(msgspec.Struct, gc=False):
     company_id: str
     permissions: frozenset[str]
     expires_at: int | None
+    issued_at: int = 0  # unix seconds (introspection's `iat`); 0: not known
 
 
 class FamilyState(msgspec.Struct, gc=False):
@@ -49,6 +50,13 @@ class FamilyState(msgspec.Struct, gc=False):
     # what the resource owner consented to, less what the application has lost since.
     permissions: frozenset[str] = frozenset()
     version: int = 0  # the token stream's version
+    issued_at: int = 0  # when its live refresh token was issued (introspection's `iat`)
+    # The refresh token the last rotation spent, then each live one that a repeat of it
+    # within the grace rotated away, and when that rotation happened: a retry after a
+    # lost answer (or a request that lost a race) gets a new pair instead of revoking the
+    # grant, until the grace has passed (service/domain/grants.py, refresh).
+    recently_spent: tuple[str, ...] = ()
+    spent_at: int | None = None
 
 
 class ConnectionState(msgspec.Struct, gc=False):

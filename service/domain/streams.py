@@ -55,6 +55,14 @@ def secret_use(client_id: str) -> str:
     return f"secret-use-{client_id}"
 
 
+def alert_window(kind: str, client_id: str, ip: str, window_start: int) -> str:
+    """One (application, address, window) of a coalesced alert (`kind`: "violations" or
+    "secret-use"): its first attempt is appended at version 0, so one process records it
+    and the others learn that the window is open. The address is bounded: a stream name
+    is a key."""
+    return f"{kind}-window-{client_id}-{window_start}-{ip[:64]}"
+
+
 def notification(position: int) -> str:
     return f"notification-{position}"
 

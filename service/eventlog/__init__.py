@@ -52,6 +52,7 @@ from service.eventlog.records import (
     to_recorded,
 )
 from service.events import Event, decode_or_unknown
+from service.storage.database import BoundedPool
 
 __all__ = [
     "EPOCH",
@@ -111,6 +112,11 @@ def failure(exc: BaseException) -> EventLogError:
     return EventLogUnavailable(str(exc))
 
 
+def _outcome_unread(future: asyncio.Future[list[int]]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: asyncio would log it as lost otherwise
+
+
 class Wakeup:
     """Broadcasts "the log has grown to position N" to every waiting reader in a process."""
 
@@ -129,8 +135,12 @@ class Wakeup:
             return
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives in the loop turn the future completes, and a reader's task that a
+        # notify woke at the moment it was stopped would then follow the log for ever
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._future), patience)
+            async with asyncio.timeout(patience):
+                await asyncio.shield(self._future)
 
 
 class EventLog:
@@ -142,8 +152,13 @@ class EventLog:
         max_batch_events: int = 2000,
         poll_interval: float = 1.0,
         on_commit: Callable[[int], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._pool = pool
+        #: how long an append waits to be committed (default: the pool's bound, if any)
+        self.timeout = timeout
+        if timeout is None and isinstance(pool, BoundedPool):
+            self.timeout = pool.timeout
         self._dsn = dsn
         self._max_batch_events = max_batch_events
         self.poll_interval = poll_interval
@@ -217,7 +232,29 @@ class EventLog:
         idle, self._idle = self._idle, None
         if idle is not None and not idle.done():
             idle.set_result(None)
-        return await future
+        if self.timeout is None:
+            return await future
+        return await self._committed_within(request, self.timeout)
+
+    async def _committed_within(self, request: Append, seconds: float) -> list[int]:
+        """The append's positions, or EventLogUnavailable once `seconds` have passed (a frozen
+        database holds the writer): "not written" while the writer has not taken it, which
+        is then withdrawn; once taken, the commit may be on its way and only "may or may not
+        be written" is true."""
+        try:
+            async with asyncio.timeout(seconds):  # not wait_for: see Wakeup.wait
+                return await asyncio.shield(request.future)
+        except TimeoutError:
+            pass
+        # The writer settles it later; nobody is left to read the outcome.
+        request.future.add_done_callback(_outcome_unread)
+        if request in self._pending:
+            self._pending.remove(request)
+            raise EventLogUnavailable(f"the append was not written within {seconds:g} s")
+        log.warning("eventlog.append_outcome_unknown", error="timeout", stream_id=request.stream_id)
+        raise EventLogUnavailable(
+            f"the append was not confirmed within {seconds:g} s; it may or may not be written"
+        )
 
     async def _writer(self) -> None:
         # One batch in flight per process: appends that arrive while it commits form the

@@ -19,6 +19,7 @@ import aiosmtplib
 import msgspec
 
 from service.events import IpViolationDetected
+from service.notification.coalesced import Earlier
 from service.settings import Settings
 
 _ENDPOINTS = {
@@ -34,6 +35,14 @@ _ENDPOINTS = {
         "valid client credentials were presented at the token endpoint",
         "the token endpoint (POST /oauth/token)",
     ),
+    "revoke": (
+        "valid client credentials were presented at the revocation endpoint",
+        "the revocation endpoint (POST /oauth/revoke)",
+    ),
+    "introspect": (
+        "valid client credentials were presented at the introspection endpoint",
+        "the introspection endpoint (POST /oauth/introspect)",
+    ),
 }
 
 
@@ -46,9 +55,13 @@ def build_message(
     recipients: list[str],
     mail_from: str,
     now: datetime | None = None,
+    earlier: Earlier | None = None,
+    window: int = 0,
 ) -> EmailMessage:
     """The notification email. It names the application, the address and the time, and
-    never carries a token, hash, secret or code."""
+    never carries a token, hash, secret or code. `earlier`: the attempts counted since the
+    previous email about this application and address, which this one covers too;
+    `window`: VIOLATION_WINDOW, said where later attempts will be counted, not mailed."""
     name = _one_line(app_name) if app_name else "(deleted application)"
     # The address was checked on the way in, but the log also holds events written before a
     # check existed: nothing from an event reaches a header unfiltered.
@@ -60,8 +73,10 @@ def build_message(
         ("valid credentials were presented", _one_line(violation.endpoint)),
     )
     message = EmailMessage()
+    attempts = 1 + (earlier.count if earlier is not None else 0)
     message["Subject"] = (
         f'Tollgate security alert: "{name}" used from {violation.ip}, outside its IP allow list'
+        + (f" ({attempts} attempts)" if attempts > 1 else "")
     )
     message["From"] = mail_from
     message["To"] = ", ".join(recipients)
@@ -69,7 +84,8 @@ def build_message(
     message["Message-ID"] = message_id(position, violation.client_id, mail_from)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
     message["X-Tollgate-Violation"] = str(position)
-    body = _body(position, violation, name, recorded_at, what, where)
+    attempted = _attempts(violation, earlier, window)
+    body = _body(position, violation, name, recorded_at, what, where, attempted)
     # Plain ASCII goes as is (readable in the .eml file); other text is encoded.
     message.set_content(body, cte="7bit" if body.isascii() else None)
     return message
@@ -82,11 +98,14 @@ def _body(
     recorded_at: datetime,
     what: str,
     where: str,
+    attempts: str,
 ) -> str:
     if violation.token_revoked:
         outcome = "The access token was revoked: whoever used it must obtain a new one."
     elif violation.endpoint == "token":
         outcome = "The request was refused (403); no token was issued."
+    elif violation.endpoint in ("revoke", "introspect"):
+        outcome = "The request was refused (403) before the client's token was looked at."
     else:
         outcome = "The request was refused (403); the token was not revoked."
     when = recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -103,6 +122,7 @@ Client ID:    {violation.client_id}
 IP address:   {violation.ip}
 When:         {when}
 Endpoint:     {where}
+{attempts}
 
 {outcome}
 
@@ -117,6 +137,33 @@ What to do:
 Reference: violation {position}. You receive this email because this address is one of
 the application's notification addresses.
 """
+
+
+def _attempts(violation: IpViolationDetected, earlier: Earlier | None, window: int) -> str:
+    """The attempts this email covers and, where a flood cannot revoke anything, how later
+    ones are reported."""
+    line = "Attempts:     1"
+    if earlier is not None:
+        line = (
+            f"Attempts:     {1 + earlier.count}: this one, and {earlier.count} counted since the\n"
+            f"              previous email about this address, from {_when(earlier.first_at)}\n"
+            f"              to {_when(earlier.last_at)}"
+        )
+    if violation.token_revoked or window <= 0:
+        return line
+    every = f"{window // 60} minutes" if window % 60 == 0 else f"{window} seconds"
+    later = textwrap.fill(
+        f"Later attempts from this address with these credentials are counted, not mailed "
+        f"one by one: at most one email per application and address every {every} "
+        f"(VIOLATION_WINDOW), and the next one says how many there were. Every count is in "
+        f"the event log (IpViolationsCoalesced) and on the dashboard.",
+        width=76,
+    )
+    return f"{line}\n\n{later}"
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def message_id(position: int, client_id: str, mail_from: str) -> str:

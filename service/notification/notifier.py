@@ -1,5 +1,9 @@
 """The IP-violation notifier: turns IpViolationDetected events into emails, at least once.
 
+Each email also covers the attempts counted since the previous one about the same
+application and address (IpViolationsCoalesced, see service/alerts.py): those are recorded
+as counts and never mailed one by one, so a flood is one email per VIOLATION_WINDOW.
+
 Delivery follows the log, not the request that saw the violation. The worker reads the
 violations after its checkpoint (the row "notifier" in projection_checkpoints), in log
 order, and makes one attempt at each one's email. The checkpoint moves past a violation
@@ -65,6 +69,7 @@ from service.events import (
     ViolationNotificationFailed,
     ViolationNotificationSent,
 )
+from service.notification.coalesced import Earlier, earlier_attempts
 from service.notification.mail import (
     Unsendable,
     auth_failed,
@@ -236,7 +241,8 @@ class Notifier:
             timeout = None if next_due is None else max(0.0, next_due - time.time())
             # Woken early by a new pending email or by one that went through.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see Wakeup.wait
+                    await self._retry_wakeup.wait()
 
     async def _connect(self) -> Conn:
         if self.dsn is not None:
@@ -318,8 +324,11 @@ class Notifier:
             return
         await self.ctx.feed.wait_for(position)
         app = self.ctx.policy.apps.get(violation.client_id)
+        # Read before the try: the database's trouble is not a failed email (the worker
+        # restarts and tries again from the checkpoint).
+        earlier = await earlier_attempts(self.ctx.pool, violation, position)
         try:
-            recipients = await self._send(recorded, violation, app)
+            recipients = await self._send(recorded, violation, app, earlier)
         except Exception as exc:
             await self._failed(recorded, violation, exc)
             return
@@ -388,7 +397,11 @@ class Notifier:
         return None
 
     async def _send(
-        self, recorded: RecordedEvent, violation: IpViolationDetected, app: AppState | None
+        self,
+        recorded: RecordedEvent,
+        violation: IpViolationDetected,
+        app: AppState | None,
+        earlier: Earlier | None = None,
     ) -> list[str]:
         """Send (or drop as a file) the email; return the recipients that accepted it."""
         recipients = list(dict.fromkeys(app.notification_emails)) if app is not None else []
@@ -404,6 +417,8 @@ class Notifier:
                 recorded_at=recorded.recorded_at,
                 recipients=recipients,
                 mail_from=settings.mail_from,
+                earlier=earlier,
+                window=settings.violation_window,
             )
             message.as_bytes(policy=email.policy.SMTP)  # a header that cannot be encoded
         except (ValueError, TypeError, UnicodeError) as exc:

@@ -14,7 +14,7 @@ from service.domain import credentials, policy
 from service.domain.state import AppState
 from service.eventlog import Metadata
 from service.oauth import credentials as authorization
-from service.oauth.errors import InvalidClient, InvalidRequest
+from service.oauth.errors import InvalidClient, InvalidRequest, IpNotAllowed
 from service.oauth.ports import Ledger, Lookups
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,10 @@ def client_credentials(header: str | None, params: Mapping[str, str]) -> tuple[s
         raise InvalidRequest("use one client authentication method, not two (RFC 6749 §2.3)")
     if not isinstance(found, authorization.Basic):
         raise InvalidClient("malformed Basic credentials")
+    # Which client is this? Two different answers in one request: refused, not guessed.
+    named = params.get("client_id")
+    if named and named != found.client_id:
+        raise InvalidRequest("the client_id in the body is not the one in the Basic credentials")
     return found.client_id, found.secret
 
 
@@ -63,7 +67,9 @@ async def authenticate(
         return app
     if any(credentials.matches(secret, old) for old in app.previous_secret_hashes):
         await ledger.record(policy.old_secret_used(app, meta.client_ip or ""), meta)
-        raise InvalidClient("this client secret has been rotated; use the new one")
+        # Answered like any wrong secret: a different answer would confirm to whoever holds
+        # a leaked old secret that it was once genuine. The event tells the admins.
+        raise InvalidClient()
     # A known client with a wrong secret: guessing, or a deployment with a stale secret.
     log.warning(
         "security.client_secret_wrong",
@@ -72,3 +78,13 @@ async def authenticate(
         ip=meta.client_ip,
     )
     raise InvalidClient()
+
+
+async def allowed_or_refused(ledger: Ledger, app: AppState, meta: Metadata, endpoint: str) -> None:
+    """SPEC §2: a correct client authentication from a disallowed address gets 403 and
+    raises the same notification as a token used from there, at every endpoint that
+    authenticates clients: otherwise a leaked secret could be checked there unseen."""
+    ip = meta.client_ip or ""
+    if not policy.ip_allowed(app, ip):
+        await ledger.record(policy.client_violation(app, ip, endpoint), meta)
+        raise IpNotAllowed(f"requests for this client are not allowed from {ip}")

@@ -71,6 +71,20 @@ class IpNotAllowed(OAuthError):
     status = 403
 
 
+class SlowDown(OAuthError):
+    """Too many token requests from one client: 429 with Retry-After (RFC 6585 §4), and
+    the code RFC 8628 §3.5 gives a client that polls too fast."""
+
+    error = "slow_down"
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many token requests for this client; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class TemporarilyUnavailable(OAuthError):
     error = "temporarily_unavailable"
     status = 503

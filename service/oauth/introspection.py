@@ -34,7 +34,7 @@ class Introspection:
         app = self.lookups.application_now(state.client_id)
         return _active(
             policy.effective_permissions(state, app), state.client_id, "Bearer",
-            state.company_id, state.expires_at,
+            state.company_id, state.issued_at, state.expires_at,
         )  # fmt: skip
 
     async def _refresh(self, token: str, caller_client: str) -> dict[str, Any]:
@@ -59,14 +59,20 @@ class Introspection:
         granted = family.permissions & app.permissions & connection.permissions  # a refresh now
         return _active(
             granted, family.client_id, "refresh_token", family.company_id,
-            family.refresh_expires_at,
+            family.issued_at, family.refresh_expires_at,
         )  # fmt: skip
 
 
 def _active(
-    scope: frozenset[str], client_id: str, token_type: str, company_id: str, exp: int | None
+    scope: frozenset[str],
+    client_id: str,
+    token_type: str,
+    company_id: str,
+    iat: int,
+    exp: int | None,
 ) -> dict[str, Any]:
-    """RFC 7662 §2.2: what an active token's introspection says."""
+    """RFC 7662 §2.2: what an active token's introspection says (`iss` is the web layer's:
+    it knows the issuer)."""
     body: dict[str, Any] = {
         "active": True,
         "scope": " ".join(sorted(scope)),
@@ -75,6 +81,8 @@ def _active(
         "sub": company_id,
         "company_id": company_id,
     }
+    if iat:
+        body["iat"] = iat
     if exp is not None:
         body["exp"] = exp
     return body

@@ -7,23 +7,61 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, Protocol
 
-from service.domain import grants, policy
+import structlog
+
+from service.domain import grants
+from service.domain.rate import RateLimit
 from service.domain.state import AppState
-from service.eventlog import ConcurrencyError, Metadata
+from service.eventlog import ConcurrencyError, EventLogError, Metadata
 from service.oauth import tokens
-from service.oauth.clients import authenticate, client_credentials, client_metadata
+from service.oauth.clients import (
+    allowed_or_refused,
+    authenticate,
+    client_credentials,
+    client_metadata,
+)
 from service.oauth.errors import (
     InvalidGrant,
     InvalidRequest,
-    IpNotAllowed,
+    SlowDown,
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
 from service.oauth.ports import Ledger, Lookups
+from service.settings import Settings
 
 Clock = Callable[[], float]
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The token endpoint's bounds (Settings: REFRESH_REUSE_GRACE, CC_TOKEN_LIMIT,
+    TOKEN_RATE_PER_CLIENT, TOKEN_RATE_BURST); 0 turns one off."""
+
+    refresh_grace: int = 10
+    cc_token_limit: int = 1000
+    rate: int = 20
+    burst: int = 100
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.refresh_reuse_grace,
+            settings.cc_token_limit,
+            settings.token_rate_per_client,
+            settings.token_rate_burst,
+        )
+
+
+class LiveTokens(Protocol):
+    """Each client_credentials application's live tokens, oldest first (the read model)."""
+
+    def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
+        """The hashes of the oldest that must go for one more to stay within `limit`."""
+        ...
 
 
 class ApplicationChanged(Exception):
@@ -71,8 +109,12 @@ class Grant:
     required: ClassVar[tuple[str, ...]] = ()
     issues_refresh: ClassVar[bool] = False
 
-    def __init__(self, lookups: Lookups) -> None:
+    def __init__(
+        self, lookups: Lookups, limits: Limits, live_tokens: LiveTokens | None = None
+    ) -> None:
         self.lookups = lookups
+        self.limits = limits
+        self.live_tokens = live_tokens
 
     async def decide(
         self, request: Request, access: str, refresh: str
@@ -89,7 +131,15 @@ class ClientCredentials(Grant):
         self, request: Request, access: str, refresh: str
     ) -> grants.Issue | grants.Refusal:
         scope = request.params.get("scope")
-        return grants.client_credentials(request.app, scope, tokens.token_hash(access), request.now)
+        app = request.app
+        superseded = (
+            self.live_tokens.oldest_tokens(app.client_id, self.limits.cc_token_limit)
+            if self.live_tokens is not None
+            else ()
+        )
+        return grants.client_credentials(
+            app, scope, tokens.token_hash(access), request.now, superseded
+        )
 
 
 class AuthorizationCode(Grant):
@@ -150,6 +200,7 @@ class RefreshToken(Grant):
             (tokens.token_hash(access), tokens.token_hash(refresh)),
             request.now,
             request.ip,
+            self.limits.refresh_grace,
         )
 
 
@@ -158,13 +209,24 @@ GRANT_TYPES: tuple[type[Grant], ...] = (ClientCredentials, AuthorizationCode, Re
 
 class TokenEndpoint:
     def __init__(
-        self, lookups: Lookups, ledger: Ledger, clock: Clock, *, attempts: int = 3
+        self,
+        lookups: Lookups,
+        ledger: Ledger,
+        clock: Clock,
+        *,
+        attempts: int = 3,
+        limits: Limits | None = None,
+        live_tokens: LiveTokens | None = None,
     ) -> None:
+        """`live_tokens`: without it, client_credentials tokens are not limited in number."""
         self.lookups = lookups
         self.ledger = ledger
         self.clock = clock
         self.attempts = attempts
-        self.grants = {g.grant_type: g(lookups) for g in GRANT_TYPES}
+        self.limits = limits if limits is not None else Limits()
+        self.grants = {g.grant_type: g(lookups, self.limits, live_tokens) for g in GRANT_TYPES}
+        # In this process: N processes let a client have N times the rate.
+        self.rate = RateLimit(self.limits.rate, self.limits.burst)
 
     @property
     def grant_types(self) -> list[str]:
@@ -183,13 +245,15 @@ class TokenEndpoint:
             raise UnsupportedGrantType(f"supported: {', '.join(self.grants)}")
         client = client_credentials(authorization, params)
         meta = client_metadata(meta, client)
-        for _attempt in range(self.attempts):
+        for attempt in range(self.attempts):
             app = await authenticate(self.lookups, self.ledger, client, meta)
             await self.allowed_or_refused(app, meta, "token")
             grants.check_grant_type(app, grant_type)
             for name in grant.required:
                 if not params.get(name):  # an empty parameter is an omitted one (§3.1)
                     raise InvalidRequest(f"{name} is required")
+            if attempt == 0:
+                self.within_rate(app, grant)
             try:
                 return await self._issue(grant, Request(app, params, meta, int(self.clock())))
             except ApplicationChanged:
@@ -199,28 +263,54 @@ class TokenEndpoint:
     async def allowed_or_refused(self, app: AppState, meta: Metadata, endpoint: str) -> None:
         """SPEC §2: a correct client authentication from a disallowed address gets 403 and
         raises the same notification as a token used from there."""
-        ip = meta.client_ip or ""
-        if not policy.ip_allowed(app, ip):
-            await self.ledger.record(policy.client_violation(app, ip, endpoint), meta)
-            raise IpNotAllowed(f"requests for this client are not allowed from {ip}")
+        await allowed_or_refused(self.ledger, app, meta, endpoint)
+
+    def within_rate(self, app: AppState, grant: Grant) -> None:
+        """client_credentials tokens never expire: a client that asks for one per call is
+        held to a rate. Users' grants are not (an application's users refresh at once)."""
+        if grant.grant_type == ClientCredentials.grant_type:
+            wait = self.rate.take(app.client_id, self.clock())
+            if wait:
+                raise SlowDown(wait)
 
     async def _issue(self, grant: Grant, request: Request) -> Issued:
         access = tokens.new(tokens.ACCESS)
         refresh = tokens.new(tokens.REFRESH) if grant.issues_refresh else ""
-        decision = await grant.decide(request, access, refresh)
-        if isinstance(decision, grants.Refusal):
-            await self._refuse(decision, request.meta)
+        decision = await self._recorded(grant, request, access, refresh)
         try:
-            await self.ledger.record(decision.record, request.meta)
-        except ConcurrencyError as exc:
-            if exc.stream_id in decision.condition_streams:
-                raise ApplicationChanged() from None
-            if decision.conflict is None:
-                raise
-            await self._refuse(decision.conflict, request.meta)
+            for then in decision.then:
+                # Visible: once the answer is sent, a superseded token is refused here.
+                await self.ledger.record(then, request.meta, visible=True)
+        except EventLogError as exc:
+            # The token is recorded: answer with it. What was not superseded now is at
+            # the next issuance, which finds it still over the limit.
+            log.warning("token.supersede_failed", client_id=request.app.client_id, error=str(exc))
         return Issued(
             access, decision.scope, refresh if decision.refresh else None, decision.expires_in
         )
+
+    async def _recorded(
+        self, grant: Grant, request: Request, access: str, refresh: str
+    ) -> grants.Issue:
+        """Decide and record; a race lost on the token's own stream (the same code or
+        refresh token spent by another request a moment before) is decided again on what
+        the winner recorded: a reuse, or a repeat within the refresh grace."""
+        for attempt in range(self.attempts):
+            decision = await grant.decide(request, access, refresh)
+            if isinstance(decision, grants.Refusal):
+                await self._refuse(decision, request.meta)
+            try:
+                await self.ledger.record(decision.record, request.meta)
+                return decision
+            except ConcurrencyError as exc:
+                if exc.stream_id in decision.condition_streams:
+                    raise ApplicationChanged() from None
+                if decision.conflict is None:
+                    raise
+                if attempt == self.attempts - 1:  # the winner cannot be seen: a reuse
+                    await self._refuse(decision.conflict, request.meta)
+                await self.lookups.catch_up()
+        raise AssertionError("unreachable: the last attempt refuses")
 
     async def _refuse(self, refusal: grants.Refusal, meta: Metadata) -> NoReturn:
         # Visible at once: the next request here must find the family revoked.

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from service.settings import ConfigError, Settings
 from service.storage.embedded import EmbeddedPostgres
 
 #: a connection, whether held directly or borrowed from a pool
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+T = TypeVar("T")
+
+# Work given up on by `within` finishes (and releases its connection) in the background;
+# asyncio holds tasks only weakly, so they are kept here until they are done.
+_abandoned: set[asyncio.Task[Any]] = set()
 
 
 def schema_sql() -> str:
@@ -34,6 +42,43 @@ class Database:
             self.embedded.stop()
 
 
+class BoundedPool(asyncpg.Pool):
+    """A pool whose every wait is bounded on the client side: for a connection (acquire),
+    and, through `command_timeout`, for each statement. `timeout` is that bound. A
+    statement that times out is cancelled; asyncpg waits at most another `timeout` for a
+    (frozen) server to acknowledge that before it drops the connection, so one call on the
+    pool gives up within twice the bound, and `within` gives up within one."""
+
+    def __init__(self, dsn: str, *, bound: float | None, **kwargs: Any) -> None:
+        super().__init__(dsn, **kwargs)
+        self.timeout = bound
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext[asyncpg.Record]:
+        return super().acquire(timeout=self.timeout if timeout is None else timeout)
+
+
+async def within(seconds: float, work: Coroutine[Any, Any, T]) -> T:
+    """`work`, or TimeoutError after `seconds` however the database behaves: unlike
+    `asyncio.wait_for`, it does not wait for the cancelled work to wind down (a frozen
+    server may never let it); the work is cancelled and finishes in the background."""
+    task = asyncio.ensure_future(work)
+    try:
+        async with asyncio.timeout(seconds):  # wait_for may swallow a cancellation (3.11)
+            return await asyncio.shield(task)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            _abandoned.add(task)
+            task.add_done_callback(_forget)
+        raise
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: given up on, its failure is no news
+
+
 def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     """`DATABASE_URL` when set, else the embedded server under `DATA_DIR` (started here)."""
     if settings.database_url:
@@ -43,15 +88,26 @@ def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 
 
 async def apply_schema(conn: Conn) -> None:
-    """Apply `schema.sql`; every statement in it is idempotent."""
-    await conn.execute(f"BEGIN;\n{schema_sql()}\nCOMMIT;")
+    """Apply `schema.sql`; every statement in it is idempotent. A migration may rightly
+    take longer than a request's bound (an index on a large table): none applies here."""
+    await conn.execute(
+        "BEGIN;\nSET LOCAL statement_timeout = 0;\nSET LOCAL lock_timeout = 0;\n"
+        f"{schema_sql()}\nCOMMIT;",
+        timeout=None,
+    )
 
 
 async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
     dsn, embedded = resolve_dsn(settings)
     try:
         try:
-            pool = await create_pool(dsn, min_size=min_size, max_size=settings.pool_size)
+            pool = await create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=settings.pool_size,
+                bound=settings.db_timeout,
+                connect_timeout=settings.db_connect_timeout,
+            )
         except ValueError as exc:  # a DATABASE_URL asyncpg cannot parse (port "x", ...)
             raise ConfigError(f"DATABASE_URL: {exc}") from None
         async with pool.acquire() as conn:
@@ -63,7 +119,44 @@ async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
     return Database(dsn, pool, embedded)
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-    assert pool is not None
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    bound: float | None = None,
+    connect_timeout: float = 60.0,
+) -> asyncpg.Pool:
+    """A pool; with `bound` (seconds), a bounded one (see BoundedPool), whose statements the
+    server also stops after that long, so one the client gave up on holds no lock for long."""
+    server_settings: dict[str, str] = {}
+    if bound is not None:
+        ms = str(int(bound * 1000))
+        server_settings = {"statement_timeout": ms, "lock_timeout": ms}
+    pool = BoundedPool(
+        dsn,
+        bound=bound,
+        min_size=min_size,
+        max_size=max_size,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        command_timeout=bound,
+        timeout=connect_timeout,
+        server_settings=server_settings,
+    )
+
+    async def started() -> BoundedPool:
+        return await pool
+
+    try:
+        await within(connect_timeout, started())
+    except TimeoutError:
+        # `within` cancelled the pool's start, and asyncpg closes whatever connections a
+        # cancelled start had opened (terminate() now would refuse: "being initialized")
+        raise TimeoutError(
+            f"the database did not answer within {connect_timeout:g} s (DB_CONNECT_TIMEOUT)"
+        ) from None
     return pool

@@ -305,16 +305,25 @@ class EmbeddedPostgres:
             said = " ".join(str(exc.stderr or exc.stdout or "").split())[-500:]
             raise RuntimeError(f"initdb failed in {self.pgdata}: {said}") from None
 
+    def running(self) -> bool:
+        """Whether the cluster's postmaster is alive: a file read and a signal 0, cheap
+        enough for every `/healthz`."""
+        return self._running()
+
+    def restart(self) -> None:
+        """Start the server again after it died; nothing when another process already did."""
+        with self._file_lock():
+            if not self._running():
+                self._pg_ctl_start()
+
     def _running(self) -> bool:
         pid_file = self.pgdata / "postmaster.pid"
-        if not pid_file.exists():
-            return False
         try:
             pid = int(pid_file.read_text().split("\n", 1)[0])
             os.kill(pid, 0)
-        except (ValueError, ProcessLookupError, PermissionError):
+        except (OSError, ValueError):  # no file, no such process (or not ours to signal)
             return False
-        return True
+        return not _zombie(pid)
 
     def _pg_ctl_start(self) -> None:
         options = [
@@ -340,3 +349,59 @@ class EmbeddedPostgres:
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""
             message = f"embedded PostgreSQL failed to start: {exc.stderr}\n{tail}"
             raise RuntimeError(message) from exc
+
+
+def _zombie(pid: int) -> bool:
+    """A killed postmaster that nobody reaped yet (PID 1 of some containers never does)
+    still answers signal 0."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+class Supervisor:
+    """Keeps the embedded server up for the process that started it: `check()` every few
+    seconds restarts a server that died. Without it the service answers 503 for ever."""
+
+    def __init__(self, server: EmbeddedPostgres, *, give_up_after: int = 5) -> None:
+        self.server = server
+        self.give_up_after = give_up_after
+        self.failures = 0
+        self.shutdown_seen = False
+
+    @property
+    def gave_up(self) -> bool:
+        return self.failures >= self.give_up_after
+
+    def check(self) -> bool:
+        """Restart the server if it died; False once `give_up_after` restarts in a row have
+        failed, and the caller exits non-zero so that its own supervisor takes over."""
+        if self.server.running():
+            self.failures = 0
+            self.shutdown_seen = False
+            return True
+        if not (self.server.pgdata / "postmaster.pid").exists() and not self.shutdown_seen:
+            # An orderly shutdown, not a crash: Ctrl-C at a terminal reaches the server too.
+            # A service that is stopping as well ends supervision before the next look.
+            self.shutdown_seen = True
+            log.warning("embedded_postgres.shut_down", pgdata=str(self.server.pgdata))
+            return True
+        log.error("embedded_postgres.died", pgdata=str(self.server.pgdata))
+        try:
+            self.server.restart()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.failures += 1
+            log.error(
+                "embedded_postgres.restart_failed",
+                attempt=self.failures,
+                error=" ".join(str(exc).split())[:300],
+            )
+            if self.gave_up:
+                log.critical("embedded_postgres.gave_up", attempts=self.failures)
+                return False
+            return True
+        self.failures = 0
+        log.warning("embedded_postgres.restarted", pgdata=str(self.server.pgdata))
+        return True

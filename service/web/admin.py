@@ -7,11 +7,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
-from service import events as ev
-from service.commands import applications, directory
+from service.commands import applications, connections, directory, tokens
 from service.context import Context
 from service.domain import applications as rules
-from service.domain import passwords, streams
+from service.domain import passwords
 from service.errors import InvalidRequest, NotFound
 from service.eventlog import Metadata
 from service.web import auth
@@ -47,6 +46,14 @@ class ApplicationPatchIn(msgspec.Struct, forbid_unknown_fields=True):
 class UserIn(msgspec.Struct, forbid_unknown_fields=True):
     email: Annotated[str, msgspec.Meta(max_length=320)]
     role: Literal["admin", "member"]
+    password: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class RoleIn(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["admin", "member"]
+
+
+class ResetPasswordIn(msgspec.Struct, forbid_unknown_fields=True):
     password: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
@@ -192,6 +199,16 @@ async def rotate_secret(request: web.Request) -> web.Response:
     )
 
 
+@routes.post("/admin/applications/{client_id}/revoke-tokens")
+async def revoke_tokens(request: web.Request) -> web.Response:
+    """The kill switch: every live token of the application revoked; client_id, secret
+    and connections kept."""
+    ctx, who, meta = await _admin(request)
+    client_id = request.match_info["client_id"]
+    revoked = await tokens.revoke_tokens(ctx, who.company_id, client_id, meta)
+    return web.json_response({"client_id": client_id, "revoked": revoked})
+
+
 # --- users and keys ------------------------------------------------------------------
 
 
@@ -216,6 +233,44 @@ async def list_users(request: web.Request) -> web.Response:
     return web.json_response(
         {"users": [{"user_id": u.user_id, "email": u.email, "role": u.role} for u in users]}
     )
+
+
+def _user_json(ctx: Context, user_id: str) -> dict[str, Any]:
+    user = ctx.directory.users[user_id]
+    return {"user_id": user.user_id, "email": user.email, "role": user.role}
+
+
+@routes.patch("/admin/users/{user_id}")
+async def patch_user(request: web.Request) -> web.Response:
+    """A role change; the company's last admin stays one (409 last_admin)."""
+    ctx, who, meta = await _admin(request)
+    body = await json_body(request, RoleIn)
+    user_id = request.match_info["user_id"]
+    await directory.change_role(ctx, who.company_id, user_id, body.role, meta)
+    return web.json_response(_user_json(ctx, user_id))
+
+
+@routes.delete("/admin/users/{user_id}")
+async def delete_user(request: web.Request) -> web.Response:
+    """The user can no longer sign in; their sessions end at once, in every process."""
+    ctx, who, meta = await _admin(request)
+    await directory.remove_user(ctx, who.company_id, request.match_info["user_id"], meta)
+    return web.Response(status=204)
+
+
+@routes.post("/admin/users/{user_id}/reset-password")
+async def reset_password(request: web.Request) -> web.Response:
+    """A new password for a user of the company: the one given, or a generated one shown
+    in this answer only. The user's sessions end."""
+    ctx, who, meta = await _admin(request)
+    # No body (or an empty one) asks for a generated password.
+    given = (await json_body(request, ResetPasswordIn)).password if request.body_exists else None
+    user_id = request.match_info["user_id"]
+    password = await directory.reset_password(ctx, who.company_id, user_id, meta, password=given)
+    payload: dict[str, Any] = {"user_id": user_id}
+    if given is None:
+        payload["password"] = password  # shown this once
+    return web.json_response(payload, headers={"Cache-Control": "no-store"})
 
 
 @routes.post("/admin/keys")
@@ -276,11 +331,5 @@ async def list_connections(request: web.Request) -> web.Response:
 async def revoke_connection(request: web.Request) -> web.Response:
     """The connection goes, and every token issued through it dies with it."""
     ctx, who, meta = await _admin(request)
-    client_id = request.match_info["client_id"]
-    if (who.company_id, client_id) not in ctx.policy.connections:
-        raise NotFound("no such connection")
-    event = ev.ConnectionRevoked(
-        company_id=who.company_id, client_id=client_id, reason="admin_request"
-    )
-    await ctx.record(streams.connection(who.company_id, client_id), None, [event], meta)
+    await connections.revoke(ctx, who.company_id, request.match_info["client_id"], meta)
     return web.Response(status=204)

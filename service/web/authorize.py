@@ -13,12 +13,13 @@ from aiohttp import web
 from multidict import MultiDict, MultiMapping
 from yarl import URL
 
+from projections.directory import User
 from service.context import Context
-from service.domain import consent, credentials
+from service.domain import consent, credentials, streams
 from service.domain import grants as grant_rules
 from service.domain.applications import AUTHORIZATION_CODE
 from service.domain.state import AppState
-from service.errors import TollgateError
+from service.errors import Conflict, TollgateError
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
 from service.web import pages, sessions
@@ -31,6 +32,7 @@ routes = web.RouteTableDef()
 
 LOGIN_CSRF_COOKIE = "tg_login_csrf"
 _CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+_CONSENT_ATTEMPTS = 5
 _PASSED = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method")
 
 
@@ -62,10 +64,14 @@ class AuthorizationRequest:
         return fields
 
 
-def redirect_to(uri: str, params: dict[str, str | None]) -> web.HTTPFound:
-    """The registered URI exactly as registered, with the response parameters added."""
-    query = urlencode({k: v for k, v in params.items() if v is not None})
-    return web.HTTPFound(uri + ("&" if "?" in uri else "?") + query)
+def redirect_to(uri: str, params: dict[str, str | None], issuer: str) -> web.HTTPFound:
+    """The registered URI exactly as registered, with the response parameters added and
+    the issuer, so that a client talking to several servers can tell whose answer this is
+    (RFC 9207 §2, a mix-up defence). The answer may carry a code: never cached, and the
+    client's page is not told where its user came from."""
+    query = urlencode({k: v for k, v in params.items() if v is not None} | {"iss": issuer})
+    headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+    return web.HTTPFound(uri + ("&" if "?" in uri else "?") + query, headers=headers)
 
 
 async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest:
@@ -91,34 +97,37 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
         )
     state = params.get("state")
     # From here on errors go back to the application, with its state (RFC 6749 §4.1.2.1).
+    iss = ctx.settings.issuer
     response_type = params.get("response_type")
     if not response_type:  # RFC 6749 §3.1: an empty parameter is an omitted one
-        raise _redirect_error(redirect_uri, state, "response_type is required")
+        raise _redirect_error(redirect_uri, state, "response_type is required", iss)
     if response_type != "code":
-        raise redirect_to(redirect_uri, {"error": "unsupported_response_type", "state": state})
+        error = {"error": "unsupported_response_type", "state": state}
+        raise redirect_to(redirect_uri, error, iss)
     challenge = params.get("code_challenge")
     method = params.get("code_challenge_method")
     if challenge is None and method is not None:
-        raise _redirect_error(redirect_uri, state, "code_challenge_method without code_challenge")
+        without = "code_challenge_method without code_challenge"
+        raise _redirect_error(redirect_uri, state, without, iss)
     if challenge is not None:
         if method != "S256":
-            raise _redirect_error(redirect_uri, state, "code_challenge_method must be S256")
+            raise _redirect_error(redirect_uri, state, "code_challenge_method must be S256", iss)
         if not _CHALLENGE.match(challenge):
-            raise _redirect_error(redirect_uri, state, "malformed code_challenge")
+            raise _redirect_error(redirect_uri, state, "malformed code_challenge", iss)
     try:
         permissions = grant_rules.scope_from(params.get("scope"), app.permissions, app.permissions)
     except TollgateError as exc:
         raise redirect_to(
             redirect_uri,
             {"error": "invalid_scope", "error_description": exc.description, "state": state},
+            iss,
         ) from None
     return AuthorizationRequest(app, redirect_uri, state, permissions, challenge)
 
 
-def _redirect_error(uri: str, state: str | None, description: str) -> web.HTTPFound:
-    return redirect_to(
-        uri, {"error": "invalid_request", "error_description": description, "state": state}
-    )
+def _redirect_error(uri: str, state: str | None, description: str, iss: str) -> web.HTTPFound:
+    error = {"error": "invalid_request", "error_description": description, "state": state}
+    return redirect_to(uri, error, iss)
 
 
 async def _session(request: web.Request, ctx: Context) -> sessions.Session | None:
@@ -186,14 +195,45 @@ async def _consent(
 ) -> web.Response:
     user = ctx.directory.users[session.user_id]
     company = ctx.directory.companies.get(user.company_id)
+    app = auth_request.app
+    publisher = ctx.directory.companies.get(app.company_id)
+    connection = ctx.lookups.connection(user.company_id, app.client_id)
+    held = connection.permissions if connection is not None else frozenset()
+    is_admin = user.role == consent.ADMIN
+    back = "/oauth/authorize?" + urlencode({"response_type": "code", **auth_request.fields()})
     return pages.consent_page(
-        application=auth_request.app.name,
+        application=app.name,
         company=company.name if company else user.company_id,
+        publisher=None
+        if app.company_id == user.company_id
+        else (publisher.name if publisher else app.company_id),
         user_email=user.email,
         permissions=[(p, ctx.catalogue.get(p, "")) for p in auth_request.permissions],
         fields=auth_request.fields() | {"csrf_token": consent_token(request)},
         redirect_uri=auth_request.redirect_uri,
+        is_admin=is_admin,
+        admin_only=[] if is_admin else consent.needs_admin(auth_request.permissions, held),
+        switch_user={"next": back, "csrf_token": consent_token(request)},
     )
+
+
+@routes.post("/oauth/switch-user")
+async def switch_user(request: web.Request) -> web.StreamResponse:
+    """The consent page's "Not you?": sign out, then the same authorization request again
+    (which asks to sign in)."""
+    ctx = request.app[CONTEXT]
+    form = await form_body(request)
+    presented, next_url = str(form.get("csrf_token", "")), str(form.get("next", ""))
+    if not hmac.compare_digest(presented.encode(), consent_token(request).encode()):
+        return pages.error_page("Request refused", "the form expired; start again", status=403)
+    if not next_url.startswith("/oauth/authorize?"):
+        next_url = "/oauth/authorize"  # never an open redirect
+    value = request.cookies.get(sessions.COOKIE)
+    if value:
+        await sessions.delete(ctx.pool, value)
+    response = web.HTTPSeeOther(next_url)
+    response.del_cookie(sessions.COOKIE, path="/")
+    raise response
 
 
 @routes.post("/oauth/login")
@@ -234,32 +274,62 @@ async def decide(request: web.Request) -> web.StreamResponse:
         auth_request = await parse(ctx, MultiDict([*passed, ("response_type", "code")]))
     except PageError as exc:
         return pages.error_page(exc.title, exc.message)
-    app = auth_request.app
     if fields.get("decision") != "approve":
         raise redirect_to(
-            auth_request.redirect_uri, {"error": "access_denied", "state": auth_request.state}
+            auth_request.redirect_uri,
+            {"error": "access_denied", "state": auth_request.state},
+            ctx.settings.issuer,
         )
     user = ctx.directory.users[session.user_id]
     meta = metadata(request, f"user:{user.user_id}")
     code = tokens.new(tokens.CODE)
-    given = consent.approve(
-        app, user.company_id, user.user_id, auth_request.permissions, auth_request.redirect_uri,
-        auth_request.code_challenge, tokens.token_hash(code),
-        ctx.lookups.connection(user.company_id, app.client_id), int(time.time()),
-    )  # fmt: skip
-    await _record_consent(ctx, given, meta)
-    raise redirect_to(auth_request.redirect_uri, {"code": code, "state": auth_request.state})
+    try:
+        await _record_consent(ctx, auth_request, user, tokens.token_hash(code), meta)
+    except consent.AdminApprovalRequired as exc:
+        return pages.error_page("An admin must allow this", exc.description, status=403)
+    raise redirect_to(
+        auth_request.redirect_uri, {"code": code, "state": auth_request.state}, ctx.settings.issuer
+    )
 
 
-async def _record_consent(ctx: Context, given: consent.Consent, meta: Metadata) -> None:
-    """The grant, then the code; only the code when the connection already holds exactly
-    the approved permissions and is still as this process saw it (see consent.Consent)."""
-    if given.code_alone is not None:
+async def _record_consent(
+    ctx: Context, auth_request: AuthorizationRequest, user: User, code_hash: str, meta: Metadata
+) -> None:
+    """The grant, then the code; only the code when the connection already holds every
+    approved permission and is still as this process saw it (see consent.Consent).
+
+    The grant is the union of the connection and this consent, appended at the version of
+    the connection stream that the union was taken from: a consent that committed meanwhile
+    (in any process) makes this one decide again on top of it, so neither narrows the
+    other. The stream's version is read before the model catches up, so the model holds at
+    least what the stream held then."""
+    app = auth_request.app
+    stream = streams.connection(user.company_id, app.client_id)
+    for _ in range(_CONSENT_ATTEMPTS):
+        logged = await ctx.eventlog.stream_version(stream)
+        await ctx.refresh()
+        connection = ctx.lookups.connection(user.company_id, app.client_id)
+        if connection is not None and connection.version > logged:
+            continue  # granted meanwhile: read the stream again
+        if connection is not None and connection.version < logged:
+            # The stream moved past what this model holds (a revocation it has not
+            # applied): nothing is held any more, as far as this consent can tell.
+            connection = None
+        given = consent.approve(
+            app, user.company_id, user.user_id, auth_request.permissions,
+            auth_request.redirect_uri, auth_request.code_challenge, code_hash, connection,
+            int(time.time()), role=user.role,
+            stream_version=logged,
+        )  # fmt: skip
         try:
-            await ctx.ledger.record(given.code_alone, meta, visible=True)
-            return
+            if given.code_alone is not None:
+                await ctx.ledger.record(given.code_alone, meta, visible=True)
+                return
+            await ctx.ledger.record(given.grant, meta, visible=True)
         except ConcurrencyError as exc:
-            if exc.stream_id != given.grant.stream:
+            if exc.stream_id != stream:
                 raise
-    await ctx.ledger.record(given.grant, meta, visible=True)
-    await ctx.ledger.record(given.code, meta, visible=True)
+            continue
+        await ctx.ledger.record(given.code, meta, visible=True)
+        return
+    raise Conflict("the connection keeps changing; try again")

@@ -1,5 +1,6 @@
-"""The gateway, /api/{path}: the policy decision, then the request goes to the upstream
-API (streamed both ways) with headers naming the company, client and permissions."""
+"""The gateway, /api/{path}: the policy decision on the route rule that covers the request
+(none: refused), then the request goes to the upstream API (streamed both ways) with
+headers naming the company, client and permissions."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import msgspec
 from aiohttp import web
 
 from service.domain.policy import Allowed
+from service.domain.routes import WHOAMI, WHOAMI_RULE, resource_path
 from service.errors import InvalidRequest, TollgateError
 from service.oauth import credentials as authorization
-from service.oauth.errors import InvalidToken
+from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
 
 routes = web.RouteTableDef()
@@ -33,6 +35,21 @@ class BadGateway(TollgateError):
     status = 502
 
 
+class NotCovered(OAuthError):
+    """No route rule covers the method and path: refused, whatever the token may do
+    (SPEC §3: the gateway fails closed). RFC 6750 §3.1 names no scope that would help."""
+
+    error = "insufficient_scope"
+    status = 403
+
+    def __init__(self) -> None:
+        challenge = f'Bearer realm="{BEARER_REALM}", error="insufficient_scope"'
+        super().__init__(
+            "no route rule covers this method and path; the gateway refuses what it does not know",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+
 def bearer_token(request: web.Request) -> str:
     found = authorization.parse(request.headers.get("Authorization"))
     if found is None:
@@ -48,8 +65,8 @@ _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 
 def canonical_path(request: web.Request) -> str:
     """The path the permission is decided on is the path the upstream gets: one with a
-    `.`/`..` segment or an empty one (`//`) could mean another route there, so it is
-    refused rather than normalised."""
+    `.`/`..` segment, an empty one (`//`) or path parameters could mean another route
+    there, so it is refused rather than normalised."""
     segments = request.path.split("/")[1:]
     if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
         raise InvalidRequest("the path has empty, '.' or '..' segments")
@@ -57,6 +74,10 @@ def canonical_path(request: web.Request) -> str:
     # servers read as one) would split segments differently upstream.
     if "\\" in request.path or _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
         raise InvalidRequest("the path has an encoded '/' or a '\\'")
+    # A ";" starts path parameters upstream (Java servlets, some routers strip them before
+    # routing): "/invoices;x=1" would be decided as one resource and served as another.
+    if ";" in request.path:
+        raise InvalidRequest("the path has a ';' (path parameters are not accepted)")
     return request.path
 
 
@@ -66,18 +87,28 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     path = canonical_path(request)
     raw = bearer_token(request)
     ip = caller_ip(request)
-    permission = request.app[ROUTES].permission_for(request.method, path)
+    rule = request.app[ROUTES].rule_for(request.method, path)
     meta = metadata(request, "gateway", ip)
+    # The token and the allow list first, covered or not: a valid token from a disallowed
+    # address is revoked wherever it was sent.
+    permission = None if rule is None else rule.permission
     allowed = await ctx.policy_point.decide(raw, ip, permission, "api", meta)
+    if rule is None:
+        raise NotCovered()
+    if rule is WHOAMI_RULE:
+        return _whoami(request, allowed)
     upstream = request.app[UPSTREAM].session
     if upstream is None:
-        return _builtin(request, allowed)
+        raise web.HTTPNotFound(reason=f"no upstream API is configured; try GET {WHOAMI}")
     return await _proxy(request, upstream, allowed, ip)
 
 
-def _builtin(request: web.Request, allowed: Allowed) -> web.Response:
-    if request.path != "/api/v1/whoami" or request.method not in ("GET", "HEAD"):
-        raise web.HTTPNotFound(reason="no upstream API is configured; try GET /api/v1/whoami")
+def _whoami(request: web.Request, allowed: Allowed) -> web.Response:
+    """Tollgate's own route, with or without an upstream: who the token is."""
+    if resource_path(request.path) != WHOAMI:
+        raise web.HTTPNotFound(reason=f"{WHOAMI} has no sub-resources")
+    if request.method not in ("GET", "HEAD"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
     token = allowed.token
     expires = token.expires_at
     expires_at = None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()

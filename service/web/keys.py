@@ -9,17 +9,17 @@ from aiohttp import web
 
 from service.context import Context
 from service.domain.routes import RouteTable
-from service.domain.throttle import Throttle
 from service.eventlog import Metadata
 from service.settings import Settings
+from service.storage.throttle import SignInThrottle
 from service.web.client_ip import client_ip
 from service.web.middleware import REQUEST_ID
 
 SETTINGS = web.AppKey("settings", Settings)
 CONTEXT = web.AppKey("context", Context)
 ROUTES = web.AppKey("routes", RouteTable)
-#: failed sign-ins (per process: N processes allow N times as many guesses)
-THROTTLE = web.AppKey("throttle", Throttle)
+#: failed sign-ins, counted in PostgreSQL: one limit across processes and hosts
+THROTTLE = web.AppKey("throttle", SignInThrottle)
 
 
 @dataclass

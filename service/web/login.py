@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated
 
 import msgspec
 import structlog
 from aiohttp import web
 
+from service.commands import directory
 from service.domain import passwords
-from service.errors import TollgateError
-from service.web import sessions
+from service.errors import Forbidden, TollgateError
+from service.web import auth, sessions
 from service.web.bodies import json_body
-from service.web.keys import CONTEXT, THROTTLE, caller_ip, secure_cookies
+from service.web.keys import CONTEXT, THROTTLE, caller_ip, metadata, secure_cookies
 
 routes = web.RouteTableDef()
 log = structlog.get_logger(__name__)
@@ -50,34 +50,33 @@ async def authenticate(request: web.Request, email: str, password: str) -> str:
     as for a wrong password. Failures are throttled per address and caller, and per
     address from anywhere (a slower limit against guessing from many places)."""
     throttle = request.app[THROTTLE]
-    now = time.monotonic()
     ip = caller_ip(request)
-    keys = (f"{email.lower()}|{ip}", f"{email.lower()}|*")
-    wait = max(
-        throttle.retry_after(keys[0], now),
-        throttle.retry_after(keys[1], now, limit=4 * throttle.limit),
-    )
+    keys = ((f"{email.lower()}|{ip}", throttle.limit), (f"{email.lower()}|*", 4 * throttle.limit))
+    # Counted as failed before the (slow) check, in one statement shared by every process,
+    # so that a burst of concurrent attempts meets the limit as a sequence would; a success
+    # takes its count back.
+    attempt = await throttle.attempt(keys)
     # The email says whose account is under attack; the password is never logged.
     who = email[:MAX_LOGGED_EMAIL]
-    if wait:
-        log.warning("security.sign_in_throttled", email=who, ip=ip, retry_after=round(wait))
-        raise TooManyAttempts(wait)
-    # Counted as failed before the (slow) check, so that a burst of concurrent attempts
-    # meets the limit as a sequence would; a success takes its count back.
-    for key in keys:
-        throttle.failed(key, now)
+    if attempt.retry_after:
+        log.warning(
+            "security.sign_in_throttled", email=who, ip=ip, retry_after=round(attempt.retry_after)
+        )
+        raise TooManyAttempts(attempt.retry_after)
     try:
         user_id = await _check_password(request, email, password)
     except InvalidCredentials:
         log.warning("security.sign_in_failed", email=who, ip=ip)
         raise
-    for key in keys:
-        throttle.withdraw(key, now)
+    await throttle.withdraw(attempt)
     return user_id
 
 
 async def _check_password(request: web.Request, email: str, password: str) -> str:
     ctx = request.app[CONTEXT]
+    # Caught up first: a password changed or a user removed through another process a
+    # moment ago must not let the old password open a new session here.
+    await ctx.lookups.catch_up()
     user = await ctx.lookups.user_by_email(email)
     stored = passwords.DUMMY_HASH if user is None or user.removed else user.password_hash
     ok = await asyncio.to_thread(passwords.verify_password, password, stored)
@@ -109,6 +108,44 @@ async def login(request: web.Request) -> web.Response:
         {"user_id": user_id, "company_id": user.company_id, "role": user.role, "csrf_token": csrf},
         headers={"Cache-Control": "no-store"},
     )
+    set_session_cookie(request, response, value)
+    return response
+
+
+class PasswordChangeIn(msgspec.Struct, forbid_unknown_fields=True):
+    current_password: Annotated[str, msgspec.Meta(max_length=256)]
+    new_password: Annotated[str, msgspec.Meta(max_length=256)]
+
+
+@routes.post("/session/password")
+async def change_password(request: web.Request) -> web.Response:
+    """The signed-in user's own password, proven by the current one. Every session of the
+    user ends (in every process); the caller gets a new one in the answer."""
+    ctx = request.app[CONTEXT]
+    who = await auth.principal(request, ctx)
+    if who.session is None:
+        raise Forbidden("sign in with your email and password to change your password")
+    body = await json_body(request, PasswordChangeIn)
+    user_id = who.actor.removeprefix("user:")
+    throttle = request.app[THROTTLE]
+    attempt = await throttle.attempt(((f"password|{user_id}", throttle.limit),))
+    if attempt.retry_after:
+        raise TooManyAttempts(attempt.retry_after)
+    meta = metadata(request, who.actor)
+    try:
+        await directory.change_own_password(
+            ctx, user_id, body.current_password, body.new_password, meta
+        )
+    except directory.WrongPassword:
+        log.warning("security.password_change_refused", user_id=user_id, ip=caller_ip(request))
+        raise
+    except TollgateError:
+        await throttle.withdraw(attempt)  # a weak new password, say: no guess at the current one
+        raise
+    await throttle.withdraw(attempt)
+    value, csrf = await sessions.create(ctx.pool, user_id, who.company_id)
+    response = web.json_response({"user_id": user_id, "csrf_token": csrf},
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
     set_session_cookie(request, response, value)
     return response
 

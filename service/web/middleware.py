@@ -18,10 +18,30 @@ UNAVAILABLE = (
     EventLogUnavailable,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # what a query raises when the server ends the connection
     asyncpg.CannotConnectNowError,
     ConnectionError,
-    TimeoutError,
+    TimeoutError,  # a bound on a wait for the database (service.storage.database)
 )
+
+# SQLSTATE classes that say the database cannot do the work now, whatever the request
+# holds: 08 connection, 25 transaction state (a read-only database), 40 rollback
+# (serialization failure, deadlock), 53 resources (disk full, out of memory, too many
+# connections), 55 lock not available (lock_timeout), 57 operator intervention (a statement
+# cancelled by statement_timeout, a shutdown), 58 system (I/O). Any other is a bug: a 500.
+_UNAVAILABLE_SQLSTATE = frozenset({"08", "25", "40", "53", "55", "57", "58"})
+
+#: seconds a client is asked to wait before retrying a 503
+RETRY_AFTER = "2"
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` is the database failing to serve, rather than the request's fault or a
+    bug: the one mapping from driver errors to a 503, for every route."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _UNAVAILABLE_SQLSTATE
+    return isinstance(exc, UNAVAILABLE)
+
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +105,10 @@ def client_went_away(request: web.Request, exc: BaseException) -> bool:
 
 def error_response(error: TollgateError) -> web.Response:
     body = {"error": error.error, "error_description": error.description or error.error}
-    return web.json_response(body, status=error.status, headers=error.headers)
+    headers = error.headers
+    if error.status == 503 and "Retry-After" not in headers:
+        headers = {**headers, "Retry-After": RETRY_AFTER}
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 @web.middleware
@@ -110,7 +133,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # the request's fault, and retrying will not help.
         log.warning("http.value_refused", path=request.path, error=type(exc).__name__)
         return error_response(InvalidRequest("the request holds a value that cannot be stored"))
-    except UNAVAILABLE as exc:
+    except Exception as exc:
+        if not database_unavailable(exc):
+            log.exception("http.unhandled_error", method=request.method, path=request.path)
+            return web.json_response(
+                {"error": "server_error", "error_description": "internal error"}, status=500
+            )
         if client_went_away(request, exc):
             # Nobody is left to answer; the status says so in the request line and the
             # metrics (nginx's 499), and a database alert does not fire for a slow client.
@@ -118,9 +146,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return web.Response(status=CLIENT_CLOSED_REQUEST)
         # The database is down or unreachable: a 503 the client may retry, not a 500.
         log.warning("http.database_unavailable", path=request.path, error=type(exc).__name__)
-        return error_response(Unavailable("the service cannot reach its database; try again"))
-    except Exception:
-        log.exception("http.unhandled_error", method=request.method, path=request.path)
-        return web.json_response(
-            {"error": "server_error", "error_description": "internal error"}, status=500
-        )
+        return error_response(Unavailable("the service cannot use its database now; try again"))

@@ -16,7 +16,12 @@ from service.errors import TollgateError
 from service.eventlog import Metadata
 from service.oauth import credentials as authorization
 from service.oauth import revocation
-from service.oauth.clients import authenticate, client_credentials, client_metadata
+from service.oauth.clients import (
+    allowed_or_refused,
+    authenticate,
+    client_credentials,
+    client_metadata,
+)
 from service.oauth.errors import NO_STORE, InvalidBearerKey, InvalidRequest
 from service.web.bodies import form_body, read_body
 from service.web.keys import CONTEXT, metadata
@@ -110,6 +115,7 @@ async def revoke(request: web.Request) -> web.Response:
     params = await oauth_params(request)
     client, meta = _client(request, params)
     app = await authenticate(ctx.lookups, ctx.ledger, client, meta)
+    await allowed_or_refused(ctx.ledger, app, meta, "revoke")
     token = params.get("token")
     if not token:
         raise InvalidRequest("token is required")
@@ -129,11 +135,15 @@ async def introspect(request: web.Request) -> web.Response:
             raise InvalidBearerKey()
     else:
         client, meta = _client(request, params)
-        caller_client = (await authenticate(ctx.lookups, ctx.ledger, client, meta)).client_id
+        app = await authenticate(ctx.lookups, ctx.ledger, client, meta)
+        await allowed_or_refused(ctx.ledger, app, meta, "introspect")
+        caller_client = app.client_id
     token = params.get("token")
     if not token:
         raise InvalidRequest("token is required")
     answer = await ctx.introspection.introspect(token, caller_client)
+    if answer["active"]:
+        answer = answer | {"iss": ctx.settings.issuer}  # RFC 7662 §2.2
     return web.json_response(answer, headers=NO_STORE)
 
 
@@ -155,7 +165,10 @@ async def server_metadata(request: web.Request) -> web.Response:
             "grant_types_supported": ctx.token_endpoint.grant_types,
             "token_endpoint_auth_methods_supported": auth_methods,
             "revocation_endpoint_auth_methods_supported": auth_methods,
-            "introspection_endpoint_auth_methods_supported": [*auth_methods, "bearer"],
+            # Resource servers also send a Bearer key, which has no registered method name
+            # (RFC 8414 §2 points at the IANA registry): only registered names are listed.
+            "introspection_endpoint_auth_methods_supported": auth_methods,
+            "authorization_response_iss_parameter_supported": True,  # RFC 9207 §3
             "code_challenge_methods_supported": ["S256"],
             "scopes_supported": sorted(ctx.catalogue),
         }

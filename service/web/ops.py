@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from service.errors import Unauthorized
 from service.eventlog import EventLogUnavailable
 from service.metrics import METRICS, UNMATCHED
+from service.storage.database import within as bounded
+from service.web.keys import SETTINGS
 
 if TYPE_CHECKING:
     from projections.runner import ProjectionRunner, ProjectionStatus
@@ -55,16 +59,63 @@ def _runner(request: web.Request) -> ProjectionRunner:
 
 
 async def _statuses(runner: ProjectionRunner, within: float) -> list[ProjectionStatus] | None:
-    """Every SQL projection's status, or None when the database does not answer in time."""
+    """Every SQL projection's status, or None when the database does not answer in time.
+    The bound holds whatever the database does: a frozen server never acknowledges the
+    cancellation that `asyncio.wait_for` would wait for."""
     try:
-        return await asyncio.wait_for(runner.status(), within)
+        return await bounded(within, runner.status())
     except (*_DB_ERRORS, TimeoutError) as exc:
         log.warning("ops.database_unreachable", error=str(exc) or type(exc).__name__)
         return None
 
 
+async def _write_refused(pool: asyncpg.Pool, within: float) -> str | None:
+    """Why a write would fail now (None: it would succeed), found by writing a row in a
+    transaction that is rolled back: a read-only or recovering database answers reads
+    and refuses every token, so it is not ready."""
+
+    async def probe() -> None:
+        async with pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute("INSERT INTO readiness_probe DEFAULT VALUES")
+            finally:
+                await transaction.rollback()
+
+    try:
+        await bounded(within, probe())
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, asyncpg.PostgresConnectionError):
+            return "database unreachable"
+        log.warning("ops.database_refuses_writes", error=type(exc).__name__, sqlstate=exc.sqlstate)
+        return "database refuses writes"
+    except (*_DB_ERRORS, TimeoutError) as exc:
+        log.warning("ops.database_unreachable", error=str(exc) or type(exc).__name__)
+        return "database unreachable"
+    return None
+
+
+class DatabaseWatch(Protocol):
+    """The embedded PostgreSQL as `/healthz` sees it (`EmbeddedPostgres`)."""
+
+    def running(self) -> bool: ...
+
+
+#: set when the service runs on the embedded PostgreSQL, which nothing else watches
+DATABASE_WATCH = web.AppKey("database_watch", DatabaseWatch)
+
+
 @routes.get("/healthz")
-async def healthz(_request: web.Request) -> web.Response:
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 503 while the embedded PostgreSQL this process depends on is known dead
+    (being restarted, or given up on), so that a supervisor does not count a service that
+    answers 503 to every token request as healthy. A database that is merely slow, or an
+    external one, is /readyz's business."""
+    watch = request.config_dict.get(DATABASE_WATCH)
+    if watch is not None and not watch.running():
+        body = {"status": "unhealthy", "reasons": ["database down"]}
+        return web.json_response(body, status=503, headers={"Cache-Control": "no-store"})
     return web.json_response({"status": "ok"})
 
 
@@ -73,11 +124,14 @@ async def readyz(request: web.Request) -> web.Response:
     """200 when the database answers and every SQL projection is within the policy's lag;
     503 with the reasons otherwise (a load balancer stops sending traffic meanwhile)."""
     policy = request.config_dict.get(READINESS) or ReadinessPolicy()
-    statuses = await _statuses(_runner(request), policy.timeout)
+    runner = _runner(request)
+    statuses, refused = await asyncio.gather(
+        _statuses(runner, policy.timeout), _write_refused(runner.pool, policy.timeout)
+    )
     if statuses is None:
         # the driver's message stays in the log: it may name hosts and users
         return _readiness(["database unreachable"], [])
-    reasons: list[str] = []
+    reasons: list[str] = [refused] if refused else []
     for s in statuses:
         if s.lag_events > policy.max_lag_events:
             reasons.append(
@@ -106,13 +160,29 @@ def _readiness(reasons: list[str], projections: list[dict[str, Any]]) -> web.Res
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """The Prometheus exposition; projection lag is read now."""
+    """The Prometheus exposition; projection lag is read now. With METRICS_TOKEN set, only
+    for `Authorization: Bearer <METRICS_TOKEN>` (401 otherwise)."""
+    token = request.config_dict[SETTINGS].metrics_token
+    if token is not None:
+        _check_metrics_token(request, token)
     recorder = request.config_dict[METRICS]
     runner = _runner(request)
     policy = request.config_dict.get(READINESS) or ReadinessPolicy()
     recorder.set_projections(await _statuses(runner, policy.timeout))
     body, content_type = recorder.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _check_metrics_token(request: web.Request, token: str) -> None:
+    """RFC 6750 §2.1's header, compared in constant time; bytes, so that a header that is
+    not ASCII is refused rather than raising."""
+    sent = request.headers.get("Authorization", "")
+    scheme, _, given = sent.partition(" ")
+    expected = token.encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), expected
+    ):
+        raise Unauthorized("a valid metrics token is required", realm="metrics", sent=bool(sent))
 
 
 @web.middleware

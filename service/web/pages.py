@@ -205,32 +205,77 @@ def login_csrf_ok(request: web.Request, name: str, presented: str) -> bool:
     return expected is not None and hmac.compare_digest(given, expected.encode())
 
 
+def _host_of(uri: str) -> str:
+    """Where the browser goes after the answer: the redirect URI's host (and port)."""
+    try:
+        return urlsplit(uri).netloc or uri
+    except ValueError:
+        return uri
+
+
 def consent_page(
     *,
     application: str,
     company: str,
+    publisher: str | None,
     user_email: str,
     permissions: Sequence[tuple[str, str]],
     fields: Mapping[str, str],
     redirect_uri: str,
+    is_admin: bool,
+    admin_only: Sequence[str] = (),
+    switch_user: Mapping[str, str] | None = None,
 ) -> web.Response:
     """Allow or Deny: either answer is a redirect to the application's `redirect_uri`,
-    which the page's CSP form-action must let the browser follow."""
+    which the page's CSP form-action must let the browser follow.
+
+    Says who publishes the application (`publisher`: its company's name; None when it is
+    the user's own company) and where the answer goes, so that another company's look-alike
+    of a known application does not get the same page. `admin_only`: permissions this
+    member may not approve (no Allow button then). `switch_user`: the "Not you?" form's
+    fields (it signs out and comes back to this request)."""
+    app, home = escape(application), escape(company)
     items = "\n".join(
         f'<li><span class="permission">{escape(name)}</span>: {escape(text)}</li>'
         for name, text in permissions
     )
+    published = (
+        f"Published by your company, {home}."
+        if publisher is None
+        else f'<strong class="error">Published by {escape(publisher)}</strong>, another '
+        f"company: not by {home}. Allow it only if you expected an application of theirs."
+    )
+    blocked = ""
+    allow = '<button class="primary" type="submit" name="decision" value="approve">Allow</button>'
+    if admin_only:
+        names = ", ".join(escape(p) for p in admin_only)
+        blocked = (f'<p class="error" role="alert">Only an admin of {home} can allow {names}. '
+                   f"Ask an admin to connect {app} first.</p>\n")  # fmt: skip
+        allow = ""
+    revoke = (
+        "You can revoke this connection at any time on the Connections page of the "
+        '<a href="/dashboard">dashboard</a>.'
+        if is_admin
+        else f"An admin of {home} can revoke this connection at any time on the "
+        '<a href="/dashboard">dashboard</a>.'
+    )
+    switch = ""
+    if switch_user is not None:
+        switch = (f'<form method="post" action="/oauth/switch-user">\n{_hidden(switch_user)}\n'
+                  '<button class="secondary" type="submit">Not you? Sign in as someone else'
+                  "</button>\n</form>\n")  # fmt: skip
     return page(
         f"Allow {application}",
-        f"<h1>Allow <strong>{escape(application)}</strong> to access {escape(company)}?</h1>\n"
-        f"<p>{escape(application)} asks for these permissions:</p>\n"
+        f"<h1>Allow <strong>{app}</strong> to access {home}?</h1>\n"
+        f'<p class="publisher">{published}</p>\n'
+        f"<p>{app} asks for these permissions:</p>\n"
         f'<ul class="permissions">\n{items}\n</ul>\n'
-        f'<p class="muted">Signed in as {escape(user_email)}. You can revoke this connection '
-        "at any time in your company settings.</p>\n"
+        f"<p>Your answer takes you to <strong>{escape(_host_of(redirect_uri))}</strong>.</p>\n"
+        f"{blocked}"
+        f'<p class="muted">Signed in as {escape(user_email)}. {revoke}</p>\n'
         f'<form method="post" action="/oauth/authorize">\n{_hidden(fields)}\n'
-        '<div class="actions">'
-        '<button class="primary" type="submit" name="decision" value="approve">Allow</button>'
+        f'<div class="actions">{allow}'
         '<button class="secondary" type="submit" name="decision" value="deny">Deny</button>'
-        "</div>\n</form>",
+        f"</div>\n</form>\n{switch}",
         redirect_uri=redirect_uri,
     )

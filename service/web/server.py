@@ -1,14 +1,19 @@
 """The HTTP server around the application: aiohttp's runner, with a request handler whose
-answer to a request the HTTP parser refused never quotes that request back."""
+answer to a request the HTTP parser refused never quotes that request back, and which
+bounds what slow or numerous clients can hold (see `Limits`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import resource
 import signal
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -36,10 +41,139 @@ def parser_reason(exc: BaseException | None) -> str | None:
     return phrase if _PLAIN_PHRASE.fullmatch(phrase) else None
 
 
+@dataclass
+class Limits:
+    """What one process lets clients hold. aiohttp never times out a request that is
+    still arriving: a client sending a byte every few seconds held its connection (and a
+    descriptor, and memory) for as long as it liked, and enough of them exhausted the
+    process. Each request's headers and body must now arrive within `body_timeout`
+    seconds (from the connection opening, or from the request's first byte), and at most
+    `max_connections` are open at once; one more is answered 503 and closed unread."""
+
+    body_timeout: float
+    max_connections: int
+    open: int = 0
+    refused: int = field(default=0, repr=False)  # since the last log line about it
+    logged_at: float = field(default=0.0, repr=False)
+
+    def refuse(self, peer: str | None) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.logged_at >= 1.0:  # one line a second at most, in a flood
+            log.warning(
+                "http.connection_refused",
+                peer=peer,
+                open=self.open,
+                max_connections=self.max_connections,
+                refused=self.refused,
+            )
+            self.refused, self.logged_at = 0, now
+
+
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 2\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+_LINGER = 0.5  # seconds a timed-out client has to read its 408 before the socket goes
+
+
+def _raw(template: bytes, error: str, description: str) -> bytes:
+    body = msgspec.json.encode({"error": error, "error_description": description})
+    return template % (len(body), body)
+
+
 class _RequestHandler(RequestHandler):
     """aiohttp's handler, but for the answer and the log line of a request that never
     reached the application: aiohttp answers the parser's message, which quotes the
-    request (an Authorization header, a query string), and logs a multi-line traceback."""
+    request (an Authorization header, a query string), and logs a multi-line traceback.
+    It also enforces `Limits` on its connection."""
+
+    def __init__(self, manager: web.Server, limits: Limits | None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._counted = False
+        self._deadline: asyncio.TimerHandle | None = None  # set while a request arrives
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        limits = self._limits
+        if limits is None:
+            return
+        if limits.open >= limits.max_connections:
+            limits.refuse(self.peer)
+            description = "too many connections; try again"
+            self._close_with(_raw(_REFUSED, "temporarily_unavailable", description))
+            return
+        limits.open += 1
+        self._counted = True
+        self._arm()  # a connection that never completes a request is not kept either
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        if self._counted and self._limits is not None:
+            self._limits.open -= 1
+            self._counted = False
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._limits is not None and self._deadline is None and data:
+            self._arm()  # the first byte of a request
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before and self._messages:
+            # The headers are in; the body is complete at once (none) or later.
+            self._messages[-1][1].on_eof(self._disarm)
+
+    @property
+    def peer(self) -> str | None:
+        peername = self.peername
+        return str(peername[0]) if isinstance(peername, tuple) else None
+
+    def _arm(self) -> None:
+        assert self._limits is not None
+        self._disarm()
+        self._deadline = self._loop.call_later(self._limits.body_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        assert self._limits is not None
+        request = self._current_request
+        log.info("http.request_timeout", peer=self.peer, seconds=self._limits.body_timeout)
+        if request is not None and request.writer.output_size > 0:
+            self.force_close()  # a response is under way: nothing else can be said
+            return
+        description = f"the request did not arrive within {self._limits.body_timeout:g} s"
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        # Closing a socket whose client is still sending resets it, and a reset can destroy
+        # the answer before the client reads it: the answer goes out with a FIN, what still
+        # arrives is read and dropped (as after force_close), and the socket goes shortly.
+        transport.write(_raw(_TIMED_OUT, "invalid_request", description))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._force_close = True
+        if self._waiter is not None:
+            self._waiter.cancel()
+        self._loop.call_later(_LINGER, transport.abort)
+
+    def _close_with(self, answer: bytes) -> None:
+        """Say `answer` and close (to a client that has not sent anything yet)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(answer)
+        self.force_close()
 
     def handle_error(
         self,
@@ -72,22 +206,55 @@ class _RequestHandler(RequestHandler):
 
 
 class _Server(web.Server):
+    limits: Limits | None = None
+
     def __call__(self) -> RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+        return _RequestHandler(self, self.limits, loop=self._loop, **self._kwargs)
 
 
 class Runner(web.AppRunner):
     """`web.AppRunner` whose connections are handled by `_RequestHandler`."""
 
+    def __init__(self, app: web.Application, *, limits: Limits | None = None, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self._limits = limits
+
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # starts the application
-        return _Server(
+        server = _Server(
             made.request_handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=asyncio.get_running_loop(),
             **made._kwargs,
         )
+        server.limits = self._limits
+        return server
+
+
+def limits(settings: Settings) -> Limits:
+    """The settings' limits, within the descriptors this process may open: the soft limit
+    is raised to the hard one, and connections are capped below it, leaving room for the
+    database pool, the log and the files the service opens (else accept() fails with
+    EMFILE and the process stops answering everyone, /healthz included)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    room = soft - settings.pool_size - 100
+    cap = max(1, min(settings.max_connections, room))
+    if cap < settings.max_connections:
+        log.warning(
+            "http.max_connections_lowered",
+            max_connections=settings.max_connections,
+            to=cap,
+            open_files_limit=soft,
+        )
+    return Limits(body_timeout=settings.body_timeout, max_connections=cap)
 
 
 def listen_url(settings: Settings) -> str:
@@ -111,6 +278,7 @@ def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False)
 async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:
     runner = Runner(
         app,
+        limits=limits(settings),
         access_log=None,  # the request middleware writes the one line per request
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         shutdown_timeout=SHUTDOWN_TIMEOUT,

@@ -68,7 +68,11 @@ async def process(argv: list[str], env: dict[str, str], port: int, copies: int =
 
 
 def service(dsn: str, port: int, workers: int = 1) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_FORMAT": "json"}
+    # Default settings, but for the two bounds on one client's issuance: a benchmark from
+    # one client is exactly the flood the per-client rate limit answers with 429, and past
+    # CC_TOKEN_LIMIT live tokens each issue would also supersede the oldest.
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_FORMAT": "json",
+           "TOKEN_RATE_PER_CLIENT": "0", "CC_TOKEN_LIMIT": "0"}  # fmt: skip
     return [sys.executable, "-m", "service", "serve", "--workers", str(workers)], env
 
 
@@ -90,7 +94,8 @@ async def setup(dsn: str) -> tuple[dict[str, str], dict[str, Any]]:
 
 async def new_app(base: str, admin: dict[str, str]) -> dict[str, Any]:
     body = {"name": "Bench", "grant_type": "client_credentials", "ip_allowlist": ["127.0.0.1"],
-            "permissions": ["invoices:read"]}  # fmt: skip
+            "permissions": ["invoices:read"],
+            "notification_emails": ["ops@bench.example"]}  # fmt: skip
     async with (
         aiohttp.ClientSession() as http,
         http.post(f"{base}/admin/applications", headers=admin, json=body) as r,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.app import CONTEXT
 from service.web import sessions
 from tests.browser.steps import arrive, sign_in
 
@@ -27,7 +28,7 @@ async def test_allow_brings_the_browser_back_with_a_code_that_buys_tokens(
     await arrive(page, callback.url, console)
     assert await page.get_by_role("heading", name="Back at the application").is_visible()
     [received] = callback.received
-    assert set(received) == {"code", "state"}
+    assert set(received) == {"code", "state", "iss"}  # RFC 9207: the issuer comes along
     assert received["state"] == "allow-1"
     response = await oauth_client.exchange(client, received["code"])
     assert response.status == 200, await response.text()
@@ -47,13 +48,15 @@ async def test_deny_brings_the_browser_back_with_access_denied(
     await page.get_by_role("button", name="Deny").click()
 
     await arrive(page, callback.url, console)
-    assert callback.received == [{"error": "access_denied", "state": "deny-1"}]
+    [received] = callback.received
+    assert received.pop("iss")  # RFC 9207: the issuer comes along
+    assert received == {"error": "access_denied", "state": "deny-1"}
     assert await count(db, "ConnectionGranted") == 0
     assert await count(db, "AuthorizationCodeIssued") == 0
 
 
 async def test_an_error_held_until_sign_in_reaches_the_application_after_it(
-    page, console, company, oauth_client, callback
+    page, console, client, company, oauth_client, callback
 ):
     """An unsupported response_type goes back to the application only once the user has
     signed in: the redirect then ends the sign-in form's submission, under its CSP."""
@@ -61,7 +64,9 @@ async def test_an_error_held_until_sign_in_reaches_the_application_after_it(
     await sign_in(page, company.admin_email, company.admin_password)
 
     await arrive(page, callback.url, console)
-    assert callback.received == [{"error": "unsupported_response_type", "state": "token-1"}]
+    [received] = callback.received
+    assert received.pop("iss") == client.app[CONTEXT].settings.issuer  # RFC 9207
+    assert received == {"error": "unsupported_response_type", "state": "token-1"}
 
 
 async def test_a_wrong_password_shows_the_error_and_sets_no_session(

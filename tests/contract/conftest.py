@@ -112,7 +112,8 @@ def _populate(url: str, env: dict[str, str], log: Path) -> Live:
     made = requests.post(
         f"{url}/admin/applications", headers=admin, timeout=10,
         json={"name": "Contract client", "grant_type": "client_credentials",
-              "permissions": scopes, "ip_allowlist": ["127.0.0.1", "::1"]},
+              "permissions": scopes, "ip_allowlist": ["127.0.0.1", "::1"],
+              "notification_emails": ["ops@contract.example"]},
     )  # fmt: skip
     assert made.status_code == 201, made.text
     client = made.json()

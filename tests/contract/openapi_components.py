@@ -227,7 +227,7 @@ def oauth_schemas() -> Json:
                         "sub": STRING,
                         "company_id": STRING,
                     },
-                    {"exp": {"type": "integer"}},
+                    {"exp": {"type": "integer"}, "iat": {"type": "integer"}, "iss": STRING},
                 ),
             ]
         },
@@ -245,6 +245,7 @@ def server_metadata_schema() -> Json:
     )  # fmt: skip
     fields = {"issuer": STRING, "introspection_endpoint": STRING}
     fields |= {name: STRING for name in urls} | {name: STRINGS for name in lists}
+    fields["authorization_response_iss_parameter_supported"] = {"const": True}  # RFC 9207
     return obj(fields)
 
 

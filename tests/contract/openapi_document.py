@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from service import events as ev
 from service.audit.history import MAX_LIMIT, MAX_POSITION, MAX_STREAM_LENGTH
 from tests.contract.openapi_components import (
@@ -41,6 +43,7 @@ from tests.contract.openapi_components import (
     header,
     html,
     json_body,
+    obj,
     ok,
     op,
     redirect,
@@ -255,14 +258,15 @@ def oauth_paths() -> Json:
                 requestBody=oauth_body("TokenRequest"),
                 description="Client authentication by HTTP Basic (client_id and secret "
                 "form-urlencoded first, RFC 6749 §2.3.1) or client_id + client_secret in the "
-                "body, never both. A secret rotated away is refused and recorded.",
+                "body, never both. A secret rotated away is refused like a wrong one, and "
+                "recorded.",
             ),
         },
         "/oauth/revoke": {
             "post": op(
                 "RFC 7009: 200 whether or not the token was known, live or this client's",
                 {"200": {"description": "revoked, or nothing to revoke", "headers": no_store}}
-                | use(*errors),
+                | use(*errors, "IpNotAllowed"),
                 tag="oauth",
                 operationId="revoke",
                 security=CLIENT,
@@ -272,7 +276,8 @@ def oauth_paths() -> Json:
         "/oauth/introspect": {
             "post": op(
                 "RFC 7662 introspection, for the token's own client or a resource server",
-                ok("Introspection", "the token's state", headers=no_store) | use(*errors),
+                ok("Introspection", "the token's state", headers=no_store)
+                | use(*errors, "IpNotAllowed"),
                 tag="oauth",
                 operationId="introspect",
                 security=[{"resourceServerKey": []}, *CLIENT],
@@ -336,7 +341,7 @@ def session_and_policy_paths() -> Json:
         },
         "/api/v1/whoami": {
             "get": op(
-                "The gateway's built-in endpoint (no UPSTREAM_URL): who the token is",
+                "The gateway's own endpoint (with or without UPSTREAM_URL): who the token is",
                 ok("WhoAmI", "the token's company, client, permissions and expiry")
                 | use("TokenUnauthorized", "TokenForbidden", "Unavailable"),
                 tag="gateway",
@@ -344,7 +349,8 @@ def session_and_policy_paths() -> Json:
                 security=[{"accessToken": []}],
                 description="Every /api/{path} goes through the gateway: the token, the "
                 "allow list and the route's permission are checked, then the request is "
-                "proxied to UPSTREAM_URL; only this path is Tollgate's own.",
+                "proxied to UPSTREAM_URL; only this path is Tollgate's own. A method or path "
+                "that no route rule covers is refused (403 insufficient_scope).",
             ),
         },
     }
@@ -465,10 +471,165 @@ def page_paths() -> Json:
     }  # fmt: skip
 
 
+# --- the dashboard's pages and forms (HTML; every form POST needs the session's csrf_token) --
+
+
+def dashboard_paths() -> Json:
+    """GET pages answer 200 (or the sign-in form), 403 for members, 404 for what is not the
+    company's; a form POST answers 303 back to a page, the form again with its error (400),
+    or 403 (no session, a member, or not the session's CSRF token)."""
+    shown = {"200": html("the page, or the sign-in form"), "403": html("admins only"),
+             "404": html("not this company's")}  # fmt: skip
+    done = {"303": redirect("back to the page, which says what happened"),
+            "400": {"description": "the form again with what is wrong, or JSON for an "
+                    "unreadable body", "content": {HTML: {"schema": STRING},
+                                                    JSON: {"schema": ref("Error")}}},
+            "403": html("no session, a member, or the form's token is not the session's"),
+            "404": html("not this company's"), "409": html("a conflict (the last admin...)"),
+            "412": html("changed meanwhile"),
+            "413": {"$ref": "#/components/responses/PayloadTooLarge"}}  # fmt: skip
+    client_id = {"parameters": [CLIENT_ID]}
+    user_id = {"parameters": [{"name": "user_id", "in": "path", "required": True,
+                               "schema": STRING}]}  # fmt: skip
+    key_id = {"parameters": [{"name": "key_id", "in": "path", "required": True,
+                              "schema": STRING}]}  # fmt: skip
+    app_fields = ("csrf_token", "name", "grant_type", "redirect_uri", "ip_allowlist",
+                  "permissions", "notification_emails")  # fmt: skip
+
+    def get(summary: str, operation_id: str, **more: Any) -> Json:
+        return {"get": page(summary, shown, operation_id, **more)}
+
+    def post(summary: str, operation_id: str, fields: tuple[str, ...] = ()) -> Json:
+        body = form_body(("csrf_token", *fields))
+        return {"post": page(summary, done, operation_id, requestBody=body)}
+
+    history_query = [{"name": n, "in": "query", "required": False, "schema": STRING}
+                     for n in ("type", "application", "since", "until", "before")]  # fmt: skip
+    base = "/dashboard/applications/{client_id}"
+    return {
+        "/dashboard/applications": get("The company's applications", "dashboardApplications")
+        | post("Create an application; its secret is shown once", "dashboardCreateApplication",
+               app_fields),
+        "/dashboard/applications/new": get("The new-application form", "dashboardNewApplication"),
+        base: client_id | get("One application: settings, secret, tokens, violations",
+                              "dashboardApplication")
+        | post("Change an application", "dashboardEditApplication", (*app_fields, "version")),
+        base + "/rotate-secret": client_id | post("A new client secret, shown once",
+                                                  "dashboardRotateSecret"),
+        base + "/revoke-tokens": client_id | post("Revoke every token of the application",
+                                                  "dashboardRevokeTokens"),
+        base + "/delete": client_id | get("Confirm deleting an application",
+                                          "dashboardConfirmDelete")
+        | post("Delete an application", "dashboardDeleteApplication"),
+        "/dashboard/connections": get("Connections: to this company, and to its applications",
+                                      "dashboardConnections"),
+        "/dashboard/connections/{client_id}/revoke": client_id | post(
+            "Revoke a connection", "dashboardRevokeConnection"),
+        "/dashboard/people": get("The company's users", "dashboardPeople")
+        | post("Add a user (a generated password is shown once)", "dashboardAddPerson",
+               ("email", "role", "password")),
+        "/dashboard/people/{user_id}/role": user_id | post("Change a user's role",
+                                                           "dashboardChangeRole", ("role",)),
+        "/dashboard/people/{user_id}/reset-password": user_id | post(
+            "A new password for a user, shown once", "dashboardResetPassword"),
+        "/dashboard/people/{user_id}/remove": user_id | get("Confirm removing a user",
+                                                            "dashboardConfirmRemove")
+        | post("Remove a user", "dashboardRemovePerson"),
+        "/dashboard/keys": get("The company's admin keys", "dashboardKeys")
+        | post("Issue an admin key, shown once", "dashboardIssueKey", ("label",)),
+        "/dashboard/keys/{key_id}/revoke": key_id | post("Revoke an admin key",
+                                                         "dashboardRevokeKey"),
+        "/dashboard/history": {"get": page(
+            "The company's events: filtered, newest first, a page at a time",
+            shown | {"400": html("a filter that cannot be used, named")}, "dashboardHistory",
+            parameters=history_query)},
+    }  # fmt: skip
+
+
+# --- users' lifecycle, the kill switch, the consent page's "Not you?" ------------------------
+
+
+def lifecycle_paths() -> Json:
+    no_store = {"Cache-Control": NO_STORE_HEADER}
+    user_id = {"parameters": [{"name": "user_id", "in": "path", "required": True,
+                               "schema": STRING}]}  # fmt: skip
+    last_admin = {"409": error("last_admin: the company's last admin stays one")}
+    optional = {"required": False, "content": {JSON: {"schema": ref("ResetPasswordIn")}}}
+    cookie = header({"type": "string", "pattern": "^tg_session="}, "the new session's cookie")
+    return {
+        "/admin/users/{user_id}": user_id | {
+            "patch": op("Change a user's role", ok("User", "the user, changed")
+                        | use(*BODY_ERRORS, "NotFound", "PreconditionFailed", *ADMIN_ERRORS)
+                        | last_admin, tag="users", operationId="changeRole", security=ADMIN,
+                        requestBody=json_body("RoleIn")),
+            "delete": op("Remove a user: they cannot sign in, their sessions end everywhere",
+                         {"204": {"description": "removed"}}
+                         | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS) | last_admin,
+                         tag="users", operationId="removeUser", security=ADMIN),
+        },
+        "/admin/users/{user_id}/reset-password": user_id | {
+            "post": op("A new password for a user (generated and shown once, or the one sent); "
+                       "their sessions end", ok("PasswordReset", "reset", headers=no_store)
+                       | use(*BODY_ERRORS, "NotFound", *ADMIN_ERRORS),
+                       tag="users", operationId="resetPassword", security=ADMIN,
+                       requestBody=optional),
+        },
+        "/admin/applications/{client_id}/revoke-tokens": {
+            "parameters": [CLIENT_ID],
+            "post": op("The kill switch: every live token of the application revoked; "
+                       "client_id and secret kept", ok("TokensRevoked", "revoked")
+                       | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                       tag="applications", operationId="revokeTokens", security=ADMIN),
+        },
+        "/session/password": {
+            "post": op("Change one's own password (the current one proves it): every session "
+                       "of the user ends, the caller gets a new one",
+                       ok("PasswordChanged", "changed",
+                          headers={"Set-Cookie": cookie, "Cache-Control": NO_STORE_HEADER})
+                       | use(*BODY_ERRORS, "AdminUnauthorized", "Unavailable")
+                       | {"403": error("invalid_credentials: the current password is wrong; "
+                                       "or no session, or no X-CSRF-Token"),
+                          "409": error("conflict: the password changed meanwhile"),
+                          "429": error("too_many_attempts", {"Retry-After": RETRY_AFTER})},
+                       tag="session", operationId="changePassword",
+                       security=[{"session": [], "csrf": []}],
+                       requestBody=json_body("PasswordChangeIn")),
+        },
+        "/oauth/switch-user": {
+            "post": page("The consent page's \"Not you?\": sign out, back to the same "
+                         "authorization request", {"303": redirect("the authorization request"),
+                                                   "403": html("the form expired"),
+                                                   "413": {"$ref": "#/components/responses/PayloadTooLarge"},
+                                                   "400": {"description": "JSON for an unreadable body",
+                                                           "content": {JSON: {"schema": ref("Error")}}}},
+                         "switchUser", requestBody=form_body(("next", "csrf_token"))),
+        },
+    }  # fmt: skip
+
+
+def lifecycle_schemas() -> Json:
+    from service.web.admin import ResetPasswordIn, RoleIn
+    from service.web.login import PasswordChangeIn
+
+    _, requests = msgspec.json.schema_components(
+        [RoleIn, ResetPasswordIn, PasswordChangeIn], ref_template="#/components/schemas/{name}"
+    )
+    requests["ResetPasswordIn"]["description"] = "No body, or no password: one is generated."
+    return dict(requests) | {
+        "PasswordReset": obj({"user_id": STRING},
+                             {"password": {**STRING, "description": "generated: shown once"}}),
+        "TokensRevoked": obj({"client_id": STRING, "revoked": {
+            "type": "integer", "minimum": 0,
+            "description": "live grants ended: a refresh-token family counts once, as does "
+                           "each client_credentials token"}}),
+        "PasswordChanged": obj({"user_id": STRING, "csrf_token": STRING}),
+    }  # fmt: skip
+
+
 def build() -> Json:
     paths: Json = {}
     for part in (application_paths, people_paths, oauth_paths, session_and_policy_paths,
-                 ops_paths, page_paths):  # fmt: skip
+                 ops_paths, page_paths, dashboard_paths, lifecycle_paths):  # fmt: skip
         paths |= part()
     return {
         "openapi": "3.1.0",
@@ -481,7 +642,7 @@ def build() -> Json:
         },
         "paths": paths,
         "components": {
-            "schemas": request_schemas() | response_schemas(),
+            "schemas": request_schemas() | response_schemas() | lifecycle_schemas(),
             "responses": common_responses(),
             "securitySchemes": SECURITY_SCHEMES,
         },

@@ -152,6 +152,7 @@ async def credentials(db, tmp_path: Path, running: Running) -> Credentials:
                 "grant_type": "client_credentials",
                 "ip_allowlist": ["127.0.0.1"],
                 "permissions": ["invoices:read"],
+                "notification_emails": ["ops@acme.example"],
             },
         ) as response:
             assert response.status == 201, await response.text()

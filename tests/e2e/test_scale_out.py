@@ -84,6 +84,7 @@ async def test_revocation_and_allow_list_changes_reach_the_other_process(db, tmp
                 "grant_type": "client_credentials",
                 "ip_allowlist": ["127.0.0.1"],
                 "permissions": ["invoices:read"],
+                "notification_emails": ["ops@acme.example"],
             },
         )
         app = await response.json()

@@ -3,13 +3,23 @@ test here fails when its rule is broken (the mutant named in its docstring)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+
+import pytest
 
 from service.app import CONTEXT
 from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
 from tests.e2e.oauth_helpers import authorize_url, basic, code_for, new_app
 from tests.e2e.test_oauth_flows import exchange, introspect, refresh
+
+
+@pytest.fixture
+def settings(settings):
+    """No refresh-reuse grace here: these tests pin what reuse does once it has passed
+    (test_refresh_grace.py covers the grace itself)."""
+    return dataclasses.replace(settings, refresh_reuse_grace=0)
 
 
 def bearer(t):

@@ -70,3 +70,39 @@ async def test_a_connection_error_that_is_not_the_client_leaving_is_still_a_503(
         assert (await response.json())["error"] == "temporarily_unavailable"
     finally:
         await client.close()
+
+
+async def test_every_way_the_database_fails_to_serve_is_a_503_with_retry_after():
+    import asyncpg
+
+    for exc in (
+        asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+        asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
+        asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.DiskFullError("could not extend file: No space left on device"),
+        asyncpg.LockNotAvailableError("canceling statement due to lock timeout"),
+        asyncpg.DeadlockDetectedError("deadlock detected"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.InternalClientError("connection lost"),
+        TimeoutError(),
+    ):
+        client = await serve(exc)
+        try:
+            response = await client.get("/boom")
+            assert response.status == 503, type(exc).__name__
+            assert response.headers["Retry-After"].isdigit()
+            assert (await response.json())["error"] == "temporarily_unavailable"
+        finally:
+            await client.close()
+
+
+async def test_a_database_error_that_is_a_bug_stays_a_500():
+    import asyncpg
+
+    client = await serve(asyncpg.UndefinedColumnError('column "nope" does not exist'))
+    try:
+        response = await client.get("/boom")
+        assert response.status == 500
+        assert (await response.json())["error"] == "server_error"
+    finally:
+        await client.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
+import msgspec
 import pytest
 
 from service import events as ev
@@ -337,3 +338,93 @@ def test_revoking_a_live_token_of_ones_own_revokes_its_family():
 )
 def test_revoking_anything_else_records_nothing(family_id, owner):
     assert grants.revoke("client-1", family_id, owner, h("t")) is None
+
+
+# --- a refresh repeated within the grace ---------------------------------------------------
+
+
+def spent_family(*recently_spent: str, spent_at: int = NOW - 3, version: int = 4):
+    """A family whose live refresh token is refresh-9, rotated at `spent_at`."""
+    return msgspec.structs.replace(
+        rules.family(refresh_hash=h("refresh-9"), version=version),
+        recently_spent=recently_spent,
+        spent_at=spent_at,
+    )
+
+
+def repeat(family, grace=10):
+    return grants.refresh(
+        rules.app("authorization_code"), h("refresh-1"), ("fam_1", family),
+        rules.connection(), None, TOKENS, NOW, IP, grace,
+    )  # fmt: skip
+
+
+def test_a_repeat_of_the_token_spent_last_within_the_grace_rotates_from_the_live_one():
+    issue = repeat(spent_family(h("refresh-1")))
+    assert isinstance(issue, grants.Issue) and issue.refresh
+    [event] = issue.record.events
+    assert isinstance(event, ev.TokenRefreshed) and event.grace_reuse
+    assert event.spent_refresh_token_hash == h("refresh-1")
+    assert (event.token_hash, event.refresh_token_hash) == TOKENS
+    assert issue.record.expected_version == 4  # after the live one, at the family version
+    assert issue.conflict is not None  # a race lost then is decided again
+
+
+def test_a_repeat_of_a_token_a_repeat_rotated_away_is_allowed_within_the_same_grace():
+    issue = repeat(spent_family(h("refresh-0"), h("refresh-1")))
+    assert isinstance(issue, grants.Issue) and issue.record.events[0].grace_reuse
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        spent_family(h("refresh-1"), spent_at=NOW - 10),
+        spent_family(h("refresh-0")),
+        spent_family(),
+        spent_family(*(h(f"refresh-{n}") for n in range(1, grants.GRACE_REPEATS + 2))),
+    ],
+    ids=["after-the-grace", "an-older-token", "never-rotated", "too-many-repeats"],
+)
+def test_any_other_repeat_revokes_the_family(family):
+    refusal = repeat(family)
+    assert isinstance(refusal, grants.Refusal)
+    assert [type(e) for e in refusal.record.events] == [ev.RefreshTokenReused, ev.TokenRevoked]
+    assert refusal.record.events[1].reason == "refresh_reuse"
+
+
+def test_a_grace_of_zero_allows_no_repeat():
+    assert isinstance(repeat(spent_family(h("refresh-1")), grace=0), grants.Refusal)
+
+
+def test_a_repeat_within_the_grace_is_held_to_the_refresh_expiry():
+    expired = msgspec.structs.replace(spent_family(h("refresh-1")), refresh_expires_at=NOW)
+    with pytest.raises(InvalidGrant, match="expired"):
+        repeat(expired)
+
+
+def test_a_normal_rotation_says_it_is_no_repeat():
+    issue = do_refresh(("fam_1", rules.family()))
+    assert isinstance(issue, grants.Issue) and not issue.record.events[0].grace_reuse
+
+
+# --- client_credentials past the limit of live tokens ----------------------------------------
+
+
+def test_client_credentials_supersedes_the_oldest_once_the_token_is_recorded():
+    issue = grants.client_credentials(rules.app(), None, h("t"), NOW, (h("old-1"), h("old-2")))
+    assert issue.record.events[0].token_hash == h("t")  # the new token's record is unchanged
+    assert issue.record.conditions == ((streams.application("client-1"), 3),)
+    streams_revoked = [then.stream for then in issue.then]
+    assert streams_revoked == [
+        streams.token_family(streams.lone_family(h("old-1"))),
+        streams.token_family(streams.lone_family(h("old-2"))),
+    ]
+    for then in issue.then:
+        [revoked] = then.events
+        assert isinstance(revoked, ev.TokenRevoked) and revoked.reason == "superseded"
+        assert revoked.client_id == "client-1" and revoked.company_id == "co_owner"
+        assert then.expected_version is None  # revoked twice by two processes: still revoked
+
+
+def test_client_credentials_within_the_limit_supersedes_nothing():
+    assert grants.client_credentials(rules.app(), None, h("t"), NOW).then == ()

@@ -21,6 +21,14 @@ def test_stream_name_formats_are_stable():
     assert streams.violations("cid") == "violations-cid"
     assert streams.secret_use("cid") == "secret-use-cid"
     assert streams.notification(42) == "notification-42"
+    assert (
+        streams.alert_window("violations", "cid", "192.0.2.1", 1_700_000_100)
+        == "violations-window-cid-1700000100-192.0.2.1"
+    )
+    assert (
+        streams.alert_window("secret-use", "cid", "2001:db8::1", 900)
+        == "secret-use-window-cid-900-2001:db8::1"
+    )
     assert streams.notification_failures(42) == "notification-failures-42"
 
 

@@ -1,0 +1,30 @@
+"""A rate per key (a token bucket): `rate` a second on average, `burst` at once. Memory is
+bounded; the caller passes the time."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+
+class RateLimit:
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (left, at)
+
+    def take(self, key: str, now: float) -> int:
+        """0 when `key` may go now (and one is taken), else the whole seconds to wait."""
+        if self.rate <= 0:
+            return 0
+        left, at = self._buckets.get(key, (float(self.burst), now))
+        left = min(float(self.burst), left + max(0.0, now - at) * self.rate)
+        allowed = left >= 1.0
+        self._buckets[key] = (left - 1.0 if allowed else left, now)
+        self._buckets.move_to_end(key)
+        # A key forgotten starts full again: the least recently seen go first, so the ones
+        # held back now are the last to be forgotten.
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return 0 if allowed else max(1, math.ceil((1.0 - left) / self.rate))

@@ -1,0 +1,116 @@
+"""Consent that cannot be phished or silently narrowed: the page names the publisher and
+where the answer goes; a later, narrower consent by another user keeps the grant given; only
+an admin adds a permission other than `:read`; "Not you?" signs out and comes back."""
+
+from __future__ import annotations
+
+import html
+
+from tests.e2e.lifecycle_helpers import add_user
+from tests.e2e.oauth_helpers import authorize_url, basic, consent, new_app, query_of, sign_in
+from tests.e2e.test_oauth_flows import exchange
+
+BOTH = "invoices:read invoices:write"
+
+
+async def web_app(client, company, **fields) -> dict:
+    return await new_app(client, company, grant_type="authorization_code",
+                         permissions=["invoices:read", "invoices:write"], **fields)  # fmt: skip
+
+
+async def signed_in_page(client, email: str, password: str, url: str) -> str:
+    client.session.cookie_jar.clear()
+    await sign_in(client, email, password, url)
+    page = await client.get(url)
+    assert page.status == 200
+    return html.unescape(await page.text())
+
+
+async def test_the_page_names_the_publishing_company_and_the_redirect_host(
+    client, company, other_company
+):
+    theirs = await new_app(client, other_company, grant_type="authorization_code",
+                           name="Acme Payroll")  # fmt: skip
+    page = await signed_in_page(client, company.admin_email, company.admin_password,
+                                authorize_url(theirs))  # fmt: skip
+    assert "Published by Globex" in page and "another company" in page
+    assert "Your answer takes you to <strong>app.example</strong>" in page
+    ours = await new_app(client, company, grant_type="authorization_code", name="Acme Payroll")
+    own_page = html.unescape(await (await client.get(authorize_url(ours))).text())
+    assert "Published by your company, Acme." in own_page
+    assert "another company" not in own_page
+    assert 'href="/dashboard"' in own_page and "Connections page" in own_page
+
+
+async def test_a_members_narrower_consent_keeps_the_admins_grant(client, company):
+    app = await web_app(client, company)
+    member = await add_user(client, company.auth, "clerk@acme.example", "member")
+    both = authorize_url(app, scope=BOTH)
+    client.session.cookie_jar.clear()
+    await sign_in(client, company.admin_email, company.admin_password, both)
+    admin_tokens = await (
+        await exchange(client, app, query_of(await consent(client, both))["code"])
+    ).json()
+    assert admin_tokens["scope"] == BOTH
+    read = authorize_url(app, scope="invoices:read")
+    client.session.cookie_jar.clear()
+    await sign_in(client, "clerk@acme.example", member["password"], read)
+    member_tokens = await (
+        await exchange(client, app, query_of(await consent(client, read))["code"])
+    ).json()
+    assert member_tokens["scope"] == "invoices:read"
+    refreshed = await client.post(
+        "/oauth/token",
+        data={"grant_type": "refresh_token", "refresh_token": admin_tokens["refresh_token"]},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert refreshed.status == 200, await refreshed.text()
+    assert (await refreshed.json())["scope"] == BOTH  # the live token and its refresh agree
+    connections = await (await client.get("/admin/connections", headers=company.auth)).json()
+    [connection] = connections["connections"]
+    assert connection["permissions"] == ["invoices:read", "invoices:write"]
+
+
+async def test_only_an_admin_may_add_a_write_permission(client, company, db):
+    app = await web_app(client, company)
+    member = await add_user(client, company.auth, "clerk@acme.example", "member")
+    both = authorize_url(app, scope=BOTH)
+    page = await signed_in_page(client, "clerk@acme.example", member["password"], both)
+    assert "Only an admin of Acme can allow invoices:write" in page
+    assert 'value="approve"' not in page
+    fields = {k: html.unescape(v) for k, v in query_of(both).items() if k != "response_type"}
+    token = page.split('name="csrf_token" value="')[1].split('"')[0]
+    forged = await client.post("/oauth/authorize", allow_redirects=False,
+                               data=fields | {"csrf_token": token, "decision": "approve"})  # fmt: skip
+    assert forged.status == 403
+    assert "only a company admin can allow invoices:write" in await forged.text()
+    granted = "SELECT count(*) FROM events WHERE type = 'ConnectionGranted'"
+    assert await db.pool.fetchval(granted) == 0
+    # once an admin has allowed it, a member's consent may include it
+    client.session.cookie_jar.clear()
+    await sign_in(client, company.admin_email, company.admin_password, both)
+    await consent(client, both)
+    client.session.cookie_jar.clear()
+    await sign_in(client, "clerk@acme.example", member["password"], both)
+    code = query_of(await consent(client, both))["code"]
+    assert (await (await exchange(client, app, code)).json())["scope"] == BOTH
+
+
+async def test_not_you_signs_out_and_returns_to_the_same_request(client, company, db):
+    app = await web_app(client, company)
+    url = authorize_url(app, scope="invoices:read")
+    page = await signed_in_page(client, company.admin_email, company.admin_password, url)
+    form = page.split('action="/oauth/switch-user">')[1].split("</form>")[0]
+    fields = {
+        part.split('name="')[1].split('"')[0]: part.split('value="')[1].split('"')[0]
+        for part in form.split("<input")[1:]
+    }
+    assert await db.pool.fetchval("SELECT count(*) FROM web_sessions") == 1
+    response = await client.post("/oauth/switch-user", data=fields, allow_redirects=False)
+    assert response.status == 303
+    assert query_of(response.headers["Location"]) == query_of(url)
+    assert await db.pool.fetchval("SELECT count(*) FROM web_sessions") == 0
+    again = await client.get(response.headers["Location"])
+    assert 'name="password"' in await again.text()  # the sign-in form, for someone else
+    forged = await client.post("/oauth/switch-user", data=fields | {"csrf_token": "x" * 64})
+    assert forged.status == 403

@@ -1,0 +1,101 @@
+"""A refresh repeated within REFRESH_REUSE_GRACE, over HTTP: a client's retry after a lost
+answer, or two refreshes racing with one refresh token, gets a working pair and is
+recorded; a repeat after the grace still revokes the whole grant (RFC 9700 §4.14.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import pytest
+
+from service.oauth import tokens
+from tests.e2e.oauth_helpers import basic, code_for, new_app
+
+GRACE = 2  # seconds; whole seconds are compared, so a prompt retry is within it
+
+
+@pytest.fixture
+def settings(settings):
+    return dataclasses.replace(settings, refresh_reuse_grace=GRACE)
+
+
+async def post_token(client, app, **data):
+    return await client.post(
+        "/oauth/token", data=data, headers=basic(app["client_id"], app["client_secret"])
+    )
+
+
+async def a_grant(client, company) -> tuple[dict, dict]:
+    app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    code = await code_for(client, company, app)
+    response = await post_token(
+        client, app, grant_type="authorization_code", code=code, redirect_uri=app["redirect_uri"]
+    )
+    assert response.status == 200, await response.text()
+    return app, await response.json()
+
+
+async def refresh(client, app, refresh_token):
+    return await post_token(client, app, grant_type="refresh_token", refresh_token=refresh_token)
+
+
+async def whoami(client, access_token) -> int:
+    response = await client.get(
+        "/api/v1/whoami", headers={"Authorization": f"Bearer {access_token}"}
+    )
+    return response.status
+
+
+async def payloads(db, type_: str) -> list[dict]:
+    rows = await db.pool.fetch(
+        "SELECT payload FROM events WHERE type = $1 ORDER BY position", type_
+    )
+    return [json.loads(row["payload"]) for row in rows]
+
+
+async def test_concurrent_refreshes_with_one_refresh_token_both_succeed_and_the_grant_lives(
+    client, company, db
+):
+    app, first = await a_grant(client, company)
+    answers = await asyncio.gather(
+        *(refresh(client, app, first["refresh_token"]) for _ in range(2))
+    )
+    assert [a.status for a in answers] == [200, 200], [await a.text() for a in answers]
+    one, two = [await a.json() for a in answers]
+    assert one["refresh_token"] != two["refresh_token"]
+    assert await whoami(client, one["access_token"]) == 200
+    assert await whoami(client, two["access_token"]) == 200
+    refreshed = await payloads(db, "TokenRefreshed")
+    assert [p["grace_reuse"] for p in refreshed] == [False, True]  # the repeat is recorded
+    assert await payloads(db, "TokenRevoked") == []
+    # the family has one live refresh token, the newest, and it rotates as usual
+    [newest] = [
+        b
+        for b in (one, two)
+        if tokens.token_hash(b["refresh_token"]) == refreshed[1]["refresh_token_hash"]
+    ]
+    assert (await refresh(client, app, newest["refresh_token"])).status == 200
+
+
+async def test_a_retry_within_the_grace_works_and_one_after_it_revokes_the_grant(
+    client, company, db
+):
+    app, first = await a_grant(client, company)
+    second = await refresh(client, app, first["refresh_token"])
+    assert second.status == 200
+    retry = await refresh(client, app, first["refresh_token"])  # the answer was lost
+    assert retry.status == 200, await retry.text()
+    live = await retry.json()
+    assert await whoami(client, live["access_token"]) == 200
+
+    await asyncio.sleep(GRACE + 1.1)
+    late = await refresh(client, app, first["refresh_token"])
+    assert late.status == 400
+    assert (await late.json())["error"] == "invalid_grant"
+    assert await whoami(client, live["access_token"]) == 401  # the whole grant is gone
+    assert (await refresh(client, app, live["refresh_token"])).status == 400
+    assert [p["reason"] for p in await payloads(db, "TokenRevoked")] == ["refresh_reuse"]
+    [reused] = await payloads(db, "RefreshTokenReused")
+    assert reused["refresh_token_hash"] == tokens.token_hash(first["refresh_token"])

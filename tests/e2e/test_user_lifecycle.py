@@ -1,0 +1,245 @@
+"""A company's users over time: removal, role changes, password change and reset. Removing a
+user or changing their password ends their sessions at once, in every process; the last
+admin of a company stays one, even when two admins demote each other at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import structlog
+
+from service import events as ev
+from service.app import CONTEXT
+from service.commands import directory
+from service.domain.users import LastAdmin
+from service.eventlog import EventLog, Metadata
+from tests.e2e.lifecycle_helpers import add_user, freeze, second_instance, sign_in
+from tests.e2e.test_admin_people import everything_stored
+
+
+async def events_of(db, type_: str) -> list[dict]:
+    rows = await db.pool.fetch(
+        "SELECT stream_id, payload FROM events WHERE type = $1 ORDER BY position", type_
+    )
+    return [json.loads(r["payload"]) | {"stream": r["stream_id"]} for r in rows]
+
+
+async def test_removing_a_user_ends_their_sessions_in_every_process(client, company, db, tmp_path):
+    made = await add_user(client, company.auth, "clerk@acme.example", "admin")
+    async with second_instance(db, tmp_path) as other:
+        here = await sign_in(client, "clerk@acme.example", made["password"])
+        there = await sign_in(other, "clerk@acme.example", made["password"])
+        freeze(other)  # the other process has not seen the removal, and will not
+        assert (await other.get("/admin/users", headers=there.headers)).status == 200
+        removed = await client.delete(f"/admin/users/{made['user_id']}", headers=company.auth)
+        assert removed.status == 204
+        assert (await other.get("/admin/users", headers=there.headers)).status == 401
+        assert (await client.get("/admin/users", headers=here.headers)).status == 401
+    again = await client.post(
+        "/session", json={"email": "clerk@acme.example", "password": made["password"]}
+    )
+    assert again.status == 401
+    [event] = await events_of(db, "UserRemoved")
+    assert event["user_id"] == made["user_id"]
+    assert event["stream"] == f"company-{company.company_id}"
+    left = await db.pool.fetchval(
+        "SELECT count(*) FROM web_sessions WHERE user_id = $1", made["user_id"]
+    )
+    assert left == 0
+    listed = await (await client.get("/admin/users", headers=company.auth)).json()
+    assert made["user_id"] not in {u["user_id"] for u in listed["users"]}
+
+
+async def test_a_removed_users_address_can_be_given_to_a_new_user(client, company):
+    first = await add_user(client, company.auth, "temp@acme.example", "member")
+    await client.delete(f"/admin/users/{first['user_id']}", headers=company.auth)
+    second = await add_user(client, company.auth, "temp@acme.example", "member")
+    assert second["user_id"] != first["user_id"]
+    assert (await sign_in(client, "temp@acme.example", second["password"])).user_id == (
+        second["user_id"]
+    )
+
+
+async def test_changing_ones_password_ends_every_session_but_the_new_one(
+    client, company, db, tmp_path
+):
+    made = await add_user(client, company.auth, "me@acme.example", "member")
+    new_password = "a brand new long password"
+    async with second_instance(db, tmp_path) as other:
+        here = await sign_in(client, "me@acme.example", made["password"])
+        there = await sign_in(other, "me@acme.example", made["password"])
+        freeze(other)
+        with structlog.testing.capture_logs() as logs:
+            changed = await client.post(
+                "/session/password",
+                json={"current_password": made["password"], "new_password": new_password},
+                headers=here.change,
+            )
+        assert changed.status == 200, await changed.text()
+        assert changed.headers["Cache-Control"] == "no-store"
+        fresh = changed.cookies["tg_session"].value
+        client.session.cookie_jar.clear()
+        # the member's session answers 403 (members manage nothing), a dead one 401
+        assert (await other.get("/admin/users", headers=there.headers)).status == 401
+        assert (await client.get("/admin/users", headers=here.headers)).status == 401
+        cookie = {"Cookie": f"tg_session={fresh}"}
+        assert (await client.get("/admin/users", headers=cookie)).status == 403
+    old = await client.post(
+        "/session", json={"email": "me@acme.example", "password": made["password"]}
+    )
+    assert old.status == 401
+    await sign_in(client, "me@acme.example", new_password)
+    [event] = await events_of(db, "UserPasswordChanged")
+    assert event["user_id"] == made["user_id"] and event["password_hash"].startswith("$argon2id$")
+    stored = await everything_stored(db)
+    assert new_password not in stored and new_password not in repr(logs)
+
+
+async def test_a_password_change_needs_the_current_password(client, company, db):
+    made = await add_user(client, company.auth, "me@acme.example", "member")
+    me = await sign_in(client, "me@acme.example", made["password"])
+    wrong = await client.post(
+        "/session/password",
+        json={"current_password": "not my password at all", "new_password": "x" * 24},
+        headers=me.change,
+    )
+    assert wrong.status == 403
+    assert (await wrong.json())["error"] == "invalid_credentials"
+    no_csrf = await client.post(
+        "/session/password",
+        json={"current_password": made["password"], "new_password": "y" * 24},
+        headers=me.headers,
+    )
+    assert no_csrf.status == 403
+    weak = await client.post(
+        "/session/password",
+        json={"current_password": made["password"], "new_password": "short"},
+        headers=me.change,
+    )
+    assert weak.status == 400 and "new_password" in (await weak.json())["error_description"]
+    key = await client.post(
+        "/session/password",
+        json={"current_password": made["password"], "new_password": "z" * 24},
+        headers=company.auth,
+    )
+    assert key.status == 403  # an admin key is no person with a password
+    assert await events_of(db, "UserPasswordChanged") == []
+
+
+async def test_an_admin_reset_shows_a_generated_password_once_and_ends_sessions(
+    client, company, db
+):
+    made = await add_user(client, company.auth, "forgetful@acme.example", "admin")
+    session = await sign_in(client, "forgetful@acme.example", made["password"])
+    reset = await client.post(
+        f"/admin/users/{made['user_id']}/reset-password", headers=company.auth
+    )
+    assert reset.status == 200, await reset.text()
+    assert reset.headers["Cache-Control"] == "no-store"
+    password = (await reset.json())["password"]
+    assert len(password) >= 20
+    assert (await client.get("/admin/users", headers=session.headers)).status == 401
+    await sign_in(client, "forgetful@acme.example", password)
+    chosen = await client.post(
+        f"/admin/users/{made['user_id']}/reset-password",
+        json={"password": "chosen by the admin, long enough"},
+        headers=company.auth,
+    )
+    assert chosen.status == 200 and "password" not in await chosen.json()
+    await sign_in(client, "forgetful@acme.example", "chosen by the admin, long enough")
+    assert password not in await everything_stored(db)
+
+
+async def test_another_companys_user_is_not_found(client, company, other_company):
+    theirs = await add_user(client, other_company.auth, "x@globex.example", "member")
+    user = f"/admin/users/{theirs['user_id']}"
+    assert (await client.delete(user, headers=company.auth)).status == 404
+    patched = await client.patch(user, json={"role": "admin"}, headers=company.auth)
+    assert patched.status == 404
+    reset = await client.post(f"{user}/reset-password", headers=company.auth)
+    assert reset.status == 404
+
+
+async def test_roles_change_and_the_last_admin_stays(client, company, db):
+    made = await add_user(client, company.auth, "clerk@acme.example", "member")
+    promoted = await client.patch(
+        f"/admin/users/{made['user_id']}", json={"role": "admin"}, headers=company.auth
+    )
+    assert promoted.status == 200
+    assert (await promoted.json())["role"] == "admin"
+    clerk = await sign_in(client, "clerk@acme.example", made["password"])
+    first_admin = next(
+        u["user_id"]
+        for u in (await (await client.get("/admin/users", headers=company.auth)).json())["users"]
+        if u["email"] == company.admin_email
+    )
+    removed = await client.delete(f"/admin/users/{first_admin}", headers=clerk.change)
+    assert removed.status == 204
+    for attempt in (
+        client.patch(f"/admin/users/{made['user_id']}", json={"role": "member"},
+                     headers=company.auth),
+        client.delete(f"/admin/users/{made['user_id']}", headers=clerk.change),
+    ):  # fmt: skip
+        refused = await attempt
+        assert refused.status == 409
+        assert (await refused.json())["error"] == "last_admin"
+    changes = await events_of(db, "UserRoleChanged")
+    assert [(c["user_id"], c["before"], c["after"]) for c in changes] == [
+        (made["user_id"], "member", "admin")
+    ]
+
+
+async def two_admins(client, company):
+    made = await add_user(client, company.auth, "second@acme.example", "admin")
+    users = (await (await client.get("/admin/users", headers=company.auth)).json())["users"]
+    first = next(u["user_id"] for u in users if u["email"] == company.admin_email)
+    return first, made["user_id"], made["password"]
+
+
+async def test_two_admins_demoting_each_other_at_once_leave_one_admin(
+    client, company, db, tmp_path
+):
+    first, second, password = await two_admins(client, company)
+    async with second_instance(db, tmp_path) as other:
+        one = await sign_in(client, company.admin_email, company.admin_password)
+        two = await sign_in(other, "second@acme.example", password)
+        answers = await asyncio.gather(
+            client.patch(f"/admin/users/{second}", json={"role": "member"}, headers=one.change),
+            other.patch(f"/admin/users/{first}", json={"role": "member"}, headers=two.change),
+        )
+    assert sorted(a.status for a in answers) == [200, 409]
+    assert len(await events_of(db, "UserRoleChanged")) == 1
+
+
+async def test_a_demotion_decided_on_a_stale_view_is_decided_again(client, company, db):
+    """Another process demotes the other admin just after this decision looked at the
+    company: the append's condition on the company stream refuses the stale decision, and
+    the decision taken again sees one admin left."""
+    first, second, _ = await two_admins(client, company)
+    ctx = client.app[CONTEXT]
+    real_refresh = ctx.refresh
+    calls = 0
+
+    async def refresh_then_another_process_demotes() -> None:
+        nonlocal calls
+        await real_refresh()
+        calls += 1
+        if calls == 1:
+            elsewhere = EventLog(db.pool)
+            await elsewhere.start()
+            try:
+                version = ctx.directory.companies[company.company_id].version
+                demoted = ev.UserRoleChanged(
+                    company_id=company.company_id, user_id=second, before="admin", after="member"
+                )
+                await elsewhere.append(f"company-{company.company_id}", version, [demoted])
+            finally:
+                await elsewhere.close()
+
+    ctx.refresh = refresh_then_another_process_demotes  # type: ignore[method-assign]
+    with pytest.raises(LastAdmin):
+        await directory.change_role(ctx, company.company_id, first, "member", Metadata(actor="t"))
+    assert calls == 2
+    assert len(await events_of(db, "UserRoleChanged")) == 1

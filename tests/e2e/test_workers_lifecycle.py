@@ -1,0 +1,143 @@
+"""Processes that cannot outlive their parent, one generation per port, and an embedded
+PostgreSQL that is kept up: `/healthz` says 503 while it is down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.faults.process import Service, kill_everything, start
+
+
+async def until(condition, seconds: float) -> None:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "the condition never held"
+        await asyncio.sleep(0.1)
+
+
+def gone_within(processes: list[psutil.Process], seconds: float) -> bool:
+    _gone, alive = psutil.wait_procs(processes, timeout=seconds)
+    return not alive
+
+
+async def test_workers_die_with_a_killed_parent_and_a_new_generation_takes_the_port(db, tmp_path):
+    first = start(tmp_path / "data", "--workers", "2", DATABASE_URL=db.dsn)
+    second: Service | None = None
+    try:
+        await first.wait_status(200)
+        workers = first.workers()
+        assert len(workers) == 2
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        # Before: the workers went on serving with PPID 1 for good.
+        assert gone_within(workers, 15), [w.status() for w in workers if w.is_running()]
+        second = start(tmp_path / "data", "--workers", "2", port=first.port, DATABASE_URL=db.dsn)
+        await second.wait_status(200)
+        assert {w.ppid() for w in second.workers()} == {second.proc.pid}
+        assert second.stop() == 0
+    finally:
+        kill_everything(first)
+        if second is not None:
+            kill_everything(second)
+
+
+async def test_a_new_parent_refuses_the_port_while_old_workers_still_hold_it(db, tmp_path):
+    first = start(tmp_path / "data", "--workers", "2", DATABASE_URL=db.dsn)
+    second: Service | None = None
+    try:
+        await first.wait_status(200)
+        workers = first.workers()
+        for worker in workers:  # they cannot act on their parent's death while stopped
+            worker.suspend()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = start(
+            tmp_path / "data", "--workers", "2", port=first.port, DATABASE_URL=db.dsn,
+            log_name="second.log",
+        )  # fmt: skip
+        # Before: the new generation bound beside the old one (SO_REUSEPORT) and served.
+        assert second.proc.wait(40) == 1
+        said = second.log().strip().splitlines()
+        assert "Traceback" not in second.log()
+        assert said[-1].startswith(f"tollgate: cannot serve: port {first.port} is still served")
+        assert str(workers[0].pid) in said[-1]
+        for worker in workers:
+            worker.resume()  # the parent-death signal was pending: they stop now
+        assert gone_within(workers, 15)
+    finally:
+        kill_everything(first)
+        if second is not None:
+            kill_everything(second)
+
+
+def test_a_worker_whose_parent_is_already_gone_does_not_serve(db, tmp_path):
+    env = {
+        **os.environ,
+        "DATABASE_URL": db.dsn,
+        "DATA_DIR": str(tmp_path),
+        "LOG_FORMAT": "json",
+        "TOLLGATE_REUSE_PORT": "1",
+        "TOLLGATE_PARENT_PID": "1",  # it was started by a parent that has died since
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "tollgate: cannot serve: the parent process (pid 1) is gone; not serving"
+    )
+
+
+def break_and_kill_the_database(service: Service) -> None:
+    """Kill the postmaster so that it cannot be restarted until `repair`."""
+    (service.pgdata / "PG_VERSION").rename(service.pgdata / "PG_VERSION.away")
+    os.kill(service.postmaster_pid(), signal.SIGKILL)
+
+
+def repair(service: Service) -> None:
+    (service.pgdata / "PG_VERSION.away").rename(service.pgdata / "PG_VERSION")
+
+
+@pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["one-process", "workers"])
+async def test_a_dead_embedded_database_is_restarted_and_healthz_says_so_meanwhile(tmp_path, args):
+    service = start(tmp_path / "data", *args)
+    try:
+        await service.wait_status(200, 90)
+        await service.wait_listening(len(service.workers()))
+        break_and_kill_the_database(service)
+        # Before: /healthz said ok while every token request got 503, for ever.
+        await service.wait_status(503, 15)
+        await until(lambda: service.logged("embedded_postgres.restart_failed"), 15)
+        assert await service.healthz_now() == 503
+        repair(service)
+        await until(lambda: service.logged("embedded_postgres.restarted"), 30)
+        await service.wait_status(200, 30)
+        assert service.stop() == 0
+    finally:
+        kill_everything(service)
+
+
+async def test_the_service_exits_non_zero_when_the_database_cannot_be_restarted(tmp_path):
+    service = start(tmp_path / "data")
+    try:
+        await service.wait_status(200, 90)
+        break_and_kill_the_database(service)
+        started = time.monotonic()
+        while service.proc.poll() is None and time.monotonic() - started < 60:
+            time.sleep(0.2)
+        assert service.proc.returncode == 1, service.log()[-2000:]
+        assert service.logged("embedded_postgres.gave_up")
+        last = service.log().strip().splitlines()[-1]
+        assert last == "tollgate: the embedded PostgreSQL died and could not be restarted"
+    finally:
+        kill_everything(service)
