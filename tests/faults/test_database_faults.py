@@ -8,7 +8,6 @@ import os
 import signal
 
 import psutil
-import pytest
 
 from tests.faults.load import FAULT_ENV, check_the_log, load, tenant, usable_at_the_gateway
 from tests.faults.process import kill_everything, start
@@ -55,11 +54,6 @@ def the_whole_server(service) -> list[psutil.Process]:
     return [postmaster, *postmaster.children(recursive=True)]
 
 
-@pytest.mark.xfail(
-    reason="DB_TIMEOUT (a bound on every database wait, 503 past it) is being added in "
-    "parallel; when this was written a token request still waited out the whole stall",
-    strict=False,
-)
 async def test_a_stalled_database_is_answered_within_the_bound_and_then_served(tmp_path, figures):
     service = start(tmp_path / "data", **FAULT_ENV, DB_TIMEOUT=str(DB_TIMEOUT))
     try:
