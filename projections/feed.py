@@ -77,8 +77,22 @@ class MemoryFeed:
         return self.position
 
     async def wait_for(self, position: int) -> None:
+        """Until the models have applied `position`; EventLogUnavailable once the log's
+        own bound (5 s without one) has passed with no progress, so that a request never
+        waits on a log it cannot read."""
+        patience = self.eventlog.timeout or 5.0
+        deadline = time.monotonic() + patience
         while self.position < position:
+            before = self.position
             await self.catch_up()
+            if self.position >= position:
+                return
+            if self.position > before:
+                deadline = time.monotonic() + patience
+            elif time.monotonic() > deadline:
+                raise EventLogUnavailable(f"position {position} was not readable in {patience:g} s")
+            else:
+                await asyncio.sleep(0.01)
 
     async def start(self) -> None:
         await self.catch_up()

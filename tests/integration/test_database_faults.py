@@ -28,7 +28,7 @@ from tests.integration.stall_proxy import StallProxy
 
 BOUND = 2.0  # DB_TIMEOUT in these tests
 READYZ_BOUND = 2.0  # ReadinessPolicy.timeout
-SLACK = 1.5  # scheduling on a busy machine; far below any hang
+SLACK = 2.5  # scheduling on a loaded 2-core machine (3.97 s seen); a hang never ends
 
 
 @contextlib.asynccontextmanager

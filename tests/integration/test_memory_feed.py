@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import time
 
+import pytest
+
 from projections import feed as feed_module
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service import events as ev
-from service.eventlog import EventLog
+from service.eventlog import EventLog, EventLogUnavailable
 
 
 def code(n: int, expires_at: int) -> ev.AuthorizationCodeIssued:
@@ -104,3 +106,20 @@ async def test_a_projection_stops_before_an_event_it_cannot_read_and_says_so(
     # others read only the types they apply, which this is not, and go on to the head.
     assert checkpoints["event_stats"] < unknown
     assert checkpoints["applications"] == checkpoints["tokens"] == await eventlog.head()
+
+
+async def test_waiting_for_a_position_the_log_never_shows_gives_up_in_the_bound(
+    eventlog: EventLog, monkeypatch
+):
+    """A request waits for its own write to reach the models; if the log cannot show it
+    (a reader stuck behind a gap, say), the wait ends with EventLogUnavailable instead of
+    holding the request for ever."""
+    await eventlog.append("code-a", 0, [code(1, int(time.time()) + 600)])
+    monkeypatch.setattr(eventlog, "timeout", 0.3)
+    feed = MemoryFeed(eventlog, [PolicyModel()])
+    await feed.catch_up()
+    started = time.monotonic()
+    with pytest.raises(EventLogUnavailable):
+        await feed.wait_for(feed.position + 5)  # positions nobody has written
+    assert time.monotonic() - started < 5
+    await feed.wait_for(feed.position)  # what is there returns at once
