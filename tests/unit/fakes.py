@@ -22,6 +22,7 @@ class InMemoryEventLog:
         self.versions: dict[str, int] = {}
         self.wakeup = Wakeup()
         self.poll_interval = 0.05
+        self.timeout: float | None = None  # as EventLog: how long a wait on the log may last
 
     async def append(
         self,
