@@ -73,8 +73,18 @@ def _one_line(run: Callable[[], int], what: str) -> int:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
-        print(f"tollgate: {what}: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"tollgate: {what}: {_reason(exc)}".splitlines()[0], file=sys.stderr)
         return 1
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, never an empty line: a bound that ran out (TimeoutError) has no
+    message of its own."""
+    if str(exc):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "no answer within the bound (DB_TIMEOUT, DB_CONNECT_TIMEOUT)"
+    return type(exc).__name__
 
 
 def _problems(exc: ConfigError) -> int:

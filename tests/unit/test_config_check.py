@@ -113,3 +113,15 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
     path.write_text("")
     [line] = problems({"DATA_DIR": str(path)})
     assert line == f"DATA_DIR {str(path)!r} is not a directory"
+
+
+def test_a_bound_that_ran_out_is_a_line_that_says_so(capsys):
+    """TimeoutError has no message: the line still says what happened."""
+    from service.cli import _one_line
+
+    def stalled() -> int:
+        raise TimeoutError
+
+    assert _one_line(stalled, "database") == 1
+    line = capsys.readouterr().err.strip()
+    assert line == "tollgate: database: no answer within the bound (DB_TIMEOUT, DB_CONNECT_TIMEOUT)"
