@@ -277,7 +277,8 @@ WHERE e.company_id IS NOT NULL
   AND e.type IN ('ApplicationCreated', 'ApplicationRenamed', 'RedirectUriChanged',
                  'IpAllowlistChanged', 'PermissionsChanged', 'NotificationEmailsChanged',
                  'ClientSecretRotated', 'ApplicationDeleted', 'ApplicationTokensRevoked',
-                 'UserAdded', 'UserRoleChanged',
+                 'CcTokenLimitChanged', 'TokenEndpointAuthMethodChanged', 'ClientKeyAdded',
+                 'ClientKeyRemoved', 'UserAdded', 'UserRoleChanged',
                  'UserPasswordChanged', 'UserRemoved', 'AdminKeyIssued', 'AdminKeyRevoked',
                  'ConnectionGranted', 'ConnectionRevoked');
 
@@ -301,3 +302,12 @@ CREATE TABLE IF NOT EXISTS sign_in_failures (
     window_start timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sign_in_failures_window ON sign_in_failures (window_start);
+
+-- Client authentication settings (projections/applications.py): an application's own
+-- bound on its live client_credentials tokens (NULL: CC_TOKEN_LIMIT), how it
+-- authenticates at the token endpoint (RFC 7591 token_endpoint_auth_method), and the key
+-- ids of its public keys for private_key_jwt (the public keys themselves are in the log).
+ALTER TABLE applications ADD COLUMN IF NOT EXISTS cc_token_limit integer;
+ALTER TABLE applications ADD COLUMN IF NOT EXISTS token_endpoint_auth_method text NOT NULL
+    DEFAULT 'client_secret_basic';
+ALTER TABLE applications ADD COLUMN IF NOT EXISTS client_key_ids text[] NOT NULL DEFAULT '{}';

@@ -15,6 +15,8 @@ _CHANGES: dict[type[ev.Event], str] = {
     ev.IpAllowlistChanged: "ip_allowlist",
     ev.PermissionsChanged: "permissions",
     ev.NotificationEmailsChanged: "notification_emails",
+    ev.CcTokenLimitChanged: "cc_token_limit",
+    ev.TokenEndpointAuthMethodChanged: "token_endpoint_auth_method",
 }
 
 
@@ -27,6 +29,8 @@ class ApplicationsProjection:
             "ClientSecretRotated",
             "ApplicationDeleted",
             "ApplicationTokensRevoked",
+            "ClientKeyAdded",
+            "ClientKeyRemoved",
             *(cls.__name__ for cls in _CHANGES),
         }
     )
@@ -74,6 +78,17 @@ class ApplicationsProjection:
             await conn.execute(
                 "UPDATE applications SET version = $2 WHERE client_id = $1",
                 event.client_id,
+                version,
+            )
+        elif isinstance(event, ev.ClientKeyAdded | ev.ClientKeyRemoved):
+            # the key ids only: the keys themselves are in the log
+            operation = "array_append" if isinstance(event, ev.ClientKeyAdded) else "array_remove"
+            await conn.execute(
+                f"UPDATE applications SET client_key_ids = {operation}(client_key_ids, $2), "
+                "updated_at = $3, version = $4 WHERE client_id = $1",
+                event.client_id,
+                event.kid,
+                at,
                 version,
             )
         elif (column := _CHANGES.get(type(event))) is not None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from service import events as ev
+from service.domain.client_keys import ClientKey
 from service.domain.state import (
     AppState,
     CodeState,
@@ -62,6 +63,10 @@ class PolicyModel:
             ev.RedirectUriChanged: self._app_changed,
             ev.IpAllowlistChanged: self._app_changed,
             ev.NotificationEmailsChanged: self._app_changed,
+            ev.CcTokenLimitChanged: self._app_changed,
+            ev.TokenEndpointAuthMethodChanged: self._app_changed,
+            ev.ClientKeyAdded: self._key_added,  # type: ignore[dict-item]
+            ev.ClientKeyRemoved: self._key_removed,  # type: ignore[dict-item]
             ev.PermissionsChanged: self._permissions_changed,  # type: ignore[dict-item]
             ev.ClientSecretRotated: self._secret_rotated,  # type: ignore[dict-item]
             ev.ApplicationDeleted: self._app_deleted,  # type: ignore[dict-item]
@@ -164,6 +169,25 @@ class PolicyModel:
             app.networks = networks_of(after)
         elif isinstance(e, ev.NotificationEmailsChanged):
             app.notification_emails = tuple(after)
+        elif isinstance(e, ev.CcTokenLimitChanged):
+            app.cc_token_limit = after
+        elif isinstance(e, ev.TokenEndpointAuthMethodChanged):
+            app.auth_method = after
+        app.version = r.version
+
+    def _key_added(self, e: ev.ClientKeyAdded, r: RecordedEvent) -> None:
+        app = self.apps.get(e.client_id)
+        if app is None:
+            return
+        app.keys = (*app.keys, ClientKey(e.kid, e.thumbprint, dict(e.jwk)))
+        app.version = r.version
+
+    def _key_removed(self, e: ev.ClientKeyRemoved, r: RecordedEvent) -> None:
+        """A removed key verifies nothing from the moment this is applied."""
+        app = self.apps.get(e.client_id)
+        if app is None:
+            return
+        app.keys = tuple(k for k in app.keys if k.kid != e.kid)
         app.version = r.version
 
     def _permissions_changed(self, e: ev.PermissionsChanged, r: RecordedEvent) -> None:

@@ -19,6 +19,7 @@ from service.errors import Unauthorized
 from service.eventlog import ConcurrencyError, EventLog, Metadata
 from service.events import Event
 from service.metrics import Metrics
+from service.oauth import assertions
 from service.oauth.introspection import Introspection
 from service.oauth.policy import PolicyPoint
 from service.oauth.token_endpoint import Limits, TokenEndpoint
@@ -56,6 +57,7 @@ class Context:
             time.time,
             limits=Limits.of(self.settings),
             live_tokens=self.policy,
+            audiences=assertions.audiences(self.settings.issuer),
         )
         self.introspection = Introspection(self.lookups, time.time)
         self.policy_point = PolicyPoint(self.lookups, self.ledger, time.time)

@@ -356,6 +356,60 @@ class OldClientSecretUsesCoalesced(Event, frozen=True):
     window_seconds: int = 0
 
 
+# --- client authentication settings and keys (appended: tags are never renamed) ------
+
+
+class CcTokenLimitChanged(Event, frozen=True):
+    """A client_credentials application's own bound on its live tokens; None: the
+    CC_TOKEN_LIMIT setting, 0: no bound."""
+
+    company_id: str
+    client_id: str
+    before: int | None
+    after: int | None
+
+
+class TokenEndpointAuthMethodChanged(Event, frozen=True):
+    """How the application authenticates (RFC 7591 §2 `token_endpoint_auth_method`):
+    "client_secret_basic" | "client_secret_post" (a secret, in either place) |
+    "private_key_jwt" (a JWT signed with one of its keys, RFC 7523 §2.2)."""
+
+    company_id: str
+    client_id: str
+    before: str
+    after: str
+
+
+class ClientKeyAdded(Event, frozen=True):
+    """A public key the application signs its client assertions with: the public members
+    of the JWK only (RFC 7517), never private material; `thumbprint`: RFC 7638, SHA-256."""
+
+    company_id: str
+    client_id: str
+    kid: str
+    thumbprint: str
+    jwk: dict[str, str]
+
+
+class ClientKeyRemoved(Event, frozen=True):
+    company_id: str
+    client_id: str
+    kid: str
+    thumbprint: str
+
+
+class ClientAssertionAccepted(Event, frozen=True):
+    """A client assertion (RFC 7523 §2.2) was accepted: appended at version 0 of a stream
+    named after its `jti`, so a replay is refused in every process (RFC 7523 §3 item 7).
+    `jti_hash`: SHA-256 of the client_id and the jti; never the assertion itself."""
+
+    company_id: str
+    client_id: str
+    jti_hash: str
+    kid: str
+    expires_at: int  # unix seconds: the assertion's exp
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     CompanyCreated, UserAdded, UserRoleChanged, UserPasswordChanged, UserRemoved,
     AdminKeyIssued, AdminKeyRevoked, ResourceServerRegistered, ResourceServerKeyRevoked,
@@ -365,7 +419,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AuthorizationCodeRedeemed, AuthorizationCodeReused, AccessTokenIssued, TokenRefreshed,
     RefreshTokenReused, TokenRevoked, IpViolationDetected, ViolationNotificationSent,
     ViolationNotificationFailed, ViolationNotificationAbandoned, ApplicationTokensRevoked,
-    IpViolationsCoalesced, OldClientSecretUsesCoalesced,
+    IpViolationsCoalesced, OldClientSecretUsesCoalesced, CcTokenLimitChanged,
+    TokenEndpointAuthMethodChanged, ClientKeyAdded, ClientKeyRemoved, ClientAssertionAccepted,
 )  # fmt: skip
 
 BY_TAG: dict[str, type[Event]] = {cls.__name__: cls for cls in EVENT_TYPES}

@@ -29,6 +29,7 @@ CHANGE_TYPES: tuple[str, ...] = (
     "ApplicationDeleted", "ApplicationTokensRevoked", "UserAdded", "UserRoleChanged",
     "UserPasswordChanged", "UserRemoved",
     "AdminKeyIssued", "AdminKeyRevoked", "ConnectionGranted", "ConnectionRevoked",
+    "CcTokenLimitChanged", "TokenEndpointAuthMethodChanged", "ClientKeyAdded", "ClientKeyRemoved",
 )  # fmt: skip
 
 #: Payload fields never shown: an argon2id hash is not a password, but a low-entropy

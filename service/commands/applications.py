@@ -6,13 +6,15 @@ import asyncio
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.context import Context
 from service.domain import applications as rules
-from service.domain import credentials
+from service.domain import client_keys, credentials
 from service.errors import Conflict, NotFound, PreconditionFailed
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
+from service.events import Event
 
 # A change made on top of whatever version is current retries when another writer got
 # there first. Writers that retry in step collide again, so each waits a random while,
@@ -66,7 +68,7 @@ async def create(
 ) -> Created:
     client_id = credentials.new_client_id()
     secret = credentials.new_client_secret()
-    event = rules.create(
+    events = rules.create_all(
         command,
         company_id=company_id,
         client_id=client_id,
@@ -74,13 +76,14 @@ async def create(
         catalogue=ctx.catalogue,
         limits=limits(ctx),
     )
-    await ctx.record(stream(client_id), 0, [event], meta)
+    await ctx.record(stream(client_id), 0, events, meta)
     try:
         app = await load(ctx, company_id, client_id)
     except EventLogError:
         # Created, but the log cannot be read back now: answer from the event itself, or
         # the secret (shown only here) would be lost with the answer.
-        folded = rules.fold([(event, 1, time.time())])
+        now = time.time()
+        folded = rules.fold((event, i, now) for i, event in enumerate(events, 1))
         assert folded is not None
         app = folded
     return Created(app, secret)
@@ -130,6 +133,55 @@ async def rotate_secret(
             continue
         return await load(ctx, company_id, client_id), secret
     raise _still_changing()
+
+
+async def _changed(
+    ctx: Context,
+    company_id: str,
+    client_id: str,
+    meta: Metadata,
+    decide: Callable[[rules.Application], list[Event]],
+) -> rules.Application:
+    """Record what `decide` makes of the latest version, retried on a concurrent change."""
+    for attempt in range(MAX_ATTEMPTS):
+        app = await load(ctx, company_id, client_id)
+        events = decide(app)
+        try:
+            await ctx.record(stream(client_id), app.version, events, meta)
+        except ConcurrencyError:
+            await _backoff(attempt)
+            continue
+        return await load(ctx, company_id, client_id)
+    raise _still_changing()
+
+
+async def add_keys(
+    ctx: Context, company_id: str, client_id: str, jwks: object, meta: Metadata
+) -> rules.Application:
+    """Register public keys (a JWK Set) beside those the application has: a new key can
+    sign before the old one is removed."""
+    keys = client_keys.jwks(jwks)
+    return await _changed(
+        ctx,
+        company_id,
+        client_id,
+        meta,
+        lambda app: client_keys.add(app.company_id, app.client_id, app.keys, keys),
+    )
+
+
+async def remove_key(
+    ctx: Context, company_id: str, client_id: str, kid: str, meta: Metadata
+) -> rules.Application:
+    """An assertion signed with the removed key is refused from the moment this commits:
+    a token being issued on it fails its append (the application's version moved)."""
+    return await _changed(
+        ctx,
+        company_id,
+        client_id,
+        meta,
+        lambda app: [client_keys.remove(app.company_id, app.client_id, app.keys, kid)],
+    )
 
 
 async def delete(ctx: Context, company_id: str, client_id: str, meta: Metadata) -> None:

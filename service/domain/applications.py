@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 from email_validator import EmailNotValidError, validate_email
 
 from service import events as ev
-from service.domain import addresses
+from service.domain import addresses, client_keys
+from service.domain.client_keys import ClientKey
 from service.errors import InvalidRequest
 
 AUTHORIZATION_CODE = "authorization_code"
@@ -22,6 +23,7 @@ MAX_NAME = 100
 MAX_URI = 2000
 MAX_ALLOWLIST = 200
 MAX_EMAILS = 20
+MAX_CC_TOKEN_LIMIT = 10_000_000  # as the CC_TOKEN_LIMIT setting
 
 
 class FieldError(InvalidRequest):
@@ -127,6 +129,35 @@ def notification_emails(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(cleaned))
 
 
+def cc_token_limit(grant_type: str, value: int | None) -> int | None:
+    """The application's own bound on its live client_credentials tokens (None: the
+    CC_TOKEN_LIMIT setting; 0: no bound). Users' grants have no such bound."""
+    if value is None:
+        return None
+    if grant_type != CLIENT_CREDENTIALS:
+        raise FieldError("cc_token_limit", "applies to client_credentials applications only")
+    if not 0 <= value <= MAX_CC_TOKEN_LIMIT:
+        raise FieldError("cc_token_limit", f"must be 0 (no limit) to {MAX_CC_TOKEN_LIMIT}")
+    return value
+
+
+def auth_method(grant_type: str, value: str) -> str:
+    """How the application authenticates; "none" (a public client, RFC 8252) only for
+    users' grants: a client_credentials token would be anyone's who knows the client_id."""
+    method = client_keys.auth_method(value)
+    if method == client_keys.NONE and grant_type != AUTHORIZATION_CODE:
+        raise FieldError(
+            "token_endpoint_auth_method",
+            "none (a public client) is for authorization_code applications only",
+        )
+    return method
+
+
+def has_secret(method: str) -> bool:
+    """Whether the application authenticates with its client_secret (and is shown one)."""
+    return method in client_keys.SECRET_METHODS
+
+
 # --- state ---------------------------------------------------------------------------
 
 
@@ -149,6 +180,9 @@ class Application:
     created_at: float = 0.0
     updated_at: float = 0.0
     changes: list[str] = field(default_factory=list)
+    cc_token_limit: int | None = None
+    token_endpoint_auth_method: str = client_keys.CLIENT_SECRET_BASIC
+    keys: tuple[ClientKey, ...] = ()
 
 
 def fold(history: Iterable[tuple[ev.Event, int, float]]) -> Application | None:
@@ -184,6 +218,15 @@ def fold(history: Iterable[tuple[ev.Event, int, float]]) -> Application | None:
             app = replace(app, secret_hash=event.secret_hash, secret_version=event.secret_version)
         elif isinstance(event, ev.ApplicationDeleted):
             app = replace(app, deleted=True)
+        elif isinstance(event, ev.CcTokenLimitChanged):
+            app = replace(app, cc_token_limit=event.after)
+        elif isinstance(event, ev.TokenEndpointAuthMethodChanged):
+            app = replace(app, token_endpoint_auth_method=event.after)
+        elif isinstance(event, ev.ClientKeyAdded):
+            key = ClientKey(event.kid, event.thumbprint, dict(event.jwk))
+            app = replace(app, keys=(*app.keys, key))
+        elif isinstance(event, ev.ClientKeyRemoved):
+            app = replace(app, keys=tuple(k for k in app.keys if k.kid != event.kid))
         app = replace(app, version=version, updated_at=at)
     return app
 
@@ -199,6 +242,10 @@ class NewApplication:
     ip_allowlist: Sequence[str] = ()
     permissions: Sequence[str] = ()
     notification_emails: Sequence[str] = ()
+    cc_token_limit: int | None = None
+    token_endpoint_auth_method: str = client_keys.CLIENT_SECRET_BASIC
+    #: a JWK Set (RFC 7591 §2 `jwks`) as sent: checked by client_keys.jwks
+    jwks: object = None
 
 
 @dataclass(frozen=True)
@@ -275,6 +322,38 @@ def create(
     )
 
 
+def create_all(
+    command: NewApplication,
+    *,
+    company_id: str,
+    client_id: str,
+    secret_hash: str,
+    catalogue: Mapping[str, str],
+    limits: AllowlistLimits = AllowlistLimits(),
+) -> list[ev.Event]:
+    """ApplicationCreated, then the settings it was created with beyond the first shape
+    of that event (a token limit, an authentication method, keys), as their own events in
+    the same append: the application never exists without them."""
+    created = create(
+        command,
+        company_id=company_id,
+        client_id=client_id,
+        secret_hash=secret_hash,
+        catalogue=catalogue,
+        limits=limits,
+    )
+    ids = {"company_id": company_id, "client_id": client_id}
+    out: list[ev.Event] = [created]
+    limit = cc_token_limit(command.grant_type, command.cc_token_limit)
+    if limit is not None:
+        out.append(ev.CcTokenLimitChanged(**ids, before=None, after=limit))
+    method = auth_method(command.grant_type, command.token_endpoint_auth_method)
+    out += client_keys.method_change(company_id, client_id, client_keys.CLIENT_SECRET_BASIC, method)
+    if command.jwks is not None:
+        out += client_keys.add(company_id, client_id, (), client_keys.jwks(command.jwks))
+    return out
+
+
 @dataclass(frozen=True)
 class Patch:
     """Fields to change; None: leave as it is (redirect_uri: `clear_redirect_uri`)."""
@@ -286,6 +365,9 @@ class Patch:
     ip_allowlist: Sequence[str] | None = None
     permissions: Sequence[str] | None = None
     notification_emails: Sequence[str] | None = None
+    cc_token_limit: int | None = None
+    clear_cc_token_limit: bool = False
+    token_endpoint_auth_method: str | None = None
 
 
 def change(
@@ -332,10 +414,42 @@ def change(
             out.append(
                 ev.NotificationEmailsChanged(**ids, before=app.notification_emails, after=emails)
             )
+    return out + _client_auth_changes(app, patch)
+
+
+def _client_auth_changes(app: Application, patch: Patch) -> list[ev.Event]:
+    """The token limit and the authentication method: how the application's clients get
+    tokens, rather than what the tokens may do."""
+    out: list[ev.Event] = []
+    new_limit = app.cc_token_limit
+    if patch.clear_cc_token_limit:
+        new_limit = None
+    elif patch.cc_token_limit is not None:
+        new_limit = cc_token_limit(app.grant_type, patch.cc_token_limit)
+    if new_limit != app.cc_token_limit:
+        out.append(
+            ev.CcTokenLimitChanged(
+                company_id=app.company_id,
+                client_id=app.client_id,
+                before=app.cc_token_limit,
+                after=new_limit,
+            )
+        )
+    method = patch.token_endpoint_auth_method
+    if method is not None:
+        method = auth_method(app.grant_type, method)
+    out += client_keys.method_change(
+        app.company_id, app.client_id, app.token_endpoint_auth_method, method
+    )
     return out
 
 
 def rotate_secret(app: Application, secret_hash: str) -> ev.ClientSecretRotated:
+    if app.token_endpoint_auth_method == client_keys.NONE:
+        raise FieldError(
+            "token_endpoint_auth_method",
+            "a public client has no secret; change its method first to give it one",
+        )
     return ev.ClientSecretRotated(
         company_id=app.company_id,
         client_id=app.client_id,

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from service.domain.client_keys import CLIENT_SECRET_BASIC, ClientKey
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -25,6 +27,9 @@ class AppState(msgspec.Struct, gc=False):
     secret_version: int
     previous_secret_hashes: tuple[str, ...]
     version: int  # the application stream's version: a condition for writes that rely on it
+    cc_token_limit: int | None = None  # None: the CC_TOKEN_LIMIT setting
+    auth_method: str = CLIENT_SECRET_BASIC  # token_endpoint_auth_method (RFC 7591 §2)
+    keys: tuple[ClientKey, ...] = ()  # public keys for private_key_jwt (RFC 7523 §2.2)
 
 
 # Hundreds of thousands of these live for the life of the process: msgspec Structs with

@@ -63,6 +63,12 @@ def alert_window(kind: str, client_id: str, ip: str, window_start: int) -> str:
     return f"{kind}-window-{client_id}-{window_start}-{ip[:64]}"
 
 
+def client_assertion(jti_hash: str) -> str:
+    """One accepted client assertion (its jti, hashed with its client_id): appended at
+    version 0, so a replay fails the append in whichever process sees it second."""
+    return f"client-assertion-{jti_hash[:40]}"
+
+
 def notification(position: int) -> str:
     return f"notification-{position}"
 

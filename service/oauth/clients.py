@@ -1,18 +1,25 @@
 """Client authentication at the token, revocation and introspection endpoints: HTTP Basic
-with form-urlencoded credentials, or client_id and client_secret in the body; never both.
-Secrets are compared in constant time (RFC 6749 §2.3.1, RFC 9700 §2.5).
+with form-urlencoded credentials, client_id and client_secret in the body, or a signed JWT
+(`private_key_jwt`, oauth/assertions.py); exactly one of them. A public client (a native
+app, RFC 8252) names itself with client_id alone, and is refused anything else. Secrets
+are compared in constant time (RFC 6749 §2.3.1, RFC 9700 §2.5). An application registered
+for private_key_jwt refuses a secret, and one registered for a secret refuses an assertion.
 https://www.rfc-editor.org/rfc/rfc6749#section-2.3.1"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import msgspec
 import structlog
 
 from service.domain import credentials, policy
+from service.domain.client_keys import NONE, PRIVATE_KEY_JWT
 from service.domain.state import AppState
 from service.eventlog import Metadata
+from service.oauth import assertions
 from service.oauth import credentials as authorization
 from service.oauth.errors import InvalidClient, InvalidRequest, IpNotAllowed
 from service.oauth.ports import Ledger, Lookups
@@ -23,9 +30,64 @@ MAX_CREDENTIAL = 256
 _UNKNOWN = "0" * 64  # compared against for an unknown client: the same work either way
 
 
-def client_credentials(header: str | None, params: Mapping[str, str]) -> tuple[str, str] | None:
-    """(client_id, client_secret) from the Basic header or the body; None if neither.
-    An empty parameter counts as omitted (RFC 6749 §3.1)."""
+@dataclass(frozen=True)
+class Secret:
+    """client_secret_basic or client_secret_post."""
+
+    client_id: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class Assertion:
+    """private_key_jwt: `client_id` is the client the assertion claims (its sub)."""
+
+    client_id: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Public:
+    """token_endpoint_auth_method "none": the client_id alone (RFC 6749 §3.2.1)."""
+
+    client_id: str
+
+
+ClientAuth = Secret | Assertion | Public
+
+
+def client_credentials(header: str | None, params: Mapping[str, str]) -> ClientAuth | None:
+    """The client's credentials: a secret from the Basic header or the body, or a client
+    assertion from the body; None if none. An empty parameter counts as omitted (RFC 6749
+    §3.1)."""
+    if params.get("client_assertion_type") or params.get("client_assertion"):
+        return _assertion(header, params)
+    found = _secret(header, params)
+    if found is not None:
+        return Secret(*found)
+    named = params.get("client_id")
+    return Public(named) if named and header is None else None
+
+
+def _assertion(header: str | None, params: Mapping[str, str]) -> Assertion:
+    """RFC 7521 §4.2: client_assertion_type and client_assertion, and client_id only if it
+    names the same client."""
+    if params.get("client_assertion_type") != assertions.ASSERTION_TYPE:
+        raise InvalidClient(f"client_assertion_type must be {assertions.ASSERTION_TYPE}")
+    value = params.get("client_assertion")
+    if not value:
+        raise InvalidRequest("client_assertion is required with client_assertion_type")
+    if header is not None or params.get("client_secret"):
+        raise InvalidRequest("use one client authentication method, not two (RFC 6749 §2.3)")
+    claimed = assertions.claimed_client(value)
+    named = params.get("client_id")
+    if named and named != claimed:
+        raise InvalidClient("the client_id is not the client the assertion is from")
+    return Assertion(claimed, value)
+
+
+def _secret(header: str | None, params: Mapping[str, str]) -> tuple[str, str] | None:
+    """(client_id, client_secret) from the Basic header or the body; None if neither."""
     in_body = bool(params.get("client_secret"))
     found = authorization.parse(header)
     if found is None:
@@ -43,26 +105,51 @@ def client_credentials(header: str | None, params: Mapping[str, str]) -> tuple[s
     return found.client_id, found.secret
 
 
-def client_metadata(meta: Metadata, client: tuple[str, str] | None) -> Metadata:
+def client_metadata(meta: Metadata, client: ClientAuth | None) -> Metadata:
     """The request's metadata with the client it claims to be as the actor."""
-    actor = f"client:{client[0][:64]}" if client is not None else "client:"
+    actor = f"client:{client.client_id[:64]}" if client is not None else "client:"
     return msgspec.structs.replace(meta, actor=actor)
 
 
+@dataclass(frozen=True)
+class AssertionCheck:
+    """What a client assertion is checked against besides the keys: the audiences it may
+    name, the time, and whether its single use is still to be recorded (False when the
+    same request authenticates again after the application changed)."""
+
+    audiences: Sequence[str] = ()
+    now: float | None = None
+    record_use: bool = True
+
+
 async def authenticate(
-    lookups: Lookups, ledger: Ledger, client: tuple[str, str] | None, meta: Metadata
+    lookups: Lookups,
+    ledger: Ledger,
+    client: ClientAuth | None,
+    meta: Metadata,
+    check: AssertionCheck = AssertionCheck(),
 ) -> AppState:
     """The application whose credentials these are, or InvalidClient (401). A rotated-away
     secret is refused and recorded: a security signal for the application's admins."""
     if client is None:
         raise InvalidClient("client authentication is required")
-    client_id, secret = client
+    if isinstance(client, Assertion):
+        return await _by_assertion(lookups, ledger, client, meta, check)
+    if isinstance(client, Public):
+        return await _public(lookups, client)
+    client_id, secret = client.client_id, client.secret
     if not client_id or len(client_id) > MAX_CREDENTIAL or len(secret) > MAX_CREDENTIAL:
         raise InvalidClient()
     app = await lookups.application(client_id)
     if app is None:
         credentials.matches(secret, _UNKNOWN)
         raise InvalidClient()
+    if app.auth_method == PRIVATE_KEY_JWT:
+        credentials.matches(secret, _UNKNOWN)
+        raise InvalidClient("this client authenticates with private_key_jwt, not a secret")
+    if app.auth_method == NONE:
+        credentials.matches(secret, _UNKNOWN)
+        raise InvalidClient("a public client has no secret: send its client_id alone")
     if credentials.matches(secret, app.secret_hash):
         return app
     if any(credentials.matches(secret, old) for old in app.previous_secret_hashes):
@@ -78,6 +165,45 @@ async def authenticate(
         ip=meta.client_ip,
     )
     raise InvalidClient()
+
+
+async def _public(lookups: Lookups, client: Public) -> AppState:
+    """A client_id without credentials names a public client, or no client at all: a
+    confidential client must authenticate (RFC 6749 §3.2.1)."""
+    app = None
+    if len(client.client_id) <= MAX_CREDENTIAL:
+        app = await lookups.application(client.client_id)
+    if app is None or app.auth_method != NONE:
+        raise InvalidClient("client authentication is required")
+    return app
+
+
+async def _by_assertion(
+    lookups: Lookups, ledger: Ledger, client: Assertion, meta: Metadata, check: AssertionCheck
+) -> AppState:
+    if len(client.client_id) > MAX_CREDENTIAL:
+        raise InvalidClient()
+    app = await lookups.application(client.client_id)
+    if app is None:
+        raise InvalidClient()
+    if app.auth_method != PRIVATE_KEY_JWT:
+        raise InvalidClient("this client authenticates with a client secret, not an assertion")
+    now = time.time() if check.now is None else check.now
+    try:
+        verified = assertions.verify(app, client.value, check.audiences, now)
+        if check.record_use:
+            await assertions.record_use(ledger, app, verified, meta)
+    except InvalidClient as exc:
+        # What was wrong, for the operator; never the assertion itself.
+        log.warning(
+            "security.client_assertion_refused",
+            company_id=app.company_id,
+            client_id=app.client_id,
+            ip=meta.client_ip,
+            reason=exc.description,
+        )
+        raise
+    return app
 
 
 async def allowed_or_refused(ledger: Ledger, app: AppState, meta: Metadata, endpoint: str) -> None:

@@ -5,18 +5,19 @@ https://www.rfc-editor.org/rfc/rfc6749#section-3.2"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol
 
 import structlog
 
-from service.domain import grants
+from service.domain import grants, native_apps
 from service.domain.rate import RateLimit
 from service.domain.state import AppState
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
 from service.oauth import tokens
 from service.oauth.clients import (
+    AssertionCheck,
     allowed_or_refused,
     authenticate,
     client_credentials,
@@ -132,8 +133,10 @@ class ClientCredentials(Grant):
     ) -> grants.Issue | grants.Refusal:
         scope = request.params.get("scope")
         app = request.app
+        # the application's own bound, else the setting's
+        limit = self.limits.cc_token_limit if app.cc_token_limit is None else app.cc_token_limit
         superseded = (
-            self.live_tokens.oldest_tokens(app.client_id, self.limits.cc_token_limit)
+            self.live_tokens.oldest_tokens(app.client_id, limit)
             if self.live_tokens is not None
             else ()
         )
@@ -157,6 +160,7 @@ class AuthorizationCode(Grant):
             raise InvalidGrant("unknown, expired or spent authorization code")
         code_hash = tokens.token_hash(code)
         state = await self.lookups.code(code_hash)
+        native_apps.require_pkce(request.app, state)
         connection = (
             self.lookups.connection(state.company_id, request.app.client_id) if state else None
         )
@@ -217,12 +221,16 @@ class TokenEndpoint:
         attempts: int = 3,
         limits: Limits | None = None,
         live_tokens: LiveTokens | None = None,
+        audiences: Sequence[str] = (),
     ) -> None:
-        """`live_tokens`: without it, client_credentials tokens are not limited in number."""
+        """`live_tokens`: without it, client_credentials tokens are not limited in number.
+        `audiences`: what a client assertion's aud may name (assertions.audiences); none:
+        every assertion is refused."""
         self.lookups = lookups
         self.ledger = ledger
         self.clock = clock
         self.attempts = attempts
+        self.audiences = tuple(audiences)
         self.limits = limits if limits is not None else Limits()
         self.grants = {g.grant_type: g(lookups, self.limits, live_tokens) for g in GRANT_TYPES}
         # In this process: N processes let a client have N times the rate.
@@ -246,7 +254,10 @@ class TokenEndpoint:
         client = client_credentials(authorization, params)
         meta = client_metadata(meta, client)
         for attempt in range(self.attempts):
-            app = await authenticate(self.lookups, self.ledger, client, meta)
+            # An assertion's single use is recorded once: a retry after the application
+            # changed checks it again against the new keys, but it is the same request.
+            check = AssertionCheck(self.audiences, self.clock(), record_use=attempt == 0)
+            app = await authenticate(self.lookups, self.ledger, client, meta, check)
             await self.allowed_or_refused(app, meta, "token")
             grants.check_grant_type(app, grant_type)
             for name in grant.required:

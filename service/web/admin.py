@@ -10,7 +10,7 @@ from aiohttp import web
 from service.commands import applications, connections, directory, tokens
 from service.context import Context
 from service.domain import applications as rules
-from service.domain import passwords
+from service.domain import client_keys, passwords
 from service.errors import InvalidRequest, NotFound
 from service.eventlog import Metadata
 from service.web import auth
@@ -25,6 +25,16 @@ ShortList = Annotated[
 ]
 
 
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+CcTokenLimit = Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
+
+
+class JwksIn(msgspec.Struct):
+    """A JWK Set (RFC 7517 §5) of public keys; each key is checked by the domain."""
+
+    keys: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=client_keys.MAX_KEYS)]
+
+
 class ApplicationIn(msgspec.Struct, forbid_unknown_fields=True):
     name: Text
     grant_type: Literal["authorization_code", "client_credentials"]
@@ -32,6 +42,9 @@ class ApplicationIn(msgspec.Struct, forbid_unknown_fields=True):
     redirect_uri: Text | None = None
     ip_allowlist: ShortList = []
     notification_emails: ShortList = []
+    cc_token_limit: CcTokenLimit | None = None
+    token_endpoint_auth_method: AuthMethod = "client_secret_basic"  # noqa: S105 -- a name
+    jwks: JwksIn | None = None
 
 
 class ApplicationPatchIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -41,6 +54,8 @@ class ApplicationPatchIn(msgspec.Struct, forbid_unknown_fields=True):
     ip_allowlist: ShortList | msgspec.UnsetType = msgspec.UNSET
     permissions: ShortList | msgspec.UnsetType = msgspec.UNSET
     notification_emails: ShortList | msgspec.UnsetType = msgspec.UNSET
+    cc_token_limit: CcTokenLimit | msgspec.UnsetType | None = msgspec.UNSET
+    token_endpoint_auth_method: AuthMethod | msgspec.UnsetType = msgspec.UNSET
 
 
 class UserIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,9 +90,19 @@ def application_json(app: rules.Application) -> dict[str, Any]:
         "permissions": app.permissions,
         "notification_emails": app.notification_emails,
         "secret_version": app.secret_version,
+        "cc_token_limit": app.cc_token_limit,
+        "token_endpoint_auth_method": app.token_endpoint_auth_method,
+        "jwks": {"keys": [key.jwk for key in app.keys]},  # public keys only (RFC 7591 §2)
         "version": app.version,
         "created_at": _iso(app.created_at),
         "updated_at": _iso(app.updated_at),
+    }
+
+
+def keys_json(app: rules.Application) -> dict[str, Any]:
+    return {
+        "client_id": app.client_id,
+        "keys": [{"kid": k.kid, "thumbprint": k.thumbprint, "jwk": k.jwk} for k in app.keys],
     }
 
 
@@ -121,9 +146,16 @@ async def create_application(request: web.Request) -> web.Response:
         ip_allowlist=body.ip_allowlist,
         permissions=body.permissions,
         notification_emails=body.notification_emails,
+        cc_token_limit=body.cc_token_limit,
+        token_endpoint_auth_method=body.token_endpoint_auth_method,
+        jwks=None if body.jwks is None else msgspec.to_builtins(body.jwks),
     )
     created = await applications.create(ctx, who.company_id, command, meta)
-    payload = application_json(created.app) | {"client_secret": created.client_secret}
+    payload = application_json(created.app)
+    if rules.has_secret(created.app.token_endpoint_auth_method):
+        # An application that signs assertions, or a public client, has no use for a
+        # secret: none is shown (rotate-secret makes one, should its method change).
+        payload["client_secret"] = created.client_secret
     headers = _etag(created.app) | {"Cache-Control": "no-store"}
     return web.json_response(payload, status=201, headers=headers)
 
@@ -147,6 +179,8 @@ async def list_applications(request: web.Request) -> web.Response:
                     "permissions": sorted(a.permissions),
                     "notification_emails": list(a.notification_emails),
                     "secret_version": a.secret_version,
+                    "cc_token_limit": a.cc_token_limit,
+                    "token_endpoint_auth_method": a.auth_method,
                     "version": a.version,
                 }
                 for a in apps
@@ -175,6 +209,9 @@ async def patch_application(request: web.Request) -> web.Response:
         ip_allowlist=_unset(body.ip_allowlist),
         permissions=_unset(body.permissions),
         notification_emails=_unset(body.notification_emails),
+        cc_token_limit=_unset(body.cc_token_limit),
+        clear_cc_token_limit=body.cc_token_limit is None,
+        token_endpoint_auth_method=_unset(body.token_endpoint_auth_method),
     )
     client_id = request.match_info["client_id"]
     app = await applications.update(ctx, who.company_id, client_id, patch, meta, if_match=if_match)
@@ -197,6 +234,35 @@ async def rotate_secret(request: web.Request) -> web.Response:
         {"client_id": app.client_id, "client_secret": secret, "secret_version": app.secret_version},
         headers={"Cache-Control": "no-store"},
     )
+
+
+@routes.get("/admin/applications/{client_id}/keys")
+async def list_client_keys(request: web.Request) -> web.Response:
+    """The public keys the application signs its client assertions with."""
+    ctx, who, _ = await _admin(request)
+    app = await applications.load(ctx, who.company_id, request.match_info["client_id"])
+    return web.json_response(keys_json(app), headers=_etag(app))
+
+
+@routes.post("/admin/applications/{client_id}/keys")
+async def add_client_keys(request: web.Request) -> web.Response:
+    """Register public keys (a JWK Set) beside the ones there: rotation adds the new key,
+    moves the client to it, then removes the old one."""
+    ctx, who, meta = await _admin(request)
+    body = await json_body(request, JwksIn)
+    client_id = request.match_info["client_id"]
+    jwks = msgspec.to_builtins(body)
+    app = await applications.add_keys(ctx, who.company_id, client_id, jwks, meta)
+    return web.json_response(keys_json(app), status=201, headers=_etag(app))
+
+
+@routes.delete("/admin/applications/{client_id}/keys/{kid}")
+async def remove_client_key(request: web.Request) -> web.Response:
+    """Assertions signed with the key are refused from now on, in every process."""
+    ctx, who, meta = await _admin(request)
+    client_id, kid = request.match_info["client_id"], request.match_info["kid"]
+    await applications.remove_key(ctx, who.company_id, client_id, kid, meta)
+    return web.Response(status=204)
 
 
 @routes.post("/admin/applications/{client_id}/revoke-tokens")

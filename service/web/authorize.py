@@ -15,7 +15,7 @@ from yarl import URL
 
 from projections.directory import User
 from service.context import Context
-from service.domain import consent, credentials, streams
+from service.domain import consent, credentials, native_apps, streams
 from service.domain import grants as grant_rules
 from service.domain.applications import AUTHORIZATION_CODE
 from service.domain.state import AppState
@@ -90,7 +90,9 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
     if app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
         raise PageError("Invalid request", "this application cannot ask users for access")
     redirect_uri = params.get("redirect_uri")
-    if redirect_uri != app.redirect_uri:
+    if redirect_uri is None or not native_apps.redirect_matches(
+        app, app.redirect_uri, redirect_uri
+    ):
         raise PageError(
             "Invalid redirect URI",
             "the redirect_uri does not match the one registered for this application",
@@ -109,6 +111,9 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
     if challenge is None and method is not None:
         without = "code_challenge_method without code_challenge"
         raise _redirect_error(redirect_uri, state, without, iss)
+    if challenge is None and native_apps.is_public(app):
+        needed = "code_challenge is required: a public client uses PKCE (RFC 8252 §8.1)"
+        raise _redirect_error(redirect_uri, state, needed, iss)
     if challenge is not None:
         if method != "S256":
             raise _redirect_error(redirect_uri, state, "code_challenge_method must be S256", iss)
@@ -176,9 +181,13 @@ def _registered_redirect(ctx: Context, next_url: str) -> str | None:
         return None
     client_ids, redirect_uris = query.getall("client_id", []), query.getall("redirect_uri", [])
     app = ctx.lookups.application_now(client_ids[0]) if len(client_ids) == 1 else None
-    if app is None or app.grant_type != AUTHORIZATION_CODE or redirect_uris != [app.redirect_uri]:
+    if app is None or app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
         return None
-    return app.redirect_uri
+    if len(redirect_uris) != 1 or not native_apps.redirect_matches(
+        app, app.redirect_uri, redirect_uris[0]
+    ):
+        return None
+    return redirect_uris[0]
 
 
 def consent_token(request: web.Request) -> str:

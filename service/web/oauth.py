@@ -11,18 +11,24 @@ import msgspec
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from service.context import Context
 from service.domain import credentials
+from service.domain.client_keys import AUTH_METHODS, NONE, SIGNING_ALGORITHMS
+from service.domain.state import AppState
 from service.errors import TollgateError
 from service.eventlog import Metadata
+from service.oauth import assertions, revocation
 from service.oauth import credentials as authorization
-from service.oauth import revocation
 from service.oauth.clients import (
+    AssertionCheck,
+    ClientAuth,
+    Public,
     allowed_or_refused,
     authenticate,
     client_credentials,
     client_metadata,
 )
-from service.oauth.errors import NO_STORE, InvalidBearerKey, InvalidRequest
+from service.oauth.errors import NO_STORE, InvalidBearerKey, InvalidClient, InvalidRequest
 from service.web.bodies import form_body, read_body
 from service.web.keys import CONTEXT, metadata
 
@@ -89,12 +95,25 @@ def _form_params(form: MultiDictProxy[str | bytes | bytearray | web.FileField]) 
     return params
 
 
-def _client(
-    request: web.Request, params: dict[str, str]
-) -> tuple[tuple[str, str] | None, Metadata]:
+def _client(request: web.Request, params: dict[str, str]) -> tuple[ClientAuth | None, Metadata]:
     """The credentials the client authenticates with, and the request's metadata."""
     found = client_credentials(request.headers.get("Authorization"), params)
     return found, client_metadata(metadata(request, "client:"), found)
+
+
+async def _authenticated(
+    request: web.Request, ctx: Context, params: dict[str, str], endpoint: str
+) -> tuple[AppState, Metadata]:
+    """The calling client, authenticated as at the token endpoint and held to its allow
+    list; a client assertion may name this endpoint as its audience too."""
+    client, meta = _client(request, params)
+    if isinstance(client, Public) and endpoint == "introspect":
+        # RFC 7662 §2.1 asks for authorization; a client_id alone is none
+        raise InvalidClient("introspection needs client authentication; a public client has none")
+    audiences = assertions.audiences(ctx.settings.issuer, request.path)
+    app = await authenticate(ctx.lookups, ctx.ledger, client, meta, AssertionCheck(audiences))
+    await allowed_or_refused(ctx.ledger, app, meta, endpoint)
+    return app, meta
 
 
 @routes.post("/oauth/token")
@@ -113,9 +132,7 @@ async def revoke(request: web.Request) -> web.Response:
     """RFC 7009: 200 whether or not the token was known, live, or this client's."""
     ctx = request.app[CONTEXT]
     params = await oauth_params(request)
-    client, meta = _client(request, params)
-    app = await authenticate(ctx.lookups, ctx.ledger, client, meta)
-    await allowed_or_refused(ctx.ledger, app, meta, "revoke")
+    app, meta = await _authenticated(request, ctx, params, "revoke")
     token = params.get("token")
     if not token:
         raise InvalidRequest("token is required")
@@ -134,9 +151,7 @@ async def introspect(request: web.Request) -> web.Response:
         if await ctx.lookups.resource_server(credentials.digest(found.value)) is None:
             raise InvalidBearerKey()
     else:
-        client, meta = _client(request, params)
-        app = await authenticate(ctx.lookups, ctx.ledger, client, meta)
-        await allowed_or_refused(ctx.ledger, app, meta, "introspect")
+        app, _ = await _authenticated(request, ctx, params, "introspect")
         caller_client = app.client_id
     token = params.get("token")
     if not token:
@@ -152,7 +167,9 @@ async def server_metadata(request: web.Request) -> web.Response:
     """RFC 8414 §2."""
     ctx = request.app[CONTEXT]
     issuer = ctx.settings.issuer
-    auth_methods = ["client_secret_basic", "client_secret_post"]
+    auth_methods = list(AUTH_METHODS)  # "none": public clients (RFC 8252), which may revoke
+    authenticated = [m for m in auth_methods if m != NONE]
+    signing = list(SIGNING_ALGORITHMS)
     return web.json_response(
         {
             "issuer": issuer,
@@ -164,10 +181,13 @@ async def server_metadata(request: web.Request) -> web.Response:
             "response_modes_supported": ["query"],
             "grant_types_supported": ctx.token_endpoint.grant_types,
             "token_endpoint_auth_methods_supported": auth_methods,
+            "token_endpoint_auth_signing_alg_values_supported": signing,
             "revocation_endpoint_auth_methods_supported": auth_methods,
+            "revocation_endpoint_auth_signing_alg_values_supported": signing,
             # Resource servers also send a Bearer key, which has no registered method name
             # (RFC 8414 §2 points at the IANA registry): only registered names are listed.
-            "introspection_endpoint_auth_methods_supported": auth_methods,
+            "introspection_endpoint_auth_methods_supported": authenticated,
+            "introspection_endpoint_auth_signing_alg_values_supported": signing,
             "authorization_response_iss_parameter_supported": True,  # RFC 9207 §3
             "code_challenge_methods_supported": ["S256"],
             "scopes_supported": sorted(ctx.catalogue),

@@ -7,11 +7,13 @@ from typing import Any
 
 import msgspec
 
-from service.web.admin import AdminKeyIn, ApplicationIn, ApplicationPatchIn, UserIn
+from service.web.admin import AdminKeyIn, ApplicationIn, ApplicationPatchIn, JwksIn, UserIn
 from service.web.login import LoginIn
 from service.web.policy_check import CheckIn
 
 Json = dict[str, Any]
+
+AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 
 STRING: Json = {"type": "string"}
 STRINGS: Json = {"type": "array", "items": STRING}
@@ -49,7 +51,7 @@ def nullable(schema: Json) -> Json:
 
 def request_schemas() -> Json:
     """Exactly what the handlers decode: the Structs' own JSON Schema, from msgspec."""
-    structs = [ApplicationIn, ApplicationPatchIn, UserIn, AdminKeyIn, LoginIn, CheckIn]
+    structs = [ApplicationIn, ApplicationPatchIn, JwksIn, UserIn, AdminKeyIn, LoginIn, CheckIn]
     _, components = msgspec.json.schema_components(
         structs, ref_template="#/components/schemas/{name}"
     )
@@ -58,9 +60,16 @@ def request_schemas() -> Json:
         "1-100 characters; redirect_uri required for authorization_code (absolute https, "
         "http only on loopback hosts); ip_allowlist of addresses and CIDR ranges, at least "
         "one for client_credentials; permissions a non-empty subset of the catalogue "
-        "(scopes_supported in the server metadata).",
-        "ApplicationPatchIn": "Only the fields sent change; redirect_uri null clears it. A "
-        "grant_type other than the application's is refused (400): it cannot be changed.",
+        "(scopes_supported in the server metadata); cc_token_limit for client_credentials "
+        "only (null: the CC_TOKEN_LIMIT setting, 0: no bound); jwks holds public keys only "
+        "(a JWK with private members such as d is a 400).",
+        "ApplicationPatchIn": "Only the fields sent change; redirect_uri null clears it, "
+        "cc_token_limit null gives back the setting. A grant_type other than the "
+        "application's is refused (400): it cannot be changed.",
+        "JwksIn": "A JWK Set (RFC 7517 §5) of public signing keys: RSA (2048 bits or more), "
+        "EC (P-256, P-384, P-521) or OKP (Ed25519, Ed448). Private members (d, p, q, ...) "
+        "and symmetric keys are refused (400). A key without kid is named by its RFC 7638 "
+        "thumbprint.",
         "UserIn": "Without a password one is generated and returned once.",
         "CheckIn": "The gateway's decision for a resource server: an access token, the "
         "caller's IP address and optionally the permission the request needs.",
@@ -80,10 +89,14 @@ def application(*, full: bool) -> Json:
         "permissions": STRINGS,
         "notification_emails": STRINGS,
         "secret_version": {"type": "integer", "minimum": 1},
+        "cc_token_limit": nullable({"type": "integer", "minimum": 0}),
+        "token_endpoint_auth_method": {"enum": AUTH_METHODS},
         "version": {"type": "integer", "minimum": 1},
     }
     if full:
         fields |= {
+            "jwks": obj({"keys": {"type": "array", "items": {"type": "object"}}})
+            | {"description": "The public keys for private_key_jwt (RFC 7591 §2)."},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},
         }
@@ -96,7 +109,9 @@ def response_schemas() -> Json:
         **STRING,
         "description": "Shown in this response only; stored as a hash.",
     }
-    created["required"].append("client_secret")
+    created["properties"]["client_secret"]["description"] += (
+        " Not sent for a private_key_jwt application (rotate-secret makes one)."
+    )
     user = {"user_id": STRING, "email": STRING, "role": {"enum": ["admin", "member"]}}
     return {
         "Error": obj(
@@ -107,6 +122,21 @@ def response_schemas() -> Json:
         "CreatedApplication": created,
         "ApplicationList": obj(
             {"applications": {"type": "array", "items": application(full=False)}}
+        ),
+        "ClientKeyList": obj(
+            {
+                "client_id": STRING,
+                "keys": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "kid": STRING,
+                            "thumbprint": {**STRING, "description": "RFC 7638, SHA-256"},
+                            "jwk": {"type": "object", "description": "public members only"},
+                        }
+                    ),
+                },
+            }
         ),
         "RotatedSecret": obj(
             {"client_id": STRING, "client_secret": STRING, "secret_version": {"type": "integer"}}
@@ -174,7 +204,20 @@ def event_schema() -> Json:
 
 
 def oauth_schemas() -> Json:
-    creds = {"client_id": STRING, "client_secret": STRING}
+    creds = {
+        "client_id": STRING,
+        "client_secret": STRING,
+        "client_assertion_type": {
+            "const": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "description": "private_key_jwt (RFC 7523 §2.2), with client_assertion",
+        },
+        "client_assertion": {
+            **STRING,
+            "description": "a JWT signed with one of the application's keys: iss = sub = "
+            "client_id, aud the issuer or the token endpoint, exp within an hour, a jti "
+            "used once",
+        },
+    }
     open_strings: Json = {"additionalProperties": STRING}  # RFC 6749 §3.2: unknown ones ignored
 
     def grant(name: str, required: Json, optional: Json) -> Json:
@@ -241,7 +284,9 @@ def server_metadata_schema() -> Json:
         "response_types_supported", "response_modes_supported", "grant_types_supported",
         "token_endpoint_auth_methods_supported", "revocation_endpoint_auth_methods_supported",
         "introspection_endpoint_auth_methods_supported", "code_challenge_methods_supported",
-        "scopes_supported",
+        "scopes_supported", "token_endpoint_auth_signing_alg_values_supported",
+        "revocation_endpoint_auth_signing_alg_values_supported",
+        "introspection_endpoint_auth_signing_alg_values_supported",
     )  # fmt: skip
     fields = {"issuer": STRING, "introspection_endpoint": STRING}
     fields |= {name: STRING for name in urls} | {name: STRINGS for name in lists}

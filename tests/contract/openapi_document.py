@@ -128,6 +128,38 @@ def application_paths() -> Json:
                 security=ADMIN,
             ),
         },
+        "/admin/applications/{client_id}/keys": {
+            "parameters": [CLIENT_ID],
+            "get": op(
+                "The public keys the application signs its client assertions with",
+                ok("ClientKeyList", "the keys", headers=etag) | use("NotFound", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="listClientKeys",
+                security=ADMIN_READ,
+            ),
+            "post": op(
+                "Register public keys (a JWK Set) beside the ones there; private keys are a 400",
+                ok("ClientKeyList", "every key now registered", status="201", headers=etag)
+                | use(*BODY_ERRORS, "NotFound", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="addClientKeys",
+                security=ADMIN,
+                requestBody=json_body("JwksIn"),
+            ),
+        },
+        "/admin/applications/{client_id}/keys/{kid}": {
+            "parameters": [
+                CLIENT_ID,
+                {"name": "kid", "in": "path", "required": True, "schema": STRING},
+            ],
+            "delete": op(
+                "Remove a key: assertions signed with it are refused from now on",
+                {"204": {"description": "removed"}} | use("NotFound", *ADMIN_ERRORS),
+                tag=tag,
+                operationId="removeClientKey",
+                security=ADMIN,
+            ),
+        },
     }
 
 
@@ -257,9 +289,9 @@ def oauth_paths() -> Json:
                 security=CLIENT,
                 requestBody=oauth_body("TokenRequest"),
                 description="Client authentication by HTTP Basic (client_id and secret "
-                "form-urlencoded first, RFC 6749 §2.3.1) or client_id + client_secret in the "
-                "body, never both. A secret rotated away is refused like a wrong one, and "
-                "recorded.",
+                "form-urlencoded first, RFC 6749 §2.3.1), client_id + client_secret in the "
+                "body, or a signed client_assertion (private_key_jwt, RFC 7523 §2.2); exactly "
+                "one. A secret rotated away is refused like a wrong one, and recorded.",
             ),
         },
         "/oauth/revoke": {

@@ -78,10 +78,11 @@ async def test_error_redirects_name_the_issuer_too(client, company):
 async def test_the_metadata_announces_iss_and_lists_only_registered_auth_methods(client):
     body = await (await client.get("/.well-known/oauth-authorization-server")).json()
     assert body["authorization_response_iss_parameter_supported"] is True
-    registered = ["client_secret_basic", "client_secret_post"]
+    registered = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
     assert body["token_endpoint_auth_methods_supported"] == registered
     assert body["revocation_endpoint_auth_methods_supported"] == registered
-    assert body["introspection_endpoint_auth_methods_supported"] == registered
+    # a public client ("none") has nothing to introspect with
+    assert body["introspection_endpoint_auth_methods_supported"] == registered[:-1]
 
 
 async def test_a_body_client_id_other_than_the_basic_one_is_invalid_request(client, company, db):

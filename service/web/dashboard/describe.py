@@ -76,6 +76,8 @@ class Describer:
             "AdminKeyRevoked": lambda: f"Revoked admin key {self._key(str(p.get('key_id')))}",
             "ConnectionGranted": lambda: f"Connected {app}: {_list(p.get('permissions'))}",
             "ConnectionRevoked": lambda: f"Revoked the connection of {app} ({p.get('reason')})",
+            "ClientKeyAdded": lambda: f"Added key “{p.get('kid')}” to {app}",
+            "ClientKeyRemoved": lambda: f"Removed key “{p.get('kid')}” from {app}",
         }
         if type_ in simple:
             return simple[type_]()
@@ -84,6 +86,8 @@ class Describer:
             "IpAllowlistChanged": "IP allow list",
             "PermissionsChanged": "permissions",
             "NotificationEmailsChanged": "notification emails",
+            "CcTokenLimitChanged": "token limit",
+            "TokenEndpointAuthMethodChanged": "authentication method",
         }
         if type_ in fields:
             before, after = _list(p.get("before")), _list(p.get("after"))

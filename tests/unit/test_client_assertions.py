@@ -1,0 +1,151 @@
+"""Client assertions (RFC 7523 §3) checked against an application's keys: what is
+accepted, and each way an assertion is refused, all as invalid_client."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import msgspec
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from service.domain import client_keys
+from service.oauth import assertions
+from service.oauth.clients import Assertion, Secret, client_credentials
+from service.oauth.errors import InvalidClient, InvalidRequest
+from tests.unit.rules import NOW, app
+
+ISSUER = "https://auth.example"
+AUDIENCES = assertions.audiences(ISSUER)
+CLIENT = "client-1"
+RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa"})
+EC = ECKey.generate_key("P-256", parameters={"kid": "ec"})
+ED = OKPKey.generate_key("Ed25519", parameters={"kid": "ed"})
+
+
+def keyed(*keys):
+    registered = tuple(client_keys.public_key(k.as_dict(private=False)) for k in keys)
+    state = app()
+    return msgspec.structs.replace(state, auth_method="private_key_jwt", keys=registered)
+
+
+def claims(**changes) -> dict:
+    base = {"iss": CLIENT, "sub": CLIENT, "aud": f"{ISSUER}/oauth/token", "iat": NOW,
+            "exp": NOW + 60, "jti": "j-1"}  # fmt: skip
+    return {k: v for k, v in (base | changes).items() if v is not None}
+
+
+def signed(key, alg="ES256", kid="ec", **changes) -> str:
+    header = {"alg": alg} | ({"kid": kid} if kid else {})
+    return jwt.encode(header, claims(**changes), key, algorithms=[alg])
+
+
+@pytest.mark.parametrize(
+    ("key", "alg"),
+    [(RSA, "RS256"), (RSA, "PS256"), (EC, "ES256"), (ED, "EdDSA"), (ED, "Ed25519")],
+)
+def test_an_assertion_signed_with_a_registered_key_is_accepted(key, alg):
+    verified = assertions.verify(keyed(RSA, EC, ED), signed(key, alg, kid=key.kid), AUDIENCES, NOW)
+    assert (verified.client_id, verified.kid, verified.jti) == (CLIENT, key.kid, "j-1")
+    assert verified.expires_at == NOW + 60
+
+
+def test_without_a_kid_every_registered_key_is_tried():
+    assert assertions.verify(keyed(RSA, EC), signed(EC, kid=None), AUDIENCES, NOW).kid == "ec"
+
+
+def test_the_issuer_itself_and_an_audience_list_are_accepted():
+    state = keyed(EC)
+    assertions.verify(state, signed(EC, aud=ISSUER), AUDIENCES, NOW)
+    assertions.verify(state, signed(EC, aud=["https://other", ISSUER]), AUDIENCES, NOW)
+
+
+def _part(data: bytes | dict) -> str:
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _none_alg() -> str:
+    return f"{_part({'alg': 'none'})}.{_part(claims())}."
+
+
+def _hs256_with_public_key() -> str:
+    """The classic confusion attack: the public key (as registered, and as PEM) used as an
+    HMAC secret. Built by hand: JOSE libraries refuse to make it."""
+    signing_input = f"{_part({'alg': 'HS256', 'kid': 'ec'})}.{_part(claims())}"
+    secret = EC.as_pem(private=False)
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_part(mac)}"
+
+
+@pytest.mark.parametrize(
+    ("assertion", "words"),
+    [
+        (lambda: signed(EC, aud="https://elsewhere/oauth/token"), "aud"),
+        (lambda: signed(EC, aud=None), "aud"),
+        (lambda: signed(EC, exp=NOW - 61, iat=NOW - 120), "expired"),
+        (lambda: signed(EC, exp=None), "exp"),
+        (lambda: signed(EC, exp=NOW + 3600 + 61), "more than 3600 seconds"),
+        (lambda: signed(EC, iat=NOW + 61), "iat is in the future"),
+        (lambda: signed(EC, nbf=NOW + 61), "nbf is in the future"),
+        (lambda: signed(EC, iat="yesterday"), "NumericDate"),
+        (lambda: signed(EC, jti=None), "jti"),
+        (lambda: signed(EC, iss="someone-else"), "iss and sub"),
+        (lambda: signed(ECKey.generate_key("P-256")), "signature"),
+        (lambda: signed(EC, kid="unknown"), "kid"),
+        (lambda: signed(RSA, alg="RS256", kid="ec"), "signature"),  # a key of another type
+        (_none_alg, "alg"),
+        (_hs256_with_public_key, "alg"),
+        (lambda: "not.a.jwt", "JWT"),
+    ],
+)
+def test_a_bad_assertion_is_invalid_client(assertion, words):
+    with pytest.raises(InvalidClient) as refused:
+        assertions.verify(keyed(EC, RSA), assertion(), AUDIENCES, NOW)
+    assert words in refused.value.description
+    assert refused.value.status == 401
+
+
+def test_a_small_clock_skew_is_allowed():
+    state = keyed(EC)
+    assertions.verify(state, signed(EC, iat=NOW + 30, nbf=NOW + 30), AUDIENCES, NOW)
+    assertions.verify(state, signed(EC, exp=NOW - 30), AUDIENCES, NOW)
+
+
+def test_a_key_registered_for_one_algorithm_verifies_no_other():
+    registered = client_keys.public_key(RSA.as_dict(private=False) | {"alg": "PS256"})
+    state = msgspec.structs.replace(app(), auth_method="private_key_jwt", keys=(registered,))
+    assertions.verify(state, signed(RSA, "PS256", kid="rsa"), AUDIENCES, NOW)
+    with pytest.raises(InvalidClient, match="signature"):
+        assertions.verify(state, signed(RSA, "RS256", kid="rsa"), AUDIENCES, NOW)
+
+
+def test_the_request_carries_an_assertion_or_a_secret_never_both():
+    assertion = signed(EC)
+    found = client_credentials(
+        None, {"client_assertion_type": assertions.ASSERTION_TYPE, "client_assertion": assertion}
+    )
+    assert found == Assertion(CLIENT, assertion)
+    assert client_credentials(None, {"client_id": "c", "client_secret": "s"}) == Secret("c", "s")
+    both = {
+        "client_assertion_type": assertions.ASSERTION_TYPE,
+        "client_assertion": assertion,
+        "client_secret": "s",
+    }
+    with pytest.raises(InvalidRequest, match="one client authentication method"):
+        client_credentials(None, both)
+    with pytest.raises(InvalidClient, match="client_assertion_type"):
+        client_credentials(None, {"client_assertion_type": "saml", "client_assertion": assertion})
+    with pytest.raises(InvalidClient, match="not the client"):
+        client_credentials(
+            None,
+            {
+                "client_assertion_type": assertions.ASSERTION_TYPE,
+                "client_assertion": assertion,
+                "client_id": "another",
+            },
+        )
