@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import tomllib
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -59,6 +60,17 @@ def test_the_wheel_ships_every_package_and_the_schema(tmp_path: Path) -> None:
         assert wheel.read("service/schema.sql") == (ROOT / "schema.sql").read_bytes()
 
 
+# Every dashboard template, loaded and compiled from the installed package.
+DASHBOARD_TEMPLATES = """
+from service.web.dashboard.base import templates
+env = templates().environment
+names = [n for n in env.list_templates() if n.startswith("dashboard/") and n.endswith(".html")]
+for name in names:
+    env.get_template(name)
+print(len(names))
+"""
+
+
 def test_the_installed_wheel_serves_and_issues_a_token(tmp_path: Path) -> None:
     bin_dir = install(build_wheel(tmp_path), tmp_path / "venv")
     home = tmp_path / "home"  # the working directory: no checkout, no .env around
@@ -92,6 +104,16 @@ def test_the_installed_wheel_serves_and_issues_a_token(tmp_path: Path) -> None:
             headers={"Authorization": f"Bearer {token}"},
         )  # fmt: skip
         assert status == 200 and whoami["permissions"] == ["invoices:read"]
+        # the files the pages read are in the wheel, not the checkout
+        for path, expected in (("/dashboard", "<form"), ("/openapi.json", '"openapi"')):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as page:
+                assert page.status == 200 and expected in page.read().decode(), path
+        compiled = subprocess.run(
+            [bin_dir / "python", "-c", DASHBOARD_TEMPLATES], cwd=home, env=env,
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert compiled.returncode == 0, compiled.stderr
+        assert int(compiled.stdout) >= 10  # every dashboard page's template
     finally:
         text = ctrl_c(serve, log)
     assert "embedded_postgres.stopped" in text
