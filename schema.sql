@@ -311,3 +311,11 @@ ALTER TABLE applications ADD COLUMN IF NOT EXISTS cc_token_limit integer;
 ALTER TABLE applications ADD COLUMN IF NOT EXISTS token_endpoint_auth_method text NOT NULL
     DEFAULT 'client_secret_basic';
 ALTER TABLE applications ADD COLUMN IF NOT EXISTS client_key_ids text[] NOT NULL DEFAULT '{}';
+
+
+-- The digest of each schema.sql text applied (service/storage/database.py apply_schema): a
+-- start whose text is here already applies nothing, so it takes no table lock.
+CREATE TABLE IF NOT EXISTS schema_applied (
+    digest     text        PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from importlib.resources import files
@@ -87,13 +88,31 @@ def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     return embedded.start(), embedded
 
 
+#: how long applying the schema may take: a migration may rightly outlast a request's
+#: bound (an index on a large table); asyncpg reads `timeout=None` as the pool's bound
+SCHEMA_TIMEOUT = 3600.0
+
+
 async def apply_schema(conn: Conn) -> None:
-    """Apply `schema.sql`; every statement in it is idempotent. A migration may rightly
-    take longer than a request's bound (an index on a large table): none applies here."""
+    """Apply `schema.sql` unless this very text has been applied already.
+
+    Every statement in it is idempotent, but some take table locks (the trigger on
+    `events`, columns added to projection tables) that queue behind a running service's
+    writers and then hold them back: a second process starting, or a command such as
+    `tollgate events`, would stall the log's appends for nothing. So the text's digest is
+    kept in `schema_applied`, and a start that finds it there reads one row and is done."""
+    sql = schema_sql()
+    digest = hashlib.sha256(sql.encode()).hexdigest()
+    try:
+        if await conn.fetchval("SELECT true FROM schema_applied WHERE digest = $1", digest):
+            return
+    except asyncpg.UndefinedTableError:
+        pass  # a database that has never seen this schema
     await conn.execute(
         "BEGIN;\nSET LOCAL statement_timeout = 0;\nSET LOCAL lock_timeout = 0;\n"
-        f"{schema_sql()}\nCOMMIT;",
-        timeout=None,
+        f"{sql}\nINSERT INTO schema_applied (digest) VALUES ('{digest}') "
+        "ON CONFLICT (digest) DO UPDATE SET applied_at = now();\nCOMMIT;",
+        timeout=SCHEMA_TIMEOUT,
     )
 
 

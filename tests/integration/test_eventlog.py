@@ -435,3 +435,29 @@ async def test_the_verify_command_prints_the_anchor_or_where_the_chain_breaks(
     assert broken["intact_through"] == 3  # not "head": the head of the log is 10
     assert broken["intact_hash"] == (await eventlog.read_all(2, 1))[0].hash.hex()
     assert "head_hash" not in broken  # not an anchor to record
+
+
+async def test_a_schema_already_applied_takes_no_lock(eventlog: EventLog, db):
+    """A second process starting (or a command such as `tollgate events`) while a writer
+    holds the log's lock: the same schema text is not applied again, so it neither waits
+    for the writer nor holds the next one back."""
+    await eventlog.append("s-1", 0, [company(1)])
+    writer = await asyncpg.connect(db.dsn)
+    try:
+        async with writer.transaction():
+            await writer.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # as an append does
+            async with db.pool.acquire() as conn:
+                await asyncio.wait_for(apply_schema(conn), 5)
+    finally:
+        await writer.close()
+    assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 1
+
+
+async def test_a_changed_schema_text_is_applied(db, monkeypatch):
+    from service.storage import database
+
+    text = database.schema_sql()
+    monkeypatch.setattr(database, "schema_sql", lambda: text + "\n-- a later version\n")
+    async with db.pool.acquire() as conn:
+        await apply_schema(conn)
+    assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
