@@ -278,7 +278,7 @@ WHERE e.company_id IS NOT NULL
                  'IpAllowlistChanged', 'PermissionsChanged', 'NotificationEmailsChanged',
                  'ClientSecretRotated', 'ApplicationDeleted', 'ApplicationTokensRevoked',
                  'CcTokenLimitChanged', 'TokenEndpointAuthMethodChanged', 'ClientKeyAdded',
-                 'ClientKeyRemoved', 'UserAdded', 'UserRoleChanged',
+                 'ClientKeyRemoved', 'DpopBoundAccessTokensChanged', 'UserAdded', 'UserRoleChanged',
                  'UserPasswordChanged', 'UserRemoved', 'AdminKeyIssued', 'AdminKeyRevoked',
                  'ConnectionGranted', 'ConnectionRevoked');
 
@@ -312,6 +312,10 @@ ALTER TABLE applications ADD COLUMN IF NOT EXISTS token_endpoint_auth_method tex
     DEFAULT 'client_secret_basic';
 ALTER TABLE applications ADD COLUMN IF NOT EXISTS client_key_ids text[] NOT NULL DEFAULT '{}';
 
+-- DPoP (RFC 9449 §5.2, projections/applications.py): whether every token request of the
+-- application must carry a DPoP proof.
+ALTER TABLE applications ADD COLUMN IF NOT EXISTS dpop_bound_access_tokens boolean NOT NULL
+    DEFAULT false;
 
 -- The digest of each schema.sql text applied (service/storage/database.py apply_schema): a
 -- start whose text is here already applies nothing, so it takes no table lock.

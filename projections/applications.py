@@ -17,6 +17,7 @@ _CHANGES: dict[type[ev.Event], str] = {
     ev.NotificationEmailsChanged: "notification_emails",
     ev.CcTokenLimitChanged: "cc_token_limit",
     ev.TokenEndpointAuthMethodChanged: "token_endpoint_auth_method",
+    ev.DpopBoundAccessTokensChanged: "dpop_bound_access_tokens",
 }
 
 

@@ -65,6 +65,7 @@ class PolicyModel:
             ev.NotificationEmailsChanged: self._app_changed,
             ev.CcTokenLimitChanged: self._app_changed,
             ev.TokenEndpointAuthMethodChanged: self._app_changed,
+            ev.DpopBoundAccessTokensChanged: self._app_changed,
             ev.ClientKeyAdded: self._key_added,  # type: ignore[dict-item]
             ev.ClientKeyRemoved: self._key_removed,  # type: ignore[dict-item]
             ev.PermissionsChanged: self._permissions_changed,  # type: ignore[dict-item]
@@ -173,6 +174,8 @@ class PolicyModel:
             app.cc_token_limit = after
         elif isinstance(e, ev.TokenEndpointAuthMethodChanged):
             app.auth_method = after
+        elif isinstance(e, ev.DpopBoundAccessTokensChanged):
+            app.dpop_bound = after
         app.version = r.version
 
     def _key_added(self, e: ev.ClientKeyAdded, r: RecordedEvent) -> None:
@@ -304,19 +307,23 @@ class PolicyModel:
             key = bytes.fromhex(e.token_hash)
             permissions = self._intern(frozenset(e.permissions))
             self.tokens[key] = TokenState(
-                None, e.client_id, e.company_id, permissions, e.expires_at, e.issued_at
-            )
+                None, e.client_id, e.company_id, permissions, e.expires_at, e.issued_at,
+                e.dpop_jkt,
+            )  # fmt: skip
             self._client_tokens.setdefault(e.client_id, []).append(key)
             if e.expires_at is not None:
                 heapq.heappush(self._expiry, (e.expires_at, key))
             return
         family = FamilyState(
             e.client_id, e.company_id, permissions=self._intern(frozenset(e.permissions)),
-            version=r.version, issued_at=e.issued_at,
+            version=r.version, issued_at=e.issued_at, jkt=e.dpop_jkt,
         )  # fmt: skip
         self.families[e.family_id] = family
         self._client_families.setdefault(e.client_id, set()).add(e.family_id)
-        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at)
+        self._add_token(
+            family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at,
+            e.dpop_jkt,
+        )  # fmt: skip
         if e.refresh_token_hash is not None:
             family.refresh_token_hash = e.refresh_token_hash
             family.refresh_hashes = (e.refresh_token_hash,)
@@ -340,7 +347,10 @@ class PolicyModel:
         family.refresh_expires_at = e.refresh_expires_at
         family.issued_at = e.issued_at
         self.refresh_tokens[e.refresh_token_hash] = e.family_id
-        self._add_token(family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at)
+        self._add_token(
+            family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at,
+            e.dpop_jkt,
+        )  # fmt: skip
 
     def _token_revoked(self, e: ev.TokenRevoked, _r: RecordedEvent) -> None:
         if e.family_id in self.families:
@@ -361,6 +371,7 @@ class PolicyModel:
         permissions: list[str],
         expires_at: int | None,
         issued_at: int,
+        jkt: str = "",
     ) -> None:
         key = bytes.fromhex(token_hash)
         family.tokens = (*family.tokens, key)
@@ -371,6 +382,7 @@ class PolicyModel:
             self._intern(frozenset(permissions) & family.permissions),
             expires_at,
             issued_at,
+            jkt,
         )
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, key))

@@ -235,6 +235,9 @@ class AccessTokenIssued(Event, frozen=True):
     refresh_token_hash: str | None = None
     owner_company_id: str | None = None  # the application's owner, when not the grantor
     refresh_expires_at: int | None = None
+    #: RFC 9449 §6.1: the thumbprint (RFC 7638) of the key the token is bound to; "": a
+    #: Bearer token. The grant keeps it: a refresh must prove the same key.
+    dpop_jkt: str = ""
 
 
 class TokenRefreshed(Event, frozen=True):
@@ -255,6 +258,7 @@ class TokenRefreshed(Event, frozen=True):
     expires_at: int
     refresh_expires_at: int | None = None
     grace_reuse: bool = False
+    dpop_jkt: str = ""  # the new access token's DPoP key thumbprint; "": a Bearer token
 
 
 class RefreshTokenReused(Event, frozen=True):
@@ -410,6 +414,33 @@ class ClientAssertionAccepted(Event, frozen=True):
     expires_at: int  # unix seconds: the assertion's exp
 
 
+# --- DPoP (RFC 9449; appended: tags are never renamed) --------------------------------
+
+
+class DpopBoundAccessTokensChanged(Event, frozen=True):
+    """RFC 9449 §5.2 `dpop_bound_access_tokens`: when true, every token request of the
+    application must carry a valid DPoP proof, and its tokens are all DPoP-bound."""
+
+    company_id: str
+    client_id: str
+    before: bool
+    after: bool
+
+
+class DpopProofAccepted(Event, frozen=True):
+    """A DPoP proof (RFC 9449 §4.3) was accepted: appended at version 0 of a stream named
+    after its key and `jti`, so a replay is refused in every process (RFC 9449 §11.1).
+    `jti_hash`: SHA-256 of the key's thumbprint and the jti; never the proof itself.
+    `endpoint`: "token" | "api" | "policy_check"."""
+
+    company_id: str
+    client_id: str
+    jti_hash: str
+    jkt: str
+    endpoint: str
+    expires_at: int  # unix seconds: when the proof's iat leaves the accepted window
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     CompanyCreated, UserAdded, UserRoleChanged, UserPasswordChanged, UserRemoved,
     AdminKeyIssued, AdminKeyRevoked, ResourceServerRegistered, ResourceServerKeyRevoked,
@@ -421,6 +452,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ViolationNotificationFailed, ViolationNotificationAbandoned, ApplicationTokensRevoked,
     IpViolationsCoalesced, OldClientSecretUsesCoalesced, CcTokenLimitChanged,
     TokenEndpointAuthMethodChanged, ClientKeyAdded, ClientKeyRemoved, ClientAssertionAccepted,
+    DpopBoundAccessTokensChanged, DpopProofAccepted,
 )  # fmt: skip
 
 BY_TAG: dict[str, type[Event]] = {cls.__name__: cls for cls in EVENT_TYPES}

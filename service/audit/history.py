@@ -30,6 +30,7 @@ CHANGE_TYPES: tuple[str, ...] = (
     "UserPasswordChanged", "UserRemoved",
     "AdminKeyIssued", "AdminKeyRevoked", "ConnectionGranted", "ConnectionRevoked",
     "CcTokenLimitChanged", "TokenEndpointAuthMethodChanged", "ClientKeyAdded", "ClientKeyRemoved",
+    "DpopBoundAccessTokensChanged",
 )  # fmt: skip
 
 #: Payload fields never shown: an argon2id hash is not a password, but a low-entropy

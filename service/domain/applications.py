@@ -183,6 +183,7 @@ class Application:
     cc_token_limit: int | None = None
     token_endpoint_auth_method: str = client_keys.CLIENT_SECRET_BASIC
     keys: tuple[ClientKey, ...] = ()
+    dpop_bound_access_tokens: bool = False
 
 
 def fold(history: Iterable[tuple[ev.Event, int, float]]) -> Application | None:
@@ -222,6 +223,8 @@ def fold(history: Iterable[tuple[ev.Event, int, float]]) -> Application | None:
             app = replace(app, cc_token_limit=event.after)
         elif isinstance(event, ev.TokenEndpointAuthMethodChanged):
             app = replace(app, token_endpoint_auth_method=event.after)
+        elif isinstance(event, ev.DpopBoundAccessTokensChanged):
+            app = replace(app, dpop_bound_access_tokens=event.after)
         elif isinstance(event, ev.ClientKeyAdded):
             key = ClientKey(event.kid, event.thumbprint, dict(event.jwk))
             app = replace(app, keys=(*app.keys, key))
@@ -246,6 +249,8 @@ class NewApplication:
     token_endpoint_auth_method: str = client_keys.CLIENT_SECRET_BASIC
     #: a JWK Set (RFC 7591 §2 `jwks`) as sent: checked by client_keys.jwks
     jwks: object = None
+    #: RFC 9449 §5.2: every token request must carry a DPoP proof
+    dpop_bound_access_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,8 @@ def create_all(
     out += client_keys.method_change(company_id, client_id, client_keys.CLIENT_SECRET_BASIC, method)
     if command.jwks is not None:
         out += client_keys.add(company_id, client_id, (), client_keys.jwks(command.jwks))
+    if command.dpop_bound_access_tokens:
+        out.append(ev.DpopBoundAccessTokensChanged(**ids, before=False, after=True))
     return out
 
 
@@ -368,6 +375,7 @@ class Patch:
     cc_token_limit: int | None = None
     clear_cc_token_limit: bool = False
     token_endpoint_auth_method: str | None = None
+    dpop_bound_access_tokens: bool | None = None
 
 
 def change(
@@ -418,8 +426,8 @@ def change(
 
 
 def _client_auth_changes(app: Application, patch: Patch) -> list[ev.Event]:
-    """The token limit and the authentication method: how the application's clients get
-    tokens, rather than what the tokens may do."""
+    """The token limit, the authentication method and the DPoP requirement: how the
+    application's clients get tokens, rather than what the tokens may do."""
     out: list[ev.Event] = []
     new_limit = app.cc_token_limit
     if patch.clear_cc_token_limit:
@@ -441,6 +449,16 @@ def _client_auth_changes(app: Application, patch: Patch) -> list[ev.Event]:
     out += client_keys.method_change(
         app.company_id, app.client_id, app.token_endpoint_auth_method, method
     )
+    dpop_bound = patch.dpop_bound_access_tokens
+    if dpop_bound is not None and dpop_bound != app.dpop_bound_access_tokens:
+        out.append(
+            ev.DpopBoundAccessTokensChanged(
+                company_id=app.company_id,
+                client_id=app.client_id,
+                before=app.dpop_bound_access_tokens,
+                after=dpop_bound,
+            )
+        )
     return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from service import events as ev
 from service.domain import streams
 from service.domain.applications import AUTHORIZATION_CODE, CLIENT_CREDENTIALS
+from service.domain.dpop import InvalidDpopProof
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState
 from service.oauth.errors import InvalidGrant, InvalidScope, OAuthError, UnauthorizedClient
 
@@ -119,11 +120,12 @@ def client_credentials(
     access_hash: str,
     now: int,
     superseded: tuple[str, ...] = (),
+    jkt: str = "",
 ) -> Issue:
     """`superseded`: the hashes of the application's oldest live tokens, as many as must
     go for the new one to stay within its limit of live tokens. These tokens never
     expire: without a limit, a client that asks for a token per call grows every process's
-    memory for ever."""
+    memory for ever. `jkt`: the DPoP key the token is bound to ("": a Bearer token)."""
     if app.grant_type != CLIENT_CREDENTIALS:
         raise UnauthorizedClient("this client may not use the client_credentials grant")
     permissions = scope_from(scope, app.permissions, app.permissions)
@@ -138,6 +140,7 @@ def client_credentials(
         permissions=permissions,
         issued_at=now,
         expires_at=None if lifetime.access is None else now + lifetime.access,
+        dpop_jkt=jkt,
     )
     record = Record(streams.token_family(family_id), 0, (event,), (_app_condition(app),))
     return Issue(record, permissions, lifetime.access, then=_supersede(app, superseded))
@@ -172,8 +175,10 @@ def redeem_code(
     tokens: tuple[str, str],
     now: int,
     ip: str,
+    jkt: str = "",
 ) -> Issue | Refusal:
-    """`tokens`: the hashes of the new access and refresh tokens."""
+    """`tokens`: the hashes of the new access and refresh tokens; `jkt`: the DPoP key the
+    grant is bound to from now on ("": Bearer tokens, RFC 9449 §5)."""
     if app.grant_type != AUTHORIZATION_CODE:
         raise UnauthorizedClient("this client may not use the authorization_code grant")
     if code is None or code.client_id != app.client_id:
@@ -210,6 +215,7 @@ def redeem_code(
             refresh_token_hash=refresh_hash,
             owner_company_id=app.company_id,
             refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
+            dpop_jkt=jkt,
         ),
     )
     conditions = (
@@ -264,10 +270,12 @@ def refresh(
     now: int,
     ip: str,
     grace: int = 0,
+    jkt: str = "",
 ) -> Issue | Refusal:
     """`found`: the family the refresh token belongs to (live or spent), if any;
     `tokens`: the hashes of the new access and refresh tokens; `grace`: for how many
-    seconds after a rotation a repeat of what it spent rotates again (see `_repeat_allowed`)."""
+    seconds after a rotation a repeat of what it spent rotates again (see `_repeat_allowed`);
+    `jkt`: the key of the request's DPoP proof ("": none), which a bound grant requires."""
     if app.grant_type != AUTHORIZATION_CODE:
         raise UnauthorizedClient("this client may not use the refresh_token grant")
     if found is None or found[1].client_id != app.client_id:
@@ -281,6 +289,7 @@ def refresh(
         raise InvalidGrant("the refresh token has expired")
     if connection is None:
         raise InvalidGrant("the connection behind this token was revoked")
+    _same_key(family.jkt, jkt)
     # RFC 6749 §6: any part of the original grant, less what was taken away since.
     allowed = family.permissions & app.permissions & connection.permissions
     permissions = scope_from(scope, allowed, allowed)
@@ -299,6 +308,7 @@ def refresh(
         expires_at=now + lifetime.access,
         refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
         grace_reuse=repeat,
+        dpop_jkt=jkt,
     )
     conditions = (
         _app_condition(app),
@@ -308,6 +318,14 @@ def refresh(
     # Another request that spent this refresh token first makes this one a repeat: within
     # the grace it is decided again against the new live one; after it, it is a reuse.
     return Issue(record, permissions, lifetime.access, refresh=True, conflict=reuse)
+
+
+def _same_key(bound: str, presented: str) -> None:
+    """RFC 9449 §5 (and §8 for public clients): a grant bound to a DPoP key is refreshed
+    only with a proof by that key, and its new access token is bound to it too. A grant
+    that is not bound may be refreshed with a proof: its new access token is bound."""
+    if bound and not hmac.compare_digest(bound, presented):
+        raise InvalidDpopProof("this grant is bound to another DPoP key; sign the proof with it")
 
 
 #: At most this many repeats within one grace: a client retries once or twice, and the

@@ -12,7 +12,7 @@ from service import events as ev
 from service.domain import addresses, streams
 from service.domain.grants import Record
 from service.domain.state import AppState, TokenState
-from service.oauth.errors import InsufficientScope, InvalidToken, TokenIpNotAllowed
+from service.oauth.errors import InsufficientScope, InvalidToken, OAuthError, TokenIpNotAllowed
 
 
 @functools.lru_cache(maxsize=4096)
@@ -64,9 +64,13 @@ def decide(
     ip: str,
     permission: str | None,
     endpoint: str,
+    binding: OAuthError | None = None,
 ) -> Allowed | Violation:
     """`token` as the read model has it (None: unknown, expired or revoked), `family_version`
-    the version of the token's family stream while it is live."""
+    the version of the token's family stream while it is live; `binding`: why the request
+    does not fit the token's DPoP binding (service/domain/dpop.py), if it does not. The
+    allow list comes first: a valid token from a disallowed address is a violation
+    whatever its proof."""
     if token is None or app is None:
         raise InvalidToken("unknown, expired or revoked access token")
     if not ip_allowed(app, ip):
@@ -74,6 +78,8 @@ def decide(
             _revocation(key, token, app, family_version, ip, endpoint),
             TokenIpNotAllowed(ip, revoked=True),
         )
+    if binding is not None:
+        raise binding
     permissions = effective_permissions(token, app)
     if permission is not None and permission not in permissions:
         raise InsufficientScope(permission)

@@ -30,6 +30,7 @@ class AppState(msgspec.Struct, gc=False):
     cc_token_limit: int | None = None  # None: the CC_TOKEN_LIMIT setting
     auth_method: str = CLIENT_SECRET_BASIC  # token_endpoint_auth_method (RFC 7591 §2)
     keys: tuple[ClientKey, ...] = ()  # public keys for private_key_jwt (RFC 7523 §2.2)
+    dpop_bound: bool = False  # dpop_bound_access_tokens (RFC 9449 §5.2): proofs required
 
 
 # Hundreds of thousands of these live for the life of the process: msgspec Structs with
@@ -42,6 +43,7 @@ class TokenState(msgspec.Struct, gc=False):
     permissions: frozenset[str]
     expires_at: int | None
     issued_at: int = 0  # unix seconds (introspection's `iat`); 0: not known
+    jkt: str = ""  # the DPoP key thumbprint it is bound to (RFC 9449 §6.1); "": Bearer
 
 
 class FamilyState(msgspec.Struct, gc=False):
@@ -62,6 +64,7 @@ class FamilyState(msgspec.Struct, gc=False):
     # grant, until the grace has passed (service/domain/grants.py, refresh).
     recently_spent: tuple[str, ...] = ()
     spent_at: int | None = None
+    jkt: str = ""  # the DPoP key the grant is bound to: each refresh must prove it
 
 
 class ConnectionState(msgspec.Struct, gc=False):

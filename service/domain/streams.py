@@ -69,6 +69,12 @@ def client_assertion(jti_hash: str) -> str:
     return f"client-assertion-{jti_hash[:40]}"
 
 
+def dpop_proof(jti_hash: str) -> str:
+    """One accepted DPoP proof (its jti, hashed with its key's thumbprint): appended at
+    version 0, so a replay fails the append in whichever process sees it second."""
+    return f"dpop-proof-{jti_hash[:40]}"
+
+
 def notification(position: int) -> str:
     return f"notification-{position}"
 

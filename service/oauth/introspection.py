@@ -32,10 +32,14 @@ class Introspection:
         if state is None or (caller_client is not None and state.client_id != caller_client):
             return INACTIVE
         app = self.lookups.application_now(state.client_id)
-        return _active(
-            policy.effective_permissions(state, app), state.client_id, "Bearer",
-            state.company_id, state.issued_at, state.expires_at,
+        body = _active(
+            policy.effective_permissions(state, app), state.client_id,
+            "DPoP" if state.jkt else "Bearer", state.company_id, state.issued_at,
+            state.expires_at,
         )  # fmt: skip
+        if state.jkt:
+            body["cnf"] = {"jkt": state.jkt}  # RFC 9449 §6.2: the key it is bound to
+        return body
 
     async def _refresh(self, token: str, caller_client: str) -> dict[str, Any]:
         """A refresh token, for its own client only: a resource server never has one to

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.domain import policy, streams
+from service.domain import dpop, policy, streams
 from service.domain.policy import Allowed
+from service.domain.state import TokenState
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
-from service.oauth.errors import InvalidToken
+from service.oauth.dpop import Presented, record_use
+from service.oauth.errors import InvalidToken, OAuthError
 from service.oauth.ports import Ledger, Lookups
 
 __all__ = ["Allowed", "PolicyPoint"]
@@ -23,22 +25,38 @@ class PolicyPoint:
         self.clock = clock
 
     async def decide(
-        self, raw: str, ip: str, permission: str | None, endpoint: str, meta: Metadata
+        self,
+        raw: str,
+        ip: str,
+        permission: str | None,
+        endpoint: str,
+        meta: Metadata,
+        presented: Presented | None = None,
     ) -> Allowed:
         """Allowed, or an OAuthError: 401 invalid_token, 403 insufficient_scope, or 403
         ip_not_allowed once the token's family is revoked. Malformed tokens never reach a
-        lookup."""
+        lookup. `presented`: the request came as a DPoP one (RFC 9449 §7.1), with its proof
+        ("" when the header was missing); None: a Bearer request."""
         if not tokens.well_formed(raw, tokens.ACCESS):
             raise InvalidToken("malformed access token")
         key = bytes.fromhex(tokens.token_hash(raw))
         token = await self.lookups.access_token(key, self.clock())
         app = self.lookups.application_now(token.client_id) if token is not None else None
+        proof: dpop.Proof | None = None
+        binding: OAuthError | None = None
+        if token is not None and (token.jkt or presented is not None):
+            proof, binding = self._binding(raw, token, presented)
         error = None
         for _attempt in range(3):
             family = None if token is None else streams.family_of(key, token.family_id)
             version = None if family is None else self.lookups.family_version(family)
-            decision = policy.decide(key, token, app, version, ip, permission, endpoint)
+            decision = policy.decide(key, token, app, version, ip, permission, endpoint, binding)
             if isinstance(decision, Allowed):
+                if proof is not None:
+                    await record_use(
+                        self.ledger, proof, decision.token.company_id, decision.token.client_id,
+                        endpoint, meta, dpop.DpopProofRefused,
+                    )  # fmt: skip
                 return decision
             error = decision.error
             if decision.record is None:
@@ -52,3 +70,21 @@ class PolicyPoint:
             raise error
         assert error is not None
         raise error
+
+    def _binding(
+        self, raw: str, token: TokenState, presented: Presented | None
+    ) -> tuple[dpop.Proof | None, OAuthError | None]:
+        """The request's valid proof, and why the request does not fit the token's DPoP
+        binding, if it does not (RFC 9449 §7.1): only a bound token, or a request that
+        says it is a DPoP one, gets its proof parsed."""
+        proof = None
+        if presented is not None and presented.proof:
+            try:
+                proof = dpop.verify(
+                    presented.proof, presented.htm, presented.htu, self.clock(),
+                    access_token=raw, error=dpop.DpopProofRefused,
+                )  # fmt: skip
+            except dpop.DpopProofRefused as refused:
+                return None, refused
+        jkt = None if proof is None else proof.jkt
+        return proof, dpop.binding_error(token.jkt, jkt, presented is not None)

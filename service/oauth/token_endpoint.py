@@ -11,10 +11,11 @@ from typing import Any, ClassVar, NoReturn, Protocol
 
 import structlog
 
-from service.domain import grants, native_apps
+from service.domain import dpop, grants, native_apps
 from service.domain.rate import RateLimit
 from service.domain.state import AppState
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
+from service.oauth import dpop as proofs
 from service.oauth import tokens
 from service.oauth.clients import (
     AssertionCheck,
@@ -76,10 +77,11 @@ class Issued:
     scope: list[str]
     refresh_token: str | None = None
     expires_in: int | None = None
+    token_type: str = "Bearer"  # noqa: S105  ("DPoP": bound to the proof's key)
 
     def body(self) -> dict[str, Any]:
-        """RFC 6749 §5.1."""
-        body: dict[str, Any] = {"access_token": self.access_token, "token_type": "Bearer"}
+        """RFC 6749 §5.1; RFC 9449 §5.1 (token_type DPoP)."""
+        body: dict[str, Any] = {"access_token": self.access_token, "token_type": self.token_type}
         if self.expires_in is not None:
             body["expires_in"] = self.expires_in
         if self.refresh_token is not None:
@@ -96,6 +98,7 @@ class Request:
     params: Mapping[str, str]
     meta: Metadata
     now: int
+    jkt: str = ""  # the key of the request's valid DPoP proof; "": none
 
     @property
     def ip(self) -> str:
@@ -141,7 +144,7 @@ class ClientCredentials(Grant):
             else ()
         )
         return grants.client_credentials(
-            app, scope, tokens.token_hash(access), request.now, superseded
+            app, scope, tokens.token_hash(access), request.now, superseded, request.jkt
         )
 
 
@@ -174,6 +177,7 @@ class AuthorizationCode(Grant):
             (tokens.token_hash(access), tokens.token_hash(refresh)),
             request.now,
             request.ip,
+            request.jkt,
         )
 
 
@@ -205,6 +209,7 @@ class RefreshToken(Grant):
             request.now,
             request.ip,
             self.limits.refresh_grace,
+            request.jkt,
         )
 
 
@@ -241,10 +246,15 @@ class TokenEndpoint:
         return list(self.grants)
 
     async def token(
-        self, params: Mapping[str, str], authorization: str | None, meta: Metadata
+        self,
+        params: Mapping[str, str],
+        authorization: str | None,
+        meta: Metadata,
+        presented: proofs.Presented | None = None,
     ) -> Issued:
         """`authorization`: the request's Authorization header (HTTP Basic client
-        credentials, or none when they are in `params`)."""
+        credentials, or none when they are in `params`); `presented`: the request's DPoP
+        proof (RFC 9449 §5), if it carried one."""
         grant_type = params.get("grant_type")
         if not grant_type:
             raise InvalidRequest("grant_type is required")
@@ -253,6 +263,7 @@ class TokenEndpoint:
             raise UnsupportedGrantType(f"supported: {', '.join(self.grants)}")
         client = client_credentials(authorization, params)
         meta = client_metadata(meta, client)
+        jkt = ""
         for attempt in range(self.attempts):
             # An assertion's single use is recorded once: a retry after the application
             # changed checks it again against the new keys, but it is the same request.
@@ -265,8 +276,12 @@ class TokenEndpoint:
                     raise InvalidRequest(f"{name} is required")
             if attempt == 0:
                 self.within_rate(app, grant)
+                jkt = await self.proof_key(app, presented, meta)
+            if app.dpop_bound and not jkt:  # RFC 9449 §5.2, also when it was just set
+                raise dpop.InvalidDpopProof("this client's token requests need a DPoP proof")
             try:
-                return await self._issue(grant, Request(app, params, meta, int(self.clock())))
+                request = Request(app, params, meta, int(self.clock()), jkt)
+                return await self._issue(grant, request)
             except ApplicationChanged:
                 await self.lookups.catch_up()  # a rotation committed first: look again
         raise TemporarilyUnavailable("the application keeps changing; try again")
@@ -275,6 +290,18 @@ class TokenEndpoint:
         """SPEC §2: a correct client authentication from a disallowed address gets 403 and
         raises the same notification as a token used from there."""
         await allowed_or_refused(self.ledger, app, meta, endpoint)
+
+    async def proof_key(
+        self, app: AppState, presented: proofs.Presented | None, meta: Metadata
+    ) -> str:
+        """The thumbprint of the key a valid DPoP proof proves, its single use recorded; ""
+        without a proof. Checked once per request: a retry after the application changed is
+        the same request with the same proof."""
+        if presented is None or not presented.proof:
+            return ""
+        proof = dpop.verify(presented.proof, presented.htm, presented.htu, self.clock())
+        await proofs.record_use(self.ledger, proof, app.company_id, app.client_id, "token", meta)
+        return proof.jkt
 
     def within_rate(self, app: AppState, grant: Grant) -> None:
         """client_credentials tokens never expire: a client that asks for one per call is
@@ -297,7 +324,11 @@ class TokenEndpoint:
             # the next issuance, which finds it still over the limit.
             log.warning("token.supersede_failed", client_id=request.app.client_id, error=str(exc))
         return Issued(
-            access, decision.scope, refresh if decision.refresh else None, decision.expires_in
+            access,
+            decision.scope,
+            refresh if decision.refresh else None,
+            decision.expires_in,
+            "DPoP" if request.jkt else "Bearer",
         )
 
     async def _recorded(

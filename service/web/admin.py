@@ -45,6 +45,7 @@ class ApplicationIn(msgspec.Struct, forbid_unknown_fields=True):
     cc_token_limit: CcTokenLimit | None = None
     token_endpoint_auth_method: AuthMethod = "client_secret_basic"  # noqa: S105 -- a name
     jwks: JwksIn | None = None
+    dpop_bound_access_tokens: bool = False
 
 
 class ApplicationPatchIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,6 +57,7 @@ class ApplicationPatchIn(msgspec.Struct, forbid_unknown_fields=True):
     notification_emails: ShortList | msgspec.UnsetType = msgspec.UNSET
     cc_token_limit: CcTokenLimit | msgspec.UnsetType | None = msgspec.UNSET
     token_endpoint_auth_method: AuthMethod | msgspec.UnsetType = msgspec.UNSET
+    dpop_bound_access_tokens: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class UserIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,6 +95,7 @@ def application_json(app: rules.Application) -> dict[str, Any]:
         "cc_token_limit": app.cc_token_limit,
         "token_endpoint_auth_method": app.token_endpoint_auth_method,
         "jwks": {"keys": [key.jwk for key in app.keys]},  # public keys only (RFC 7591 §2)
+        "dpop_bound_access_tokens": app.dpop_bound_access_tokens,
         "version": app.version,
         "created_at": _iso(app.created_at),
         "updated_at": _iso(app.updated_at),
@@ -149,6 +152,7 @@ async def create_application(request: web.Request) -> web.Response:
         cc_token_limit=body.cc_token_limit,
         token_endpoint_auth_method=body.token_endpoint_auth_method,
         jwks=None if body.jwks is None else msgspec.to_builtins(body.jwks),
+        dpop_bound_access_tokens=body.dpop_bound_access_tokens,
     )
     created = await applications.create(ctx, who.company_id, command, meta)
     payload = application_json(created.app)
@@ -181,6 +185,7 @@ async def list_applications(request: web.Request) -> web.Response:
                     "secret_version": a.secret_version,
                     "cc_token_limit": a.cc_token_limit,
                     "token_endpoint_auth_method": a.auth_method,
+                    "dpop_bound_access_tokens": a.dpop_bound,
                     "version": a.version,
                 }
                 for a in apps
@@ -212,6 +217,7 @@ async def patch_application(request: web.Request) -> web.Response:
         cc_token_limit=_unset(body.cc_token_limit),
         clear_cc_token_limit=body.cc_token_limit is None,
         token_endpoint_auth_method=_unset(body.token_endpoint_auth_method),
+        dpop_bound_access_tokens=_unset(body.dpop_bound_access_tokens),
     )
     client_id = request.match_info["client_id"]
     app = await applications.update(ctx, who.company_id, client_id, patch, meta, if_match=if_match)

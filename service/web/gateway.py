@@ -11,10 +11,12 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from service.domain.dpop import DpopProofRefused
 from service.domain.policy import Allowed
 from service.domain.routes import WHOAMI, WHOAMI_RULE, resource_path
 from service.errors import InvalidRequest, TollgateError
 from service.oauth import credentials as authorization
+from service.oauth.dpop import Presented
 from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
 
@@ -60,6 +62,31 @@ def bearer_token(request: web.Request) -> str:
     return found.value
 
 
+def access_token(request: web.Request) -> tuple[str, Presented | None]:
+    """The access token, and the DPoP proof when it is sent as a DPoP token (RFC 9449 §7.1:
+    `Authorization: DPoP <token>` and a `DPoP` header). A Bearer token takes the first
+    branch: nothing about DPoP is looked at for it."""
+    header = request.headers.get("Authorization")
+    found = authorization.parse(header)
+    if isinstance(found, authorization.Bearer):
+        return found.value, None
+    if isinstance(found, authorization.Unreadable) and found.scheme == "dpop" and header:
+        value = header.strip().partition(" ")[2].strip()
+        if value:
+            return value, _proof(request)
+    return bearer_token(request), None  # no token, or one it cannot read: its 401
+
+
+def _proof(request: web.Request) -> Presented:
+    """The request's proof ("" without one: a DPoP token needs one), its method, and its
+    public URL: the issuer and the path, as the client called it (RFC 9449 §4.3 item 9)."""
+    proofs = request.headers.getall("DPoP", [])
+    if len(proofs) > 1:
+        raise DpopProofRefused("send exactly one DPoP header")
+    public_url = request.app[SETTINGS].issuer.rstrip("/") + request.path
+    return Presented(proofs[0] if proofs else "", request.method, public_url)
+
+
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 
 
@@ -85,14 +112,14 @@ def canonical_path(request: web.Request) -> str:
 async def gateway(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     path = canonical_path(request)
-    raw = bearer_token(request)
+    raw, presented = access_token(request)
     ip = caller_ip(request)
     rule = request.app[ROUTES].rule_for(request.method, path)
     meta = metadata(request, "gateway", ip)
     # The token and the allow list first, covered or not: a valid token from a disallowed
     # address is revoked wherever it was sent.
     permission = None if rule is None else rule.permission
-    allowed = await ctx.policy_point.decide(raw, ip, permission, "api", meta)
+    allowed = await ctx.policy_point.decide(raw, ip, permission, "api", meta, presented)
     if rule is None:
         raise NotCovered()
     if rule is WHOAMI_RULE:
@@ -131,7 +158,7 @@ async def _proxy(
         k: v
         for k, v in request.headers.items()
         if k.lower() not in HOP_BY_HOP
-        and k.lower() != "authorization"
+        and k.lower() not in ("authorization", "dpop")  # the credentials stay here
         and k.lower() not in {h.lower() for h in IDENTITY_HEADERS}
     }
     headers["X-Tollgate-Company"] = allowed.token.company_id

@@ -14,6 +14,8 @@ from multidict import MultiDictProxy
 from service.context import Context
 from service.domain import credentials
 from service.domain.client_keys import AUTH_METHODS, NONE, SIGNING_ALGORITHMS
+from service.domain.dpop import ALGORITHMS as DPOP_ALGORITHMS
+from service.domain.dpop import InvalidDpopProof
 from service.domain.state import AppState
 from service.errors import TollgateError
 from service.eventlog import Metadata
@@ -28,6 +30,7 @@ from service.oauth.clients import (
     client_credentials,
     client_metadata,
 )
+from service.oauth.dpop import Presented
 from service.oauth.errors import NO_STORE, InvalidBearerKey, InvalidClient, InvalidRequest
 from service.web.bodies import form_body, read_body
 from service.web.keys import CONTEXT, metadata
@@ -121,10 +124,22 @@ async def token(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     params = await oauth_params(request)
     authorization_header = request.headers.get("Authorization")
+    presented = dpop_presented(request, f"{ctx.settings.issuer}/oauth/token")
     issued = await ctx.token_endpoint.token(
-        params, authorization_header, metadata(request, "client:")
+        params, authorization_header, metadata(request, "client:"), presented
     )
     return web.json_response(issued.body(), headers=NO_STORE)
+
+
+def dpop_presented(request: web.Request, public_url: str) -> Presented | None:
+    """The request's DPoP proof (RFC 9449 §4.1), with its method and public URL; None
+    without one. More than one DPoP header is refused (RFC 9449 §4.3 item 1)."""
+    found = request.headers.getall("DPoP", [])
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InvalidDpopProof("send exactly one DPoP header")
+    return Presented(found[0], request.method, public_url)
 
 
 @routes.post("/oauth/revoke")
@@ -190,6 +205,7 @@ async def server_metadata(request: web.Request) -> web.Response:
             "introspection_endpoint_auth_signing_alg_values_supported": signing,
             "authorization_response_iss_parameter_supported": True,  # RFC 9207 §3
             "code_challenge_methods_supported": ["S256"],
+            "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),  # RFC 9449 §5.1
             "scopes_supported": sorted(ctx.catalogue),
         }
     )

@@ -1,5 +1,7 @@
 """POST /policy/check: the gateway's decision for resource servers that do not sit
-behind it. Authenticated with a resource-server key."""
+behind it. Authenticated with a resource-server key. A resource server whose client sent
+`Authorization: DPoP` passes the client's DPoP proof on (`dpop_proof`) with the method and
+the URL the client called (`htm`, `htu`, RFC 9449 §4.3)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from service.domain import addresses, credentials
+from service.domain import addresses, credentials, dpop
 from service.errors import InvalidRequest, Unauthorized
 from service.oauth import credentials as authorization
+from service.oauth.dpop import Presented
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, metadata
 
@@ -21,6 +24,18 @@ class CheckIn(msgspec.Struct, forbid_unknown_fields=True):
     token: Annotated[str, msgspec.Meta(max_length=200)]
     ip: Annotated[str, msgspec.Meta(max_length=64)]
     permission: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+    dpop_proof: Annotated[str, msgspec.Meta(max_length=dpop.MAX_PROOF)] | None = None
+    htm: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    htu: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+
+
+def presented(body: CheckIn) -> Presented | None:
+    """The client's DPoP proof and its request, when the resource server passed one on."""
+    if body.dpop_proof is None:
+        return None
+    if not body.htm or not body.htu:
+        raise InvalidRequest("htm and htu are required with dpop_proof")
+    return Presented(body.dpop_proof, body.htm, body.htu)
 
 
 @routes.post("/policy/check")
@@ -43,7 +58,9 @@ async def check(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidRequest("ip: not an IP address") from None
     meta = metadata(request, f"resource_server:{server}")
-    allowed = await ctx.policy_point.decide(body.token, ip, body.permission, "policy_check", meta)
+    allowed = await ctx.policy_point.decide(
+        body.token, ip, body.permission, "policy_check", meta, presented(body)
+    )
     token = allowed.token
     return web.json_response(
         {

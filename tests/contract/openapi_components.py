@@ -62,7 +62,8 @@ def request_schemas() -> Json:
         "one for client_credentials; permissions a non-empty subset of the catalogue "
         "(scopes_supported in the server metadata); cc_token_limit for client_credentials "
         "only (null: the CC_TOKEN_LIMIT setting, 0: no bound); jwks holds public keys only "
-        "(a JWK with private members such as d is a 400).",
+        "(a JWK with private members such as d is a 400); dpop_bound_access_tokens (RFC 9449 "
+        "§5.2): every token request must carry a DPoP proof.",
         "ApplicationPatchIn": "Only the fields sent change; redirect_uri null clears it, "
         "cc_token_limit null gives back the setting. A grant_type other than the "
         "application's is refused (400): it cannot be changed.",
@@ -72,7 +73,9 @@ def request_schemas() -> Json:
         "thumbprint.",
         "UserIn": "Without a password one is generated and returned once.",
         "CheckIn": "The gateway's decision for a resource server: an access token, the "
-        "caller's IP address and optionally the permission the request needs.",
+        "caller's IP address and optionally the permission the request needs. A client that "
+        "sent Authorization: DPoP: its DPoP proof (dpop_proof) with the method and URL it "
+        "called (htm, htu), all three; a DPoP-bound token needs them (RFC 9449 §7.1).",
     }
     for name, note in notes.items():
         components[name]["description"] = note
@@ -91,6 +94,7 @@ def application(*, full: bool) -> Json:
         "secret_version": {"type": "integer", "minimum": 1},
         "cc_token_limit": nullable({"type": "integer", "minimum": 0}),
         "token_endpoint_auth_method": {"enum": AUTH_METHODS},
+        "dpop_bound_access_tokens": {"type": "boolean"},
         "version": {"type": "integer", "minimum": 1},
     }
     if full:
@@ -245,13 +249,16 @@ def oauth_schemas() -> Json:
             "discriminator": {"propertyName": "grant_type"},
         },
         "TokenResponse": obj(
-            {"access_token": STRING, "token_type": {"const": "Bearer"}, "scope": STRING},
+            {"access_token": STRING, "token_type": {"enum": ["Bearer", "DPoP"]}, "scope": STRING},
             {
                 "expires_in": {"type": "integer", "description": "authorization_code: 7200"},
                 "refresh_token": STRING,
             },
         )
-        | {"description": "client_credentials: no expires_in, no refresh_token."},
+        | {
+            "description": "client_credentials: no expires_in, no refresh_token. token_type "
+            "DPoP: the token is bound to the key of the request's DPoP proof (RFC 9449 §5)."
+        },
         "TokenParameter": {
             "type": "object",
             "properties": {"token": STRING, "token_type_hint": STRING} | creds,
@@ -266,11 +273,17 @@ def oauth_schemas() -> Json:
                         "active": {"const": True},
                         "scope": STRING,
                         "client_id": STRING,
-                        "token_type": {"enum": ["Bearer", "refresh_token"]},
+                        "token_type": {"enum": ["Bearer", "DPoP", "refresh_token"]},
                         "sub": STRING,
                         "company_id": STRING,
                     },
-                    {"exp": {"type": "integer"}, "iat": {"type": "integer"}, "iss": STRING},
+                    {
+                        "exp": {"type": "integer"},
+                        "iat": {"type": "integer"},
+                        "iss": STRING,
+                        "cnf": obj({"jkt": STRING})
+                        | {"description": "a DPoP-bound token's key thumbprint (RFC 9449 §6.2)"},
+                    },
                 ),
             ]
         },
@@ -287,6 +300,7 @@ def server_metadata_schema() -> Json:
         "scopes_supported", "token_endpoint_auth_signing_alg_values_supported",
         "revocation_endpoint_auth_signing_alg_values_supported",
         "introspection_endpoint_auth_signing_alg_values_supported",
+        "dpop_signing_alg_values_supported",
     )  # fmt: skip
     fields = {"issuer": STRING, "introspection_endpoint": STRING}
     fields |= {name: STRING for name in urls} | {name: STRINGS for name in lists}

@@ -291,7 +291,10 @@ def oauth_paths() -> Json:
                 description="Client authentication by HTTP Basic (client_id and secret "
                 "form-urlencoded first, RFC 6749 §2.3.1), client_id + client_secret in the "
                 "body, or a signed client_assertion (private_key_jwt, RFC 7523 §2.2); exactly "
-                "one. A secret rotated away is refused like a wrong one, and recorded.",
+                "one. A secret rotated away is refused like a wrong one, and recorded. A DPoP "
+                "header (RFC 9449 §4) binds the token to the proof's key (token_type DPoP); an "
+                "invalid, replayed or (for dpop_bound_access_tokens) missing proof is 400 "
+                "invalid_dpop_proof.",
             ),
         },
         "/oauth/revoke": {
@@ -367,7 +370,8 @@ def session_and_policy_paths() -> Json:
                 security=[{"resourceServerKey": []}],
                 requestBody=json_body("CheckIn"),
                 description="401: no or an unknown resource-server key, or an unknown, "
-                "expired or revoked access token. 403: the address is outside the "
+                "expired or revoked access token, or a DPoP-bound token without a valid proof "
+                "(WWW-Authenticate: DPoP). 403: the address is outside the "
                 "application's allow list (the token is revoked) or the permission is missing.",
             ),
         },

@@ -88,6 +88,7 @@ class Describer:
             "NotificationEmailsChanged": "notification emails",
             "CcTokenLimitChanged": "token limit",
             "TokenEndpointAuthMethodChanged": "authentication method",
+            "DpopBoundAccessTokensChanged": "DPoP requirement",
         }
         if type_ in fields:
             before, after = _list(p.get("before")), _list(p.get("after"))
