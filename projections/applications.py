@@ -8,16 +8,9 @@ from service import events as ev
 from service.eventlog import RecordedEvent
 from service.storage.database import Conn
 
-# Field changes: event type → column it sets from the event's `after`.
+# Settings changes: event type → the column `after` sets (its setting's name).
 _CHANGES: dict[type[ev.Event], str] = {
-    ev.ApplicationRenamed: "name",
-    ev.RedirectUriChanged: "redirect_uri",
-    ev.IpAllowlistChanged: "ip_allowlist",
-    ev.PermissionsChanged: "permissions",
-    ev.NotificationEmailsChanged: "notification_emails",
-    ev.CcTokenLimitChanged: "cc_token_limit",
-    ev.TokenEndpointAuthMethodChanged: "token_endpoint_auth_method",
-    ev.DpopBoundAccessTokensChanged: "dpop_bound_access_tokens",
+    cls: name for cls, (name, _label) in ev.APPLICATION_SETTINGS.items()
 }
 
 

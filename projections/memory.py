@@ -35,6 +35,15 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+#: Settings the model keeps under a shorter name; the others under their own name, if
+#: AppState has a field of that name (a setting no decision here needs is not kept).
+_RENAMED = {"token_endpoint_auth_method": "auth_method", "dpop_bound_access_tokens": "dpop_bound"}
+_MODEL_NAMES: dict[str, str] = {
+    setting: _RENAMED.get(setting, setting)
+    for setting, _label in ev.APPLICATION_SETTINGS.values()
+    if _RENAMED.get(setting, setting) in AppState.__struct_fields__
+}
+
 
 class PolicyModel:
     """Applies events in position order; every lookup is a dict access."""
@@ -59,13 +68,7 @@ class PolicyModel:
         self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
         self._handlers: dict[type[ev.Event], Callable[[ev.Event, RecordedEvent], None]] = {
             ev.ApplicationCreated: self._app_created,  # type: ignore[dict-item]
-            ev.ApplicationRenamed: self._app_changed,
-            ev.RedirectUriChanged: self._app_changed,
-            ev.IpAllowlistChanged: self._app_changed,
-            ev.NotificationEmailsChanged: self._app_changed,
-            ev.CcTokenLimitChanged: self._app_changed,
-            ev.TokenEndpointAuthMethodChanged: self._app_changed,
-            ev.DpopBoundAccessTokensChanged: self._app_changed,
+            **{setting: self._app_changed for setting in ev.APPLICATION_SETTINGS},
             ev.ClientKeyAdded: self._key_added,  # type: ignore[dict-item]
             ev.ClientKeyRemoved: self._key_removed,  # type: ignore[dict-item]
             ev.PermissionsChanged: self._permissions_changed,  # type: ignore[dict-item]
@@ -161,21 +164,11 @@ class PolicyModel:
         if app is None:
             return
         after = e.after  # type: ignore[attr-defined]
-        if isinstance(e, ev.ApplicationRenamed):
-            app.name = after
-        elif isinstance(e, ev.RedirectUriChanged):
-            app.redirect_uri = after
-        elif isinstance(e, ev.IpAllowlistChanged):
-            app.ip_allowlist = tuple(after)
+        name = _MODEL_NAMES.get(ev.APPLICATION_SETTINGS[type(e)][0])
+        if name is not None:  # a setting no decision here needs is not kept
+            setattr(app, name, tuple(after) if isinstance(after, list) else after)
+        if isinstance(e, ev.IpAllowlistChanged):
             app.networks = networks_of(after)
-        elif isinstance(e, ev.NotificationEmailsChanged):
-            app.notification_emails = tuple(after)
-        elif isinstance(e, ev.CcTokenLimitChanged):
-            app.cc_token_limit = after
-        elif isinstance(e, ev.TokenEndpointAuthMethodChanged):
-            app.auth_method = after
-        elif isinstance(e, ev.DpopBoundAccessTokensChanged):
-            app.dpop_bound = after
         app.version = r.version
 
     def _key_added(self, e: ev.ClientKeyAdded, r: RecordedEvent) -> None:

@@ -441,6 +441,22 @@ class DpopProofAccepted(Event, frozen=True):
     expires_at: int  # unix seconds: when the proof's iat leaves the accepted window
 
 
+#: An application's settings, each changed by its own event with `before` and `after`:
+#: the event type, the setting's name (the field of the folded application and the column
+#: of the `applications` table that `after` sets) and how people call it. The fold, both
+#: read models, the history and the dashboard read this table, so a new setting is its
+#: event class, a line here, its rule in service/domain/applications.py and its column.
+APPLICATION_SETTINGS: dict[type[Event], tuple[str, str]] = {
+    ApplicationRenamed: ("name", "name"),
+    RedirectUriChanged: ("redirect_uri", "redirect URI"),
+    IpAllowlistChanged: ("ip_allowlist", "IP allow list"),
+    PermissionsChanged: ("permissions", "permissions"),
+    NotificationEmailsChanged: ("notification_emails", "notification emails"),
+    CcTokenLimitChanged: ("cc_token_limit", "token limit"),
+    TokenEndpointAuthMethodChanged: ("token_endpoint_auth_method", "authentication method"),
+    DpopBoundAccessTokensChanged: ("dpop_bound_access_tokens", "DPoP requirement"),
+}
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     CompanyCreated, UserAdded, UserRoleChanged, UserPasswordChanged, UserRemoved,
     AdminKeyIssued, AdminKeyRevoked, ResourceServerRegistered, ResourceServerKeyRevoked,

@@ -24,13 +24,10 @@ _DIGITS = re.compile(r"^[0-9]{1,19}$")
 #: Changes that people make (applications, users, keys, connections): the dashboard's
 #: "recent changes" and the `v_admin_changes` view (schema.sql) list these types.
 CHANGE_TYPES: tuple[str, ...] = (
-    "ApplicationCreated", "ApplicationRenamed", "RedirectUriChanged", "IpAllowlistChanged",
-    "PermissionsChanged", "NotificationEmailsChanged", "ClientSecretRotated",
-    "ApplicationDeleted", "ApplicationTokensRevoked", "UserAdded", "UserRoleChanged",
-    "UserPasswordChanged", "UserRemoved",
+    "ApplicationCreated", *(cls.__name__ for cls in ev.APPLICATION_SETTINGS),
+    "ClientSecretRotated", "ApplicationDeleted", "ApplicationTokensRevoked", "ClientKeyAdded",
+    "ClientKeyRemoved", "UserAdded", "UserRoleChanged", "UserPasswordChanged", "UserRemoved",
     "AdminKeyIssued", "AdminKeyRevoked", "ConnectionGranted", "ConnectionRevoked",
-    "CcTokenLimitChanged", "TokenEndpointAuthMethodChanged", "ClientKeyAdded", "ClientKeyRemoved",
-    "DpopBoundAccessTokensChanged",
 )  # fmt: skip
 
 #: Payload fields never shown: an argon2id hash is not a password, but a low-entropy

@@ -6,6 +6,7 @@ import ipaddress
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
@@ -205,26 +206,16 @@ def fold(history: Iterable[tuple[ev.Event, int, float]]) -> Application | None:
             )
         elif app is None:
             continue
-        elif isinstance(event, ev.ApplicationRenamed):
-            app = replace(app, name=event.after)
-        elif isinstance(event, ev.RedirectUriChanged):
-            app = replace(app, redirect_uri=event.after)
-        elif isinstance(event, ev.IpAllowlistChanged):
-            app = replace(app, ip_allowlist=list(event.after))
-        elif isinstance(event, ev.PermissionsChanged):
-            app = replace(app, permissions=list(event.after))
-        elif isinstance(event, ev.NotificationEmailsChanged):
-            app = replace(app, notification_emails=list(event.after))
+        elif (setting := ev.APPLICATION_SETTINGS.get(type(event))) is not None:
+            after = event.after  # type: ignore[attr-defined]
+            changes: dict[str, Any] = {
+                setting[0]: list(after) if isinstance(after, list) else after
+            }
+            app = replace(app, **changes)
         elif isinstance(event, ev.ClientSecretRotated):
             app = replace(app, secret_hash=event.secret_hash, secret_version=event.secret_version)
         elif isinstance(event, ev.ApplicationDeleted):
             app = replace(app, deleted=True)
-        elif isinstance(event, ev.CcTokenLimitChanged):
-            app = replace(app, cc_token_limit=event.after)
-        elif isinstance(event, ev.TokenEndpointAuthMethodChanged):
-            app = replace(app, token_endpoint_auth_method=event.after)
-        elif isinstance(event, ev.DpopBoundAccessTokensChanged):
-            app = replace(app, dpop_bound_access_tokens=event.after)
         elif isinstance(event, ev.ClientKeyAdded):
             key = ClientKey(event.kid, event.thumbprint, dict(event.jwk))
             app = replace(app, keys=(*app.keys, key))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from service import events as ev
 from service.context import Context
 
 
@@ -81,15 +82,7 @@ class Describer:
         }
         if type_ in simple:
             return simple[type_]()
-        fields = {
-            "RedirectUriChanged": "redirect URI",
-            "IpAllowlistChanged": "IP allow list",
-            "PermissionsChanged": "permissions",
-            "NotificationEmailsChanged": "notification emails",
-            "CcTokenLimitChanged": "token limit",
-            "TokenEndpointAuthMethodChanged": "authentication method",
-            "DpopBoundAccessTokensChanged": "DPoP requirement",
-        }
+        fields = {cls.__name__: label for cls, (_name, label) in ev.APPLICATION_SETTINGS.items()}
         if type_ in fields:
             before, after = _list(p.get("before")), _list(p.get("after"))
             return f"Changed the {fields[type_]} of {app}: {before} → {after}"
