@@ -11,6 +11,7 @@ import pytest
 
 from service.app import CONTEXT
 from tests.e2e.oauth_helpers import cc_token, new_app
+from tests.e2e.test_admin_people import caught_up
 
 SETTING = 5
 
@@ -76,6 +77,7 @@ async def test_patch_sets_the_limit_and_null_gives_back_the_setting(client, comp
         (None, 1),
         (1, None),
     ]
+    await caught_up(client)  # the applications table is a projection: it follows the log
     column = await db.pool.fetchval(
         "SELECT cc_token_limit FROM applications WHERE client_id = $1", app["client_id"]
     )

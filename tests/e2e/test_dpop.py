@@ -21,6 +21,7 @@ from service.app import CONTEXT
 from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
 from tests.e2e.oauth_helpers import basic, code_for, new_app
+from tests.e2e.test_admin_people import caught_up
 
 KEY = ECKey.generate_key("P-256")
 OTHER = ECKey.generate_key("P-256")
@@ -310,6 +311,7 @@ async def test_an_application_requiring_dpop_refuses_a_plain_request(client, com
         "SELECT payload FROM events WHERE type = 'DpopBoundAccessTokensChanged' ORDER BY position"
     )
     assert [json.loads(t["payload"])["after"] for t in types] == [True, False]
+    await caught_up(client)  # the applications table is a projection: it follows the log
     column = await db.pool.fetchval(
         "SELECT dpop_bound_access_tokens FROM applications WHERE client_id = $1",
         app["client_id"],

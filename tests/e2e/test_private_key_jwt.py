@@ -24,6 +24,7 @@ from joserfc.jwk import ECKey, RSAKey
 from service.app import CONTEXT
 from service.oauth.assertions import ASSERTION_TYPE
 from tests.e2e.oauth_helpers import basic, new_app
+from tests.e2e.test_admin_people import caught_up
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})
 EC = ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
@@ -320,6 +321,7 @@ async def test_key_rotation_add_new_use_new_remove_old_old_refused(client, compa
         )
     ]
     assert types == ["ClientKeyAdded", "ClientKeyAdded", "ClientKeyRemoved"]
+    await caught_up(client)  # the applications table is a projection: it follows the log
     column = await db.pool.fetchval(
         "SELECT client_key_ids FROM applications WHERE client_id = $1", app["client_id"]
     )
