@@ -32,7 +32,8 @@ def _lua(text: str) -> str:
 
 def script(spec: RequestSpec) -> str:
     method, _path, headers, body = spec
-    lines = "\n".join(f"wrk.headers[{_lua(k)}] = {_lua(v)}" for k, v in headers.items())
+    # A space after "[": "[[" would open a Lua long string, and wrk would refuse the script.
+    lines = "\n".join(f"wrk.headers[ {_lua(k)} ] = {_lua(v)}" for k, v in headers.items())
     return _SCRIPT.format(
         method=_lua(method), body=_lua(body.decode()) if body else "nil", headers=lines
     )
@@ -57,6 +58,9 @@ def measure(
             [*argv, f"-d{seconds}s", url], check=True, capture_output=True, text=True,
             timeout=seconds + 60,
         )  # fmt: skip
+    if done.stderr.strip():
+        # wrk runs on without a script it cannot load (exit status 0): not a measurement.
+        raise RuntimeError(f"wrk: {done.stderr.strip()}")
     return parse(done.stdout, seconds)
 
 
