@@ -145,6 +145,10 @@ class Metrics:
             self._revocations.labels(reason)
         for endpoint in (*VIOLATION_ENDPOINTS, OTHER):
             self._violations.labels(endpoint)
+        # Each request's two series, by (route, method, status): a label look-up takes a
+        # lock and builds the label tuple, and it would run twice on every request. The
+        # keys come from the same closed sets as the labels, so this stays small.
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._measured = _Measured()
         self.registry.register(self._measured)
         if shared is None:
@@ -192,8 +196,17 @@ class Metrics:
         """`route` must be a canonical path (`/admin/applications/{client_id}`) or UNMATCHED,
         never the raw path: that is what keeps the number of series bounded."""
         method = method if method in METHODS else OTHER
-        self._requests.labels(route, method, str(status)).inc()
-        self._latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = (
+                self._requests.labels(route, method, str(status)),
+                self._latency.labels(route),
+            )
+            self._request_series[key] = series
+        requests, latency = series
+        requests.inc()
+        latency.observe(seconds)
 
     def observe_append_batch(self, size: int) -> None:
         """One event-log commit carried `size` appends (the hook for EventLog's writer)."""

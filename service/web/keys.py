@@ -39,8 +39,15 @@ def secure_cookies(request: web.Request) -> bool:
     return request.secure or request.app[CONTEXT].settings.issuer.startswith("https://")
 
 
+#: the caller's address once worked out: the handler and the request's log line both ask
+_CALLER_IP = web.RequestKey("caller_ip", str)
+
+
 def caller_ip(request: web.Request) -> str:
-    return client_ip(request, request.app[SETTINGS].trusted_proxies)
+    ip = request.get(_CALLER_IP)
+    if ip is None:
+        ip = request[_CALLER_IP] = client_ip(request, request.app[SETTINGS].trusted_proxies)
+    return ip
 
 
 def metadata(request: web.Request, actor: str, ip: str | None = None) -> Metadata:
