@@ -44,89 +44,130 @@ DROP TRIGGER IF EXISTS events_no_truncate ON events;
 CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
 
--- Opens an append: takes the table lock that serialises writers (so positions are handed
--- out in commit order), and returns the head of the chain and the current version of each
--- stream the append touches, in the order given.
-CREATE OR REPLACE FUNCTION events_begin_append(p_streams text[])
-RETURNS TABLE (head_position bigint, head_hash bytea, versions integer[])
-LANGUAGE plpgsql AS $$
-BEGIN
-    LOCK TABLE events IN EXCLUSIVE MODE;
-    RETURN QUERY
-    SELECT h.position, h.hash,
-           ARRAY(SELECT coalesce((SELECT max(e.version) FROM events e WHERE e.stream_id = s.id), 0)
-                 FROM unnest(p_streams) WITH ORDINALITY AS s(id, n) ORDER BY s.n)
-    FROM (SELECT 1) AS one
-    LEFT JOIN LATERAL (SELECT e.position, e.hash FROM events e
-                       ORDER BY e.position DESC LIMIT 1) AS h ON true;
-END $$;
-
--- A batch planned by the writer (positions, versions and hashes computed under the lock),
--- as rows of the table. The rows come as one JSON array: one parameter to encode instead
--- of ten arrays. `json` operators parse the whole text on every call, so it is parsed once,
--- here, and nothing else looks into it.
-CREATE OR REPLACE FUNCTION events_rows(p_rows json, p_recorded timestamptz)
-RETURNS events[]
-LANGUAGE sql STABLE AS $$
-    SELECT ARRAY(
-        SELECT ROW(r.position, r.stream_id, r.version, r.type, r.schema_version, r.company_id,
-                   r.payload, r.metadata, p_recorded, decode(r.hash, 'hex'))::events
-        FROM json_to_recordset(p_rows) AS r(position bigint, stream_id text, version integer,
-                                             type text, schema_version smallint,
-                                             company_id text, payload json, metadata json,
-                                             hash text))
-$$;
-
--- Writes a planned batch and wakes the listeners.
-CREATE OR REPLACE FUNCTION events_write(p_batch events[])
-RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF cardinality(p_batch) > 0 THEN
-        INSERT INTO events SELECT * FROM unnest(p_batch);
-        PERFORM pg_notify('tollgate_events', p_batch[cardinality(p_batch)].position::text);
-    END IF;
-END $$;
-
--- The locked path: inside the transaction opened by events_begin_append.
-CREATE OR REPLACE FUNCTION events_insert(p_rows json, p_recorded timestamptz)
-RETURNS void
-LANGUAGE sql AS $$
-    SELECT events_write(events_rows(p_rows, p_recorded))
-$$;
-
--- The common case in one round trip: this process appended last, so it already knows the
--- head of the chain and assumes each stream is at its expected version. Under the same lock,
--- if both still hold, the rows go in and true comes back; if not, nothing is written and
--- the writer falls back to events_begin_append in an explicit transaction.
--- `p_exact` lists the streams that must be at exactly a version (conditions, and appends to
--- existing streams); an append to a new stream needs no look-up: the (stream_id, version)
--- key refuses it if the stream exists.
-CREATE OR REPLACE FUNCTION events_append_if_head(
-    p_head bigint, p_head_hash bytea, p_exact json, p_rows json, p_recorded timestamptz)
-RETURNS boolean
+-- Appends one batch in one statement. Under the lock that serialises writers (so positions
+-- are handed out in commit order), for each append in order: its conditions and expected
+-- version are checked against the log and the appends before it, then its events get the
+-- next positions and versions, and their hashes are chained from the head's. No writer has
+-- to know the head, so writers in any number of processes each commit a batch in one round
+-- trip, and the lock is held for this statement and its commit only.
+--
+-- The appends, in order: p_streams, p_stream_json (the stream id as the hash covers it,
+-- JSON), p_expected (NULL: any version) and p_counts (how many events each has). Their
+-- conditions: p_condition_of (the append's index, ascending), p_condition_streams and
+-- p_condition_versions. Every append's events in order: p_event_of (the append's index),
+-- p_tails (what the hash covers after the version: `,"type",schema_version,company_id,
+-- payload,metadata,"recorded_at"]`, see service/eventlog/chain.py), p_types,
+-- p_schema_versions, p_companies, p_payloads and p_metadata (JSON text, stored as given:
+-- the bytes the hash covers).
+-- p_probe_new false: a stream expected at version 0 and not seen before in the batch is new
+-- without a look-up (the (stream_id, version) key refuses it if it exists; the writer then
+-- calls again with true, and every stream is looked up).
+-- Returns a JSON array, per append: its first position, or [stream, expected, actual] for
+-- the version that did not match (that append alone is not written).
+CREATE OR REPLACE FUNCTION events_append(
+    p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
+    p_condition_of integer[], p_condition_streams text[], p_condition_versions integer[],
+    p_event_of integer[], p_tails text[], p_types text[], p_schema_versions smallint[],
+    p_companies text[], p_payloads text[], p_metadata text[], p_recorded timestamptz,
+    p_probe_new boolean)
+RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
+    -- Validated before the lock is taken: less time holding it.
+    payloads json[] := p_payloads::json[];
+    metadata json[] := p_metadata::json[];
     head_position bigint;
     head_hash bytea;
-    -- Parsed before the lock is taken: less time holding it.
-    batch events[] := events_rows(p_rows, p_recorded);
+    pos bigint;
+    previous bytea;
+    seen text[] := '{}';  -- the streams looked up (or taken to be new), and their versions
+    versions integer[] := '{}';
+    first_positions bigint[];  -- per append; NULL: not written
+    first_versions integer[];
+    first_events integer[];  -- per append: the index of its first event
+    hashes bytea[];  -- per event
+    results text[] := '{}';
+    conflict text;
+    s text;
+    c integer := 1;  -- the next condition
+    i integer := 0;  -- the events of the appends before this one
+    j integer;
+    v integer;
 BEGIN
     LOCK TABLE events IN EXCLUSIVE MODE;
     SELECT e.position, e.hash INTO head_position, head_hash
     FROM events e ORDER BY e.position DESC LIMIT 1;
-    IF coalesce(head_position, 0) <> p_head OR head_hash IS DISTINCT FROM p_head_hash THEN
-        RETURN false;
+    pos := coalesce(head_position, 0);
+    previous := coalesce(head_hash, decode(repeat('00', 32), 'hex'));
+
+    FOR n IN 1 .. cardinality(p_streams) LOOP
+        conflict := NULL;
+        WHILE c <= cardinality(p_condition_of) AND p_condition_of[c] = n LOOP
+            IF conflict IS NULL THEN
+                s := p_condition_streams[c];
+                j := array_position(seen, s);
+                IF j IS NULL THEN
+                    SELECT coalesce(max(e.version), 0) INTO v FROM events e WHERE e.stream_id = s;
+                    seen := seen || s;
+                    versions := versions || v;
+                    j := cardinality(seen);
+                END IF;
+                IF versions[j] <> p_condition_versions[c] THEN
+                    conflict := concat('[', to_json(s), ',', p_condition_versions[c], ',',
+                                       versions[j], ']');
+                END IF;
+            END IF;
+            c := c + 1;
+        END LOOP;
+        s := p_streams[n];
+        IF conflict IS NULL THEN
+            j := array_position(seen, s);
+            IF j IS NULL THEN
+                IF p_expected[n] = 0 AND NOT p_probe_new THEN
+                    v := 0;
+                ELSE
+                    SELECT coalesce(max(e.version), 0) INTO v FROM events e WHERE e.stream_id = s;
+                END IF;
+                seen := seen || s;
+                versions := versions || v;
+                j := cardinality(seen);
+            END IF;
+            IF p_expected[n] IS NOT NULL AND versions[j] <> p_expected[n] THEN
+                conflict := concat('[', to_json(s), ',', p_expected[n], ',', versions[j], ']');
+            END IF;
+        END IF;
+        IF conflict IS NOT NULL THEN
+            results := results || conflict;
+            i := i + p_counts[n];
+            CONTINUE;
+        END IF;
+        first_positions[n] := pos + 1;
+        first_versions[n] := versions[j] + 1;
+        first_events[n] := i + 1;
+        results := results || (pos + 1)::text;
+        -- event k of this append: position pos + k - i, version versions[j] + k - i
+        FOR k IN i + 1 .. i + p_counts[n] LOOP
+            previous := sha256(previous || convert_to(
+                concat('[', pos + k - i, ',', p_stream_json[n], ',', versions[j] + k - i,
+                       p_tails[k]), 'UTF8'));
+            hashes[k] := previous;
+        END LOOP;
+        pos := pos + p_counts[n];
+        versions[j] := versions[j] + p_counts[n];
+        i := i + p_counts[n];
+    END LOOP;
+
+    IF pos > coalesce(head_position, 0) THEN
+        INSERT INTO events
+        SELECT first_positions[e.n] + e.k - first_events[e.n], p_streams[e.n],
+               first_versions[e.n] + e.k - first_events[e.n], e.type, e.schema_version,
+               e.company_id, e.payload, e.metadata, p_recorded, hashes[e.k]
+        FROM unnest(p_event_of, p_types, p_schema_versions, p_companies, payloads, metadata)
+             WITH ORDINALITY AS e(n, type, schema_version, company_id, payload, metadata, k)
+        WHERE first_positions[e.n] IS NOT NULL;
+        PERFORM pg_notify('tollgate_events', pos::text);
     END IF;
-    IF EXISTS (SELECT 1 FROM json_each_text(p_exact) AS s(id, v)
-               WHERE coalesce((SELECT max(e.version) FROM events e WHERE e.stream_id = s.id), 0)
-                     <> s.v::integer) THEN
-        RETURN false;
-    END IF;
-    -- A new stream that exists after all raises unique_violation: the writer takes that
-    -- as "false" (an EXCEPTION block here would cost a subtransaction per call).
-    PERFORM events_write(batch);
-    RETURN true;
+    RETURN '[' || array_to_string(results, ',') || ']';
 END $$;
 
 -- Projection bookkeeping: one row per projection, written in the same transaction as the

@@ -16,10 +16,15 @@ for a dense hash chain.
 
 Serialising writers would cap throughput at one commit (one WAL flush) at a time, so
 appends are *group committed*: a single writer task per process takes every append waiting
-in its queue and writes them in one transaction, one multi-row INSERT and one WAL flush.
+in its queue and writes them in one statement, one multi-row INSERT and one WAL flush.
 Each append is still checked on its own (a stale expected version fails that append
-alone), and its future resolves only after the commit. Because the writer holds the lock,
-it also writes the hash chain in the same transaction, in position order.
+alone), and its future resolves only after the commit.
+
+The lock is held for that one statement (`events_append`) and its commit, never across a
+round trip to a process: the statement checks the versions, hands out positions and
+versions and chains the hashes itself, reading the head of the chain under the lock. No
+writer needs to know the head, so writers in several processes interleave their batches
+without a second round trip, and none holds the lock while its event loop is busy.
 
 Readers wake on LISTEN/NOTIFY; a notification is only a hint, and polling covers a lost
 one or a dropped listener connection.
@@ -38,8 +43,7 @@ import msgspec
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from service.eventlog import chain
-from service.eventlog.appends import Append, Head, Plan, assumed_versions, settle, versions_encoder
+from service.eventlog.appends import Append, Plan, settle
 from service.eventlog.records import (
     EPOCH,
     NO_METADATA,
@@ -71,6 +75,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CHANNEL = "tollgate_events"
+
+_APPEND = f"SELECT events_append({', '.join(f'${n}' for n in range(1, 17))})"
 
 _COLUMNS = (
     "position, stream_id, version, type, schema_version, company_id, payload, metadata, "
@@ -173,9 +179,7 @@ class EventLog:
         self.appends_committed = 0
         #: called with each committed batch's size (metrics)
         self.on_commit = on_commit
-        #: the chain head as this process last wrote or saw it (None: not known yet)
-        self._head: Head | None = None
-        self._in_flight: Head | None = None
+        self._in_flight: Plan | None = None  # the batch sent to the server, until answered
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -315,18 +319,26 @@ class EventLog:
         ambiguous = _ambiguous(exc)
         if ambiguous:
             await self._drop_connection()
-        if ambiguous and self._in_flight is not None:
+        plan, self._in_flight = self._in_flight, None
+        if ambiguous and plan is not None:
             # The connection failed after the batch was sent: the commit may have happened.
             # Retrying before knowing would write the events twice.
-            landed = await self._landed(self._in_flight)
-            if landed:
-                self._head = self._in_flight
-                return True
+            landed = await self._landed(plan, batch)
             if landed is None:
                 log.warning("eventlog.append_outcome_unknown", error=str(exc))
                 unknown = EventLogUnavailable(f"the append may or may not be written: {exc}")
                 for request in batch:
                     settle(request, unknown)
+                return False
+            if len(landed) == len(batch):
+                return True
+            if landed:
+                # It committed, without the appends whose versions had moved: they are
+                # decided again, alone.
+                self._committed([r for r in batch if r in landed])
+                for request in batch:
+                    if request not in landed:
+                        await self._commit_batch([request])
                 return False
         if len(batch) > 1:
             # One bad append must not fail its neighbours: retry each on its own.
@@ -341,15 +353,36 @@ class EventLog:
             settle(batch[0], EventLogError(f"the append could not be written: {exc!r}"))
         return False
 
-    async def _landed(self, head: Head) -> bool | None:
-        """Whether the batch that would leave `head` is in the log (None: cannot tell)."""
+    async def _landed(self, plan: Plan, batch: list[Append]) -> list[Append] | None:
+        """The appends of `plan` that are in the log, their positions set (None: cannot
+        tell). An append is found by its stream, the batch's time (to the microsecond,
+        taken by this process) and what it wrote."""
+        streams = list(dict.fromkeys(r.stream_id for r in batch))
         try:
-            found = await self._pool.fetchval(
-                "SELECT hash FROM events WHERE position = $1", head.position
+            rows = await self._pool.fetch(
+                "SELECT stream_id, position, payload::text AS payload, "
+                "metadata::text AS metadata FROM events "
+                "WHERE stream_id = ANY($1) AND recorded_at = $2 ORDER BY position",
+                streams,
+                plan.recorded_at,
             )
         except _DB_ERRORS:
             return None
-        return found is not None and bytes(found) == head.hash
+        found: dict[str, deque[tuple[int, str, str]]] = {}
+        for row in rows:
+            found.setdefault(row["stream_id"], deque()).append(
+                (row["position"], row["payload"], row["metadata"])
+            )
+        landed = []
+        for request, written in zip(batch, plan.written, strict=True):
+            stored = found.get(request.stream_id, deque())
+            mine = list(stored)[: len(written)]
+            if [(p, m) for _, p, m in mine] == written:
+                for _ in written:
+                    stored.popleft()
+                request.positions, request.error = [position for position, _, _ in mine], None
+                landed.append(request)
+        return landed
 
     def _committed(self, batch: list[Append]) -> None:
         self.batches_committed += 1
@@ -363,47 +396,18 @@ class EventLog:
             self.wakeup.notify(last)
 
     async def _commit(self, batch: list[Append]) -> None:
-        self._in_flight = None  # the head a batch sent to the server would leave
+        self._in_flight = None
         conn = await self._writer_connection()
-        assumed = assumed_versions(batch)
-        predicted = self._head
-        if predicted is not None and assumed is not None:
-            plan = Plan.build(batch, predicted, assumed)
-            exact = {s: v for s, v in assumed.items() if v or s in plan.condition_streams}
-            self._in_flight = plan.head if plan.count else None
-            try:
-                committed = await conn.fetchval(
-                    "SELECT events_append_if_head($1, $2, $3, $4, $5)",
-                    predicted.position,
-                    None if predicted.position == 0 else predicted.hash,
-                    versions_encoder.encode(exact).decode(),
-                    plan.rows,
-                    plan.recorded_at,
-                )
-            except asyncpg.UniqueViolationError:
-                committed = False  # a "new" stream exists: the locked path sorts it out
-            if committed:
-                self._head = plan.head
-                return
-        # Another process wrote since (or this is the first write): hold the lock for the
-        # whole transaction, read the real head and versions, then write.
-        streams = list(
-            dict.fromkeys(
-                [r.stream_id for r in batch] + [s for r in batch for s, _ in r.conditions]
-            )
-        )
-        async with conn.transaction():
-            row = await conn.fetchrow("SELECT * FROM events_begin_append($1)", streams)
-            assert row is not None
-            head = Head(
-                row["head_position"] or 0,
-                bytes(row["head_hash"]) if row["head_hash"] else chain.GENESIS,
-            )
-            plan = Plan.build(batch, head, dict(zip(streams, row["versions"], strict=True)))
-            self._in_flight = plan.head if plan.count else None
-            if plan.count:
-                await conn.execute("SELECT events_insert($1, $2)", plan.rows, plan.recorded_at)
-        self._head = plan.head
+        plan = Plan.build(batch)
+        self._in_flight = plan
+        try:
+            outcome = await conn.fetchval(_APPEND, *plan.args, False)
+        except asyncpg.UniqueViolationError:
+            # A stream taken to be new exists (nothing was written): every stream is
+            # looked up this time, and the append that assumed it fails alone.
+            outcome = await conn.fetchval(_APPEND, *plan.args, True)
+        plan.apply(batch, outcome)
+        self._in_flight = None
 
     # --- reading ---------------------------------------------------------------------
 

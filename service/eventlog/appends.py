@@ -1,9 +1,9 @@
-"""Group commit: the appends one batch carries, and the rows planned for them.
+"""Group commit: the appends one batch carries, and the batch as `events_append` reads it.
 
-The writer plans a batch under the head of the chain it knows (or read under the lock):
-each append is checked against the stream versions on its own, then its events get
-positions, versions and hashes in order, and the rows go to `events_append_if_head` or
-`events_insert` as one JSON array.
+The writer encodes each append's events here, outside any lock; the database checks the
+versions, hands out positions and versions and chains the hashes under the lock
+(schema.sql), and answers per append: its first position, or the version that did not
+match.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
@@ -32,104 +33,72 @@ class Append:
     error: EventLogError | None = None
 
 
-@dataclass(frozen=True)
-class Head:
-    position: int
-    hash: bytes
-
-
-class Row(msgspec.Struct, gc=False):
-    """One event as `events_insert` reads it (json_to_recordset)."""
-
-    position: int
-    stream_id: str
-    version: int
-    type: str
-    schema_version: int
-    company_id: str | None
-    payload: msgspec.Raw
-    metadata: msgspec.Raw
-    hash: str  # hex
-
-
-_rows_encoder = msgspec.json.Encoder()
-versions_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder()
+#: per append, its first position or the version that did not match
+_outcome = msgspec.json.Decoder(list[int | tuple[str, int, int]])
 
 
 @dataclass
 class Plan:
-    """The rows of one batch: positions, versions and the hash chain, as one JSON array."""
+    """One batch, encoded: what `events_append` takes (the appends and their events as
+    arrays), and what each append writes (to find it again if a commit's outcome is
+    lost)."""
 
-    rows: str
-    count: int
-    head: Head
+    args: tuple[Any, ...]
     recorded_at: datetime
-    condition_streams: frozenset[str]
+    #: per append, its events' (payload, metadata) as stored
+    written: list[list[tuple[str, str]]]
 
     @classmethod
-    def build(cls, batch: list[Append], head: Head, versions: dict[str, int]) -> Plan:
-        versions = dict(versions)
+    def build(cls, batch: list[Append]) -> Plan:
         recorded_at = datetime.now(UTC)
-        stamp = chain.timestamp(recorded_at)
-        position, previous = head.position, head.hash
-        rows: list[Row] = []
-        for request in batch:
-            request.positions = []
-            request.error = check(request, versions)
-            if request.error is not None:
-                continue
-            meta = metadata_encoder.encode(request.metadata)
-            stream_id = request.stream_id
+        streams, stream_json, expected, counts = [], [], [], []
+        condition_of, condition_streams, condition_versions = [], [], []
+        stamp = _encoder.encode(chain.timestamp(recorded_at)).decode()
+        event_of, tails, types, schema_versions, companies = [], [], [], [], []
+        payloads, metadata = [], []
+        written: list[list[tuple[str, str]]] = []
+        for n, request in enumerate(batch, 1):
+            request.positions, request.error = [], None
+            meta = metadata_encoder.encode(request.metadata).decode()
+            mine: list[tuple[str, str]] = []
             for event in request.events:
-                position += 1
-                version = versions[stream_id] = versions[stream_id] + 1
                 tag = type_of(event)
-                payload = encode(event)
+                payload = encode(event).decode()
                 schema_version = SCHEMA_VERSIONS[tag]
                 tenant = tenant_of(event)
-                previous = chain.event_hash(
-                    previous,
-                    position=position,
-                    stream_id=stream_id,
-                    version=version,
-                    type=tag,
-                    schema_version=schema_version,
-                    company_id=tenant,
-                    payload=payload,
-                    metadata=meta,
-                    recorded_at=stamp,
-                )
-                rows.append(
-                    Row(position, stream_id, version, tag, schema_version, tenant,
-                         msgspec.Raw(payload), msgspec.Raw(meta), previous.hex())
-                )  # fmt: skip
-                request.positions.append(position)
-        text = _rows_encoder.encode(rows).decode()
-        conditions = frozenset(s for r in batch for s, _ in r.conditions)
-        return cls(text, len(rows), Head(position, previous), recorded_at, conditions)
+                event_of.append(n)
+                # What the hash covers after the position, stream and version.
+                head = _encoder.encode([tag, schema_version, tenant])[1:-1].decode()
+                tails.append(f",{head},{payload},{meta},{stamp}]")
+                types.append(tag)
+                schema_versions.append(schema_version)
+                companies.append(tenant)
+                payloads.append(payload)
+                metadata.append(meta)
+                mine.append((payload, meta))
+            written.append(mine)
+            streams.append(request.stream_id)
+            stream_json.append(_encoder.encode(request.stream_id).decode())
+            expected.append(request.expected_version)
+            counts.append(len(request.events))
+            for stream_id, version in request.conditions:
+                condition_of.append(n)
+                condition_streams.append(stream_id)
+                condition_versions.append(version)
+        args = (streams, stream_json, expected, counts, condition_of, condition_streams,
+                condition_versions, event_of, tails, types, schema_versions, companies,
+                payloads, metadata, recorded_at)  # fmt: skip
+        return cls(args, recorded_at, written)
 
-
-def assumed_versions(batch: list[Append]) -> dict[str, int] | None:
-    """The versions every stream must be at for this batch to go through as asked, or None
-    when an append accepts any version (then only the real versions can tell)."""
-    assumed: dict[str, int] = {}
-    for request in batch:
-        if request.expected_version is None:
-            return None
-        for stream_id, version in request.conditions:
-            assumed.setdefault(stream_id, version)
-        assumed.setdefault(request.stream_id, request.expected_version)
-    return assumed
-
-
-def check(request: Append, versions: dict[str, int]) -> EventLogError | None:
-    for stream_id, expected in request.conditions:
-        if versions[stream_id] != expected:
-            return ConcurrencyError(stream_id, expected, versions[stream_id])
-    actual = versions[request.stream_id]
-    if request.expected_version is not None and actual != request.expected_version:
-        return ConcurrencyError(request.stream_id, request.expected_version, actual)
-    return None
+    def apply(self, batch: list[Append], outcome: str) -> None:
+        """What `events_append` answered, onto each append: its positions, or the
+        ConcurrencyError that kept it out of the log."""
+        for request, result in zip(batch, _outcome.decode(outcome), strict=True):
+            if isinstance(result, int):
+                request.positions = list(range(result, result + len(request.events)))
+            else:
+                request.error = ConcurrencyError(*result)
 
 
 def settle(request: Append, error: EventLogError | None = None) -> None:

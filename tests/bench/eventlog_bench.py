@@ -6,6 +6,7 @@ import asyncio
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -31,12 +32,16 @@ EVENTS = [
 ]  # with revocations and the rest, a log of a little over 200,000
 
 
-async def append_rate(dsn: str, concurrency: int, run: str) -> float:
+async def append_rate(dsn: str, concurrency: int, run: str, start_at: float | None = None) -> float:
+    """Appends committed per second by one EventLog with `concurrency` appends in flight
+    (from wall-clock time `start_at`, when given: processes that start together)."""
     pool = await create_pool(dsn, min_size=2, max_size=4)
     log = EventLog(pool)
     await log.start()
     meta = Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
     count = 0
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
     deadline = time.perf_counter() + SECONDS
 
     async def worker(w: int) -> None:
@@ -53,6 +58,21 @@ async def append_rate(dsn: str, concurrency: int, run: str) -> float:
     await log.close()
     await pool.close()
     return count / elapsed
+
+
+async def appenders_rate(dsn: str, concurrency: int, processes: int, run: str) -> float:
+    """Appends per second from `processes` processes, each its own EventLog, with
+    `concurrency` appends in flight between them, all appending at once."""
+    start_at = time.time() + 3.0  # each process connects and starts its writer first
+    argv = [sys.executable, "-m", "tests.bench.eventlog_bench", dsn, str(start_at)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *argv, str(concurrency // processes), f"{run}-p{p}", stdout=subprocess.PIPE
+        )
+        for p in range(processes)
+    ]
+    outputs = [await proc.communicate() for proc in procs]
+    return sum(float(out.decode()) for out, _ in outputs)
 
 
 async def bare_insert_rate(dsn: str, concurrency: int, *, same_rows: bool) -> float:
@@ -219,4 +239,29 @@ async def run(dsn: str) -> None:
             f"{small:,.0f} | {logged / small:.2f}x | {pgbench} |",
             flush=True,
         )
+    await appending_processes(dsn)
     await catch_up(dsn)
+
+
+async def appending_processes(dsn: str, concurrency: int = 64) -> None:
+    """The log written from 1 and 2 processes (as `serve --workers 2`), each figure beside
+    pgbench's measured just before it."""
+    print(f"\n## Event-log appends from 1 and 2 processes, {concurrency} in flight in all")
+    print("| appending processes | event log (events/s) | pgbench, same rows (rows/s) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for processes in (1, 2):
+        native = await pgbench_rate(dsn, concurrency)
+        run = f"procs{processes}-{time.time_ns()}"  # streams no earlier run wrote
+        logged = await appenders_rate(dsn, concurrency, processes, run)
+        ratio = "n/a" if native is None else f"{logged / native:.2f}x"
+        shown = "n/a" if native is None else f"{native:,.0f}"
+        print(f"| {processes} | {logged:,.0f} | {shown} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    # One appending process of `appenders_rate`: DSN START_AT CONCURRENCY RUN; prints its rate.
+    from service.logs import configure_logging
+
+    configure_logging("console", "warning")  # to stderr: stdout carries the rate alone
+    dsn, start_at, concurrency, run = sys.argv[1:5]
+    print(asyncio.run(append_rate(dsn, int(concurrency), run, float(start_at))))

@@ -337,12 +337,12 @@ class _ReplyLost:
             self.armed = False
             raise ConnectionResetError("the reply was lost")
 
-    async def fetchval(self, *args, **kwargs):  # the one-statement path
+    async def fetchval(self, *args, **kwargs):  # events_append: one statement per batch
         result = await self._conn.fetchval(*args, **kwargs)
         self._lose()
         return result
 
-    def transaction(self):  # the locked path: the reply to COMMIT is lost
+    def transaction(self):  # an explicit transaction: the reply to COMMIT is lost
         outer = self
 
         class Committing:
@@ -359,7 +359,7 @@ class _ReplyLost:
         return Committing()
 
 
-@pytest.mark.parametrize("any_version", [False, True])  # the one-statement / locked path
+@pytest.mark.parametrize("any_version", [False, True])
 async def test_a_batch_whose_commit_reply_is_lost_is_neither_repeated_nor_refused(
     eventlog: EventLog, db, monkeypatch, any_version
 ):
@@ -376,8 +376,7 @@ async def test_a_batch_whose_commit_reply_is_lost_is_neither_repeated_nor_refuse
 
     monkeypatch.setattr(EventLog, "_writer_connection", once)
     # Any version: retried, it would be written twice. Version 0: retried, it would find
-    # itself there and fail as a conflict. (An append that accepts any version goes the
-    # locked path.)
+    # itself there and fail as a conflict.
     expected = None if any_version else 0
     results = await asyncio.gather(
         eventlog.append("any-1", expected, [company(1)]),

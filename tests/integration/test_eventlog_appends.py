@@ -1,0 +1,126 @@
+"""The one-statement append: versions, positions and the hash chain decided under the lock
+by the database, for writers that do not know the head of the chain.
+
+Marked `eventlog`: CI runs this module once more against a second PostgreSQL major version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service import events as ev
+from service.audit.verify import verify_log
+from service.eventlog import ConcurrencyError, EventLog, Metadata
+from service.storage.database import create_pool
+
+pytestmark = pytest.mark.eventlog
+
+# What JSON escapes, what it does not (non-ASCII), and what PostgreSQL's own JSON output
+# would write differently: the chain must cover the bytes as Tollgate wrote them.
+AWKWARD = 'q"uote\\back/slash\nnew\ttab\u0001ctl é 漢字 😀 \u2028'
+
+
+def company(n: int, name: str = "") -> ev.CompanyCreated:
+    return ev.CompanyCreated(company_id=f"c{n}{name}", name=f"Company {n}{name}")
+
+
+async def test_writers_that_never_saw_each_others_appends_leave_one_intact_chain(db):
+    """Two writers (as two processes) interleave their batches; each chains onto the head
+    the other left without having read it, awkward text included."""
+    pools = [await create_pool(db.dsn, min_size=1, max_size=2) for _ in range(2)]
+    logs = [EventLog(pool) for pool in pools]
+    for log in logs:
+        await log.start()
+    try:
+
+        async def write(w: int, log: EventLog) -> list[list[int]]:
+            meta = Metadata(actor=f"user:{AWKWARD}", request_id=f"r{w}", client_ip="192.0.2.1")
+            return await asyncio.gather(
+                *(
+                    log.append(f"w{w}-{n}-{AWKWARD}", 0, [company(n, AWKWARD)] * 2, meta)
+                    for n in range(300)
+                )
+            )
+
+        results = await asyncio.gather(*(write(w, log) for w, log in enumerate(logs)))
+    finally:
+        for log in logs:
+            await log.close()
+        for pool in pools:
+            await pool.close()
+    positions = sorted(p for per_writer in results for append in per_writer for p in append)
+    assert positions == list(range(1, 1201))
+    assert all(b == a + 1 for per_writer in results for a, b in per_writer)
+    assert sum(log.batches_committed for log in logs) < 600  # group commit at work
+    result = await verify_log(db.pool)
+    assert result.ok and result.checked == 1200
+
+
+async def test_a_stream_taken_for_new_that_exists_fails_alone_in_its_batch(eventlog: EventLog, db):
+    assert await eventlog.append("existing", 0, [company(0)]) == [1]
+    results = await asyncio.gather(
+        eventlog.append("new-1", 0, [company(1)]),
+        eventlog.append("existing", 0, [company(2)]),  # expected new: it is not
+        eventlog.append("new-2", 0, [company(3)]),
+        return_exceptions=True,
+    )
+    assert results[0] == [2] and results[2] == [3]
+    assert isinstance(results[1], ConcurrencyError)
+    assert (results[1].stream_id, results[1].expected, results[1].actual) == ("existing", 0, 1)
+    assert (await verify_log(db.pool)).ok
+
+
+async def test_appends_in_one_batch_see_the_versions_the_ones_before_them_left(
+    eventlog: EventLog, db
+):
+    results = await asyncio.gather(
+        eventlog.append("app", 0, [company(1)]),
+        eventlog.append("app", 1, [company(2)]),  # after the first, in the same batch
+        eventlog.append("token", 0, [company(3)], conditions=[("app", 2)]),
+        eventlog.append("token-stale", 0, [company(4)], conditions=[("app", 1)]),
+        eventlog.append("app", None, [company(5)]),
+        return_exceptions=True,
+    )
+    assert results[:3] == [[1], [2], [3]]
+    assert isinstance(results[3], ConcurrencyError)
+    assert (results[3].stream_id, results[3].expected, results[3].actual) == ("app", 1, 2)
+    assert results[4] == [4]
+    assert [r.version for r in await eventlog.read_stream("app")] == [1, 2, 3]
+    assert (await verify_log(db.pool)).ok
+
+
+async def test_a_lost_reply_is_answered_as_the_log_holds_the_batch(
+    eventlog: EventLog, db, monkeypatch
+):
+    """The reply to a batch is lost after it committed without one of its appends (a
+    version had moved): the others are reported at their positions, not written twice,
+    and the one left out is refused as a conflict."""
+    from tests.integration.test_eventlog import _ReplyLost
+
+    assert await eventlog.append("app", 0, [company(0)]) == [1]
+    real = EventLog._writer_connection
+    lost: list[_ReplyLost] = []
+
+    async def once(self):
+        conn = await real(self)
+        if not lost:
+            lost.append(_ReplyLost(conn))
+            return lost[0]
+        return conn
+
+    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    results = await asyncio.gather(
+        eventlog.append("any", None, [company(1)]),
+        eventlog.append("app", 5, [company(2)]),
+        eventlog.append("new", 0, [company(3)]),
+        return_exceptions=True,
+    )
+    assert not lost[0].armed  # the reply was indeed lost
+    assert results[0] == [2] and results[2] == [3]
+    assert isinstance(results[1], ConcurrencyError) and results[1].actual == 1
+    async with db.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT stream_id, version FROM events ORDER BY position")
+    assert [(r["stream_id"], r["version"]) for r in rows] == [("app", 1), ("any", 1), ("new", 1)]
+    assert (await verify_log(db.pool)).ok
