@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,13 +34,52 @@ class Server:
         return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+#: the pid of the test session that started the server in a tollgate-test-* folder
+OWNER = "owner"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(tmp: Path) -> list[Path]:
+    """Stop the embedded servers of test sessions that were killed before they could stop
+    them (each holds its shared buffers until the machine restarts), and remove their
+    folders. A folder whose session is alive, or whose owner is unknown, is left alone."""
+    reaped = []
+    for folder in tmp.glob("tollgate-test-*"):
+        try:
+            owner = int((folder / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        try:
+            postmaster = int((folder / "pg" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            postmaster = None
+        if postmaster is not None and _alive(postmaster):
+            os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown: nothing there to keep
+        shutil.rmtree(folder, ignore_errors=True)
+        reaped.append(folder)
+    return reaped
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Server]:
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         yield Server(url)
         return
+    reap_orphans(Path(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix="tollgate-test-") as tmp:
+        (Path(tmp) / OWNER).write_text(str(os.getpid()))
         embedded = EmbeddedPostgres(Path(tmp) / "pg", durable=False, max_connections=300)
         dsn = embedded.start()
         try:
