@@ -88,7 +88,8 @@ async def test_the_whole_flow_works_from_the_keyboard_alone(
 ):
     await page.goto(oauth_client.authorize_path(state="keys"))
     # The email field takes the focus itself (autofocus): no pointer needed to start.
-    assert await page.evaluate("document.activeElement.id") == "email"
+    # Chromium runs autofocus at a rendering step after the load event, so wait for it.
+    await page.wait_for_function("document.activeElement?.id === 'email'", timeout=5000)
     await page.keyboard.type(company.admin_email)
     await page.keyboard.press("Tab")
     assert await page.evaluate("document.activeElement.id") == "password"
