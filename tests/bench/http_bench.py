@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import psutil
+from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from projections.memory import PolicyModel, lone_family
 from service import events as ev
 from service.commands.directory import create_company
 from service.eventlog import EPOCH, NO_METADATA, Metadata, RecordedEvent
+from service.oauth.assertions import ASSERTION_TYPE
 from service.runtime import open_context
 from service.settings import Settings
 from service.storage.database import Database, create_pool
@@ -92,10 +98,10 @@ async def setup(dsn: str) -> tuple[dict[str, str], dict[str, Any]]:
     return admin, {}
 
 
-async def new_app(base: str, admin: dict[str, str]) -> dict[str, Any]:
+async def new_app(base: str, admin: dict[str, str], **fields: Any) -> dict[str, Any]:
     body = {"name": "Bench", "grant_type": "client_credentials", "ip_allowlist": ["127.0.0.1"],
             "permissions": ["invoices:read"],
-            "notification_emails": ["ops@bench.example"]}  # fmt: skip
+            "notification_emails": ["ops@bench.example"]} | fields  # fmt: skip
     async with (
         aiohttp.ClientSession() as http,
         http.post(f"{base}/admin/applications", headers=admin, json=body) as r,
@@ -176,6 +182,76 @@ async def token_endpoint(dsn: str, base: str, admin: dict[str, str]) -> None:
         f"during the runs (warm-ups included): {after - before:,}; answered 200 in the "
         f"measured windows: {one.requests + two.requests:,}."
     )
+
+
+AUTH_SECONDS = 10
+ASSERTIONS = 60_000  # signed before the window: more than one process answers in it
+
+
+async def drive(base: str, bodies: Iterator[bytes], headers: dict[str, str]) -> Result:
+    """CONNECTIONS clients posting token requests for AUTH_SECONDS: a Python driver, since
+    wrk cannot send each request its own signed assertion; both methods get the same one."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + AUTH_SECONDS
+    connector = aiohttp.TCPConnector(limit=CONNECTIONS)
+    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as http:
+
+        async def client() -> None:
+            nonlocal errors
+            for body in bodies:
+                if time.perf_counter() >= deadline:
+                    return
+                sent = time.perf_counter()
+                async with http.post("/oauth/token", data=body) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - sent)
+                    else:
+                        errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(CONNECTIONS)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0.0
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
+    return Result(len(latencies), errors, elapsed, p50, p99)
+
+
+async def client_authentication(dsn: str, base: str, admin: dict[str, str]) -> None:
+    """client_credentials with a client secret against private_key_jwt (an ES256
+    assertion, each used once), through one driver in one run."""
+    key = ECKey.generate_key("P-256", parameters={"kid": "bench"})
+    secret_app = await new_app(base, admin)
+    key_app = await new_app(
+        base, admin, token_endpoint_auth_method="private_key_jwt",
+        jwks={"keys": [key.as_dict(private=False)]},
+    )  # fmt: skip
+    now = int(time.time())
+    claims = {"iss": key_app["client_id"], "sub": key_app["client_id"],
+              "aud": f"{base}/oauth/token", "iat": now, "exp": now + 600}  # fmt: skip
+    header = {"alg": "ES256", "kid": "bench"}
+    assertions = [
+        urlencode({"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
+                   "client_assertion": jwt.encode(header, claims | {"jti": f"{n:x}"}, key)})
+        .encode()
+        for n in range(ASSERTIONS)
+    ]  # fmt: skip
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    secret = await drive(
+        base, itertools.repeat(b"grant_type=client_credentials"),
+        basic(secret_app["client_id"], secret_app["client_secret"]) | form,
+    )  # fmt: skip
+    keyed = await drive(base, iter(assertions), form)
+    print(f"\n## Token endpoint by client authentication, {CONNECTIONS} clients, "
+          f"{AUTH_SECONDS} s each, one process (Python driver: a fresh assertion a request)")  # fmt: skip
+    print("| client authentication | requests/s | p50 ms | p99 ms | errors | of client secret |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| client_secret_basic | {secret.rate:,.0f} | {secret.p50_ms:.1f} | {secret.p99_ms:.1f} "
+          f"| {secret.errors} | 100% |")  # fmt: skip
+    print(f"| private_key_jwt (ES256) | {keyed.rate:,.0f} | {keyed.p50_ms:.1f} | {keyed.p99_ms:.1f} "
+          f"| {keyed.errors} | {keyed.rate / secret.rate:.0%} |")  # fmt: skip
 
 
 async def gateway(dsn: str, base: str, admin: dict[str, str]) -> None:
@@ -268,6 +344,7 @@ async def run(dsn: str) -> None:
     port = free_port()
     async with process(*service(dsn, port), port) as base:
         await token_endpoint(dsn, base, admin)
+        await client_authentication(dsn, base, admin)
         await gateway(dsn, base, admin)
         await propagation(dsn, base, admin)
     await asyncio.to_thread(memory_per_million)
