@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from service import events as ev
 from service.domain import addresses, streams
@@ -182,29 +183,14 @@ def coalesced(
     signal: Signal, count: int, first_at: float, last_at: float, start: int, window: int
 ) -> Record:
     """The attempts counted in a window after its first, as one summary on its stream."""
+    counted: dict[str, Any] = {
+        "company_id": signal.company_id, "client_id": signal.client_id, "ip": signal.ip,
+        "count": count, "first_at": first_at, "last_at": last_at, "window_start": start,
+        "window_seconds": window,
+    }  # fmt: skip
     summary: ev.IpViolationsCoalesced | ev.OldClientSecretUsesCoalesced
     if isinstance(signal, ev.IpViolationDetected):
-        summary = ev.IpViolationsCoalesced(
-            company_id=signal.company_id,
-            client_id=signal.client_id,
-            ip=signal.ip,
-            endpoint=signal.endpoint,
-            count=count,
-            first_at=first_at,
-            last_at=last_at,
-            window_start=start,
-            window_seconds=window,
-        )
+        summary = ev.IpViolationsCoalesced(endpoint=signal.endpoint, **counted)
     else:
-        summary = ev.OldClientSecretUsesCoalesced(
-            company_id=signal.company_id,
-            client_id=signal.client_id,
-            ip=signal.ip,
-            secret_version=signal.secret_version,
-            count=count,
-            first_at=first_at,
-            last_at=last_at,
-            window_start=start,
-            window_seconds=window,
-        )
+        summary = ev.OldClientSecretUsesCoalesced(secret_version=signal.secret_version, **counted)
     return Record(first_in_window(signal, start).stream, None, (summary,))
