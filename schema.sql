@@ -225,6 +225,21 @@ CREATE TABLE IF NOT EXISTS users (
     removed_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS users_company ON users (company_id);
+-- No unique email: an address may have an account at several companies, one at each
+-- (the log's per-company user streams keep it so).
+
+-- A sign-in waiting for the person to choose a company (service/web/sessions.py): the
+-- password matched the address's accounts at several. Only the digest of the choice's
+-- random key (the browser holds the key); never the password. Single use, minutes of
+-- life; expired rows are swept when a new one is written.
+CREATE TABLE IF NOT EXISTS sign_in_choices (
+    choice_hash text        PRIMARY KEY,
+    user_ids    text[]      NOT NULL,
+    versions    integer[]   NOT NULL,
+    next_url    text        NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sign_in_choices_expiry ON sign_in_choices (expires_at);
 
 CREATE TABLE IF NOT EXISTS admin_keys (
     key_id     text        PRIMARY KEY,
@@ -364,3 +379,13 @@ CREATE TABLE IF NOT EXISTS schema_applied (
     digest     text        PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- DPoP server nonces (RFC 9449 §8, service/storage/dpop_nonces.py), with DPOP_NONCE=required:
+-- the nonces every process has handed out, so that each process accepts the others'. The
+-- SHA-256 digest of each, never the nonce. Not events: operational state that expires
+-- (expired rows are pruned when a process adds its next nonce).
+CREATE TABLE IF NOT EXISTS dpop_nonces (
+    digest     bytea       PRIMARY KEY,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dpop_nonces_expiry ON dpop_nonces (expires_at);

@@ -20,13 +20,20 @@ class Company(msgspec.Struct):
 
 
 class User(msgspec.Struct):
+    """One company's account of an address: the same address may have one at several
+    companies, each with its own password, role and lifecycle."""
+
     user_id: str
     company_id: str
     email: str
     role: str
     password_hash: str
     removed: bool = False
-    version: int = 0  # the user stream's version (UserAdded, UserPasswordChanged)
+    # The version of the stream the user was created on (UserAdded, UserPasswordChanged):
+    # the company's stream of the address, or for a user created before accounts were per
+    # company, the address's own (service/domain/streams.py). This model is fed without
+    # stream names, so the command handlers ask the log which (see _stream_of there).
+    version: int = 0
 
 
 class AdminKey(msgspec.Struct):
@@ -49,14 +56,12 @@ class DirectoryModel:
         self.position = 0
         self.companies: dict[str, Company] = {}
         self.users: dict[str, User] = {}
-        self.users_by_email: dict[str, str] = {}  # lower-cased email → user id
+        # lower-cased email → the live accounts of the address (user ids, one per company)
+        self.accounts_by_email: dict[str, list[str]] = {}
         self.admin_keys: dict[str, AdminKey] = {}  # key id → key
         self.admin_key_hashes: dict[str, str] = {}  # live key hash → key id
         self.resource_server_hashes: dict[str, ResourceServer] = {}  # live key hash → server
         self.resource_servers: dict[str, ResourceServer] = {}  # id → server, revoked ones too
-        # lower-cased email → its user stream's version, removed users' addresses included:
-        # an address can be given to a new user once its previous holder is removed
-        self.address_versions: dict[str, int] = {}
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
         for recorded in events:
@@ -72,15 +77,13 @@ class DirectoryModel:
             self.users[e.user_id] = User(
                 e.user_id, e.company_id, e.email, e.role, e.password_hash, version=version
             )
-            self.users_by_email[e.email.lower()] = e.user_id
-            self.address_versions[e.email.lower()] = version
+            self.accounts_by_email.setdefault(e.email.lower(), []).append(e.user_id)
         elif isinstance(e, ev.UserRoleChanged | ev.UserRemoved):
             self._company_change(e, version)
         elif isinstance(e, ev.UserPasswordChanged):
             if (user := self.users.get(e.user_id)) is not None:
                 user.password_hash = e.password_hash
                 user.version = version
-                self.address_versions[user.email.lower()] = version
         elif isinstance(e, ev.AdminKeyIssued):
             self.admin_keys[e.key_id] = AdminKey(e.key_id, e.company_id, e.label)
             self.admin_key_hashes[e.key_hash] = e.key_id
@@ -112,12 +115,27 @@ class DirectoryModel:
             user.role = e.after
         else:
             user.removed = True
-            if self.users_by_email.get(user.email.lower()) == user.user_id:
-                del self.users_by_email[user.email.lower()]
+            live = self.accounts_by_email.get(user.email.lower(), [])
+            if user.user_id in live:
+                live.remove(user.user_id)
+            if not live:
+                self.accounts_by_email.pop(user.email.lower(), None)
+
+    def accounts(self, email: str) -> list[User]:
+        """The live accounts of an address, one per company, oldest first."""
+        ids = self.accounts_by_email.get(email.lower(), ())
+        return [self.users[user_id] for user_id in ids if user_id in self.users]
+
+    def account(self, company_id: str, email: str) -> User | None:
+        """The company's live account of the address, whichever stream it was created on."""
+        found = [u for u in self.accounts(email) if u.company_id == company_id]
+        return found[0] if found else None
 
     def user_by_email(self, email: str) -> User | None:
-        user_id = self.users_by_email.get(email.lower())
-        return None if user_id is None else self.users.get(user_id)
+        """The newest live account of the address: for tools and tests that know it has one.
+        Sign-in and the admin API use `accounts` and `account`."""
+        found = self.accounts(email)
+        return found[-1] if found else None
 
     def company_users(self, company_id: str) -> list[User]:
         return [u for u in self.users.values() if u.company_id == company_id and not u.removed]

@@ -93,8 +93,10 @@ class ModelLookups:
 
         return await self._found(look)
 
-    async def user_by_email(self, email: str) -> User | None:
-        return await self._found(lambda: self._directory.user_by_email(email))
+    async def accounts(self, email: str) -> list[User]:
+        """The live accounts of an address, one per company (none: an empty list)."""
+        found = await self._found(lambda: self._directory.accounts(email) or None)
+        return found or []
 
     async def catch_up(self) -> None:
         await self._feed.catch_up()

@@ -24,6 +24,7 @@ from service.oauth.introspection import Introspection
 from service.oauth.policy import PolicyPoint
 from service.oauth.token_endpoint import Limits, TokenEndpoint
 from service.settings import Settings
+from service.storage.dpop_nonces import DpopNonces
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Context:
     token_endpoint: TokenEndpoint = field(init=False)
     introspection: Introspection = field(init=False)
     policy_point: PolicyPoint = field(init=False)
+    #: DPOP_NONCE=required: the nonces DPoP proofs must carry; None: none asked for
+    dpop_nonces: DpopNonces | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.lookups = ModelLookups(self.feed, self.policy, self.directory)
@@ -61,6 +64,9 @@ class Context:
         )
         self.introspection = Introspection(self.lookups, time.time)
         self.policy_point = PolicyPoint(self.lookups, self.ledger, time.time)
+        self.dpop_nonces = None
+        if self.settings.dpop_nonce == "required":
+            self.dpop_nonces = DpopNonces(self.pool, self.settings.dpop_nonce_lifetime)
 
     async def record(
         self,

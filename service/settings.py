@@ -19,6 +19,7 @@ from service.domain.routes import RoutesError, load_routes
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SmtpTls = Literal["starttls", "tls", "none"]
+DpopNonce = Literal["off", "required"]
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,11 @@ class Settings:
     # introspection endpoint, a rotated-away secret): the first per application and address
     # in each window of this many seconds is recorded and mailed, the rest are counted.
     violation_window: int = 900
+    # DPoP server nonces (RFC 9449 §8, §9): "required" makes every DPoP proof, at the token
+    # endpoint, the gateway and /policy/check, carry a nonce Tollgate handed out (DPoP-Nonce),
+    # accepted by every process for dpop_nonce_lifetime seconds.
+    dpop_nonce: DpopNonce = "off"
+    dpop_nonce_lifetime: int = 300
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -225,6 +231,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         body_timeout=float(r.number("BODY_TIMEOUT", 15, 1, 3600)),
         max_connections=r.number("MAX_CONNECTIONS", 2000, 1, 1_000_000),
         violation_window=r.number("VIOLATION_WINDOW", 900, 1, 7 * 24 * 3600),
+        dpop_nonce=r.checked(_dpop_nonce, "off"),
+        dpop_nonce_lifetime=r.number("DPOP_NONCE_LIFETIME", 300, 1, 24 * 3600),
     )
     if r.problems:
         raise ConfigError(*r.problems)
@@ -289,6 +297,14 @@ def _check_ca_file(path: Path) -> None:
     except OSError as exc:  # ssl.SSLError is an OSError too: not PEM, no certificate
         reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
         raise ConfigError(f"SMTP_CA_FILE: cannot load {str(path)!r}: {reason}") from None
+
+
+def _dpop_nonce(env: Mapping[str, str]) -> DpopNonce:
+    raw = (env.get("DPOP_NONCE") or "off").lower()
+    modes: tuple[DpopNonce, ...] = get_args(DpopNonce)
+    if raw not in modes:
+        raise ConfigError(f"DPOP_NONCE must be one of {', '.join(modes)}, got {raw!r}")
+    return modes[modes.index(raw)]
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -40,9 +40,8 @@ async def create_company(ctx: Context, name: str, admin_email: str, meta: Metada
     name = name.strip()
     if not 1 <= len(name) <= 200:
         raise FieldError("name", "must be 1 to 200 characters")
+    # An address may have accounts at other companies: a new company has none of it.
     email = normalise_email(admin_email, "admin_email")
-    if ctx.directory.user_by_email(email) is not None:
-        raise Conflict(f"a user with email {email} already exists")
     company_id = credentials.new_id("co")
     await ctx.record(
         streams.company(company_id), 0, [ev.CompanyCreated(company_id=company_id, name=name)], meta
@@ -56,6 +55,11 @@ async def create_company(ctx: Context, name: str, admin_email: str, meta: Metada
 async def add_user(
     ctx: Context, company_id: str, email: str, role: str, password: str, meta: Metadata
 ) -> str:
+    """A new account of `email` at the company. Refused (409) only when the company has a
+    live account of that address already, which its admins see in their own list: an
+    address with an account at another company is added like a new one, by the same steps
+    (the password hashed, one append at the version of a stream of this company's own),
+    so the answer says nothing about other companies' users."""
     if role not in ROLES:
         raise FieldError("role", "must be admin or member")
     email = normalise_email(email)
@@ -64,20 +68,28 @@ async def add_user(
     event = ev.UserAdded(
         company_id=company_id, user_id=user_id, email=email, role=role, password_hash=password_hash
     )
-    for attempt in range(2):
-        if ctx.directory.user_by_email(email) is not None:
-            raise Conflict(f"a user with email {email} already exists")
-        # An address whose previous holder was removed may be given again: its stream goes on.
-        version = ctx.directory.address_versions.get(email.lower(), 0)
+    taken = f"a user with email {email} already exists in this company"
+    stream = streams.account(company_id, email)
+    for _ in range(2):
+        # The stream's version first, then the model caught up: the model then holds at
+        # least what the stream held, and whatever commits after the read fails the
+        # append. Across processes the stream's version keeps the address unique here; an
+        # address whose previous holder here was removed may be given again (the stream
+        # goes on).
+        version = await ctx.eventlog.stream_version(stream)
+        await ctx.refresh()
+        # A live account here, on this stream or (created before accounts were per
+        # company) on the address's own: the stream alone would not see the latter.
+        if ctx.directory.account(company_id, email) is not None:
+            raise Conflict(taken)
         try:
-            await ctx.record(streams.user(email), version, [event], meta)
-        except ConcurrencyError:
-            if attempt == 0:
-                await ctx.refresh()  # removed (or taken) through another process?
-                continue
-            raise Conflict(f"a user with email {email} already exists") from None
+            await ctx.record(stream, version, [event], meta)
+        except ConcurrencyError as exc:
+            if exc.stream_id != stream:
+                raise
+            continue  # added (or removed and added) through another process: decide again
         return user_id
-    raise Conflict(f"a user with email {email} already exists")
+    raise Conflict(taken)
 
 
 async def _hash(password: str, field: str = "password") -> str:
@@ -146,11 +158,23 @@ async def end_sessions(ctx: Context, user_id: str) -> None:
     await ctx.pool.execute("DELETE FROM web_sessions WHERE user_id = $1", user_id)
 
 
-def _live_user(ctx: Context, user_id: str, company_id: str | None = None) -> str:
+def _check_live(ctx: Context, user_id: str, company_id: str | None = None) -> None:
     user = ctx.directory.users.get(user_id)
     if user is None or user.removed or company_id not in (None, user.company_id):
         raise NotFound("no such user")
-    return user.email
+
+
+async def _stream_of(ctx: Context, user_id: str) -> str:
+    """The stream the user was created on, where every later event of theirs goes: their
+    company's stream of the address, or, for a user added before accounts were per company,
+    the address's own. The log says which (the in-memory model is fed without stream
+    names); another company's account of the address is on neither."""
+    user = ctx.directory.users[user_id]
+    for stream in (streams.account(user.company_id, user.email), streams.user(user.email)):
+        for recorded in await ctx.eventlog.read_stream(stream):
+            if isinstance(recorded.event, ev.UserAdded) and recorded.event.user_id == user_id:
+                return stream
+    raise NotFound("no such user")
 
 
 async def reset_password(
@@ -159,13 +183,14 @@ async def reset_password(
     """An admin sets a user's password: `password`, or a generated one, returned (to be
     shown once). The user's sessions end."""
     await ctx.refresh()
-    email = _live_user(ctx, user_id, company_id)
+    _check_live(ctx, user_id, company_id)
     new = passwords.generate_password() if password is None else password
     password_hash = await _hash(new)
     event = ev.UserPasswordChanged(
         company_id=company_id, user_id=user_id, password_hash=password_hash
     )
-    await ctx.record(streams.user(email), None, [event], meta)
+    # this account's own stream: another company's account of the address is not touched
+    await ctx.record(await _stream_of(ctx, user_id), None, [event], meta)
     await end_sessions(ctx, user_id)
     return new
 
@@ -180,7 +205,7 @@ async def change_own_password(
     """A user changes their own password, proving the current one. Every session of
     theirs ends, the caller's too (it is for the caller to open a new one)."""
     await ctx.refresh()
-    email = _live_user(ctx, user_id)
+    _check_live(ctx, user_id)
     user = ctx.directory.users[user_id]
     ok = await asyncio.to_thread(passwords.verify_password, current, user.password_hash)
     if not ok:
@@ -191,9 +216,10 @@ async def change_own_password(
     event = ev.UserPasswordChanged(
         company_id=user.company_id, user_id=user_id, password_hash=password_hash
     )
+    stream = await _stream_of(ctx, user_id)
     try:
         # at the version whose password was verified: a reset that came first wins
-        await ctx.record(streams.user(email), user.version, [event], meta)
+        await ctx.record(stream, user.version, [event], meta)
     except ConcurrencyError:
         raise Conflict("the password was changed meanwhile; sign in again") from None
     await end_sessions(ctx, user_id)

@@ -30,6 +30,8 @@ LEEWAY = 60
 #: The oldest a proof may be: it is for one request, made just before it is sent.
 MAX_AGE = 300
 DEFAULT_PORTS = {"http": 80, "https": 443}
+#: RFC 9449 §8.1: the header a server hands a nonce out in.
+NONCE_HEADER = "DPoP-Nonce"
 
 
 def _registry() -> jws.JWSRegistry:
@@ -49,18 +51,29 @@ class InvalidDpopProof(OAuthError):
     error = "invalid_dpop_proof"
 
 
+class UseDpopNonce(OAuthError):
+    """At the token endpoint: 400 use_dpop_nonce, with the nonce to put in the next proof
+    (RFC 9449 §8: "DPoP-Nonce" header). https://www.rfc-editor.org/rfc/rfc9449#section-8"""
+
+    error = "use_dpop_nonce"
+
+    def __init__(self, description: str, nonce: str) -> None:
+        super().__init__(description, headers={NONCE_HEADER: nonce})
+        self.nonce = nonce
+
+
 class _DpopChallenge(OAuthError):
     """At a resource: 401 with a DPoP challenge (RFC 9449 §7.1)."""
 
     status = 401
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, *, headers: dict[str, str] | None = None) -> None:
         quoted = description.replace("\\", "").replace('"', "'")  # RFC 9110 §5.6.4
         challenge = (
             f'DPoP algs="{" ".join(ALGORITHMS)}", error="{self.error}", '
             f'error_description="{quoted}"'
         )
-        super().__init__(description, headers={"WWW-Authenticate": challenge})
+        super().__init__(description, headers={"WWW-Authenticate": challenge} | (headers or {}))
 
 
 class DpopProofRefused(_DpopChallenge):
@@ -76,6 +89,17 @@ class DpopTokenRefused(_DpopChallenge):
     error = "invalid_token"
 
 
+class DpopNonceRequired(_DpopChallenge):
+    """At a resource: 401 use_dpop_nonce with the nonce to use (RFC 9449 §9).
+    https://www.rfc-editor.org/rfc/rfc9449#section-9"""
+
+    error = "use_dpop_nonce"
+
+    def __init__(self, description: str, nonce: str) -> None:
+        super().__init__(description, headers={NONCE_HEADER: nonce})
+        self.nonce = nonce
+
+
 @dataclass(frozen=True)
 class Proof:
     """What a valid proof proves: the key (its RFC 7638 thumbprint) and its single-use id."""
@@ -83,6 +107,9 @@ class Proof:
     jkt: str  # RFC 7638, SHA-256, base64url: what a token is bound to (RFC 9449 §6.1)
     jti: str
     iat: int
+    #: the server-provided nonce it carries (RFC 9449 §4.2), None without one (or with a
+    #: claim that is not a string)
+    nonce: str | None = None
 
 
 def access_token_hash(access_token: str) -> str:
@@ -138,7 +165,9 @@ def verify(
         raise error("the DPoP proof's jwk must hold no private or symmetric key")
     claims, jkt = _signed(proof, alg, key_members, error)
     _check_claims(claims, htm, htu, now, access_token, error)
-    return Proof(jkt, claims["jti"], int(claims["iat"]))
+    nonce = claims.get("nonce")
+    nonce = nonce if isinstance(nonce, str) else None
+    return Proof(jkt, claims["jti"], int(claims["iat"]), nonce)
 
 
 def _header(proof: str, error: type[OAuthError]) -> dict[str, Any]:

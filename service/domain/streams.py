@@ -19,8 +19,17 @@ def company(company_id: str) -> str:
 
 
 def user(email: str) -> str:
-    """Keyed by the address, so two concurrent sign-ups of one address cannot both succeed."""
+    """The stream of a user created before accounts were per company: keyed by the address
+    alone. No new account is created on it; those that were keep it for every later event
+    (service/commands/directory.py asks the log which stream a user was created on)."""
     return "user-" + digest(email.lower())[:40]
+
+
+def account(company_id: str, email: str) -> str:
+    """One company's account of an address (the same address may have an account at
+    several companies). Keyed by both, so two concurrent adds of one address at one company
+    cannot both succeed, while another company's account of it is another stream."""
+    return "user-" + digest(company_id + "\n" + email.lower())[:40]
 
 
 def admin_key(key_id: str) -> str:

@@ -11,7 +11,7 @@ from service.domain.policy import Allowed
 from service.domain.state import TokenState
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
-from service.oauth.dpop import Presented, record_use
+from service.oauth.dpop import Presented, nonce_refusal, record_use
 from service.oauth.errors import InvalidToken, OAuthError
 from service.oauth.ports import Ledger, Lookups
 
@@ -46,6 +46,10 @@ class PolicyPoint:
         binding: OAuthError | None = None
         if token is not None and (token.jkt or presented is not None):
             proof, binding = self._binding(raw, token, presented)
+            if binding is None and proof is not None and presented is not None:
+                # DPOP_NONCE=required (RFC 9449 §9): decided, like the binding, after the allow list
+                now = self.clock()
+                binding = await nonce_refusal(presented, proof, now, dpop.DpopNonceRequired)
         error = None
         for _attempt in range(3):
             family = None if token is None else streams.family_of(key, token.family_id)

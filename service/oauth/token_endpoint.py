@@ -300,6 +300,9 @@ class TokenEndpoint:
         if presented is None or not presented.proof:
             return ""
         proof = dpop.verify(presented.proof, presented.htm, presented.htu, self.clock())
+        refused = await proofs.nonce_refusal(presented, proof, self.clock())
+        if refused is not None:  # DPOP_NONCE=required: before its jti is spent (RFC 9449 §8)
+            raise refused
         await proofs.record_use(self.ledger, proof, app.company_id, app.client_id, "token", meta)
         return proof.jkt
 

@@ -257,7 +257,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not pages.login_csrf_ok(request, LOGIN_CSRF_COOKIE, presented):
         return pages.error_page("Session expired", "reload the page and sign in again", status=403)
     try:
-        user_id = await authenticate(request, email[:320], password[:256])
+        # several companies' accounts: a redirect to choose one, which then goes to next_url
+        user_id = await authenticate(request, email[:320], password[:256], next_url=next_url)
     except InvalidCredentials as exc:
         return _login(request, next_url, exc.description, status=exc.status)
     user = ctx.directory.users[user_id]

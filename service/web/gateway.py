@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from service.domain.dpop import DpopProofRefused
+from service.domain.dpop import NONCE_HEADER, DpopProofRefused
 from service.domain.policy import Allowed
 from service.domain.routes import WHOAMI, WHOAMI_RULE, resource_path
 from service.errors import InvalidRequest, TollgateError
@@ -84,7 +84,8 @@ def _proof(request: web.Request) -> Presented:
     if len(proofs) > 1:
         raise DpopProofRefused("send exactly one DPoP header")
     public_url = request.app[SETTINGS].issuer.rstrip("/") + request.path
-    return Presented(proofs[0] if proofs else "", request.method, public_url)
+    nonces = request.app[CONTEXT].dpop_nonces
+    return Presented(proofs[0] if proofs else "", request.method, public_url, nonces)
 
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
@@ -122,12 +123,18 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     allowed = await ctx.policy_point.decide(raw, ip, permission, "api", meta, presented)
     if rule is None:
         raise NotCovered()
+    # DPOP_NONCE=required: an allowed DPoP request is told the nonce to use next (RFC 9449 §9)
+    nonce = {}
+    if presented is not None and presented.nonces is not None:
+        nonce = {NONCE_HEADER: await presented.nonces.current()}
     if rule is WHOAMI_RULE:
-        return _whoami(request, allowed)
+        response = _whoami(request, allowed)
+        response.headers.update(nonce)
+        return response
     upstream = request.app[UPSTREAM].session
     if upstream is None:
         raise web.HTTPNotFound(reason=f"no upstream API is configured; try GET {WHOAMI}")
-    return await _proxy(request, upstream, allowed, ip)
+    return await _proxy(request, upstream, allowed, ip, nonce)
 
 
 def _whoami(request: web.Request, allowed: Allowed) -> web.Response:
@@ -149,7 +156,11 @@ def _whoami(request: web.Request, allowed: Allowed) -> web.Response:
 
 
 async def _proxy(
-    request: web.Request, session: aiohttp.ClientSession, allowed: Allowed, ip: str
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    allowed: Allowed,
+    ip: str,
+    nonce: dict[str, str],
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     assert settings.upstream_url is not None
@@ -176,6 +187,7 @@ async def _proxy(
             for key, value in upstream.headers.items():
                 if key.lower() not in HOP_BY_HOP:
                     response.headers.add(key, value)
+            response.headers.update(nonce)  # Tollgate's, whatever the upstream said
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import re
+from html import escape
 from typing import Annotated
 
 import msgspec
 import structlog
 from aiohttp import web
 
+from projections.directory import User
 from service.commands import directory
-from service.domain import passwords
+from service.context import Context
+from service.domain import credentials, passwords
 from service.errors import Forbidden, TollgateError
-from service.web import auth, sessions
-from service.web.bodies import json_body
+from service.web import auth, pages, sessions
+from service.web.bodies import form_body, json_body
 from service.web.keys import CONTEXT, THROTTLE, caller_ip, metadata, secure_cookies
 
 routes = web.RouteTableDef()
@@ -23,9 +28,13 @@ log = structlog.get_logger(__name__)
 class LoginIn(msgspec.Struct, forbid_unknown_fields=True):
     email: Annotated[str, msgspec.Meta(max_length=320)]
     password: Annotated[str, msgspec.Meta(max_length=256)]
+    # Which company's account, when the address has accounts at several that this
+    # password opens (the answer without it lists them: 400 company_required).
+    company_id: Annotated[str, msgspec.Meta(max_length=100)] | None = None
 
 
 MAX_LOGGED_EMAIL = 320
+WRONG = "Wrong email or password."
 
 
 class InvalidCredentials(TollgateError):
@@ -45,10 +54,14 @@ class TooManyAttempts(InvalidCredentials):
         )
 
 
-async def authenticate(request: web.Request, email: str, password: str) -> str:
-    """The user id for these credentials; the same work and answer for an unknown email
-    as for a wrong password. Failures are throttled per address and caller, and per
-    address from anywhere (a slower limit against guessing from many places)."""
+async def matching_accounts(
+    request: web.Request, email: str, password: str, company_id: str | None = None
+) -> list[User]:
+    """The live accounts of the address (one per company) that this password opens, at
+    least one; only the one at `company_id` when it is given. The same work and answer for
+    an unknown email as for a wrong password. Failures are throttled per address and
+    caller, and per address from anywhere (a slower limit against guessing from many
+    places)."""
     throttle = request.app[THROTTLE]
     ip = caller_ip(request)
     keys = ((f"{email.lower()}|{ip}", throttle.limit), (f"{email.lower()}|*", 4 * throttle.limit))
@@ -64,25 +77,48 @@ async def authenticate(request: web.Request, email: str, password: str) -> str:
         )
         raise TooManyAttempts(attempt.retry_after)
     try:
-        user_id = await _check_password(request, email, password)
+        matched = await _matching(request, email, password, company_id)
     except InvalidCredentials:
         log.warning("security.sign_in_failed", email=who, ip=ip)
         raise
     await throttle.withdraw(attempt)
-    return user_id
+    return matched
 
 
-async def _check_password(request: web.Request, email: str, password: str) -> str:
+async def _matching(
+    request: web.Request, email: str, password: str, company_id: str | None
+) -> list[User]:
     ctx = request.app[CONTEXT]
     # Caught up first: a password changed or a user removed through another process a
     # moment ago must not let the old password open a new session here.
     await ctx.lookups.catch_up()
-    user = await ctx.lookups.user_by_email(email)
-    stored = passwords.DUMMY_HASH if user is None or user.removed else user.password_hash
-    ok = await asyncio.to_thread(passwords.verify_password, password, stored)
-    if not ok or user is None or user.removed:
-        raise InvalidCredentials("Wrong email or password.")
-    return user.user_id
+    accounts = await ctx.lookups.accounts(email)
+    # Every account's hash is checked, at once (argon2 runs outside the GIL): the time
+    # barely depends on how many companies know the address, nor on `company_id`.
+    hashes = [u.password_hash for u in accounts] or [passwords.DUMMY_HASH]
+    verdicts = await asyncio.gather(
+        *(asyncio.to_thread(passwords.verify_password, password, h) for h in hashes)
+    )
+    matched = [u for u, ok in zip(accounts, verdicts, strict=False) if ok and not u.removed]
+    if company_id is not None:
+        matched = [u for u in matched if u.company_id == company_id]
+    if not matched:
+        raise InvalidCredentials(WRONG)
+    return matched
+
+
+async def authenticate(
+    request: web.Request, email: str, password: str, *, next_url: str | None = None
+) -> str:
+    """The user id for these credentials, for a sign-in form. When the password opens the
+    address's accounts at several companies, the person chooses one: raises a redirect
+    (303) to the choice page, which then goes on to `next_url` (a path on this service;
+    by default where the form's own flow goes)."""
+    matched = await matching_accounts(request, email, password)
+    if len(matched) == 1:
+        return matched[0].user_id
+    destination = next_url if next_url is not None else _AFTER.get(request.path, "/")
+    raise await _to_choice(request, matched, destination)
 
 
 def set_session_cookie(request: web.Request, response: web.StreamResponse, value: str) -> None:
@@ -101,13 +137,27 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, value
 async def login(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     body = await json_body(request, LoginIn)
-    user_id = await authenticate(request, body.email, body.password)
-    user = ctx.directory.users[user_id]
-    value, csrf = await sessions.create(ctx.pool, user_id, user.company_id)
+    matched = await matching_accounts(request, body.email, body.password, body.company_id)
+    if len(matched) > 1:
+        # Only the owner of the password gets here: the companies are theirs to see.
+        companies = [_company(ctx, u) for u in matched]
+        return web.json_response(
+            {
+                "error": "company_required",
+                "error_description": "this address has accounts at several companies: "
+                "send the same request again with company_id, one of companies",
+                "companies": [{"company_id": c, "name": n} for c, n in companies],
+            },
+            status=400,
+            headers={"Cache-Control": "no-store"},
+        )
+    [user] = matched
+    value, csrf = await sessions.create(ctx.pool, user.user_id, user.company_id)
     response = web.json_response(
-        {"user_id": user_id, "company_id": user.company_id, "role": user.role, "csrf_token": csrf},
+        {"user_id": user.user_id, "company_id": user.company_id, "role": user.role,
+         "csrf_token": csrf},
         headers={"Cache-Control": "no-store"},
-    )
+    )  # fmt: skip
     set_session_cookie(request, response, value)
     return response
 
@@ -158,3 +208,134 @@ async def logout(request: web.Request) -> web.Response:
     response = web.Response(status=204)
     response.del_cookie(sessions.COOKIE, path="/")
     return response
+
+
+# --- choosing a company, when one password opens the address's accounts at several -----
+
+CHOICE_COOKIE = "tg_sign_in_choice"
+CHOICE_PATH = "/sign-in/choose"
+#: Where a sign-in form's flow goes after the choice when its caller names nothing.
+_AFTER = {"/dashboard/login": "/dashboard"}
+#: What sessions.create_choice hands out: 32 random bytes in base64url without padding.
+_CHOICE_KEY = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _company(ctx: Context, user: User) -> tuple[str, str]:
+    """The account's company: (id, name)."""
+    company = ctx.directory.companies.get(user.company_id)
+    return user.company_id, company.name if company is not None else user.company_id
+
+
+def _local(url: str) -> str:
+    """A path on this service: never an open redirect."""
+    return url if url.startswith("/") and not url.startswith("//") and "\\" not in url else "/"
+
+
+async def _to_choice(request: web.Request, matched: list[User], next_url: str) -> web.HTTPSeeOther:
+    """The sign-in waits server side (the accounts the password matched, where to go
+    next) under a random key that only this browser holds, in a cookie for the choice
+    page alone: the password is neither kept nor put in the page."""
+    ctx = request.app[CONTEXT]
+    accounts = [(u.user_id, u.version) for u in matched]
+    key = await sessions.create_choice(ctx.pool, accounts, _local(next_url))
+    response = web.HTTPSeeOther(CHOICE_PATH, headers={"Cache-Control": "no-store"})
+    response.set_cookie(
+        CHOICE_COOKIE, key, max_age=int(sessions.CHOICE_LIFETIME.total_seconds()),
+        httponly=True, samesite="Strict", secure=secure_cookies(request), path=CHOICE_PATH,
+    )  # fmt: skip
+    return response
+
+
+def _choice_key(request: web.Request) -> str | None:
+    """The choice cookie, only if it has the shape this service issues."""
+    value = request.cookies.get(CHOICE_COOKIE, "")
+    return value if _CHOICE_KEY.fullmatch(value) else None
+
+
+def choice_token(key: str) -> str:
+    """The choice form's CSRF token, derived from the choice's cookie, which another site
+    can neither read nor send along (SameSite=Strict)."""
+    return credentials.digest("sign-in-choice:" + key)
+
+
+async def _still_open(ctx: Context, choice: sessions.Choice) -> list[User]:
+    """The accounts of the choice that are still as the password found them: a user
+    removed, or a password changed, since then drops out."""
+    await ctx.lookups.catch_up()
+    found = (ctx.directory.users.get(user_id) for user_id, _ in choice.accounts)
+    versions = dict(choice.accounts)
+    return [
+        u for u in found if u is not None and not u.removed and versions[u.user_id] == u.version
+    ]
+
+
+def _expired() -> web.Response:
+    response = pages.error_page(
+        "Sign in again",
+        "Choosing a company took too long, or the choice was made already. Sign in again.",
+    )
+    response.del_cookie(CHOICE_COOKIE, path=CHOICE_PATH)
+    return response
+
+
+def _redirect_uri(ctx: Context, next_url: str) -> str | None:
+    """Where the flow after the choice may end: an authorization request's registered
+    redirect URI (its CSP form-action must let the browser follow), as on the sign-in
+    form that led here."""
+    from service.web.authorize import _registered_redirect  # it imports this module
+
+    return _registered_redirect(ctx, next_url)
+
+
+@routes.get(CHOICE_PATH)
+async def choice_page(request: web.Request) -> web.Response:
+    """One button per company whose account the password opened; no password field."""
+    ctx = request.app[CONTEXT]
+    key = _choice_key(request)
+    choice = await sessions.peek_choice(ctx.pool, key) if key is not None else None
+    accounts = await _still_open(ctx, choice) if choice is not None else []
+    if key is None or choice is None or not accounts:
+        return _expired()
+    companies = [_company(ctx, u) for u in accounts]
+    names = [name for _, name in companies]
+    buttons = "\n".join(
+        f'<button class="primary" type="submit" name="company_id" value="{escape(cid)}">'
+        f"{escape(name if names.count(name) == 1 else f'{name} ({cid})')}</button>"
+        for cid, name in companies
+    )
+    body = (
+        "<h1>Choose a company</h1>\n"
+        f'<p class="muted">{escape(accounts[0].email)}</p>\n'
+        "<p>This address has accounts at several companies. Choose one:</p>\n"
+        f'<form method="post" action="{CHOICE_PATH}">\n'
+        f'<input type="hidden" name="csrf_token" value="{choice_token(key)}">\n'
+        f'<div class="actions">\n{buttons}\n</div>\n</form>'
+    )
+    return pages.page("Choose a company", body, redirect_uri=_redirect_uri(ctx, choice.next_url))
+
+
+@routes.post(CHOICE_PATH)
+async def choose(request: web.Request) -> web.StreamResponse:
+    """The company chosen: a session for its account, then on where the sign-in was going.
+    The choice is used up whatever the answer."""
+    ctx = request.app[CONTEXT]
+    form = await form_body(request)
+    key = _choice_key(request)
+    # surrogatepass: a field holding lone surrogates must compare unequal, not raise.
+    presented = str(form.get("csrf_token", "")).encode("utf-8", "surrogatepass")
+    if key is None or not hmac.compare_digest(presented, choice_token(key).encode()):
+        return pages.error_page("Request refused", "The form expired. Sign in again.", status=403)
+    choice = await sessions.take_choice(ctx.pool, key)
+    if choice is None:
+        return _expired()
+    company_id = str(form.get("company_id", ""))
+    chosen = [u for u in await _still_open(ctx, choice) if u.company_id == company_id]
+    if not chosen:
+        return _expired()
+    user = chosen[0]  # one account per company and address
+    value, _csrf = await sessions.create(ctx.pool, user.user_id, user.company_id)
+    log.info("sign_in.company_chosen", user_id=user.user_id, company_id=user.company_id)
+    response = web.HTTPSeeOther(choice.next_url, headers={"Cache-Control": "no-store"})
+    set_session_cookie(request, response, value)
+    response.del_cookie(CHOICE_COOKIE, path=CHOICE_PATH)
+    raise response

@@ -15,7 +15,7 @@ from service.context import Context
 from service.domain import credentials
 from service.domain.client_keys import AUTH_METHODS, NONE, SIGNING_ALGORITHMS
 from service.domain.dpop import ALGORITHMS as DPOP_ALGORITHMS
-from service.domain.dpop import InvalidDpopProof
+from service.domain.dpop import NONCE_HEADER, InvalidDpopProof
 from service.domain.state import AppState
 from service.errors import TollgateError
 from service.eventlog import Metadata
@@ -30,8 +30,14 @@ from service.oauth.clients import (
     client_credentials,
     client_metadata,
 )
-from service.oauth.dpop import Presented
-from service.oauth.errors import NO_STORE, InvalidBearerKey, InvalidClient, InvalidRequest
+from service.oauth.dpop import Nonces, Presented
+from service.oauth.errors import (
+    NO_STORE,
+    InvalidBearerKey,
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+)
 from service.web.bodies import form_body, read_body
 from service.web.keys import CONTEXT, metadata
 
@@ -122,24 +128,43 @@ async def _authenticated(
 @routes.post("/oauth/token")
 async def token(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
+    nonces = ctx.dpop_nonces
+    if nonces is None or "DPoP" not in request.headers:
+        return await _token(request, ctx)
+    # DPOP_NONCE=required: every answer to a DPoP request names the nonce to use next
+    # (RFC 9449 §8.2), an error's too; a use_dpop_nonce names the one it asks for.
+    nonce = {NONCE_HEADER: await nonces.current()}
+    try:
+        response = await _token(request, ctx, nonces)
+    except OAuthError as exc:
+        exc.headers = nonce | exc.headers
+        raise
+    response.headers.update(nonce)
+    return response
+
+
+async def _token(request: web.Request, ctx: Context, nonces: Nonces | None = None) -> web.Response:
     params = await oauth_params(request)
     authorization_header = request.headers.get("Authorization")
-    presented = dpop_presented(request, f"{ctx.settings.issuer}/oauth/token")
+    presented = dpop_presented(request, f"{ctx.settings.issuer}/oauth/token", nonces)
     issued = await ctx.token_endpoint.token(
         params, authorization_header, metadata(request, "client:"), presented
     )
     return web.json_response(issued.body(), headers=NO_STORE)
 
 
-def dpop_presented(request: web.Request, public_url: str) -> Presented | None:
+def dpop_presented(
+    request: web.Request, public_url: str, nonces: Nonces | None = None
+) -> Presented | None:
     """The request's DPoP proof (RFC 9449 §4.1), with its method and public URL; None
-    without one. More than one DPoP header is refused (RFC 9449 §4.3 item 1)."""
+    without one. More than one DPoP header is refused (RFC 9449 §4.3 item 1). `nonces`:
+    the nonces the proof must carry one of (DPOP_NONCE=required)."""
     found = request.headers.getall("DPoP", [])
     if not found:
         return None
     if len(found) > 1:
         raise InvalidDpopProof("send exactly one DPoP header")
-    return Presented(found[0], request.method, public_url)
+    return Presented(found[0], request.method, public_url, nonces)
 
 
 @routes.post("/oauth/revoke")

@@ -1,7 +1,9 @@
 """POST /policy/check: the gateway's decision for resource servers that do not sit
 behind it. Authenticated with a resource-server key. A resource server whose client sent
 `Authorization: DPoP` passes the client's DPoP proof on (`dpop_proof`) with the method and
-the URL the client called (`htm`, `htu`, RFC 9449 §4.3)."""
+the URL the client called (`htm`, `htu`, RFC 9449 §4.3). With DPOP_NONCE=required the
+answer names the nonce the client is to use (`dpop_nonce`), for the resource server to
+send as DPoP-Nonce; a proof without a valid one is refused with use_dpop_nonce."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from aiohttp import web
 from service.domain import addresses, credentials, dpop
 from service.errors import InvalidRequest, Unauthorized
 from service.oauth import credentials as authorization
-from service.oauth.dpop import Presented
+from service.oauth.dpop import Nonces, Presented
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, metadata
 
@@ -29,13 +31,14 @@ class CheckIn(msgspec.Struct, forbid_unknown_fields=True):
     htu: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
 
 
-def presented(body: CheckIn) -> Presented | None:
-    """The client's DPoP proof and its request, when the resource server passed one on."""
+def presented(body: CheckIn, nonces: Nonces | None = None) -> Presented | None:
+    """The client's DPoP proof and its request, when the resource server passed one on;
+    `nonces`: the nonces the proof must carry one of (DPOP_NONCE=required)."""
     if body.dpop_proof is None:
         return None
     if not body.htm or not body.htu:
         raise InvalidRequest("htm and htu are required with dpop_proof")
-    return Presented(body.dpop_proof, body.htm, body.htu)
+    return Presented(body.dpop_proof, body.htm, body.htu, nonces)
 
 
 @routes.post("/policy/check")
@@ -58,16 +61,28 @@ async def check(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidRequest("ip: not an IP address") from None
     meta = metadata(request, f"resource_server:{server}")
-    allowed = await ctx.policy_point.decide(
-        body.token, ip, body.permission, "policy_check", meta, presented(body)
-    )
-    token = allowed.token
-    return web.json_response(
-        {
-            "allow": True,
-            "company_id": token.company_id,
-            "client_id": token.client_id,
-            "permissions": sorted(allowed.permissions),
-            "expires_at": token.expires_at,
+    proof = presented(body, ctx.dpop_nonces)
+    try:
+        allowed = await ctx.policy_point.decide(
+            body.token, ip, body.permission, "policy_check", meta, proof
+        )
+    except dpop.DpopNonceRequired as refused:
+        # The resource server answers its client 401 with the challenge and DPoP-Nonce
+        # (RFC 9449 §9): the nonce is in the answer for it to relay.
+        answer = {
+            "error": refused.error,
+            "error_description": refused.description,
+            "dpop_nonce": refused.nonce,
         }
-    )
+        return web.json_response(answer, status=refused.status, headers=refused.headers)
+    token = allowed.token
+    decision = {
+        "allow": True,
+        "company_id": token.company_id,
+        "client_id": token.client_id,
+        "permissions": sorted(allowed.permissions),
+        "expires_at": token.expires_at,
+    }
+    if proof is not None and proof.nonces is not None:
+        decision["dpop_nonce"] = await proof.nonces.current()  # for DPoP-Nonce (§9)
+    return web.json_response(decision)

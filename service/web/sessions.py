@@ -55,3 +55,66 @@ async def delete(pool: asyncpg.Pool, value: str) -> None:
         "DELETE FROM web_sessions WHERE session_hash = $1 OR expires_at <= now()",
         credentials.digest(value),
     )
+
+
+# --- a sign-in waiting for the person to choose a company -------------------------------
+
+#: How long a person has to choose among the companies whose accounts the password opened.
+CHOICE_LIFETIME = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The accounts a password matched, each with its stream version then (a password
+    changed or a user removed meanwhile drops out), and where the sign-in goes next."""
+
+    accounts: tuple[tuple[str, int], ...]  # (user id, version)
+    next_url: str
+
+
+async def create_choice(pool: asyncpg.Pool, accounts: list[tuple[str, int]], next_url: str) -> str:
+    """Returns the choice's key, for the browser alone: the table keeps its digest, never
+    the password that was checked. Expired choices are swept on the way."""
+    key = credentials.random_token(32)
+    await pool.execute(
+        "WITH swept AS (DELETE FROM sign_in_choices WHERE expires_at <= now()) "
+        "INSERT INTO sign_in_choices (choice_hash, user_ids, versions, next_url, expires_at) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        credentials.digest(key),
+        [user_id for user_id, _ in accounts],
+        [version for _, version in accounts],
+        next_url,
+        datetime.now(UTC) + CHOICE_LIFETIME,
+    )
+    return key
+
+
+def _choice(row: asyncpg.Record | None) -> Choice | None:
+    if row is None:
+        return None
+    return Choice(tuple(zip(row["user_ids"], row["versions"], strict=True)), row["next_url"])
+
+
+async def peek_choice(pool: asyncpg.Pool, key: str) -> Choice | None:
+    """The live choice behind `key`, left in place (the page that shows it)."""
+    if not 20 <= len(key) <= 100:
+        return None
+    row = await pool.fetchrow(
+        "SELECT user_ids, versions, next_url FROM sign_in_choices "
+        "WHERE choice_hash = $1 AND expires_at > now()",
+        credentials.digest(key),
+    )
+    return _choice(row)
+
+
+async def take_choice(pool: asyncpg.Pool, key: str) -> Choice | None:
+    """The live choice behind `key`, used up: a second answer finds nothing, in any
+    process."""
+    if not 20 <= len(key) <= 100:
+        return None
+    row = await pool.fetchrow(
+        "DELETE FROM sign_in_choices WHERE choice_hash = $1 "
+        "RETURNING user_ids, versions, next_url, expires_at > now() AS live",
+        credentials.digest(key),
+    )
+    return _choice(row) if row is not None and row["live"] else None

@@ -321,6 +321,17 @@ def other_schemas() -> Json:
                 "csrf_token": {**STRING, "description": "send as X-CSRF-Token on changes"},
             }
         ),
+        "CompanyChoice": obj(
+            {
+                "error": {"const": "company_required"},
+                "error_description": STRING,
+                "companies": {
+                    "type": "array",
+                    "items": obj({"company_id": STRING, "name": STRING}),
+                    "minItems": 2,
+                },
+            }
+        ),
         "PolicyDecision": obj(
             {
                 "allow": {"const": True},
@@ -328,8 +339,16 @@ def other_schemas() -> Json:
                 "client_id": STRING,
                 "permissions": STRINGS,
                 "expires_at": nullable({"type": "integer"}),
-            }
+            },
+            {"dpop_nonce": DPOP_NONCE},
         ),
+        "PolicyRefusal": obj(
+            {"error": STRING, "error_description": STRING}, {"dpop_nonce": DPOP_NONCE}
+        )
+        | {
+            "description": "Error, and with use_dpop_nonce the nonce the client is to put in "
+            "its next proof (RFC 9449 §9)."
+        },
         "WhoAmI": obj(
             {
                 "company_id": STRING,
@@ -348,6 +367,13 @@ def other_schemas() -> Json:
         ),
         "Home": obj({"service": {"const": "tollgate"}, "links": {"type": "object"}}),
     }
+
+
+DPOP_NONCE = {
+    **STRING,
+    "description": "DPOP_NONCE=required, dpop_proof sent: the nonce for the resource server to "
+    "send its client in a DPoP-Nonce header (RFC 9449 §9)",
+}
 
 
 # --- responses and headers ------------------------------------------------------------------

@@ -37,6 +37,7 @@ from tests.contract.openapi_components import (
     SECURITY_SCHEMES,
     STRING,
     Json,
+    challenge,
     common_responses,
     error,
     form_body,
@@ -283,7 +284,8 @@ def oauth_paths() -> Json:
         "/oauth/token": {
             "post": op(
                 "Tokens for the client_credentials, authorization_code and refresh_token grants",
-                ok("TokenResponse", "issued", headers=no_store) | use(*errors, "IpNotAllowed"),
+                ok("TokenResponse", "issued", headers=no_store | {"DPoP-Nonce": NONCE_HEADER})
+                | use(*errors, "IpNotAllowed"),
                 tag="oauth",
                 operationId="token",
                 security=CLIENT,
@@ -294,7 +296,10 @@ def oauth_paths() -> Json:
                 "one. A secret rotated away is refused like a wrong one, and recorded. A DPoP "
                 "header (RFC 9449 §4) binds the token to the proof's key (token_type DPoP); an "
                 "invalid, replayed or (for dpop_bound_access_tokens) missing proof is 400 "
-                "invalid_dpop_proof.",
+                "invalid_dpop_proof. With DPOP_NONCE=required, a proof without a nonce this "
+                "server handed out (or with an expired one) is 400 use_dpop_nonce (RFC 9449 "
+                "§8), and every answer to a request with a DPoP header names the nonce to use "
+                "in a DPoP-Nonce header.",
             ),
         },
         "/oauth/revoke": {
@@ -330,7 +335,20 @@ def oauth_paths() -> Json:
     }
 
 
+NONCE_HEADER = header(
+    {"type": "string"},
+    "DPOP_NONCE=required, a DPoP request: the nonce for the next proof (RFC 9449 §8.2)",
+    required=False,
+)
+
+
 def session_and_policy_paths() -> Json:
+    policy_unauthorized = {
+        "description": "invalid_token (RFC 6750 §3.1), invalid_dpop_proof or use_dpop_nonce "
+        "(RFC 9449 §7.1, §9)",
+        "content": {JSON: {"schema": ref("PolicyRefusal")}},
+        "headers": {"WWW-Authenticate": challenge("(Bearer|DPoP)")},
+    }
     throttled = error(
         "too_many_attempts: too many failed sign-ins for this address", {"Retry-After": RETRY_AFTER}
     )
@@ -338,6 +356,15 @@ def session_and_policy_paths() -> Json:
         {"type": "string", "pattern": "^tg_session="},
         "the session cookie (HttpOnly, SameSite=Lax)",
     )
+    choose = {
+        "description": "invalid_request: a malformed body; or company_required: the password "
+        "opens the address's accounts at several companies, listed in `companies` (only for "
+        "the password's owner): send the same request again with company_id, one of them",
+        "headers": {
+            "Cache-Control": header({"const": "no-store"}, "with companies", required=False)
+        },
+        "content": {JSON: {"schema": {"oneOf": [ref("Error"), ref("CompanyChoice")]}}},
+    }
     return {
         "/session": {
             "post": op(
@@ -348,7 +375,11 @@ def session_and_policy_paths() -> Json:
                     headers={"Set-Cookie": cookie, "Cache-Control": NO_STORE_HEADER},
                 )
                 | use(*BODY_ERRORS, "Unavailable")
-                | {"401": error("invalid_credentials: wrong email or password"), "429": throttled},
+                | {
+                    "400": choose,
+                    "401": error("invalid_credentials: wrong email or password"),
+                    "429": throttled,
+                },
                 tag="session",
                 operationId="signIn",
                 requestBody=json_body("LoginIn"),
@@ -364,15 +395,18 @@ def session_and_policy_paths() -> Json:
             "post": op(
                 "The gateway's decision, for resource servers that do not sit behind it",
                 ok("PolicyDecision", "allowed")
-                | use(*BODY_ERRORS, "TokenUnauthorized", "TokenForbidden", "Unavailable"),
+                | use(*BODY_ERRORS, "TokenForbidden", "Unavailable")
+                | {"401": policy_unauthorized},
                 tag="policy",
                 operationId="policyCheck",
                 security=[{"resourceServerKey": []}],
                 requestBody=json_body("CheckIn"),
                 description="401: no or an unknown resource-server key, or an unknown, "
                 "expired or revoked access token, or a DPoP-bound token without a valid proof "
-                "(WWW-Authenticate: DPoP). 403: the address is outside the "
-                "application's allow list (the token is revoked) or the permission is missing.",
+                "(WWW-Authenticate: DPoP); with DPOP_NONCE=required, a proof without a "
+                "valid nonce is 401 use_dpop_nonce with the nonce to relay (dpop_nonce). 403: "
+                "the address is outside the application's allow list (the token is revoked) or "
+                "the permission is missing.",
             ),
         },
         "/api/v1/whoami": {
@@ -464,6 +498,7 @@ def page_paths() -> Json:
         "403": html("the form expired (its CSRF cookie is missing)"),
         "429": html("too many failed sign-ins"),
     }
+    several = "the password opens the address's accounts at several companies"
     authorize = ("client_id", "redirect_uri", "response_type", "scope", "state",
                  "code_challenge", "code_challenge_method")  # fmt: skip
     query = [{"name": n, "in": "query", "required": False, "schema": STRING} for n in authorize]
@@ -485,7 +520,8 @@ def page_paths() -> Json:
         },
         "/oauth/login": {
             "post": page("The consent flow's sign-in form",
-                         sign_in | {"303": redirect("back to the authorization request")},
+                         sign_in | {"303": redirect("back to the authorization request, or to "
+                                                    "/sign-in/choose: " + several)},
                          "authorizeSignIn",
                          requestBody=form_body(("email", "password", "next", "csrf_token"))),
         },
@@ -496,8 +532,21 @@ def page_paths() -> Json:
         },
         "/dashboard/login": {
             "post": page("The dashboard's sign-in form",
-                         sign_in | {"303": redirect("to the dashboard")}, "dashboardSignIn",
+                         sign_in | {"303": redirect("to the dashboard, or to /sign-in/choose: "
+                                                    + several)}, "dashboardSignIn",
                          requestBody=form_body(("email", "password", "csrf_token"))),
+        },
+        "/sign-in/choose": {
+            "get": page("The choice of company, when the password opened the address's "
+                        "accounts at several (the sign-in waits, keyed by its cookie)",
+                        {"200": html("one button per company"),
+                         "400": html("no such choice: expired, or made already")},
+                        "signInChoice"),
+            "post": page("The company chosen: a session for its account, then on where the "
+                         "sign-in was going; the choice is used up",
+                         form_errors | {"303": redirect("where the sign-in was going"),
+                                        "403": html("the form's token is not the choice's")},
+                         "signInChoose", requestBody=form_body(("company_id", "csrf_token"))),
         },
         "/dashboard/logout": {
             "post": page("Sign out of the dashboard",

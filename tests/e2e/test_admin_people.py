@@ -23,6 +23,7 @@ ALL_TABLES = (
     "users",
     "admin_keys",
     "web_sessions",
+    "sign_in_choices",
     "projection_checkpoints",
     "event_stats",
 )
@@ -227,11 +228,22 @@ async def test_company_create_on_the_command_line(client, db):
     assert response.status == 200
     assert made["admin_key"] not in done.stderr and made["admin_password"] not in done.stderr
     assert made["admin_key"] not in await everything_stored(db)
-    dup = await asyncio.to_thread(
+    # The same address as another company's first admin: a separate account there, with
+    # its own password (accounts are per company), and the first one is untouched.
+    second = await asyncio.to_thread(
         tollgate, db, "company", "create", "Initech 2", "--admin-email", "boss@initech.example"
     )
-    assert dup.returncode != 0
-    assert dup.stderr.strip().count("\n") == 0 and "already exists" in dup.stderr
+    assert second.returncode == 0, second.stderr
+    other = json.loads(second.stdout)
+    assert other["company_id"] != made["company_id"]
+    assert other["admin_user_id"] != made["admin_user_id"]
+    for company in (made, other):
+        login = await client.post(
+            "/session",
+            json={"email": "boss@initech.example", "password": company["admin_password"]},
+        )
+        assert login.status == 200, await login.text()
+        assert (await login.json())["company_id"] == company["company_id"]
 
 
 async def test_command_line_refuses_bad_input_with_one_line(db):

@@ -321,6 +321,24 @@ async def test_an_application_requiring_dpop_refuses_a_plain_request(client, com
     assert listed["applications"][0]["dpop_bound_access_tokens"] is False
 
 
+async def test_with_dpop_nonce_off_no_nonce_is_asked_for_or_handed_out(client, company, db):
+    assert client.app[CONTEXT].settings.dpop_nonce == "off"  # the default
+    app = await new_app(client, company)
+    response = await cc_request(client, app, proof(client))
+    assert response.status == 200, await response.text()
+    assert "DPoP-Nonce" not in response.headers
+    token = (await response.json())["access_token"]
+    answer = await whoami(
+        client, token, proof(client, htm="GET", path="/api/v1/whoami", token=token)
+    )
+    assert answer.status == 200, await answer.text()
+    assert "DPoP-Nonce" not in answer.headers
+    # a nonce the client has from another server is not looked at
+    elsewhere = await cc_request(client, app, proof(client, nonce="from another server"))
+    assert elsewhere.status == 200
+    assert await db.pool.fetchval("SELECT count(*) FROM dpop_nonces") == 0
+
+
 async def test_the_metadata_lists_the_dpop_algorithms(client):
     document = await (await client.get("/.well-known/oauth-authorization-server")).json()
     algs = document["dpop_signing_alg_values_supported"]

@@ -25,10 +25,14 @@ API_URL = "https://tollgate.example/api/v1/invoices"
 KEY = ECKey.generate_key("P-256")
 
 
-def proof(jti: str, htm: str = "POST", htu: str = TOKEN_URL, key=KEY, token=None) -> str:
+def proof(
+    jti: str, htm: str = "POST", htu: str = TOKEN_URL, key=KEY, token=None, nonce=None
+) -> str:
     claims = {"jti": jti, "htm": htm, "htu": htu, "iat": int(NOW)}
     if token is not None:
         claims["ath"] = dpop.access_token_hash(token)
+    if nonce is not None:
+        claims["nonce"] = nonce
     header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)}
     return jws.serialize_compact(header, json.dumps(claims), key, algorithms=["ES256"])
 

@@ -12,6 +12,9 @@ HASH = "ab" * 32
 def test_stream_name_formats_are_stable():
     assert streams.company("co_1") == "company-co_1"
     assert streams.user("Ada@Example.com") == "user-" + digest("ada@example.com")[:40]
+    assert (
+        streams.account("co_1", "Ada@Example.com") == "user-" + digest("co_1\nada@example.com")[:40]
+    )
     assert streams.admin_key("key_1") == "admin-key-key_1"
     assert streams.resource_server("rs_1") == "resource-server-rs_1"
     assert streams.application("cid") == "application-cid"
@@ -46,3 +49,13 @@ def test_a_lone_family_gives_back_its_token_hash_and_nothing_else_does():
 def test_the_admin_key_of_an_actor():
     assert streams.admin_key_of("admin_key:key_1") == "admin-key-key_1"
     assert streams.admin_key_of("user:usr_1") is None
+
+
+def test_one_address_has_a_stream_per_company_apart_from_its_legacy_stream():
+    names = {
+        streams.user("ada@example.com"),
+        streams.account("co_1", "ada@example.com"),
+        streams.account("co_2", "ada@example.com"),
+    }
+    assert len(names) == 3
+    assert streams.account("co_1", "ADA@example.com") == streams.account("co_1", "ada@example.com")

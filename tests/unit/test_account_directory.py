@@ -1,0 +1,71 @@
+"""The in-memory directory keeps one live account per company and address: the same address
+at several companies, and users created on the address-wide stream, side by side."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from itertools import count
+
+from projections.directory import DirectoryModel
+from service import events as ev
+from service.eventlog import Metadata, RecordedEvent
+
+_positions = count(1)
+
+
+def recorded(event: ev.Event, version: int = 1) -> RecordedEvent:
+    """As the memory feed reads it: lean, without the stream's name."""
+    return RecordedEvent(
+        next(_positions), "", version, type(event).__name__, 1, None, event, Metadata(),
+        datetime.now(UTC), b"",
+    )  # fmt: skip
+
+
+def added(company_id: str, user_id: str, email: str) -> RecordedEvent:
+    return recorded(
+        ev.UserAdded(
+            company_id=company_id, user_id=user_id, email=email, role="member", password_hash="h"
+        )
+    )
+
+
+def test_one_address_has_an_account_at_each_company():
+    model = DirectoryModel()
+    model.apply(
+        [added("co_a", "usr_a", "Pat@Example.com"), added("co_b", "usr_b", "pat@example.com")]
+    )
+    assert [u.user_id for u in model.accounts("PAT@example.com")] == ["usr_a", "usr_b"]
+    assert model.account("co_a", "pat@example.com").user_id == "usr_a"
+    assert model.account("co_b", "pat@example.com").user_id == "usr_b"
+    assert model.account("co_c", "pat@example.com") is None
+
+
+def test_a_removed_account_leaves_the_others_and_frees_its_company():
+    model = DirectoryModel()
+    model.apply([
+        added("co_a", "usr_a", "pat@example.com"),
+        added("co_b", "usr_b", "pat@example.com"),
+        recorded(ev.UserRemoved(company_id="co_a", user_id="usr_a"), 2),
+    ])  # fmt: skip
+    assert [u.user_id for u in model.accounts("pat@example.com")] == ["usr_b"]
+    assert model.account("co_a", "pat@example.com") is None
+    model.apply([added("co_a", "usr_a2", "pat@example.com")])
+    assert model.account("co_a", "pat@example.com").user_id == "usr_a2"
+    model.apply([
+        recorded(ev.UserRemoved(company_id="co_a", user_id="usr_a2"), 3),
+        recorded(ev.UserRemoved(company_id="co_b", user_id="usr_b"), 4),
+    ])  # fmt: skip
+    assert model.accounts("pat@example.com") == []
+    assert model.user_by_email("pat@example.com") is None
+
+
+def test_a_password_change_moves_only_its_own_account():
+    model = DirectoryModel()
+    model.apply(
+        [added("co_a", "usr_a", "pat@example.com"), added("co_b", "usr_b", "pat@example.com")]
+    )
+    model.apply([
+        recorded(ev.UserPasswordChanged(company_id="co_a", user_id="usr_a", password_hash="n"), 2)
+    ])  # fmt: skip
+    assert (model.users["usr_a"].password_hash, model.users["usr_a"].version) == ("n", 2)
+    assert (model.users["usr_b"].password_hash, model.users["usr_b"].version) == ("h", 1)
