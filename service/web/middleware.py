@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 
 from service.errors import InvalidRequest, TollgateError, Unavailable
 from service.eventlog import EventLogRefused, EventLogUnavailable
+from service.logs import request_line
 from service.metrics import CLIENT_CLOSED_REQUEST
 
 UNAVAILABLE = (
@@ -103,14 +104,15 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
 
 def _finish(request: web.Request, response: web.StreamResponse, started: float) -> None:
     """The request id on the response, and the one log line for the request."""
-    response.headers["X-Request-Id"] = request[REQUEST_ID]
-    log.info(
-        "http.request",
-        method=request.method,
-        path=request.path,  # never the query string: it may carry codes or state
-        status=response.status,
-        ms=round((time.perf_counter() - started) * 1000, 2),
-        ip=_caller_ip(request),
+    request_id = request[REQUEST_ID]
+    response.headers["X-Request-Id"] = request_id
+    request_line(
+        request.method,
+        request.path,
+        response.status,
+        round((time.perf_counter() - started) * 1000, 2),
+        _caller_ip(request),
+        request_id,
     )
 
 
@@ -118,7 +120,7 @@ def _caller_ip(request: web.Request) -> str:
     # service.web.keys imports this module (for REQUEST_ID): its helper is looked up late.
     from service.web.keys import SETTINGS, caller_ip
 
-    if SETTINGS in request.config_dict:
+    if SETTINGS in request.app:  # no sub-applications: the app is the whole configuration
         return caller_ip(request)
     return request.remote or "unknown"  # an application without settings (unit tests)
 

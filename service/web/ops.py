@@ -196,7 +196,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     counted."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else UNMATCHED
-    recorder = request.config_dict[METRICS]
+    recorder = request.app[METRICS]  # per request: no ChainMapProxy built
     started = time.perf_counter()
     try:
         response = await handler(request)

@@ -406,3 +406,41 @@ def test_library_records_and_tracebacks_are_one_redacted_line_each(fmt):
         assert events[0]["logger"] == "aiohttp.server"
         assert "Traceback (most recent call last)" in events[0]["exception"]
         assert events[3]["password"] == "[redacted]"
+
+
+REQUEST_LINES = """
+import structlog
+from service import logs
+logs.configure_logging("{fmt}", "info")
+assert (logs._request_writer is not None) == ("{fmt}" == "json")  # the direct writer, or not
+structlog.contextvars.bind_contextvars(request_id={request_id!r})
+for path in ({path!r}, "/oauth/token", "/api/v1/whoami", {path!r}):
+    logs.request_line("GET", path, 401, 1.25, "192.0.2.7", {request_id!r})
+    structlog.get_logger("service.web.middleware").info(
+        "http.request", method="GET", path=path, status=401, ms=1.25, ip="192.0.2.7"
+    )
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_request_line_is_what_the_structlog_pipeline_writes_redaction_included(fmt):
+    """The request line skips structlog's processors when it can (it is the one event every
+    request writes): same fields, same order, same redaction, as the pipeline writes."""
+    token = "tgat_" + "R" * 49
+    request_id = "tgrt_" + "i" * 20  # X-Request-Id is the client's to choose
+    program = REQUEST_LINES.format(fmt=fmt, path=f"/api/v1/{token}", request_id=request_id)
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stderr.splitlines()
+    assert len(lines) == 8, done.stderr
+    assert token not in done.stderr and request_id not in done.stderr, done.stderr
+    if fmt != "json":
+        return
+    events = [json.loads(line) for line in lines]
+    for fast, pipeline in zip(events[::2], events[1::2], strict=True):
+        assert list(fast) == list(pipeline)  # the same keys in the same order
+        assert fast.pop("timestamp") <= pipeline.pop("timestamp")
+        assert fast == pipeline
+    assert events[0]["path"] == "/api/v1/tgat_[redacted]"
+    assert events[2]["path"] == "/oauth/token"
