@@ -262,7 +262,9 @@ async def add_client_keys(request: web.Request) -> web.Response:
     return web.json_response(keys_json(app), status=201, headers=_etag(app))
 
 
-@routes.delete("/admin/applications/{client_id}/keys/{kid}")
+# `{kid:.+}`: a kid is any printable text, "/" included, which `{kid}` would stop at; the
+# router matches the still-encoded path, so "team%2Fec-1" and "team/ec-1" name one key.
+@routes.delete("/admin/applications/{client_id}/keys/{kid:.+}")
 async def remove_client_key(request: web.Request) -> web.Response:
     """Assertions signed with the key are refused from now on, in every process."""
     ctx, who, meta = await _admin(request)

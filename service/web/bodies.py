@@ -68,6 +68,8 @@ async def json_body(request: web.Request, type_: type[T]) -> T:
         raise InvalidRequest(_describe(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:  # msgspec's answer to nesting deeper than it will follow
+        raise InvalidRequest("malformed JSON: nested too deeply") from None
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

@@ -1,19 +1,24 @@
 """Every dashboard page and action in real Chromium under the pages' real CSP: create,
-edit, rotate and delete applications; revoke a connection; people and admin keys; the
-history; sign out; axe-core on every page; one action with the keyboard alone."""
+edit, rotate and delete applications; client authentication and private_key_jwt keys;
+revoke a connection; people and admin keys; the history; sign out; axe-core on every page;
+one action with the keyboard alone."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+from joserfc.jwk import ECKey, RSAKey
 from playwright.async_api import Page, expect
 
 from service.web import sessions
 from tests.browser.steps import accessible, arrive, sign_in
 from tests.e2e.oauth_helpers import basic, cc_token, new_app
 from tests.e2e.test_admin_people import caught_up
+from tests.e2e.test_dpop import cc_request
+from tests.e2e.test_private_key_jwt import assertion, token_request
 
 pytestmark = pytest.mark.browser
 
@@ -168,6 +173,80 @@ async def test_delete_asks_first_then_the_application_is_gone(page, client, comp
     gone = await client.get(f"/admin/applications/{app['client_id']}", headers=company.auth)
     assert gone.status == 404
     assert await token_status(client, app["client_id"], app["client_secret"]) == 401
+
+
+# --- client authentication -------------------------------------------------------------
+
+KEYS_TABLE = "The keys this application signs its client assertions with"
+
+
+async def test_a_pasted_jwk_set_is_listed_signs_then_is_removed(page, client, company):
+    app = await new_app(
+        client, company, name="Signer", token_endpoint_auth_method="private_key_jwt"
+    )
+    key = ECKey.generate_key("P-256", parameters={"kid": "signer/2026"})
+    await signed_in(page, company, f"/dashboard/applications/{app['client_id']}")
+    await expect(page.get_by_text("No keys yet")).to_be_visible()
+
+    pasted = json.dumps({"keys": [key.as_dict(private=False)]}, indent=2)
+    await page.get_by_label("Add public keys", exact=True).fill(pasted)
+    await page.get_by_role("button", name="Add keys").click()
+    await expect(page.get_by_role("status").first).to_contain_text("“signer/2026” added")
+    row = page.get_by_role("table", name=KEYS_TABLE).get_by_role("row", name="signer/2026")
+    await expect(row).to_contain_text(key.thumbprint())
+    await expect(row).to_contain_text("EC P-256")
+    assert (await token_request(client, assertion(client, app, key=key))).status == 200
+
+    await row.get_by_role("link", name="Remove the key signer/2026").click()
+    await page.get_by_role("heading", name="Remove the key signer/2026?").wait_for()
+    await page.get_by_role("button", name="Remove the key signer/2026").click()
+    await expect(page.get_by_role("status").first).to_contain_text("“signer/2026” removed")
+    await expect(page.get_by_text("No keys yet")).to_be_visible()
+    assert await page.get_by_role("table", name=KEYS_TABLE).count() == 0
+    refused = await token_request(client, assertion(client, app, key=key))
+    assert refused.status == 401
+
+
+async def test_a_pasted_private_key_is_refused_and_not_shown_again(page, client, company):
+    app = await new_app(
+        client, company, name="Signer", token_endpoint_auth_method="private_key_jwt"
+    )
+    key = RSAKey.generate_key(2048, parameters={"kid": "oops"})
+    private = key.as_dict(private=True)
+    await signed_in(page, company, f"/dashboard/applications/{app['client_id']}")
+    await page.get_by_label("Add public keys", exact=True).fill(json.dumps(private))
+    await page.get_by_role("button", name="Add keys").click()
+    await expect(page.get_by_role("alert")).to_contain_text("private key material")
+    assert await page.get_by_label("Add public keys", exact=True).input_value() == ""
+    content = await page.content()
+    assert all(private[m] not in content for m in ("d", "p", "q", "dp", "dq", "qi"))
+    await accessible(page)  # the page with its error
+
+
+async def test_the_method_and_dpop_are_changed_with_the_form(page, client, company):
+    app = await new_app(client, company, name="Billing sync")
+    await signed_in(page, company, f"/dashboard/applications/{app['client_id']}")
+    assert await page.get_by_role("radio", name=re.compile("^none")).count() == 0
+    await page.get_by_role("radio", name=re.compile("^client_secret_post")).check()
+    await page.get_by_role("checkbox", name="Require DPoP-bound tokens").check()
+    await page.get_by_label("Live-token limit", exact=True).fill("3")
+    await page.get_by_role("button", name="Save authentication").click()
+    await expect(page.get_by_role("status").first).to_have_text("Client authentication saved.")
+    await expect(page.get_by_role("checkbox", name="Require DPoP-bound tokens")).to_be_checked()
+    await expect(page.get_by_label("Live-token limit", exact=True)).to_have_value("3")
+    stored = await (
+        await client.get(f"/admin/applications/{app['client_id']}", headers=company.auth)
+    ).json()
+    assert stored["token_endpoint_auth_method"] == "client_secret_post"
+    assert stored["dpop_bound_access_tokens"] is True
+    assert stored["cc_token_limit"] == 3
+    assert (await cc_request(client, app)).status == 400  # no DPoP proof
+
+    await page.get_by_role("checkbox", name="Require DPoP-bound tokens").uncheck()
+    await page.get_by_label("Live-token limit", exact=True).fill("")
+    await page.get_by_role("button", name="Save authentication").click()
+    await expect(page.get_by_role("status").first).to_have_text("Client authentication saved.")
+    assert (await cc_request(client, app)).status == 200
 
 
 # --- connections -----------------------------------------------------------------------
@@ -330,6 +409,11 @@ async def test_every_dashboard_page_is_accessible(page, client, company, oauth_c
     await page.emulate_media(color_scheme=scheme)
     app = await new_app(client, company, name="Billing sync")
     await new_app(client, company, name="<b>escaped</b>")
+    key = ECKey.generate_key("P-256", parameters={"kid": "signer/1"})
+    keyed = await new_app(
+        client, company, name="Signer", token_endpoint_auth_method="private_key_jwt",
+        jwks={"keys": [key.as_dict(private=False)]},
+    )  # fmt: skip
     await signed_in(page, company)
     await caught_up(client)
     made = await client.post(
@@ -342,6 +426,8 @@ async def test_every_dashboard_page_is_accessible(page, client, company, oauth_c
         "new-application": "/dashboard/applications/new",
         "application": f"/dashboard/applications/{app['client_id']}",
         "delete-application": f"/dashboard/applications/{app['client_id']}/delete",
+        "application-with-keys": f"/dashboard/applications/{keyed['client_id']}",
+        "remove-key": f"/dashboard/applications/{keyed['client_id']}/keys/remove?kid=signer/1",
         "connections": "/dashboard/connections",
         "people": "/dashboard/people",
         "remove-person": f"/dashboard/people/{clerk}/remove",

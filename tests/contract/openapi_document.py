@@ -603,6 +603,18 @@ def dashboard_paths() -> Json:
                                                   "dashboardRotateSecret"),
         base + "/revoke-tokens": client_id | post("Revoke every token of the application",
                                                   "dashboardRevokeTokens"),
+        base + "/client-auth": client_id | post(
+            "Change how the application authenticates: method, DPoP, live-token limit",
+            "dashboardClientAuth", ("token_endpoint_auth_method", "dpop_bound_access_tokens",
+                                    "cc_token_limit", "version")),
+        base + "/keys": client_id | post("Add public keys, pasted as a JWK or a JWK Set",
+                                         "dashboardAddClientKeys", ("jwks",)),
+        base + "/keys/remove": client_id | get(
+            "Confirm removing a public key", "dashboardConfirmRemoveClientKey",
+            parameters=[{"name": "kid", "in": "query", "required": False, "schema": STRING,
+                         "description": "the key to remove (without a session: the sign-in "
+                         "page, whatever the query)"}])
+        | post("Remove a public key", "dashboardRemoveClientKey", ("kid",)),
         base + "/delete": client_id | get("Confirm deleting an application",
                                           "dashboardConfirmDelete")
         | post("Delete an application", "dashboardDeleteApplication"),

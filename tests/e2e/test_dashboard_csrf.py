@@ -4,11 +4,19 @@ token also works for the JSON admin API (X-CSRF-Token)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from joserfc.jwk import ECKey
 
 from tests.conftest import make_company
 from tests.e2e.oauth_helpers import new_app
 from tests.e2e.test_dashboard import hidden, sign_in
+
+# A public key the application has (so that its removal would change something) and one
+# it has not (so that adding it would).
+REGISTERED = ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
+JWKS = json.dumps({"keys": [ECKey.generate_key("P-256").as_dict(private=False)]})
 
 
 async def events(db) -> int:
@@ -29,6 +37,11 @@ def changes(client_id: str, user_id: str, key_id: str) -> list[tuple[str, dict[s
         (f"/dashboard/applications/{client_id}", {"name": "Renamed"}),
         (f"/dashboard/applications/{client_id}/rotate-secret", {}),
         (f"/dashboard/applications/{client_id}/revoke-tokens", {}),
+        (f"/dashboard/applications/{client_id}/client-auth",
+         {"token_endpoint_auth_method": "client_secret_post", "dpop_bound_access_tokens": "true",
+          "cc_token_limit": "3"}),
+        (f"/dashboard/applications/{client_id}/keys", {"jwks": JWKS}),
+        (f"/dashboard/applications/{client_id}/keys/remove", {"kid": "ec-1"}),
         (f"/dashboard/applications/{client_id}/delete", {}),
         (f"/dashboard/connections/{client_id}/revoke", {}),
         ("/dashboard/people", {"email": "new@acme.example", "role": "member"}),
@@ -42,7 +55,7 @@ def changes(client_id: str, user_id: str, key_id: str) -> list[tuple[str, dict[s
 
 @pytest.mark.parametrize("token", ["none", "another session's", "garbage"])
 async def test_a_change_without_the_sessions_token_changes_nothing(client, company, db, token):
-    app = await new_app(client, company)
+    app = await new_app(client, company, jwks={"keys": [REGISTERED.as_dict(private=False)]})
     member = await (
         await client.post(
             "/admin/users", json={"email": "clerk@acme.example", "role": "member"},

@@ -132,3 +132,24 @@ async def test_header_bytes_that_are_not_utf8_get_a_4xx(client, path, header):
         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
     )
     assert 400 <= await raw_request(client, request) < 500
+
+
+async def test_json_nested_deeper_than_the_parser_follows_is_a_400_at_every_route(client, company):
+    """msgspec refuses nesting past its depth with a RecursionError, not a DecodeError: a
+    body of brackets well under the size limit once reached the admin API as a 500."""
+    app = await new_app(client, company)
+    nested = b'{"keys": [{"kty": ' + b"[" * 30000 + b"]" * 30000 + b"}]}"
+    signed = await sign_in(client, company.admin_email, company.admin_password)
+    for path in every_route(client.app, app["client_id"]):
+        for method in ("POST", "PATCH", "PUT"):
+            headers = company.auth | signed.change | {"Content-Type": "application/json"}
+            response = await client.request(
+                method, path, data=nested, headers=headers, allow_redirects=False
+            )
+            assert response.status < 500, (method, path, response.status, await response.text())
+    keys = f"/admin/applications/{app['client_id']}/keys"
+    response = await client.post(
+        keys, data=nested, headers=company.auth | {"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert "nested too deeply" in (await response.json())["error_description"]

@@ -428,3 +428,34 @@ async def test_a_malformed_jwk_set_is_a_400_never_a_500(client, company, body):
     )
     assert response.status == 400, await response.text()
     assert (await response.json())["error"] == "invalid_request"
+
+
+async def test_a_key_whose_kid_has_a_slash_is_removed_through_the_api(client, company, db):
+    """aiohttp's `{kid}` stops at "/": a kid such as "team/ec-1" must be removable, sent
+    as it is or percent-encoded."""
+    from yarl import URL
+
+    plain = ECKey.generate_key("P-256", parameters={"kid": "team/ec-1"})
+    encoded = ECKey.generate_key("P-256", parameters={"kid": "team/ec/2"})
+    app = await keyed_app(client, company, plain, encoded, EC)
+    keys_url = f"/admin/applications/{app['client_id']}/keys"
+    assert (await token_request(client, assertion(client, app, key=plain))).status == 200
+
+    removed = await client.delete(f"{keys_url}/team/ec-1", headers=company.auth)
+    assert removed.status == 204, await removed.text()
+    removed = await client.delete(
+        URL(f"{keys_url}/team%2Fec%2F2", encoded=True), headers=company.auth
+    )
+    assert removed.status == 204, await removed.text()
+    gone = await client.delete(f"{keys_url}/team/ec-1", headers=company.auth)
+    assert gone.status == 404
+
+    listed = await (await client.get(keys_url, headers=company.auth)).json()
+    assert [k["kid"] for k in listed["keys"]] == ["ec-1"]
+    refused = await token_request(client, assertion(client, app, key=plain))
+    assert refused.status == 401
+    assert (await refused.json())["error"] == "invalid_client"
+    removals = await db.pool.fetch(
+        "SELECT payload FROM events WHERE type = 'ClientKeyRemoved' ORDER BY position"
+    )
+    assert [json.loads(r["payload"])["kid"] for r in removals] == ["team/ec-1", "team/ec/2"]

@@ -1,18 +1,23 @@
 """The dashboard's application pages: list, create (the secret shown once), edit, rotate
-the secret, revoke every token, delete."""
+the secret, revoke every token, delete; client authentication (method, DPoP, token limit)
+and the public keys of private_key_jwt."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
+from service import events as ev
 from service.audit.history import COMPANY_IS
 from service.commands import applications as commands
 from service.commands import tokens
 from service.domain import applications as rules
+from service.domain import client_keys
 from service.domain.applications import FieldError
-from service.errors import PreconditionFailed
+from service.errors import InvalidRequest, NotFound, PreconditionFailed
+from service.web.dashboard import client_auth
 from service.web.dashboard.base import Admin, Form, change, page, render, routes, see_other
 from service.web.dashboard.describe import app_namer
 from service.web.dashboard.once import Notice
@@ -115,14 +120,23 @@ async def _detail(
     values: dict[str, Any],
     problems: list[str],
     status: int = 200,
+    *,
+    auth: dict[str, Any] | None = None,
+    auth_problems: list[str] | None = None,
+    key_problems: list[str] | None = None,
 ) -> web.Response:
+    """The application page; each form's problems shown in its own section."""
+    ctx = request.app[CONTEXT]
     counts = await _live_tokens(request, admin, app.client_id)
     violations = await _violations(request, admin, app.client_id)
     return render(
         request, admin, "dashboard/application.html", title=app.name, section="applications",
         app=app, values=values, problems=problems, catalogue=_catalogue(request),
         live_tokens=counts.get(app.client_id, 0), violations=violations,
-        app_name=app_namer(request.app[CONTEXT], admin.company_id), status=status,
+        app_name=app_namer(ctx, admin.company_id), status=status,
+        auth=auth or client_auth.values(app), auth_problems=auth_problems or [],
+        key_problems=key_problems or [], auth_methods=client_auth.methods(app.grant_type),
+        keys=await _key_rows(request, app), default_cc_token_limit=ctx.settings.cc_token_limit,
     )  # fmt: skip
 
 
@@ -157,6 +171,98 @@ async def edit(request: web.Request, admin: Admin, form: Form) -> web.Response:
         return await _detail(request, admin, app, values, [exc.description], status=400)
     said = "Saved." if changed.version != app.version else "Nothing to change."
     return see_other(request, admin, _path(app.client_id), Notice(said))
+
+
+@routes.post("/dashboard/applications/{client_id}/client-auth")
+@change
+async def edit_client_auth(request: web.Request, admin: Admin, form: Form) -> web.Response:
+    """The authentication method, the DPoP requirement and the live-token limit, through
+    the same handler and rules as the admin API's PATCH."""
+    ctx = request.app[CONTEXT]
+    app = await commands.load(ctx, admin.company_id, request.match_info["client_id"])
+    version = form.get("version")
+    if_match = int(version) if version.isdigit() and len(version) < 10 else None
+    try:
+        patch = client_auth.patch(form)
+        changed = await commands.update(
+            ctx, admin.company_id, app.client_id, patch, admin.meta(request), if_match=if_match
+        )
+    except PreconditionFailed:
+        latest = await commands.load(ctx, admin.company_id, app.client_id)
+        message = "Someone changed this application meanwhile: here it is as it is now."
+        return await _detail(
+            request, admin, latest, _values(latest), [], status=412, auth_problems=[message]
+        )
+    except InvalidRequest as exc:  # a FieldError, or a method that is not one
+        return await _detail(
+            request, admin, app, _values(app), [], status=400,
+            auth=client_auth.typed(form), auth_problems=[exc.description],
+        )  # fmt: skip
+    if changed.version == app.version:
+        return see_other(request, admin, _path(app.client_id), Notice("Nothing to change."))
+    said = "Client authentication saved."
+    method = changed.token_endpoint_auth_method
+    if rules.has_secret(method) and not rules.has_secret(app.token_endpoint_auth_method):
+        said += " It authenticates with its client secret now: rotate the secret to get one."
+    elif method == client_keys.PRIVATE_KEY_JWT and not changed.keys:
+        said += " Add a public key: until then, every assertion is refused."
+    return see_other(request, admin, _path(app.client_id), Notice(said))
+
+
+@routes.post("/dashboard/applications/{client_id}/keys")
+@change
+async def add_keys(request: web.Request, admin: Admin, form: Form) -> web.Response:
+    """Public keys pasted as a JWK or a JWK Set. Whatever is refused (private members,
+    not JSON, a kid already registered) says why, and what was pasted is not shown again:
+    it may be a private key."""
+    ctx = request.app[CONTEXT]
+    app = await commands.load(ctx, admin.company_id, request.match_info["client_id"])
+    try:
+        jwks = client_auth.pasted(form.get("jwks"))
+        changed = await commands.add_keys(
+            ctx, admin.company_id, app.client_id, jwks, admin.meta(request)
+        )
+    except InvalidRequest as exc:
+        return await _detail(
+            request, admin, app, _values(app), [], status=400, key_problems=[exc.description]
+        )
+    before = {key.kid for key in app.keys}
+    added = ", ".join(f"“{key.kid}”" for key in changed.keys if key.kid not in before)
+    said = f"Key(s) {added} added."
+    if changed.token_endpoint_auth_method != client_keys.PRIVATE_KEY_JWT:
+        said += " They sign assertions once the method is private_key_jwt."
+    return see_other(request, admin, _path(app.client_id), Notice(said))
+
+
+def _registered(app: rules.Application, kid: str) -> client_keys.ClientKey:
+    for key in app.keys:
+        if key.kid == kid:
+            return key
+    raise NotFound("no such key")
+
+
+# The kid travels in the query and in a form field, never in the path: a kid may hold "/".
+@routes.get("/dashboard/applications/{client_id}/keys/remove")
+@page
+async def remove_key_page(request: web.Request, admin: Admin) -> web.Response:
+    ctx = request.app[CONTEXT]
+    app = await commands.load(ctx, admin.company_id, request.match_info["client_id"])
+    key = _registered(app, request.query.get("kid", ""))
+    return render(
+        request, admin, "dashboard/application_key_remove.html", title=f"Remove key {key.kid}",
+        section="applications", app=app, key=key,
+    )  # fmt: skip
+
+
+@routes.post("/dashboard/applications/{client_id}/keys/remove")
+@change
+async def remove_key(request: web.Request, admin: Admin, form: Form) -> web.Response:
+    ctx = request.app[CONTEXT]
+    client_id = request.match_info["client_id"]
+    kid = form.get("kid")
+    await commands.remove_key(ctx, admin.company_id, client_id, kid, admin.meta(request))
+    notice = Notice(f"Key “{kid}” removed: assertions signed with it are refused from now on.")
+    return see_other(request, admin, _path(client_id), notice)
 
 
 @routes.post("/dashboard/applications/{client_id}/rotate-secret")
@@ -206,6 +312,17 @@ async def delete(request: web.Request, admin: Admin, form: Form) -> web.Response
 
 
 # --- read models ---------------------------------------------------------------------
+
+
+async def _key_rows(request: web.Request, app: rules.Application) -> list[client_auth.KeyRow]:
+    """The registered keys, each with when it was added (its ClientKeyAdded)."""
+    if not app.keys:
+        return []
+    history = await request.app[CONTEXT].eventlog.read_stream(commands.stream(app.client_id))
+    added: dict[str, datetime] = {
+        r.event.kid: r.recorded_at for r in history if isinstance(r.event, ev.ClientKeyAdded)
+    }
+    return [client_auth.row(key, added.get(key.kid)) for key in app.keys]
 
 
 async def _live_tokens(request: web.Request, admin: Admin, client_id: str | None) -> dict[str, int]:
