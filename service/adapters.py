@@ -4,6 +4,7 @@ event log in this process) and the event log itself."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -16,6 +17,7 @@ from service import events as ev
 from service.domain.grants import Record
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState, TokenState
 from service.eventlog import EventLog, EventLogError, Metadata
+from service.storage.database import within
 
 log = structlog.get_logger(__name__)
 
@@ -134,14 +136,23 @@ class LogLedger:
     async def wait_for(self, position: int) -> None:
         """Read-your-writes, but never at the price of reporting a committed change as
         failed (a new application's secret is shown once): if the log cannot be read back
-        now, the models catch up when it can, and the caller hears of the commit."""
-        for attempt in range(3):
+        now, the models catch up when it can, and the caller hears of the commit. The whole
+        wait is held to the log's bound: tries one after another, each bounded, once added
+        up to three bounds behind a stalled database."""
+        patience = self._eventlog.timeout or 5.0
+        try:
+            await within(patience, self._caught_up(position))
+        except TimeoutError:
+            log.warning("context.catch_up_failed", position=position, error="timed out")
+
+    async def _caught_up(self, position: int) -> None:
+        for attempt in itertools.count():
             try:
                 await self._feed.wait_for(position)
                 return
             except EventLogError as exc:
                 log.warning("context.catch_up_failed", position=position, error=str(exc))
-                await asyncio.sleep(0.1 * (attempt + 1))
+                await asyncio.sleep(0.1 * min(attempt + 1, 5))
 
 
 def log_security_signals(events: Sequence[ev.Event]) -> None:

@@ -15,6 +15,7 @@ from service.domain import client_keys, credentials
 from service.errors import Conflict, NotFound, PreconditionFailed
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
 from service.events import Event
+from service.storage.database import within
 
 # A change made on top of whatever version is current retries when another writer got
 # there first. Writers that retry in step collide again, so each waits a random while,
@@ -51,16 +52,43 @@ def limits(ctx: Context) -> rules.AllowlistLimits:
     )
 
 
+History = list[tuple[Event, int, float]]
+
+
 async def load(ctx: Context, company_id: str, client_id: str) -> rules.Application:
     """The application as its stream tells it; 404 when it is another company's, deleted,
     or unknown (its existence does not leak)."""
+    app, _ = await _read(ctx, company_id, client_id)
+    return app
+
+
+async def _read(ctx: Context, company_id: str, client_id: str) -> tuple[rules.Application, History]:
     if not _CLIENT_ID.fullmatch(client_id):
         raise NotFound("no such application")  # not even looked up (a NUL, say)
-    history = await ctx.eventlog.read_stream(stream(client_id))
-    app = rules.fold((r.event, r.version, r.recorded_at.timestamp()) for r in history)
+    recorded = await ctx.eventlog.read_stream(stream(client_id))
+    history = [(r.event, r.version, r.recorded_at.timestamp()) for r in recorded]
+    app = rules.fold(history)
     if app is None or app.deleted or app.company_id != company_id:
         raise NotFound("no such application")
-    return app
+    return app, history
+
+
+async def _after(
+    ctx: Context, company_id: str, client_id: str, history: History, events: list[Event]
+) -> rules.Application:
+    """The application once `events`, just committed, follow `history`: read back, or, when
+    the log cannot be read back within its bound, folded from what was read before and the
+    events. A committed change is never answered as failed (a rotated secret is shown only
+    in that answer), and the answer comes within the bound even behind a stalled database
+    (the change's own wait for this process's models has had its bound already)."""
+    try:
+        return await within(ctx.eventlog.timeout or 5.0, load(ctx, company_id, client_id))
+    except (EventLogError, TimeoutError):
+        version, now = history[-1][1] if history else 0, time.time()
+        new = [(event, version + i, now) for i, event in enumerate(events, 1)]
+        folded = rules.fold([*history, *new])
+        assert folded is not None
+        return folded
 
 
 async def create(
@@ -77,16 +105,7 @@ async def create(
         limits=limits(ctx),
     )
     await ctx.record(stream(client_id), 0, events, meta)
-    try:
-        app = await load(ctx, company_id, client_id)
-    except EventLogError:
-        # Created, but the log cannot be read back now: answer from the event itself, or
-        # the secret (shown only here) would be lost with the answer.
-        now = time.time()
-        folded = rules.fold((event, i, now) for i, event in enumerate(events, 1))
-        assert folded is not None
-        app = folded
-    return Created(app, secret)
+    return Created(await _after(ctx, company_id, client_id, [], events), secret)
 
 
 async def update(
@@ -102,7 +121,7 @@ async def update(
     a concurrent change is refused (412); without it the patch is re-applied on top of
     the concurrent change, so no update is lost either way."""
     for attempt in range(MAX_ATTEMPTS):
-        app = await load(ctx, company_id, client_id)
+        app, history = await _read(ctx, company_id, client_id)
         if if_match is not None and app.version != if_match:
             raise PreconditionFailed(f"the application is at version {app.version}, not {if_match}")
         changes = rules.change(app, patch, ctx.catalogue, limits(ctx))
@@ -115,7 +134,7 @@ async def update(
                 raise PreconditionFailed("the application changed meanwhile") from None
             await _backoff(attempt)
             continue
-        return await load(ctx, company_id, client_id)
+        return await _after(ctx, company_id, client_id, history, changes)
     raise _still_changing()
 
 
@@ -123,7 +142,7 @@ async def rotate_secret(
     ctx: Context, company_id: str, client_id: str, meta: Metadata
 ) -> tuple[rules.Application, str]:
     for attempt in range(MAX_ATTEMPTS):
-        app = await load(ctx, company_id, client_id)
+        app, history = await _read(ctx, company_id, client_id)
         secret = credentials.new_client_secret()
         event = rules.rotate_secret(app, credentials.digest(secret))
         try:
@@ -131,7 +150,7 @@ async def rotate_secret(
         except ConcurrencyError:
             await _backoff(attempt)
             continue
-        return await load(ctx, company_id, client_id), secret
+        return await _after(ctx, company_id, client_id, history, [event]), secret
     raise _still_changing()
 
 
@@ -144,14 +163,14 @@ async def _changed(
 ) -> rules.Application:
     """Record what `decide` makes of the latest version, retried on a concurrent change."""
     for attempt in range(MAX_ATTEMPTS):
-        app = await load(ctx, company_id, client_id)
+        app, history = await _read(ctx, company_id, client_id)
         events = decide(app)
         try:
             await ctx.record(stream(client_id), app.version, events, meta)
         except ConcurrencyError:
             await _backoff(attempt)
             continue
-        return await load(ctx, company_id, client_id)
+        return await _after(ctx, company_id, client_id, history, events)
     raise _still_changing()
 
 
