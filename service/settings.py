@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import os
 import re
@@ -95,7 +96,7 @@ class Settings:
     dpop_nonce_lifetime: int = 300
     extra: Mapping[str, str] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property  # read on every token request; settings never change
     def issuer(self) -> str:
         """The authorization server's identifier (RFC 8414 §2): PUBLIC_URL, or the address
         the service listens on. Never the request's Host header, which the caller writes."""
