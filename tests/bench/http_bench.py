@@ -268,13 +268,30 @@ async def gateway(dsn: str, base: str, admin: dict[str, str]) -> None:
     )
 
 
-async def propagation(dsn: str, base: str, admin: dict[str, str]) -> None:
+#: seconds of background token issuance while revocations are measured under load
+LOAD_SECONDS = 30
+
+
+async def propagation(
+    dsn: str, base: str, admin: dict[str, str], *, under_load: bool = False
+) -> None:
     port = free_port()
+    background: wrk.Background | None = None
     async with process(*service(dsn, port), port) as other:
         app = await new_app(base, admin)
-        tokens = await issue(base, app, REVOCATIONS)
+        count = REVOCATIONS // 5 if under_load else REVOCATIONS
+        tokens = await issue(base, app, count)
         creds = basic(app["client_id"], app["client_secret"])
         delays: list[float] = []
+        if under_load:  # another client takes tokens from process A all along
+            busy = await new_app(base, admin)
+            form = b"grant_type=client_credentials"
+            headers = basic(busy["client_id"], busy["client_secret"]) | {
+                "Content-Type": "application/x-www-form-urlencoded"
+            }
+            background = wrk.Background(base, ("POST", "/oauth/token", headers, form), LOAD_SECONDS)
+            await asyncio.sleep(2)  # under way before the first revocation
+        load_ends = time.perf_counter() + LOAD_SECONDS - 2
         async with aiohttp.ClientSession() as http:
             for token in tokens:  # the other process knows every token
                 async with http.get(
@@ -293,10 +310,18 @@ async def propagation(dsn: str, base: str, admin: dict[str, str]) -> None:
                         if r.status == 401:
                             break
                 delays.append((time.perf_counter() - revoked) * 1000)
+        if background is not None and time.perf_counter() > load_ends:
+            raise RuntimeError("the revocations outlasted the background load: raise LOAD_SECONDS")
+        load = await asyncio.to_thread(background.result) if background else None
     delays.sort()
-    print(f"\n## Revocation propagation between two processes ({len(delays):,} revocations)")
+    print(f"\n## Revocation propagation between two processes ({len(delays):,} revocations"
+          + (", under load)" if load else ")"))  # fmt: skip
     print("Revoked through process A (POST /oauth/revoke answered), then process B asked until")
-    print("it refuses the token (401); the delay includes one B round trip.\n")
+    print("it refuses the token (401); the delay includes one B round trip.")
+    if load is not None:
+        print(f"Meanwhile wrk (1 thread, 16 connections) took client_credentials tokens from A: "
+              f"{load.rate:,.0f}/s, {load.errors} errors, p99 {load.p99_ms:.1f} ms.")  # fmt: skip
+    print()
     print("| p50 ms | p90 ms | p99 ms | max ms |")
     print("|---:|---:|---:|---:|")
     pick = lambda q: delays[min(len(delays) - 1, int(len(delays) * q))]  # noqa: E731
@@ -347,4 +372,5 @@ async def run(dsn: str) -> None:
         await client_authentication(dsn, base, admin)
         await gateway(dsn, base, admin)
         await propagation(dsn, base, admin)
+        await propagation(dsn, base, admin, under_load=True)
     await asyncio.to_thread(memory_per_million)

@@ -64,6 +64,28 @@ def measure(
     return parse(done.stdout, seconds)
 
 
+class Background:
+    """wrk driving `spec` for `seconds` while something else is measured; `result()` waits
+    for it to finish and reads what it printed."""
+
+    def __init__(self, base: str, spec: RequestSpec, seconds: int, connections: int = 16) -> None:
+        self._dir = tempfile.TemporaryDirectory()
+        lua = Path(self._dir.name) / "request.lua"
+        lua.write_text(script(spec))
+        argv = ["wrk", "-t1", f"-c{connections}", "--latency", "-s", str(lua), f"-d{seconds}s"]
+        self.seconds = seconds
+        self._proc = subprocess.Popen(
+            [*argv, base + spec[1]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def result(self) -> Result:
+        out, err = self._proc.communicate(timeout=self.seconds + 60)
+        self._dir.cleanup()
+        if err.strip():
+            raise RuntimeError(f"wrk: {err.strip()}")
+        return parse(out, self.seconds)
+
+
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
