@@ -57,6 +57,9 @@ class ModelLookups:
     async def access_token(self, key: bytes, now: float) -> TokenState | None:
         return await self._found(lambda: self._policy.token(key, now))
 
+    def access_token_now(self, key: bytes, now: float) -> TokenState | None:
+        return self._policy.token(key, now)
+
     async def family_of(self, token_hash: str, *, refresh: bool) -> str | None:
         def look() -> str | None:
             if refresh:

@@ -41,9 +41,9 @@ from service.web.history import routes as history_routes
 from service.web.home import routes as home_routes
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, THROTTLE, UPSTREAM, Upstream
 from service.web.login import routes as login_routes
-from service.web.middleware import error_middleware, request_context_middleware
+from service.web.middleware import request_middleware
 from service.web.oauth import routes as oauth_routes
-from service.web.ops import DATABASE_WATCH, metrics_middleware
+from service.web.ops import DATABASE_WATCH
 from service.web.ops import routes as ops_routes
 from service.web.policy_check import routes as policy_routes
 
@@ -63,9 +63,7 @@ SUPERVISING = web.AppKey("supervising", asyncio.Task[None])
 
 def create_app(settings: Settings, *, database: Database | None = None) -> web.Application:
     """Build the application. `database` lets a caller (tests) hand in an open one."""
-    app = web.Application(
-        middlewares=[request_context_middleware, metrics_middleware, error_middleware]
-    )
+    app = web.Application(middlewares=[request_middleware])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database_ctx(database))

@@ -4,9 +4,13 @@ credentials redacted from every event before it is rendered."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -113,7 +117,8 @@ def redact(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
 # One line per request is the one log event every request writes; through structlog's
 # processors it cost about as much as the gateway's whole decision. With the production
 # renderer configured, it is written here directly: the same fields in the same order,
-# the same redaction, the same timestamp, one write under structlog's own lock.
+# the same redaction, the same timestamp, written under structlog's own lock a few lines
+# to a write (_LineBuffer).
 
 
 class _RequestLine(msgspec.Struct):
@@ -147,16 +152,92 @@ def _redacted_path(path: str) -> str:
     return found
 
 
+def _timestamp() -> str:
+    """Now, as TimeStamper(fmt="iso", utc=True) writes it but always with microseconds:
+    the date and time of day are formatted once a second, not once a line."""
+    global _second, _second_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second = second
+        _second_text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
+
+
+_second = -1
+_second_text = ""
+
+#: at most this many bytes a write: one write(2) to a pipe is never interleaved with
+#: another process's (--workers share stderr) up to PIPE_BUF, which POSIX sets at 512 or
+#: more and Linux at 4096
+_WRITE_AT_MOST = getattr(os, "PIPE_BUF", 512)
+
+
+class _LineBuffer:
+    """Request lines written once per turn of the event loop, a few lines to a write,
+    rather than one system call per request: a line is written before the loop next
+    waits for I/O, and at exit. A write holds whole lines only and at most PIPE_BUF
+    bytes (a longer line goes alone), so processes sharing stderr never interleave inside
+    a line."""
+
+    def __init__(self) -> None:
+        self._writer: structlog.WriteLogger | None = None
+        self._pending: list[str] = []
+        self._size = 0
+        atexit.register(self.flush)
+        # A forked worker must not write the lines its parent has yet to write.
+        os.register_at_fork(after_in_child=self._pending.clear)
+
+    def use(self, writer: structlog.WriteLogger | None) -> None:
+        self.flush()
+        self._writer = writer
+
+    def add(self, line: str) -> None:
+        pending = self._pending
+        pending.append(line)
+        if len(pending) > 1:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop (a command, a test): at once
+            self.flush()
+
+    def flush(self) -> None:
+        pending, writer = self._pending, self._writer
+        if not pending or writer is None:
+            pending.clear()
+            return
+        lines = pending[:]
+        pending.clear()
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) + 1 > _WRITE_AT_MOST:
+                writer.msg("\n".join(chunk))  # msg adds the last newline, and flushes
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        writer.msg("\n".join(chunk))
+
+
+_lines = _LineBuffer()
+_methods: dict[str, str] = {}  # a few methods, redacted once (a method is any token)
+
+
 def request_line(method: str, path: str, status: int, ms: float, ip: str, request_id: str) -> None:
     """The one line for a request (never its query string: it may carry codes or state)."""
-    writer = _request_writer
-    if writer is None:  # a terminal, another level, or not configured (tests capture)
+    if _request_writer is None:  # a terminal, another level, or not configured (tests capture)
         structlog.get_logger("service.web.middleware").info(
             _REQUEST_EVENT, method=method, path=path, status=status, ms=ms, ip=ip
         )
         return
+    logged_method = _methods.get(method)
+    if logged_method is None:
+        logged_method = redact_text(method)
+        if len(_methods) < 64:
+            _methods[method] = logged_method
     line = _RequestLine(
-        redact_text(method),
+        logged_method,
         _redacted_path(path),
         status,
         ms,
@@ -164,9 +245,9 @@ def request_line(method: str, path: str, status: int, ms: float, ip: str, reques
         _REQUEST_EVENT,
         redact_text(request_id),
         "info",
-        datetime.now(tz=UTC).isoformat().replace("+00:00", "Z"),
+        _timestamp(),
     )
-    writer.msg(_line_encoder.encode(line).decode())
+    _lines.add(_line_encoder.encode(line).decode())
 
 
 def _one_line(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
@@ -220,6 +301,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     _request_writer = (
         structlog.WriteLogger(sys.stderr) if fmt != "console" and numeric <= logging.INFO else None
     )
+    _lines.use(_request_writer)
 
 
 def _route_stdlib(shared: list[Processor], tail: list[Processor], level: int) -> None:

@@ -16,6 +16,8 @@ type or reason, else "other"), so no client can grow the number of series.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import functools
 import os
 import re
@@ -149,6 +151,7 @@ class Metrics:
         # lock and builds the label tuple, and it would run twice on every request. The
         # keys come from the same closed sets as the labels, so this stays small.
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._pending: dict[tuple[str, str, int], _Observed] = {}
         self._measured = _Measured()
         self.registry.register(self._measured)
         if shared is None:
@@ -194,19 +197,47 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """`route` must be a canonical path (`/admin/applications/{client_id}`) or UNMATCHED,
-        never the raw path: that is what keeps the number of series bounded."""
-        method = method if method in METHODS else OTHER
-        key = (route, method, status)
-        series = self._request_series.get(key)
-        if series is None:
-            series = (
-                self._requests.labels(route, method, str(status)),
-                self._latency.labels(route),
-            )
-            self._request_series[key] = series
-        requests, latency = series
-        requests.inc()
-        latency.observe(seconds)
+        never the raw path: that is what keeps the number of series bounded.
+
+        Counted here, added to the Prometheus series once per turn of the event loop (and
+        before every scrape): each series update takes a lock, and under
+        `--workers` writes a shared file."""
+        key = (route, method if method in METHODS else OTHER, status)
+        pending = self._pending.get(key)
+        first = pending is None and not self._pending
+        if pending is None:
+            pending = self._pending[key] = _Observed(len(_LATENCY_BUCKETS) + 1)
+        pending.count += 1
+        pending.seconds += seconds
+        pending.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        if first:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop: at once
+            self.flush()
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush to the Prometheus series."""
+        pending, self._pending = self._pending, {}
+        for (route, method, status), observed in pending.items():
+            series = self._request_series.get((route, method, status))
+            if series is None:
+                series = (
+                    self._requests.labels(route, method, str(status)),
+                    self._latency.labels(route),
+                )
+                self._request_series[(route, method, status)] = series
+            requests, latency = series
+            requests.inc(observed.count)
+            # Histogram.observe, n observations at once: its sum, and the one bucket each
+            # falls in (prometheus_client keeps them per bucket and adds them up on output).
+            latency._sum.inc(observed.seconds)
+            for i, n in enumerate(observed.buckets):
+                if n:
+                    latency._buckets[i].inc(n)
 
     def observe_append_batch(self, size: int) -> None:
         """One event-log commit carried `size` appends (the hook for EventLog's writer)."""
@@ -222,8 +253,20 @@ class Metrics:
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition (text format, or OpenMetrics when `accept` asks) and its type."""
+        self.flush()
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+class _Observed:
+    """Requests of one series since the last flush: how many, their seconds, per bucket."""
+
+    __slots__ = ("buckets", "count", "seconds")
+
+    def __init__(self, buckets: int) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.buckets = [0] * buckets
 
 
 METRICS = web.AppKey("metrics", Metrics)

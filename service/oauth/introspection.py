@@ -26,9 +26,7 @@ class Introspection:
             return await self._refresh(token, caller_client)
         if not tokens.well_formed(token, tokens.ACCESS):
             return INACTIVE
-        state = await self.lookups.access_token(
-            bytes.fromhex(tokens.token_hash(token)), self.clock()
-        )
+        state = await self.lookups.access_token(tokens.token_key(token), self.clock())
         if state is None or (caller_client is not None and state.client_id != caller_client):
             return INACTIVE
         app = self.lookups.application_now(state.client_id)

@@ -31,6 +31,11 @@ class Lookups(Protocol):
         """A live access token by the digest of its value."""
         ...
 
+    def access_token_now(self, key: bytes, now: float) -> TokenState | None:
+        """The same, as this process knows it now, without a read: None may be a token
+        another process issued a moment ago."""
+        ...
+
     async def family_of(self, token_hash: str, *, refresh: bool) -> str | None:
         """The live family of an access token (or a refresh token) by its hash."""
         ...

@@ -9,6 +9,7 @@ are ever stored or logged.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import zlib
 
@@ -41,3 +42,8 @@ def well_formed(token: str, prefix: str) -> bool:
 
 def token_hash(token: str) -> str:
     return digest(token)
+
+
+def token_key(token: str) -> bytes:
+    """The access-token key of the read model: the SHA-256 of `token_hash`, as bytes."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()

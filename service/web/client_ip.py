@@ -29,6 +29,13 @@ def _parse(value: str) -> IPAddress | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer(peer: str) -> str:
+    """The socket peer as an address is written (or as it came, if it is none)."""
+    address = _parse(peer)
+    return (peer or "unknown") if address is None else str(address)
+
+
 def _trusted(address: IPAddress, proxies: Sequence[IPNetwork]) -> bool:
     return any(address.version == net.version and address in net for net in proxies)
 
@@ -52,4 +59,6 @@ def resolve(peer: str | None, forwarded_for: Sequence[str], proxies: Sequence[IP
 
 
 def client_ip(request: web.Request, proxies: Sequence[IPNetwork]) -> str:
+    if not proxies:  # nearly always a peer seen before: one cached look
+        return _peer(request.remote or "")
     return resolve(request.remote, request.headers.getall("X-Forwarded-For", []), proxies)

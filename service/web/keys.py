@@ -13,9 +13,9 @@ from service.eventlog import Metadata
 from service.settings import Settings
 from service.storage.throttle import SignInThrottle
 from service.web.client_ip import client_ip
-from service.web.middleware import REQUEST_ID
 
 SETTINGS = web.AppKey("settings", Settings)
+REQUEST_ID = web.RequestKey("request_id", str)
 CONTEXT = web.AppKey("context", Context)
 ROUTES = web.AppKey("routes", RouteTable)
 #: failed sign-ins, counted in PostgreSQL: one limit across processes and hosts

@@ -14,7 +14,8 @@ from aiohttp.typedefs import Handler
 from service.errors import InvalidRequest, TollgateError, Unavailable
 from service.eventlog import EventLogRefused, EventLogUnavailable
 from service.logs import request_line
-from service.metrics import CLIENT_CLOSED_REQUEST
+from service.metrics import CLIENT_CLOSED_REQUEST, METRICS, UNMATCHED
+from service.web.keys import REQUEST_ID, SETTINGS, caller_ip
 
 UNAVAILABLE = (
     EventLogUnavailable,
@@ -47,7 +48,6 @@ def database_unavailable(exc: BaseException) -> bool:
 
 log = structlog.get_logger(__name__)
 
-REQUEST_ID = web.RequestKey("request_id", str)
 _VALID_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -85,17 +85,27 @@ def _request_id(request: web.Request) -> str:
 
 
 @web.middleware
-async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Everything a request goes through on its way to a handler and back, in one frame
+    (each middleware is another coroutine per request): its id, the errors rendered in
+    their protocol's format, the request counted by route and final status, and its one
+    log line.
+
+    The status counted and logged is that of the rendered error (404, 500), not the
+    exception. A redirect is raised, and aiohttp turns it into the response afterwards. A
+    client that leaves while its body is read is counted as 499 (CLIENT_CLOSED_REQUEST).
+    A cancelled request has no status: it is neither counted nor logged."""
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
-    structlog.contextvars.clear_contextvars()
+    # The one variable bound per request: set, never cleared (each request sets it anew).
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        # Redirects are raised, and pass through the error middleware (which renders
-        # only 4xx/5xx); aiohttp turns them into the response after this returns.
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = _rendered(request, exc)
+    except web.HTTPException as exc:  # a redirect
         _finish(request, exc, started)
         raise
     _finish(request, response, started)
@@ -103,24 +113,22 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
 
 
 def _finish(request: web.Request, response: web.StreamResponse, started: float) -> None:
-    """The request id on the response, and the one log line for the request."""
+    """The request id on the response, the request counted, and its one log line."""
+    seconds = time.perf_counter() - started
     request_id = request[REQUEST_ID]
     response.headers["X-Request-Id"] = request_id
-    request_line(
-        request.method,
-        request.path,
-        response.status,
-        round((time.perf_counter() - started) * 1000, 2),
-        _caller_ip(request),
-        request_id,
-    )
+    app = request.app
+    status = response.status
+    if METRICS in app:  # an application without metrics (unit tests) counts nothing
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED
+        app[METRICS].observe_request(route, request.method, status, seconds)
+    ms = round(seconds * 1000, 2)
+    request_line(request.method, request.path, status, ms, _caller_ip(request), request_id)
 
 
 def _caller_ip(request: web.Request) -> str:
-    # service.web.keys imports this module (for REQUEST_ID): its helper is looked up late.
-    from service.web.keys import SETTINGS, caller_ip
-
-    if SETTINGS in request.app:  # no sub-applications: the app is the whole configuration
+    if SETTINGS in request.app:
         return caller_ip(request)
     return request.remote or "unknown"  # an application without settings (unit tests)
 
@@ -140,15 +148,15 @@ def error_response(error: TollgateError) -> web.Response:
     return web.json_response(body, status=error.status, headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except TollgateError as exc:
+def _rendered(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The one place an error becomes a response: the service's own errors in their
+    protocol's format, aiohttp's (404, 405, 413) as JSON, a database in trouble as a 503,
+    anything else as a 500 that says nothing more. A redirect is raised again."""
+    if isinstance(exc, TollgateError):
         return error_response(exc)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
             exc.status, "invalid_request"
         )
@@ -157,22 +165,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
-    except (EventLogRefused, asyncpg.DataError) as exc:
+    if isinstance(exc, EventLogRefused | asyncpg.DataError):
         # A value PostgreSQL cannot store (a NUL in text, say) that no check caught first:
         # the request's fault, and retrying will not help.
         log.warning("http.value_refused", path=request.path, error=type(exc).__name__)
         return error_response(InvalidRequest("the request holds a value that cannot be stored"))
-    except Exception as exc:
-        if not database_unavailable(exc):
-            log.exception("http.unhandled_error", method=request.method, path=request.path)
-            return web.json_response(
-                {"error": "server_error", "error_description": "internal error"}, status=500
-            )
-        if client_went_away(request, exc):
-            # Nobody is left to answer; the status says so in the request line and the
-            # metrics (nginx's 499), and a database alert does not fire for a slow client.
-            log.info("http.client_disconnected", path=request.path, ip=_caller_ip(request))
-            return web.Response(status=CLIENT_CLOSED_REQUEST)
-        # The database is down or unreachable: a 503 the client may retry, not a 500.
-        log.warning("http.database_unavailable", path=request.path, error=type(exc).__name__)
-        return error_response(Unavailable("the service cannot use its database now; try again"))
+    if not database_unavailable(exc):
+        log.exception("http.unhandled_error", method=request.method, path=request.path)
+        return web.json_response(
+            {"error": "server_error", "error_description": "internal error"}, status=500
+        )
+    if client_went_away(request, exc):
+        # Nobody is left to answer; the status says so in the request line and the
+        # metrics (nginx's 499), and a database alert does not fire for a slow client.
+        log.info("http.client_disconnected", path=request.path, ip=_caller_ip(request))
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
+    # The database is down or unreachable: a 503 the client may retry, not a 500.
+    log.warning("http.database_unavailable", path=request.path, error=type(exc).__name__)
+    return error_response(Unavailable("the service cannot use its database now; try again"))

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from service.errors import Unauthorized
 from service.eventlog import EventLogUnavailable
-from service.metrics import METRICS, UNMATCHED
+from service.metrics import METRICS
 from service.storage.database import within as bounded
 from service.web.keys import SETTINGS
 
@@ -183,28 +181,3 @@ def _check_metrics_token(request: web.Request, token: str) -> None:
         given.strip().encode("utf-8", "surrogateescape"), expected
     ):
         raise Unauthorized("a valid metrics token is required", realm="metrics", sent=bool(sent))
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts every request by the matched route's canonical path and its final status.
-
-    It sits inside the request-context middleware and outside the error middleware, so it
-    sees the status of the rendered error (404, 500) rather than the exception. A client
-    that leaves while its body is read is counted as 499 (CLIENT_CLOSED_REQUEST), apart
-    from the 503s of a database in trouble; a cancelled request has no status and is not
-    counted."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else UNMATCHED
-    recorder = request.app[METRICS]  # per request: no ChainMapProxy built
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:  # redirects pass through the error middleware
-        recorder.observe_request(route, request.method, exc.status, time.perf_counter() - started)
-        raise
-    except Exception:
-        recorder.observe_request(route, request.method, 500, time.perf_counter() - started)
-        raise
-    recorder.observe_request(route, request.method, response.status, time.perf_counter() - started)
-    return response

@@ -1,18 +1,18 @@
-"""The one error middleware, through aiohttp's real stack: an unreachable database is a
+"""The one middleware's errors, through aiohttp's real stack: an unreachable database is a
 503 the client may retry; anything else unexpected is a 500 that says nothing more."""
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.eventlog import EventLogRefused, EventLogUnavailable
-from service.web.middleware import error_middleware
+from service.web.middleware import request_middleware
 
 
 async def serve(exc: Exception) -> TestClient:
     async def handler(_request: web.Request) -> web.Response:
         raise exc
 
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[request_middleware])
     app.router.add_route("*", "/boom", handler)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
