@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
 
-from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+from service.eventlog import EPOCH, NO_METADATA, EventLog, EventLogUnavailable, RecordedEvent
+from service.events import SCHEMA_VERSIONS, Event, type_of
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +40,7 @@ class MemoryFeed:
         self._catch_up_lock = asyncio.Lock()
         self._next: asyncio.Future[int] | None = None
         self._task: asyncio.Task[None] | None = None
+        eventlog.appended.append(self.apply_own)
 
     async def catch_up(self) -> int:
         """Apply everything committed so far.
@@ -67,14 +70,50 @@ class MemoryFeed:
             upcoming = asyncio.ensure_future(read(batch[-1].position, self.batch_size, lean=True))
             await asyncio.sleep(0)  # let it send the query before applying takes the CPU
             try:
-                for model in self.models:
-                    model.apply(batch)
-                self.position = batch[-1].position
+                if batch[0].position <= self.position:  # applied meanwhile (apply_own)
+                    batch = [r for r in batch if r.position > self.position]
+                if batch:
+                    for model in self.models:
+                        model.apply(batch)
+                    self.position = batch[-1].position
             except BaseException:
                 upcoming.cancel()
                 raise
             batch = await upcoming
         return self.position
+
+    def apply_own(
+        self, positions: Sequence[int], expected_version: int | None, events: Sequence[Event]
+    ) -> bool:
+        """Apply events this process has just committed, as a read would bring them back,
+        when they directly follow what the models hold: positions are handed out in commit
+        order under the log's lock, so nothing committed elsewhere lies in between, and
+        reading them back would cost a round trip and a decode for what is already here.
+        Their versions must be known (the append named its expected version). False: not
+        applied, the next read brings them."""
+        if expected_version is None or not positions or positions[0] != self.position + 1:
+            return False
+        recorded = []
+        for position, version, event in zip(
+            positions, itertools.count(expected_version + 1), events, strict=False
+        ):
+            tag = type_of(event)
+            # What a lean read gives (EventLog.read_all): what the models use, no more.
+            recorded.append(
+                RecordedEvent(
+                    position, "", version, tag, SCHEMA_VERSIONS[tag], None, event,
+                    NO_METADATA, EPOCH, b"",
+                )
+            )  # fmt: skip
+        try:
+            for model in self.models:
+                model.apply(recorded)
+        except Exception:
+            # As when a read's batch fails to apply: logged, and left to the next read.
+            log.exception("memory_feed.apply_error", position=positions[0])
+            return False
+        self.position = positions[-1]
+        return True
 
     async def wait_for(self, position: int) -> None:
         """Until the models have applied `position`; EventLogUnavailable once the log's
@@ -99,6 +138,8 @@ class MemoryFeed:
         self._task = asyncio.create_task(self._follow(), name="memory-feed")
 
     async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.eventlog.appended.remove(self.apply_own)
         for pending in (self._task, self._next):
             if pending is not None:
                 pending.cancel()
@@ -128,7 +169,18 @@ class MemoryFeed:
                     compact = getattr(model, "compact", None)
                     if compact is not None:
                         compact(now)
-            await self.eventlog.wakeup.wait(self.position, self.eventlog.poll_interval)
+            await self._next_news()
+
+    async def _next_news(self) -> None:
+        """Until the log has grown past what the models hold, or a poll is due (a
+        notification can be lost). What this process applied itself (apply_own) is no
+        news: no read for it."""
+        wakeup, patience = self.eventlog.wakeup, self.eventlog.poll_interval
+        deadline = time.monotonic() + patience
+        while True:
+            await wakeup.wait(self.position, max(deadline - time.monotonic(), 0.0))
+            if wakeup.head > self.position or time.monotonic() >= deadline:
+                return
 
 
 def _retrieved(future: asyncio.Future[int]) -> None:

@@ -62,6 +62,7 @@ from service.storage.database import BoundedPool
 __all__ = [
     "EPOCH",
     "NO_METADATA",
+    "Appended",
     "ConcurrencyError",
     "EventLog",
     "EventLogError",
@@ -155,6 +156,10 @@ class Wakeup:
                 await asyncio.shield(self._future)
 
 
+#: (positions, expected version, events) of an append just committed
+Appended = Callable[[Sequence[int], int | None, Sequence[Event]], object]
+
+
 class EventLog:
     def __init__(
         self,
@@ -185,6 +190,9 @@ class EventLog:
         self.appends_committed = 0
         #: called with each committed batch's size (metrics)
         self.on_commit = on_commit
+        #: called with each committed append's positions, expected version and events, in
+        #: position order, before its caller or any reader hears of it (MemoryFeed.apply_own)
+        self.appended: list[Appended] = []
         self._in_flight: Plan | None = None  # the batch sent to the server, until answered
 
     # --- lifecycle -------------------------------------------------------------------
@@ -407,6 +415,10 @@ class EventLog:
         self.appends_committed += len(batch)
         if self.on_commit is not None:
             self.on_commit(len(batch))
+        for request in batch:
+            if request.positions and request.error is None:
+                for hook in self.appended:
+                    hook(request.positions, request.expected_version, request.events)
         for request in batch:
             settle(request)
         last = max((r.positions[-1] for r in batch if r.positions), default=0)

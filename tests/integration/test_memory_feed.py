@@ -123,3 +123,90 @@ async def test_waiting_for_a_position_the_log_never_shows_gives_up_in_the_bound(
         await feed.wait_for(feed.position + 5)  # positions nobody has written
     assert time.monotonic() - started < 5
     await feed.wait_for(feed.position)  # what is there returns at once
+
+
+class Counting:
+    """A model that counts how often each position reaches it."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.applied: dict[int, int] = {}
+
+    def apply(self, events) -> None:
+        for recorded in events:
+            self.applied[recorded.position] = self.applied.get(recorded.position, 0) + 1
+            self.position = recorded.position
+
+
+def counting_reads(eventlog: EventLog, monkeypatch) -> list[int]:
+    reads: list[int] = []
+    real = eventlog.read_all
+
+    async def read_all(after: int = 0, *args, **kwargs):
+        reads.append(after)
+        return await real(after, *args, **kwargs)
+
+    monkeypatch.setattr(eventlog, "read_all", read_all)
+    return reads
+
+
+async def test_what_this_process_commits_is_in_its_models_without_a_read(
+    eventlog: EventLog, monkeypatch
+):
+    model, counting = PolicyModel(), Counting()
+    feed = MemoryFeed(eventlog, [model, counting])
+    await feed.catch_up()
+    reads = counting_reads(eventlog, monkeypatch)
+    now = int(time.time())
+    positions = await eventlog.append("code-a", 0, [code(1, now + 600), code(2, now + 600)])
+    # Applied before the append returned: no read, and the versions a read would give.
+    assert reads == []
+    assert feed.position == positions[-1] and model.position == positions[-1]
+    assert f"{1:064x}" in model.codes and f"{2:064x}" in model.codes
+    await feed.catch_up()  # a read after it finds nothing to apply twice
+    assert counting.applied == {p: 1 for p in positions}
+
+
+async def test_an_append_of_any_version_or_after_another_writers_is_left_to_the_read(
+    eventlog: EventLog, db, monkeypatch
+):
+    counting = Counting()
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.catch_up()
+    other = EventLog(db.pool, db.dsn)  # another process's log, on the same database
+    await other.start()
+    try:
+        now = int(time.time())
+        [theirs] = await other.append("code-theirs", 0, [code(1, now + 600)])
+        [mine] = await eventlog.append("code-mine", 0, [code(2, now + 600)])
+        # Theirs lies between what the models hold and mine: applying mine would skip it.
+        assert counting.applied == {} and feed.position < theirs < mine
+        [any_version] = await eventlog.append("code-any", None, [code(3, now + 600)])
+        await feed.catch_up()
+        assert counting.applied == {theirs: 1, mine: 1, any_version: 1}
+        [next_mine] = await eventlog.append("code-next", 0, [code(4, now + 600)])
+        assert counting.applied[next_mine] == 1 and feed.position == next_mine  # in order again
+    finally:
+        await other.close()
+
+
+async def test_a_read_in_flight_does_not_apply_again_what_was_applied_meanwhile(
+    eventlog: EventLog, monkeypatch
+):
+    counting = Counting()
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.catch_up()
+    real, release = eventlog.read_all, asyncio.Event()
+
+    async def late_read(after: int = 0, *args, **kwargs):
+        await release.wait()  # asked for before the append, answered after it
+        return await real(after, *args, **kwargs)
+
+    monkeypatch.setattr(eventlog, "read_all", late_read)
+    reading = asyncio.ensure_future(feed.catch_up())
+    await asyncio.sleep(0.05)
+    [mine] = await eventlog.append("code-a", 0, [code(1, int(time.time()) + 600)])
+    assert counting.applied == {mine: 1}  # applied as it committed
+    release.set()
+    await reading  # the read brings it back too
+    assert counting.applied == {mine: 1} and feed.position == mine

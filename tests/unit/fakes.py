@@ -12,7 +12,7 @@ from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service.adapters import LogLedger, ModelLookups
-from service.eventlog import ConcurrencyError, Metadata, RecordedEvent, Wakeup
+from service.eventlog import Appended, ConcurrencyError, Metadata, RecordedEvent, Wakeup
 from service.events import SCHEMA_VERSIONS, Event, tenant_of, type_of
 
 
@@ -23,6 +23,7 @@ class InMemoryEventLog:
         self.wakeup = Wakeup()
         self.poll_interval = 0.05
         self.timeout: float | None = None  # as EventLog: how long a wait on the log may last
+        self.appended: list[Appended] = []  # as EventLog: told of each append as it commits
 
     async def append(
         self,
@@ -52,6 +53,8 @@ class InMemoryEventLog:
             )  # fmt: skip
             positions.append(len(self.events))
         self.versions[stream_id] = actual
+        for hook in self.appended:
+            hook(positions, expected_version, events)
         self.wakeup.notify(positions[-1])
         return positions
 
