@@ -75,6 +75,7 @@ class ProjectionRunner:
         *,
         batch_size: int = 5000,
         standby_interval: float = 2.0,
+        linger: float = 0.05,
     ) -> None:
         self.eventlog = eventlog
         self.pool = pool
@@ -82,6 +83,11 @@ class ProjectionRunner:
         self.projections = {p.name: p for p in projections}
         self.batch_size = batch_size
         self.standby_interval = standby_interval
+        #: seconds to wait after a step that applied something, before the next: under
+        #: load a step then carries tens of events instead of a few, and its fixed cost
+        #: (the head, a read, a transaction: six round trips) is paid per batch rather than
+        #: per event. The first event after a quiet spell is applied at once.
+        self.linger = linger
 
     # --- running ---------------------------------------------------------------------
 
@@ -140,6 +146,8 @@ class ProjectionRunner:
                 new_position = await self.step(projection, position)
                 if new_position == position:
                     await self.eventlog.wakeup.wait(position, self.eventlog.poll_interval)
+                elif self.linger:
+                    await asyncio.sleep(self.linger)
                 position = new_position
         finally:
             with contextlib.suppress(*_DB_ERRORS):

@@ -220,3 +220,52 @@ async def test_a_second_rebuild_of_the_same_projection_is_refused_not_mixed_in(
     head = await eventlog.head()
     counted = await db.pool.fetchval("SELECT sum(count) FROM event_stats")
     assert counted == head  # every event counted once: no half of another run mixed in
+
+
+async def test_under_a_stream_of_appends_a_step_carries_many_events(eventlog: EventLog, db):
+    """After a step that applied something the runner lingers, so that under load each
+    transaction carries a batch rather than an event or two; a quiet log's first event is
+    still applied at once."""
+    await populate(eventlog, tokens=10)
+    runner = ProjectionRunner(
+        eventlog, db.pool, db.dsn, [p for p in sql_projections() if p.name == "tokens"],
+        linger=0.5,
+    )  # fmt: skip
+    steps: list[int] = []
+    write = runner._write
+
+    async def counted(projection, position, new_position, batch):
+        steps.append(len(batch))
+        await write(projection, position, new_position, batch)
+
+    runner._write = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(runner.run_forever())
+    try:
+
+        async def caught_up() -> None:
+            for _ in range(500):
+                if all(s.lag_events == 0 for s in await runner.status()):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the projection did not catch up")
+
+        await caught_up()
+        await asyncio.sleep(0.6)  # past the linger after that batch: the log is quiet
+        app = application("co0", 0)
+        # A quiet log: one event is applied long before the linger would have passed.
+        steps.clear()
+        started = asyncio.get_running_loop().time()
+        await eventlog.append("token-first", 0, [token(app, 20_000)])
+        await caught_up()
+        assert asyncio.get_running_loop().time() - started < 0.4 and steps == [1]
+        await asyncio.sleep(0.6)  # past the linger
+        steps.clear()
+        for n in range(60):  # one commit at a time, for about half a second
+            tok = token(app, 30_000 + n)
+            await eventlog.append(f"token-{tok.family_id}", 0, [tok])
+            await asyncio.sleep(0.008)
+        await caught_up()
+    finally:
+        task.cancel()
+    assert sum(steps) == 60
+    assert len(steps) <= 12, steps  # a step each linger, not one per commit
