@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import logging
 import os
 import re
@@ -250,6 +251,20 @@ def request_line(method: str, path: str, status: int, ms: float, ip: str, reques
     _lines.add(_line_encoder.encode(line).decode())
 
 
+#: the id of the request being answered, set by the web layer for each request: every
+#: event logged while answering it carries it (one ContextVar set, nothing to clear)
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tollgate_request_id", default=None
+)
+
+
+def _with_request_id(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    found = request_id.get()
+    if found is not None:
+        event.setdefault("request_id", found)
+    return event
+
+
 def _one_line(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
     """A terminal line per event: the traceback becomes a field (the console renderer
     writes field values with repr, line breaks escaped) rather than lines of its own, and
@@ -277,6 +292,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        _with_request_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

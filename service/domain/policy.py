@@ -6,8 +6,11 @@ disallowed address is revoked, and the decision says what to record."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from service import events as ev
 from service.domain import addresses, streams
@@ -57,8 +60,9 @@ def effective_permissions(token: TokenState, app: AppState | None) -> frozenset[
     return token.permissions & app.permissions if app is not None else frozenset()
 
 
-@dataclass(frozen=True)
-class Allowed:
+class Allowed(msgspec.Struct, frozen=True, gc=False):
+    """Allowed (built on every request that carries a token: a Struct, quick to build)."""
+
     key: bytes
     token: TokenState
     app: AppState
@@ -78,14 +82,15 @@ def decide(
     key: bytes,
     token: TokenState | None,
     app: AppState | None,
-    family_version: int | None,
+    family_version: Callable[[], int | None],
     ip: str,
     permission: str | None,
     endpoint: str,
     binding: OAuthError | None = None,
 ) -> Allowed | Violation:
     """`token` as the read model has it (None: unknown, expired or revoked), `family_version`
-    the version of the token's family stream while it is live; `binding`: why the request
+    gives the version of the token's family stream while it is live (asked only for a
+    violation); `binding`: why the request
     does not fit the token's DPoP binding (service/domain/dpop.py), if it does not. The
     allow list comes first: a valid token from a disallowed address is a violation
     whatever its proof."""
@@ -93,7 +98,7 @@ def decide(
         raise InvalidToken("unknown, expired or revoked access token")
     if not ip_allowed(app, ip):
         return Violation(
-            _revocation(key, token, app, family_version, ip, endpoint),
+            _revocation(key, token, app, family_version(), ip, endpoint),
             TokenIpNotAllowed(ip, revoked=True),
         )
     if binding is not None:

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
+import msgspec
 
-@dataclass(frozen=True)
-class Basic:
+
+# Structs, not dataclasses: one is built per request that carries credentials.
+class Basic(msgspec.Struct, frozen=True, gc=False):
     client_id: str
     secret: str
 
 
-@dataclass(frozen=True)
-class Bearer:
+class Bearer(msgspec.Struct, frozen=True, gc=False):
     value: str
 
 
-@dataclass(frozen=True)
-class Unreadable:
+class Unreadable(msgspec.Struct, frozen=True, gc=False):
     """A header that is there but holds no usable credentials: another scheme, an empty
     value, Basic that is not base64 of `id:secret`. `scheme` is what it claimed to be."""
 

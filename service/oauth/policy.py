@@ -5,6 +5,7 @@ https://www.rfc-editor.org/rfc/rfc6750#section-3.1"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from service.domain import dpop, policy, streams
 from service.domain.policy import Allowed
@@ -56,9 +57,10 @@ class PolicyPoint:
                 binding = await nonce_refusal(presented, proof, now, dpop.DpopNonceRequired)
         error = None
         for _attempt in range(3):
-            family = None if token is None else streams.family_of(key, token.family_id)
-            version = None if family is None else self.lookups.family_version(family)
-            decision = policy.decide(key, token, app, version, ip, permission, endpoint, binding)
+            decision = policy.decide(
+                key, token, app, partial(self._family_version, key, token), ip, permission,
+                endpoint, binding,
+            )  # fmt: skip
             if isinstance(decision, Allowed):
                 if proof is not None:
                     await record_use(
@@ -78,6 +80,29 @@ class PolicyPoint:
             raise error
         assert error is not None
         raise error
+
+    def allowed_now(
+        self, raw: str, ip: str, permission: str | None, endpoint: str, bearer: bool
+    ) -> Allowed | None:
+        """The common case decided at once, without a wait: a Bearer request (`bearer`)
+        with a token this process holds, not bound to a key, from an allowed address.
+        Refusals that record nothing (a missing permission) are raised as `decide` raises
+        them; None: `decide` must decide (a token not found here, DPoP, a violation)."""
+        if not bearer:
+            return None
+        key = tokens.token_key(raw)
+        token = self.lookups.access_token_now(key, self.clock())
+        if token is None or token.jkt:
+            return None
+        app = self.lookups.application_now(token.client_id)
+        decision = policy.decide(
+            key, token, app, partial(self._family_version, key, token), ip, permission, endpoint
+        )
+        return decision if isinstance(decision, Allowed) else None
+
+    def _family_version(self, key: bytes, token: TokenState | None) -> int | None:
+        family = None if token is None else streams.family_of(key, token.family_id)
+        return None if family is None else self.lookups.family_version(family)
 
     def _binding(
         self, raw: str, token: TokenState, presented: Presented | None

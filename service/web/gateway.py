@@ -95,18 +95,36 @@ def canonical_path(request: web.Request) -> str:
     """The path the permission is decided on is the path the upstream gets: one with a
     `.`/`..` segment, an empty one (`//`) or path parameters could mean another route
     there, so it is refused rather than normalised."""
-    segments = request.path.split("/")[1:]
+    raw = request.rel_url.raw_path
+    refusal = _refusals.get(raw)
+    if refusal is None:
+        refusal = _refusal(request.path, raw)
+        if len(_refusals) >= _PATHS_KEPT:
+            _refusals.clear()
+        _refusals[raw] = refusal
+    if refusal:
+        raise InvalidRequest(refusal)
+    return request.path
+
+
+# The few paths clients call, checked once each (within a bound): "" when acceptable.
+_refusals: dict[str, str] = {}
+_PATHS_KEPT = 4096
+
+
+def _refusal(path: str, raw_path: str) -> str:
+    segments = path.split("/")[1:]
     if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
-        raise InvalidRequest("the path has empty, '.' or '..' segments")
+        return "the path has empty, '.' or '..' segments"
     # Decided on the decoded path, forwarded raw: an encoded "/" (or a "\", which some
     # servers read as one) would split segments differently upstream.
-    if "\\" in request.path or _ENCODED_SEPARATOR.search(request.rel_url.raw_path):
-        raise InvalidRequest("the path has an encoded '/' or a '\\'")
+    if "\\" in path or _ENCODED_SEPARATOR.search(raw_path):
+        return "the path has an encoded '/' or a '\\'"
     # A ";" starts path parameters upstream (Java servlets, some routers strip them before
     # routing): "/invoices;x=1" would be decided as one resource and served as another.
-    if ";" in request.path:
-        raise InvalidRequest("the path has a ';' (path parameters are not accepted)")
-    return request.path
+    if ";" in path:
+        return "the path has a ';' (path parameters are not accepted)"
+    return ""
 
 
 @routes.route("*", "/api/{path:.*}")
@@ -116,11 +134,14 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     raw, presented = access_token(request)
     ip = caller_ip(request)
     rule = request.app[ROUTES].rule_for(request.method, path)
-    meta = metadata(request, "gateway", ip)
     # The token and the allow list first, covered or not: a valid token from a disallowed
     # address is revoked wherever it was sent.
     permission = None if rule is None else rule.permission
-    allowed = await ctx.policy_point.decide(raw, ip, permission, "api", meta, presented)
+    point = ctx.policy_point
+    allowed = point.allowed_now(raw, ip, permission, "api", bearer=presented is None)
+    if allowed is None:
+        meta = metadata(request, "gateway", ip)
+        allowed = await point.decide(raw, ip, permission, "api", meta, presented)
     if rule is None:
         raise NotCovered()
     # DPOP_NONCE=required: an allowed DPoP request is told the nonce to use next (RFC 9449 §9)

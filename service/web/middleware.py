@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from service import logs
 from service.errors import InvalidRequest, TollgateError, Unavailable
 from service.eventlog import EventLogRefused, EventLogUnavailable
 from service.logs import request_line
@@ -97,8 +98,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     A cancelled request has no status: it is neither counted nor logged."""
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
-    # The one variable bound per request: set, never cleared (each request sets it anew).
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    logs.request_id.set(request_id)  # on every event logged while answering it
     started = time.perf_counter()
     try:
         try:

@@ -56,6 +56,33 @@ class Limits:
     open: int = 0
     refused: int = field(default=0, repr=False)  # since the last log line about it
     logged_at: float = field(default=0.0, repr=False)
+    #: the connections with a request on its way, and when its first byte came: swept a
+    #: few times per bound by one timer, rather than a timer set and cancelled per request
+    arriving: dict[_RequestHandler, float] = field(default_factory=dict, repr=False)
+    sweeping: bool = field(default=False, repr=False)
+
+    def arrives(self, handler: _RequestHandler, loop: asyncio.AbstractEventLoop) -> None:
+        self.arriving[handler] = loop.time()
+        if not self.sweeping:
+            self.sweeping = True
+            loop.call_later(self._sweep_every, self._sweep, loop)
+
+    @property
+    def _sweep_every(self) -> float:
+        return min(1.0, self.body_timeout / 4)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time out each request that has been arriving for `body_timeout` (within a
+        quarter of it, or a second, after)."""
+        now = loop.time()
+        late = [h for h, since in self.arriving.items() if now - since >= self.body_timeout]
+        for handler in late:
+            del self.arriving[handler]
+            handler.timed_out()
+        if self.arriving:
+            loop.call_later(self._sweep_every, self._sweep, loop)
+        else:
+            self.sweeping = False
 
     def refuse(self, peer: str | None) -> None:
         self.refused += 1
@@ -99,7 +126,6 @@ class _RequestHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._counted = False
-        self._deadline: asyncio.TimerHandle | None = None  # set while a request arrives
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -123,8 +149,9 @@ class _RequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._limits is not None and self._deadline is None and data:
-            self._arm()  # the first byte of a request
+        limits = self._limits
+        if limits is not None and data and self not in limits.arriving:
+            limits.arrives(self, self._loop)  # the first byte of a request
         before = self._request_count
         super().data_received(data)
         if self._request_count > before and self._messages:
@@ -138,16 +165,13 @@ class _RequestHandler(RequestHandler):
 
     def _arm(self) -> None:
         assert self._limits is not None
-        self._disarm()
-        self._deadline = self._loop.call_later(self._limits.body_timeout, self._timed_out)
+        self._limits.arrives(self, self._loop)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._limits is not None:
+            self._limits.arriving.pop(self, None)
 
-    def _timed_out(self) -> None:
-        self._deadline = None
+    def timed_out(self) -> None:
         assert self._limits is not None
         request = self._current_request
         log.info("http.request_timeout", peer=self.peer, seconds=self._limits.body_timeout)

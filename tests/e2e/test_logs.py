@@ -298,7 +298,8 @@ async def test_security_events_are_warnings_naming_who_and_from_where(db, tmp_pa
         form = {"grant_type": "client_credentials"}
         async with aiohttp.ClientSession(base) as http:
             # a live token used from outside the allow list: revoked, and a warning
-            outside = {"Authorization": f"Bearer {c.token}", "X-Forwarded-For": "203.0.113.7"}
+            outside = {"Authorization": f"Bearer {c.token}", "X-Forwarded-For": "203.0.113.7",
+                       "X-Request-Id": "req-outside"}  # fmt: skip
             async with http.get("/api/v1/whoami", headers=outside) as r:
                 assert r.status == 403
             # the right secret from outside the allow list, at the token endpoint
@@ -324,6 +325,13 @@ async def test_security_events_are_warnings_naming_who_and_from_where(db, tmp_pa
         ("warning", "198.51.100.4", "token", False),
     }
     assert {e["client_id"] for e in violations} == {c.client_id}
+    # each event says which request it came from, as the request's own line does
+    [api] = [e for e in violations if e["endpoint"] == "api"]
+    assert api["request_id"] == "req-outside"
+    [token_violation] = [e for e in violations if e["endpoint"] == "token"]
+    lines = {e["request_id"]: e for e in running.named("http.request")}
+    assert lines[token_violation["request_id"]]["path"] == "/oauth/token"
+    assert lines["req-outside"]["path"] == "/api/v1/whoami"
     assert warnings["security.client_secret_wrong"]["client_id"] == c.client_id
     assert warnings["security.client_secret_wrong"]["ip"] == "127.0.0.1"
     assert warnings["security.old_client_secret_used"]["client_id"] == c.client_id
@@ -413,7 +421,7 @@ import structlog
 from service import logs
 logs.configure_logging("{fmt}", "info")
 assert (logs._request_writer is not None) == ("{fmt}" == "json")  # the direct writer, or not
-structlog.contextvars.bind_contextvars(request_id={request_id!r})
+logs.request_id.set({request_id!r})  # as the request middleware does
 for path in ({path!r}, "/oauth/token", "/api/v1/whoami", {path!r}):
     logs.request_line("GET", path, 401, 1.25, "192.0.2.7", {request_id!r})
     structlog.get_logger("service.web.middleware").info(

@@ -14,7 +14,7 @@ KEY = bytes.fromhex(rules.h("access"))
 
 
 def decide(token, app, *, ip="192.0.2.7", permission=None, version=1):
-    return policy.decide(KEY, token, app, version, ip, permission, "api")
+    return policy.decide(KEY, token, app, lambda: version, ip, permission, "api")
 
 
 def test_a_live_token_from_an_allowed_address_is_allowed():
