@@ -9,7 +9,8 @@ import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import MultiDictProxy
+from multidict import MultiDict, MultiDictProxy
+from yarl import query_to_pairs
 
 from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
@@ -81,12 +82,12 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return message
 
 
-async def form_body(
-    request: web.Request, limit: int = MAX_BODY
-) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+async def form_body(request: web.Request, limit: int = MAX_BODY) -> Form:
     """A form body (urlencoded or multipart); a malformed one is a 400, never a 500."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    if request.content_type in _URLENCODED:
+        return _urlencoded(await read_body(request, limit), request.charset or "utf-8")
     # aiohttp reads the whole form, piece by piece, but within its own client_max_size
     # (1 MiB): a chunked body, with no Content-Length to refuse up front, is held to ours.
     try:
@@ -99,3 +100,25 @@ async def form_body(
     if request.content.total_bytes > limit:
         raise _too_large(limit)
     return form
+
+
+# What aiohttp's post() reads as urlencoded: no Content-Type at all, or that one.
+_URLENCODED = frozenset({"", "application/x-www-form-urlencoded"})
+MAX_FIELDS = 1000  # aiohttp's client_max_fields
+
+Form = MultiDictProxy[str | bytes | bytearray | web.FileField]
+
+
+def _urlencoded(body: bytes, charset: str) -> Form:
+    """The form as aiohttp's post() reads it (the same decoding, parser and field limit),
+    without the copy of the request that reading it through post() within our limit took."""
+    try:
+        text = body.rstrip().decode(charset)
+    except (LookupError, ValueError) as exc:  # an unknown charset, or bytes not in it
+        raise InvalidRequest(f"unreadable form body: {exc}") from None
+    try:
+        fields = query_to_pairs(text, max_fields=MAX_FIELDS, encoding=charset)
+    except ValueError:
+        raise PayloadTooLarge(f"the form must have at most {MAX_FIELDS} fields") from None
+    form: MultiDict[str | bytes | bytearray | web.FileField] = MultiDict(fields)
+    return MultiDictProxy(form)

@@ -237,3 +237,50 @@ async def test_an_oversized_body_is_invalid_request_in_either_format(
     )
     await _assert_oauth_invalid_request(response, "at most 16384 bytes")
     assert await _issued(db) == 0
+
+
+# --- urlencoded forms, read without aiohttp's post() -------------------------------------
+
+
+async def test_a_form_in_a_charset_it_names_is_read(client, company, db):
+    app = await new_app(client, company)
+    response = await client.post(
+        "/oauth/token",
+        data="grant_type=client_credentials&scope=invoices%3Aread".encode("latin-1"),
+        headers=basic(app["client_id"], app["client_secret"])
+        | {"Content-Type": f"{FORM}; charset=latin-1"},
+    )
+    assert response.status == 200, await response.text()
+    assert (await response.json())["scope"] == "invoices:read"
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body"),
+    [
+        (f"{FORM}; charset=no-such-charset", b"grant_type=client_credentials"),
+        (FORM, b"grant_type=client_credentials&note=\xff\xfe"),  # not UTF-8
+    ],
+    ids=["unknown-charset", "bytes-outside-the-charset"],
+)
+async def test_a_form_that_does_not_decode_is_invalid_request(client, company, db, ctype, body):
+    app = await new_app(client, company)
+    before = await _writes(db)
+    response = await client.post(
+        "/oauth/token",
+        data=body,
+        headers=basic(app["client_id"], app["client_secret"]) | {"Content-Type": ctype},
+    )
+    await _assert_oauth_invalid_request(response, "unreadable form body")
+    assert await _writes(db) == before
+
+
+async def test_a_form_of_more_than_a_thousand_fields_is_refused(client, company, db):
+    app = await new_app(client, company)
+    body = "grant_type=client_credentials&" + "&".join(f"f{i}=1" for i in range(1000))
+    response = await client.post(
+        "/oauth/token",
+        data=body.encode(),
+        headers=basic(app["client_id"], app["client_secret"]) | {"Content-Type": FORM},
+    )
+    await _assert_oauth_invalid_request(response, "at most 1000 fields")
+    assert await _issued(db) == 0
