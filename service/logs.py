@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -138,19 +138,6 @@ _REQUEST_EVENT = "http.request"
 #: set by configure_logging when request lines are JSON at level info or below
 _request_writer: structlog.WriteLogger | None = None
 _line_encoder = msgspec.json.Encoder()
-# Paths repeat (a few routes): what redaction made of each, within a bound.
-_redacted_paths: dict[str, str] = {}
-_PATHS_KEPT = 4096
-
-
-def _redacted_path(path: str) -> str:
-    found = _redacted_paths.get(path)
-    if found is None:
-        found = redact_text(path)
-        if len(_redacted_paths) >= _PATHS_KEPT:
-            _redacted_paths.clear()
-        _redacted_paths[path] = found
-    return found
 
 
 def _timestamp() -> str:
@@ -175,16 +162,15 @@ _WRITE_AT_MOST = getattr(os, "PIPE_BUF", 512)
 
 
 class _LineBuffer:
-    """Request lines written once per turn of the event loop, a few lines to a write,
-    rather than one system call per request: a line is written before the loop next
-    waits for I/O, and at exit. A write holds whole lines only and at most PIPE_BUF
-    bytes (a longer line goes alone), so processes sharing stderr never interleave inside
-    a line."""
+    """Request lines gathered during a turn of the event loop, then built, encoded and
+    written together before the loop next waits for I/O (and at exit): one encoder call
+    and a few writes a turn rather than per request, and the same timestamp for the lines
+    of one turn. A write holds whole lines only and at most PIPE_BUF bytes (a longer line
+    goes alone), so processes sharing stderr never interleave inside a line."""
 
     def __init__(self) -> None:
         self._writer: structlog.WriteLogger | None = None
-        self._pending: list[str] = []
-        self._size = 0
+        self._pending: list[_Fields] = []
         atexit.register(self.flush)
         # A forked worker must not write the lines its parent has yet to write.
         os.register_at_fork(after_in_child=self._pending.clear)
@@ -193,9 +179,9 @@ class _LineBuffer:
         self.flush()
         self._writer = writer
 
-    def add(self, line: str) -> None:
+    def add(self, fields: _Fields) -> None:
         pending = self._pending
-        pending.append(line)
+        pending.append(fields)
         if len(pending) > 1:
             return
         try:
@@ -208,21 +194,57 @@ class _LineBuffer:
         if not pending or writer is None:
             pending.clear()
             return
-        lines = pending[:]
+        batch = pending[:]
         pending.clear()
-        chunk: list[str] = []
-        size = 0
-        for line in lines:
-            if chunk and size + len(line) + 1 > _WRITE_AT_MOST:
-                writer.msg("\n".join(chunk))  # msg adds the last newline, and flushes
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line) + 1
-        writer.msg("\n".join(chunk))
+        now = _timestamp()
+        data = _line_encoder.encode_lines(
+            [
+                _RequestLine(
+                    _redacted(_methods, method), _redacted(_paths, path), status, ms,
+                    _redacted(_ips, ip), _REQUEST_EVENT, redact_text(request_id), "info", now,
+                )
+                for method, path, status, ms, ip, request_id in batch
+            ]
+        )  # fmt: skip
+        for chunk in _chunks(data, _WRITE_AT_MOST):
+            writer.msg(chunk[:-1].decode())  # msg adds the newline back, and flushes
+
+
+_Fields = tuple[str, str, int, float, str, str]  # method, path, status, ms, ip, request id
+
+
+def _chunks(data: bytes, most: int) -> Iterator[bytes]:
+    """`data` (lines, each ending with a newline) in pieces of whole lines, each at most
+    `most` bytes unless a single line is longer."""
+    start, end = 0, len(data)
+    while start < end:
+        if end - start <= most:
+            yield data[start:]
+            return
+        cut = data.rfind(b"\n", start, start + most) + 1
+        if cut <= start:  # one line longer than `most`: alone
+            cut = data.index(b"\n", start) + 1
+        yield data[start:cut]
+        start = cut
 
 
 _lines = _LineBuffer()
-_methods: dict[str, str] = {}  # a few methods, redacted once (a method is any token)
+# What redaction made of the few methods, paths and addresses that come back, within a
+# bound (a method is any token, a path anything the client sends).
+_methods: dict[str, str] = {}
+_paths: dict[str, str] = {}
+_ips: dict[str, str] = {}
+_KEPT = 4096
+
+
+def _redacted(kept: dict[str, str], text: str) -> str:
+    found = kept.get(text)
+    if found is None:
+        found = redact_text(text)
+        if len(kept) >= _KEPT:
+            kept.clear()
+        kept[text] = found
+    return found
 
 
 def request_line(method: str, path: str, status: int, ms: float, ip: str, request_id: str) -> None:
@@ -232,23 +254,7 @@ def request_line(method: str, path: str, status: int, ms: float, ip: str, reques
             _REQUEST_EVENT, method=method, path=path, status=status, ms=ms, ip=ip
         )
         return
-    logged_method = _methods.get(method)
-    if logged_method is None:
-        logged_method = redact_text(method)
-        if len(_methods) < 64:
-            _methods[method] = logged_method
-    line = _RequestLine(
-        logged_method,
-        _redacted_path(path),
-        status,
-        ms,
-        redact_text(ip),
-        _REQUEST_EVENT,
-        redact_text(request_id),
-        "info",
-        _timestamp(),
-    )
-    _lines.add(_line_encoder.encode(line).decode())
+    _lines.add((method, path, status, ms, ip, request_id))
 
 
 #: the id of the request being answered, set by the web layer for each request: every

@@ -44,3 +44,21 @@ def test_request_ids_are_random_hex_and_never_repeat_across_reads():
     assert len(set(made)) == len(made)
     other = _RequestIds()
     assert not set(made) & {other() for _ in range(100)}
+
+
+def test_lines_are_written_in_whole_lines_of_at_most_the_atomic_write_size():
+    from service.logs import _chunks
+
+    rng = random.Random(3)
+    lines = [
+        ("é" * rng.randint(0, 300) + "x" * rng.randint(0, 900)).encode() + b"\n" for _ in range(200)
+    ] + [b"y" * 5000 + b"\n"]  # longer than a write may be: alone, whole
+    rng.shuffle(lines)
+    data = b"".join(lines)
+    chunks = list(_chunks(data, 4096))
+    assert b"".join(chunks) == data
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= 4096 or chunk.count(b"\n") == 1
+    assert len(chunks) < len(lines) / 2  # several lines a write
+    assert list(_chunks(b"", 4096)) == []
