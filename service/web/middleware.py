@@ -106,29 +106,30 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         except Exception as exc:
             response = _rendered(request, exc)
     except web.HTTPException as exc:  # a redirect
-        _finish(request, exc, started)
+        _finish(request, exc, started, request_id)
         raise
-    _finish(request, response, started)
+    _finish(request, response, started, request_id)
     return response
 
 
-def _finish(request: web.Request, response: web.StreamResponse, started: float) -> None:
+def _finish(
+    request: web.Request, response: web.StreamResponse, started: float, request_id: str
+) -> None:
     """The request id on the response, the request counted, and its one log line."""
     seconds = time.perf_counter() - started
-    request_id = request[REQUEST_ID]
     response.headers["X-Request-Id"] = request_id
-    app = request.app
     status = response.status
-    if METRICS in app:  # an application without metrics (unit tests) counts nothing
+    recorder = request.app.get(METRICS)
+    if recorder is not None:  # an application without metrics (unit tests) counts nothing
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else UNMATCHED
-        app[METRICS].observe_request(route, request.method, status, seconds)
+        recorder.observe_request(route, request.method, status, seconds)
     ms = round(seconds * 1000, 2)
     request_line(request.method, request.path, status, ms, _caller_ip(request), request_id)
 
 
 def _caller_ip(request: web.Request) -> str:
-    if SETTINGS in request.app:
+    if request.app.get(SETTINGS) is not None:
         return caller_ip(request)
     return request.remote or "unknown"  # an application without settings (unit tests)
 
