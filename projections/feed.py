@@ -93,19 +93,19 @@ class MemoryFeed:
         applied, the next read brings them."""
         if expected_version is None or not positions or positions[0] != self.position + 1:
             return False
-        recorded = []
-        for position, version, event in zip(
-            positions, itertools.count(expected_version + 1), events, strict=False
-        ):
-            tag = type_of(event)
-            # What a lean read gives (EventLog.read_all): what the models use, no more.
-            recorded.append(
-                RecordedEvent(
-                    position, "", version, tag, SCHEMA_VERSIONS[tag], None, event,
-                    NO_METADATA, EPOCH, b"",
-                )
-            )  # fmt: skip
         try:
+            recorded = []
+            for position, version, event in zip(
+                positions, itertools.count(expected_version + 1), events, strict=False
+            ):
+                tag = type_of(event)
+                # What a lean read gives (EventLog.read_all): what the models use, no more.
+                recorded.append(
+                    RecordedEvent(
+                        position, "", version, tag, SCHEMA_VERSIONS[tag], None, event,
+                        NO_METADATA, EPOCH, b"",
+                    )
+                )  # fmt: skip
             for model in self.models:
                 model.apply(recorded)
         except Exception:

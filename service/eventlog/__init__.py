@@ -418,7 +418,14 @@ class EventLog:
         for request in batch:
             if request.positions and request.error is None:
                 for hook in self.appended:
-                    hook(request.positions, request.expected_version, request.events)
+                    try:
+                        hook(request.positions, request.expected_version, request.events)
+                    except Exception:
+                        # Committed whatever a reader makes of it: never taken for a
+                        # failed batch (which would be retried, and written twice).
+                        log.exception(
+                            "eventlog.appended_hook_failed", position=request.positions[0]
+                        )
         for request in batch:
             settle(request)
         last = max((r.positions[-1] for r in batch if r.positions), default=0)

@@ -210,3 +210,16 @@ async def test_a_read_in_flight_does_not_apply_again_what_was_applied_meanwhile(
     release.set()
     await reading  # the read brings it back too
     assert counting.applied == {mine: 1} and feed.position == mine
+
+
+async def test_a_failing_appended_hook_never_fails_or_repeats_the_append(eventlog: EventLog, db):
+    def broken(positions, expected_version, events) -> None:
+        raise RuntimeError("a reader's bug")
+
+    eventlog.appended.append(broken)
+    try:
+        positions = await eventlog.append("code-a", 0, [code(1, int(time.time()) + 600)])
+    finally:
+        eventlog.appended.remove(broken)
+    stored = await db.pool.fetch("SELECT position FROM events WHERE stream_id = 'code-a'")
+    assert [r["position"] for r in stored] == positions  # committed once, and answered
