@@ -160,7 +160,7 @@ async def gateway(request: web.Request) -> web.StreamResponse:
 
 def _whoami(request: web.Request, allowed: Allowed) -> web.Response:
     """Tollgate's own route, with or without an upstream: who the token is."""
-    if resource_path(request.path) != WHOAMI:
+    if request.path != WHOAMI and resource_path(request.path) != WHOAMI:
         raise web.HTTPNotFound(reason=f"{WHOAMI} has no sub-resources")
     if request.method not in ("GET", "HEAD"):
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
