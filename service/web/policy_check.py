@@ -60,12 +60,17 @@ async def check(request: web.Request) -> web.Response:
         ip = str(addresses.ip_address(body.ip.strip()))
     except ValueError:
         raise InvalidRequest("ip: not an IP address") from None
-    meta = metadata(request, f"resource_server:{server}")
     proof = presented(body, ctx.dpop_nonces)
+    point = ctx.policy_point
     try:
-        allowed = await ctx.policy_point.decide(
-            body.token, ip, body.permission, "policy_check", meta, proof
+        allowed = point.allowed_now(
+            body.token, ip, body.permission, "policy_check", bearer=proof is None
         )
+        if allowed is None:
+            meta = metadata(request, f"resource_server:{server}")
+            allowed = await point.decide(
+                body.token, ip, body.permission, "policy_check", meta, proof
+            )
     except dpop.DpopNonceRequired as refused:
         # The resource server answers its client 401 with the challenge and DPoP-Nonce
         # (RFC 9449 §9): the nonce is in the answer for it to relay.
