@@ -28,12 +28,14 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from joserfc.jwk import ECKey
 
 from service.app import CONTEXT
 from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
 from tests.conftest import Company
 from tests.e2e.oauth_helpers import authorize_url, basic, cc_token, new_app, sign_in
+from tests.e2e.test_dashboard import sign_in as dashboard_sign_in
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -306,6 +308,41 @@ async def policy_check(client: TestClient, company: Company) -> Sent:
     return Sent("POST", "/policy/check", body, headers, 200)
 
 
+# A public key with a kid of its own (the server keeps each kid once per application).
+_PIECES_KEY = ECKey.generate_key("P-256", parameters={"kid": "pieces-1"})
+
+
+async def add_client_key(client: TestClient, company: Company) -> Sent:
+    app = await new_app(client, company)  # each send its own application: a kid is added once
+    body = _json({"keys": [_PIECES_KEY.as_dict(private=False)]})
+    headers = company.auth | {"Content-Type": JSON}
+    return Sent("POST", f"/admin/applications/{app['client_id']}/keys", body, headers, 201)
+
+
+async def dashboard_add_key(client: TestClient, company: Company) -> Sent:
+    """The application page's key form, as a browser posts it: signed in, its CSRF token
+    and the version the page showed, a JWK Set pasted in a textarea."""
+    if 'action="/dashboard/login"' in await (await client.get("/dashboard")).text():
+        await dashboard_sign_in(client, company.admin_email, company.admin_password)
+    app = await new_app(client, company, token_endpoint_auth_method="private_key_jwt")
+    page_path = f"/dashboard/applications/{app['client_id']}"
+    action = f"{page_path}/keys"
+    page = await (await client.get(page_path)).text()
+    fields = _hidden_fields(page, action)
+    fields["jwks"] = json.dumps({"keys": [_PIECES_KEY.as_dict(private=False)]}, indent=2)
+    headers = _cookies(client, action) | {"Content-Type": FORM}
+
+    async def listed() -> bool:
+        text = await (await client.get(page_path)).text()
+        assert "<code>pieces-1</code>" in text, "the pasted key is not listed"
+        return True
+
+    return Sent(
+        "POST", action, urlencode(fields).encode(), headers, 303,
+        varying=(app["client_id"],), effect=listed,
+    )  # fmt: skip
+
+
 async def dashboard_login(client: TestClient, company: Company) -> Sent:
     page = await client.get("/dashboard")
     fields = _hidden_fields(await page.text(), "/dashboard/login")
@@ -351,8 +388,8 @@ ROUTES: list[Route] = [
     _oauth_endpoint("/oauth/revoke", FORM), _oauth_endpoint("/oauth/revoke", JSON),
     _oauth_endpoint("/oauth/introspect", FORM), _oauth_endpoint("/oauth/introspect", JSON),
     oauth_login, oauth_authorize, session_sign_in,
-    create_application, patch_application, create_user, create_admin_key,
-    policy_check, dashboard_login, dashboard_logout, gateway,
+    create_application, patch_application, create_user, create_admin_key, add_client_key,
+    policy_check, dashboard_login, dashboard_logout, dashboard_add_key, gateway,
 ]  # fmt: skip
 
 
