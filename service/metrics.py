@@ -3,7 +3,7 @@
 Nothing here is global: `create_app` builds one `Metrics` and keeps it under `METRICS`, so
 two applications in one process (tests, a worker beside the service) never share a
 counter. Code that counts something takes the instance from the request
-(`request.config_dict[METRICS]`) and calls a method; no caller names a Prometheus object.
+(`request.app[METRICS]`) and calls a method; no caller names a Prometheus object.
 
 Under `tollgate serve --workers N` the workers share one port, so a scrape reaches any one
 of them: there (PROMETHEUS_MULTIPROC_DIR set by the parent) the counts live in files that

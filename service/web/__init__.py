@@ -1,1 +1,1 @@
-"""The HTTP side: thin handlers, routes, the one error middleware."""
+"""The HTTP side: thin handlers, routes, the one request middleware."""

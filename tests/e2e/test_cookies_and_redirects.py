@@ -161,7 +161,7 @@ async def test_signing_in_has_a_request_id_and_a_log_line(client, company):
 
 
 async def test_an_error_page_from_an_exception_is_still_json_and_logged_once(client):
-    """A guard, not a defect: a raised 4xx becomes JSON in the error middleware, further
+    """A guard, not a defect: a raised 4xx becomes JSON in the request middleware, further
     in, so the request-context middleware sees a response and logs it once, as before."""
     with structlog.testing.capture_logs() as logs:
         response = await client.get("/oauth/login", headers={"X-Request-Id": "wrong-method"})
