@@ -219,27 +219,33 @@ async def test_a_demotion_decided_on_a_stale_view_is_decided_again(client, compa
     the decision taken again sees one admin left."""
     first, second, _ = await two_admins(client, company)
     ctx = client.app[CONTEXT]
-    real_refresh = ctx.refresh
-    calls = 0
+    real_refresh, real_record = ctx.refresh, ctx.record
+    decisions = 0
 
-    async def refresh_then_another_process_demotes() -> None:
-        nonlocal calls
+    async def counted_refresh() -> None:
+        nonlocal decisions
+        decisions += 1  # each decision looks at the company after catching up
         await real_refresh()
-        calls += 1
-        if calls == 1:
+
+    async def another_process_demotes_first(stream_id, expected_version, events, meta, **kw):
+        # The decision is taken (on two admins); another process commits before its append,
+        # at the version the decision saw. (Committed any earlier, this process's follower
+        # could apply it before the decision looks, and there would be nothing stale.)
+        if decisions == 1:
             elsewhere = EventLog(db.pool)
             await elsewhere.start()
             try:
-                version = ctx.directory.companies[company.company_id].version
                 demoted = ev.UserRoleChanged(
                     company_id=company.company_id, user_id=second, before="admin", after="member"
                 )
-                await elsewhere.append(f"company-{company.company_id}", version, [demoted])
+                await elsewhere.append(stream_id, expected_version, [demoted])
             finally:
                 await elsewhere.close()
+        return await real_record(stream_id, expected_version, events, meta, **kw)
 
-    ctx.refresh = refresh_then_another_process_demotes  # type: ignore[method-assign]
+    ctx.refresh = counted_refresh  # type: ignore[method-assign]
+    ctx.record = another_process_demotes_first  # type: ignore[method-assign]
     with pytest.raises(LastAdmin):
         await directory.change_role(ctx, company.company_id, first, "member", Metadata(actor="t"))
-    assert calls == 2
+    assert decisions == 2
     assert len(await events_of(db, "UserRoleChanged")) == 1
