@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
+import functools
 import logging
 import os
 import re
@@ -200,8 +201,8 @@ class _LineBuffer:
         data = _line_encoder.encode_lines(
             [
                 _RequestLine(
-                    _redacted(_methods, method), _redacted(_paths, path), status, ms,
-                    _redacted(_ips, ip), _REQUEST_EVENT, redact_text(request_id), "info", now,
+                    _redacted(method), _redacted(path), status, ms, _redacted(ip),
+                    _REQUEST_EVENT, redact_text(request_id), "info", now,
                 )
                 for method, path, status, ms, ip, request_id in batch
             ]
@@ -229,22 +230,9 @@ def _chunks(data: bytes, most: int) -> Iterator[bytes]:
 
 
 _lines = _LineBuffer()
-# What redaction made of the few methods, paths and addresses that come back, within a
-# bound (a method is any token, a path anything the client sends).
-_methods: dict[str, str] = {}
-_paths: dict[str, str] = {}
-_ips: dict[str, str] = {}
-_KEPT = 4096
-
-
-def _redacted(kept: dict[str, str], text: str) -> str:
-    found = kept.get(text)
-    if found is None:
-        found = redact_text(text)
-        if len(kept) >= _KEPT:
-            kept.clear()
-        kept[text] = found
-    return found
+# What redaction made of the few methods, paths and addresses that come back (a method is
+# any token, a path anything the client sends): kept, within a bound.
+_redacted = functools.lru_cache(maxsize=4096)(redact_text)
 
 
 def request_line(method: str, path: str, status: int, ms: float, ip: str, request_id: str) -> None:

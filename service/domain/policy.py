@@ -15,7 +15,7 @@ import msgspec
 from service import events as ev
 from service.domain import addresses, streams
 from service.domain.grants import Record
-from service.domain.state import AppState, IPNetwork, TokenState
+from service.domain.state import AppState, TokenState, networks_of
 from service.oauth.errors import InsufficientScope, InvalidToken, OAuthError, TokenIpNotAllowed
 
 
@@ -31,27 +31,17 @@ def ip_allowed(app: AppState, ip: str) -> bool:
     """An empty allow list allows every address (it is optional for authorization_code)."""
     if not app.networks:
         return True
-    # The same few (allow list, address) pairs come back on every request: the answer is
-    # kept, keyed on the list's text (a changed list is another key, so it holds at once).
-    key = (app.ip_allowlist, ip)
-    allowed = _answers.get(key)
-    if allowed is None:
-        allowed = _in_networks(app.networks, ip)
-        if len(_answers) >= _ANSWERS_KEPT:
-            _answers.clear()
-        _answers[key] = allowed
-    return allowed
+    return _allowed(app.ip_allowlist, ip)
 
 
-_answers: dict[tuple[tuple[str, ...], str], bool] = {}
-_ANSWERS_KEPT = 8192
-
-
-def _in_networks(networks: tuple[IPNetwork, ...], ip: str) -> bool:
+# The same few (allow list, address) pairs come back on every request: the answer is kept,
+# keyed on the list's text (a changed list is another key, so it holds at once).
+@functools.lru_cache(maxsize=8192)
+def _allowed(allowlist: tuple[str, ...], ip: str) -> bool:
     address = _address(ip)
     if address is None:
         return False
-    return any(address.version == net.version and address in net for net in networks)
+    return any(address.version == net.version and address in net for net in networks_of(allowlist))
 
 
 def effective_permissions(token: TokenState, app: AppState | None) -> frozenset[str]:

@@ -4,6 +4,7 @@ headers naming the company, client and permissions."""
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 
@@ -95,23 +96,14 @@ def canonical_path(request: web.Request) -> str:
     """The path the permission is decided on is the path the upstream gets: one with a
     `.`/`..` segment, an empty one (`//`) or path parameters could mean another route
     there, so it is refused rather than normalised."""
-    raw = request.rel_url.raw_path
-    refusal = _refusals.get(raw)
-    if refusal is None:
-        refusal = _refusal(request.path, raw)
-        if len(_refusals) >= _PATHS_KEPT:
-            _refusals.clear()
-        _refusals[raw] = refusal
+    refusal = _refusal(request.path, request.rel_url.raw_path)
     if refusal:
         raise InvalidRequest(refusal)
     return request.path
 
 
-# The few paths clients call, checked once each (within a bound): "" when acceptable.
-_refusals: dict[str, str] = {}
-_PATHS_KEPT = 4096
-
-
+# The few paths clients call, checked once each: "" when acceptable.
+@functools.lru_cache(maxsize=4096)
 def _refusal(path: str, raw_path: str) -> str:
     segments = path.split("/")[1:]
     if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
@@ -165,28 +157,24 @@ def _whoami(request: web.Request, allowed: Allowed) -> web.Response:
     if request.method not in ("GET", "HEAD"):
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
     token = allowed.token
-    key = (token.company_id, token.client_id, allowed.permissions, token.expires_at)
-    body = _answers.get(key)
-    if body is None:
-        expires = token.expires_at
-        expires_at = None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
-        body = msgspec.json.encode(
-            {
-                "company_id": token.company_id,
-                "client_id": token.client_id,
-                "permissions": sorted(allowed.permissions),
-                "expires_at": expires_at,
-            }
-        )
-        if len(_answers) >= _ANSWERS_KEPT:
-            _answers.clear()
-        _answers[key] = body
+    body = _answer(token.company_id, token.client_id, allowed.permissions, token.expires_at)
     return web.Response(body=body, content_type="application/json")
 
 
-# A client calls whoami with the same token again and again: its answer, within a bound.
-_answers: dict[tuple[str, str, frozenset[str], int | None], bytes] = {}
-_ANSWERS_KEPT = 4096
+# A client calls whoami with the same token again and again: its answer is kept.
+@functools.lru_cache(maxsize=4096)
+def _answer(
+    company_id: str, client_id: str, permissions: frozenset[str], expires: int | None
+) -> bytes:
+    expires_at = None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
+    return msgspec.json.encode(
+        {
+            "company_id": company_id,
+            "client_id": client_id,
+            "permissions": sorted(permissions),
+            "expires_at": expires_at,
+        }
+    )
 
 
 async def _proxy(
