@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    values,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -156,6 +163,7 @@ class Metrics:
         self.registry.register(self._measured)
         if shared is None:
             ProcessCollector(registry=self.registry)
+            GCCollector(registry=self.registry)  # python_gc_*: how often the collector ran
         else:
             MultiProcessCollector(self.registry, path=shared)  # type: ignore[no-untyped-call]
             self.registry.register(_WorkerProcesses(shared))

@@ -5,6 +5,7 @@ bounds what slow or numerous clients can hold (see `Limits`)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import resource
@@ -303,8 +304,28 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+#: How many container objects may be allocated (net of those freed) before CPython's cyclic
+#: garbage collector looks at the young ones; its default is 700. Under load the requests
+#: in flight hold more than that, so at 700 the collector ran once every 25 to 40 tokens
+#: issued and re-examined them each time: 9% of the service's CPU, and tens of
+#: milliseconds of p99, under `make bench`'s issuance load. Refcounting frees nearly
+#: everything a request makes; the collector is only for cycles, which this bound still
+#: reclaims.
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def settle_heap() -> None:
+    """Once the service has started, what exists (modules, the in-memory models as caught
+    up, pools) lives as long as the process: `gc.freeze` moves it out of the collector's
+    reach, so a full collection looks only at what came after (a full collection of a
+    started service walked about 80,000 objects, 25 ms each time)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then let requests in flight finish and clean up."""
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(_serve(app, settings, reuse_port))
@@ -321,6 +342,7 @@ async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> 
         shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     await runner.setup()
+    settle_heap()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
         await site.start()
