@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from service.eventlog import EventLog, Metadata
 from service.events import encode
 from service.storage.database import create_pool
 from service.storage.embedded import pg_binary
+from service.web.server import GC_THRESHOLD, event_loop_factory
 from tests.factories import application, populate, token
 
 SECONDS = 5.0
@@ -264,4 +266,6 @@ if __name__ == "__main__":
 
     configure_logging("console", "warning")  # to stderr: stdout carries the rate alone
     dsn, start_at, concurrency, run = sys.argv[1:5]
-    print(asyncio.run(append_rate(dsn, int(concurrency), run, float(start_at))))
+    gc.set_threshold(*GC_THRESHOLD)  # as `serve` runs (see tests/bench/__main__.py)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        print(runner.run(append_rate(dsn, int(concurrency), run, float(start_at))))
