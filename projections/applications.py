@@ -17,6 +17,7 @@ _CHANGES: dict[type[ev.Event], str] = {
 class ApplicationsProjection:
     name = "applications"
     tables = ("applications",)
+    lean = False
     event_types = frozenset(
         {
             "ApplicationCreated",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from service.eventlog import RecordedEvent
 from service.storage.database import Conn
@@ -25,8 +25,30 @@ class SqlProjection(Protocol):
         """The event types it reads; None: all of them."""
         ...
 
+    @property
+    def lean(self) -> bool:
+        """Whether it reads only position, version, type and the event (EventLog.read_all's
+        `lean`): no stream, tenant, metadata, time or hash."""
+        ...
+
     async def apply(self, conn: Conn, events: Sequence[RecordedEvent]) -> None:
         """Apply a batch of events, in order, inside the caller's transaction."""
+        ...
+
+
+@runtime_checkable
+class SqlRangeProjection(Protocol):
+    """Rows the database computes itself from a range of the log, in the same transaction
+    as the checkpoint: no event travels to the process."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tables(self) -> tuple[str, ...]: ...
+
+    async def apply_range(self, conn: Conn, after: int, until: int) -> None:
+        """Apply the events at positions (after, until], inside the caller's transaction."""
         ...
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from projections.applications import ApplicationsProjection
-from projections.base import SqlProjection
+from projections.base import SqlProjection, SqlRangeProjection
 from projections.companies import CompaniesProjection
 from projections.stats import EventStatsProjection
 from projections.tokens import TokensProjection
 
 
-def sql_projections() -> list[SqlProjection]:
+def sql_projections() -> list[SqlProjection | SqlRangeProjection]:
     return [
         ApplicationsProjection(),
         CompaniesProjection(),

@@ -12,6 +12,7 @@ from service.storage.database import Conn
 class CompaniesProjection:
     name = "companies"
     tables = ("companies", "users", "admin_keys")
+    lean = False
     event_types = frozenset(
         {
             "CompanyCreated",

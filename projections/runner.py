@@ -21,8 +21,9 @@ from datetime import datetime
 import asyncpg
 import structlog
 
-from projections.base import SqlProjection
+from projections.base import SqlProjection, SqlRangeProjection
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+from service.events import UnknownEvent, UnknownEventType
 from service.storage.database import Conn
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,7 @@ class ProjectionStatus:
 
 
 Progress = Callable[[str, int, int], None]
+Projection = SqlProjection | SqlRangeProjection
 
 
 class ProjectionRunner:
@@ -71,7 +73,7 @@ class ProjectionRunner:
         eventlog: EventLog,
         pool: asyncpg.Pool,
         dsn: str,
-        projections: Sequence[SqlProjection],
+        projections: Sequence[Projection],
         *,
         batch_size: int = 5000,
         standby_interval: float = 2.0,
@@ -116,7 +118,7 @@ class ProjectionRunner:
                     log.info("projection.swept", projection=projection.name, rows=dropped)
             await asyncio.sleep(every)
 
-    async def _supervise(self, projection: SqlProjection) -> None:
+    async def _supervise(self, projection: Projection) -> None:
         failures = 0
         while True:
             try:
@@ -133,7 +135,7 @@ class ProjectionRunner:
                 await asyncio.sleep(min(30.0, self.standby_interval * 2**failures))
             await asyncio.sleep(self.standby_interval)
 
-    async def _run_locked(self, projection: SqlProjection) -> None:
+    async def _run_locked(self, projection: Projection) -> None:
         conn = await asyncpg.connect(self.dsn)
         try:
             if not await conn.fetchval(
@@ -171,7 +173,7 @@ class ProjectionRunner:
         return position
 
     async def _catch_up_from(
-        self, projection: SqlProjection, position: int, head: int, progress: Progress | None
+        self, projection: Projection, position: int, head: int, progress: Progress | None
     ) -> int:
         upcoming = asyncio.ensure_future(self._read(projection, position, head))
         try:
@@ -187,7 +189,7 @@ class ProjectionRunner:
             upcoming.cancel()
         return position
 
-    async def step(self, projection: SqlProjection, position: int) -> int:
+    async def step(self, projection: Projection, position: int) -> int:
         """Apply one batch after `position`; return the new checkpoint."""
         # The head is read first: every event at or below it has committed (positions
         # follow commit order), so a filtered read may safely move the checkpoint up to it.
@@ -199,15 +201,39 @@ class ProjectionRunner:
         return new_position
 
     async def _read(
-        self, projection: SqlProjection, position: int, head: int
+        self, projection: Projection, position: int, head: int
     ) -> tuple[list[RecordedEvent], int]:
+        """The next batch after `position` and the position it takes the projection to. A
+        projection the database computes over a range reads nothing: its batch is a range
+        of at most `batch_size` positions (they are dense)."""
+        if isinstance(projection, SqlRangeProjection):
+            return [], min(head, position + self.batch_size)
         types = sorted(projection.event_types) if projection.event_types is not None else None
-        batch = await self.eventlog.read_all(position, self.batch_size, types=types, until=head)
+        batch = await self.eventlog.read_all(
+            position, self.batch_size, types=types, until=head, lean=projection.lean
+        )
+        if projection.lean:
+            # A full read raises on an event this version cannot read; a lean one hands it
+            # over as UnknownEvent. Either way the projection stops before it.
+            for recorded in batch:
+                if isinstance(recorded.event, UnknownEvent):
+                    unread = f"{recorded.type} (schema version {recorded.schema_version})"
+                    raise UnknownEventType(f"{unread} at position {recorded.position}")
         return batch, batch[-1].position if len(batch) == self.batch_size else head
+
+    @staticmethod
+    async def _apply(
+        conn: Conn, projection: Projection, position: int, new_position: int,
+        batch: list[RecordedEvent],
+    ) -> None:  # fmt: skip
+        if isinstance(projection, SqlRangeProjection):
+            await projection.apply_range(conn, position, new_position)
+        elif batch:
+            await projection.apply(conn, batch)
 
     async def _write(
         self,
-        projection: SqlProjection,
+        projection: Projection,
         position: int,
         new_position: int,
         batch: list[RecordedEvent],
@@ -221,8 +247,7 @@ class ProjectionRunner:
             )
             if current != position:
                 raise CheckpointMoved(projection.name)
-            if batch:
-                await projection.apply(conn, batch)
+            await self._apply(conn, projection, position, new_position, batch)
             await conn.execute(
                 "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
                 "WHERE name = $1",
@@ -308,20 +333,20 @@ class ProjectionRunner:
     async def _build(
         self,
         conn: Conn,
-        projection: SqlProjection,
+        projection: Projection,
         position: int,
         head: int,
         progress: Progress | None,
     ) -> int:
         """Apply events (position, head] on `conn` (whatever its search_path says)."""
         while position < head:
-            batch, position = await self._read(projection, position, head)
-            if batch:
-                if conn.is_in_transaction():
-                    await projection.apply(conn, batch)
-                else:
-                    async with conn.transaction():
-                        await projection.apply(conn, batch)
+            batch, new_position = await self._read(projection, position, head)
+            if conn.is_in_transaction():
+                await self._apply(conn, projection, position, new_position, batch)
+            else:
+                async with conn.transaction():
+                    await self._apply(conn, projection, position, new_position, batch)
+            position = new_position
             if progress is not None:
                 progress(projection.name, position, head)
         return position

@@ -62,6 +62,7 @@ class _Batch:
 class TokensProjection:
     name = "tokens"
     tables = ("live_tokens",)
+    lean = True  # it reads the events' own fields only
     event_types = frozenset(
         {
             "AccessTokenIssued",
