@@ -33,7 +33,8 @@ from joserfc.jwk import ECKey
 from service.app import CONTEXT
 from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
-from tests.conftest import Company
+from service.web.login import CHOICE_COOKIE, CHOICE_PATH
+from tests.conftest import Company, make_company
 from tests.e2e.oauth_helpers import authorize_url, basic, cc_token, new_app, sign_in
 from tests.e2e.test_dashboard import sign_in as dashboard_sign_in
 
@@ -263,6 +264,73 @@ async def session_sign_in(client: TestClient, company: Company) -> Sent:
     return Sent("POST", "/session", body, {"Content-Type": JSON}, 200)
 
 
+async def _member(client: TestClient, company: Company, password: str) -> tuple[str, str]:
+    """A user of its own for each send, with `password`: (email, user id)."""
+    email = f"member-{next(_counter)}@acme.example"
+    body = {"email": email, "role": "member", "password": password}
+    made = await client.post("/admin/users", json=body, headers=company.auth)
+    assert made.status == 201, await made.text()
+    return email, (await made.json())["user_id"]
+
+
+async def change_password(client: TestClient, company: Company) -> Sent:
+    """A signed-in user's own password, proven by the current one (signed in past the
+    client's cookie jar, with the session's X-CSRF-Token)."""
+    old = "the password before, long enough"
+    email, user_id = await _member(client, company, old)
+    sign_in = Sent("POST", "/session", _json({"email": email, "password": old}),
+                   {"Content-Type": JSON}, 200)  # fmt: skip
+    signed_in = await send(client, sign_in, in_pieces=False)
+    assert signed_in.status == 200, signed_in.body
+    session = SimpleCookie(signed_in.headers["Set-Cookie"])["tg_session"].value
+    headers = {"Cookie": f"tg_session={session}", "X-CSRF-Token": signed_in.json()["csrf_token"],
+               "Content-Type": JSON}  # fmt: skip
+    body = _json({"current_password": old, "new_password": "the password after, " + "é" * 12})
+
+    async def old_refused() -> int:
+        again = await client.post("/session", json={"email": email, "password": old})
+        client.session.cookie_jar.clear()
+        return again.status
+
+    return Sent("POST", "/session/password", body, headers, 200, varying=(user_id,),
+                effect=old_refused)  # fmt: skip
+
+
+async def change_role(client: TestClient, company: Company) -> Sent:
+    email, user_id = await _member(client, company, "a password nobody types, long enough")
+    body = _json({"role": "admin"})
+    headers = company.auth | {"Content-Type": JSON}
+    return Sent("PATCH", f"/admin/users/{user_id}", body, headers, 200, varying=(email,))
+
+
+_SHARED_PASSWORD = "one password, two companies"
+
+
+async def sign_in_choice(client: TestClient, company: Company) -> Sent:
+    """The company chosen on /sign-in/choose, after one password opened an account at two
+    companies (an address and a second company of their own for each send)."""
+    other = await make_company(client, "Globex")
+    email = f"shared-{next(_counter)}@shared.example"
+    for at in (company, other):
+        body = {"email": email, "role": "admin", "password": _SHARED_PASSWORD}
+        made = await client.post("/admin/users", json=body, headers=at.auth)
+        assert made.status == 201, await made.text()
+    form = await (await client.get("/dashboard")).text()
+    fields = _hidden_fields(form, "/dashboard/login")
+    fields |= {"email": email, "password": _SHARED_PASSWORD}
+    to_choice = await client.post("/dashboard/login", data=fields, allow_redirects=False)
+    assert to_choice.headers.get("Location") == CHOICE_PATH, await to_choice.text()
+    key = to_choice.cookies[CHOICE_COOKIE].value
+    client.session.cookie_jar.clear()  # the choice travels in the request's own headers
+    cookie = {"Cookie": f"{CHOICE_COOKIE}={key}"}
+    page = await (await client.get(CHOICE_PATH, headers=cookie)).text()
+    fields = _hidden_fields(page, CHOICE_PATH) | {"company_id": other.company_id}
+    return Sent(
+        "POST", CHOICE_PATH, urlencode(fields).encode(), cookie | {"Content-Type": FORM}, 303,
+        varying=(other.company_id,),
+    )  # fmt: skip
+
+
 def _application() -> dict[str, Any]:
     return {
         "name": "Pieces app " + "é" * 30,  # multi-byte characters cut between pieces too
@@ -390,6 +458,7 @@ ROUTES: list[Route] = [
     oauth_login, oauth_authorize, session_sign_in,
     create_application, patch_application, create_user, create_admin_key, add_client_key,
     policy_check, dashboard_login, dashboard_logout, dashboard_add_key, gateway,
+    change_password, change_role, sign_in_choice,
 ]  # fmt: skip
 
 
