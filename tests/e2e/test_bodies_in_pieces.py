@@ -37,6 +37,7 @@ from service.web.login import CHOICE_COOKIE, CHOICE_PATH
 from tests.conftest import Company, make_company
 from tests.e2e.oauth_helpers import authorize_url, basic, cc_token, new_app, sign_in
 from tests.e2e.test_dashboard import sign_in as dashboard_sign_in
+from tests.e2e.test_private_key_jwt import assertion, assertion_params, keyed_app
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -188,6 +189,15 @@ async def token_multipart(client: TestClient, company: Company) -> Sent:
     body, ctype = _multipart({"grant_type": "client_credentials", "scope": "invoices:read"})
     headers = basic(app["client_id"], app["client_secret"]) | {"Content-Type": ctype}
     return Sent("POST", "/oauth/token", body, headers, 200)
+
+
+async def token_assertion(client: TestClient, company: Company) -> Sent:
+    """private_key_jwt: a signed assertion, a fresh one for each send (each is accepted
+    once), in the form body."""
+    app = await keyed_app(client, company)
+    params = {"grant_type": "client_credentials", "scope": "invoices:read"}
+    params |= assertion_params(assertion(client, app))
+    return Sent("POST", "/oauth/token", urlencode(params).encode(), {"Content-Type": FORM}, 200)
 
 
 async def token_json(client: TestClient, company: Company) -> Sent:
@@ -411,6 +421,31 @@ async def dashboard_add_key(client: TestClient, company: Company) -> Sent:
     )  # fmt: skip
 
 
+async def dashboard_client_auth(client: TestClient, company: Company) -> Sent:
+    """The application page's client-authentication form, as a browser posts it: the
+    method chosen, DPoP ticked, a live-token limit typed, its CSRF token and version."""
+    if 'action="/dashboard/login"' in await (await client.get("/dashboard")).text():
+        await dashboard_sign_in(client, company.admin_email, company.admin_password)
+    app = await new_app(client, company)
+    page_path = f"/dashboard/applications/{app['client_id']}"
+    action = f"{page_path}/client-auth"
+    fields = _hidden_fields(await (await client.get(page_path)).text(), action)
+    fields |= {"token_endpoint_auth_method": "private_key_jwt",
+               "dpop_bound_access_tokens": "true", "cc_token_limit": "250"}  # fmt: skip
+    headers = _cookies(client, action) | {"Content-Type": FORM}
+
+    async def saved() -> list[object]:
+        found = await client.get(f"/admin/applications/{app['client_id']}", headers=company.auth)
+        body = await found.json()
+        return [body["token_endpoint_auth_method"], body["dpop_bound_access_tokens"],
+                body["cc_token_limit"]]  # fmt: skip
+
+    return Sent(
+        "POST", action, urlencode(fields).encode(), headers, 303,
+        varying=(app["client_id"],), effect=saved,
+    )  # fmt: skip
+
+
 async def dashboard_login(client: TestClient, company: Company) -> Sent:
     page = await client.get("/dashboard")
     fields = _hidden_fields(await page.text(), "/dashboard/login")
@@ -452,13 +487,13 @@ async def gateway(client: TestClient, company: Company) -> Sent:
 
 
 ROUTES: list[Route] = [
-    token_form, token_multipart, token_json,
+    token_form, token_multipart, token_json, token_assertion,
     _oauth_endpoint("/oauth/revoke", FORM), _oauth_endpoint("/oauth/revoke", JSON),
     _oauth_endpoint("/oauth/introspect", FORM), _oauth_endpoint("/oauth/introspect", JSON),
     oauth_login, oauth_authorize, session_sign_in,
     create_application, patch_application, create_user, create_admin_key, add_client_key,
     policy_check, dashboard_login, dashboard_logout, dashboard_add_key, gateway,
-    change_password, change_role, sign_in_choice,
+    change_password, change_role, sign_in_choice, dashboard_client_auth,
 ]  # fmt: skip
 
 
