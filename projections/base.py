@@ -52,6 +52,10 @@ class SqlRangeProjection(Protocol):
         ...
 
 
+#: what the runner runs
+Projection = SqlProjection | SqlRangeProjection
+
+
 class MemoryProjection(Protocol):
     """State held in the process, rebuilt from the log at every start."""
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from projections.applications import ApplicationsProjection
-from projections.base import SqlProjection, SqlRangeProjection
+from projections.base import Projection
 from projections.companies import CompaniesProjection
 from projections.stats import EventStatsProjection
 from projections.tokens import TokensProjection
 
 
-def sql_projections() -> list[SqlProjection | SqlRangeProjection]:
+def sql_projections() -> list[Projection]:
     return [
         ApplicationsProjection(),
         CompaniesProjection(),

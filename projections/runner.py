@@ -21,7 +21,7 @@ from datetime import datetime
 import asyncpg
 import structlog
 
-from projections.base import SqlProjection, SqlRangeProjection
+from projections.base import Projection, SqlRangeProjection
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
 from service.storage.database import Conn
@@ -64,7 +64,6 @@ class ProjectionStatus:
 
 
 Progress = Callable[[str, int, int], None]
-Projection = SqlProjection | SqlRangeProjection
 
 
 class ProjectionRunner:

@@ -11,9 +11,9 @@ import re
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -24,6 +24,8 @@ from aiohttp.web_protocol import RequestHandler
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # What aiohttp's own handler does: answers keep-alive connections for 75 s, and gives
 # requests in flight a minute to finish on shutdown.
@@ -323,12 +325,18 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def run_as_served(main: Coroutine[Any, Any, T]) -> T:
+    """`main` to completion in this process as the service runs: on its event loop
+    (`event_loop_factory`) and with its collector threshold (`GC_THRESHOLD`)."""
+    gc.set_threshold(*GC_THRESHOLD)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main)
+
+
 def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then let requests in flight finish and clean up."""
-    gc.set_threshold(*GC_THRESHOLD)
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(_serve(app, settings, reuse_port))
+        run_as_served(_serve(app, settings, reuse_port))
     except KeyboardInterrupt:  # Ctrl-C while starting, before the handlers are in place
         log.info("service.stopping", signal="SIGINT")
 

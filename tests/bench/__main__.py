@@ -8,8 +8,6 @@ run compare like with like.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
 import os
 import sys
 import tempfile
@@ -18,7 +16,7 @@ from pathlib import Path
 from service.logs import configure_logging
 from service.storage.database import apply_schema, create_pool
 from service.storage.embedded import EmbeddedPostgres
-from service.web.server import GC_THRESHOLD, event_loop_factory
+from service.web.server import run_as_served
 from tests.bench import eventlog_bench, http_bench
 
 SECTIONS = {"eventlog": eventlog_bench.run, "http": http_bench.run}
@@ -57,7 +55,5 @@ if __name__ == "__main__":
     configure_logging("console", "warning")
     # The event log is measured in this process (and its appending children) as the service
     # runs it: on the service's event loop and garbage-collector settings.
-    gc.set_threshold(*GC_THRESHOLD)
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(main(args.sections or list(SECTIONS)))
+    run_as_served(main(args.sections or list(SECTIONS)))
     sys.exit(0)

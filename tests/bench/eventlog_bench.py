@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from service.eventlog import EventLog, Metadata
 from service.events import encode
 from service.storage.database import create_pool
 from service.storage.embedded import pg_binary
-from service.web.server import GC_THRESHOLD, event_loop_factory
+from service.web.server import run_as_served
 from tests.factories import application, populate, token
 
 SECONDS = 5.0
@@ -266,6 +265,4 @@ if __name__ == "__main__":
 
     configure_logging("console", "warning")  # to stderr: stdout carries the rate alone
     dsn, start_at, concurrency, run = sys.argv[1:5]
-    gc.set_threshold(*GC_THRESHOLD)  # as `serve` runs (see tests/bench/__main__.py)
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        print(runner.run(append_rate(dsn, int(concurrency), run, float(start_at))))
+    print(run_as_served(append_rate(dsn, int(concurrency), run, float(start_at))))
