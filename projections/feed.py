@@ -12,7 +12,8 @@ from typing import Protocol
 
 import structlog
 
-from service.eventlog import EPOCH, NO_METADATA, EventLog, EventLogUnavailable, RecordedEvent
+from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+from service.eventlog.records import lean_recorded
 from service.events import SCHEMA_VERSIONS, Event, type_of
 
 log = structlog.get_logger(__name__)
@@ -95,17 +96,10 @@ class MemoryFeed:
             return False
         try:
             recorded = []
-            for position, version, event in zip(
-                positions, itertools.count(expected_version + 1), events, strict=False
-            ):
+            versions = itertools.count(expected_version + 1)
+            for position, version, event in zip(positions, versions, events, strict=False):
                 tag = type_of(event)
-                # What a lean read gives (EventLog.read_all): what the models use, no more.
-                recorded.append(
-                    RecordedEvent(
-                        position, "", version, tag, SCHEMA_VERSIONS[tag], None, event,
-                        NO_METADATA, EPOCH, b"",
-                    )
-                )  # fmt: skip
+                recorded.append(lean_recorded(position, version, tag, SCHEMA_VERSIONS[tag], event))
             for model in self.models:
                 model.apply(recorded)
         except Exception:

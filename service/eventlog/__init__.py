@@ -54,6 +54,7 @@ from service.eventlog.records import (
     EventLogUnavailable,
     Metadata,
     RecordedEvent,
+    lean_recorded,
     to_recorded,
 )
 from service.events import Event, decode_or_unknown
@@ -491,9 +492,7 @@ class EventLog:
         except _DB_ERRORS as exc:
             raise failure(exc) from exc
         return [
-            RecordedEvent(
-                p, "", v, t, sv, None, decode_or_unknown(t, sv, raw), NO_METADATA, EPOCH, b""
-            )
+            lean_recorded(p, v, t, sv, decode_or_unknown(t, sv, raw))
             for p, v, t, sv, raw in _lean_decoder.decode(text)
         ]
 

@@ -40,6 +40,16 @@ class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
     hash: bytes
 
 
+def lean_recorded(
+    position: int, version: int, tag: str, schema_version: int, event: Event
+) -> RecordedEvent:
+    """What a lean read gives (EventLog.read_all): what the in-memory models use, no more;
+    stream and tenant empty, metadata, time and hash as NO_METADATA, EPOCH and b""."""
+    return RecordedEvent(
+        position, "", version, tag, schema_version, None, event, NO_METADATA, EPOCH, b""
+    )
+
+
 class EventLogError(Exception):
     """Base of the errors raised by the event log."""
 
