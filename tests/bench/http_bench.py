@@ -4,6 +4,7 @@ between two processes, and the read model's memory per million live tokens."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from service.oauth.assertions import ASSERTION_TYPE
 from service.runtime import open_context
 from service.settings import Settings
 from service.storage.database import Database, create_pool
-from tests.bench import wrk
+from tests.bench import peer, wrk
 from tests.bench.load import RequestSpec, Result
 from tests.e2e.oauth_helpers import basic
 
@@ -126,61 +127,116 @@ async def issue(base: str, app: dict[str, Any], count: int) -> list[str]:
 
 def table(title: str, rows: list[str]) -> None:
     print(f"\n## {title}")
-    print("| server | processes | requests/s | p50 ms | p99 ms | errors | of bare |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("CPU while wrk measured, as a share of one core (this machine has "
+          f"{os.cpu_count()}): the server measured, PostgreSQL, wrk.\n")  # fmt: skip
+    print("| server | processes | requests/s | p50 ms | p99 ms | errors | of bare | "
+          "CPU: server | PostgreSQL | wrk |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:
         print(line)
 
 
-def row(name: str, procs: int, result: Result, baseline: Result | None = None) -> str:
-    ratio = f"{result.rate / baseline.rate:.0%}" if baseline else "100%"
+def row(name: str, procs: int, figure: Figure, baseline: Figure | None = None) -> str:
+    result, cpu = figure
+    ratio = f"{result.rate / baseline[0].rate:.0%}" if baseline else "100%"
+    shares = " | ".join("n/a" if cpu[k] is None else f"{cpu[k]:.0%}"
+                        for k in ("server", "postgres", "wrk"))  # fmt: skip
     return (f"| {name} | {procs} | {result.rate:,.0f} | {result.p50_ms:.1f} | "
-            f"{result.p99_ms:.1f} | {result.errors} | {ratio} |")  # fmt: skip
+            f"{result.p99_ms:.1f} | {result.errors} | {ratio} | {shares} |")  # fmt: skip
+
+
+#: one wrk measurement and where the CPU went meanwhile (wrk.CpuMeter.shares)
+Figure = tuple[Result, dict[str, float | None]]
+
+
+async def measured(dsn: str, base: str, spec: RequestSpec) -> Figure:
+    meter = wrk.CpuMeter(await _postgres_pid(dsn))
+    result = await asyncio.to_thread(wrk.measure, base, spec, connections=CONNECTIONS, cpu=meter)
+    return result, meter.shares
+
+
+async def _postgres_pid(dsn: str) -> int | None:
+    pool = await create_pool(dsn, min_size=1, max_size=1)
+    try:
+        directory = await pool.fetchval("SELECT current_setting('data_directory')")
+    finally:
+        await pool.close()
+    return wrk.postgres_pid(directory)
+
+
+#: another server measured beside Tollgate: its name, its argv for (port, processes), and
+#: the request wrk sends it (its own credentials)
+Peer = tuple[str, Callable[[int, int], list[str]], RequestSpec]
 
 
 async def against_bare(
-    dsn: str, spec: RequestSpec, bare_kind: str, bare_tokens: tuple[str, ...]
-) -> list[tuple[int, Result, Result]]:
-    """(processes, Tollgate, bare) for 1 and 2 processes, each measured by wrk."""
+    dsn: str,
+    spec: RequestSpec,
+    bare_kind: str,
+    bare_tokens: tuple[str, ...],
+    peers: Sequence[Peer] = (),
+) -> list[tuple[int, Figure, Figure, list[Figure]]]:
+    """(processes, Tollgate, bare, each peer) for 1 and 2 processes, each measured by wrk,
+    one after another for each number of processes."""
     out = []
     for procs in (1, 2):
         port = free_port()
         async with process(*service(dsn, port, procs), port) as base:
-            ours = await asyncio.to_thread(wrk.measure, base, spec, connections=CONNECTIONS)
+            ours = await measured(dsn, base, spec)
         port = free_port()
         async with process(*bare(bare_kind, port, *bare_tokens), port, procs) as bare_base:
-            baseline = await asyncio.to_thread(
-                wrk.measure, bare_base, spec, connections=CONNECTIONS
-            )
-        out.append((procs, ours, baseline))
+            baseline = await measured(dsn, bare_base, spec)
+        theirs = []
+        for _name, peer_argv, peer_spec in peers:
+            port = free_port()
+            async with process(peer_argv(port, procs), dict(os.environ), port) as peer_base:
+                theirs.append(await measured(dsn, peer_base, peer_spec))
+        out.append((procs, ours, baseline, theirs))
     return out
 
 
 async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = b"grant_type=client_credentials"
     spec: RequestSpec = (
-        "POST", "/oauth/token",
-        basic(app["client_id"], app["client_secret"])
-        | {"Content-Type": "application/x-www-form-urlencoded"},
-        b"grant_type=client_credentials",
+        "POST", "/oauth/token", basic(app["client_id"], app["client_secret"]) | form, body
     )  # fmt: skip
     pool = await create_pool(dsn, min_size=1, max_size=1)
     before = await pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
-    results = await against_bare(dsn, spec, "json", ())
+    with peer.installed() as root:
+        peers: list[Peer] = []
+        if root is not None:
+            creds = basic(peer.CLIENT_ID, peer.CLIENT_SECRET) | form
+            for package, version in peer.RELEASES:
+                peers.append((
+                    f"node-oidc-provider {version} (in memory, nothing durable)",
+                    functools.partial(peer.argv, root, package),
+                    ("POST", "/token", creds, body),
+                ))  # fmt: skip
+        results = await against_bare(dsn, spec, "json", (), peers)
     after = await pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
     await pool.close()
     rows = []
-    for procs, ours, baseline in results:
+    for procs, ours, baseline, theirs in results:
         rows.append(row("bare aiohttp handler (JSON answer)", procs, baseline))
         rows.append(
             row("POST /oauth/token (each token appended to the log)", procs, ours, baseline)
         )
+        for (name, _, _), result in zip(peers, theirs, strict=True):
+            rows.append(row(name, procs, result, baseline))
     table(f"Token endpoint: client_credentials, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows)
-    one, two = results[0][1], results[1][1]
+    one, two = results[0][1][0], results[1][1][0]
     print(
         f"\nTwo processes against one: {two.rate / one.rate:.2f}x. Tokens committed to the log "
         f"during the runs (warm-ups included): {after - before:,}; answered 200 in the "
         f"measured windows: {one.requests + two.requests:,}."
     )
+    for n, (name, _, _) in enumerate(peers):
+        against = ", ".join(
+            f"{procs} process{'es' if procs > 1 else ''} {ours[0].rate / theirs[n][0].rate:.2f}x"
+            for procs, ours, _, theirs in results
+        )
+        print(f"Tollgate against {name.split(' (')[0]}: {against}.")
 
 
 AUTH_SECONDS = 10
@@ -257,7 +313,7 @@ async def gateway(dsn: str, token: str) -> None:
     spec: RequestSpec = ("GET", "/api/v1/whoami", {"Authorization": f"Bearer {token}"}, None)
     results = await against_bare(dsn, spec, "dict", (token,))
     rows = []
-    for procs, ours, baseline in results:
+    for procs, ours, baseline, _ in results:
         rows.append(row("bare aiohttp handler (SHA-256 + dict lookup)", procs, baseline))
         rows.append(row("Tollgate gateway (token, allow list, permission)", procs, ours, baseline))
     table(

@@ -3,11 +3,16 @@ driver on the same two cores caps the bare baselines it is compared with."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 from tests.bench.load import RequestSpec, Result
 
@@ -39,6 +44,63 @@ def script(spec: RequestSpec) -> str:
     )
 
 
+class CpuMeter:
+    """Where the machine's CPU went while wrk measured: the server measured (every process
+    this one started, but wrk), PostgreSQL (the postmaster of `postgres_pid` and its
+    backends, when the server is on this machine) and wrk itself, each as a share of one
+    core. On a machine with few cores the three compete, and the shares say what bounds a
+    figure."""
+
+    def __init__(self, postgres_pid: int | None) -> None:
+        self._postgres = psutil.Process(postgres_pid) if postgres_pid is not None else None
+        self.shares: dict[str, float | None] = {}
+
+    def _trees(self) -> tuple[float, float]:
+        server = [c for c in psutil.Process().children(recursive=True) if c.name() != "wrk"]
+        postgres = []
+        if self._postgres is not None:
+            postgres = [self._postgres, *self._postgres.children(recursive=True)]
+        # A process that exits within the window takes its CPU time with it: the servers
+        # and backends measured here live through it.
+        return self._sum(server), self._sum(postgres)
+
+    def _sum(self, procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
+    def __enter__(self) -> CpuMeter:
+        self._started = time.perf_counter()
+        self._server, self._pg = self._trees()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._wrk = children.ru_utime + children.ru_stime
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        elapsed = time.perf_counter() - self._started
+        server, pg = self._trees()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrk = children.ru_utime + children.ru_stime - self._wrk  # wrk has exited: counted
+        self.shares = {
+            "server": (server - self._server) / elapsed,
+            "postgres": (pg - self._pg) / elapsed if self._postgres is not None else None,
+            "wrk": wrk / elapsed,
+        }
+
+
+def postgres_pid(data_directory: str) -> int | None:
+    """The postmaster's pid from its data directory, when that is on this machine."""
+    try:
+        return int((Path(data_directory) / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
 def measure(
     base: str,
     spec: RequestSpec,
@@ -46,18 +108,21 @@ def measure(
     connections: int = 64,
     threads: int = THREADS,
     seconds: int = SECONDS,
+    cpu: CpuMeter | None = None,
 ) -> Result:
-    """Drive `base + path` with wrk for `seconds` after a short warm-up run."""
+    """Drive `base + path` with wrk for `seconds` after a short warm-up run; `cpu`, when
+    given, measures the measured run alone."""
     with tempfile.TemporaryDirectory() as tmp:
         lua = Path(tmp) / "request.lua"
         lua.write_text(script(spec))
         url = base + spec[1]
         argv = ["wrk", f"-t{threads}", f"-c{connections}", "--latency", "-s", str(lua)]
         subprocess.run([*argv, "-d2s", url], check=True, capture_output=True, timeout=60)
-        done = subprocess.run(
-            [*argv, f"-d{seconds}s", url], check=True, capture_output=True, text=True,
-            timeout=seconds + 60,
-        )  # fmt: skip
+        with cpu or contextlib.nullcontext():
+            done = subprocess.run(
+                [*argv, f"-d{seconds}s", url], check=True, capture_output=True, text=True,
+                timeout=seconds + 60,
+            )  # fmt: skip
     if done.stderr.strip():
         # wrk runs on without a script it cannot load (exit status 0): not a measurement.
         raise RuntimeError(f"wrk: {done.stderr.strip()}")
