@@ -52,8 +52,10 @@ CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
 -- trip, and the lock is held for this statement and its commit only.
 --
 -- The appends, in order: p_streams, p_stream_json (the stream id as the hash covers it,
--- JSON), p_expected (NULL: any version) and p_counts (how many events each has). Their
--- conditions: p_condition_of (the append's index, ascending), p_condition_streams and
+-- JSON), p_expected (NULL: any version), p_counts (how many events each has) and p_slots
+-- (each distinct stream of the batch, its conditions' included, numbered from 1: where its
+-- version is kept while the batch is checked). Their conditions: p_condition_of (the
+-- append's index, ascending), p_condition_slots, p_condition_streams and
 -- p_condition_versions. Every append's events in order: p_event_of (the append's index),
 -- p_tails (what the hash covers after the version: `,"type",schema_version,company_id,
 -- payload,metadata,"recorded_at"]`, see service/eventlog/chain.py), p_types,
@@ -66,7 +68,8 @@ CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
 -- the version that did not match (that append alone is not written).
 CREATE OR REPLACE FUNCTION events_append(
     p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
-    p_condition_of integer[], p_condition_streams text[], p_condition_versions integer[],
+    p_slots integer[], p_condition_of integer[], p_condition_slots integer[],
+    p_condition_streams text[], p_condition_versions integer[],
     p_event_of integer[], p_tails text[], p_types text[], p_schema_versions smallint[],
     p_companies text[], p_payloads text[], p_metadata text[], p_recorded timestamptz,
     p_probe_new boolean)
@@ -80,8 +83,7 @@ DECLARE
     head_hash bytea;
     pos bigint;
     previous bytea;
-    seen text[] := '{}';  -- the streams looked up (or taken to be new), and their versions
-    versions integer[] := '{}';
+    versions integer[] := '{}';  -- per slot: the stream's version (NULL: not looked up yet)
     first_positions bigint[];  -- per append; NULL: not written
     first_versions integer[];
     first_events integer[];  -- per append: the index of its first event
@@ -105,12 +107,10 @@ BEGIN
         WHILE c <= cardinality(p_condition_of) AND p_condition_of[c] = n LOOP
             IF conflict IS NULL THEN
                 s := p_condition_streams[c];
-                j := array_position(seen, s);
-                IF j IS NULL THEN
+                j := p_condition_slots[c];
+                IF versions[j] IS NULL THEN
                     SELECT coalesce(max(e.version), 0) INTO v FROM events e WHERE e.stream_id = s;
-                    seen := seen || s;
-                    versions := versions || v;
-                    j := cardinality(seen);
+                    versions[j] := v;
                 END IF;
                 IF versions[j] <> p_condition_versions[c] THEN
                     conflict := concat('[', to_json(s), ',', p_condition_versions[c], ',',
@@ -120,17 +120,15 @@ BEGIN
             c := c + 1;
         END LOOP;
         s := p_streams[n];
+        j := p_slots[n];
         IF conflict IS NULL THEN
-            j := array_position(seen, s);
-            IF j IS NULL THEN
+            IF versions[j] IS NULL THEN
                 IF p_expected[n] = 0 AND NOT p_probe_new THEN
                     v := 0;
                 ELSE
                     SELECT coalesce(max(e.version), 0) INTO v FROM events e WHERE e.stream_id = s;
                 END IF;
-                seen := seen || s;
-                versions := versions || v;
-                j := cardinality(seen);
+                versions[j] := v;
             END IF;
             IF p_expected[n] IS NOT NULL AND versions[j] <> p_expected[n] THEN
                 conflict := concat('[', to_json(s), ',', p_expected[n], ',', versions[j], ']');
@@ -169,6 +167,30 @@ BEGIN
     END IF;
     RETURN '[' || array_to_string(results, ',') || ']';
 END $$;
+
+-- What processes of the previous version call while hosts are rolled one at a time: the
+-- same batch without slots, each stream numbered here.
+CREATE OR REPLACE FUNCTION events_append(
+    p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
+    p_condition_of integer[], p_condition_streams text[], p_condition_versions integer[],
+    p_event_of integer[], p_tails text[], p_types text[], p_schema_versions smallint[],
+    p_companies text[], p_payloads text[], p_metadata text[], p_recorded timestamptz,
+    p_probe_new boolean)
+RETURNS text
+LANGUAGE sql AS $$
+    SELECT events_append(
+        p_streams, p_stream_json, p_expected, p_counts, slots.appends, p_condition_of,
+        slots.conditions, p_condition_streams, p_condition_versions, p_event_of, p_tails,
+        p_types, p_schema_versions, p_companies, p_payloads, p_metadata, p_recorded,
+        p_probe_new)
+    FROM (SELECT coalesce(array_agg(slot ORDER BY o) FILTER (WHERE kind = 1), '{}') AS appends,
+                 coalesce(array_agg(slot ORDER BY o) FILTER (WHERE kind = 2), '{}') AS conditions
+          FROM (SELECT kind, o, dense_rank() OVER (ORDER BY s)::integer AS slot
+                FROM (SELECT 1 AS kind, o, s FROM unnest(p_streams) WITH ORDINALITY AS a(s, o)
+                      UNION ALL
+                      SELECT 2, o, s FROM unnest(p_condition_streams) WITH ORDINALITY AS c(s, o)
+                     ) AS named) AS numbered) AS slots
+$$;
 
 -- Projection bookkeeping: one row per projection, written in the same transaction as the
 -- projection's own rows.

@@ -79,7 +79,7 @@ log = structlog.get_logger(__name__)
 
 CHANNEL = "tollgate_events"
 
-_APPEND = f"SELECT events_append({', '.join(f'${n}' for n in range(1, 17))})"
+_APPEND = f"SELECT events_append({', '.join(f'${n}' for n in range(1, 19))})"
 
 _COLUMNS = (
     "position, stream_id, version, type, schema_version, company_id, payload, metadata, "

@@ -13,7 +13,8 @@ import pytest
 from service import events as ev
 from service.audit.verify import verify_log
 from service.eventlog import ConcurrencyError, EventLog, Metadata
-from service.storage.database import create_pool
+from service.eventlog.appends import Append, Plan
+from service.storage.database import create_pool, schema_sql
 
 pytestmark = pytest.mark.eventlog
 
@@ -124,3 +125,69 @@ async def test_a_lost_reply_is_answered_as_the_log_holds_the_batch(
         rows = await conn.fetch("SELECT stream_id, version FROM events ORDER BY position")
     assert [(r["stream_id"], r["version"]) for r in rows] == [("app", 1), ("any", 1), ("new", 1)]
     assert (await verify_log(db.pool)).ok
+
+
+async def test_a_batch_of_many_appends_keeps_each_streams_version_as_it_goes(
+    eventlog: EventLog, db
+):
+    """Hundreds of appends in one batch, streams repeated and named by conditions: each
+    distinct stream's version is tracked through the batch (by its number, schema.sql)."""
+    assert await eventlog.append("app", 0, [company(0)]) == [1]
+    appends = []
+    for n in range(200):
+        appends += [
+            eventlog.append(f"s{n}", 0, [company(n)]),
+            eventlog.append(f"s{n}", 1, [company(n)] * 2),
+            eventlog.append(f"t{n}", 0, [company(n)], conditions=[(f"s{n}", 3), ("app", 1)]),
+            eventlog.append(f"u{n}", 0, [company(n)], conditions=[(f"s{n}", 1)]),  # moved
+        ]
+    results = await asyncio.gather(*appends, return_exceptions=True)
+    assert eventlog.batches_committed < 20  # a few large batches
+    for n in range(200):
+        s1, s2, t, u = results[4 * n : 4 * n + 4]
+        assert len(s1) == 1 and len(s2) == 2 and len(t) == 1
+        assert isinstance(u, ConcurrencyError) and (u.stream_id, u.actual) == (f"s{n}", 3)
+    assert [r.version for r in await eventlog.read_stream("s199")] == [1, 2, 3]
+    result = await verify_log(db.pool)
+    assert result.ok and result.checked == 1 + 200 * 4
+
+
+async def test_a_process_of_the_previous_version_appends_as_it_did(eventlog: EventLog, db):
+    """While hosts are rolled one at a time, the previous version calls events_append
+    without the streams' numbers: versions, conditions and conflicts are decided as
+    before, and the chain stays intact."""
+    async with db.pool.acquire() as conn:
+        # A database that had the previous function: the schema replaces it (in another
+        # language), as a start of the new version does.
+        await conn.execute(
+            f"DROP FUNCTION events_append({', '.join(OLD_SIGNATURE)}); "
+            f"CREATE FUNCTION events_append({', '.join(OLD_SIGNATURE)}) RETURNS text "
+            "LANGUAGE plpgsql AS $$ BEGIN RETURN '[]'; END $$"
+        )
+        await conn.execute(schema_sql())
+    assert await eventlog.append("app", 0, [company(0)]) == [1]
+    loop = asyncio.get_running_loop()
+    plan = Plan.build([
+        Append("app", 1, [company(1)], Metadata(), (), loop.create_future()),
+        Append("app", 2, [company(2)], Metadata(), (), loop.create_future()),
+        Append("token", 0, [company(3)], Metadata(), [("app", 3)], loop.create_future()),
+        Append("stale", 0, [company(4)], Metadata(), [("app", 1)], loop.create_future()),
+        Append("app", None, [company(5)] * 2, Metadata(), (), loop.create_future()),
+    ])  # fmt: skip
+    # The previous version's arguments: without p_slots (5th) and p_condition_slots (7th).
+    old = tuple(a for n, a in enumerate(plan.args) if n not in (4, 6))
+    async with db.pool.acquire() as conn:
+        answer = await conn.fetchval(
+            f"SELECT events_append({', '.join(f'${n}' for n in range(1, 17))})", *old, False
+        )
+    assert answer == '[2,3,4,["app",1,3],5]'
+    assert [r.version for r in await eventlog.read_stream("app")] == [1, 2, 3, 4, 5]
+    result = await verify_log(db.pool)
+    assert result.ok and result.checked == 6
+
+
+OLD_SIGNATURE = (
+    "text[]", "text[]", "integer[]", "integer[]", "integer[]", "text[]", "integer[]",
+    "integer[]", "text[]", "text[]", "smallint[]", "text[]", "text[]", "text[]",
+    "timestamptz", "boolean",
+)  # fmt: skip
