@@ -53,10 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The port is taken, the host unknown, the database unreachable: one line.
             return _one_line(lambda: serve_workers(settings, args.workers), "cannot serve")
         return _one_line(lambda: _serve(settings), "cannot serve")
+    from service.web.server import run_as_served
+
     command: Command = _COMMANDS[(args.command, args.action)]
     try:
-        # The database cannot be reached (or started): one line, not a traceback.
-        return _one_line(lambda: asyncio.run(command(settings, args)), "database")
+        # The database cannot be reached (or started): one line, not a traceback. On the
+        # service's event loop and collector settings: `projections run` is a service too.
+        return _one_line(lambda: run_as_served(command(settings, args)), "database")
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,36 @@
+"""A command of the command line runs as the service does: on its event loop and with its
+collector threshold. `tollgate projections run` is a long-lived process of the service."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+from service import cli
+from service.web.server import GC_THRESHOLD, event_loop_factory
+
+
+def test_a_command_runs_on_the_services_event_loop_and_collector_settings(monkeypatch):
+    seen: dict[str, Any] = {}
+
+    async def command(_settings: Any, _args: Any) -> int:
+        seen["threshold"] = gc.get_threshold()
+        seen["loop"] = type(asyncio.get_running_loop())
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, ("projections", "run"), command)
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # CPython's default, whatever ran before in this process
+    try:
+        assert cli.main(["projections", "run"]) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert seen["threshold"] == GC_THRESHOLD
+    factory = event_loop_factory()
+    assert factory is not None  # uvloop is a dependency of the service
+    loop = factory()
+    try:
+        assert seen["loop"] is type(loop)
+    finally:
+        loop.close()
