@@ -64,12 +64,19 @@ class MemoryFeed:
 
     async def _read_and_apply(self) -> int:
         # The next batch is fetched while the current one is applied, so the database and
-        # this process work side by side.
+        # this process work side by side. A batch shorter than a full one reached the head
+        # the read saw (positions are dense and follow commit order), so nothing is read
+        # after it: following the log, most catch-ups are one short batch, and the read
+        # after it came back empty (half the reads of a process following another's).
         read = self.eventlog.read_all
         batch = await read(self.position, self.batch_size, lean=True)
         while batch:
-            upcoming = asyncio.ensure_future(read(batch[-1].position, self.batch_size, lean=True))
-            await asyncio.sleep(0)  # let it send the query before applying takes the CPU
+            upcoming = None
+            if len(batch) == self.batch_size:
+                upcoming = asyncio.ensure_future(
+                    read(batch[-1].position, self.batch_size, lean=True)
+                )
+                await asyncio.sleep(0)  # let it send the query before applying takes the CPU
             try:
                 if batch[0].position <= self.position:  # applied meanwhile (apply_own)
                     batch = [r for r in batch if r.position > self.position]
@@ -78,9 +85,10 @@ class MemoryFeed:
                         model.apply(batch)
                     self.position = batch[-1].position
             except BaseException:
-                upcoming.cancel()
+                if upcoming is not None:
+                    upcoming.cancel()
                 raise
-            batch = await upcoming
+            batch = await upcoming if upcoming is not None else []
         return self.position
 
     def apply_own(

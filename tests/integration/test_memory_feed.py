@@ -239,3 +239,34 @@ async def test_a_failing_appended_hook_never_fails_or_repeats_the_append(eventlo
         eventlog.appended.remove(broken)
     stored = await db.pool.fetch("SELECT position FROM events WHERE stream_id = 'code-a'")
     assert [r["position"] for r in stored] == positions  # committed once, and answered
+
+
+async def test_a_catch_up_stops_reading_at_a_batch_shorter_than_a_full_one(
+    eventlog: EventLog, db, monkeypatch
+):
+    """Positions are dense and follow commit order, so a short batch reached the head the
+    read saw: a process following another's appends reads once per catch-up, not twice."""
+    counting = Counting()
+    feed = MemoryFeed(eventlog, [counting], batch_size=4)
+    await feed.catch_up()
+    other = EventLog(db.pool, db.dsn)  # another process's log: left to the read
+    await other.start()
+    try:
+        now = int(time.time())
+        theirs = [(await other.append(f"code-{n}", 0, [code(n, now + 600)]))[0] for n in range(3)]
+        reads = counting_reads(eventlog, monkeypatch)
+        await feed.catch_up()
+        assert len(reads) == 1 and counting.applied == {p: 1 for p in theirs}
+        more = [(await other.append(f"code-{n}", 0, [code(n, now + 600)]))[0] for n in range(3, 12)]
+        reads.clear()
+        await feed.catch_up()  # 4 + 4 + 1: two full batches, then the short one
+        assert len(reads) == 3 and counting.applied == {p: 1 for p in theirs + more}
+        assert feed.position == more[-1]
+        more = [
+            (await other.append(f"code-{n}", 0, [code(n, now + 600)]))[0] for n in range(12, 16)
+        ]
+        reads.clear()
+        await feed.catch_up()  # exactly a full batch: the read after it finds the head
+        assert len(reads) == 2 and feed.position == more[-1]
+    finally:
+        await other.close()
