@@ -56,7 +56,7 @@ class CpuMeter:
         self.shares: dict[str, float | None] = {}
 
     def _trees(self) -> tuple[float, float]:
-        server = [c for c in psutil.Process().children(recursive=True) if c.name() != "wrk"]
+        server = [c for c in psutil.Process().children(recursive=True) if not _is_wrk(c)]
         postgres = []
         if self._postgres is not None:
             postgres = [self._postgres, *self._postgres.children(recursive=True)]
@@ -91,6 +91,13 @@ class CpuMeter:
             "postgres": (pg - self._pg) / elapsed if self._postgres is not None else None,
             "wrk": wrk / elapsed,
         }
+
+
+def _is_wrk(proc: psutil.Process) -> bool:
+    try:
+        return proc.name() == "wrk"
+    except psutil.Error:  # gone since it was listed: its CPU time with it
+        return True
 
 
 def postgres_pid(data_directory: str) -> int | None:
