@@ -149,8 +149,9 @@ def row(name: str, procs: int, figure: Figure, baseline: Figure | None = None) -
 Figure = tuple[Result, dict[str, float | None]]
 
 
-async def measured(dsn: str, base: str, spec: RequestSpec) -> Figure:
-    meter = wrk.CpuMeter(await _postgres_pid(dsn))
+async def measured(base: str, spec: RequestSpec, postgres: int | None) -> Figure:
+    """wrk's figure and the CPU shares, PostgreSQL's from its postmaster `postgres`."""
+    meter = wrk.CpuMeter(postgres)
     result = await asyncio.to_thread(wrk.measure, base, spec, connections=CONNECTIONS, cpu=meter)
     return result, meter.shares
 
@@ -179,18 +180,19 @@ async def against_bare(
     """(processes, Tollgate, bare, each peer) for 1 and 2 processes, each measured by wrk,
     one after another for each number of processes."""
     out = []
+    postgres = await _postgres_pid(dsn)
     for procs in (1, 2):
         port = free_port()
         async with process(*service(dsn, port, procs), port) as base:
-            ours = await measured(dsn, base, spec)
+            ours = await measured(base, spec, postgres)
         port = free_port()
         async with process(*bare(bare_kind, port, *bare_tokens), port, procs) as bare_base:
-            baseline = await measured(dsn, bare_base, spec)
+            baseline = await measured(bare_base, spec, postgres)
         theirs = []
         for _name, peer_argv, peer_spec in peers:
             port = free_port()
             async with process(peer_argv(port, procs), dict(os.environ), port) as peer_base:
-                theirs.append(await measured(dsn, peer_base, peer_spec))
+                theirs.append(await measured(peer_base, peer_spec, postgres))
         out.append((procs, ours, baseline, theirs))
     return out
 
@@ -209,7 +211,7 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
             creds = basic(peer.CLIENT_ID, peer.CLIENT_SECRET) | form
             for package, version in peer.RELEASES:
                 peers.append((
-                    f"node-oidc-provider {version} (in memory, nothing durable)",
+                    f"node-oidc-provider {version}",
                     functools.partial(peer.argv, root, package),
                     ("POST", "/token", creds, body),
                 ))  # fmt: skip
@@ -223,7 +225,7 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
             row("POST /oauth/token (each token appended to the log)", procs, ours, baseline)
         )
         for (name, _, _), result in zip(peers, theirs, strict=True):
-            rows.append(row(name, procs, result, baseline))
+            rows.append(row(f"{name} (in memory, nothing durable)", procs, result, baseline))
     table(f"Token endpoint: client_credentials, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows)
     one, two = results[0][1][0], results[1][1][0]
     print(
@@ -236,7 +238,7 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
             f"{procs} process{'es' if procs > 1 else ''} {ours[0].rate / theirs[n][0].rate:.2f}x"
             for procs, ours, _, theirs in results
         )
-        print(f"Tollgate against {name.split(' (')[0]}: {against}.")
+        print(f"Tollgate against {name}: {against}.")
 
 
 AUTH_SECONDS = 10
