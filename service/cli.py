@@ -44,10 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
-        if not 1 <= args.workers <= 64:
+        if args.workers is not None and not 1 <= args.workers <= 64:
             print("tollgate: --workers must be between 1 and 64", file=sys.stderr)
             return 2
-        if args.workers > 1:
+        if args.workers is not None:
             from service.workers import serve_workers
 
             # The port is taken, the host unknown, the database unreachable: one line.
@@ -211,6 +211,10 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
 
 
 async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
+    from service.workers import bind_to_parent
+
+    bind_to_parent()  # the projections process of `serve --workers N` dies with its parent
+
     async def body(runner: Any) -> int:
         if args.until_caught_up:
             for name in runner.projections:

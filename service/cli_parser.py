@@ -36,8 +36,9 @@ def parser(projection_names: Sequence[str], version: str) -> argparse.ArgumentPa
         "SIGTERM. Several hosts may serve one DATABASE_URL.",
     )  # fmt: skip
     serve.add_argument(
-        "--workers", type=int, default=1, metavar="N",
-        help="service processes sharing the port, 1 to 64 (default 1)",
+        "--workers", type=int, default=None, metavar="N",
+        help="service processes sharing the port, 1 to 64, under a parent that runs the "
+        "SQL projections in a process of their own (default: one process doing both)",
     )  # fmt: skip
     _projections(sub, projection_names)
     _directory(sub)

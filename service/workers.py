@@ -1,8 +1,9 @@
 """`tollgate serve --workers N`: N service processes on one port (SO_REUSEPORT) and one
-database. The parent claims the port (a lock under DATA_DIR that its workers inherit),
-starts the embedded PostgreSQL when there is one and keeps it up, applies the schema, and
-forwards Ctrl-C / SIGTERM to the workers before stopping the database. Workers die with
-their parent: nothing of an old generation keeps serving beside a new one."""
+database, and one process that runs the SQL projections. The parent claims the port (a
+lock under DATA_DIR that its workers inherit), starts the embedded PostgreSQL when there is
+one and keeps it up, applies the schema, and forwards Ctrl-C / SIGTERM to its children
+before stopping the database. Its children die with it: nothing of an old generation
+keeps serving beside a new one."""
 
 from __future__ import annotations
 
@@ -88,12 +89,14 @@ def serve_workers(settings: Settings, workers: int) -> int:
         metrics_dir = fresh_multiprocess_dir(settings.data_dir)
         try:
             asyncio.run(_prepare(dsn))
-            _spawn(children, workers, dsn, embedded, lock, metrics_dir)
+            projections = settings.run_projections
+            _spawn(children, workers, dsn, embedded, lock, metrics_dir, projections=projections)
             log.info(
                 "service.started",
                 listen=listen_url(settings),
                 dashboard=dashboard_url(settings),
                 workers=workers,
+                projections="own process" if projections else "elsewhere",
             )
             return _watch(children, Supervisor(embedded) if embedded is not None else None)
         finally:
@@ -112,7 +115,13 @@ def _spawn(
     embedded: EmbeddedPostgres | None,
     lock: IO[str],
     metrics_dir: Path,
+    *,
+    projections: bool = True,
 ) -> None:
+    """The workers, and with `projections` the process that runs the SQL projections: off
+    the serving processes, whose cores then go to requests (a token is decoded, folded and
+    written a second time for `live_tokens`: about a tenth of a serving process's time
+    under load), and with no standby runners that try the projections' locks every 2 s."""
     env = {
         **os.environ,
         MULTIPROCESS_DIR: str(metrics_dir),
@@ -123,11 +132,19 @@ def _spawn(
     }
     if embedded is not None:
         env[EMBEDDED_PGDATA] = str(embedded.pgdata)
+    if projections:
+        env["RUN_PROJECTIONS"] = "false"
     for _ in range(workers):
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "service", "serve"], env=env, pass_fds=(lock.fileno(),)
             )
+        )
+    if projections:
+        # It listens on no port: it does not hold the port's lock (close_fds).
+        own = {k: v for k, v in env.items() if k not in ("TOLLGATE_REUSE_PORT", PORT_LOCK_FD)}
+        children.append(
+            subprocess.Popen([sys.executable, "-m", "service", "projections", "run"], env=own)
         )
     # For the one line of a new parent that finds the port still held.
     lock.seek(0)

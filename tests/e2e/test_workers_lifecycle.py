@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import psutil
 import pytest
 
+from tests.faults.load import tenant
 from tests.faults.process import Service, kill_everything, start
 
 
@@ -35,10 +37,12 @@ async def test_workers_die_with_a_killed_parent_and_a_new_generation_takes_the_p
         await first.wait_status(200)
         workers = first.workers()
         assert len(workers) == 2
+        children = first.children()
+        assert len(children) == 3  # and the process that runs the SQL projections
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
         # Before: the workers went on serving with PPID 1 for good.
-        assert gone_within(workers, 15), [w.status() for w in workers if w.is_running()]
+        assert gone_within(children, 15), [c.status() for c in children if c.is_running()]
         second = start(tmp_path / "data", "--workers", "2", port=first.port, DATABASE_URL=db.dsn)
         await second.wait_status(200)
         assert {w.ppid() for w in second.workers()} == {second.proc.pid}
@@ -139,5 +143,73 @@ async def test_the_service_exits_non_zero_when_the_database_cannot_be_restarted(
         assert service.logged("embedded_postgres.gave_up")
         last = service.log().strip().splitlines()[-1]
         assert last == "tollgate: the embedded PostgreSQL died and could not be restarted"
+    finally:
+        kill_everything(service)
+
+
+async def live_tokens(db, client_id: str) -> int:
+    return int(
+        await db.pool.fetchval("SELECT count(*) FROM live_tokens WHERE client_id = $1", client_id)
+    )
+
+
+async def test_the_sql_projections_run_in_a_process_of_their_own_that_the_service_needs(
+    db, tmp_path
+):
+    service = start(tmp_path / "data", "--workers", "2", DATABASE_URL=db.dsn)
+    try:
+        await service.wait_status(200)
+        await service.wait_listening(2)
+        [projections] = service.projections()
+        assert projections.ppid() == service.proc.pid
+        # The workers run no projection, not even standing by on the locks.
+        assert {w.environ().get("RUN_PROJECTIONS") for w in service.workers()} == {"false"}
+        acme = await tenant(service)
+        client_id = acme.application["client_id"]
+        async with aiohttp.ClientSession() as http:
+
+            async def issue() -> None:
+                async with http.post(
+                    f"{service.base}/oauth/token", data={"grant_type": "client_credentials"},
+                    headers=acme.credentials,
+                ) as r:  # fmt: skip
+                    assert r.status == 200, await r.text()
+
+            await issue()
+            started = time.monotonic()
+            while await live_tokens(db, client_id) < 1:
+                assert time.monotonic() - started < 15, "the token was never projected"
+                await asyncio.sleep(0.1)
+            # That process is the one that projects: stopped, nothing more is applied, while
+            # the workers go on issuing.
+            projections.suspend()
+            await issue()
+            await asyncio.sleep(1.5)
+            assert await live_tokens(db, client_id) == 1
+            projections.resume()
+            started = time.monotonic()
+            while await live_tokens(db, client_id) < 2:
+                assert time.monotonic() - started < 15, "the second token was never projected"
+                await asyncio.sleep(0.1)
+        # It is part of the service: killed, the service stops and says so, as for a worker.
+        workers = service.workers()
+        projections.kill()
+        assert service.proc.wait(30) == 1
+        assert service.logged("workers.worker_exited")
+        assert gone_within(workers, 15)
+    finally:
+        kill_everything(service)
+
+
+async def test_with_run_projections_off_the_parent_starts_no_projections_process(db, tmp_path):
+    service = start(
+        tmp_path / "data", "--workers", "2", DATABASE_URL=db.dsn, RUN_PROJECTIONS="false"
+    )
+    try:
+        await service.wait_status(200)
+        await service.wait_listening(2)
+        assert service.projections() == []
+        assert len(service.children()) == 2
+        assert service.stop() == 0
     finally:
         kill_everything(service)

@@ -63,11 +63,20 @@ class Service:
     def logged(self, event: str) -> list[dict]:
         return [e for e in self.events() if e.get("event") == event]
 
-    def workers(self) -> list[psutil.Process]:
+    def children(self) -> list[psutil.Process]:
+        """Every process the parent of `--workers N` started: its workers and the one that
+        runs the SQL projections."""
         try:
             return psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
             return []
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that serve the port."""
+        return [c for c in self.children() if _runs(c, "serve")]
+
+    def projections(self) -> list[psutil.Process]:
+        return [c for c in self.children() if _runs(c, "projections")]
 
     async def healthz(self, http: aiohttp.ClientSession) -> int | None:
         try:
@@ -152,8 +161,8 @@ def start(
 def kill_everything(service: Service) -> None:
     """What a test leaves behind must not outlive it: the service's session, its workers,
     and the embedded PostgreSQL (which pg_ctl starts in a session of its own)."""
-    for worker in service.workers():
-        worker.kill()
+    for child in service.children():
+        child.kill()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(service.proc.pid, signal.SIGKILL)
     if service.proc.poll() is None:
@@ -165,3 +174,12 @@ def kill_everything(service: Service) -> None:
         postmaster.wait(30)
     except (OSError, ValueError, psutil.Error):
         pass
+
+
+def _runs(process: psutil.Process, command: str) -> bool:
+    """Whether `process` is `python -m service <command> ...`."""
+    try:
+        argv = process.cmdline()
+    except psutil.Error:
+        return False
+    return argv[2:4] == ["service", command]

@@ -18,7 +18,7 @@ async def restart_after(
     """SIGKILL `first`'s parent after `seconds`, then start the same command on the same
     port and DATA_DIR, as systemd's Restart=always would."""
     await asyncio.sleep(seconds)
-    kill.extend(first.workers())
+    kill.extend(first.children())
     first.proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(first.proc.wait, 10)
     second = start(first.data_dir, *args, port=first.port, log_name="second.log", **FAULT_ENV)
