@@ -89,6 +89,16 @@ DECLARE
     first_events integer[];  -- per append: the index of its first event
     hashes bytea[];  -- per event
     results text[] := '{}';
+    -- The batch itself goes out with the commit, for the processes that keep the log in
+    -- memory: they apply it from the notification instead of reading it back (a query and
+    -- a round trip per commit of any other process). In pieces that each fit in a
+    -- notification (8000 bytes): `first last [[position, version, "type", schema_version,
+    -- payload], ...]`, as their lean reads get it; an event too large for one ends the
+    -- announcement, and the rest is read as before.
+    announcing boolean := true;
+    piece text;
+    piece_first bigint := 0;
+    item text;
     conflict text;
     s text;
     c integer := 1;  -- the next condition
@@ -149,6 +159,24 @@ BEGIN
                 concat('[', pos + k - i, ',', p_stream_json[n], ',', versions[j] + k - i,
                        p_tails[k]), 'UTF8'));
             hashes[k] := previous;
+            IF announcing THEN
+                item := concat('[', pos + k - i, ',', versions[j] + k - i, ',',
+                               to_json(p_types[k]), ',', p_schema_versions[k], ',',
+                               p_payloads[k], ']');
+                IF piece_first > 0 AND octet_length(piece) + octet_length(item) >= 7900 THEN
+                    PERFORM pg_notify('tollgate_batches',
+                                      concat(piece_first, ' ', pos + k - i - 1, ' [', piece, ']'));
+                    piece_first := 0;
+                END IF;
+                IF piece_first > 0 THEN
+                    piece := piece || ',' || item;
+                ELSIF octet_length(item) < 7900 THEN
+                    piece_first := pos + k - i;
+                    piece := item;
+                ELSE
+                    announcing := false;
+                END IF;
+            END IF;
         END LOOP;
         pos := pos + p_counts[n];
         versions[j] := versions[j] + p_counts[n];
@@ -163,6 +191,11 @@ BEGIN
         FROM unnest(p_event_of, p_types, p_schema_versions, p_companies, payloads, metadata)
              WITH ORDINALITY AS e(n, type, schema_version, company_id, payload, metadata, k)
         WHERE first_positions[e.n] IS NOT NULL;
+        -- Before the head's notification: a listener that applied the pieces has nothing
+        -- to read when it arrives.
+        IF announcing AND piece_first > 0 THEN
+            PERFORM pg_notify('tollgate_batches', concat(piece_first, ' ', pos, ' [', piece, ']'));
+        END IF;
         PERFORM pg_notify('tollgate_events', pos::text);
     END IF;
     RETURN '[' || array_to_string(results, ',') || ']';

@@ -12,13 +12,15 @@ from typing import Protocol
 
 import structlog
 
-from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
+from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent, decode_lean
 from service.eventlog.records import lean_recorded
 from service.events import SCHEMA_VERSIONS, Event, type_of
 
 log = structlog.get_logger(__name__)
 
 COMPACT_EVERY = 300.0  # seconds between compactions (dropped keys, spent codes)
+#: announced batches kept while one before them is on its way (each under 8000 bytes)
+MAX_AHEAD = 256
 
 
 class Model(Protocol):
@@ -41,7 +43,12 @@ class MemoryFeed:
         self._catch_up_lock = asyncio.Lock()
         self._next: asyncio.Future[int] | None = None
         self._task: asyncio.Task[None] | None = None
+        #: batches announced ahead of what the models hold, by first position: another
+        #: process's commit whose notification came before the answer to this process's
+        #: own commit just before it (two connections, either may be read first)
+        self._ahead: dict[int, tuple[int, str]] = {}
         eventlog.appended.append(self.apply_own)
+        eventlog.announced.append(self.apply_announced)
 
     async def catch_up(self) -> int:
         """Apply everything committed so far.
@@ -84,6 +91,7 @@ class MemoryFeed:
                     for model in self.models:
                         model.apply(batch)
                     self.position = batch[-1].position
+                    self._apply_ahead()
             except BaseException:
                 if upcoming is not None:
                     upcoming.cancel()
@@ -115,6 +123,47 @@ class MemoryFeed:
             log.exception("memory_feed.apply_error", position=positions[0])
             return False
         self.position = positions[-1]
+        self._apply_ahead()
+        return True
+
+    def apply_announced(self, first: int, last: int, events: str) -> None:
+        """Apply a batch another process committed, from the notification its commit sent
+        (`events_append`), when it directly follows what the models hold: notifications
+        arrive in commit order, and positions follow it. What is already here (this
+        process's own, applied by `apply_own`) is skipped before anything is decoded; a
+        batch after a gap (one too large to be announced, a notification lost) is left to
+        the read its head's notification starts, but one that follows a batch this process
+        is about to hear of (its own commit, answered a moment later) is kept until then."""
+        if first != self.position + 1:
+            if first > self.position + 1 and len(self._ahead) < MAX_AHEAD:
+                self._ahead[first] = (last, events)
+            return
+        if self._apply_announced(first, last, events):
+            self._apply_ahead()
+
+    def _apply_ahead(self) -> None:
+        ahead = self._ahead
+        while ahead:
+            following = ahead.pop(self.position + 1, None)
+            if following is None:
+                for first in [f for f in ahead if f <= self.position]:
+                    del ahead[first]  # a read brought it meanwhile
+                return
+            if not self._apply_announced(self.position + 1, *following):
+                return
+
+    def _apply_announced(self, first: int, last: int, events: str) -> bool:
+        try:
+            batch = decode_lean(events)
+            if not batch or batch[0].position != first or batch[-1].position != last:
+                raise ValueError(f"announced {first}-{last}, carried {len(batch)} events")
+            for model in self.models:
+                model.apply(batch)
+        except Exception:
+            log.exception("memory_feed.apply_error", position=first)
+            self._ahead.clear()  # left to the read
+            return False
+        self.position = last
         return True
 
     async def wait_for(self, position: int) -> None:
@@ -142,6 +191,8 @@ class MemoryFeed:
     async def close(self) -> None:
         with contextlib.suppress(ValueError):
             self.eventlog.appended.remove(self.apply_own)
+        with contextlib.suppress(ValueError):
+            self.eventlog.announced.remove(self.apply_announced)
         for pending in (self._task, self._next):
             if pending is not None:
                 pending.cancel()

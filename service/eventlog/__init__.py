@@ -27,7 +27,9 @@ writer needs to know the head, so writers in several processes interleave their 
 without a second round trip, and none holds the lock while its event loop is busy.
 
 Readers wake on LISTEN/NOTIFY; a notification is only a hint, and polling covers a lost
-one or a dropped listener connection.
+one or a dropped listener connection. A batch small enough for a notification also travels
+in one of its own (`tollgate_batches`), in commit order like every notification, so that a
+process keeping the log in memory applies another's commit without reading it back.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from service.storage.database import BoundedPool
 __all__ = [
     "EPOCH",
     "NO_METADATA",
+    "Announced",
     "Appended",
     "ConcurrencyError",
     "EventLog",
@@ -72,12 +75,15 @@ __all__ = [
     "Metadata",
     "RecordedEvent",
     "Wakeup",
+    "decode_lean",
     "to_recorded",
 ]
 
 log = structlog.get_logger(__name__)
 
 CHANNEL = "tollgate_events"
+#: commits announced with their events (schema.sql, `events_append`)
+BATCHES = "tollgate_batches"
 
 _APPEND = f"SELECT events_append({', '.join(f'${n}' for n in range(1, 19))})"
 
@@ -93,6 +99,14 @@ FROM (SELECT position, version, type, schema_version, payload FROM events
       WHERE {where} ORDER BY position LIMIT $2) AS batch
 """
 _lean_decoder = msgspec.json.Decoder(list[tuple[int, int, str, int, msgspec.Raw]])
+
+
+def decode_lean(text: str | bytes) -> list[RecordedEvent]:
+    """A lean read's batch (or an announced one), one msgspec call for the whole array."""
+    return [
+        lean_recorded(p, v, t, sv, decode_or_unknown(t, sv, raw))
+        for p, v, t, sv, raw in _lean_decoder.decode(text)
+    ]
 
 
 _DB_ERRORS = (
@@ -159,6 +173,9 @@ class Wakeup:
 
 #: (positions, expected version, events) of an append just committed
 Appended = Callable[[Sequence[int], int | None, Sequence[Event]], object]
+#: (first position, last position, the events as a lean read's JSON) of a batch that a
+#: writer announced on committing it (decode with `decode_lean`)
+Announced = Callable[[int, int, str], object]
 
 
 class EventLog:
@@ -194,6 +211,9 @@ class EventLog:
         #: called with each committed append's positions, expected version and events, in
         #: position order, before its caller or any reader hears of it (MemoryFeed.apply_own)
         self.appended: list[Appended] = []
+        #: called with each batch announced by its writer (any process's, this one's too),
+        #: in commit order, before readers wake (MemoryFeed.apply_announced)
+        self.announced: list[Announced] = []
         self._in_flight: Plan | None = None  # the batch sent to the server, until answered
 
     # --- lifecycle -------------------------------------------------------------------
@@ -491,10 +511,7 @@ class EventLog:
             text = await self._pool.fetchval(query, *args)
         except _DB_ERRORS as exc:
             raise failure(exc) from exc
-        return [
-            lean_recorded(p, v, t, sv, decode_or_unknown(t, sv, raw))
-            for p, v, t, sv, raw in _lean_decoder.decode(text)
-        ]
+        return decode_lean(text)
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         query = (
@@ -539,11 +556,26 @@ class EventLog:
             with contextlib.suppress(ValueError):
                 self.wakeup.notify(int(str(payload)))
 
+        def on_batch(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+            first, _, rest = str(payload).partition(" ")
+            last, _, events = rest.partition(" ")
+            try:
+                first_position, last_position = int(first), int(last)
+            except ValueError:
+                return
+            for hook in self.announced:
+                try:
+                    hook(first_position, last_position, events)
+                except Exception:
+                    log.exception("eventlog.announced_hook_failed", position=first_position)
+            self.wakeup.notify(last_position)
+
         while True:
             lost = asyncio.Event()
             try:
                 self._listener = await asyncpg.connect(self._dsn)
                 self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)
                 await lost.wait()
             except _DB_ERRORS as exc:

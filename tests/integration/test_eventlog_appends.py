@@ -7,12 +7,14 @@ Marked `eventlog`: CI runs this module once more against a second PostgreSQL maj
 from __future__ import annotations
 
 import asyncio
+import itertools
 
+import asyncpg
 import pytest
 
 from service import events as ev
 from service.audit.verify import verify_log
-from service.eventlog import ConcurrencyError, EventLog, Metadata
+from service.eventlog import ConcurrencyError, EventLog, Metadata, decode_lean
 from service.eventlog.appends import Append, Plan
 from service.storage.database import create_pool, schema_sql
 
@@ -191,3 +193,63 @@ OLD_SIGNATURE = (
     "integer[]", "text[]", "text[]", "smallint[]", "text[]", "text[]", "text[]",
     "timestamptz", "boolean",
 )  # fmt: skip
+
+
+async def test_a_batch_is_announced_with_its_events_as_a_lean_read_gets_them(db):
+    """What `tollgate_batches` carries is what a lean read of the batch gives, awkward text
+    included; an append refused for its version is not in it; a batch too large for a
+    notification goes out in pieces, and an event too large for one is left to the read."""
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener = await asyncpg.connect(db.dsn)
+    await listener.add_listener("tollgate_batches", lambda *a: heard.put_nowait((a[2], a[3])))
+    await listener.add_listener("tollgate_events", lambda *a: heard.put_nowait((a[2], a[3])))
+    log = EventLog(db.pool)
+    await log.start()
+    try:
+        await log.append("before", 0, [company(0)])
+        await asyncio.wait_for(heard.get(), 5)
+        await asyncio.wait_for(heard.get(), 5)
+        results = await asyncio.gather(
+            log.append(f"s-{AWKWARD}", 0, [company(1, AWKWARD), company(2, AWKWARD)]),
+            log.append("before", 0, [company(3)]),  # stale: refused, not announced
+            log.append("s-2", 0, [company(4)]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], ConcurrencyError)
+        [(channel, announcement), (head_channel, head)] = [
+            await asyncio.wait_for(heard.get(), 5) for _ in range(2)
+        ]
+        assert (channel, head_channel) == ("tollgate_batches", "tollgate_events")
+        first, last, events = announcement.split(" ", 2)
+        assert (int(first), int(last), int(head)) == (2, 4, 4)
+        announced = decode_lean(events)
+        read = await log.read_all(1, 10, lean=True)
+        assert announced == read and [r.position for r in read] == [2, 3, 4]
+        assert [r.version for r in read] == [1, 2, 1]
+        # A batch larger than a notification goes out in pieces, each under 8000 bytes.
+        many = [company(n, "-" + "y" * 300) for n in range(60)]
+        positions = await log.append("s-many", 0, many)
+        pieces = []
+        while (heard_now := await asyncio.wait_for(heard.get(), 5))[0] == "tollgate_batches":
+            assert len(heard_now[1].encode()) < 8000
+            pieces.append(heard_now[1].split(" ", 2))
+        assert heard_now == ("tollgate_events", str(positions[-1])) and len(pieces) > 2
+        assert int(pieces[0][0]) == positions[0]
+        assert all(int(a[1]) + 1 == int(b[0]) for a, b in itertools.pairwise(pieces))
+        assert int(pieces[-1][1]) == positions[-1]
+        announced = [r for _, _, events in pieces for r in decode_lean(events)]
+        assert announced == await log.read_all(positions[0] - 1, 100, lean=True)
+        # An event too large for one is not announced, nor what follows it in its batch:
+        # they are read.
+        big = ev.CompanyCreated(company_id="c-big", name="x" * 7900)
+        small = company(99)
+        first, _ = await asyncio.gather(
+            log.append("s-s", 0, [small]), log.append("s-big", 0, [big])
+        )
+        [(channel, piece), head] = [await asyncio.wait_for(heard.get(), 5) for _ in range(2)]
+        assert channel == "tollgate_batches" and piece.startswith(f"{first[0]} {first[0]} ")
+        assert head == ("tollgate_events", str(first[0] + 1))
+        assert heard.empty()
+    finally:
+        await log.close()
+        await listener.close()

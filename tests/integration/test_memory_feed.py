@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 
+import msgspec
 import pytest
 
 from projections import feed as feed_module
@@ -147,8 +148,10 @@ class Counting:
     def __init__(self) -> None:
         self.position = 0
         self.applied: dict[int, int] = {}
+        self.seen: list = []
 
     def apply(self, events) -> None:
+        self.seen += events
         for recorded in events:
             self.applied[recorded.position] = self.applied.get(recorded.position, 0) + 1
             self.position = recorded.position
@@ -164,6 +167,11 @@ def counting_reads(eventlog: EventLog, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(eventlog, "read_all", read_all)
     return reads
+
+
+def not_announced(feed: MemoryFeed) -> None:
+    """The feed as if no batch were announced (too large to be, say): it reads."""
+    feed.eventlog.announced.remove(feed.apply_announced)
 
 
 async def test_what_this_process_commits_is_in_its_models_without_a_read(
@@ -188,6 +196,7 @@ async def test_an_append_of_any_version_or_after_another_writers_is_left_to_the_
 ):
     counting = Counting()
     feed = MemoryFeed(eventlog, [counting])
+    not_announced(feed)
     await feed.catch_up()
     other = EventLog(db.pool, db.dsn)  # another process's log, on the same database
     await other.start()
@@ -248,6 +257,7 @@ async def test_a_catch_up_stops_reading_at_a_batch_shorter_than_a_full_one(
     read saw: a process following another's appends reads once per catch-up, not twice."""
     counting = Counting()
     feed = MemoryFeed(eventlog, [counting], batch_size=4)
+    not_announced(feed)
     await feed.catch_up()
     other = EventLog(db.pool, db.dsn)  # another process's log: left to the read
     await other.start()
@@ -270,3 +280,133 @@ async def test_a_catch_up_stops_reading_at_a_batch_shorter_than_a_full_one(
         assert len(reads) == 2 and feed.position == more[-1]
     finally:
         await other.close()
+
+
+def too_large_to_announce(issued: ev.AuthorizationCodeIssued) -> ev.AuthorizationCodeIssued:
+    return msgspec.structs.replace(issued, redirect_uri="https://app.example/" + "x" * 8000)
+
+
+async def following(db) -> EventLog:
+    """A process's log that polls once a minute: every read it makes, a notification asked for."""
+    eventlog = EventLog(db.pool, db.dsn, poll_interval=60.0)
+    await eventlog.start()
+    deadline = time.monotonic() + 10
+    while eventlog._listener is None or "tollgate_events" not in eventlog._listener._listeners:
+        assert time.monotonic() < deadline, "the log's listener never listened"
+        await asyncio.sleep(0.01)
+    return eventlog
+
+
+async def until_position(feed: MemoryFeed, position: int, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while feed.position < position:
+        assert time.monotonic() < deadline, f"the feed stayed at {feed.position} < {position}"
+        await asyncio.sleep(0.005)
+
+
+async def test_another_processs_commit_reaches_the_models_from_its_notification(db, monkeypatch):
+    """No read per commit of another process: the batch comes with its notification."""
+    model, counting = PolicyModel(), Counting()
+    eventlog = await following(db)
+    feed = MemoryFeed(eventlog, [model, counting])
+    await feed.start()  # following the log, as the service does
+    other = EventLog(db.pool, db.dsn)
+    await other.start()
+    try:
+        await asyncio.sleep(0.1)  # its first look at the log is behind it
+        reads = counting_reads(eventlog, monkeypatch)
+        now = int(time.time())
+        theirs = []
+        for n in range(5):
+            theirs += await other.append(
+                f"code-{n}", 0, [code(2 * n, now + 600), code(2 * n + 1, now + 600)]
+            )
+        await until_position(feed, theirs[-1])
+        await asyncio.sleep(0.2)  # a read the notifications started would have run by now
+        assert reads == []
+        assert counting.applied == {p: 1 for p in theirs}
+        assert all(f"{n:064x}" in model.codes for n in range(10))
+        # what a read would have given, versions included
+        assert counting.seen == await eventlog.read_all(0, 100, lean=True)
+    finally:
+        await other.close()
+        await feed.close()
+        await eventlog.close()
+
+
+async def test_a_batch_too_large_to_announce_and_what_follows_it_reach_the_models(db, monkeypatch):
+    counting = Counting()
+    eventlog = await following(db)
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.start()
+    other = EventLog(db.pool, db.dsn)
+    await other.start()
+    try:
+        await asyncio.sleep(0.1)
+        reads = counting_reads(eventlog, monkeypatch)
+        now = int(time.time())
+        large = too_large_to_announce(code(1, now + 600))
+        [big] = await other.append("code-big", 0, [large])
+        await until_position(feed, big)
+        assert len(reads) == 1  # read, its head's notification having woken the feed
+        [after] = await other.append("code-after", 0, [code(2, now + 600)])
+        await until_position(feed, after)
+        await asyncio.sleep(0.2)
+        assert len(reads) == 1  # in order again: announced and applied
+        assert counting.applied == {big: 1, after: 1}
+    finally:
+        await other.close()
+        await feed.close()
+        await eventlog.close()
+
+
+async def test_an_announced_batch_after_one_not_applied_is_left_to_the_read(eventlog: EventLog, db):
+    counting = Counting()
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.catch_up()
+    other = EventLog(db.pool, db.dsn)
+    await other.start()
+    try:
+        now = int(time.time())
+        [missed] = await other.append("code-a", 0, [too_large_to_announce(code(1, now + 600))])
+        [then] = await other.append("code-b", 0, [code(2, now + 600)])
+        await asyncio.sleep(0.3)
+        # Applying it would skip the one before: it waits for the read.
+        assert counting.applied == {} and feed.position < missed
+        await feed.catch_up()
+        assert counting.applied == {missed: 1, then: 1} and feed.position == then
+        assert feed._ahead == {}  # what the read brought is not kept
+    finally:
+        await other.close()
+
+
+async def test_a_batch_announced_before_the_answer_to_this_processs_own_commit_waits_for_it(
+    db, monkeypatch
+):
+    """Another process's commit, announced while the answer to this process's own commit
+    just before it is still on its way (they come on two connections; this one too large
+    to be announced), is applied right after it, without a read."""
+    counting = Counting()
+    eventlog = await following(db)
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.catch_up()
+    other = EventLog(db.pool, db.dsn)
+    await other.start()
+    try:
+        reads = counting_reads(eventlog, monkeypatch)
+        now = int(time.time())
+        eventlog.appended.remove(feed.apply_own)  # the answer, held back
+        mine_events = [too_large_to_announce(code(1, now + 600))]
+        mine = await eventlog.append("code-mine", 0, mine_events)
+        [theirs] = await other.append("code-theirs", 0, [code(2, now + 600)])
+        deadline = time.monotonic() + 5
+        while theirs not in feed._ahead:
+            assert time.monotonic() < deadline, "the announcement never came"
+            await asyncio.sleep(0.005)
+        assert counting.applied == {}  # it would skip mine
+        assert feed.apply_own(mine, 0, mine_events)  # the answer arrives
+        assert counting.applied == {mine[0]: 1, theirs: 1} and feed.position == theirs
+        assert reads == [] and feed._ahead == {}
+    finally:
+        await other.close()
+        await eventlog.close()
