@@ -29,7 +29,10 @@ without a second round trip, and none holds the lock while its event loop is bus
 Readers wake on LISTEN/NOTIFY; a notification is only a hint, and polling covers a lost
 one or a dropped listener connection. A batch small enough for a notification also travels
 in one of its own (`tollgate_batches`), in commit order like every notification, so that a
-process keeping the log in memory applies another's commit without reading it back.
+process keeping the log in memory applies another's commit without reading it back. Any
+session of the database may send a notification, so an announced batch is believed only
+from a backend whose role may append to `events` (which could write those events anyway);
+one not yet checked is read, as before.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -99,6 +103,12 @@ FROM (SELECT position, version, type, schema_version, payload FROM events
       WHERE {where} ORDER BY position LIMIT $2) AS batch
 """
 _lean_decoder = msgspec.json.Decoder(list[tuple[int, int, str, int, msgspec.Raw]])
+#: how long a backend found allowed to append is believed as the sender of announced
+#: batches before it is checked again (its pid could in time be another session's)
+SENDER_TRUST = 60.0
+_MAY_APPEND = (
+    "SELECT has_table_privilege(usesysid, 'events', 'INSERT') FROM pg_stat_activity WHERE pid = $1"
+)
 
 
 def decode_lean(text: str | bytes) -> list[RecordedEvent]:
@@ -214,6 +224,8 @@ class EventLog:
         #: called with each batch announced by its writer (any process's, this one's too),
         #: in commit order, before readers wake (MemoryFeed.apply_announced)
         self.announced: list[Announced] = []
+        self._senders: dict[int, float] = {}  # backend pid: until when it is believed
+        self._checks: dict[int, asyncio.Task[None]] = {}
         self._in_flight: Plan | None = None  # the batch sent to the server, until answered
 
     # --- lifecycle -------------------------------------------------------------------
@@ -230,6 +242,8 @@ class EventLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        for check in list(self._checks.values()):
+            check.cancel()
         while self._pending:  # appends the writer never took: not written
             settle(self._pending.popleft(), EventLogUnavailable("the event log was closed"))
         if self._listener is not None:
@@ -548,6 +562,33 @@ class EventLog:
                 continue
             await self.wakeup.wait(position, self.poll_interval)
 
+    def _believed(self, pid: int) -> bool:
+        """Whether an announcement from backend `pid` may be applied: its role may append
+        to the log, as checked within SENDER_TRUST. Not yet known: checked in the
+        background, and meanwhile not believed."""
+        now = time.monotonic()
+        if self._senders.get(pid, 0.0) > now:
+            return True
+        if len(self._senders) > 1024:  # writers come and go with their processes
+            self._senders = {p: until for p, until in self._senders.items() if until > now}
+        if pid not in self._checks:
+            check = asyncio.ensure_future(self._check_sender(pid))
+            self._checks[pid] = check
+            check.add_done_callback(lambda _task: self._checks.pop(pid, None))
+        return False
+
+    async def _check_sender(self, pid: int) -> None:
+        try:
+            allowed = await self._pool.fetchval(_MAY_APPEND, pid)
+        except _DB_ERRORS as exc:
+            log.warning("eventlog.sender_check_failed", sender=pid, error=str(exc))
+            return
+        if allowed:
+            self._senders[pid] = time.monotonic() + SENDER_TRUST
+        elif allowed is not None:  # gone already: nothing to say
+            log.warning("eventlog.announcement_refused", sender=pid,
+                        reason="the sending session may not append to the log")  # fmt: skip
+
     async def _listen(self) -> None:
         """Keep a LISTEN connection open; on failure, polling carries readers until it is back."""
         assert self._dsn is not None
@@ -556,12 +597,16 @@ class EventLog:
             with contextlib.suppress(ValueError):
                 self.wakeup.notify(int(str(payload)))
 
-        def on_batch(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        def on_batch(_conn: Any, pid: int, _channel: str, payload: object) -> None:
             first, _, rest = str(payload).partition(" ")
             last, _, events = rest.partition(" ")
             try:
                 first_position, last_position = int(first), int(last)
             except ValueError:
+                return
+            if not self._believed(pid):
+                # Only a wake-up: what readers then read comes from the table.
+                self.wakeup.notify(last_position)
                 return
             for hook in self.announced:
                 try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -14,6 +16,7 @@ from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service import events as ev
 from service.eventlog import EventLog, EventLogUnavailable
+from service.events import SCHEMA_VERSIONS
 
 
 def code(n: int, expires_at: int) -> ev.AuthorizationCodeIssued:
@@ -145,15 +148,17 @@ async def test_waiting_for_a_position_the_log_never_shows_gives_up_in_the_bound(
 class Counting:
     """A model that counts how often each position reaches it."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: int = 0) -> None:
         self.position = 0
+        self.after = after  # what it saw up to there is not counted
         self.applied: dict[int, int] = {}
         self.seen: list = []
 
     def apply(self, events) -> None:
-        self.seen += events
+        self.seen += [e for e in events if e.position > self.after]
         for recorded in events:
-            self.applied[recorded.position] = self.applied.get(recorded.position, 0) + 1
+            if recorded.position > self.after:
+                self.applied[recorded.position] = self.applied.get(recorded.position, 0) + 1
             self.position = recorded.position
 
 
@@ -297,6 +302,25 @@ async def following(db) -> EventLog:
     return eventlog
 
 
+async def following_the_log(feed: MemoryFeed) -> None:
+    """Until the feed, started, has had its first look at the log and waits for news."""
+    deadline = time.monotonic() + 10
+    while feed.eventlog.wakeup._future is None or feed._next is not None:
+        assert time.monotonic() < deadline, "the feed never settled"
+        await asyncio.sleep(0.01)
+
+
+async def believed(eventlog: EventLog, other: EventLog) -> int:
+    """Until `eventlog` believes what `other` announces: a process checks each backend
+    that announces a batch once (its role may append), and reads until then."""
+    [warm_up] = await other.append("warm-up", 0, [code(10**9, int(time.time()) + 600)])
+    deadline = time.monotonic() + 10
+    while other._conn is None or other._conn.get_server_pid() not in eventlog._senders:
+        assert time.monotonic() < deadline, "the other writer was never believed"
+        await asyncio.sleep(0.01)
+    return warm_up
+
+
 async def until_position(feed: MemoryFeed, position: int, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while feed.position < position:
@@ -308,12 +332,13 @@ async def test_another_processs_commit_reaches_the_models_from_its_notification(
     """No read per commit of another process: the batch comes with its notification."""
     model, counting = PolicyModel(), Counting()
     eventlog = await following(db)
-    feed = MemoryFeed(eventlog, [model, counting])
-    await feed.start()  # following the log, as the service does
     other = EventLog(db.pool, db.dsn)
     await other.start()
+    counting.after = await believed(eventlog, other)
+    feed = MemoryFeed(eventlog, [model, counting])
+    await feed.start()  # following the log, as the service does
     try:
-        await asyncio.sleep(0.1)  # its first look at the log is behind it
+        await following_the_log(feed)
         reads = counting_reads(eventlog, monkeypatch)
         now = int(time.time())
         theirs = []
@@ -327,7 +352,7 @@ async def test_another_processs_commit_reaches_the_models_from_its_notification(
         assert counting.applied == {p: 1 for p in theirs}
         assert all(f"{n:064x}" in model.codes for n in range(10))
         # what a read would have given, versions included
-        assert counting.seen == await eventlog.read_all(0, 100, lean=True)
+        assert counting.seen == await eventlog.read_all(counting.after, 100, lean=True)
     finally:
         await other.close()
         await feed.close()
@@ -337,12 +362,13 @@ async def test_another_processs_commit_reaches_the_models_from_its_notification(
 async def test_a_batch_too_large_to_announce_and_what_follows_it_reach_the_models(db, monkeypatch):
     counting = Counting()
     eventlog = await following(db)
-    feed = MemoryFeed(eventlog, [counting])
-    await feed.start()
     other = EventLog(db.pool, db.dsn)
     await other.start()
+    counting.after = await believed(eventlog, other)
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.start()
     try:
-        await asyncio.sleep(0.1)
+        await following_the_log(feed)
         reads = counting_reads(eventlog, monkeypatch)
         now = int(time.time())
         large = too_large_to_announce(code(1, now + 600))
@@ -362,10 +388,11 @@ async def test_a_batch_too_large_to_announce_and_what_follows_it_reach_the_model
 
 async def test_an_announced_batch_after_one_not_applied_is_left_to_the_read(eventlog: EventLog, db):
     counting = Counting()
-    feed = MemoryFeed(eventlog, [counting])
-    await feed.catch_up()
     other = EventLog(db.pool, db.dsn)
     await other.start()
+    counting.after = await believed(eventlog, other)
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.catch_up()
     try:
         now = int(time.time())
         [missed] = await other.append("code-a", 0, [too_large_to_announce(code(1, now + 600))])
@@ -388,10 +415,11 @@ async def test_a_batch_announced_before_the_answer_to_this_processs_own_commit_w
     to be announced), is applied right after it, without a read."""
     counting = Counting()
     eventlog = await following(db)
-    feed = MemoryFeed(eventlog, [counting])
-    await feed.catch_up()
     other = EventLog(db.pool, db.dsn)
     await other.start()
+    counting.after = await believed(eventlog, other)
+    feed = MemoryFeed(eventlog, [counting])
+    await feed.catch_up()
     try:
         reads = counting_reads(eventlog, monkeypatch)
         now = int(time.time())
@@ -410,3 +438,36 @@ async def test_a_batch_announced_before_the_answer_to_this_processs_own_commit_w
     finally:
         await other.close()
         await eventlog.close()
+
+
+async def test_a_batch_announced_by_a_session_that_may_not_append_is_not_believed(db):
+    """Any session of the database can NOTIFY: a forged batch (a code that was never
+    issued, say) from a role that may not write the log never reaches the models."""
+    role = f"reader_{os.getpid()}_{time.time_ns()}"
+    await db.pool.execute(f"CREATE ROLE {role} LOGIN")
+    eventlog = await following(db)
+    model, counting = PolicyModel(), Counting()
+    feed = MemoryFeed(eventlog, [model, counting])
+    await feed.catch_up()
+    reader = await asyncpg.connect(db.dsn, user=role)
+    try:
+        forged = code(666, int(time.time()) + 600)
+        tag = "AuthorizationCodeIssued"
+        lean = [[feed.position + 1, 1, tag, SCHEMA_VERSIONS[tag], forged]]
+        body = msgspec.json.encode(lean).decode()
+        await reader.execute(
+            "SELECT pg_notify('tollgate_batches', $1)",
+            f"{feed.position + 1} {feed.position + 1} {body}",
+        )
+        await asyncio.sleep(0.5)  # heard, and its sender checked
+        assert f"{666:064x}" not in model.codes and counting.applied == {}
+        assert reader.get_server_pid() not in eventlog._senders
+        # What a writer appends next takes that position, and is what the models get.
+        [real] = await eventlog.append("code-real", 0, [code(1, int(time.time()) + 600)])
+        await feed.catch_up()
+        assert counting.applied == {real: 1} and f"{1:064x}" in model.codes
+        assert f"{666:064x}" not in model.codes
+    finally:
+        await reader.close()
+        await eventlog.close()
+        await db.pool.execute(f"DROP ROLE {role}")

@@ -12,7 +12,7 @@ from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service.adapters import LogLedger, ModelLookups
-from service.eventlog import Appended, ConcurrencyError, Metadata, RecordedEvent, Wakeup
+from service.eventlog import Announced, Appended, ConcurrencyError, Metadata, RecordedEvent, Wakeup
 from service.events import SCHEMA_VERSIONS, Event, tenant_of, type_of
 
 
@@ -24,6 +24,7 @@ class InMemoryEventLog:
         self.poll_interval = 0.05
         self.timeout: float | None = None  # as EventLog: how long a wait on the log may last
         self.appended: list[Appended] = []  # as EventLog: told of each append as it commits
+        self.announced: list[Announced] = []  # as EventLog; nothing else writes here
 
     async def append(
         self,
