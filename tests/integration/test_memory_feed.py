@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 import msgspec
@@ -328,17 +329,38 @@ async def until_position(feed: MemoryFeed, position: int, seconds: float = 5.0) 
         await asyncio.sleep(0.005)
 
 
-async def test_another_processs_commit_reaches_the_models_from_its_notification(db, monkeypatch):
-    """No read per commit of another process: the batch comes with its notification."""
-    model, counting = PolicyModel(), Counting()
+@contextlib.asynccontextmanager
+async def beside_another_writer(
+    db, *models, follow: bool = True
+) -> AsyncIterator[tuple[EventLog, EventLog, MemoryFeed]]:
+    """This process's log and feed (following the log, or caught up once), and another
+    process's log whose announcements it already believes; `Counting` models count only
+    what comes after that."""
     eventlog = await following(db)
     other = EventLog(db.pool, db.dsn)
     await other.start()
-    counting.after = await believed(eventlog, other)
-    feed = MemoryFeed(eventlog, [model, counting])
-    await feed.start()  # following the log, as the service does
+    after = await believed(eventlog, other)
+    for model in models:
+        if isinstance(model, Counting):
+            model.after = after
+    feed = MemoryFeed(eventlog, list(models))
     try:
-        await following_the_log(feed)
+        if follow:
+            await feed.start()
+            await following_the_log(feed)
+        else:
+            await feed.catch_up()
+        yield eventlog, other, feed
+    finally:
+        await other.close()
+        await feed.close()
+        await eventlog.close()
+
+
+async def test_another_processs_commit_reaches_the_models_from_its_notification(db, monkeypatch):
+    """No read per commit of another process: the batch comes with its notification."""
+    model, counting = PolicyModel(), Counting()
+    async with beside_another_writer(db, model, counting) as (eventlog, other, feed):
         reads = counting_reads(eventlog, monkeypatch)
         now = int(time.time())
         theirs = []
@@ -353,22 +375,11 @@ async def test_another_processs_commit_reaches_the_models_from_its_notification(
         assert all(f"{n:064x}" in model.codes for n in range(10))
         # what a read would have given, versions included
         assert counting.seen == await eventlog.read_all(counting.after, 100, lean=True)
-    finally:
-        await other.close()
-        await feed.close()
-        await eventlog.close()
 
 
 async def test_a_batch_too_large_to_announce_and_what_follows_it_reach_the_models(db, monkeypatch):
     counting = Counting()
-    eventlog = await following(db)
-    other = EventLog(db.pool, db.dsn)
-    await other.start()
-    counting.after = await believed(eventlog, other)
-    feed = MemoryFeed(eventlog, [counting])
-    await feed.start()
-    try:
-        await following_the_log(feed)
+    async with beside_another_writer(db, counting) as (eventlog, other, feed):
         reads = counting_reads(eventlog, monkeypatch)
         now = int(time.time())
         large = too_large_to_announce(code(1, now + 600))
@@ -380,20 +391,11 @@ async def test_a_batch_too_large_to_announce_and_what_follows_it_reach_the_model
         await asyncio.sleep(0.2)
         assert len(reads) == 1  # in order again: announced and applied
         assert counting.applied == {big: 1, after: 1}
-    finally:
-        await other.close()
-        await feed.close()
-        await eventlog.close()
 
 
-async def test_an_announced_batch_after_one_not_applied_is_left_to_the_read(eventlog: EventLog, db):
+async def test_an_announced_batch_after_one_not_applied_is_left_to_the_read(db):
     counting = Counting()
-    other = EventLog(db.pool, db.dsn)
-    await other.start()
-    counting.after = await believed(eventlog, other)
-    feed = MemoryFeed(eventlog, [counting])
-    await feed.catch_up()
-    try:
+    async with beside_another_writer(db, counting, follow=False) as (_, other, feed):
         now = int(time.time())
         [missed] = await other.append("code-a", 0, [too_large_to_announce(code(1, now + 600))])
         [then] = await other.append("code-b", 0, [code(2, now + 600)])
@@ -403,8 +405,6 @@ async def test_an_announced_batch_after_one_not_applied_is_left_to_the_read(even
         await feed.catch_up()
         assert counting.applied == {missed: 1, then: 1} and feed.position == then
         assert feed._ahead == {}  # what the read brought is not kept
-    finally:
-        await other.close()
 
 
 async def test_a_batch_announced_before_the_answer_to_this_processs_own_commit_waits_for_it(
@@ -414,13 +414,7 @@ async def test_a_batch_announced_before_the_answer_to_this_processs_own_commit_w
     just before it is still on its way (they come on two connections; this one too large
     to be announced), is applied right after it, without a read."""
     counting = Counting()
-    eventlog = await following(db)
-    other = EventLog(db.pool, db.dsn)
-    await other.start()
-    counting.after = await believed(eventlog, other)
-    feed = MemoryFeed(eventlog, [counting])
-    await feed.catch_up()
-    try:
+    async with beside_another_writer(db, counting, follow=False) as (eventlog, other, feed):
         reads = counting_reads(eventlog, monkeypatch)
         now = int(time.time())
         eventlog.appended.remove(feed.apply_own)  # the answer, held back
@@ -435,9 +429,6 @@ async def test_a_batch_announced_before_the_answer_to_this_processs_own_commit_w
         assert feed.apply_own(mine, 0, mine_events)  # the answer arrives
         assert counting.applied == {mine[0]: 1, theirs: 1} and feed.position == theirs
         assert reads == [] and feed._ahead == {}
-    finally:
-        await other.close()
-        await eventlog.close()
 
 
 async def test_a_batch_announced_by_a_session_that_may_not_append_is_not_believed(db):
