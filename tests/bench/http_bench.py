@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -37,6 +38,8 @@ from tests.bench.load import RequestSpec, Result
 from tests.e2e.oauth_helpers import basic
 
 CONNECTIONS = 64
+#: wrk windows per figure (its median is reported)
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 REVOCATIONS = 1000
 
 
@@ -127,33 +130,47 @@ async def issue(base: str, app: dict[str, Any], count: int) -> list[str]:
 
 def table(title: str, rows: list[str]) -> None:
     print(f"\n## {title}")
-    print("CPU while wrk measured, as a share of one core (this machine has "
-          f"{os.cpu_count()}): the server measured, PostgreSQL, wrk.\n")  # fmt: skip
-    print("| server | processes | requests/s | p50 ms | p99 ms | errors | of bare | "
+    print(f"Each figure: the median of {ROUNDS} windows of {wrk.SECONDS} s, each server started "
+          "afresh, 1 and 2 processes alternating which goes first; the range is every "
+          "window's rate. CPU while wrk measured the median window, as a share of one core "
+          f"(this machine has {os.cpu_count()}): the server measured, PostgreSQL, wrk.\n")  # fmt: skip
+    print("| server | processes | requests/s | windows | p50 ms | p99 ms | errors | of bare | "
           "CPU: server | PostgreSQL | wrk |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:
         print(line)
 
 
 def row(name: str, procs: int, figure: Figure, baseline: Figure | None = None) -> str:
-    result, cpu = figure
-    ratio = f"{result.rate / baseline[0].rate:.0%}" if baseline else "100%"
+    result, cpu = figure.result, figure.cpu
+    ratio = f"{result.rate / baseline.rate:.0%}" if baseline else "100%"
     shares = " | ".join("n/a" if cpu[k] is None else f"{cpu[k]:.0%}"
                         for k in ("server", "postgres", "wrk"))  # fmt: skip
-    return (f"| {name} | {procs} | {result.rate:,.0f} | {result.p50_ms:.1f} | "
+    spread = f"{min(figure.rates):,.0f}-{max(figure.rates):,.0f}"
+    return (f"| {name} | {procs} | {result.rate:,.0f} | {spread} | {result.p50_ms:.1f} | "
             f"{result.p99_ms:.1f} | {result.errors} | {ratio} | {shares} |")  # fmt: skip
 
 
-#: one wrk measurement and where the CPU went meanwhile (wrk.CpuMeter.shares)
-Figure = tuple[Result, dict[str, float | None]]
+@dataclass(frozen=True)
+class Figure:
+    """wrk's measurement of one window, where the CPU went meanwhile (wrk.CpuMeter.shares),
+    and the rates of every window it was chosen among."""
+
+    result: Result
+    cpu: dict[str, float | None]
+    rates: tuple[float, ...]
+    answered: int  # 2xx answers in all of them
+
+    @property
+    def rate(self) -> float:
+        return self.result.rate
 
 
 async def measured(base: str, spec: RequestSpec, postgres: int | None) -> Figure:
     """wrk's figure and the CPU shares, PostgreSQL's from its postmaster `postgres`."""
     meter = wrk.CpuMeter(postgres)
     result = await asyncio.to_thread(wrk.measure, base, spec, connections=CONNECTIONS, cpu=meter)
-    return result, meter.shares
+    return Figure(result, meter.shares, (result.rate,), result.requests)
 
 
 async def _postgres_pid(dsn: str) -> int | None:
@@ -177,24 +194,42 @@ async def against_bare(
     bare_tokens: tuple[str, ...],
     peers: Sequence[Peer] = (),
 ) -> list[tuple[int, Figure, Figure, list[Figure]]]:
-    """(processes, Tollgate, bare, each peer) for 1 and 2 processes, each measured by wrk,
-    one after another for each number of processes."""
-    out = []
+    """(processes, Tollgate, bare, each peer) for 1 and 2 processes, each wrk's median of
+    ROUNDS windows. On a shared machine one window moves by a third from one minute to the
+    next: the rounds alternate which number of processes goes first, and each server is
+    started afresh for each window."""
     postgres = await _postgres_pid(dsn)
+
+    def launched(n: int, port: int, procs: int) -> tuple[list[str], dict[str, str], int]:
+        """Server n (Tollgate, the bare handler, then each peer): argv, env, copies."""
+        if n == 0:
+            return (*service(dsn, port, procs), 1)
+        if n == 1:
+            return (*bare(bare_kind, port, *bare_tokens), procs)
+        return peers[n - 2][1](port, procs), dict(os.environ), 1
+
+    specs = [spec, spec, *(peer_spec for _, _, peer_spec in peers)]
+    windows: dict[tuple[int, int], list[Figure]] = {}  # (processes, server) -> its windows
+    for round_ in range(ROUNDS):
+        for procs in (1, 2) if round_ % 2 == 0 else (2, 1):
+            for n, request in enumerate(specs):
+                port = free_port()
+                async with process(*launched(n, port, procs), port) as base:
+                    figure = await measured(base, request, postgres)
+                windows.setdefault((procs, n), []).append(figure)
+    out = []
     for procs in (1, 2):
-        port = free_port()
-        async with process(*service(dsn, port, procs), port) as base:
-            ours = await measured(base, spec, postgres)
-        port = free_port()
-        async with process(*bare(bare_kind, port, *bare_tokens), port, procs) as bare_base:
-            baseline = await measured(bare_base, spec, postgres)
-        theirs = []
-        for _name, peer_argv, peer_spec in peers:
-            port = free_port()
-            async with process(peer_argv(port, procs), dict(os.environ), port) as peer_base:
-                theirs.append(await measured(peer_base, peer_spec, postgres))
+        ours, baseline, *theirs = (median(windows[procs, n]) for n in range(2 + len(peers)))
         out.append((procs, ours, baseline, theirs))
     return out
+
+
+def median(figures: list[Figure]) -> Figure:
+    """The window with the median rate, its latencies and CPU shares with it."""
+    ranked = sorted(figures, key=lambda f: f.rate)
+    middle = ranked[len(ranked) // 2]
+    rates = tuple(f.rate for f in figures)
+    return Figure(middle.result, middle.cpu, rates, sum(f.answered for f in figures))
 
 
 async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
@@ -227,15 +262,22 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
         for (name, _, _), result in zip(peers, theirs, strict=True):
             rows.append(row(f"{name} (in memory, nothing durable)", procs, result, baseline))
     table(f"Token endpoint: client_credentials, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows)
-    one, two = results[0][1][0], results[1][1][0]
+    one, two = results[0][1], results[1][1]
     print(
         f"\nTwo processes against one: {two.rate / one.rate:.2f}x. Tokens committed to the log "
         f"during the runs (warm-ups included): {after - before:,}; answered 200 in the "
-        f"measured windows: {one.requests + two.requests:,}."
+        f"measured windows: {one.answered + two.answered:,}."
+    )
+    used = sum(share or 0.0 for share in one.cpu.values())
+    cores = os.cpu_count() or 1
+    print(
+        f"With 1 process the machine's {cores} cores were {used / cores:.0%} busy (server, "
+        f"PostgreSQL, wrk): at the same CPU per token, 2 processes could issue at most "
+        f"{cores / used:.2f}x as many here."
     )
     for n, (name, _, _) in enumerate(peers):
         against = ", ".join(
-            f"{procs} process{'es' if procs > 1 else ''} {ours[0].rate / theirs[n][0].rate:.2f}x"
+            f"{procs} process{'es' if procs > 1 else ''} {ours.rate / theirs[n].rate:.2f}x"
             for procs, ours, _, theirs in results
         )
         print(f"Tollgate against {name}: {against}.")
