@@ -214,7 +214,8 @@ async def against_bare(
         for procs in (1, 2) if round_ % 2 == 0 else (2, 1):
             for n, request in enumerate(specs):
                 port = free_port()
-                async with process(*launched(n, port, procs), port) as base:
+                argv, env, copies = launched(n, port, procs)
+                async with process(argv, env, port, copies) as base:
                     figure = await measured(base, request, postgres)
                 windows.setdefault((procs, n), []).append(figure)
     out = []
