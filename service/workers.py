@@ -116,7 +116,7 @@ def _spawn(
     lock: IO[str],
     metrics_dir: Path,
     *,
-    projections: bool = True,
+    projections: bool,
 ) -> None:
     """The workers, and with `projections` the process that runs the SQL projections: off
     the serving processes, whose cores then go to requests (a token is decoded, folded and

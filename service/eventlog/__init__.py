@@ -5,8 +5,8 @@ Why no reader ever skips an event
 A log ordered by a sequence has a classic gap problem: writer A takes position 10,
 writer B takes 11 and commits first; a reader that sees 11 and moves its checkpoint past
 10 never sees A's event. Tollgate closes it by serialising appends: each append
-transaction first takes `LOCK TABLE events IN EXCLUSIVE MODE` (in
-`events_begin_append`), which conflicts with itself and with the ROW EXCLUSIVE lock of
+transaction first takes `LOCK TABLE events IN EXCLUSIVE MODE` (in `events_append`,
+schema.sql), which conflicts with itself and with the ROW EXCLUSIVE lock of
 any plain INSERT, but not with readers. Positions are handed out under that lock and the
 lock is held until commit, after the commit has become visible, so positions are dense
 and follow commit order, and every snapshot sees a prefix of the log. This is the design
