@@ -77,6 +77,7 @@ class ProjectionRunner:
         batch_size: int = 5000,
         standby_interval: float = 2.0,
         linger: float = 0.05,
+        moved: Callable[[str, int], None] | None = None,
     ) -> None:
         self.eventlog = eventlog
         self.pool = pool
@@ -89,6 +90,9 @@ class ProjectionRunner:
         #: (the head, a read, a transaction: six round trips) is paid per batch rather than
         #: per event. The first event after a quiet spell is applied at once.
         self.linger = linger
+        #: told after each committed batch (a step, or one of a catch-up): the projection's
+        #: name and how many positions of the log it moved past (Metrics.projection_moved)
+        self.moved = moved
 
     # --- running ---------------------------------------------------------------------
 
@@ -253,6 +257,8 @@ class ProjectionRunner:
                 projection.name,
                 new_position,
             )
+        if self.moved is not None:  # committed
+            self.moved(projection.name, new_position - position)
 
     # --- bookkeeping -----------------------------------------------------------------
 

@@ -208,7 +208,10 @@ async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
         database.dsn,
         sql_projections(),
         batch_size=app[SETTINGS].projection_batch_size,
+        moved=app[METRICS].projection_moved,
     )
+    if app[SETTINGS].run_projections:
+        app[METRICS].projections_known(runner.projections)
     await runner.ensure_checkpoints()
     app[RUNNER] = runner
     task = None

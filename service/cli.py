@@ -151,7 +151,11 @@ def _print_json(value: Any) -> None:
 
 
 async def _with_runner(
-    settings: Settings, body: Callable[[Any], Awaitable[int]], *, listen: bool = False
+    settings: Settings,
+    body: Callable[[Any], Awaitable[int]],
+    *,
+    listen: bool = False,
+    moved: Callable[[str, int], None] | None = None,
 ) -> int:
     from projections.catalog import sql_projections
     from projections.runner import ProjectionRunner
@@ -168,6 +172,7 @@ async def _with_runner(
             database.dsn,
             sql_projections(),
             batch_size=settings.projection_batch_size,
+            moved=moved,
         )
         await runner.ensure_checkpoints()
         return await body(runner)
@@ -211,19 +216,26 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
 
 
 async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
+    from service.metrics import Metrics, multiprocess_dir
     from service.workers import bind_to_parent
 
     bind_to_parent()  # the projections process of `serve --workers N` dies with its parent
+    # Under `serve --workers N`, what it counts (and its process metrics) reach every scrape
+    # through the workers' shared directory, as a worker's do.
+    metrics = Metrics() if multiprocess_dir() is not None else None
 
     async def body(runner: Any) -> int:
         if args.until_caught_up:
             for name in runner.projections:
                 await runner.catch_up(name)
             return 0
+        if metrics is not None:
+            metrics.projections_known(runner.projections)
         await runner.run_forever()
         return 0
 
-    return await _with_runner(settings, body, listen=True)
+    moved = metrics.projection_moved if metrics is not None else None
+    return await _with_runner(settings, body, listen=True, moved=moved)
 
 
 async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ counter. Code that counts something takes the instance from the request
 
 Under `tollgate serve --workers N` the workers share one port, so a scrape reaches any one
 of them: there (PROMETHEUS_MULTIPROC_DIR set by the parent) the counts live in files that
-every worker writes and every scrape sums, and the process metrics of each live worker
-carry its `pid`. A dashboard sums over `pid`, and over `instance` for several hosts.
+every worker (and the projections process) writes and every scrape sums, and the process
+metrics of each of those processes carry its `pid`. A dashboard sums over `pid`, and over
+`instance` for several hosts.
 
 Every label takes its value from a closed set (a route's canonical path, a known grant
 type or reason, else "other"), so no client can grow the number of series.
@@ -138,6 +139,13 @@ class Metrics:
             ("endpoint",),
             registry=r,
         )
+        self._projection_moved = Counter(
+            "tollgate_projection_events",
+            "Positions of the event log each SQL projection has moved past (applied, or not "
+            "of a type it reads), by projection.",
+            ("projection",),
+            registry=r,
+        )
         self._emails_sent = Counter(
             "tollgate_emails_sent", "IP-violation emails delivered.", registry=r
         )
@@ -194,6 +202,16 @@ class Metrics:
                 self.token_revoked(event.reason)
             elif isinstance(event, IpViolationDetected):
                 self.ip_violation(event.endpoint)
+
+    def projections_known(self, names: Iterable[str]) -> None:
+        """The projections this process runs: their series exist at zero from the start.
+        Names come from the catalog (projections/catalog.py), a closed set."""
+        for name in names:
+            self._projection_moved.labels(name)
+
+    def projection_moved(self, name: str, positions: int) -> None:
+        """A step of projection `name` committed, `positions` further along the log."""
+        self._projection_moved.labels(name).inc(positions)
 
     def email_sent(self) -> None:
         self._emails_sent.inc()
@@ -332,8 +350,9 @@ _WORKER_FILE = re.compile(r"_(\d+)\.db$")
 
 
 class _WorkerProcesses(Collector):
-    """`process_*` of every live worker, labelled `pid`: the scrape reaches one worker, so
-    it reads the others' from /proc, as ProcessCollector reads its own."""
+    """`process_*` of every live process that counts in the shared directory (the workers,
+    and the process that runs the SQL projections), labelled `pid`: the scrape reaches one
+    worker, so it reads the others' from /proc, as ProcessCollector reads its own."""
 
     def __init__(self, directory: str) -> None:
         self._directory = directory

@@ -69,8 +69,22 @@ async def test_every_scrape_of_two_workers_adds_up_what_both_did(db, tmp_path):
                 async with http.get(f"{host.base}/metrics") as response:
                     assert response.status == 200
                     scrapes.append(samples(await response.text()))
+            # What the projections process counts: it moves past every token (and the
+            # events before them) on its own time, 50 ms after each step at the latest.
+            tokens_projection = 0.0
+            for _ in range(400):
+                async with http.get(f"{host.base}/metrics") as response:
+                    tokens_projection = total(
+                        samples(await response.text()),
+                        "tollgate_projection_events_total",
+                        projection="tokens",
+                    )
+                if tokens_projection >= TOKENS:
+                    break
+                await asyncio.sleep(0.05)
         children = psutil.Process(host.proc.pid).children()
         workers = {str(p.pid) for p in children if p.cmdline()[3] == "serve"}
+        [projections] = [str(p.pid) for p in children if p.cmdline()[3] == "projections"]
 
     issued = [
         total(s, "tollgate_tokens_issued_total", grant_type="client_credentials") for s in scrapes
@@ -80,17 +94,20 @@ async def test_every_scrape_of_two_workers_adds_up_what_both_did(db, tmp_path):
     answered = "tollgate_http_requests_total"
     assert all(total(s, answered, route="/oauth/token", status="200") == TOKENS for s in scrapes)
     assert all(total(s, "tollgate_database_up") == 1 for s in scrapes)
-    # each worker's own process metrics, told apart by pid, in every scrape
+    # each process's own process metrics (the workers' and the projections process's), told
+    # apart by pid, in every scrape
     assert len(workers) == 2
+    processes = workers | {projections}
     for scrape in scrapes:
         memory = {
             labels["pid"]
             for name, labels, value in scrape
             if name == "process_resident_memory_bytes" and value > 0
         }
-        assert memory == workers
+        assert memory == processes
         assert {
             labels["pid"] for name, labels, _ in scrape if name == "process_cpu_seconds_total"
-        } == workers
+        } == processes
+    assert tokens_projection >= TOKENS
     # the parent removes the files its workers counted in
     assert list((tmp_path / "data" / "metrics").iterdir()) == []

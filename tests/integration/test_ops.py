@@ -104,6 +104,7 @@ async def test_metrics_exposes_every_family_in_prometheus_text(db, tmp_path):
         "tollgate_eventlog_append_batch_size",
         "tollgate_projection_lag_events",
         "tollgate_projection_lag_seconds",
+        "tollgate_projection_events",
         "tollgate_database_up",
         "tollgate_tokens_issued",
         "tollgate_token_revocations",
@@ -208,6 +209,25 @@ async def test_projection_lag_is_measured_at_scrape_time(db, tmp_path):
         assert value(lagging, "tollgate_projection_lag_seconds", projection=name) >= 0.05
         assert value(caught_up, "tollgate_projection_lag_events", projection=name) == 0
         assert value(caught_up, "tollgate_projection_lag_seconds", projection=name) == 0
+
+
+async def test_each_projection_counts_the_positions_it_moved_past(db, tmp_path):
+    name = "tollgate_projection_events_total"
+    async with serving(db, tmp_path, run_projections=False) as client:
+        names = list(client.app[RUNNER].projections)
+        await catch_up(client)  # whatever the log already held
+        before = await scrape(client)
+        await add_companies(client, 12)
+        await catch_up(client)
+        after = await scrape(client)
+    for projection in names:
+        moved = value(after, name, projection=projection)
+        assert moved is not None
+        assert moved - (value(before, name, projection=projection) or 0) == 12
+    async with serving(db, tmp_path, run_projections=True) as client:
+        first = await scrape(client)
+    # A process that runs the projections shows each from the start, at zero if need be.
+    assert all(value(first, name, projection=projection) is not None for projection in names)
 
 
 async def test_counters_for_other_code_move_through_the_metrics_api(db, tmp_path):
