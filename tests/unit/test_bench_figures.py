@@ -1,0 +1,34 @@
+"""The bench's HTTP figures: each the median of several wrk windows, shown with their range,
+so that one slow or fast minute on a shared machine does not decide a ratio."""
+
+from __future__ import annotations
+
+from tests.bench.http_bench import Figure, median, row
+from tests.bench.load import Result
+
+
+def window(requests: int, p99: float, server_cpu: float) -> Figure:
+    result = Result(requests, 0, 10.0, p99 / 2, p99)
+    return Figure(result, {"server": server_cpu, "postgres": 0.4, "wrk": 0.1}, (result.rate,),
+                  requests)  # fmt: skip
+
+
+def test_the_median_window_is_reported_whole_with_the_range_of_all():
+    slow, middle, fast = (
+        window(50_000, 30.0, 0.9),
+        window(60_000, 20.0, 1.0),
+        window(90_000, 9.0, 1.1),
+    )
+    figure = median([fast, slow, middle])
+    assert figure.result is middle.result and figure.cpu is middle.cpu  # not a blend
+    assert sorted(figure.rates) == [5_000.0, 6_000.0, 9_000.0]
+    assert figure.answered == 200_000  # every window's answers, for the committed check
+    line = row("POST /oauth/token", 1, figure, median([window(240_000, 4.0, 1.0)]))
+    assert "| 6,000 | 5,000-9,000 |" in line
+    assert "| 25% |" in line  # of the bare handler's 24,000/s
+    assert "| 100% | 40% | 10% |" in line
+
+
+def test_an_even_number_of_windows_reports_the_upper_middle_one():
+    figures = [window(n, 10.0, 1.0) for n in (40_000, 70_000, 50_000, 60_000)]
+    assert median(figures).rate == 6_000.0
