@@ -97,6 +97,9 @@ class ProjectionRunner:
     # --- running ---------------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        if self.moved is not None:  # every projection run here is counted from zero
+            for name in self.projections:
+                self.moved(name, 0)
         async with asyncio.TaskGroup() as group:
             for projection in self.projections.values():
                 group.create_task(self._supervise(projection), name=f"projection-{projection.name}")

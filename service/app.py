@@ -210,8 +210,6 @@ async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
         batch_size=app[SETTINGS].projection_batch_size,
         moved=app[METRICS].projection_moved,
     )
-    if app[SETTINGS].run_projections:
-        app[METRICS].projections_known(runner.projections)
     await runner.ensure_checkpoints()
     app[RUNNER] = runner
     task = None

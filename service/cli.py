@@ -229,8 +229,6 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
             for name in runner.projections:
                 await runner.catch_up(name)
             return 0
-        if metrics is not None:
-            metrics.projections_known(runner.projections)
         await runner.run_forever()
         return 0
 

@@ -203,14 +203,10 @@ class Metrics:
             elif isinstance(event, IpViolationDetected):
                 self.ip_violation(event.endpoint)
 
-    def projections_known(self, names: Iterable[str]) -> None:
-        """The projections this process runs: their series exist at zero from the start.
-        Names come from the catalog (projections/catalog.py), a closed set."""
-        for name in names:
-            self._projection_moved.labels(name)
-
     def projection_moved(self, name: str, positions: int) -> None:
-        """A step of projection `name` committed, `positions` further along the log."""
+        """A batch of projection `name` committed, `positions` further along the log (0: it
+        starts running here). Names come from the catalog (projections/catalog.py), a
+        closed set."""
         self._projection_moved.labels(name).inc(positions)
 
     def email_sent(self) -> None:
