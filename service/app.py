@@ -1,4 +1,4 @@
-"""create_app(settings): the database, the event log, the projections, middlewares, routes."""
+"""create_app(settings): the database, the event log, the projections, the routes."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from service.web.history import routes as history_routes
 from service.web.home import routes as home_routes
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, THROTTLE, UPSTREAM, Upstream
 from service.web.login import routes as login_routes
-from service.web.middleware import request_middleware
+from service.web.middleware import observed_routes, route_unmatched
 from service.web.oauth import routes as oauth_routes
 from service.web.ops import DATABASE_WATCH
 from service.web.ops import routes as ops_routes
@@ -63,7 +63,7 @@ SUPERVISING = web.AppKey("supervising", asyncio.Task[None])
 
 def create_app(settings: Settings, *, database: Database | None = None) -> web.Application:
     """Build the application. `database` lets a caller (tests) hand in an open one."""
-    app = web.Application(middlewares=[request_middleware])
+    app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database_ctx(database))
@@ -77,18 +77,19 @@ def create_app(settings: Settings, *, database: Database | None = None) -> web.A
     # Read once, here: a bad PERMISSIONS_FILE or ROUTES_FILE stops the start at once.
     app[CATALOGUE] = load_catalogue(settings.permissions_file)
     app[ROUTES] = load_routes(settings.routes_file, app[CATALOGUE])
-    app.add_routes(ops_routes)
-    app.add_routes(home_routes)
-    app.add_routes(login_routes)
-    app.add_routes(oauth_routes)
-    app.add_routes(authorize_routes)
-    app.add_routes(admin_routes)
-    app.add_routes(history_routes)
+    app.add_routes(observed_routes(ops_routes))
+    app.add_routes(observed_routes(home_routes))
+    app.add_routes(observed_routes(login_routes))
+    app.add_routes(observed_routes(oauth_routes))
+    app.add_routes(observed_routes(authorize_routes))
+    app.add_routes(observed_routes(admin_routes))
+    app.add_routes(observed_routes(history_routes))
     app[DASHBOARD_TEMPLATES] = dashboard_templates()  # read once: a broken template stops the start
-    app.add_routes(dashboard_routes)
-    app.add_routes(policy_routes)
-    app.add_routes(gateway_routes)
+    app.add_routes(observed_routes(dashboard_routes))
+    app.add_routes(observed_routes(policy_routes))
+    app.add_routes(observed_routes(gateway_routes))
     openapi.setup(app)
+    route_unmatched(app)  # last
     return app
 
 

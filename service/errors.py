@@ -1,4 +1,4 @@
-"""One error hierarchy for the whole service; the web middleware renders it, once.
+"""One error hierarchy for the whole service; the web layer renders it, once.
 
 Each error carries the RFC error code (`error`), the HTTP status and a description; the
 OAuth ones follow RFC 6749 §5.2 (https://www.rfc-editor.org/rfc/rfc6749#section-5.2).

@@ -1,1 +1,1 @@
-"""The HTTP side: thin handlers, routes, the one request middleware."""
+"""The HTTP side: thin handlers, routes, and what every request goes through (middleware.py)."""

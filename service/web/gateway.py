@@ -121,11 +121,12 @@ def _refusal(path: str, raw_path: str) -> str:
 
 @routes.route("*", "/api/{path:.*}")
 async def gateway(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
+    app = request.app
+    ctx = app[CONTEXT]
     path = canonical_path(request)
     raw, presented = access_token(request)
     ip = caller_ip(request)
-    rule = request.app[ROUTES].rule_for(request.method, path)
+    rule = app[ROUTES].rule_for(request.method, path)
     # The token and the allow list first, covered or not: a valid token from a disallowed
     # address is revoked wherever it was sent.
     permission = None if rule is None else rule.permission
@@ -142,9 +143,10 @@ async def gateway(request: web.Request) -> web.StreamResponse:
         nonce = {NONCE_HEADER: await presented.nonces.current()}
     if rule is WHOAMI_RULE:
         response = _whoami(request, allowed)
-        response.headers.update(nonce)
+        if nonce:
+            response.headers.update(nonce)
         return response
-    upstream = request.app[UPSTREAM].session
+    upstream = app[UPSTREAM].session
     if upstream is None:
         raise web.HTTPNotFound(reason=f"no upstream API is configured; try GET {WHOAMI}")
     return await _proxy(request, upstream, allowed, ip, nonce)

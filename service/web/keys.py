@@ -50,6 +50,19 @@ def caller_ip(request: web.Request) -> str:
     return ip
 
 
+def remember_caller_ip(request: web.Request, app: web.Application) -> str:
+    """The caller's address, worked out as a request arrives (and kept for `caller_ip`):
+    every request's log line needs it, and a look-up that misses costs an exception. An
+    application without settings (unit tests) takes the socket peer."""
+    settings = app.get(SETTINGS)
+    if settings is None:
+        ip = request.remote or "unknown"
+    else:
+        ip = client_ip(request, settings.trusted_proxies)
+    request[_CALLER_IP] = ip
+    return ip
+
+
 def metadata(request: web.Request, actor: str, ip: str | None = None) -> Metadata:
     return Metadata(
         actor=actor, request_id=request.get(REQUEST_ID), client_ip=ip or caller_ip(request)

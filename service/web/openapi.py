@@ -6,6 +6,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from service.web.middleware import observed
+
 DOCUMENT = web.AppKey("openapi_document", bytes)
 
 
@@ -13,7 +15,7 @@ def setup(app: web.Application) -> None:
     """Read the document once, at start (a wheel without it fails here, not on a request),
     and route it."""
     app[DOCUMENT] = resources.files("service.web").joinpath("openapi.json").read_bytes()
-    app.router.add_get("/openapi.json", serve)
+    app.router.add_get("/openapi.json", observed(serve))
 
 
 async def serve(request: web.Request) -> web.Response:

@@ -225,7 +225,7 @@ class _RequestHandler(RequestHandler):
             description = "malformed HTTP request" + (f": {reason}" if reason else "")
             body = {"error": "invalid_request", "error_description": description}
         else:
-            # Only what escapes every middleware lands here (a bug): the log has it.
+            # Only what escapes the request observer lands here (a bug): the log has it.
             log.error("http.unhandled_error", peer=request.remote, status=status, exc_info=exc)
             body = {"error": "server_error", "error_description": "internal error"}
         response = web.json_response(body, status=status)
@@ -345,7 +345,7 @@ async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> 
     runner = Runner(
         app,
         limits=limits(settings),
-        access_log=None,  # the request middleware writes the one line per request
+        access_log=None,  # the request observer writes the one line per request
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
     )

@@ -18,6 +18,7 @@ from service.app import EVENTLOG, RUNNER, create_app
 from service.metrics import METRICS, Metrics
 from service.settings import Settings
 from service.storage.database import Database
+from service.web.middleware import observed
 from service.web.ops import READINESS, ReadinessPolicy
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -143,7 +144,7 @@ async def test_request_counter_and_latency_histogram_move_with_traffic(db, tmp_p
         return web.json_response({})
 
     def add_item_route(app: web.Application) -> None:
-        app.router.add_get("/items/{item_id}", item)
+        app.router.add_get("/items/{item_id}", observed(item))
 
     async with serving(db, tmp_path, setup=add_item_route) as client:
         before = await scrape(client)

@@ -1,19 +1,20 @@
-"""The one middleware's errors, through aiohttp's real stack: an unreachable database is a
+"""The request observer's errors, through aiohttp's real stack: an unreachable database is a
 503 the client may retry; anything else unexpected is a 500 that says nothing more."""
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.eventlog import EventLogRefused, EventLogUnavailable
-from service.web.middleware import request_middleware
+from service.web.middleware import observed_routes, route_unmatched
 
 
 async def serve(exc: Exception) -> TestClient:
     async def handler(_request: web.Request) -> web.Response:
         raise exc
 
-    app = web.Application(middlewares=[request_middleware])
-    app.router.add_route("*", "/boom", handler)
+    app = web.Application()
+    app.add_routes(observed_routes([web.route("*", "/boom", handler)]))
+    route_unmatched(app)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
@@ -104,5 +105,33 @@ async def test_a_database_error_that_is_a_bug_stays_a_500():
         response = await client.get("/boom")
         assert response.status == 500
         assert (await response.json())["error"] == "server_error"
+    finally:
+        await client.close()
+
+
+async def test_what_no_route_matches_is_a_json_404_and_another_method_a_405_with_allow():
+    client = await serve(KeyError("never raised"))
+    try:
+        missing = await client.get("/no/such/path")
+        assert missing.status == 404
+        assert (await missing.json())["error"] == "not_found"
+        assert missing.headers["X-Request-Id"]
+    finally:
+        await client.close()
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.add_routes(observed_routes([web.get("/thing", handler), web.put("/thing", handler)]))
+    route_unmatched(app)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        wrong = await client.delete("/thing")
+        assert wrong.status == 405
+        assert (await wrong.json())["error"] == "method_not_allowed"
+        assert set(wrong.headers["Allow"].split(",")) == {"GET", "HEAD", "PUT"}
+        assert (await client.head("/thing")).status == 200  # a GET route answers HEAD
     finally:
         await client.close()

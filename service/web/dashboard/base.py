@@ -269,7 +269,7 @@ async def _answer(
         return refused.response
     except TollgateError as exc:
         if exc.status >= 500 or exc.status in (413, 415):
-            raise  # the request middleware renders these, as everywhere
+            raise  # the request observer renders these, as everywhere
         # Another company's application (404), a user who exists already (409), ...
         return error(_TITLES.get(exc.status, "Not possible"), exc.description, exc.status)
     _apply_cookies(request, admin, response)
