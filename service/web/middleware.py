@@ -8,7 +8,6 @@ import os
 import secrets
 import time
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import asyncpg
 import structlog
@@ -93,11 +92,11 @@ def _request_id(request: web.Request) -> str:
     return _new_request_id()
 
 
-def observed(handler: Handler, *, route: str | None = None) -> Handler:
+def observed(handler: Handler, route: str) -> Handler:
     """`handler` with everything a request goes through on its way to it and back: its
     id, the errors rendered in their protocol's format, the request counted by route and
-    final status, and its one log line. `route`: the label it is counted under (None:
-    the canonical path of the resource that matched, `/admin/applications/{client_id}`).
+    final status, and its one log line. `route`: the label it is counted under, the
+    canonical path it is routed at (`/admin/applications/{client_id}`) or UNMATCHED.
 
     Every route's handler is wrapped here when it is added (`observed_routes`, and
     `route_unmatched` for what no route matches), rather than in an application
@@ -117,16 +116,16 @@ def observed(handler: Handler, *, route: str | None = None) -> Handler:
         request_id = _request_id(request)
         request[REQUEST_ID] = request_id
         logs.request_id.set(request_id)  # on every event logged while answering it
-        seen = _Seen(app, started, request_id, remember_caller_ip(request, app), route)
+        ip = remember_caller_ip(request, app)
         try:
             try:
                 response = await handler(request)
             except Exception as exc:
                 response = _rendered(request, exc)
         except web.HTTPException as exc:  # a redirect
-            _finish(request, exc, seen)
+            _finish(request, exc, app, started, request_id, ip, route)
             raise
-        _finish(request, response, seen)
+        _finish(request, response, app, started, request_id, ip, route)
         return response
 
     return observe
@@ -138,16 +137,26 @@ def observed_routes(table: Iterable[web.AbstractRouteDef]) -> list[web.AbstractR
     for definition in table:
         if not isinstance(definition, web.RouteDef):  # a static directory: none is served
             raise TypeError(f"only handlers can be observed, not {definition!r}")
-        handler = observed(definition.handler)
+        handler = observed(definition.handler, canonical(definition.path))
         out.append(web.RouteDef(definition.method, definition.path, handler, definition.kwargs))
     return out
+
+
+def canonical(path: str) -> str:
+    """The path as aiohttp names its resource (`/api/{path:.*}` is `/api/{path}`): the
+    label of its requests, never the raw path, which keeps the series bounded."""
+    return web.UrlDispatcher().add_resource(path).canonical
+
+
+#: the catch-all `route_unmatched` adds: not one of the service's routes
+UNMATCHED_PATH = "/{unmatched:.*}"
 
 
 def route_unmatched(app: web.Application) -> None:
     """What no route matches, answered as aiohttp would (404, or 405 with Allow for a
     path routed for other methods) and observed like any request. Added last: aiohttp
     tries a path's resources in the order they were added."""
-    app.router.add_route("*", "/{unmatched:.*}", observed(_unmatched, route=UNMATCHED))
+    app.router.add_route("*", UNMATCHED_PATH, observed(_unmatched, UNMATCHED))
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
@@ -161,30 +170,24 @@ async def _unmatched(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-class _Seen(NamedTuple):
-    """What the request's count and log line need from its arrival."""
-
-    app: web.Application
-    started: float
-    request_id: str
-    ip: str
-    route: str | None
-
-
-def _finish(request: web.Request, response: web.StreamResponse, seen: _Seen) -> None:
+def _finish(
+    request: web.Request,
+    response: web.StreamResponse,
+    app: web.Application,
+    started: float,
+    request_id: str,
+    ip: str,
+    route: str,
+) -> None:
     """The request id on the response, the request counted, and its one log line."""
-    seconds = time.perf_counter() - seen.started
-    response.headers[_X_REQUEST_ID] = seen.request_id
+    seconds = time.perf_counter() - started
+    response.headers[_X_REQUEST_ID] = request_id
     status = response.status
-    recorder = seen.app.get(METRICS)
+    recorder = app.get(METRICS)
     if recorder is not None:  # an application without metrics (unit tests) counts nothing
-        route = seen.route
-        if route is None:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else UNMATCHED
         recorder.observe_request(route, request.method, status, seconds)
     ms = int(seconds * 100_000 + 0.5) / 100  # rounded to 10 us: round(x, 2) costs twice this
-    request_line(request.method, request.path, status, ms, seen.ip, seen.request_id)
+    request_line(request.method, request.path, status, ms, ip, request_id)
 
 
 def client_went_away(request: web.Request, exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ def setup(app: web.Application) -> None:
     """Read the document once, at start (a wheel without it fails here, not on a request),
     and route it."""
     app[DOCUMENT] = resources.files("service.web").joinpath("openapi.json").read_bytes()
-    app.router.add_get("/openapi.json", observed(serve))
+    app.router.add_get("/openapi.json", observed(serve, "/openapi.json"))
 
 
 async def serve(request: web.Request) -> web.Response:

@@ -144,7 +144,7 @@ async def test_request_counter_and_latency_histogram_move_with_traffic(db, tmp_p
         return web.json_response({})
 
     def add_item_route(app: web.Application) -> None:
-        app.router.add_get("/items/{item_id}", observed(item))
+        app.router.add_get("/items/{item_id}", observed(item, "/items/{item_id}"))
 
     async with serving(db, tmp_path, setup=add_item_route) as client:
         before = await scrape(client)

@@ -5,7 +5,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.eventlog import EventLogRefused, EventLogUnavailable
-from service.web.middleware import observed_routes, route_unmatched
+from service.web.middleware import canonical, observed_routes, route_unmatched
 
 
 async def serve(exc: Exception) -> TestClient:
@@ -135,3 +135,10 @@ async def test_what_no_route_matches_is_a_json_404_and_another_method_a_405_with
         assert (await client.head("/thing")).status == 200  # a GET route answers HEAD
     finally:
         await client.close()
+
+
+def test_requests_are_counted_under_the_path_as_aiohttp_names_its_resource():
+    assert canonical("/healthz") == "/healthz"
+    assert canonical("/api/{path:.*}") == "/api/{path}"
+    assert canonical("/admin/applications/{client_id}") == "/admin/applications/{client_id}"
+    assert canonical(r"/v/{n:\d{2,3}}/x") == "/v/{n}/x"
