@@ -149,7 +149,7 @@ def canonical(path: str) -> str:
 
 
 #: the catch-all `route_unmatched` adds: not one of the service's routes
-UNMATCHED_PATH = "/{unmatched:.*}"
+UNMATCHED_PATH = r"/{unmatched:[\s\S]*}"  # a decoded path may hold a line break
 
 
 def route_unmatched(app: web.Application) -> None:

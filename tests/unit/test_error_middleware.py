@@ -142,3 +142,13 @@ def test_requests_are_counted_under_the_path_as_aiohttp_names_its_resource():
     assert canonical("/api/{path:.*}") == "/api/{path}"
     assert canonical("/admin/applications/{client_id}") == "/admin/applications/{client_id}"
     assert canonical(r"/v/{n:\d{2,3}}/x") == "/v/{n}/x"
+
+
+async def test_a_path_with_a_line_break_is_still_answered_in_json():
+    client = await serve(KeyError("never raised"))
+    try:
+        missing = await client.get("/no/such%0Apath")
+        assert missing.status == 404
+        assert (await missing.json())["error"] == "not_found"
+    finally:
+        await client.close()
