@@ -167,6 +167,8 @@ class Metrics:
         # keys come from the same closed sets as the labels, so this stays small.
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._pending: dict[tuple[str, str, int], _Observed] = {}
+        self._counted: dict[tuple[Counter, str], int] = {}
+        self._flush_due = False
         self._measured = _Measured()
         self.registry.register(self._measured)
         if shared is None:
@@ -180,15 +182,15 @@ class Metrics:
 
     def token_issued(self, grant_type: str) -> None:
         """An access token was issued (`grant_type` as in the token request)."""
-        self._tokens_issued.labels(_known(grant_type, GRANT_TYPES)).inc()
+        self._count(self._tokens_issued, _known(grant_type, GRANT_TYPES))
 
     def token_revoked(self, reason: str) -> None:
         """A token family was revoked (`reason` as in `TokenRevoked.reason`)."""
-        self._revocations.labels(_known(reason, REVOCATION_REASONS)).inc()
+        self._count(self._revocations, _known(reason, REVOCATION_REASONS))
 
     def ip_violation(self, endpoint: str) -> None:
         """A credential was used from a disallowed address (`IpViolationDetected.endpoint`)."""
-        self._violations.labels(_known(endpoint, VIOLATION_ENDPOINTS)).inc()
+        self._count(self._violations, _known(endpoint, VIOLATION_ENDPOINTS))
 
     def observe_recorded(self, events: Sequence[Event]) -> None:
         """Count what the event log just recorded: tokens issued, families revoked,
@@ -202,6 +204,15 @@ class Metrics:
                 self.token_revoked(event.reason)
             elif isinstance(event, IpViolationDetected):
                 self.ip_violation(event.endpoint)
+
+    def _count(self, counter: Counter, label: str) -> None:
+        """One more on `counter`'s series `label`, added with the request counts once per
+        turn of the event loop (and before every scrape): a series look-up and increment
+        take a lock each, and under `--workers` write a shared file, on every token."""
+        key = (counter, label)
+        counted = self._counted
+        counted[key] = counted.get(key, 0) + 1
+        self._flush_soon()
 
     def projection_moved(self, name: str, positions: int) -> None:
         """A batch of projection `name` committed, `positions` further along the log (0: it
@@ -226,16 +237,17 @@ class Metrics:
         `--workers` writes a shared file."""
         key = (route, method if method in METHODS else OTHER, status)
         pending = self._pending.get(key)
-        first = pending is None and not self._pending
         if pending is None:
             pending = self._pending[key] = _Observed(len(_LATENCY_BUCKETS) + 1)
         pending.count += 1
         pending.seconds += seconds
         pending.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        if first:
-            self._flush_soon()
+        self._flush_soon()
 
     def _flush_soon(self) -> None:
+        if self._flush_due:
+            return
+        self._flush_due = True
         try:
             asyncio.get_running_loop().call_soon(self.flush)
         except RuntimeError:  # no loop: at once
@@ -243,6 +255,10 @@ class Metrics:
 
     def flush(self) -> None:
         """Add what was counted since the last flush to the Prometheus series."""
+        self._flush_due = False
+        counted, self._counted = self._counted, {}
+        for (counter, label), n in counted.items():
+            counter.labels(label).inc(n)
         pending, self._pending = self._pending, {}
         for (route, method, status), observed in pending.items():
             series = self._request_series.get((route, method, status))
