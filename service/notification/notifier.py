@@ -154,6 +154,7 @@ class Notifier:
         poll_interval: float | None = None,
         smtp_timeout: float = 30.0,
         max_refusals: int = 5,
+        linger: float = 0.05,
     ) -> None:
         settings = ctx.settings
         self.ctx = ctx
@@ -167,6 +168,12 @@ class Notifier:
         self.standby_interval = standby_interval
         self.poll_interval = poll_interval or ctx.eventlog.poll_interval
         self.smtp_timeout = smtp_timeout
+        #: seconds to wait after a run that moved the checkpoint, before the next: under
+        #: load the log commits hundreds of times a second, and a run (the checkpoint, the
+        #: head, a filtered read, two checkpoint writes) per commit would be as many queries
+        #: and write transactions again. The first violation after a quiet spell is mailed
+        #: at once; one under load waits at most this long.
+        self.linger = linger
         #: the recipients' permanent (5xx) refusals in a row after which an email is given
         #: up; failures to log in or to set up TLS never count
         self.max_refusals = max_refusals
@@ -230,8 +237,13 @@ class Notifier:
 
     async def _follow(self, conn: Conn) -> None:
         while not conn.is_closed():
-            if await self.run_once() < self.batch_size:
+            before = self.position
+            if await self.run_once() >= self.batch_size:
+                continue  # more violations are waiting
+            if self.position == before:
                 await self.ctx.eventlog.wakeup.wait(self.position, self.poll_interval)
+            elif self.linger:
+                await asyncio.sleep(self.linger)
 
     async def _retry_forever(self) -> None:
         while True:

@@ -453,6 +453,49 @@ async def test_two_notifiers_send_each_email_once(db, tmp_path, smtp):
         assert len(await one.eventlog.read_stream(notification_stream(position))) == 1
 
 
+async def test_a_busy_log_is_followed_once_a_linger_not_once_a_commit(db, tmp_path, smtp):
+    """Under load the log commits hundreds of times a second: a run per commit would add
+    as many reads and checkpoint writes again. The first violation after a quiet spell is
+    still mailed at once, whatever the linger."""
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        worker = notifier(ctx, db)
+        worker.linger = 0.25
+        runs = 0
+        run_once = worker.run_once
+
+        async def counted() -> int:
+            nonlocal runs
+            runs += 1
+            return await run_once()
+
+        worker.run_once = counted  # type: ignore[method-assign]
+        async with running(worker):
+            head = await ctx.eventlog.head()
+            await eventually(lambda: worker.position >= head)
+            await asyncio.sleep(0.3)  # past its linger: waiting for the next commit
+            # Busy: twenty commits, 20 ms apart, each of them a wake-up.
+            runs = 0
+            for n in range(20):
+                await add_app(ctx, f"busy-{n}")
+                await asyncio.sleep(0.02)
+            busy_runs = runs
+            busy = await violate(ctx, ip="203.0.113.1")
+            await wait_for_stream(ctx, notification_stream(busy))
+            # Quiet again, and a linger far beyond any wait here: the next goes out at once.
+            head = await ctx.eventlog.head()
+            await eventually(lambda: worker.position >= head)
+            await asyncio.sleep(0.3)
+            worker.linger = 30.0
+            quiet = await violate(ctx, ip="203.0.113.2")
+            await wait_for_stream(ctx, notification_stream(quiet))
+
+    # Without the linger: a run for each of the 20 commits at least.
+    assert busy_runs <= 8, f"{busy_runs} runs for 20 commits"
+    assert [m["Message-ID"] for m in smtp.mailbox.messages] == [mid(busy), mid(quiet)]
+
+
 def test_backoff_doubles_up_to_its_cap():
     backoff = Backoff(base=1.0, cap=300.0)
     assert [backoff.delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
