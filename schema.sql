@@ -261,7 +261,13 @@ CREATE TABLE IF NOT EXISTS live_tokens (
     expires_at  timestamptz
 );
 CREATE INDEX IF NOT EXISTS live_tokens_client ON live_tokens (client_id);
-CREATE INDEX IF NOT EXISTS live_tokens_family ON live_tokens (family_id);
+-- A hash index: a family id is a long random text, one a client_credentials token, and as
+-- a btree it was larger than the primary key and the dearest part of inserting a token's
+-- row (about 13 of 34-40 us a row at 2.2 million rows; as a hash, 4-5 us). Only equality
+-- (`= ANY`, a revocation's families) is asked of it. It replaces the btree of earlier
+-- versions, dropped once the hash index is built (the table is readable meanwhile).
+CREATE INDEX IF NOT EXISTS live_tokens_family_hash ON live_tokens USING hash (family_id);
+DROP INDEX IF EXISTS live_tokens_family;
 CREATE INDEX IF NOT EXISTS live_tokens_expiry ON live_tokens (expires_at) WHERE expires_at IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS companies (

@@ -13,7 +13,9 @@ import pytest
 
 from projections.catalog import sql_projections
 from projections.runner import ProjectionRunner, lock_key
+from service import events as ev
 from service.eventlog import EventLog
+from service.storage.database import apply_schema
 from tests.factories import application, populate, token
 
 TABLES = {
@@ -269,3 +271,55 @@ async def test_under_a_stream_of_appends_a_step_carries_many_events(eventlog: Ev
         task.cancel()
     assert sum(steps) == 60
     assert len(steps) <= 12, steps  # a step each linger, not one per commit
+
+
+async def test_a_revocation_finds_its_family_by_the_hash_index(eventlog: EventLog, db):
+    """`live_tokens_family_hash` replaces the btree of earlier versions, also in a database
+    made with it, and a revoked family's rows are deleted through it."""
+    async with db.pool.acquire() as conn:
+        await conn.execute(
+            "CREATE INDEX IF NOT EXISTS live_tokens_family ON live_tokens (family_id)"
+        )
+        await conn.execute("DELETE FROM schema_applied")
+        await apply_schema(conn)
+    indexes = dict(
+        await db.pool.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes "
+            "WHERE tablename = 'live_tokens' AND indexdef LIKE '%(family_id)%'"
+        )
+    )
+    assert list(indexes) == ["live_tokens_family_hash"]
+    assert "USING hash" in indexes["live_tokens_family_hash"]
+
+    head = await populate(eventlog, tokens=300)
+    runner = runner_for(eventlog, db)
+    await runner.catch_up("tokens")
+    family = await db.pool.fetchval("SELECT family_id FROM live_tokens LIMIT 1")
+    async with db.pool.acquire() as conn:
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN DELETE FROM live_tokens WHERE family_id = ANY($1)", [family]
+            )
+        )
+    assert "live_tokens_family_hash" in plan
+    [row] = await db.pool.fetch(
+        "SELECT client_id, company_id FROM live_tokens WHERE family_id = $1", family
+    )
+    await eventlog.append(
+        f"family-{family}",
+        None,
+        [
+            ev.TokenRevoked(
+                company_id=row["company_id"],
+                client_id=row["client_id"],
+                family_id=family,
+                reason="client_request",
+            )
+        ],
+    )
+    assert await runner.catch_up("tokens") == head + 1
+    assert not await db.pool.fetchval(
+        "SELECT count(*) FROM live_tokens WHERE family_id = $1", family
+    )
