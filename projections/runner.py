@@ -152,10 +152,9 @@ class ProjectionRunner:
             position = await self.checkpoint(projection.name)
             while not conn.is_closed():
                 new_position = await self.step(projection, position)
-                if new_position == position:
-                    await self.eventlog.wakeup.wait(position, self.eventlog.poll_interval)
-                elif self.linger:
-                    await asyncio.sleep(self.linger)
+                await self.eventlog.wakeup.between_runs(
+                    position, new_position, self.eventlog.poll_interval, self.linger
+                )
                 position = new_position
         finally:
             with contextlib.suppress(*_DB_ERRORS):

@@ -180,6 +180,16 @@ class Wakeup:
             async with asyncio.timeout(patience):
                 await asyncio.shield(self._future)
 
+    async def between_runs(self, before: int, after: int, patience: float, linger: float) -> None:
+        """The pause of a follower of the log between two runs, which took it from `before`
+        to `after`: one that moved nothing waits for a commit past `after` (at most
+        `patience`); one that moved waits `linger` first, so that under load a run carries
+        many commits instead of one, and the first after a quiet spell runs at once."""
+        if after == before:
+            await self.wait(after, patience)
+        elif linger:
+            await asyncio.sleep(linger)
+
 
 #: (positions, expected version, events) of an append just committed
 Appended = Callable[[Sequence[int], int | None, Sequence[Event]], object]

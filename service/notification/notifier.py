@@ -240,10 +240,9 @@ class Notifier:
             before = self.position
             if await self.run_once() >= self.batch_size:
                 continue  # more violations are waiting
-            if self.position == before:
-                await self.ctx.eventlog.wakeup.wait(self.position, self.poll_interval)
-            elif self.linger:
-                await asyncio.sleep(self.linger)
+            await self.ctx.eventlog.wakeup.between_runs(
+                before, self.position, self.poll_interval, self.linger
+            )
 
     async def _retry_forever(self) -> None:
         while True:
