@@ -201,6 +201,30 @@ BEGIN
     RETURN '[' || array_to_string(results, ',') || ']';
 END $$;
 
+-- The same batch, each array as one text (service/eventlog/appends.py): a text array's
+-- elements between U+001E, a company's NULL as U+001F (JSON escapes both, and the writer
+-- sends arrays instead when a raw text holds one), an integer array as its literal. The
+-- client encodes one text at once, not an array element by element.
+CREATE OR REPLACE FUNCTION events_append_packed(
+    p_streams text, p_stream_json text, p_expected text, p_counts text,
+    p_slots text, p_condition_of text, p_condition_slots text,
+    p_condition_streams text, p_condition_versions text,
+    p_event_of text, p_tails text, p_types text, p_schema_versions text,
+    p_companies text, p_payloads text, p_metadata text, p_recorded timestamptz,
+    p_probe_new boolean)
+RETURNS text
+LANGUAGE sql AS $$
+    SELECT events_append(
+        string_to_array(p_streams, E'\x1e'), string_to_array(p_stream_json, E'\x1e'),
+        p_expected::integer[], p_counts::integer[], p_slots::integer[],
+        p_condition_of::integer[], p_condition_slots::integer[],
+        string_to_array(p_condition_streams, E'\x1e'), p_condition_versions::integer[],
+        p_event_of::integer[], string_to_array(p_tails, E'\x1e'),
+        string_to_array(p_types, E'\x1e'), p_schema_versions::smallint[],
+        string_to_array(p_companies, E'\x1e', E'\x1f'), string_to_array(p_payloads, E'\x1e'),
+        string_to_array(p_metadata, E'\x1e'), p_recorded, p_probe_new)
+$$;
+
 -- What processes of the previous version call while hosts are rolled one at a time: the
 -- same batch without slots, each stream numbered here.
 CREATE OR REPLACE FUNCTION events_append(

@@ -89,8 +89,6 @@ CHANNEL = "tollgate_events"
 #: commits announced with their events (schema.sql, `events_append`)
 BATCHES = "tollgate_batches"
 
-_APPEND = f"SELECT events_append({', '.join(f'${n}' for n in range(1, 19))})"
-
 _COLUMNS = (
     "position, stream_id, version, type, schema_version, company_id, payload, metadata, "
     "recorded_at, hash"
@@ -483,11 +481,11 @@ class EventLog:
         plan = Plan.build(batch)
         self._in_flight = plan
         try:
-            outcome = await conn.fetchval(_APPEND, *plan.args, False)
+            outcome = await conn.fetchval(plan.statement, *plan.args, False)
         except asyncpg.UniqueViolationError:
             # A stream taken to be new exists (nothing was written): every stream is
             # looked up this time, and the append that assumed it fails alone.
-            outcome = await conn.fetchval(_APPEND, *plan.args, True)
+            outcome = await conn.fetchval(plan.statement, *plan.args, True)
         plan.apply(batch, outcome)
         self._in_flight = None
 

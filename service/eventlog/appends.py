@@ -4,6 +4,11 @@ The writer encodes each append's events here, outside any lock; the database che
 versions, hands out positions and versions and chains the hashes under the lock
 (schema.sql), and answers per append: its first position, or the version that did not
 match.
+
+The batch travels packed (`events_append_packed`): each of its arrays as one text, which
+the database splits back into the array. asyncpg encodes an array element by element, at
+about half a microsecond each here (600 us of the writer's CPU for 64 one-event appends,
+about a fifth of a 64-append commit cycle); one text goes at once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,19 @@ class Append:
 
 
 _encoder = msgspec.json.Encoder()
+_ARGUMENTS = ", ".join(f"${n}" for n in range(1, 19))
+#: the batch as arrays (and what the previous version calls)
+APPEND = f"SELECT events_append({_ARGUMENTS})"
+#: the same batch, each array as one text (schema.sql)
+APPEND_PACKED = f"SELECT events_append_packed({_ARGUMENTS})"
+#: between a packed text's elements, and a NULL element (a company); JSON escapes both
+SEPARATOR, NULL = "\x1e", "\x1f"
+#: which of events_append's arrays hold text (the others integers)
+_TEXTS = frozenset({0, 1, 7, 10, 11, 13, 14, 15})
+#: the arrays that may hold NULL: expected versions (any) and companies (none)
+_NULLABLE = frozenset({2, 13})
+#: the text arrays whose elements are not JSON (which never holds a raw control character)
+_RAW = (0, 7, 11, 13)
 #: per append, its first position or the version that did not match
 _outcome = msgspec.json.Decoder(list[int | tuple[str, int, int]])
 
@@ -41,9 +59,11 @@ _outcome = msgspec.json.Decoder(list[int | tuple[str, int, int]])
 @dataclass
 class Plan:
     """One batch, encoded: what `events_append` takes (the appends and their events as
-    arrays), and what each append writes (to find it again if a commit's outcome is
-    lost)."""
+    arrays), the statement that sends it with its arguments, and what each append writes
+    (to find it again if a commit's outcome is lost)."""
 
+    arrays: tuple[Any, ...]
+    statement: str
     args: tuple[Any, ...]
     recorded_at: datetime
     #: per append, its events' (payload, metadata) as stored
@@ -92,10 +112,13 @@ class Plan:
                 condition_slots.append(numbered.setdefault(stream_id, len(numbered) + 1))
                 condition_streams.append(stream_id)
                 condition_versions.append(version)
-        args = (streams, stream_json, expected, counts, slots, condition_of, condition_slots,
-                condition_streams, condition_versions, event_of, tails, types,
-                schema_versions, companies, payloads, metadata, recorded_at)  # fmt: skip
-        return cls(args, recorded_at, written)
+        arrays = (streams, stream_json, expected, counts, slots, condition_of, condition_slots,
+                  condition_streams, condition_versions, event_of, tails, types,
+                  schema_versions, companies, payloads, metadata, recorded_at)  # fmt: skip
+        packed = _packed(arrays)
+        if packed is None:
+            return cls(arrays, APPEND, arrays, recorded_at, written)
+        return cls(arrays, APPEND_PACKED, packed, recorded_at, written)
 
     def apply(self, batch: list[Append], outcome: str) -> None:
         """What `events_append` answered, onto each append: its positions, or the
@@ -105,6 +128,33 @@ class Plan:
                 request.positions = list(range(result, result + len(request.events)))
             else:
                 request.error = ConcurrencyError(*result)
+
+
+def _packed(arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Each array as one text: a text array's elements between separators (a NULL as the
+    NULL mark), an integer array as its literal. None when a text would not split back into
+    its elements: a raw text (a stream id, a type, a company) that holds a separator or the
+    NULL mark, or a lone empty one (an empty text splits into no element). Such a batch
+    goes as arrays."""
+    packed: list[Any] = []
+    for n, array in enumerate(arrays[:-1]):
+        nullable = n in _NULLABLE
+        if n in _TEXTS:
+            items = [NULL if item is None else item for item in array] if nullable else array
+            packed.append(SEPARATOR.join(items))
+        else:
+            numbers = ["NULL" if i is None else str(i) for i in array] if nullable else array
+            packed.append("{" + ",".join(map(str, numbers)) + "}")
+    for n in _RAW:
+        text, items = packed[n], arrays[n]
+        if items and (
+            text.count(SEPARATOR) != len(items) - 1
+            or text.count(NULL) != items.count(None)
+            or text == ""
+        ):
+            return None
+    packed.append(arrays[-1])
+    return tuple(packed)
 
 
 def settle(request: Append, error: EventLogError | None = None) -> None:

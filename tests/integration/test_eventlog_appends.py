@@ -15,7 +15,7 @@ import pytest
 from service import events as ev
 from service.audit.verify import verify_log
 from service.eventlog import ConcurrencyError, EventLog, Metadata, decode_lean
-from service.eventlog.appends import Append, Plan
+from service.eventlog.appends import APPEND, APPEND_PACKED, NULL, SEPARATOR, Append, Plan
 from service.storage.database import create_pool, schema_sql
 
 pytestmark = pytest.mark.eventlog
@@ -154,6 +154,95 @@ async def test_a_batch_of_many_appends_keeps_each_streams_version_as_it_goes(
     assert result.ok and result.checked == 1 + 200 * 4
 
 
+def plan_of(*appends: tuple[str, list[ev.Event], list[tuple[str, int]]]) -> Plan:
+    loop = asyncio.new_event_loop()
+    try:
+        return Plan.build([
+            Append(stream, 0, events, Metadata(), conditions, loop.create_future())
+            for stream, events, conditions in appends
+        ])  # fmt: skip
+    finally:
+        loop.close()
+
+
+def test_a_batch_travels_packed_unless_a_raw_text_would_not_split_back():
+    """Each array goes as one text, split by the database; a stream id, condition stream or
+    company holding the separator or the NULL mark, or a lone empty company, would split
+    into other elements, and such a batch goes as arrays."""
+    plain = plan_of(("s", [company(1, AWKWARD)], [("app", 1)]))
+    assert plain.statement == APPEND_PACKED
+    assert plain.args[0] == "s" and plain.args[2] == "{0}" and plain.args[-1] == plain.recorded_at
+    for stream, event, conditions in [
+        (f"s{SEPARATOR}t", company(1), []),
+        (f"s{NULL}t", company(1), []),
+        ("s", company(1), [(f"app{SEPARATOR}", 1)]),
+        ("s", ev.CompanyCreated(company_id=f"c{SEPARATOR}1", name="C"), []),
+        ("s", ev.CompanyCreated(company_id=f"c{NULL}", name="C"), []),
+        ("s", ev.CompanyCreated(company_id="", name="C"), []),
+    ]:
+        plan = plan_of((stream, [event], conditions))
+        assert plan.statement == APPEND and plan.args == plan.arrays, (stream, event)
+    # Two empty companies are two elements: "" and "" around one separator.
+    two = plan_of(("s", [ev.CompanyCreated(company_id="", name="C")] * 2, []))
+    assert two.statement == APPEND_PACKED
+
+
+async def test_packed_and_unpackable_batches_are_written_as_given(eventlog: EventLog, db):
+    """Through both statements, every text arrives as it was sent: stream ids with control
+    characters (the separator and the NULL mark among them), a company that is NULL, one
+    that is empty, versions, conditions and conflicts; and the chain covers them."""
+    server = ev.ResourceServerRegistered(resource_server_id="rs", name=AWKWARD, key_hash="k")
+    appends = [
+        ("app", 0, [company(0, AWKWARD)], []),
+        ("plain", 0, [server, company(1)], [("app", 1)]),
+        (f"sep{SEPARATOR}arated", 0, [company(2)], []),
+        (f"null{NULL}mark", 0, [server], [("app", 1)]),
+        ("empty-company", 0, [ev.CompanyCreated(company_id="", name="C")], []),
+        ("stale", 0, [company(3)], [("app", 0)]),
+    ]
+    for packed_first in (True, False):  # the batch with the odd streams, then without
+        results = await asyncio.gather(
+            *(
+                eventlog.append(
+                    f"{stream}-{packed_first}",
+                    expected,
+                    events,
+                    conditions=[(f"{s}-{packed_first}", v) for s, v in conditions],
+                )
+                for stream, expected, events, conditions in (
+                    appends
+                    if packed_first
+                    else [a for a in appends if a[0] in ("app", "plain", "stale")]
+                )
+            ),
+            return_exceptions=True,
+        )
+        assert isinstance(results[-1], ConcurrencyError) and results[-1].actual == 1
+        assert all(isinstance(r, list) for r in results[:-1]), results
+    rows = await db.pool.fetch(
+        "SELECT stream_id, version, type, company_id, payload::text FROM events ORDER BY position"
+    )
+    written = [(r["stream_id"], r["version"], r["type"], r["company_id"]) for r in rows]
+    assert written == [
+        ("app-True", 1, "CompanyCreated", f"c0{AWKWARD}"),
+        ("plain-True", 1, "ResourceServerRegistered", None),
+        ("plain-True", 2, "CompanyCreated", "c1"),
+        (f"sep{SEPARATOR}arated-True", 1, "CompanyCreated", "c2"),
+        (f"null{NULL}mark-True", 1, "ResourceServerRegistered", None),
+        ("empty-company-True", 1, "CompanyCreated", ""),
+        ("app-False", 1, "CompanyCreated", f"c0{AWKWARD}"),
+        ("plain-False", 1, "ResourceServerRegistered", None),
+        ("plain-False", 2, "CompanyCreated", "c1"),
+    ]
+    # The exact bytes Tollgate encoded, awkward text included.
+    assert [r["payload"] for r in rows[:2]] == [
+        ev.encode(company(0, AWKWARD)).decode(),
+        ev.encode(server).decode(),
+    ]
+    result = await verify_log(db.pool)
+    assert result.ok and result.checked == 9
+
+
 async def test_a_process_of_the_previous_version_appends_as_it_did(eventlog: EventLog, db):
     """While hosts are rolled one at a time, the previous version calls events_append
     without the streams' numbers: versions, conditions and conflicts are decided as
@@ -177,7 +266,7 @@ async def test_a_process_of_the_previous_version_appends_as_it_did(eventlog: Eve
         Append("app", None, [company(5)] * 2, Metadata(), (), loop.create_future()),
     ])  # fmt: skip
     # The previous version's arguments: without p_slots (5th) and p_condition_slots (7th).
-    old = tuple(a for n, a in enumerate(plan.args) if n not in (4, 6))
+    old = tuple(a for n, a in enumerate(plan.arrays) if n not in (4, 6))
     async with db.pool.acquire() as conn:
         answer = await conn.fetchval(
             f"SELECT events_append({', '.join(f'${n}' for n in range(1, 17))})", *old, False
