@@ -12,8 +12,17 @@ import asyncpg
 import msgspec
 
 from service import events as ev
+from service.domain import streams
 from service.eventlog import RecordedEvent
 from service.storage.database import Conn
+
+# A lone token's family (`fam_` and its hash) by the primary key, any other family by the
+# index of shared families, whose condition the first arm repeats (schema.sql).
+_DELETE_FAMILIES = """
+DELETE FROM live_tokens
+WHERE (family_id = ANY($1) AND family_id <> 'fam_' || encode(token_hash, 'hex'))
+   OR (token_hash = ANY($2) AND family_id = 'fam_' || encode(token_hash, 'hex'))
+"""
 
 
 def _at(seconds: int | None) -> datetime | None:
@@ -110,9 +119,9 @@ class TokensProjection:
         # Deletions and permission changes concern rows from earlier batches; rows of this
         # batch already had them applied in memory, so they are written last.
         if batch.families:
-            await conn.execute(
-                "DELETE FROM live_tokens WHERE family_id = ANY($1)", list(batch.families)
-            )
+            families = list(batch.families)
+            lone = [key for key in map(streams.lone_key, families) if key is not None]
+            await conn.execute(_DELETE_FAMILIES, families, lone)
         if batch.clients:
             await conn.execute(
                 "DELETE FROM live_tokens WHERE client_id = ANY($1)", list(batch.clients)

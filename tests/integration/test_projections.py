@@ -10,10 +10,13 @@ import sys
 
 import asyncpg
 import pytest
+from msgspec.structs import replace
 
 from projections.catalog import sql_projections
 from projections.runner import ProjectionRunner, lock_key
+from projections.tokens import _DELETE_FAMILIES
 from service import events as ev
+from service.domain.streams import lone_family
 from service.eventlog import EventLog
 from service.storage.database import apply_schema
 from tests.factories import application, populate, token
@@ -273,12 +276,19 @@ async def test_under_a_stream_of_appends_a_step_carries_many_events(eventlog: Ev
     assert len(steps) <= 12, steps  # a step each linger, not one per commit
 
 
-async def test_a_revocation_finds_its_family_by_the_hash_index(eventlog: EventLog, db):
-    """`live_tokens_family_hash` replaces the btree of earlier versions, also in a database
-    made with it, and a revoked family's rows are deleted through it."""
+async def test_a_revoked_family_is_found_by_its_index_a_lone_token_by_its_key(
+    eventlog: EventLog, db
+):
+    """Families of several tokens are indexed by `live_tokens_family_shared` (a hash index),
+    which replaces the btree and the full hash index of earlier versions, also in a
+    database made with them. A client_credentials token is a family of its own (`fam_` and
+    its hash): it has no entry there, and its revocation finds its row by the primary key.
+    Revoking both kinds in one batch deletes exactly their rows."""
     async with db.pool.acquire() as conn:
         await conn.execute(
-            "CREATE INDEX IF NOT EXISTS live_tokens_family ON live_tokens (family_id)"
+            "DROP INDEX live_tokens_family_shared; "
+            "CREATE INDEX live_tokens_family ON live_tokens (family_id); "
+            "CREATE INDEX live_tokens_family_hash ON live_tokens USING hash (family_id)"
         )
         await conn.execute("DELETE FROM schema_applied")
         await apply_schema(conn)
@@ -288,38 +298,46 @@ async def test_a_revocation_finds_its_family_by_the_hash_index(eventlog: EventLo
             "WHERE tablename = 'live_tokens' AND indexdef LIKE '%(family_id)%'"
         )
     )
-    assert list(indexes) == ["live_tokens_family_hash"]
-    assert "USING hash" in indexes["live_tokens_family_hash"]
+    assert list(indexes) == ["live_tokens_family_shared"]
+    assert "USING hash" in indexes["live_tokens_family_shared"]
 
-    head = await populate(eventlog, tokens=300)
+    app = application("co", 0)
+    await eventlog.append(f"application-{app.client_id}", 0, [app])
+    lone = [
+        replace(token(app, n), family_id=lone_family(token(app, n).token_hash)) for n in range(4)
+    ]
+    shared = [replace(token(app, n), family_id="fam-shared") for n in (10, 11)]
+    other = token(app, 12)
+    for n, issued in enumerate([*lone, *shared, other]):
+        await eventlog.append(f"token-{n}", 0, [issued])
     runner = runner_for(eventlog, db)
     await runner.catch_up("tokens")
-    family = await db.pool.fetchval("SELECT family_id FROM live_tokens LIMIT 1")
+    assert await db.pool.fetchval("SELECT count(*) FROM live_tokens") == 7
+    indexed = await db.pool.fetch(
+        "SELECT family_id FROM live_tokens "
+        "WHERE family_id <> 'fam_' || encode(token_hash, 'hex') ORDER BY family_id"
+    )
+    assert [r[0] for r in indexed] == [other.family_id, "fam-shared", "fam-shared"]
+    families = [lone[1].family_id, "fam-shared"]
     async with db.pool.acquire() as conn:
         await conn.execute("SET enable_seqscan = off")
         plan = "\n".join(
             r[0]
             for r in await conn.fetch(
-                "EXPLAIN DELETE FROM live_tokens WHERE family_id = ANY($1)", [family]
+                f"EXPLAIN {_DELETE_FAMILIES}", families, [bytes.fromhex(lone[1].token_hash)]
             )
         )
-    assert "live_tokens_family_hash" in plan
-    [row] = await db.pool.fetch(
-        "SELECT client_id, company_id FROM live_tokens WHERE family_id = $1", family
-    )
-    await eventlog.append(
-        f"family-{family}",
-        None,
-        [
-            ev.TokenRevoked(
-                company_id=row["company_id"],
-                client_id=row["client_id"],
-                family_id=family,
-                reason="client_request",
-            )
-        ],
-    )
-    assert await runner.catch_up("tokens") == head + 1
-    assert not await db.pool.fetchval(
-        "SELECT count(*) FROM live_tokens WHERE family_id = $1", family
+    assert "live_tokens_family_shared" in plan and "live_tokens_pkey" in plan, plan
+
+    revocations = [
+        ev.TokenRevoked(
+            company_id=app.company_id, client_id=app.client_id, family_id=f, reason="client_request"
+        )
+        for f in families
+    ]
+    await eventlog.append("revocations", 0, revocations)
+    await runner.catch_up("tokens")
+    left = await db.pool.fetch("SELECT encode(token_hash, 'hex') FROM live_tokens")
+    assert sorted(r[0] for r in left) == sorted(
+        t.token_hash for t in [lone[0], lone[2], lone[3], other]
     )
