@@ -15,8 +15,9 @@ import pytest
 from service import events as ev
 from service.audit.verify import verify_log
 from service.eventlog import ConcurrencyError, EventLog, Metadata, decode_lean
-from service.eventlog.appends import APPEND, APPEND_PACKED, NULL, SEPARATOR, Append, Plan
+from service.eventlog.appends import APPEND, APPEND_PACKED, Append, Plan
 from service.storage.database import create_pool, schema_sql
+from service.storage.packed import NULL, SEPARATOR
 
 pytestmark = pytest.mark.eventlog
 

@@ -19,6 +19,7 @@ from service import events as ev
 from service.domain.streams import lone_family
 from service.eventlog import EventLog
 from service.storage.database import apply_schema
+from service.storage.packed import SEPARATOR
 from tests.factories import application, populate, token
 
 TABLES = {
@@ -341,3 +342,44 @@ async def test_a_revoked_family_is_found_by_its_index_a_lone_token_by_its_key(
     assert sorted(r[0] for r in left) == sorted(
         t.token_hash for t in [lone[0], lone[2], lone[3], other]
     )
+
+
+async def test_token_rows_are_written_as_issued_packed_or_as_arrays(eventlog: EventLog, db):
+    """`live_tokens` rows go packed, each column as one text, unless a text would not split
+    back (a client id holding the separator): then as arrays. Either way every column is
+    as the event gave it: permissions with awkward text and in order, no expiry or one."""
+    awkward = 'q"uote\\back é 漢字'
+    app = application("co", 0)
+    odd = replace(application("co", 1), client_id=f"co-app{SEPARATOR}1")
+    issued = [
+        replace(token(app, 1), permissions=[awkward, "b:read", "a:read"]),
+        token(app, 2, expires_in=3600),
+        replace(token(odd, 3), permissions=[]),
+    ]
+    runner = runner_for(eventlog, db)
+    for n, event in enumerate(issued):
+        await eventlog.append(f"token-{n}", 0, [event])
+        if n in (1, 2):  # the first two in one batch (packed), the odd one alone (arrays)
+            await runner.catch_up("tokens")
+    rows = await db.pool.fetch(
+        "SELECT token_hash, family_id, client_id, company_id, grant_type, permissions, "
+        "issued_at, expires_at FROM live_tokens"
+    )
+    written = {
+        (
+            r["token_hash"].hex(),
+            r["family_id"],
+            r["client_id"],
+            r["company_id"],
+            r["grant_type"],
+            tuple(r["permissions"]),
+            int(r["issued_at"].timestamp()),
+            None if r["expires_at"] is None else int(r["expires_at"].timestamp()),
+        )
+        for r in rows
+    }
+    assert written == {
+        (e.token_hash, e.family_id, e.client_id, e.company_id, e.grant_type,
+         tuple(e.permissions), e.issued_at, e.expires_at)
+        for e in issued
+    }  # fmt: skip
