@@ -182,7 +182,7 @@ class TokensProjection:
         if None not in columns:
             await conn.execute(
                 _INSERT_PACKED,
-                packing.json_texts(key.hex() for key in inserts),
+                packing.clean_texts(key.hex() for key in inserts),
                 *columns,
                 msgspec.json.encode([r.permissions for r in rows]).decode(),
                 packing.numbers(r.issued_at for r in rows),

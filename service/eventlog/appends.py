@@ -137,7 +137,7 @@ def _packed(arrays: tuple[Any, ...]) -> tuple[Any, ...] | None:
                 return None
             packed.append(text)
         else:
-            packed.append(packing.json_texts(array) if n in _JSON else packing.numbers(array))
+            packed.append(packing.clean_texts(array) if n in _JSON else packing.numbers(array))
     packed.append(arrays[-1])
     return tuple(packed)
 

@@ -4,8 +4,8 @@ asyncpg encodes an array parameter element by element, with abstract-base-class 
 each: about half a microsecond an element here, more than the rest of a row's work. A
 text array goes instead as its elements between SEPARATOR (a None as NULL), which the
 statement splits back (`string_to_array($n, E'\\x1e', E'\\x1f')`); an integer array as its
-literal (`$n::text::bigint[]`). JSON never holds either control character raw, so JSON
-texts are joined without a check; other texts are checked, and a caller sends arrays when
+literal (`$n::text::bigint[]`). JSON and hex never hold either control character raw, so
+they are joined without a check; other texts are checked, and a caller sends arrays when
 they would not split back.
 """
 
@@ -29,8 +29,9 @@ def texts(items: Sequence[str | None]) -> str | None:
     return joined
 
 
-def json_texts(items: Iterable[str]) -> str:
-    """JSON texts as one: JSON escapes both control characters, so no check is needed."""
+def clean_texts(items: Iterable[str]) -> str:
+    """Texts that cannot hold either mark as one, unchecked: JSON (which escapes both
+    control characters) or hex."""
     return SEPARATOR.join(items)
 
 

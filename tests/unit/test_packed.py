@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.storage.packed import NULL, SEPARATOR, json_texts, numbers, texts
+from service.storage.packed import NULL, SEPARATOR, clean_texts, numbers, texts
 
 
 def test_texts_join_with_the_separator_and_mark_none():
@@ -18,6 +18,6 @@ def test_texts_that_would_not_split_back_are_refused():
 
 
 def test_json_and_numbers():
-    assert json_texts(['{"a":"\\u001e"}', "[1]"]) == f'{{"a":"\\u001e"}}{SEPARATOR}[1]'
+    assert clean_texts(['{"a":"\\u001e"}', "[1]"]) == f'{{"a":"\\u001e"}}{SEPARATOR}[1]'
     assert numbers([1, None, -3]) == "{1,NULL,-3}"
     assert numbers([]) == "{}"
