@@ -4,6 +4,8 @@ other's events."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -14,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import argon2
 import asyncpg
 import pytest
 
+from service.domain import passwords
 from service.eventlog import EventLog
 from service.storage.database import apply_schema, create_pool
 from service.storage.embedded import EmbeddedPostgres
@@ -71,6 +75,24 @@ def reap_orphans(tmp: Path) -> list[Path]:
     return reaped
 
 
+#: argon2id at the least cost the algorithm allows (one pass over 8 KiB)
+CHEAP_PASSWORDS = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashes() -> Iterator[None]:
+    """Passwords hashed and checked in this process at argon2id's least cost: the same
+    code, the same format, a different price. At the product's cost (`passwords.PROFILE`,
+    about 0.12 s a hash here) each test's company cost a hash, and each sign-in a check.
+    A hash records its own parameters, so a hash made at either cost verifies.
+    The services the tests start as processes hash at the product's cost, and
+    tests/integration/test_password_cost.py checks that cost in a process of its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(passwords, "_hasher", CHEAP_PASSWORDS)
+        patch.setattr(passwords, "DUMMY_HASH", CHEAP_PASSWORDS.hash(passwords.generate_password()))
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Server]:
     url = os.environ.get("TEST_DATABASE_URL")
@@ -111,25 +133,95 @@ class TestDatabase:
     pool: asyncpg.Pool
 
 
-@pytest.fixture
-async def db(pg_server: Server, template: str) -> AsyncIterator[TestDatabase]:
-    name = f"tollgate_t{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(pg_server.admin_dsn)
+class Databases:
+    """Fresh databases cloned from the template, made ahead of the tests that take them:
+    a clone copies the template's catalogs (about 0.13 s of the server's CPU here), which
+    the server then does while the previous test runs, on a core the test mostly leaves
+    idle. Used ones are dropped the same way. Both run on the session's event loop, one
+    statement at a time; `close` drops what was made and not taken."""
+
+    AHEAD = 2
+
+    def __init__(self, server: Server, template: str) -> None:
+        self._server = server
+        self._template = template
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._used: list[str] = []
+        self._wanted = asyncio.Event()
+        self._closing = False
+        self._worker = asyncio.create_task(self._work())
+        self._wanted.set()
+
+    async def take(self) -> str:
+        self._wanted.set()
+        get = asyncio.create_task(self._ready.get())
+        # A failure to create one (the server down) ends the worker: raise it here.
+        await asyncio.wait({get, self._worker}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            self._worker.result()
+            raise RuntimeError("the test databases' worker stopped")
+        self._wanted.set()
+        return get.result()
+
+    def release(self, name: str) -> None:
+        self._used.append(name)
+        self._wanted.set()
+
+    async def _work(self) -> None:
+        admin = await asyncpg.connect(self._server.admin_dsn)
+        try:
+            while not self._closing:
+                await self._wanted.wait()
+                self._wanted.clear()
+                while not self._closing and (self._used or self._ready.qsize() < self.AHEAD):
+                    if self._ready.qsize() < self.AHEAD:
+                        name = f"tollgate_t{os.getpid()}_{next(_counter)}"
+                        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {self._template}")
+                        self._ready.put_nowait(name)
+                    else:
+                        await admin.execute(
+                            f"DROP DATABASE IF EXISTS {self._used.pop()} WITH (FORCE)"
+                        )
+        finally:
+            await admin.close()
+
+    async def close(self) -> None:
+        # Not cancelled mid-statement: a CREATE DATABASE the server finishes after its
+        # client gave up would leave a database nobody drops (on TEST_DATABASE_URL).
+        self._closing = True
+        self._wanted.set()
+        with contextlib.suppress(Exception):
+            await self._worker
+        while not self._ready.empty():
+            self._used.append(self._ready.get_nowait())
+        admin = await asyncpg.connect(self._server.admin_dsn)
+        try:
+            for name in self._used:
+                await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def databases(pg_server: Server, template: str) -> AsyncIterator[Databases]:
+    made = Databases(pg_server, template)
     try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+        yield made
     finally:
-        await admin.close()
+        await made.close()
+
+
+@pytest.fixture
+async def db(pg_server: Server, databases: Databases) -> AsyncIterator[TestDatabase]:
+    name = await databases.take()
     dsn = pg_server.dsn(name)
     pool = await create_pool(dsn, min_size=1, max_size=20)
     try:
         yield TestDatabase(name, dsn, pool)
     finally:
         await pool.close()
-        admin = await asyncpg.connect(pg_server.admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+        databases.release(name)
 
 
 @pytest.fixture
