@@ -202,11 +202,14 @@ async def projections_caught_up(client, db) -> None:
     names = list(client.app[RUNNER].projections)
     deadline = asyncio.get_running_loop().time() + 15
     while True:
-        head = await db.pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        # The head and the checkpoints from one snapshot: read one after the other, the
+        # checkpoints could be compared with a head that had moved on meanwhile.
         rows = await db.pool.fetch(
-            "SELECT name, position FROM projection_checkpoints WHERE name = any($1)", names
+            "SELECT name, position, (SELECT coalesce(max(position), 0) FROM events) AS head "
+            "FROM projection_checkpoints WHERE name = any($1)",
+            names,
         )
-        if len(rows) == len(names) and all(r["position"] >= head for r in rows):
+        if len(rows) == len(names) and all(r["position"] >= r["head"] for r in rows):
             return
         assert asyncio.get_running_loop().time() < deadline, "projections never caught up"
         await asyncio.sleep(0.05)
