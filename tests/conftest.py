@@ -133,6 +133,10 @@ class TestDatabase:
     pool: asyncpg.Pool
 
 
+#: what a lost connection to the server raises
+_CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
 class Databases:
     """Fresh databases cloned from the template, made ahead of the tests that take them:
     a clone copies the template's catalogs (about 0.13 s of the server's CPU here), which
@@ -141,6 +145,8 @@ class Databases:
     statement at a time; `close` drops what was made and not taken."""
 
     AHEAD = 2
+    #: the worker's own backend, while it has a connection
+    admin_pid: int | None = None
 
     def __init__(self, server: Server, template: str) -> None:
         self._server = server
@@ -169,22 +175,47 @@ class Databases:
         self._wanted.set()
 
     async def _work(self) -> None:
-        admin = await asyncpg.connect(self._server.admin_dsn)
+        admin: asyncpg.Connection | None = None
+        broken = 0
         try:
             while not self._closing:
                 await self._wanted.wait()
                 self._wanted.clear()
                 while not self._closing and (self._used or self._ready.qsize() < self.AHEAD):
-                    if self._ready.qsize() < self.AHEAD:
-                        name = f"tollgate_t{os.getpid()}_{next(_counter)}"
-                        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {self._template}")
-                        self._ready.put_nowait(name)
-                    else:
-                        await admin.execute(
-                            f"DROP DATABASE IF EXISTS {self._used.pop()} WITH (FORCE)"
-                        )
+                    try:
+                        if admin is None:
+                            admin = await asyncpg.connect(self._server.admin_dsn)
+                            self.admin_pid = admin.get_server_pid()
+                        await self._step(admin)
+                        broken = 0
+                    except _CONNECTION_LOST:
+                        # A new connection, and the step again; a second loss in a row
+                        # ends the worker, and `take` raises it.
+                        broken += 1
+                        if broken > 1:
+                            raise
+                        if admin is not None:
+                            admin.terminate()
+                        admin = None
         finally:
-            await admin.close()
+            if admin is not None:
+                with contextlib.suppress(*_CONNECTION_LOST):
+                    await admin.close()
+
+    async def _step(self, admin: asyncpg.Connection) -> None:
+        """One database made ahead, or one used one dropped."""
+        if self._ready.qsize() < self.AHEAD:
+            name = f"tollgate_t{os.getpid()}_{next(_counter)}"
+            # Until it is ready, it is among those to drop (IF EXISTS): a connection lost
+            # during the CREATE may or may not have made it.
+            self._used.append(name)
+            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {self._template}")
+            self._used.remove(name)
+            self._ready.put_nowait(name)
+        else:
+            name = self._used[-1]
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            self._used.remove(name)
 
     async def close(self) -> None:
         # Not cancelled mid-statement: a CREATE DATABASE the server finishes after its
