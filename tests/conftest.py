@@ -159,7 +159,7 @@ class Databases:
         self._wanted.set()
 
     async def take(self) -> str:
-        self._wanted.set()
+        # An empty queue means the worker is cloning (it waits only with AHEAD ready).
         get = asyncio.create_task(self._ready.get())
         # A failure to create one (the server down) ends the worker: raise it here.
         await asyncio.wait({get, self._worker}, return_when=asyncio.FIRST_COMPLETED)
