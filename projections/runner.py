@@ -37,6 +37,18 @@ _DB_ERRORS = (
 )
 
 
+#: A projection's batch commits without waiting for its WAL to reach the disk. What it
+#: writes is derived: a crash that loses the last batches (at most wal_writer_delay's
+#: worth) takes their rows and their checkpoint together, and the runner applies them again
+#: from the log, whose appends do wait for their flush. Nothing that waited for its own flush
+#: can have built on a lost batch: a later flush covers all WAL written before it. The
+#: appends' flushes no longer queue behind the projections' (under `make bench`'s token
+#: load, 20-29% fewer WAL flushes per token with one serving process, 14-18% with two).
+#: SET LOCAL: the setting ends with the transaction, so the pool's connections keep the
+#: durable default for whatever they run next.
+NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off"
+
+
 class CheckpointMoved(Exception):
     """The checkpoint changed under a worker (a rebuild, or another instance)."""
 
@@ -244,6 +256,8 @@ class ProjectionRunner:
         batch: list[RecordedEvent],
     ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
+            # Committed without waiting for its WAL flush (NO_FLUSH_WAIT).
+            await conn.execute(NO_FLUSH_WAIT)
             # The checkpoint row first: a rebuild's switch takes it first too, so the two
             # queue up instead of deadlocking on the projection's rows.
             current = await conn.fetchval(

@@ -78,6 +78,43 @@ async def test_projection_tables_reflect_the_log(eventlog: EventLog, db):
         assert status.position == head
 
 
+class _Durability:
+    """A projection that notes the synchronous_commit its batches run under."""
+
+    name = "durability_probe"
+    tables = ()
+    event_types = None
+    lean = True
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def apply(self, conn, events) -> None:
+        self.seen.append(await conn.fetchval("SELECT current_setting('synchronous_commit')"))
+
+
+async def test_a_batch_commits_without_waiting_for_its_flush_and_appends_still_wait(
+    eventlog: EventLog, db
+):
+    """A projection's rows are derived and replayed after a crash: its batch does not wait
+    for the WAL flush; the setting ends with the batch, so the pool's connections (and the
+    appends) keep waiting for theirs."""
+    head = await populate(eventlog, tokens=30)
+    probe = _Durability()
+    # The test cluster skips flushes altogether (synchronous_commit=off for every session):
+    # these connections wait for theirs, as on a durable server.
+    durable = {"synchronous_commit": "on"}
+    setting = "SELECT current_setting('synchronous_commit')"
+    async with asyncpg.create_pool(db.dsn, min_size=2, max_size=2, server_settings=durable) as pool:
+        runner = ProjectionRunner(eventlog, pool, db.dsn, [probe], batch_size=7)
+        await runner.ensure_checkpoints()
+        assert await runner.catch_up(probe.name) == head
+        assert len(probe.seen) > 1
+        assert set(probe.seen) == {"off"}
+        async with pool.acquire() as a, pool.acquire() as b:  # every pooled connection
+            assert [await a.fetchval(setting), await b.fetchval(setting)] == ["on", "on"]
+
+
 async def test_crash_between_batches_then_restart_equals_a_rebuild(eventlog: EventLog, db):
     head = await populate(eventlog, tokens=8000, chunk=1000)
     worker = tollgate(db, "projections", "run", batch=40)
