@@ -132,7 +132,11 @@ def table(title: str, rows: list[str]) -> None:
     print(f"\n## {title}")
     print(f"Each figure: the median of {ROUNDS} windows of {wrk.SECONDS} s, each server started "
           "afresh, 1 and 2 processes alternating which goes first; the range is every "
-          "window's rate. CPU while wrk measured the median window, as a share of one core "
+          "window's rate. \"Of bare\": the median, over the rounds, of the window's rate "
+          "against the bare handler's window run beside it in the same round (the range in "
+          "brackets): on a shared machine the speed drifts from one minute to the next, and "
+          "a ratio of two windows a few seconds apart drifts less than one of two medians. "
+          "CPU while wrk measured the median window, as a share of one core "
           f"(this machine has {os.cpu_count()}): the server measured, PostgreSQL, wrk.\n")  # fmt: skip
     print("| server | processes | requests/s | windows | p50 ms | p99 ms | errors | of bare | "
           "CPU: server | PostgreSQL | wrk |")  # fmt: skip
@@ -141,14 +145,36 @@ def table(title: str, rows: list[str]) -> None:
         print(line)
 
 
-def row(name: str, procs: int, figure: Figure, baseline: Figure | None = None) -> str:
+def row(name: str, procs: int, figure: Figure, ratio: Ratio | None = None) -> str:
     result, cpu = figure.result, figure.cpu
-    ratio = f"{result.rate / baseline.rate:.0%}" if baseline else "100%"
     shares = " | ".join("n/a" if cpu[k] is None else f"{cpu[k]:.0%}"
                         for k in ("server", "postgres", "wrk"))  # fmt: skip
     spread = f"{min(figure.rates):,.0f}-{max(figure.rates):,.0f}"
+    of_bare = ratio.percent() if ratio is not None else "100%"
     return (f"| {name} | {procs} | {result.rate:,.0f} | {spread} | {result.p50_ms:.1f} | "
-            f"{result.p99_ms:.1f} | {result.errors} | {ratio} | {shares} |")  # fmt: skip
+            f"{result.p99_ms:.1f} | {result.errors} | {of_bare} | {shares} |")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One server's rate against another's, round by round: each round's two windows ran
+    within seconds of each other; `value` is the median of the rounds' ratios."""
+
+    rounds: tuple[float, ...]
+
+    @classmethod
+    def of(cls, ours: list[Figure], theirs: list[Figure]) -> Ratio:
+        return cls(tuple(a.rate / b.rate for a, b in zip(ours, theirs, strict=True)))
+
+    @property
+    def value(self) -> float:
+        return sorted(self.rounds)[len(self.rounds) // 2]
+
+    def percent(self) -> str:
+        return f"{self.value:.0%} ({min(self.rounds) * 100:.0f}-{max(self.rounds):.0%})"
+
+    def times(self) -> str:
+        return f"{self.value:.2f}x ({min(self.rounds):.2f}-{max(self.rounds):.2f}x)"
 
 
 @dataclass(frozen=True)
@@ -187,17 +213,33 @@ async def _postgres_pid(dsn: str) -> int | None:
 Peer = tuple[str, Callable[[int, int], list[str]], RequestSpec]
 
 
+@dataclass(frozen=True)
+class Compared:
+    """For one number of processes: Tollgate, the bare handler and each peer (the median
+    window of each), and Tollgate's ratios to the bare handler and to each peer, paired
+    round by round."""
+
+    procs: int
+    ours: Figure
+    baseline: Figure
+    theirs: list[Figure]
+    of_bare: Ratio
+    of_peers: list[Ratio]  # Tollgate against each peer
+    peers_of_bare: list[Ratio]  # each peer against the bare handler
+
+
 async def against_bare(
     dsn: str,
     spec: RequestSpec,
     bare_kind: str,
     bare_tokens: tuple[str, ...],
     peers: Sequence[Peer] = (),
-) -> list[tuple[int, Figure, Figure, list[Figure]]]:
-    """(processes, Tollgate, bare, each peer) for 1 and 2 processes, each wrk's median of
-    ROUNDS windows. On a shared machine one window moves by a third from one minute to the
-    next: the rounds alternate which number of processes goes first, and each server is
-    started afresh for each window."""
+) -> tuple[list[Compared], Ratio]:
+    """Tollgate, the bare handler and each peer for 1 and 2 processes, ROUNDS windows each,
+    and Tollgate's 2 processes against its 1, round by round. On a shared machine one
+    window moves by a third, and at times by half, from one minute to the next: the rounds
+    alternate which number of processes goes first and the order of the servers, each
+    server is started afresh for each window, and every ratio pairs windows of one round."""
     postgres = await _postgres_pid(dsn)
 
     def launched(n: int, port: int, procs: int) -> tuple[list[str], dict[str, str], int]:
@@ -209,20 +251,25 @@ async def against_bare(
         return peers[n - 2][1](port, procs), dict(os.environ), 1
 
     specs = [spec, spec, *(peer_spec for _, _, peer_spec in peers)]
+    servers = list(range(len(specs)))
     windows: dict[tuple[int, int], list[Figure]] = {}  # (processes, server) -> its windows
     for round_ in range(ROUNDS):
         for procs in (1, 2) if round_ % 2 == 0 else (2, 1):
-            for n, request in enumerate(specs):
+            for n in servers if round_ % 2 == 0 else servers[::-1]:
                 port = free_port()
                 argv, env, copies = launched(n, port, procs)
                 async with process(argv, env, port, copies) as base:
-                    figure = await measured(base, request, postgres)
+                    figure = await measured(base, specs[n], postgres)
                 windows.setdefault((procs, n), []).append(figure)
     out = []
     for procs in (1, 2):
-        ours, baseline, *theirs = (median(windows[procs, n]) for n in range(2 + len(peers)))
-        out.append((procs, ours, baseline, theirs))
-    return out
+        ours, baseline, *theirs = (windows[procs, n] for n in servers)
+        out.append(Compared(
+            procs, median(ours), median(baseline), [median(t) for t in theirs],
+            Ratio.of(ours, baseline), [Ratio.of(ours, t) for t in theirs],
+            [Ratio.of(t, baseline) for t in theirs],
+        ))  # fmt: skip
+    return out, Ratio.of(windows[2, 0], windows[1, 0])
 
 
 def median(figures: list[Figure]) -> Figure:
@@ -251,22 +298,22 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
                     functools.partial(peer.argv, root, package),
                     ("POST", "/token", creds, body),
                 ))  # fmt: skip
-        results = await against_bare(dsn, spec, "json", (), peers)
+        results, scaling = await against_bare(dsn, spec, "json", (), peers)
     after = await pool.fetchval("SELECT count(*) FROM events WHERE type = 'AccessTokenIssued'")
     await pool.close()
     rows = []
-    for procs, ours, baseline, theirs in results:
-        rows.append(row("bare aiohttp handler (JSON answer)", procs, baseline))
+    for c in results:
+        rows.append(row("bare aiohttp handler (JSON answer)", c.procs, c.baseline))
         rows.append(
-            row("POST /oauth/token (each token appended to the log)", procs, ours, baseline)
+            row("POST /oauth/token (each token appended to the log)", c.procs, c.ours, c.of_bare)
         )
-        for (name, _, _), result in zip(peers, theirs, strict=True):
-            rows.append(row(f"{name} (in memory, nothing durable)", procs, result, baseline))
+        for (name, _, _), result, ratio in zip(peers, c.theirs, c.peers_of_bare, strict=True):
+            rows.append(row(f"{name} (in memory, nothing durable)", c.procs, result, ratio))
     table(f"Token endpoint: client_credentials, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows)
-    one, two = results[0][1], results[1][1]
+    one, two = results[0].ours, results[1].ours
     print(
-        f"\nTwo processes against one: {two.rate / one.rate:.2f}x. Tokens committed to the log "
-        f"during the runs (warm-ups included): {after - before:,}; answered 200 in the "
+        f"\nTwo processes against one: {scaling.times()}, round by round. Tokens committed to "
+        f"the log during the runs (warm-ups included): {after - before:,}; answered 200 in the "
         f"measured windows: {one.answered + two.answered:,}."
     )
     used = sum(share or 0.0 for share in one.cpu.values())
@@ -278,10 +325,10 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
     )
     for n, (name, _, _) in enumerate(peers):
         against = ", ".join(
-            f"{procs} process{'es' if procs > 1 else ''} {ours.rate / theirs[n].rate:.2f}x"
-            for procs, ours, _, theirs in results
+            f"{c.procs} process{'es' if c.procs > 1 else ''} {c.of_peers[n].times()}"
+            for c in results
         )
-        print(f"Tollgate against {name}: {against}.")
+        print(f"Tollgate against {name}, round by round: {against}.")
 
 
 AUTH_SECONDS = 10
@@ -356,11 +403,13 @@ async def client_authentication(dsn: str, base: str, admin: dict[str, str]) -> N
 
 async def gateway(dsn: str, token: str) -> None:
     spec: RequestSpec = ("GET", "/api/v1/whoami", {"Authorization": f"Bearer {token}"}, None)
-    results = await against_bare(dsn, spec, "dict", (token,))
+    results, _ = await against_bare(dsn, spec, "dict", (token,))
     rows = []
-    for procs, ours, baseline, _ in results:
-        rows.append(row("bare aiohttp handler (SHA-256 + dict lookup)", procs, baseline))
-        rows.append(row("Tollgate gateway (token, allow list, permission)", procs, ours, baseline))
+    for c in results:
+        rows.append(row("bare aiohttp handler (SHA-256 + dict lookup)", c.procs, c.baseline))
+        rows.append(
+            row("Tollgate gateway (token, allow list, permission)", c.procs, c.ours, c.of_bare)
+        )
     table(
         f"Gateway: GET /api/v1/whoami with a valid token, wrk -t{wrk.THREADS} -c{CONNECTIONS}", rows
     )

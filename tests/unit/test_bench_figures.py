@@ -1,9 +1,10 @@
 """The bench's HTTP figures: each the median of several wrk windows, shown with their range,
-so that one slow or fast minute on a shared machine does not decide a ratio."""
+and each ratio the median of ratios paired round by round, so that one slow or fast minute
+on a shared machine does not decide a ratio."""
 
 from __future__ import annotations
 
-from tests.bench.http_bench import Figure, median, row
+from tests.bench.http_bench import Figure, Ratio, median, row
 from tests.bench.load import Result
 
 
@@ -23,10 +24,23 @@ def test_the_median_window_is_reported_whole_with_the_range_of_all():
     assert figure.result is middle.result and figure.cpu is middle.cpu  # not a blend
     assert sorted(figure.rates) == [5_000.0, 6_000.0, 9_000.0]
     assert figure.answered == 200_000  # every window's answers, for the committed check
-    line = row("POST /oauth/token", 1, figure, median([window(240_000, 4.0, 1.0)]))
+    line = row("POST /oauth/token", 1, figure, Ratio((0.25, 0.2, 0.3)))
     assert "| 6,000 | 5,000-9,000 |" in line
-    assert "| 25% |" in line  # of the bare handler's 24,000/s
+    assert "| 25% (20-30%) |" in line  # the median round's ratio, and the range
     assert "| 100% | 40% | 10% |" in line
+    assert "| 0 | 100% | 100% | 40% | 10% |" in row("bare aiohttp handler", 1, figure)
+
+
+def test_a_ratio_pairs_the_windows_of_each_round_not_the_medians():
+    # The machine was fast in the first round and slow in the second: each round's pair
+    # says 50%; the medians of the two servers' windows, taken apart, would say 80%.
+    ours = [window(n, 10.0, 1.0) for n in (100_000, 40_000, 45_000)]
+    bare = [window(n, 5.0, 1.0) for n in (200_000, 80_000, 56_250)]
+    ratio = Ratio.of(ours, bare)
+    assert ratio.rounds == (0.5, 0.5, 0.8)
+    assert ratio.value == 0.5
+    assert median(ours).rate / median(bare).rate == 0.5625  # what the medians would say
+    assert ratio.times() == "0.50x (0.50-0.80x)"
 
 
 def test_an_even_number_of_windows_reports_the_upper_middle_one():
