@@ -4,6 +4,7 @@ on a shared machine does not decide a ratio."""
 
 from __future__ import annotations
 
+from tests.bench.eventlog_bench import median_pair
 from tests.bench.http_bench import Figure, Ratio, median, row
 from tests.bench.load import Result
 
@@ -46,3 +47,11 @@ def test_a_ratio_pairs_the_windows_of_each_round_not_the_medians():
 def test_an_even_number_of_windows_reports_the_upper_middle_one():
     figures = [window(n, 10.0, 1.0) for n in (40_000, 70_000, 50_000, 60_000)]
     assert median(figures).rate == 6_000.0
+
+
+def test_the_appends_figure_is_the_median_rounds_pair():
+    # (event log, pgbench) per round: the middle ratio is 2.0, from the second round.
+    pairs = [(30_000.0, 10_000.0), (16_000.0, 8_000.0), (9_000.0, 6_000.0)]
+    assert median_pair(pairs) == (16_000.0, 8_000.0, "2.00x (1.50-3.00x)")
+    # Without pgbench there is no ratio: the median rate of the log alone.
+    assert median_pair([(3.0, None), (1.0, None), (2.0, None)]) == (2.0, None, "n/a")
