@@ -18,6 +18,7 @@ from service.eventlog import ConcurrencyError, EventLogError, Metadata
 from service.oauth import dpop as proofs
 from service.oauth import tokens
 from service.oauth.clients import (
+    Assertion,
     AssertionCheck,
     allowed_or_refused,
     authenticate,
@@ -36,6 +37,8 @@ from service.settings import Settings
 
 Clock = Callable[[], float]
 log = structlog.get_logger(__name__)
+#: what a client that authenticates otherwise than by assertion is checked with (nothing)
+_NO_ASSERTION = AssertionCheck()
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,9 @@ class TokenEndpoint:
         for attempt in range(self.attempts):
             # An assertion's single use is recorded once: a retry after the application
             # changed checks it again against the new keys, but it is the same request.
-            check = AssertionCheck(self.audiences, self.clock(), record_use=attempt == 0)
+            check = _NO_ASSERTION  # a client secret: nothing of this is looked at
+            if isinstance(client, Assertion):
+                check = AssertionCheck(self.audiences, self.clock(), record_use=attempt == 0)
             app = await authenticate(self.lookups, self.ledger, client, meta, check)
             await self.allowed_or_refused(app, meta, "token")
             grants.check_grant_type(app, grant_type)

@@ -38,14 +38,15 @@ from service.oauth.errors import (
     InvalidRequest,
     OAuthError,
 )
-from service.web.bodies import form_body, read_body
+from service.web.bodies import form_body, read_body, urlencoded_fields
 from service.web.keys import CONTEXT, metadata
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
 
 MAX_PARAMS_BODY = 16 * 1024
-PARAMS_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
+URLENCODED = "application/x-www-form-urlencoded"
+PARAMS_TYPES = (URLENCODED, "multipart/form-data", "application/json")
 _json_object_of_strings = msgspec.json.Decoder(dict[str, str])
 _encode = msgspec.json.Encoder().encode
 
@@ -62,6 +63,16 @@ async def oauth_params(request: web.Request) -> dict[str, str]:
         )
     if ctype == "application/json":
         return _json_params(await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY)))
+    if ctype == URLENCODED:  # what every client but curl --form sends: its fields at once
+        body = await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY))
+        try:
+            fields = urlencoded_fields(body, request.charset or "utf-8")
+        except TollgateError as exc:  # in the RFC 6749 §5.2 shape, as _in_oauth_shape says
+            raise InvalidRequest(exc.description) from None
+        params = dict(fields)
+        if len(params) < len(fields):
+            _refuse_repeats(fields)
+        return params
     return _form_params(await _in_oauth_shape(form_body(request, MAX_PARAMS_BODY)))
 
 

@@ -197,6 +197,25 @@ async def test_a_json_parameter_given_twice_is_refused(client, company, db, body
     assert await _issued(db) == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "repeated"),
+    [
+        ("grant_type=password&grant_type=client_credentials", "grant_type"),
+        ("grant_type=client_credentials&scope=invoices%3Aread&scope=", "scope"),
+    ],
+)
+async def test_a_form_parameter_given_twice_is_refused(client, company, db, body, repeated):
+    """The same for an urlencoded form, whatever the repeat's value (an empty one too)."""
+    app = await new_app(client, company)
+    response = await client.post(
+        "/oauth/token",
+        data=body.encode(),
+        headers=basic(app["client_id"], app["client_secret"]) | {"Content-Type": FORM},
+    )
+    await _assert_oauth_invalid_request(response, f"{repeated} is given more than once")
+    assert await _issued(db) == 0
+
+
 async def test_a_json_parameter_given_twice_is_refused_at_revocation(client, company, db):
     app = await new_app(client, company)
     before = await _writes(db)
