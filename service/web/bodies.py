@@ -41,8 +41,9 @@ def _reason(exc: BaseException) -> str:
 
 async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     """The whole body, however many pieces it arrives in: one read returns only what has
-    arrived so far, and a body split over TCP segments or chunks would be cut short. At
-    most limit + 1 bytes are held, so a chunked body is refused once it passes the limit."""
+    arrived so far, and a body split over TCP segments or chunks would be cut short. A
+    body still arriving is read holding at most limit + 1 bytes, so a chunked body is
+    refused once it passes the limit; one that has all arrived is taken as it is."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     content = request.content
