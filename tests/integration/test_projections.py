@@ -244,22 +244,35 @@ async def test_a_second_rebuild_of_the_same_projection_is_refused_not_mixed_in(
     from projections.runner import RebuildInProgress
 
     await populate(eventlog, tokens=1500)
-    first = runner_for(eventlog, db, batch_size=50)  # slow enough to be caught running
+    first = runner_for(eventlog, db, batch_size=50)
     second = runner_for(eventlog, db)
     await first.ensure_checkpoints()
-    running = asyncio.create_task(first.rebuild("event_stats"))
-    try:
-        for _ in range(500):
-            shadow = await db.pool.fetchval(
-                "SELECT count(*) FROM pg_namespace WHERE nspname = 'rebuild_event_stats'"
-            )
-            if shadow:
-                break
-            await asyncio.sleep(0.01)
-        with pytest.raises(RebuildInProgress):
-            await second.rebuild("event_stats")
-    finally:
-        await running
+    async with db.pool.acquire() as holder:
+        # The checkpoint row held: the first rebuild builds its copy, then waits at its
+        # switch, running for as long as this transaction lasts (not as long as it happens
+        # to take).
+        held = holder.transaction()
+        await held.start()
+        await holder.execute(
+            "SELECT position FROM projection_checkpoints WHERE name = 'event_stats' FOR UPDATE"
+        )
+        running = asyncio.create_task(first.rebuild("event_stats"))
+        try:
+            for _ in range(500):
+                shadow = await db.pool.fetchval(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = 'rebuild_event_stats'"
+                )
+                if shadow:
+                    break
+                await asyncio.sleep(0.01)
+            assert shadow, "the first rebuild never started"
+            with pytest.raises(RebuildInProgress):
+                # bounded: a second rebuild let through would wait at the held row too
+                await asyncio.wait_for(second.rebuild("event_stats"), 30)
+            assert not running.done()
+        finally:
+            await held.rollback()
+            await running
     head = await eventlog.head()
     counted = await db.pool.fetchval("SELECT sum(count) FROM event_stats")
     assert counted == head  # every event counted once: no half of another run mixed in
