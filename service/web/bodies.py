@@ -47,20 +47,19 @@ async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     content = request.content
-    body = bytearray()
+    body: bytes | bytearray
     try:
         if content.is_eof():
             # All of it has arrived (a short body comes in the packet of its headers): taken
             # at once, without a read that waits and the one more that finds the end.
-            whole = content.read_nowait()
-            if len(whole) > limit:
-                raise _too_large(limit)
-            return whole
-        while len(body) <= limit:
-            piece = await content.read(limit + 1 - len(body))
-            if not piece:
-                break
-            body += piece
+            body = content.read_nowait()
+        else:
+            body = bytearray()
+            while len(body) <= limit:
+                piece = await content.read(limit + 1 - len(body))
+                if not piece:
+                    break
+                body += piece
     except _UNREADABLE as exc:
         raise InvalidRequest(f"unreadable body: {_reason(exc)}") from None
     if len(body) > limit:

@@ -64,16 +64,17 @@ async def oauth_params(request: web.Request) -> dict[str, str]:
     if ctype == "application/json":
         return _json_params(await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY)))
     if ctype == URLENCODED:  # what every client but curl --form sends: its fields at once
-        body = await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY))
-        try:
-            fields = urlencoded_fields(body, request.charset or "utf-8")
-        except TollgateError as exc:  # in the RFC 6749 §5.2 shape, as _in_oauth_shape says
-            raise InvalidRequest(exc.description) from None
+        fields = await _in_oauth_shape(_urlencoded(request))
         params = dict(fields)
         if len(params) < len(fields):
             _refuse_repeats(fields)
         return params
     return _form_params(await _in_oauth_shape(form_body(request, MAX_PARAMS_BODY)))
+
+
+async def _urlencoded(request: web.Request) -> list[tuple[str, str]]:
+    body = await read_body(request, MAX_PARAMS_BODY)
+    return urlencoded_fields(body, request.charset or "utf-8")
 
 
 async def _in_oauth_shape(reading: Awaitable[T]) -> T:
