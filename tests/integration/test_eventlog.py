@@ -13,6 +13,7 @@ import pytest
 from service import events as ev
 from service.audit.verify import verify_log
 from service.eventlog import (
+    APPEND_LOCK,
     ConcurrencyError,
     EventLog,
     EventLogError,
@@ -165,6 +166,56 @@ async def test_concurrent_writers_never_let_a_subscriber_skip_an_event(db):
         for pool in pools:
             await pool.close()
     assert (await verify_log(db.pool)).ok
+
+
+@pytest.mark.parametrize(
+    "maintenance",
+    [
+        "ANALYZE events",
+        # what VACUUM and CREATE INDEX CONCURRENTLY take (neither runs in a transaction)
+        "LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE",
+    ],
+)
+async def test_appends_go_on_while_the_log_is_vacuumed_or_analysed(
+    eventlog: EventLog, db, maintenance: str
+):
+    """Autovacuum's VACUUM and ANALYZE of the log hold SHARE UPDATE EXCLUSIVE for as long
+    as they run; the writers' lock must not wait for it (EXCLUSIVE mode did: every append
+    waited out each autovacuum of the log)."""
+    await eventlog.append("m-0", 0, [company(0)])
+    maintainer = await asyncpg.connect(db.dsn)
+    try:
+        async with maintainer.transaction():
+            await maintainer.execute(maintenance)  # held until the transaction ends
+            written = await asyncio.wait_for(
+                asyncio.gather(*(eventlog.append(f"m-{n}", 0, [company(n)]) for n in (1, 2))), 5
+            )
+    finally:
+        await maintainer.close()
+    assert sorted(written) == [[2], [3]]
+    assert (await verify_log(db.pool)).ok
+
+
+async def test_an_append_waits_while_another_writer_holds_the_writers_lock(eventlog: EventLog, db):
+    """Writers are serialised on `APPEND_LOCK` until the holder's commit: positions follow
+    commit order only if every writer takes that lock."""
+    await eventlog.append("w-0", 0, [company(0)])
+    holder = await asyncpg.connect(db.dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            waiting = asyncio.create_task(eventlog.append("w-1", 0, [company(1)]))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            locks = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND (classid::bigint << 32) + objid::bigint = $1",
+                APPEND_LOCK,
+            )
+            assert locks == 1  # the writer's backend waits for that very lock
+    finally:
+        await holder.close()
+    assert await asyncio.wait_for(waiting, 5) == [2]
 
 
 async def test_subscriber_wakes_by_polling_without_notifications(db):
@@ -444,7 +495,9 @@ async def test_a_schema_already_applied_takes_no_lock(eventlog: EventLog, db):
     writer = await asyncpg.connect(db.dsn)
     try:
         async with writer.transaction():
-            await writer.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # as an append does
+            # as an append does
+            await writer.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+            await writer.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
             async with db.pool.acquire() as conn:
                 await asyncio.wait_for(apply_schema(conn), 5)
     finally:
