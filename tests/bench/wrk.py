@@ -57,12 +57,17 @@ class CpuMeter:
 
     def _trees(self) -> tuple[float, float]:
         server = [c for c in psutil.Process().children(recursive=True) if not _is_wrk(c)]
-        postgres = []
+        postgres = 0.0
         if self._postgres is not None:
-            postgres = [self._postgres, *self._postgres.children(recursive=True)]
-        # A process that exits within the window takes its CPU time with it: the servers
-        # and backends measured here live through it.
-        return self._sum(server), self._sum(postgres)
+            postgres = self._sum([self._postgres, *self._postgres.children(recursive=True)])
+            # A backend that exits within the window takes its CPU time out of the live
+            # processes' sum (a share once read -2%): the postmaster reaps it, so its time
+            # is counted there, as the postmaster's children's.
+            with contextlib.suppress(psutil.Error):
+                reaped = self._postgres.cpu_times()
+                postgres += reaped.children_user + reaped.children_system
+        # The servers measured here live through the window.
+        return self._sum(server), postgres
 
     def _sum(self, procs: list[psutil.Process]) -> float:
         total = 0.0

@@ -4,9 +4,14 @@ on a shared machine does not decide a ratio."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 from tests.bench.eventlog_bench import median_pair
 from tests.bench.http_bench import Figure, Ratio, median, row
 from tests.bench.load import Result
+from tests.bench.wrk import CpuMeter
 
 
 def window(requests: int, p99: float, server_cpu: float) -> Figure:
@@ -55,3 +60,22 @@ def test_the_appends_figure_is_the_median_rounds_pair():
     assert median_pair(pairs) == (16_000.0, 8_000.0, "2.00x (1.50-3.00x)")
     # Without pgbench there is no ratio: the median rate of the log alone.
     assert median_pair([(3.0, None), (1.0, None), (2.0, None)]) == (2.0, None, "n/a")
+
+
+def test_the_cpu_of_a_backend_that_exits_within_the_window_is_counted():
+    """A "postmaster" that starts a child, which burns about 0.3 s of CPU and exits, and
+    reaps it, all within the window: the child's time counts for PostgreSQL."""
+    burn = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.3: pass')"
+    postmaster = subprocess.Popen([
+        sys.executable, "-c",
+        f"import subprocess, sys, time; time.sleep(0.3); "
+        f"subprocess.run([sys.executable, '-c', {burn!r}]); time.sleep(30)",
+    ])  # fmt: skip
+    try:
+        with CpuMeter(postmaster.pid) as meter:
+            time.sleep(2.0)
+    finally:
+        postmaster.kill()
+        postmaster.wait()
+    share = meter.shares["postgres"]
+    assert share is not None and share >= 0.3 / 2.0 * 0.8, share
