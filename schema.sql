@@ -28,6 +28,16 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_company_position ON events (company_id, position)
     WHERE company_id IS NOT NULL;
 
+-- The writers' lock: `events_append` takes this table in EXCLUSIVE mode, which conflicts
+-- with itself, not with readers. Not `events` itself in that mode, which also conflicts with
+-- the SHARE UPDATE EXCLUSIVE lock of VACUUM, ANALYZE and CREATE INDEX CONCURRENTLY: every
+-- autovacuum of the log held every append for as long as it ran (an ANALYZE of a
+-- 200,000-event log, 300 ms), and an anti-wraparound vacuum, which PostgreSQL does not
+-- cancel for a waiting lock, would have held them for the whole table. This table is never
+-- written, so autovacuum has nothing to do in it, and only a role that may update it can
+-- take the lock (an advisory lock could be taken by any session of the database).
+CREATE TABLE IF NOT EXISTS events_writer ();
+
 -- The log is append-only: an UPDATE, DELETE or TRUNCATE by the application is refused.
 -- (A superuser can still disable the trigger; the hash chain is what catches that.)
 CREATE OR REPLACE FUNCTION events_refuse_change() RETURNS trigger
@@ -106,15 +116,12 @@ DECLARE
     j integer;
     v integer;
 BEGIN
-    -- The writers' lock: a transaction-level advisory lock, held like a table lock until
-    -- the commit is visible, but one that VACUUM, ANALYZE and CREATE INDEX CONCURRENTLY
-    -- (SHARE UPDATE EXCLUSIVE) do not wait for or hold up: `LOCK TABLE events IN
-    -- EXCLUSIVE MODE` conflicted with them, and an autovacuum ANALYZE of a 200,000-event
-    -- log held every append for 300 ms. ROW EXCLUSIVE, which the INSERT takes anyway,
-    -- taken first: a process of an earlier version (which took EXCLUSIVE) and this one
-    -- still exclude each other while hosts are rolled or rolled back.
+    -- The writers' lock (events_writer, above), held until the commit is visible. First
+    -- ROW EXCLUSIVE on events, which the INSERT takes anyway: a call of the body this one
+    -- replaced (which locked events itself, in EXCLUSIVE mode), still running while the
+    -- schema is applied, and this one exclude each other.
     LOCK TABLE events IN ROW EXCLUSIVE MODE;
-    PERFORM pg_advisory_xact_lock(7305100002);
+    LOCK TABLE events_writer IN EXCLUSIVE MODE;
     SELECT e.position, e.hash INTO head_position, head_hash
     FROM events e ORDER BY e.position DESC LIMIT 1;
     pos := coalesce(head_position, 0);

@@ -5,12 +5,12 @@ Why no reader ever skips an event
 A log ordered by a sequence has a classic gap problem: writer A takes position 10,
 writer B takes 11 and commits first; a reader that sees 11 and moves its checkpoint past
 10 never sees A's event. Tollgate closes it by serialising appends: each append
-transaction first takes the writers' lock (`APPEND_LOCK`, a transaction-level advisory
-lock, in `events_append`, schema.sql), which conflicts with itself but not with readers.
-Positions are handed out under that lock and the lock is held until commit, after the
-commit has become visible, so positions are dense and follow commit order, and every
-snapshot sees a prefix of the log. This is the design of eventsourcing's `_lock_table`,
-with an advisory lock in place of `LOCK TABLE events IN EXCLUSIVE MODE`: that mode also
+transaction first takes the writers' lock (`LOCK TABLE events_writer IN EXCLUSIVE MODE`, in
+`events_append`, schema.sql), which conflicts with itself but not with readers. Positions
+are handed out under that lock and the lock is held until commit, after the commit has
+become visible, so positions are dense and follow commit order, and every snapshot sees a
+prefix of the log. This is the design of eventsourcing's `_lock_table`, with the lock on
+a table of its own that is never written: `events` itself in EXCLUSIVE mode also
 conflicts with the SHARE UPDATE EXCLUSIVE lock of VACUUM and ANALYZE, so every autovacuum
 of the log held all appends for as long as it ran (300 ms for an ANALYZE of 200,000
 events), and an anti-wraparound vacuum, which is not cancelled, would hold them for the
@@ -70,7 +70,6 @@ from service.events import Event, decode_or_unknown
 from service.storage.database import BoundedPool
 
 __all__ = [
-    "APPEND_LOCK",
     "EPOCH",
     "NO_METADATA",
     "Announced",
@@ -90,8 +89,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CHANNEL = "tollgate_events"
-#: the advisory lock `events_append` serialises writers with (schema.sql)
-APPEND_LOCK = 7305100002
 #: commits announced with their events (schema.sql, `events_append`)
 BATCHES = "tollgate_batches"
 

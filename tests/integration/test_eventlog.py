@@ -13,7 +13,6 @@ import pytest
 from service import events as ev
 from service.audit.verify import verify_log
 from service.eventlog import (
-    APPEND_LOCK,
     ConcurrencyError,
     EventLog,
     EventLogError,
@@ -24,6 +23,9 @@ from service.eventlog import (
 from service.storage.database import apply_schema, create_pool
 
 pytestmark = pytest.mark.eventlog
+
+#: what `events_append` takes to serialise writers (schema.sql)
+WRITERS_LOCK = "LOCK TABLE events_writer IN EXCLUSIVE MODE"
 
 
 def company(n: int) -> ev.CompanyCreated:
@@ -197,25 +199,44 @@ async def test_appends_go_on_while_the_log_is_vacuumed_or_analysed(
 
 
 async def test_an_append_waits_while_another_writer_holds_the_writers_lock(eventlog: EventLog, db):
-    """Writers are serialised on `APPEND_LOCK` until the holder's commit: positions follow
+    """Writers are serialised on `events_writer` until the holder's commit: positions follow
     commit order only if every writer takes that lock."""
     await eventlog.append("w-0", 0, [company(0)])
     holder = await asyncpg.connect(db.dsn)
     try:
         async with holder.transaction():
-            await holder.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            await holder.execute(WRITERS_LOCK)
             waiting = asyncio.create_task(eventlog.append("w-1", 0, [company(1)]))
             await asyncio.sleep(0.5)
             assert not waiting.done()
-            locks = await holder.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND (classid::bigint << 32) + objid::bigint = $1",
-                APPEND_LOCK,
+            waiters = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation ="
+                " 'events_writer'::regclass AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
-            assert locks == 1  # the writer's backend waits for that very lock
+            assert waiters == 1  # the writer's backend waits for that very lock
     finally:
         await holder.close()
     assert await asyncio.wait_for(waiting, 5) == [2]
+
+
+async def test_a_session_that_may_only_read_the_log_cannot_take_the_writers_lock(db):
+    """Taking the lock needs the right to update `events_writer`: a role that reads the log
+    (an auditor, a dashboard) cannot hold the writers up (an advisory lock, anyone could)."""
+    role = f"reader_{db.name}"
+    await db.pool.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        await db.pool.execute(f"GRANT SELECT ON events, events_writer TO {role}")
+        reader = await asyncpg.connect(db.dsn, user=role)
+        try:
+            async with reader.transaction():
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await reader.execute(WRITERS_LOCK)
+            assert len(await reader.fetch("SELECT position FROM events")) == 0
+        finally:
+            await reader.close()
+    finally:
+        await db.pool.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 async def test_subscriber_wakes_by_polling_without_notifications(db):
@@ -497,7 +518,7 @@ async def test_a_schema_already_applied_takes_no_lock(eventlog: EventLog, db):
         async with writer.transaction():
             # as an append does
             await writer.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
-            await writer.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            await writer.execute(WRITERS_LOCK)
             async with db.pool.acquire() as conn:
                 await asyncio.wait_for(apply_schema(conn), 5)
     finally:
