@@ -105,7 +105,19 @@ DECLARE
     -- notification (8000 bytes): `first last [[position, version, "type", schema_version,
     -- payload], ...]`, as their lean reads get it; an event too large for one ends the
     -- announcement, and the rest is read as before.
-    announcing boolean := true;
+    -- Not while the notification queue is filling: the server keeps every notification
+    -- until the slowest listener of any database has read it (a process frozen, or a
+    -- session listening inside a transaction left open), and once it is full (8 GB) every
+    -- commit that notifies fails, and with it every append. Announced, an append takes
+    -- about 512 bytes of it (16.8 million appends fill it: 37 minutes at 7,500 a second);
+    -- past `tollgate.announce_below` (a fraction of the queue, 0.05 unless set to a plain
+    -- number from 0 to 1: a mistyped setting must not fail the appends) only the head
+    -- goes out, a few dozen bytes a commit, and the other processes read the events from
+    -- the table.
+    announce_below text := coalesce(current_setting('tollgate.announce_below', true), '');
+    announcing boolean := pg_notification_queue_usage() < CASE  -- CASE: in this order
+        WHEN announce_below !~ '^(0|1|0?\.[0-9]{1,20}|[0-9]\.?[0-9]{0,20}[eE]-[0-9]{1,2})$'
+        THEN 0.05 WHEN announce_below::float8 > 1 THEN 0.05 ELSE announce_below::float8 END;
     piece text;
     piece_first bigint := 0;
     item text;

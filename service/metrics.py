@@ -289,6 +289,10 @@ class Metrics:
         """
         self._measured.statuses = None if statuses is None else list(statuses)
 
+    def set_notification_queue(self, usage: float | None) -> None:
+        """`pg_notification_queue_usage()` as read at scrape time; None: not read."""
+        self._measured.notification_queue = usage
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition (text format, or OpenMetrics when `accept` asks) and its type."""
         self.flush()
@@ -335,6 +339,7 @@ class _Measured(Collector):
 
     def __init__(self) -> None:
         self.statuses: list[ProjectionLag] | None = None
+        self.notification_queue: float | None = None
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -355,7 +360,17 @@ class _Measured(Collector):
         for status in self.statuses or ():
             events.add_metric((status.name,), status.lag_events)
             seconds.add_metric((status.name,), status.lag_seconds)
-        return (events, seconds, up)
+        if self.notification_queue is None:
+            return (events, seconds, up)
+        queue = GaugeMetricFamily(
+            "tollgate_notification_queue_usage",
+            "Fraction of PostgreSQL's notification queue in use (shared by the whole server). "
+            "It keeps every notification until the slowest listener has read it; past "
+            "tollgate.announce_below (0.05) commits stop announcing their events, and when "
+            "it is full every append fails.",
+            value=self.notification_queue,
+        )
+        return (events, seconds, up, queue)
 
 
 _WORKER_FILE = re.compile(r"_(\d+)\.db$")

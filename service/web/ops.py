@@ -67,6 +67,16 @@ async def _statuses(runner: ProjectionRunner, within: float) -> list[ProjectionS
         return None
 
 
+async def _notification_queue(pool: asyncpg.Pool, within: float) -> float | None:
+    """How full PostgreSQL's notification queue is (0 to 1), or None when the database
+    does not answer in time (tollgate_database_up says so)."""
+    try:
+        return float(await bounded(within, pool.fetchval("SELECT pg_notification_queue_usage()")))
+    except (*_DB_ERRORS, TimeoutError) as exc:
+        log.warning("ops.notification_queue_unread", error=str(exc) or type(exc).__name__)
+        return None
+
+
 async def _write_refused(pool: asyncpg.Pool, within: float) -> str | None:
     """Why a write would fail now (None: it would succeed), found by writing a row in a
     transaction that is rolled back: a read-only or recovering database answers reads
@@ -166,7 +176,11 @@ async def metrics(request: web.Request) -> web.Response:
     recorder = request.config_dict[METRICS]
     runner = _runner(request)
     policy = request.config_dict.get(READINESS) or ReadinessPolicy()
-    recorder.set_projections(await _statuses(runner, policy.timeout))
+    statuses, queue = await asyncio.gather(
+        _statuses(runner, policy.timeout), _notification_queue(runner.pool, policy.timeout)
+    )
+    recorder.set_projections(statuses)
+    recorder.set_notification_queue(queue)
     body, content_type = recorder.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -343,3 +343,63 @@ async def test_a_batch_is_announced_with_its_events_as_a_lean_read_gets_them(db)
     finally:
         await log.close()
         await listener.close()
+
+
+async def test_batches_are_not_announced_while_the_notification_queue_fills(db):
+    """A listener that stops reading (here: inside a transaction left open) keeps every
+    notification in the queue, and a full queue would fail every append: past
+    `tollgate.announce_below` of it, a commit sends its head alone, not its events."""
+    stuck = await asyncpg.connect(db.dsn)
+    await stuck.execute("LISTEN tollgate_batches")
+    held = stuck.transaction()
+    await held.start()
+    await stuck.execute("SELECT 1")  # no notification reaches it until this ends
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener = await asyncpg.connect(db.dsn)
+    await listener.add_listener("tollgate_batches", lambda *a: heard.put_nowait((a[2], a[3])))
+    await listener.add_listener("tollgate_events", lambda *a: heard.put_nowait((a[2], a[3])))
+    # any usage at all is past this bound (the default, 0.05, is 400 MB of the 8 GB queue)
+    pool = await asyncpg.create_pool(
+        db.dsn, min_size=1, max_size=2, server_settings={"tollgate.announce_below": "1e-9"}
+    )
+    log = EventLog(pool)
+    await log.start()
+    try:
+        for n in range(400):  # announced while the queue's pages in use are none
+            if await db.pool.fetchval("SELECT pg_notification_queue_usage()") > 0:
+                break
+            [position] = await log.append(f"q-{n}", 0, [company(n, "-" + "q" * 300)])
+            while await asyncio.wait_for(heard.get(), 5) != ("tollgate_events", str(position)):
+                pass
+        else:
+            pytest.fail("the queue never filled a page")
+        [position] = await log.append("q-last", 0, [company(999)])
+        # in commit order: an announcement would come before the head
+        assert await asyncio.wait_for(heard.get(), 5) == ("tollgate_events", str(position))
+        assert [r.position for r in await log.read_all(position - 1, 10)] == [position]
+    finally:
+        await log.close()
+        await pool.close()
+        await listener.close()
+        await held.rollback()
+        await stuck.close()
+
+
+@pytest.mark.parametrize("bound", ["5%", "2e-0", "1e999"])
+async def test_a_mistyped_announce_bound_leaves_the_default_and_fails_no_append(db, bound):
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener = await asyncpg.connect(db.dsn)
+    await listener.add_listener("tollgate_batches", lambda *a: heard.put_nowait((a[2], a[3])))
+    pool = await asyncpg.create_pool(
+        db.dsn, min_size=1, max_size=2, server_settings={"tollgate.announce_below": bound}
+    )
+    log = EventLog(pool)
+    await log.start()
+    try:
+        [position] = await log.append("typo", 0, [company(1)])
+        _channel, announcement = await asyncio.wait_for(heard.get(), 5)
+        assert announcement.startswith(f"{position} {position} ")
+    finally:
+        await log.close()
+        await pool.close()
+        await listener.close()

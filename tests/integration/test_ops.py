@@ -107,6 +107,7 @@ async def test_metrics_exposes_every_family_in_prometheus_text(db, tmp_path):
         "tollgate_projection_lag_seconds",
         "tollgate_projection_events",
         "tollgate_database_up",
+        "tollgate_notification_queue_usage",
         "tollgate_tokens_issued",
         "tollgate_token_revocations",
         "tollgate_ip_violations",
@@ -210,6 +211,28 @@ async def test_projection_lag_is_measured_at_scrape_time(db, tmp_path):
         assert value(lagging, "tollgate_projection_lag_seconds", projection=name) >= 0.05
         assert value(caught_up, "tollgate_projection_lag_events", projection=name) == 0
         assert value(caught_up, "tollgate_projection_lag_seconds", projection=name) == 0
+
+
+async def test_the_notification_queue_usage_is_read_at_scrape_time(db, tmp_path):
+    """A session that listens and stops reading (inside a transaction left open) holds
+    every later notification in PostgreSQL's queue: the gauge that the alert
+    TollgateNotificationQueueFilling watches rises with the commits."""
+    async with serving(db, tmp_path) as client:
+        stuck = await asyncpg.connect(db.dsn)
+        try:
+            await stuck.execute("LISTEN tollgate_batches")
+            held = stuck.transaction()
+            await held.start()
+            await stuck.execute("SELECT 1")
+            for n in range(40):
+                await add_companies(client, 5, start=5 * n)  # each commit announced
+                if await db.pool.fetchval("SELECT pg_notification_queue_usage()") > 0:
+                    break
+            filling = value(await scrape(client), "tollgate_notification_queue_usage")
+            await held.rollback()
+        finally:
+            await stuck.close()
+    assert filling is not None and filling > 0
 
 
 async def test_each_projection_counts_the_positions_it_moved_past(db, tmp_path):
@@ -372,4 +395,5 @@ async def test_not_ready_while_the_database_is_unreachable(db, pg_server, tmp_pa
     }
     assert value(metrics, "tollgate_database_up") == 0
     assert not any(name == "tollgate_projection_lag_events" for name, _ in metrics)
+    assert value(metrics, "tollgate_notification_queue_usage") is None  # not read: absent
     assert value(back, "tollgate_database_up") == 1
