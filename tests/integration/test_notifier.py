@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from email.message import EmailMessage
 from pathlib import Path
 
+import asyncpg
 import pytest
 import structlog
 from aiosmtpd.controller import Controller
@@ -366,6 +367,44 @@ async def test_recorded_but_not_checkpointed_is_not_sent_again(db, tmp_path, smt
 
     assert smtp.mailbox.received == []
     assert await checkpoint(db) == await db.pool.fetchval("SELECT max(position) FROM events")
+
+
+async def test_the_checkpoints_move_without_waiting_for_their_flush(db, tmp_path, smtp):
+    """Under load the worker moves its checkpoints every 50 ms; a move a crash loses only
+    makes it read again (the test above: what is recorded is not sent again), so it does
+    not wait for the WAL flush. The setting ends with the statement: the pool's sessions
+    keep the durable default."""
+    await smtp.start()
+    await db.pool.execute(
+        """
+        CREATE TABLE checkpoint_commits (name text, synchronous_commit text);
+        CREATE FUNCTION note_commit_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO checkpoint_commits VALUES (NEW.name, current_setting('synchronous_commit'));
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER note_commit_setting BEFORE UPDATE ON projection_checkpoints
+            FOR EACH ROW EXECUTE FUNCTION note_commit_setting();
+        """
+    )
+    # The test cluster skips flushes altogether: these sessions wait for theirs.
+    durable = {"synchronous_commit": "on"}
+    setting = "SELECT current_setting('synchronous_commit')"
+    async with asyncpg.create_pool(db.dsn, min_size=2, max_size=2, server_settings=durable) as pool:
+        database = Database(db.dsn, pool)
+        async with open_context(smtp_settings(tmp_path, smtp), database=database) as ctx:
+            await add_app(ctx)
+            await violate(ctx)
+            worker = notifier(ctx, db)
+            async with running(worker):
+                await eventually(lambda: len(smtp.mailbox.received) == 1)
+                head = await db.pool.fetchval("SELECT max(position) FROM events")
+                await eventually(lambda: worker.position >= head)
+        async with pool.acquire() as a, pool.acquire() as b:
+            assert [await a.fetchval(setting), await b.fetchval(setting)] == ["on", "on"]
+    seen = await db.pool.fetch("SELECT name, synchronous_commit FROM checkpoint_commits")
+    assert {r["name"] for r in seen} == {"notifier", "notifier-retries"}
+    assert {r["synchronous_commit"] for r in seen} == {"off"}
 
 
 async def test_without_smtp_the_email_is_an_eml_file_under_mail_dir(client, company, db):
