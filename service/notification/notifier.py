@@ -86,6 +86,7 @@ from service.storage.database import Conn
 log = structlog.get_logger(__name__)
 
 NAME = "notifier"  # its checkpoint row and its advisory lock
+RETRIES = "notifier-retries"  # the low-water mark of the pending retries
 #: A checkpoint moves without waiting for its WAL flush (under load the worker moves it
 #: every 50 ms): one that a crash of the server loses leaves the one before it, from which
 #: the worker reads again and finds each email's outcome already in the log (`_attempt`
@@ -95,7 +96,6 @@ _MOVE_CHECKPOINT = (
     "UPDATE projection_checkpoints SET position = $2, updated_at = now() "
     "WHERE name = $1 AND position = $3 AND set_config('synchronous_commit', 'off', true) = 'off'"
 )
-RETRIES = "notifier-retries"  # the low-water mark of the pending retries
 _TYPES = ("IpViolationDetected",)
 _OUTCOMES = (
     "ViolationNotificationFailed",

@@ -64,7 +64,7 @@ async def oauth_params(request: web.Request) -> dict[str, str]:
     if ctype == "application/json":
         return _json_params(await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY)))
     if ctype == URLENCODED:  # what every client but curl --form sends: its fields at once
-        fields = await _in_oauth_shape(_urlencoded(request))
+        fields = await _in_oauth_shape(_urlencoded_fields(request))
         params = dict(fields)
         if len(params) < len(fields):
             _refuse_repeats(fields)
@@ -72,7 +72,7 @@ async def oauth_params(request: web.Request) -> dict[str, str]:
     return _form_params(await _in_oauth_shape(form_body(request, MAX_PARAMS_BODY)))
 
 
-async def _urlencoded(request: web.Request) -> list[tuple[str, str]]:
+async def _urlencoded_fields(request: web.Request) -> list[tuple[str, str]]:
     body = await read_body(request, MAX_PARAMS_BODY)
     return urlencoded_fields(body, request.charset or "utf-8")
 

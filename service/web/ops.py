@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -16,6 +17,8 @@ from service.eventlog import EventLogUnavailable
 from service.metrics import METRICS
 from service.storage.database import within as bounded
 from service.web.keys import SETTINGS
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from projections.runner import ProjectionRunner, ProjectionStatus
@@ -56,25 +59,28 @@ def _runner(request: web.Request) -> ProjectionRunner:
     return request.config_dict[RUNNER]
 
 
-async def _statuses(runner: ProjectionRunner, within: float) -> list[ProjectionStatus] | None:
-    """Every SQL projection's status, or None when the database does not answer in time.
-    The bound holds whatever the database does: a frozen server never acknowledges the
-    cancellation that `asyncio.wait_for` would wait for."""
+async def _read_or_none(within: float, reading: Coroutine[Any, Any, T], event: str) -> T | None:
+    """What `reading` reads, or None (logged as `event`) when the database does not answer
+    in time. The bound holds whatever the database does: a frozen server never acknowledges
+    the cancellation that `asyncio.wait_for` would wait for."""
     try:
-        return await bounded(within, runner.status())
+        return await bounded(within, reading)
     except (*_DB_ERRORS, TimeoutError) as exc:
-        log.warning("ops.database_unreachable", error=str(exc) or type(exc).__name__)
+        log.warning(event, error=str(exc) or type(exc).__name__)
         return None
+
+
+async def _statuses(runner: ProjectionRunner, within: float) -> list[ProjectionStatus] | None:
+    """Every SQL projection's status, or None when the database does not answer in time."""
+    return await _read_or_none(within, runner.status(), "ops.database_unreachable")
 
 
 async def _notification_queue(pool: asyncpg.Pool, within: float) -> float | None:
     """How full PostgreSQL's notification queue is (0 to 1), or None when the database
     does not answer in time (tollgate_database_up says so)."""
-    try:
-        return float(await bounded(within, pool.fetchval("SELECT pg_notification_queue_usage()")))
-    except (*_DB_ERRORS, TimeoutError) as exc:
-        log.warning("ops.notification_queue_unread", error=str(exc) or type(exc).__name__)
-        return None
+    usage = pool.fetchval("SELECT pg_notification_queue_usage()")
+    found = await _read_or_none(within, usage, "ops.notification_queue_unread")
+    return None if found is None else float(found)
 
 
 async def _write_refused(pool: asyncpg.Pool, within: float) -> str | None:
