@@ -55,7 +55,8 @@ test-contract: install-dev
 
 # The fault suite: PostgreSQL killed and stalled, SMTP down and refusing, the service
 # SIGKILLed, a slow-body flood, the parent of two workers killed; each under load, each
-# checking afterwards that every acknowledged write is in the log. A few minutes.
+# checking afterwards that every acknowledged write is in the log. And a host cut off from
+# the network while it holds the projections' locks (a network namespace: root). A few minutes.
 test-faults: install-dev
 	$(BIN)/pytest -q -m faults tests/faults $(PYTEST_ARGS)
 

@@ -24,7 +24,7 @@ import structlog
 from projections.base import Projection, SqlRangeProjection
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
-from service.storage.database import Conn
+from service.storage.database import Conn, connect
 
 log = structlog.get_logger(__name__)
 
@@ -154,7 +154,7 @@ class ProjectionRunner:
             await asyncio.sleep(self.standby_interval)
 
     async def _run_locked(self, projection: Projection) -> None:
-        conn = await asyncpg.connect(self.dsn)
+        conn = await connect(self.dsn)
         try:
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", lock_key(projection.name)
@@ -307,7 +307,7 @@ class ProjectionRunner:
         shadow = f"rebuild_{name}"
         # A connection of its own: its statement cache points at the copies, and it must
         # not go back to the pool like that.
-        conn = await asyncpg.connect(self.dsn)
+        conn = await connect(self.dsn)
         try:
             # One rebuild of a projection at a time: two would drop and fill each other's
             # work schema and switch in a mix of both. Released when the connection closes.

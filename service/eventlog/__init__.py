@@ -67,7 +67,7 @@ from service.eventlog.records import (
     to_recorded,
 )
 from service.events import Event, decode_or_unknown
-from service.storage.database import BoundedPool
+from service.storage.database import BoundedPool, connect
 
 __all__ = [
     "EPOCH",
@@ -629,7 +629,7 @@ class EventLog:
         while True:
             lost = asyncio.Event()
             try:
-                self._listener = await asyncpg.connect(self._dsn)
+                self._listener = await connect(self._dsn)
                 self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)

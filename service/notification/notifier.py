@@ -55,7 +55,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
@@ -81,7 +80,7 @@ from service.notification.mail import (
     tls_failed,
     write_eml,
 )
-from service.storage.database import Conn
+from service.storage.database import Conn, connect
 
 log = structlog.get_logger(__name__)
 
@@ -266,7 +265,7 @@ class Notifier:
 
     async def _connect(self) -> Conn:
         if self.dsn is not None:
-            conn: Conn = await asyncpg.connect(self.dsn)
+            conn: Conn = await connect(self.dsn)
             return conn
         return await self.ctx.pool.acquire()
 

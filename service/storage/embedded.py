@@ -148,10 +148,20 @@ def _chown_tree(top: Path, uid: int, gid: int) -> None:
 class EmbeddedPostgres:
     """One PostgreSQL cluster in `pgdata`; `start()` returns a DSN for it."""
 
-    def __init__(self, pgdata: Path, *, durable: bool = True, max_connections: int = 200) -> None:
+    def __init__(
+        self,
+        pgdata: Path,
+        *,
+        durable: bool = True,
+        max_connections: int = 200,
+        listen_addresses: str = "",
+    ) -> None:
         self.pgdata = pgdata.absolute()
         self.durable = durable
         self.max_connections = max_connections
+        # Only the socket unless given (the fault tests reach it over a real network); a
+        # client that connects over TCP also needs a line for it in pg_hba.conf.
+        self.listen_addresses = listen_addresses
         self.owned = False  # True once this process uses the server (and stops it, if last)
         self._server_account: _ServerAccount | None = None
 
@@ -327,7 +337,7 @@ class EmbeddedPostgres:
 
     def _pg_ctl_start(self) -> None:
         options = [
-            "-c listen_addresses=''",
+            f"-c listen_addresses='{self.listen_addresses}'",
             f"-c unix_socket_directories='{self.socket_dir}'",
             f"-c max_connections={self.max_connections}",
             # A dedicated server for one service: room for the log's hot end in memory,

@@ -1,0 +1,220 @@
+"""A host cut off from the network while it holds the projections' locks.
+
+PostgreSQL frees a session's locks only once it learns that the client is gone; a host that
+loses power or its network closes nothing. Here `tollgate projections run` runs in a
+network namespace of its own and reaches PostgreSQL over a veth pair, as another host
+would; once it holds every projection's lock, a second `projections run` stands by on this
+side, the first one's link goes down and the process is killed, so that no FIN or RST ever
+reaches the server. The server must drop the dead host's sessions within the peer timeouts
+Tollgate's connections ask for (`PEER_TIMEOUTS`: 25 s), and the standby take every
+projection over; with the server's own TCP keepalive defaults the locks stay held for over
+two hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from projections.catalog import sql_projections
+from projections.runner import lock_key
+from service.storage.database import PEER_TIMEOUTS
+from service.storage.embedded import EmbeddedPostgres
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="a network namespace needs root and iproute2's ip",
+)
+
+#: after the link goes down, how long the server may take to drop the dead host's sessions:
+#: the peer timeouts, plus the standby's 2 s between attempts and room for a busy machine
+PEER_TIMEOUT = int(PEER_TIMEOUTS["tcp_user_timeout"]) / 1000
+BOUND = PEER_TIMEOUT + 15
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@dataclass
+class Link:
+    """A network namespace joined to this one by a veth pair, each end with an address."""
+
+    namespace: str
+    inside: str  # the interface in the namespace
+    here_address: str
+    there_address: str
+
+    def enter(self) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace]
+
+    def cut(self) -> None:
+        ip("netns", "exec", self.namespace, "ip", "link", "set", self.inside, "down")
+
+
+@pytest.fixture
+def link() -> Iterator[Link]:
+    tag = os.getpid() % 10_000
+    namespace, here, inside = f"tollgate-part-{tag}", f"tgp{tag}h", f"tgp{tag}n"
+    subnet = f"10.213.{tag % 250}"
+    ip("netns", "add", namespace)
+    try:
+        ip("link", "add", here, "type", "veth", "peer", "name", inside)
+        ip("link", "set", inside, "netns", namespace)
+        ip("addr", "add", f"{subnet}.1/30", "dev", here)
+        ip("link", "set", here, "up")
+        for args in (
+            ("addr", "add", f"{subnet}.2/30", "dev", inside),
+            ("link", "set", inside, "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            ip("netns", "exec", namespace, "ip", *args)
+        yield Link(namespace, inside, f"{subnet}.1", f"{subnet}.2")
+    finally:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", here], check=False, capture_output=True)
+
+
+@pytest.fixture
+def server(tmp_path: Path, link: Link) -> Iterator[EmbeddedPostgres]:
+    """PostgreSQL listening on this side of the link (and on its socket)."""
+    pg = EmbeddedPostgres(tmp_path / "pg", durable=False, listen_addresses=link.here_address)
+    pg.start()
+    try:
+        with (pg.pgdata / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {link.there_address}/32 trust\n")
+        asyncio.run(_sql(pg.dsn(), "SELECT pg_reload_conf()", "CREATE DATABASE tollgate"))
+        yield pg
+    finally:
+        pg.stop()
+
+
+async def _sql(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def run_projections(data_dir: Path, database_url: str, *prefix: str) -> subprocess.Popen[bytes]:
+    data_dir.mkdir(parents=True)
+    env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url}
+    env.update(LOG_FORMAT="json", LOG_LEVEL="info")
+    with (data_dir / "projections.log").open("ab") as log:
+        return subprocess.Popen(
+            [*prefix, sys.executable, "-m", "service", "projections", "run"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+async def holders(conn: asyncpg.Connection[Any]) -> dict[str, str | None]:
+    """Each projection whose lock is held: the holder's address (None: the socket)."""
+    names = {lock_key(p.name): p.name for p in sql_projections()}
+    rows = await conn.fetch(
+        """SELECT (l.classid::bigint << 32 | l.objid::bigint) AS key,
+                  host(a.client_addr) AS addr
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"""
+    )
+    held = {}
+    for row in rows:
+        key = row["key"] - (1 << 64) if row["key"] >= 1 << 63 else row["key"]
+        if key in names:
+            held[names[key]] = row["addr"]
+    return held
+
+
+async def until(check: Any, seconds: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if await check():
+            return time.monotonic() - started
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{what} not within {seconds:g} s")
+
+
+def test_a_host_cut_off_loses_its_locks_and_another_takes_over(
+    tmp_path: Path, link: Link, server: EmbeddedPostgres, figures: dict[str, Any]
+) -> None:
+    names = {p.name for p in sql_projections()}
+    there = run_projections(
+        tmp_path / "there",
+        f"postgresql://postgres@{link.here_address}:5432/tollgate",
+        *link.enter(),
+    )
+    here = None
+    try:
+
+        async def scenario() -> None:
+            nonlocal here
+            conn = await asyncpg.connect(server.dsn("tollgate"), timeout=30)
+            try:
+
+                async def all_held_there() -> bool:
+                    held = await holders(conn)
+                    return set(held) == names and set(held.values()) == {link.there_address}
+
+                await until(all_held_there, 60, "the host behind the link holding every lock")
+                here = run_projections(tmp_path / "here", server.dsn("tollgate"))
+                await asyncio.sleep(5)  # the standby tries every 2 s, and finds them held
+                assert set((await holders(conn)).values()) == {link.there_address}
+
+                link.cut()
+                cut_at = time.monotonic()
+                os.killpg(there.pid, signal.SIGKILL)  # its FIN goes nowhere
+                there.wait(10)
+
+                async def gone() -> bool:
+                    return not await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE client_addr = $1::inet",
+                        link.there_address,
+                    )
+
+                async def all_held_here() -> bool:
+                    held = await holders(conn)
+                    return set(held) == names and set(held.values()) == {None}
+
+                await until(all_held_here, BOUND, "every projection taken over")
+                figures["taken_over_after_s"] = round(time.monotonic() - cut_at, 1)
+                await until(gone, BOUND - (time.monotonic() - cut_at), "every session dropped")
+                figures["sessions_dropped_after_s"] = round(time.monotonic() - cut_at, 1)
+            finally:
+                await conn.close()
+
+        asyncio.run(scenario())
+        # Not sooner than a live host could be told from a dead one: the server waited for
+        # its probes to go unanswered, it did not drop the sessions on the link going down.
+        assert figures["taken_over_after_s"] >= int(PEER_TIMEOUTS["tcp_keepalives_idle"])
+    finally:
+        for proc in (there, here):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
