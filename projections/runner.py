@@ -24,7 +24,14 @@ import structlog
 from projections.base import Projection, SqlRangeProjection
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
-from service.storage.database import Conn, connect
+from service.storage.database import (
+    SESSION_CHECK,
+    Conn,
+    SessionLost,
+    connect,
+    session_alive,
+    until_one_ends,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -142,8 +149,12 @@ class ProjectionRunner:
             try:
                 await self._run_locked(projection)
                 failures = 0
-            except (*_DB_ERRORS, CheckpointMoved) as exc:
-                log.warning("projection.restarting", projection=projection.name, error=str(exc))
+            except (*_DB_ERRORS, CheckpointMoved, SessionLost) as exc:
+                log.warning(
+                    "projection.restarting",
+                    projection=projection.name,
+                    error=str(exc) or type(exc).__name__,
+                )
             except Exception:
                 # An event it cannot apply (one a newer version wrote, say): it stops before
                 # it, with its checkpoint unmoved and its lock released, so that a process
@@ -161,16 +172,19 @@ class ProjectionRunner:
             ):
                 return  # another process runs it; stand by and try again later
             log.info("projection.started", projection=projection.name)
-            position = await self.checkpoint(projection.name)
-            while not conn.is_closed():
-                new_position = await self.step(projection, position)
-                await self.eventlog.wakeup.between_runs(
-                    position, new_position, self.eventlog.poll_interval, self.linger
-                )
-                position = new_position
+            await until_one_ends(self._follow(projection, conn), session_alive(conn))
         finally:
             with contextlib.suppress(*_DB_ERRORS):
-                await conn.close()
+                await conn.close(timeout=SESSION_CHECK)
+
+    async def _follow(self, projection: Projection, conn: Conn) -> None:
+        position = await self.checkpoint(projection.name)
+        while not conn.is_closed():
+            new_position = await self.step(projection, position)
+            await self.eventlog.wakeup.between_runs(
+                position, new_position, self.eventlog.poll_interval, self.linger
+            )
+            position = new_position
 
     async def catch_up(self, name: str, progress: Progress | None = None) -> int:
         """Apply everything up to the head as it is now; return the final position.

@@ -67,7 +67,14 @@ from service.eventlog.records import (
     to_recorded,
 )
 from service.events import Event, decode_or_unknown
-from service.storage.database import BoundedPool, connect
+from service.storage.database import (
+    SESSION_CHECK,
+    BoundedPool,
+    SessionLost,
+    connect,
+    session_alive,
+    until_one_ends,
+)
 
 __all__ = [
     "EPOCH",
@@ -259,7 +266,7 @@ class EventLog:
             settle(self._pending.popleft(), EventLogUnavailable("the event log was closed"))
         if self._listener is not None:
             with contextlib.suppress(*_DB_ERRORS):
-                await self._listener.close()
+                await self._listener.close(timeout=SESSION_CHECK)
             self._listener = None
         if self._conn is not None:
             with contextlib.suppress(*_DB_ERRORS):
@@ -633,12 +640,12 @@ class EventLog:
                 self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)
-                await lost.wait()
-            except _DB_ERRORS as exc:
-                log.warning("eventlog.listener_lost", error=str(exc))
+                await until_one_ends(lost.wait(), session_alive(self._listener))
+            except (*_DB_ERRORS, SessionLost) as exc:
+                log.warning("eventlog.listener_lost", error=str(exc) or type(exc).__name__)
             finally:
                 if self._listener is not None:
                     with contextlib.suppress(*_DB_ERRORS):
-                        await self._listener.close()
+                        await self._listener.close(timeout=SESSION_CHECK)
                     self._listener = None
             await asyncio.sleep(self.poll_interval)

@@ -51,9 +51,7 @@ import asyncio
 import contextlib
 import email.policy
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from asyncpg.pool import PoolConnectionProxy
@@ -80,7 +78,13 @@ from service.notification.mail import (
     tls_failed,
     write_eml,
 )
-from service.storage.database import Conn, connect
+from service.storage.database import (
+    SESSION_CHECK,
+    Conn,
+    connect,
+    session_alive,
+    until_one_ends,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -238,7 +242,7 @@ class Notifier:
             self._lock_conn, self.active = conn, True
             await self.restore()
             log.info("notifier.started", pending=len(self._pending))
-            await _until_one_ends(self._follow(conn), self._retry_forever())
+            await until_one_ends(self._follow(conn), self._retry_forever(), session_alive(conn))
         finally:
             self._lock_conn, self.active = None, False
             await self._disconnect(conn)
@@ -278,7 +282,7 @@ class Notifier:
                     await conn.execute("SELECT pg_advisory_unlock_all()")
                 await self.ctx.pool.release(conn)
             else:
-                await conn.close()
+                await conn.close(timeout=SESSION_CHECK)
 
     # --- the work --------------------------------------------------------------------
 
@@ -681,17 +685,3 @@ class Notifier:
         if status != "UPDATE 1":
             raise CheckpointMoved(NAME)
         self.position = position
-
-
-async def _until_one_ends(*work: Coroutine[Any, Any, None]) -> None:
-    """Run the coroutines side by side until one of them returns or fails; cancel the
-    others; raise its error, if any."""
-    tasks = [asyncio.create_task(coroutine) for coroutine in work]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in done:
-        task.result()

@@ -55,6 +55,46 @@ async def connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
     return conn
 
 
+#: How often a session that holds a lock, or listens, proves that it is alive: one round
+#: trip, answered within as long. A connection cut off from the server looks open to its
+#: client (nothing tells it otherwise) while the server drops the session 20-25 s after the
+#: last round trip (PEER_TIMEOUTS) and frees its locks for another process: a holder that
+#: went on working would work beside the new one (two notifiers: an email sent twice), and
+#: a listener would wait for ever on a session that no longer exists. Checked every 5 s,
+#: a cut-off holder stops within 10 s, before its lock can go to anyone else.
+SESSION_CHECK = 5.0
+
+
+class SessionLost(Exception):
+    """A session did not answer its check in time: its locks may already be someone else's."""
+
+
+async def session_alive(conn: Conn, every: float = SESSION_CHECK) -> None:
+    """Check `conn` every `every` seconds until it fails to answer within `every`, then
+    terminate it and raise SessionLost; run beside the work its lock or LISTEN guards."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await within(every, conn.fetchval("SELECT 1"))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            conn.terminate()  # a close would wait on the dead connection
+            raise SessionLost(f"the session did not answer within {every:g} s") from exc
+
+
+async def until_one_ends(*work: Coroutine[Any, Any, object]) -> None:
+    """Run the coroutines side by side until one of them returns or fails; cancel the
+    others; raise its error, if any."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
+
+
 # Work given up on by `within` finishes (and releases its connection) in the background;
 # asyncio holds tasks only weakly, so they are kept here until they are done.
 _abandoned: set[asyncio.Task[Any]] = set()

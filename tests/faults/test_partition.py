@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class Link:
     """A network namespace joined to this one by a veth pair, each end with an address."""
 
     namespace: str
-    inside: str  # the interface in the namespace
+    here: str  # this side's end of the pair
     here_address: str
     there_address: str
 
@@ -62,7 +63,12 @@ class Link:
         return ["ip", "netns", "exec", self.namespace]
 
     def cut(self) -> None:
-        ip("netns", "exec", self.namespace, "ip", "link", "set", self.inside, "down")
+        """This side's end down: what either side sends is dropped on the way, and the
+        other side's kernel, whose link still looks up, is told nothing."""
+        ip("link", "set", self.here, "down")
+
+    def mend(self) -> None:
+        ip("link", "set", self.here, "up")
 
 
 @pytest.fixture
@@ -82,7 +88,7 @@ def link() -> Iterator[Link]:
             ("link", "set", "lo", "up"),
         ):
             ip("netns", "exec", namespace, "ip", *args)
-        yield Link(namespace, inside, f"{subnet}.1", f"{subnet}.2")
+        yield Link(namespace, here, f"{subnet}.1", f"{subnet}.2")
     finally:
         pids = subprocess.run(
             ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
@@ -158,59 +164,64 @@ async def until(check: Any, seconds: float, what: str) -> float:
     raise AssertionError(f"{what} not within {seconds:g} s")
 
 
-def test_a_host_cut_off_loses_its_locks_and_another_takes_over(
-    tmp_path: Path, link: Link, server: EmbeddedPostgres, figures: dict[str, Any]
-) -> None:
-    names = {p.name for p in sql_projections()}
+@dataclass
+class Hosts:
+    """`projections run` behind the link holding every projection's lock (`there`), and
+    one on this side standing by (`here`), with a connection to watch them from."""
+
+    link: Link
+    there: subprocess.Popen[bytes]
+    here: subprocess.Popen[bytes]
+    conn: asyncpg.Connection[Any]
+    there_log: Path
+
+    async def held(self) -> dict[str, str | None]:
+        return await holders(self.conn)
+
+    async def all_held_here(self) -> bool:
+        held = await self.held()
+        return set(held) == NAMES and set(held.values()) == {None}
+
+    async def sessions_there(self) -> set[int]:
+        rows = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE client_addr = $1::inet",
+            self.link.there_address,
+        )
+        return {row["pid"] for row in rows}
+
+    def logged_there(self, event: str) -> bool:
+        for line in self.there_log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("event") == event:
+                    return True
+        return False
+
+
+NAMES = {p.name for p in sql_projections()}
+
+
+@contextlib.asynccontextmanager
+async def hosts(tmp_path: Path, link: Link, server: EmbeddedPostgres) -> AsyncIterator[Hosts]:
     there = run_projections(
         tmp_path / "there",
         f"postgresql://postgres@{link.here_address}:5432/tollgate",
         *link.enter(),
     )
     here = None
+    conn = await asyncpg.connect(server.dsn("tollgate"), timeout=30)
     try:
 
-        async def scenario() -> None:
-            nonlocal here
-            conn = await asyncpg.connect(server.dsn("tollgate"), timeout=30)
-            try:
+        async def all_held_there() -> bool:
+            held = await holders(conn)
+            return set(held) == NAMES and set(held.values()) == {link.there_address}
 
-                async def all_held_there() -> bool:
-                    held = await holders(conn)
-                    return set(held) == names and set(held.values()) == {link.there_address}
-
-                await until(all_held_there, 60, "the host behind the link holding every lock")
-                here = run_projections(tmp_path / "here", server.dsn("tollgate"))
-                await asyncio.sleep(5)  # the standby tries every 2 s, and finds them held
-                assert set((await holders(conn)).values()) == {link.there_address}
-
-                link.cut()
-                cut_at = time.monotonic()
-                os.killpg(there.pid, signal.SIGKILL)  # its FIN goes nowhere
-                there.wait(10)
-
-                async def gone() -> bool:
-                    return not await conn.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE client_addr = $1::inet",
-                        link.there_address,
-                    )
-
-                async def all_held_here() -> bool:
-                    held = await holders(conn)
-                    return set(held) == names and set(held.values()) == {None}
-
-                await until(all_held_here, BOUND, "every projection taken over")
-                figures["taken_over_after_s"] = round(time.monotonic() - cut_at, 1)
-                await until(gone, BOUND - (time.monotonic() - cut_at), "every session dropped")
-                figures["sessions_dropped_after_s"] = round(time.monotonic() - cut_at, 1)
-            finally:
-                await conn.close()
-
-        asyncio.run(scenario())
-        # Not sooner than a live host could be told from a dead one: the server waited for
-        # its probes to go unanswered, it did not drop the sessions on the link going down.
-        assert figures["taken_over_after_s"] >= int(PEER_TIMEOUTS["tcp_keepalives_idle"])
+        await until(all_held_there, 60, "the host behind the link holding every lock")
+        here = run_projections(tmp_path / "here", server.dsn("tollgate"))
+        await asyncio.sleep(5)  # the standby tries every 2 s, and finds them held
+        assert set((await holders(conn)).values()) == {link.there_address}
+        yield Hosts(link, there, here, conn, tmp_path / "there" / "projections.log")
     finally:
+        await conn.close()
         for proc in (there, here):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -218,3 +229,64 @@ def test_a_host_cut_off_loses_its_locks_and_another_takes_over(
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_a_host_cut_off_loses_its_locks_and_another_takes_over(
+    tmp_path: Path, link: Link, server: EmbeddedPostgres, figures: dict[str, Any]
+) -> None:
+    async with hosts(tmp_path, link, server) as two:
+        link.cut()
+        cut_at = time.monotonic()
+        os.killpg(two.there.pid, signal.SIGKILL)  # its FIN goes nowhere
+        two.there.wait(10)
+
+        async def gone() -> bool:
+            return not await two.sessions_there()
+
+        await until(two.all_held_here, BOUND, "every projection taken over")
+        figures["taken_over_after_s"] = round(time.monotonic() - cut_at, 1)
+        await until(gone, BOUND - (time.monotonic() - cut_at), "every session dropped")
+        figures["sessions_dropped_after_s"] = round(time.monotonic() - cut_at, 1)
+    # Not sooner than a live host could be told from a dead one: the server waited for its
+    # probes to go unanswered, it did not drop the sessions on the link going down.
+    assert figures["taken_over_after_s"] >= int(PEER_TIMEOUTS["tcp_keepalives_idle"])
+
+
+async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby(
+    tmp_path: Path, link: Link, server: EmbeddedPostgres, figures: dict[str, Any]
+) -> None:
+    """The host behind the link lives on: it must stop working before the server frees
+    its locks (or two runners would work at once, and two notifiers send an email twice),
+    and once the link is back, stand by, and listen again on a session that exists."""
+    async with hosts(tmp_path, link, server) as two:
+        link.cut()
+        cut_at = time.monotonic()
+        stopped_at = None
+        while not await two.all_held_here():
+            if stopped_at is None and two.logged_there("projection.restarting"):
+                stopped_at = time.monotonic() - cut_at
+            assert time.monotonic() - cut_at < BOUND, "every projection taken over"
+            await asyncio.sleep(0.2)
+        taken_at = time.monotonic() - cut_at
+        figures.update(stopped_after_s=stopped_at and round(stopped_at, 1))
+        figures.update(taken_over_after_s=round(taken_at, 1))
+        assert stopped_at is not None and stopped_at < taken_at, figures
+
+        link.mend()
+        mended_at = time.monotonic()
+        before = await two.sessions_there()  # what the server still keeps of the cut, if any
+
+        async def listening_again() -> bool:
+            # A session of the host's that stays (its lock attempts last milliseconds)
+            # once its listener said the old one was lost.
+            if not two.logged_there("eventlog.listener_lost"):
+                return False
+            first = await two.sessions_there() - before
+            await asyncio.sleep(2)
+            return bool(first & await two.sessions_there())
+
+        await until(listening_again, 90, "the host behind the link listening again")
+        figures["listening_again_after_mend_s"] = round(time.monotonic() - mended_at, 1)
+        await asyncio.sleep(5)  # its standby tries every 2 s: the locks stay here
+        assert await two.all_held_here()
+        assert two.there.poll() is None  # it lives on, standing by

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +34,7 @@ from service.notification.notifier import (
 )
 from service.runtime import open_context
 from service.settings import Settings
-from service.storage.database import Database
+from service.storage.database import SESSION_CHECK, Database
 from tests.e2e.oauth_helpers import new_app
 
 SECRET_HASH = "5e" * 32
@@ -490,6 +492,38 @@ async def test_two_notifiers_send_each_email_once(db, tmp_path, smtp):
     assert ids == [mid(p) for p in [*positions, late]]
     for position in [*positions, late]:
         assert len(await one.eventlog.read_stream(notification_stream(position))) == 1
+
+
+async def test_a_notifier_whose_lock_session_stops_answering_stands_down(db, tmp_path, smtp):
+    """Its lock may be about to go to another process (the server drops a silent client
+    after PEER_TIMEOUTS): the notifier stops within 2 x SESSION_CHECK and sends nothing
+    until it holds the lock again, on a session that answers; each email still goes out
+    once. Without the check it goes on sending, and once the lock is freed, beside the
+    notifier that takes it."""
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx)
+        worker = notifier(ctx, db)
+        async with running(worker):
+            await eventually(lambda: worker._lock_conn is not None)
+            assert worker._lock_conn is not None
+            frozen: int | None = worker._lock_conn.get_server_pid()
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                await eventually(lambda: not worker.active, 2 * SESSION_CHECK + 3)
+                position = await violate(ctx)
+                await asyncio.sleep(1)  # an active notifier mails it within milliseconds
+                assert not worker.active
+                assert smtp.mailbox.received == []
+                os.kill(frozen, signal.SIGCONT)  # the backend finds its client gone and ends
+                frozen = None
+                await eventually(lambda: len(smtp.mailbox.received) == 1)
+            finally:
+                if frozen is not None:
+                    os.kill(frozen, signal.SIGCONT)
+            await wait_for_stream(ctx, notification_stream(position))
+            await asyncio.sleep(0.3)
+    assert [m["Message-ID"] for m in smtp.mailbox.messages] == [mid(position)]
 
 
 async def test_a_busy_log_is_followed_once_a_linger_not_once_a_commit(db, tmp_path, smtp):
