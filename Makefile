@@ -56,7 +56,8 @@ test-contract: install-dev
 # The fault suite: PostgreSQL killed and stalled, SMTP down and refusing, the service
 # SIGKILLed, a slow-body flood, the parent of two workers killed; each under load, each
 # checking afterwards that every acknowledged write is in the log. And a host cut off from
-# the network while it holds the projections' locks (a network namespace: root). A few minutes.
+# the network while it holds the projections' locks, and the service cut off from PostgreSQL
+# (network namespaces: root). A few minutes.
 test-faults: install-dev
 	$(BIN)/pytest -q -m faults tests/faults $(PYTEST_ARGS)
 

@@ -37,7 +37,7 @@ class Service:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.env.get('HOST', '127.0.0.1')}:{self.port}"
 
     @property
     def pgdata(self) -> Path:
@@ -136,10 +136,16 @@ class Service:
 
 
 def start(
-    data_dir: Path, *args: str, port: int | None = None, log_name: str = "service.log", **env: str
+    data_dir: Path,
+    *args: str,
+    port: int | None = None,
+    log_name: str = "service.log",
+    prefix: tuple[str, ...] = (),
+    **env: str,
 ) -> Service:
     """`tollgate serve *args` on DATA_DIR (the embedded PostgreSQL unless DATABASE_URL is
-    given) in a session of its own, so that the test can signal all of it."""
+    given) in a session of its own, so that the test can signal all of it; `prefix` runs
+    it through another command (`ip netns exec NAME`, which becomes the service)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     full_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -148,7 +154,7 @@ def start(
     log_path = data_dir.parent / f"{data_dir.name}-{log_name}"
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", *args],
+            [*prefix, sys.executable, "-m", "service", "serve", *args],
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -34,6 +35,9 @@ from projections.catalog import sql_projections
 from projections.runner import lock_key
 from service.storage.database import PEER_TIMEOUTS
 from service.storage.embedded import EmbeddedPostgres
+from tests.faults.load import FAULT_ENV, cli, digest, load, tenant, usable_at_the_gateway
+from tests.faults.process import kill_everything, start
+from tests.faults.test_database_faults import no_server_errors
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -52,15 +56,18 @@ def ip(*args: str) -> None:
 
 @dataclass
 class Link:
-    """A network namespace joined to this one by a veth pair, each end with an address."""
+    """A network namespace joined to this one by two veth pairs, each end with an
+    address: one to PostgreSQL (the one cut), one for HTTP clients."""
 
     namespace: str
-    here: str  # this side's end of the pair
+    here: str  # this side's end of the database pair
     here_address: str
     there_address: str
+    http_address: str  # the namespace's end of the HTTP pair
+    http_client: str  # this side's end of it, the address HTTP clients come from
 
-    def enter(self) -> list[str]:
-        return ["ip", "netns", "exec", self.namespace]
+    def enter(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.namespace)
 
     def cut(self) -> None:
         """This side's end down: what either side sends is dropped on the way, and the
@@ -71,24 +78,28 @@ class Link:
         ip("link", "set", self.here, "up")
 
 
+def _pair(namespace: str, here: str, inside: str, subnet: str) -> None:
+    ip("link", "add", here, "type", "veth", "peer", "name", inside)
+    ip("link", "set", inside, "netns", namespace)
+    ip("addr", "add", f"{subnet}.1/30", "dev", here)
+    ip("link", "set", here, "up")
+    ip("netns", "exec", namespace, "ip", "addr", "add", f"{subnet}.2/30", "dev", inside)
+    ip("netns", "exec", namespace, "ip", "link", "set", inside, "up")
+
+
 @pytest.fixture
 def link() -> Iterator[Link]:
     tag = os.getpid() % 10_000
-    namespace, here, inside = f"tollgate-part-{tag}", f"tgp{tag}h", f"tgp{tag}n"
-    subnet = f"10.213.{tag % 250}"
+    namespace = f"tollgate-part-{tag}"
+    pairs = [(f"tgp{tag}h", f"tgp{tag}n", f"10.213.{tag % 250}")]
+    pairs.append((f"tgw{tag}h", f"tgw{tag}n", f"10.214.{tag % 250}"))
     ip("netns", "add", namespace)
     try:
-        ip("link", "add", here, "type", "veth", "peer", "name", inside)
-        ip("link", "set", inside, "netns", namespace)
-        ip("addr", "add", f"{subnet}.1/30", "dev", here)
-        ip("link", "set", here, "up")
-        for args in (
-            ("addr", "add", f"{subnet}.2/30", "dev", inside),
-            ("link", "set", inside, "up"),
-            ("link", "set", "lo", "up"),
-        ):
-            ip("netns", "exec", namespace, "ip", *args)
-        yield Link(namespace, here, f"{subnet}.1", f"{subnet}.2")
+        ip("netns", "exec", namespace, "ip", "link", "set", "lo", "up")
+        for pair in pairs:
+            _pair(namespace, *pair)
+        (db_here, _, db), (_, _, http) = pairs
+        yield Link(namespace, db_here, f"{db}.1", f"{db}.2", f"{http}.2", f"{http}.1")
     finally:
         pids = subprocess.run(
             ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
@@ -97,7 +108,8 @@ def link() -> Iterator[Link]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
-        subprocess.run(["ip", "link", "del", here], check=False, capture_output=True)
+        for here, _, _ in pairs:
+            subprocess.run(["ip", "link", "del", here], check=False, capture_output=True)
 
 
 @pytest.fixture
@@ -107,7 +119,8 @@ def server(tmp_path: Path, link: Link) -> Iterator[EmbeddedPostgres]:
     pg.start()
     try:
         with (pg.pgdata / "pg_hba.conf").open("a") as hba:
-            hba.write(f"host all all {link.there_address}/32 trust\n")
+            network = link.here_address.rsplit(".", 1)[0] + ".0/30"
+            hba.write(f"host all all {network} trust\n")
         asyncio.run(_sql(pg.dsn(), "SELECT pg_reload_conf()", "CREATE DATABASE tollgate"))
         yield pg
     finally:
@@ -290,3 +303,99 @@ async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby
         await asyncio.sleep(5)  # its standby tries every 2 s: the locks stay here
         assert await two.all_held_here()
         assert two.there.poll() is None  # it lives on, standing by
+
+
+DB_TIMEOUT = 2
+
+
+async def issued(http: aiohttp.ClientSession, base: str, who: Any) -> str:
+    form = {"grant_type": "client_credentials"}
+    async with http.post(f"{base}/oauth/token", data=form, headers=who.credentials) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["access_token"])
+
+
+async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_serves_again(
+    tmp_path: Path, link: Link, server: EmbeddedPostgres, figures: dict[str, Any]
+) -> None:
+    """`tollgate serve` behind the link, its clients on a second pair that stays up; under
+    load the database's pair goes down for longer than the peer timeouts (the server drops
+    every session of the service meanwhile), then comes back. Every answer within the
+    bound, 503 while the database cannot be reached, served again once it can, and no
+    acknowledged write lost."""
+    service = start(
+        tmp_path / "data",
+        prefix=link.enter(),
+        HOST=link.http_address,
+        DATABASE_URL=f"postgresql://postgres@{link.here_address}:5432/tollgate",
+        DB_TIMEOUT=str(DB_TIMEOUT),
+        **FAULT_ENV,
+    )
+    try:
+        await service.wait_status(200, 90)
+        who = await tenant(service, ip_allowlist=[link.http_client])
+        cut_for = PEER_TIMEOUT + 10
+        timeline: dict[str, float] = {}
+        before_the_cut: list[str] = []
+
+        async def cut_and_mend() -> None:
+            form = {"grant_type": "client_credentials"}
+            async with aiohttp.ClientSession() as http:
+                token = await issued(http, service.base, who)
+                before_the_cut.append(token)
+                await asyncio.sleep(3)
+                link.cut()
+                await asyncio.sleep(5)
+                # The gateway decides from memory: a token issued before goes on working.
+                whoami = f"{service.base}/api/v1/whoami"
+                auth = {"Authorization": f"Bearer {token}"}
+                async with http.get(whoami, headers=auth) as r:
+                    timeline["gateway_while_cut_off"] = r.status
+                await asyncio.sleep(cut_for - 5)
+                link.mend()
+                mended_at = time.monotonic()
+                while True:
+                    async with http.post(
+                        f"{service.base}/oauth/token", data=form, headers=who.credentials
+                    ) as r:
+                        if r.status == 200:
+                            break
+                    assert time.monotonic() - mended_at < 60, "never served again"
+                    await asyncio.sleep(0.1)
+            timeline["served_again_after_mend_s"] = round(time.monotonic() - mended_at, 1)
+
+        tally, _ = await asyncio.gather(
+            load(service.base, who, seconds=cut_for + 15, requests=300), cut_and_mend()
+        )
+        no_server_errors(tally)
+        assert tally.longest < DB_TIMEOUT + 3, (tally.longest, tally.statuses)
+        assert tally.statuses[503] > 0, tally.statuses  # the cut was felt
+        assert timeline["gateway_while_cut_off"] == 200
+        after = await load(service.base, who, seconds=3, clients=2, requests=20)
+        assert after.statuses == {200: after.statuses.total()}, after.statuses
+        tokens = tally.tokens + after.tokens + before_the_cut
+        await usable_at_the_gateway(service.base, tokens)
+        assert service.stop() == 0
+        conn = await asyncpg.connect(server.dsn("tollgate"))
+        try:
+            logged = {
+                r["h"]
+                for r in await conn.fetch(
+                    "SELECT payload->>'token_hash' AS h FROM events"
+                    " WHERE type = 'AccessTokenIssued'"
+                )
+            }
+        finally:
+            await conn.close()
+        assert not [t for t in tokens if digest(t) not in logged]
+        verified = cli(service, "audit", "verify", dsn=server.dsn("tollgate"))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        figures.update(
+            timeline,
+            cut_s=cut_for,
+            tokens=len(tokens),
+            longest_answer_s=round(tally.longest, 2),
+            answers=dict(tally.statuses),
+        )
+    finally:
+        kill_everything(service)
