@@ -15,6 +15,7 @@ import structlog
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent, decode_lean
 from service.eventlog.records import lean_recorded
 from service.events import SCHEMA_VERSIONS, Event, type_of
+from service.logs import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -205,7 +206,7 @@ class MemoryFeed:
             try:
                 await self.catch_up()
             except EventLogUnavailable as exc:
-                log.warning("memory_feed.catch_up_failed", error=str(exc))
+                log.warning("memory_feed.catch_up_failed", error=error_text(exc))
             except Exception:
                 # A bug, or an event the models cannot apply: keep following what can be
                 # applied rather than freeze every decision of this process.

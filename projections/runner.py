@@ -24,6 +24,7 @@ import structlog
 from projections.base import Projection, SqlRangeProjection
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
+from service.logs import error_text
 from service.storage.database import (
     SESSION_CHECK,
     Conn,
@@ -136,7 +137,7 @@ class ProjectionRunner:
                     dropped = await sweep(self.pool)
                 except _DB_ERRORS as exc:
                     log.warning(
-                        "projection.sweep_failed", projection=projection.name, error=str(exc)
+                        "projection.sweep_failed", projection=projection.name, error=error_text(exc)
                     )
                     continue
                 if dropped:
@@ -153,7 +154,7 @@ class ProjectionRunner:
                 log.warning(
                     "projection.restarting",
                     projection=projection.name,
-                    error=str(exc) or type(exc).__name__,
+                    error=error_text(exc),
                 )
             except Exception:
                 # An event it cannot apply (one a newer version wrote, say): it stops before

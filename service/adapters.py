@@ -17,6 +17,7 @@ from service import events as ev
 from service.domain.grants import Record
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState, TokenState
 from service.eventlog import EventLog, EventLogError, Metadata
+from service.logs import error_text
 from service.storage.database import within
 
 log = structlog.get_logger(__name__)
@@ -154,7 +155,7 @@ class LogLedger:
                 await self._feed.wait_for(position)
                 return
             except EventLogError as exc:
-                log.warning("context.catch_up_failed", position=position, error=str(exc))
+                log.warning("context.catch_up_failed", position=position, error=error_text(exc))
                 await asyncio.sleep(0.1 * min(attempt + 1, 5))
 
 

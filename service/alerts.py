@@ -32,6 +32,7 @@ from service.adapters import LogLedger, Observer
 from service.domain import policy
 from service.domain.grants import Record
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
+from service.logs import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -134,7 +135,7 @@ class CoalescingLedger(LogLedger):
                 try:
                     await self._inner.record(record, tally.meta)
                 except EventLogError as exc:
-                    log.warning("alerts.summary_deferred", count=tally.count, error=str(exc))
+                    log.warning("alerts.summary_deferred", count=tally.count, error=error_text(exc))
                     deferred = True
                     continue
                 del self._tallies[key]
@@ -150,7 +151,7 @@ class CoalescingLedger(LogLedger):
             try:
                 await self.flush()
             except Exception as exc:  # the next round tries again; only cancel stops it
-                log.warning("alerts.flush_failed", error=str(exc))
+                log.warning("alerts.flush_failed", error=error_text(exc))
 
 
 @contextlib.asynccontextmanager

@@ -84,6 +84,12 @@ def _suspect(text: str) -> bool:
     )
 
 
+def error_text(exc: BaseException) -> str:
+    """What a log line says of a failure: its message, or its type when it has none (a
+    timeout's message is empty, and `"error": ""` tells an operator nothing)."""
+    return str(exc) or type(exc).__name__
+
+
 def redact_text(text: str) -> str:
     if not _suspect(text):
         return text

@@ -67,6 +67,7 @@ from service.eventlog.records import (
     to_recorded,
 )
 from service.events import Event, decode_or_unknown
+from service.logs import error_text
 from service.storage.database import (
     SESSION_CHECK,
     BoundedPool,
@@ -404,7 +405,7 @@ class EventLog:
             # Retrying before knowing would write the events twice.
             landed = await self._landed(plan, batch)
             if landed is None:
-                log.warning("eventlog.append_outcome_unknown", error=str(exc))
+                log.warning("eventlog.append_outcome_unknown", error=error_text(exc))
                 unknown = EventLogUnavailable(f"the append may or may not be written: {exc}")
                 for request in batch:
                     settle(request, unknown)
@@ -424,7 +425,7 @@ class EventLog:
             for request in batch:
                 await self._commit_batch([request])
             return False
-        log.warning("eventlog.append_failed", error=str(exc), stream_id=batch[0].stream_id)
+        log.warning("eventlog.append_failed", error=error_text(exc), stream_id=batch[0].stream_id)
         if isinstance(exc, _DB_ERRORS):
             settle(batch[0], failure(exc))
         else:
@@ -599,7 +600,7 @@ class EventLog:
         try:
             allowed = await self._pool.fetchval(_MAY_APPEND, pid)
         except _DB_ERRORS as exc:
-            log.warning("eventlog.sender_check_failed", sender=pid, error=str(exc))
+            log.warning("eventlog.sender_check_failed", sender=pid, error=error_text(exc))
             return
         if allowed:
             self._senders[pid] = time.monotonic() + SENDER_TRUST
@@ -642,7 +643,7 @@ class EventLog:
                 await self._listener.add_listener(CHANNEL, on_notify)
                 await until_one_ends(lost.wait(), session_alive(self._listener))
             except (*_DB_ERRORS, SessionLost) as exc:
-                log.warning("eventlog.listener_lost", error=str(exc) or type(exc).__name__)
+                log.warning("eventlog.listener_lost", error=error_text(exc))
             finally:
                 if self._listener is not None:
                     with contextlib.suppress(*_DB_ERRORS):

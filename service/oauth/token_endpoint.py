@@ -15,6 +15,7 @@ from service.domain import dpop, grants, native_apps
 from service.domain.rate import RateLimit
 from service.domain.state import AppState
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
+from service.logs import error_text
 from service.oauth import dpop as proofs
 from service.oauth import tokens
 from service.oauth.clients import (
@@ -330,7 +331,9 @@ class TokenEndpoint:
         except EventLogError as exc:
             # The token is recorded: answer with it. What was not superseded now is at
             # the next issuance, which finds it still over the limit.
-            log.warning("token.supersede_failed", client_id=request.app.client_id, error=str(exc))
+            log.warning(
+                "token.supersede_failed", client_id=request.app.client_id, error=error_text(exc)
+            )
         return Issued(
             access,
             decision.scope,

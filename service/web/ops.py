@@ -14,6 +14,7 @@ from aiohttp import web
 
 from service.errors import Unauthorized
 from service.eventlog import EventLogUnavailable
+from service.logs import error_text
 from service.metrics import METRICS
 from service.storage.database import within as bounded
 from service.web.keys import SETTINGS
@@ -66,7 +67,7 @@ async def _read_or_none(within: float, reading: Coroutine[Any, Any, T], event: s
     try:
         return await bounded(within, reading)
     except (*_DB_ERRORS, TimeoutError) as exc:
-        log.warning(event, error=str(exc) or type(exc).__name__)
+        log.warning(event, error=error_text(exc))
         return None
 
 
@@ -105,7 +106,7 @@ async def _write_refused(pool: asyncpg.Pool, within: float) -> str | None:
         log.warning("ops.database_refuses_writes", error=type(exc).__name__, sqlstate=exc.sqlstate)
         return "database refuses writes"
     except (*_DB_ERRORS, TimeoutError) as exc:
-        log.warning("ops.database_unreachable", error=str(exc) or type(exc).__name__)
+        log.warning("ops.database_unreachable", error=error_text(exc))
         return "database unreachable"
     return None
 

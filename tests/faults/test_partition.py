@@ -202,12 +202,15 @@ class Hosts:
         )
         return {row["pid"] for row in rows}
 
-    def logged_there(self, event: str) -> bool:
+    def events_there(self) -> list[dict[str, Any]]:
+        found = []
         for line in self.there_log.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
-                if json.loads(line).get("event") == event:
-                    return True
-        return False
+                found.append(json.loads(line))
+        return found
+
+    def logged_there(self, event: str) -> bool:
+        return any(e.get("event") == event for e in self.events_there())
 
 
 NAMES = {p.name for p in sql_projections()}
@@ -303,6 +306,9 @@ async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby
         await asyncio.sleep(5)  # its standby tries every 2 s: the locks stay here
         assert await two.all_held_here()
         assert two.there.poll() is None  # it lives on, standing by
+        # What it logged of the cut says what failed (a timeout's own message is empty).
+        errors = [e["error"] for e in two.events_there() if "error" in e]
+        assert errors and all(errors), errors
 
 
 DB_TIMEOUT = 2
