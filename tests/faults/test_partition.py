@@ -357,6 +357,12 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
                 auth = {"Authorization": f"Bearer {token}"}
                 async with http.get(whoami, headers=auth) as r:
                     timeline["gateway_while_cut_off"] = r.status
+                # Out of the balancer's rotation, not restarted by its supervisor.
+                for probe in ("readyz", "healthz"):
+                    asked = time.monotonic()
+                    async with http.get(f"{service.base}/{probe}") as r:
+                        timeline[f"{probe}_while_cut_off"] = r.status
+                    timeline[f"{probe}_answered_in_s"] = round(time.monotonic() - asked, 2)
                 await asyncio.sleep(cut_for - 5)
                 link.mend()
                 mended_at = time.monotonic()
@@ -368,7 +374,14 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
                             break
                     assert time.monotonic() - mended_at < 60, "never served again"
                     await asyncio.sleep(0.1)
-            timeline["served_again_after_mend_s"] = round(time.monotonic() - mended_at, 1)
+                timeline["served_again_after_mend_s"] = round(time.monotonic() - mended_at, 1)
+                while True:
+                    async with http.get(f"{service.base}/readyz") as r:
+                        if r.status == 200:
+                            break
+                    assert time.monotonic() - mended_at < 60, "never ready again"
+                    await asyncio.sleep(0.2)
+                timeline["ready_again_after_mend_s"] = round(time.monotonic() - mended_at, 1)
 
         tally, _ = await asyncio.gather(
             load(service.base, who, seconds=cut_for + 15, requests=300), cut_and_mend()
@@ -377,6 +390,8 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
         assert tally.longest < DB_TIMEOUT + 3, (tally.longest, tally.statuses)
         assert tally.statuses[503] > 0, tally.statuses  # the cut was felt
         assert timeline["gateway_while_cut_off"] == 200
+        assert (timeline["readyz_while_cut_off"], timeline["healthz_while_cut_off"]) == (503, 200)
+        assert max(timeline["readyz_answered_in_s"], timeline["healthz_answered_in_s"]) < 5
         after = await load(service.base, who, seconds=3, clients=2, requests=20)
         assert after.statuses == {200: after.statuses.total()}, after.statuses
         tokens = tally.tokens + after.tokens + before_the_cut
