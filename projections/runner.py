@@ -26,12 +26,12 @@ from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
 from service.logs import error_text
 from service.storage.database import (
-    SESSION_CHECK,
+    CLOSE_TIMEOUT,
     Conn,
     SessionLost,
+    SessionWatch,
     connect,
-    session_alive,
-    until_one_ends,
+    while_session_answers,
 )
 
 log = structlog.get_logger(__name__)
@@ -173,10 +173,10 @@ class ProjectionRunner:
             ):
                 return  # another process runs it; stand by and try again later
             log.info("projection.started", projection=projection.name)
-            await until_one_ends(self._follow(projection, conn), session_alive(conn))
+            await while_session_answers(SessionWatch(conn), self._follow(projection, conn))
         finally:
             with contextlib.suppress(*_DB_ERRORS):
-                await conn.close(timeout=SESSION_CHECK)
+                await conn.close(timeout=CLOSE_TIMEOUT)
 
     async def _follow(self, projection: Projection, conn: Conn) -> None:
         position = await self.checkpoint(projection.name)

@@ -83,11 +83,11 @@ def _one_line(run: Callable[[], int], what: str) -> int:
 def _reason(exc: BaseException) -> str:
     """What went wrong, never an empty line: a bound that ran out (TimeoutError) has no
     message of its own."""
-    if str(exc):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
+    from service.logs import error_text
+
+    if isinstance(exc, TimeoutError) and not str(exc):
         return "no answer within the bound (DB_TIMEOUT, DB_CONNECT_TIMEOUT)"
-    return type(exc).__name__
+    return error_text(exc)
 
 
 def _problems(exc: ConfigError) -> int:

@@ -69,12 +69,12 @@ from service.eventlog.records import (
 from service.events import Event, decode_or_unknown
 from service.logs import error_text
 from service.storage.database import (
-    SESSION_CHECK,
+    CLOSE_TIMEOUT,
     BoundedPool,
     SessionLost,
+    SessionWatch,
     connect,
-    session_alive,
-    until_one_ends,
+    while_session_answers,
 )
 
 __all__ = [
@@ -267,7 +267,7 @@ class EventLog:
             settle(self._pending.popleft(), EventLogUnavailable("the event log was closed"))
         if self._listener is not None:
             with contextlib.suppress(*_DB_ERRORS):
-                await self._listener.close(timeout=SESSION_CHECK)
+                await self._listener.close(timeout=CLOSE_TIMEOUT)
             self._listener = None
         if self._conn is not None:
             with contextlib.suppress(*_DB_ERRORS):
@@ -641,12 +641,12 @@ class EventLog:
                 self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)
-                await until_one_ends(lost.wait(), session_alive(self._listener))
+                await while_session_answers(SessionWatch(self._listener), lost.wait())
             except (*_DB_ERRORS, SessionLost) as exc:
                 log.warning("eventlog.listener_lost", error=error_text(exc))
             finally:
                 if self._listener is not None:
                     with contextlib.suppress(*_DB_ERRORS):
-                        await self._listener.close(timeout=SESSION_CHECK)
+                        await self._listener.close(timeout=CLOSE_TIMEOUT)
                     self._listener = None
             await asyncio.sleep(self.poll_interval)

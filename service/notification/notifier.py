@@ -79,11 +79,11 @@ from service.notification.mail import (
     write_eml,
 )
 from service.storage.database import (
-    SESSION_CHECK,
+    CLOSE_TIMEOUT,
     Conn,
+    SessionWatch,
     connect,
-    session_alive,
-    until_one_ends,
+    while_session_answers,
 )
 
 log = structlog.get_logger(__name__)
@@ -113,10 +113,6 @@ def notification_stream(position: int) -> str:
 
 def failures_stream(position: int) -> str:
     return f"notification-failures-{position}"
-
-
-class LockLost(Exception):
-    """The connection holding the advisory lock closed: another worker may take over."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +188,7 @@ class Notifier:
         self.position = 0  # the checkpoint as this worker last read or wrote it
         self.active = False  # holds the lock and works (the others stand by)
         self._task: asyncio.Task[None] | None = None
-        self._lock_conn: Conn | None = None
+        self._watch: SessionWatch | None = None  # on the lock's session, while it is held
         self._pending: dict[int, Pending] = {}  # by violation position
         self._retry_wakeup = asyncio.Event()
         # The low-water mark as last read or written; None until restored.
@@ -239,12 +235,12 @@ class Notifier:
         try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(NAME)):
                 return  # another process runs it; stand by and try again later
-            self._lock_conn, self.active = conn, True
+            self._watch, self.active = SessionWatch(conn), True
             await self.restore()
             log.info("notifier.started", pending=len(self._pending))
-            await until_one_ends(self._follow(conn), self._retry_forever(), session_alive(conn))
+            await while_session_answers(self._watch, self._follow(conn), self._retry_forever())
         finally:
-            self._lock_conn, self.active = None, False
+            self._watch, self.active = None, False
             await self._disconnect(conn)
 
     async def _follow(self, conn: Conn) -> None:
@@ -282,7 +278,7 @@ class Notifier:
                     await conn.execute("SELECT pg_advisory_unlock_all()")
                 await self.ctx.pool.release(conn)
             else:
-                await conn.close(timeout=SESSION_CHECK)
+                await conn.close(timeout=CLOSE_TIMEOUT)
 
     # --- the work --------------------------------------------------------------------
 
@@ -340,7 +336,7 @@ class Notifier:
         violation = recorded.event
         assert isinstance(violation, IpViolationDetected)
         position = recorded.position
-        self._check_lock()
+        await self._confirm_lock()
         if await self.ctx.eventlog.stream_version(notification_stream(position)):
             log.info("notifier.already_recorded", position=position)
             self._pending.pop(position, None)
@@ -572,9 +568,13 @@ class Notifier:
             failures_stream(position), None, [event], Metadata(causation=position)
         )
 
-    def _check_lock(self) -> None:
-        if self._lock_conn is not None and self._lock_conn.is_closed():
-            raise LockLost(NAME)
+    async def _confirm_lock(self) -> None:
+        """Before each email, the lock's session answers a round trip (or SessionLost): the
+        watch finds a lost session within 10 s, but a host paused whole (a virtual machine
+        stalled) resumes with this work running before the watch looks again, while the
+        server may have freed the lock meanwhile; a session that answers now holds it."""
+        if self._watch is not None:
+            await self._watch.check()
 
     # --- the pending set, rebuilt from the log ---------------------------------------
 

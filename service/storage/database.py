@@ -8,11 +8,12 @@ import urllib.parse
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
+from service.logs import error_text
 from service.settings import ConfigError, Settings
 from service.storage.embedded import EmbeddedPostgres
 
@@ -27,11 +28,15 @@ T = TypeVar("T")
 #: network closes nothing, and with the server's defaults TCP keepalive takes 2 h 11 min to
 #: find it gone (7200 s idle, then 9 probes 75 s apart), while the projections and the
 #: notifier it held stand still and every host's `/readyz` refuses for the projections'
-#: lag. With these the server probes a silent client after 10 s, every 5 s, and drops it
-#: 25 s after it last heard from it; `tcp_user_timeout` bounds data left unacknowledged (a
-#: listener's notifications) the same way. A live client's kernel answers the probes
-#: whatever its process is doing. Unix sockets ignore them. A setting of the same name in
-#: DATABASE_URL's query (`?tcp_keepalives_idle=60`) is sent instead.
+#: lag. With these the server probes a silent client after 10 s, then every 5 s, and (on
+#: Linux, where `tcp_user_timeout` also bounds the probing) drops it once it has heard
+#: nothing for 25 s with a probe out: 25-30 s after the client last spoke. A live client's
+#: kernel answers the probes while its process is busy or paused; a client that stops
+#: reading while the server sends (a listener's receive buffer full) is dropped after 25 s
+#: all the same. Unix sockets ignore them. As startup parameters they override
+#: `postgresql.conf` and `ALTER ROLE`; a setting named in DATABASE_URL's query
+#: (`?tcp_keepalives_idle=60`) is sent instead (keep `tcp_user_timeout` above 15 s: see
+#: SESSION_CHECK).
 PEER_TIMEOUTS: dict[str, str] = {
     "tcp_keepalives_idle": "10",
     "tcp_keepalives_interval": "5",
@@ -39,46 +44,78 @@ PEER_TIMEOUTS: dict[str, str] = {
     "tcp_user_timeout": "25000",
 }
 
+#: how long a connection of its own (`connect`) may take to open; the lock holders and the
+#: listener try again
+CONNECT_TIMEOUT = 10.0
+#: how long closing one may take before it is cut (a close waits for the server's answer)
+CLOSE_TIMEOUT = 5.0
+
 
 def session_settings(dsn: str) -> dict[str, str]:
     """The settings a connection to `dsn` sends at its start (asyncpg's `server_settings`,
     which would override the DSN's own)."""
-    named = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query, keep_blank_values=True)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query, keep_blank_values=True)
+    named = {name.lower() for name in query}  # PostgreSQL's names ignore case
     return {name: value for name, value in PEER_TIMEOUTS.items() if name not in named}
 
 
 async def connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
     """A connection of its own, outside any pool: a lock holder's, a listener's."""
     conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
-        dsn, server_settings=session_settings(dsn)
+        dsn, server_settings=session_settings(dsn), timeout=CONNECT_TIMEOUT
     )
     return conn
 
 
 #: How often a session that holds a lock, or listens, proves that it is alive: one round
 #: trip, answered within as long. A connection cut off from the server looks open to its
-#: client (nothing tells it otherwise) while the server drops the session 20-25 s after the
-#: last round trip (PEER_TIMEOUTS) and frees its locks for another process: a holder that
-#: went on working would work beside the new one (two notifiers: an email sent twice), and
-#: a listener would wait for ever on a session that no longer exists. Checked every 5 s,
-#: a cut-off holder stops within 10 s, before its lock can go to anyone else.
+#: client (nothing tells it otherwise) while the server drops the session 25-30 s after the
+#: client last spoke (PEER_TIMEOUTS) and frees its locks for another process: a holder
+#: that went on working would work beside the new one (two notifiers: an email sent twice),
+#: and a listener would wait for ever on a session that no longer exists. Checked every
+#: 5 s, a cut-off holder's work is stopped within 10 s of its last answered check, and only
+#: then is its session ended: at least 15 s before the server frees the lock.
 SESSION_CHECK = 5.0
+
+_SESSION_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class SessionLost(Exception):
-    """A session did not answer its check in time: its locks may already be someone else's."""
+    """A session did not answer its check in time: its locks may soon be someone else's."""
 
 
-async def session_alive(conn: Conn, every: float = SESSION_CHECK) -> None:
-    """Check `conn` every `every` seconds until it fails to answer within `every`, then
-    terminate it and raise SessionLost; run beside the work its lock or LISTEN guards."""
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await within(every, conn.fetchval("SELECT 1"))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            conn.terminate()  # a close would wait on the dead connection
-            raise SessionLost(f"the session did not answer within {every:g} s") from exc
+class SessionWatch:
+    """The round trips that prove a session (the one holding a lock, or listening) alive."""
+
+    def __init__(self, conn: Conn, every: float = SESSION_CHECK) -> None:
+        self.conn = conn
+        self.every = every
+        self._turn = asyncio.Lock()  # one query at a time on a connection
+
+    async def check(self) -> None:
+        """One round trip now, answered within `every`, or SessionLost."""
+        async with self._turn:
+            try:
+                await within(self.every, self.conn.fetchval("SELECT 1"))
+            except _SESSION_ERRORS as exc:
+                said = f"the session did not answer within {self.every:g} s ({error_text(exc)})"
+                raise SessionLost(said) from exc
+
+    async def watch(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(self.every)
+            await self.check()
+
+
+async def while_session_answers(watch: SessionWatch, *work: Coroutine[Any, Any, object]) -> None:
+    """Run `work` beside `watch` until one of them ends. When the session stops answering,
+    the work is stopped first and the connection ended after (a lock is freed for another
+    process only once nothing here acts on it any more); then SessionLost is raised."""
+    try:
+        await until_one_ends(*work, watch.watch())
+    except SessionLost:
+        watch.conn.terminate()  # a close would wait for the dead connection
+        raise
 
 
 async def until_one_ends(*work: Coroutine[Any, Any, object]) -> None:

@@ -33,7 +33,7 @@ import pytest
 
 from projections.catalog import sql_projections
 from projections.runner import lock_key
-from service.storage.database import PEER_TIMEOUTS
+from service.storage.database import PEER_TIMEOUTS, SESSION_CHECK, connect
 from service.storage.embedded import EmbeddedPostgres
 from tests.faults.load import FAULT_ENV, cli, digest, load, tenant, usable_at_the_gateway
 from tests.faults.process import kill_everything, start
@@ -46,8 +46,8 @@ pytestmark = pytest.mark.skipif(
 
 #: after the link goes down, how long the server may take to drop the dead host's sessions:
 #: the peer timeouts, plus the standby's 2 s between attempts and room for a busy machine
-PEER_TIMEOUT = int(PEER_TIMEOUTS["tcp_user_timeout"]) / 1000
-BOUND = PEER_TIMEOUT + 15
+DROPPED_AFTER = int(PEER_TIMEOUTS["tcp_user_timeout"]) / 1000  # the server drops a silent client
+BOUND = DROPPED_AFTER + 15
 
 
 def ip(*args: str) -> None:
@@ -209,6 +209,14 @@ class Hosts:
                 found.append(json.loads(line))
         return found
 
+    def stopped_there(self) -> set[str]:
+        """The projections the cut-off host stopped running."""
+        return {
+            e["projection"]
+            for e in self.events_there()
+            if e.get("event") == "projection.restarting"
+        }
+
     def logged_there(self, event: str) -> bool:
         return any(e.get("event") == event for e in self.events_there())
 
@@ -264,8 +272,9 @@ async def test_a_host_cut_off_loses_its_locks_and_another_takes_over(
         await until(gone, BOUND - (time.monotonic() - cut_at), "every session dropped")
         figures["sessions_dropped_after_s"] = round(time.monotonic() - cut_at, 1)
     # Not sooner than a live host could be told from a dead one: the server waited for its
-    # probes to go unanswered, it did not drop the sessions on the link going down.
-    assert figures["taken_over_after_s"] >= int(PEER_TIMEOUTS["tcp_keepalives_idle"])
+    # probes to go unanswered (the lock sessions last spoke at most SESSION_CHECK before
+    # the cut), it did not drop the sessions on the link going down.
+    assert figures["taken_over_after_s"] >= DROPPED_AFTER - SESSION_CHECK
 
 
 async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby(
@@ -279,7 +288,7 @@ async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby
         cut_at = time.monotonic()
         stopped_at = None
         while not await two.all_held_here():
-            if stopped_at is None and two.logged_there("projection.restarting"):
+            if stopped_at is None and two.stopped_there() == NAMES:
                 stopped_at = time.monotonic() - cut_at
             assert time.monotonic() - cut_at < BOUND, "every projection taken over"
             await asyncio.sleep(0.2)
@@ -340,7 +349,7 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
     try:
         await service.wait_status(200, 90)
         who = await tenant(service, ip_allowlist=[link.http_client])
-        cut_for = PEER_TIMEOUT + 10
+        cut_for = DROPPED_AFTER + 10
         timeline: dict[str, float] = {}
         before_the_cut: list[str] = []
 
@@ -420,3 +429,25 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
         )
     finally:
         kill_everything(service)
+
+
+async def test_the_server_is_asked_for_the_peer_timeouts_over_tcp(
+    link: Link, server: EmbeddedPostgres
+) -> None:
+    """Over a Unix socket the settings read 0 whatever is asked: over TCP, what
+    `connect` (and the pool, with the same settings) sends is what the session runs with,
+    and a setting DATABASE_URL names, in any case, is its own."""
+    url = f"postgresql://postgres@{link.here_address}:5432/tollgate"
+    shown = "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])"
+    names = list(PEER_TIMEOUTS)
+    conn = await connect(url)
+    try:
+        assert dict(await conn.fetch(shown, names)) == PEER_TIMEOUTS
+    finally:
+        await conn.close()
+    conn = await connect(f"{url}?tcp_keepalives_idle=60&TCP_USER_TIMEOUT=30000")
+    try:
+        expected = PEER_TIMEOUTS | {"tcp_keepalives_idle": "60", "tcp_user_timeout": "30000"}
+        assert dict(await conn.fetch(shown, names)) == expected
+    finally:
+        await conn.close()

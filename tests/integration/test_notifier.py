@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from email.message import EmailMessage
 from pathlib import Path
@@ -34,7 +34,7 @@ from service.notification.notifier import (
 )
 from service.runtime import open_context
 from service.settings import Settings
-from service.storage.database import SESSION_CHECK, Database
+from service.storage.database import SESSION_CHECK, Database, SessionWatch
 from tests.e2e.oauth_helpers import new_app
 
 SECRET_HASH = "5e" * 32
@@ -494,28 +494,27 @@ async def test_two_notifiers_send_each_email_once(db, tmp_path, smtp):
         assert len(await one.eventlog.read_stream(notification_stream(position))) == 1
 
 
-async def test_a_notifier_whose_lock_session_stops_answering_stands_down(db, tmp_path, smtp):
-    """Its lock may be about to go to another process (the server drops a silent client
-    after PEER_TIMEOUTS): the notifier stops within 2 x SESSION_CHECK and sends nothing
-    until it holds the lock again, on a session that answers; each email still goes out
-    once. Without the check it goes on sending, and once the lock is freed, beside the
-    notifier that takes it."""
+async def frozen_lock_session(
+    db, tmp_path: Path, smtp: SmtpServer, stood_down: Callable[[Notifier, Context], Awaitable[int]]
+) -> None:
+    """A notifier whose lock's backend is frozen (SIGSTOP) once it holds the lock:
+    `stood_down(worker, ctx)` runs meanwhile and returns the violation's position; then
+    the backend goes on, finds its client gone and ends, and the notifier, holding the
+    lock again, sends that violation's email, once."""
     await smtp.start()
     async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
         await add_app(ctx)
         worker = notifier(ctx, db)
         async with running(worker):
-            await eventually(lambda: worker._lock_conn is not None)
-            assert worker._lock_conn is not None
-            frozen: int | None = worker._lock_conn.get_server_pid()
+            await eventually(lambda: worker._watch is not None)
+            assert worker._watch is not None
+            frozen: int | None = worker._watch.conn.get_server_pid()
             os.kill(frozen, signal.SIGSTOP)
             try:
-                await eventually(lambda: not worker.active, 2 * SESSION_CHECK + 3)
-                position = await violate(ctx)
-                await asyncio.sleep(1)  # an active notifier mails it within milliseconds
+                position = await stood_down(worker, ctx)
                 assert not worker.active
                 assert smtp.mailbox.received == []
-                os.kill(frozen, signal.SIGCONT)  # the backend finds its client gone and ends
+                os.kill(frozen, signal.SIGCONT)
                 frozen = None
                 await eventually(lambda: len(smtp.mailbox.received) == 1)
             finally:
@@ -524,6 +523,43 @@ async def test_a_notifier_whose_lock_session_stops_answering_stands_down(db, tmp
             await wait_for_stream(ctx, notification_stream(position))
             await asyncio.sleep(0.3)
     assert [m["Message-ID"] for m in smtp.mailbox.messages] == [mid(position)]
+
+
+async def test_a_notifier_whose_lock_session_stops_answering_stands_down(db, tmp_path, smtp):
+    """Its lock may be about to go to another process (the server drops a silent client
+    after PEER_TIMEOUTS): the notifier stops within 2 x SESSION_CHECK and sends nothing
+    until it holds the lock again, on a session that answers; each email still goes out
+    once. Without the check it goes on sending, and once the lock is freed, beside the
+    notifier that takes it."""
+
+    async def stood_down(worker: Notifier, ctx: Context) -> int:
+        await eventually(lambda: not worker.active, 2 * SESSION_CHECK + 3)
+        position = await violate(ctx)
+        await asyncio.sleep(1)  # an active notifier mails it within milliseconds
+        return position
+
+    await frozen_lock_session(db, tmp_path, smtp, stood_down)
+
+
+async def test_a_notifier_checks_its_lock_session_before_each_email(
+    db, tmp_path, smtp, monkeypatch
+):
+    """A host paused whole (a virtual machine stalled) resumes with the work running before
+    the periodic check looks again, while the server may have freed the lock meanwhile:
+    here the periodic check never looks, the lock's backend is frozen, and a violation
+    arrives. The email waits for a round trip on the lock's session, which does not come:
+    nothing is sent until the notifier holds the lock again."""
+
+    async def never(_watch: SessionWatch) -> None:
+        await asyncio.Event().wait()
+
+    async def stood_down(worker: Notifier, ctx: Context) -> int:
+        position = await violate(ctx)
+        await eventually(lambda: not worker.active, SESSION_CHECK + 3)
+        return position
+
+    monkeypatch.setattr(SessionWatch, "watch", never)
+    await frozen_lock_session(db, tmp_path, smtp, stood_down)
 
 
 async def test_a_busy_log_is_followed_once_a_linger_not_once_a_commit(db, tmp_path, smtp):

@@ -1,4 +1,4 @@
-"""A session that stops answering is given up and replaced (`session_alive`).
+"""A session that stops answering is given up and replaced (`SessionWatch`).
 
 A connection whose server side is gone, or frozen, looks open to its client: nothing
 arrives to say otherwise. Here the listener's backend is stopped (SIGSTOP), as a session
@@ -117,7 +117,7 @@ async def test_a_projection_whose_lock_session_stops_answering_stops_until_it_is
         await appended(3)
         await caught_up(runner, "event_stats", 10)
         os.kill(frozen, signal.SIGSTOP)
-        await asyncio.sleep(2 * SESSION_CHECK + 2)  # given up by now
+        await asyncio.sleep(2 * SESSION_CHECK + 1)  # stopped by now
         await appended(3)
         await caught_up(runner, "applications", 10)  # the pool answers
         await asyncio.sleep(2)  # a running projection applies these in milliseconds
