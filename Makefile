@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install install-dev run test test-fast test-install test-contract test-faults check-deploy lint bench wrk browser clean
+.PHONY: install install-dev run test test-fast test-install test-contract test-faults iproute check-deploy lint bench wrk browser clean
 
 install: $(RUN_STAMP)
 
@@ -58,8 +58,16 @@ test-contract: install-dev
 # checking afterwards that every acknowledged write is in the log. And a host cut off from
 # the network while it holds the projections' locks, and the service cut off from PostgreSQL
 # (network namespaces: root). A few minutes.
-test-faults: install-dev
+test-faults: install-dev iproute
 	$(BIN)/pytest -q -m faults tests/faults $(PYTEST_ARGS)
+
+# The partition faults build network namespaces with iproute2's `ip` (Debian's iproute2):
+# as root, install it when it is missing; without root they are skipped.
+iproute:
+	@command -v ip >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y iproute2; \
+	  fi; }
 
 # promtool on the alert rules in deploy/ (installs Debian's prometheus package when missing).
 check-deploy:
