@@ -179,6 +179,30 @@ async def pgbench_rate(dsn: str, concurrency: int) -> float | None:
     return float(found.group(1))
 
 
+async def flush_latency(dsn: str, commits: int = 400) -> float:
+    """What one commit's WAL flush costs on this server, in microseconds: a one-row commit
+    loop on one connection, durable against `synchronous_commit` off (the median commit of
+    each). The one-row-per-commit baselines are bound by it, the log's batches much less:
+    the ratios to them move with the disk (on one machine: a flush of about 30 us, where
+    pgbench committed twice as many rows a second as on a day of slower flushes)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS bench_flush; CREATE TABLE bench_flush (n integer)")
+        medians = []
+        for setting in ("on", "off"):
+            await conn.execute(f"SET synchronous_commit = {setting}")
+            times = []
+            for n in range(commits):
+                started = time.perf_counter()
+                await conn.execute(f"INSERT INTO bench_flush VALUES ({n})")
+                times.append(time.perf_counter() - started)
+            medians.append(sorted(times)[len(times) // 2])
+        await conn.execute("DROP TABLE bench_flush")
+    finally:
+        await conn.close()
+    return (medians[0] - medians[1]) * 1e6
+
+
 async def catch_up(dsn: str) -> None:
     pool = await create_pool(dsn, min_size=2, max_size=8)
     log = EventLog(pool)
@@ -226,7 +250,10 @@ async def run(dsn: str) -> None:
     print("Baselines, same database, same concurrency: one row per INSERT and one commit per")
     print("row, (a) the same event rows into a table shaped like `events`, same indexes,")
     print("from asyncpg; (b) a small two-column row, from asyncpg; (c) the rows of (a) from")
-    print("pgbench, PostgreSQL's C client.\n")
+    print("pgbench, PostgreSQL's C client.")
+    flush = await flush_latency(dsn)
+    print(f"A commit's WAL flush on this server: {flush:,.0f} us (one-row commits, durable "
+          "against synchronous_commit off, medians).\n")  # fmt: skip
     print(
         "| concurrency | event log (events/s) | (a) same rows (rows/s) | ratio | "
         "(b) small rows (rows/s) | ratio | (c) pgbench, same rows (rows/s) | ratio |"
