@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import urllib.parse
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from importlib.resources import files
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from service.logs import error_text
@@ -21,6 +23,8 @@ from service.storage.embedded import EmbeddedPostgres
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
 
 #: Sent at the start of every connection. PostgreSQL ends a session, and frees its locks and
 #: its place in the notification queue, only once it learns that the client is gone. A
@@ -35,8 +39,9 @@ T = TypeVar("T")
 #: reading while the server sends (a listener's receive buffer full) is dropped after 25 s
 #: all the same. Unix sockets ignore them. As startup parameters they override
 #: `postgresql.conf` and `ALTER ROLE`; a setting named in DATABASE_URL's query
-#: (`?tcp_keepalives_idle=60`) is sent instead (keep `tcp_user_timeout` above 15 s: see
-#: SESSION_CHECK).
+#: (`?tcp_keepalives_idle=60`, or `options=-c tcp_keepalives_idle=60`) is sent instead; one
+#: that lets the server drop a session sooner than DROP_AT_LEAST is warned of at the start
+#: (see SESSION_CHECK).
 PEER_TIMEOUTS: dict[str, str] = {
     "tcp_keepalives_idle": "10",
     "tcp_keepalives_interval": "5",
@@ -53,10 +58,60 @@ CLOSE_TIMEOUT = 5.0
 
 def session_settings(dsn: str) -> dict[str, str]:
     """The settings a connection to `dsn` sends at its start (asyncpg's `server_settings`,
-    which would override the DSN's own)."""
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query, keep_blank_values=True)
-    named = {name.lower() for name in query}  # PostgreSQL's names ignore case
+    which would override the DSN's own): the peer timeouts DATABASE_URL does not set."""
+    named = url_settings(dsn)
     return {name: value for name, value in PEER_TIMEOUTS.items() if name not in named}
+
+
+def url_settings(dsn: str) -> dict[str, str]:
+    """The server settings DATABASE_URL sets itself, by lower-case name (PostgreSQL's names
+    ignore case): its query's (asyncpg sends each parameter it does not know itself as a
+    setting, and drops a blank one: `?tcp_user_timeout=` sets nothing), and each `-c name=value` or
+    `--name=value` of its `options`, which the server applies before the startup
+    parameters (so one of ours would override it)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    settings = {name.lower(): values[-1] for name, values in query.items()}
+    words = re.split(r"(?<!\\)\s+", settings.pop("options", "").strip())
+    for word, following in zip(words, [*words[1:], ""], strict=True):
+        if word == "-c":
+            word = following
+        elif word.startswith(("-c", "--")):
+            word = word[2:]
+        else:
+            continue
+        name, equals, value = word.partition("=")
+        if equals:
+            settings[name.lower().replace("-", "_")] = value.replace("\\ ", " ")
+    return settings
+
+
+#: the units PostgreSQL takes in a time setting, in seconds
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _seconds(value: str, unit: str) -> float:
+    """A time setting as PostgreSQL reads it (a number, in `unit` unless it names its own)."""
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*", value)
+    if found is None or (found.group(2) or unit) not in _UNITS:
+        raise ValueError(value)
+    return float(found.group(1)) * _UNITS[found.group(2) or unit]
+
+
+def dropped_after(dsn: str) -> float | None:
+    """About how long after a client of `dsn` last spoke the server drops its session over
+    TCP (Linux), from the peer timeouts the connection sets; None when DATABASE_URL sets
+    one that cannot be read (the server refuses it at the start). 0 is the system's
+    default: 2 h 11 min of keepalive, or no user timeout. With a user timeout the server
+    gives up once a keepalive probe goes out after the timeout; without, after the probes."""
+    given = {**PEER_TIMEOUTS, **url_settings(dsn)}
+    try:
+        user = _seconds(given["tcp_user_timeout"], "ms")
+        idle = _seconds(given["tcp_keepalives_idle"], "s") or 7200.0
+        interval = _seconds(given["tcp_keepalives_interval"], "s") or 75.0
+        count = int(given["tcp_keepalives_count"]) or 9
+    except ValueError:
+        return None
+    return max(user, idle) if user > 0 else idle + interval * count
 
 
 async def connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
@@ -76,6 +131,8 @@ async def connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
 #: 5 s, a cut-off holder's work is stopped within 10 s of its last answered check, and only
 #: then is its session ended: at least 15 s before the server frees the lock.
 SESSION_CHECK = 5.0
+#: the server should keep a silent session at least this long (`dropped_after`)
+DROP_AT_LEAST = 3 * SESSION_CHECK
 
 _SESSION_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -230,6 +287,16 @@ async def apply_schema(conn: Conn) -> None:
 
 async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
     dsn, embedded = resolve_dsn(settings)
+    dropped = dropped_after(dsn)
+    if dropped is not None and dropped < DROP_AT_LEAST:
+        log.warning(
+            "database.peer_timeouts_short",
+            dropped_after_s=dropped,
+            at_least_s=DROP_AT_LEAST,
+            detail="DATABASE_URL's TCP settings let the server drop a silent session "
+            "before a host cut off from it has stopped its projections and notifier: "
+            "their locks could go to another host while it still works",
+        )
     try:
         try:
             pool = await create_pool(

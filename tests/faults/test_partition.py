@@ -451,3 +451,11 @@ async def test_the_server_is_asked_for_the_peer_timeouts_over_tcp(
         assert dict(await conn.fetch(shown, names)) == expected
     finally:
         await conn.close()
+    # The URL's `options`, which the server applies before the startup parameters, and a
+    # blank setting, which asyncpg leaves out: neither overridden nor left without a value.
+    conn = await connect(f"{url}?options=-c%20tcp_keepalives_count%3D4&tcp_user_timeout=")
+    try:
+        expected = PEER_TIMEOUTS | {"tcp_keepalives_count": "4"}
+        assert dict(await conn.fetch(shown, names)) == expected
+    finally:
+        await conn.close()
