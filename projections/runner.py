@@ -11,7 +11,6 @@ started from, so even a worker whose lock connection silently died cannot double
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +25,10 @@ from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
 from service.logs import error_text
 from service.storage.database import (
-    CLOSE_TIMEOUT,
     Conn,
     SessionLost,
-    SessionWatch,
     connect,
+    lock_session,
     while_session_answers,
 )
 
@@ -166,17 +164,11 @@ class ProjectionRunner:
             await asyncio.sleep(self.standby_interval)
 
     async def _run_locked(self, projection: Projection) -> None:
-        conn = await connect(self.dsn)
-        try:
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1)", lock_key(projection.name)
-            ):
+        async with lock_session(self.dsn, lock_key(projection.name)) as watch:
+            if watch is None:
                 return  # another process runs it; stand by and try again later
             log.info("projection.started", projection=projection.name)
-            await while_session_answers(SessionWatch(conn), self._follow(projection, conn))
-        finally:
-            with contextlib.suppress(*_DB_ERRORS):
-                await conn.close(timeout=CLOSE_TIMEOUT)
+            await while_session_answers(watch, self._follow(projection, watch.conn))
 
     async def _follow(self, projection: Projection, conn: Conn) -> None:
         position = await self.checkpoint(projection.name)

@@ -54,7 +54,6 @@ import time
 from dataclasses import dataclass
 
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
 from projections.memory import AppState
 from projections.runner import CheckpointMoved, lock_key
@@ -79,10 +78,9 @@ from service.notification.mail import (
     write_eml,
 )
 from service.storage.database import (
-    CLOSE_TIMEOUT,
     Conn,
     SessionWatch,
-    connect,
+    lock_session,
     while_session_answers,
 )
 
@@ -166,7 +164,7 @@ class Notifier:
     ) -> None:
         settings = ctx.settings
         self.ctx = ctx
-        self.dsn = dsn  # None: the lock connection is borrowed from ctx.pool for good
+        self.dsn = dsn  # where its lock's session goes (None: run_once/drain only)
         self.backoff = backoff or Backoff(cap=float(settings.notify_retry_max))
         #: seconds after its first failure at which a still-failing email is given up
         self.give_up_after = float(
@@ -203,6 +201,8 @@ class Notifier:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.dsn is None:
+            raise ValueError("the notifier holds its lock on a session of its own: give it a DSN")
         await self.ensure_checkpoint()
         settings = self.ctx.settings
         if settings.smtp_host and settings.smtp_tls != "none" and not settings.smtp_tls_verify:
@@ -231,17 +231,17 @@ class Notifier:
             await asyncio.sleep(self.standby_interval)
 
     async def _run_locked(self) -> None:
-        conn = await self._connect()
-        try:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(NAME)):
+        assert self.dsn is not None  # start() refuses without one
+        async with lock_session(self.dsn, lock_key(NAME)) as watch:
+            if watch is None:
                 return  # another process runs it; stand by and try again later
-            self._watch, self.active = SessionWatch(conn), True
-            await self.restore()
-            log.info("notifier.started", pending=len(self._pending))
-            await while_session_answers(self._watch, self._follow(conn), self._retry_forever())
-        finally:
-            self._watch, self.active = None, False
-            await self._disconnect(conn)
+            self._watch, self.active = watch, True
+            try:
+                await self.restore()
+                log.info("notifier.started", pending=len(self._pending))
+                await while_session_answers(watch, self._follow(watch.conn), self._retry_forever())
+            finally:
+                self._watch, self.active = None, False
 
     async def _follow(self, conn: Conn) -> None:
         while not conn.is_closed():
@@ -262,23 +262,6 @@ class Notifier:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):  # not wait_for: see Wakeup.wait
                     await self._retry_wakeup.wait()
-
-    async def _connect(self) -> Conn:
-        if self.dsn is not None:
-            conn: Conn = await connect(self.dsn)
-            return conn
-        return await self.ctx.pool.acquire()
-
-    async def _disconnect(self, conn: Conn) -> None:
-        # Closing the session releases its advisory lock; a pool connection is reset (which
-        # unlocks too) on release, but unlock explicitly rather than rely on that.
-        with contextlib.suppress(Exception):
-            if isinstance(conn, PoolConnectionProxy):
-                if not conn.is_closed():
-                    await conn.execute("SELECT pg_advisory_unlock_all()")
-                await self.ctx.pool.release(conn)
-            else:
-                await conn.close(timeout=CLOSE_TIMEOUT)
 
     # --- the work --------------------------------------------------------------------
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import urllib.parse
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, NoReturn, TypeAlias, TypeVar
@@ -134,7 +135,15 @@ SESSION_CHECK = 5.0
 #: the server should keep a silent session at least this long (`dropped_after`)
 DROP_AT_LEAST = 3 * SESSION_CHECK
 
-_SESSION_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: a session that failed: InternalClientError derives from neither of asyncpg's bases, and
+#: is what a query raises when the server ends the connection under it
+_SESSION_ERRORS = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class SessionLost(Exception):
@@ -162,6 +171,23 @@ class SessionWatch:
         while True:
             await asyncio.sleep(self.every)
             await self.check()
+
+
+@contextlib.asynccontextmanager
+async def lock_session(dsn: str, key: int) -> AsyncIterator[SessionWatch | None]:
+    """A session of its own holding advisory lock `key`, with the watch that proves it
+    alive (None: another session holds the lock; stand by and try again later). Leaving
+    ends the session, which frees the lock: a close waits for the server's answer, so it
+    is bounded (CLOSE_TIMEOUT), and one the watch found lost is already ended."""
+    conn = await connect(dsn)
+    try:
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            yield SessionWatch(conn)
+        else:
+            yield None
+    finally:
+        with contextlib.suppress(*_SESSION_ERRORS):
+            await conn.close(timeout=CLOSE_TIMEOUT)
 
 
 async def while_session_answers(watch: SessionWatch, *work: Coroutine[Any, Any, object]) -> None:

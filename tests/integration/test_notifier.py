@@ -689,3 +689,15 @@ async def test_an_email_that_cannot_be_built_is_given_up_at_once(db, tmp_path, s
     assert given_up.event.reason == "unsendable"
     assert len(failures) == 1
     assert isinstance(sent.event, ev.ViolationNotificationSent)
+
+
+async def test_a_notifier_without_a_dsn_is_not_started(db, tmp_path, smtp):
+    """Its lock is held on a session of its own (ended when the session stops answering,
+    which frees the lock): a notifier given no DSN only runs `run_once`/`drain` in the
+    caller's task, and refuses to start rather than run with no lock."""
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        worker = Notifier(ctx)
+        with pytest.raises(ValueError, match="DSN"):
+            await worker.start()
+        assert worker._task is None
+        assert not worker.active
