@@ -29,6 +29,7 @@ from service.storage.database import (
     SessionLost,
     connect,
     lock_session,
+    warn_if_dropped_too_soon,
     while_session_answers,
 )
 
@@ -115,6 +116,7 @@ class ProjectionRunner:
     # --- running ---------------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        warn_if_dropped_too_soon(self.dsn)
         if self.moved is not None:  # every projection run here is counted from zero
             for name in self.projections:
                 self.moved(name, 0)

@@ -81,6 +81,7 @@ from service.storage.database import (
     Conn,
     SessionWatch,
     lock_session,
+    warn_if_dropped_too_soon,
     while_session_answers,
 )
 
@@ -203,6 +204,7 @@ class Notifier:
     async def start(self) -> None:
         if self.dsn is None:
             raise ValueError("the notifier holds its lock on a session of its own: give it a DSN")
+        warn_if_dropped_too_soon(self.dsn)
         await self.ensure_checkpoint()
         settings = self.ctx.settings
         if settings.smtp_host and settings.smtp_tls != "none" and not settings.smtp_tls_verify:

@@ -41,8 +41,8 @@ log = structlog.get_logger(__name__)
 #: all the same. Unix sockets ignore them. As startup parameters they override
 #: `postgresql.conf` and `ALTER ROLE`; a setting named in DATABASE_URL's query
 #: (`?tcp_keepalives_idle=60`, or `options=-c tcp_keepalives_idle=60`) is sent instead; one
-#: that lets the server drop a session sooner than DROP_AT_LEAST is warned of at the start
-#: (see SESSION_CHECK).
+#: that lets the server drop a session sooner than DROP_AT_LEAST is warned of by the lock
+#: holders as they start (see SESSION_CHECK).
 PEER_TIMEOUTS: dict[str, str] = {
     "tcp_keepalives_idle": "10",
     "tcp_keepalives_interval": "5",
@@ -171,6 +171,23 @@ class SessionWatch:
         while True:
             await asyncio.sleep(self.every)
             await self.check()
+
+
+def warn_if_dropped_too_soon(dsn: str) -> None:
+    """Said once by each process that takes a lock (the projection runners, the notifier)
+    when DATABASE_URL's TCP settings let the server drop a silent session sooner than
+    DROP_AT_LEAST: a host cut off from it could see its locks go to another host while
+    its own work still runs."""
+    dropped = dropped_after(dsn)
+    if dropped is not None and dropped < DROP_AT_LEAST:
+        log.warning(
+            "database.peer_timeouts_short",
+            dropped_after_s=dropped,
+            at_least_s=DROP_AT_LEAST,
+            detail="DATABASE_URL's TCP settings let the server drop a silent session "
+            "before a host cut off from it has stopped its projections and notifier: "
+            "their locks could go to another host while it still works",
+        )
 
 
 @contextlib.asynccontextmanager
@@ -313,16 +330,6 @@ async def apply_schema(conn: Conn) -> None:
 
 async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
     dsn, embedded = resolve_dsn(settings)
-    dropped = dropped_after(dsn)
-    if dropped is not None and dropped < DROP_AT_LEAST:
-        log.warning(
-            "database.peer_timeouts_short",
-            dropped_after_s=dropped,
-            at_least_s=DROP_AT_LEAST,
-            detail="DATABASE_URL's TCP settings let the server drop a silent session "
-            "before a host cut off from it has stopped its projections and notifier: "
-            "their locks could go to another host while it still works",
-        )
     try:
         try:
             pool = await create_pool(

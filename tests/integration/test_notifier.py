@@ -701,3 +701,14 @@ async def test_a_notifier_without_a_dsn_is_not_started(db, tmp_path, smtp):
             await worker.start()
         assert worker._task is None
         assert not worker.active
+
+
+async def test_a_notifier_warns_of_a_url_that_lets_the_server_drop_it_too_soon(db, tmp_path, smtp):
+    short = db.dsn + ("&" if "?" in db.dsn else "?") + "tcp_user_timeout=10000"
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        worker = Notifier(ctx, dsn=short, standby_interval=0.05, poll_interval=0.05)
+        with structlog.testing.capture_logs() as logs:
+            async with running(worker):
+                await eventually(lambda: worker.active)  # its lock taken on such a session
+    warned = [e for e in logs if e["event"] == "database.peer_timeouts_short"]
+    assert [e["dropped_after_s"] for e in warned] == [10.0]

@@ -14,6 +14,8 @@ import os
 import signal
 import time
 
+import structlog
+
 from projections.catalog import sql_projections
 from projections.runner import ProjectionRunner, lock_key
 from service import events as ev
@@ -131,3 +133,21 @@ async def test_a_projection_whose_lock_session_stops_answering_stops_until_it_is
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_projection_runner_warns_of_a_url_that_lets_the_server_drop_it_too_soon(
+    eventlog: EventLog, db
+):
+    """Once, as it starts: the server could free its locks before a cut-off host stops."""
+    short = db.dsn + ("&" if "?" in db.dsn else "?") + "tcp_user_timeout=10000"
+    runner = ProjectionRunner(eventlog, db.pool, short, sql_projections(), standby_interval=0.2)
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(runner.run_forever())
+        try:
+            await caught_up(runner, "event_stats", 10)  # it ran, on that URL's sessions
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    warned = [e for e in logs if e["event"] == "database.peer_timeouts_short"]
+    assert [e["dropped_after_s"] for e in warned] == [10.0]
