@@ -67,9 +67,9 @@ def session_settings(dsn: str) -> dict[str, str]:
 def url_settings(dsn: str) -> dict[str, str]:
     """The server settings DATABASE_URL sets itself, by lower-case name (PostgreSQL's names
     ignore case): its query's (asyncpg sends each parameter it does not know itself as a
-    setting, and drops a blank one: `?tcp_user_timeout=` sets nothing), and each `-c name=value` or
-    `--name=value` of its `options`, which the server applies before the startup
-    parameters (so one of ours would override it)."""
+    setting, and drops a blank one: `?tcp_user_timeout=` sets nothing), and each
+    `-c name=value` or `--name=value` of its `options`, which the server applies before the
+    startup parameters (so one of ours would override it)."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
     settings = {name.lower(): values[-1] for name, values in query.items()}
     words = re.split(r"(?<!\\)\s+", settings.pop("options", "").strip())
