@@ -70,7 +70,7 @@ async def test_a_listener_whose_session_stops_answering_listens_again(db):
     assert replaced != stopped
 
 
-async def lock_session(db, name: str) -> int:
+async def lock_holder_pid(db, name: str) -> int:
     """The backend that holds projection `name`'s lock (waits for one)."""
     deadline = time.monotonic() + 10
     while True:
@@ -115,7 +115,7 @@ async def test_a_projection_whose_lock_session_stops_answering_stops_until_it_is
     task = asyncio.create_task(runner.run_forever())
     frozen = None
     try:
-        frozen = await lock_session(db, "event_stats")
+        frozen = await lock_holder_pid(db, "event_stats")
         await appended(3)
         await caught_up(runner, "event_stats", 10)
         os.kill(frozen, signal.SIGSTOP)
