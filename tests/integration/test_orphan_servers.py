@@ -17,7 +17,11 @@ def dead_pid() -> int:
 
 
 def test_a_killed_sessions_server_is_stopped_and_its_folder_removed(tmp_path):
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGQUIT's default action, whatever this session inherited: a shell that starts the
+    # suite as a background job without job control has it ignored, and that is inherited
+    # (a real postmaster handles SIGQUIT itself).
+    stand_in = "import signal, time; signal.signal(signal.SIGQUIT, signal.SIG_DFL); time.sleep(60)"
+    server = subprocess.Popen([sys.executable, "-c", stand_in])
     try:
         orphan = tmp_path / "tollgate-test-orphan"
         (orphan / "pg").mkdir(parents=True)
