@@ -18,6 +18,9 @@ from service.settings import ConfigError, load_settings
         ("PROJECTION_BATCH_SIZE", "0", "PROJECTION_BATCH_SIZE must be from 1"),
         ("PROJECTION_BATCH_SIZE", "-1", "PROJECTION_BATCH_SIZE must be from 1"),
         ("LOG_LEVEL", "bogus", "LOG_LEVEL must be one of"),
+        ("READY_MAX_LAG", "0", "READY_MAX_LAG must be from 1 to 3600"),
+        ("READY_MAX_LAG", "soon", "READY_MAX_LAG must be an integer"),
+        ("READY_MAX_LAG_EVENTS", "-1", "READY_MAX_LAG_EVENTS must be from 0"),
     ],
 )
 def test_a_value_out_of_range_is_refused_by_name(name, value, words):
@@ -32,6 +35,16 @@ def test_the_defaults_and_good_values_load():
     )
     assert (settings.port, settings.pool_size, settings.log_level) == (9000, 2, "warning")
     assert load_settings({}, dotenv=False).port == 8080
+
+
+def test_readiness_is_judged_by_age_unless_a_count_is_set():
+    from service.web.ops import ReadinessPolicy
+
+    default = ReadinessPolicy.of(load_settings({}, dotenv=False))
+    assert (default.max_lag_seconds, default.max_lag_events) == (5.0, None)
+    given = load_settings({"READY_MAX_LAG": "60", "READY_MAX_LAG_EVENTS": "50000"}, dotenv=False)
+    policy = ReadinessPolicy.of(given)
+    assert (policy.max_lag_seconds, policy.max_lag_events) == (60.0, 50000)
 
 
 # --- a mail provider -------------------------------------------------------------------
