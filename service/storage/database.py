@@ -101,9 +101,12 @@ def _seconds(value: str, unit: str) -> float:
 def dropped_after(dsn: str) -> float | None:
     """About how long after a client of `dsn` last spoke the server drops its session over
     TCP (Linux), from the peer timeouts the connection sets; None when DATABASE_URL sets
-    one that cannot be read (the server refuses it at the start). 0 is the system's
+    one that cannot be read (the server refuses it at the start), or names Unix sockets
+    only. 0 is the system's
     default: 2 h 11 min of keepalive, or no user timeout. With a user timeout the server
     gives up once a keepalive probe goes out after the timeout; without, after the probes."""
+    if _unix_sockets_only(dsn):
+        return None  # no TCP: a session ends when its client's process does
     given = {**PEER_TIMEOUTS, **url_settings(dsn)}
     try:
         user = _seconds(given["tcp_user_timeout"], "ms")
@@ -113,6 +116,17 @@ def dropped_after(dsn: str) -> float | None:
     except ValueError:
         return None
     return max(user, idle) if user > 0 else idle + interval * count
+
+
+def _unix_sockets_only(dsn: str) -> bool:
+    """Whether every host `dsn` names is a Unix socket's directory (`%2Frun%2Fpg` before the
+    path, or `?host=/run/pg` when none is there: asyncpg takes the first), which ignores
+    the TCP settings."""
+    parts = urllib.parse.urlsplit(dsn)
+    hostspec = urllib.parse.unquote(parts.netloc.rpartition("@")[2])
+    hosts = [hostspec] if hostspec else urllib.parse.parse_qs(parts.query).get("host", [])
+    named = [h for host in hosts for h in host.split(",") if h]
+    return bool(named) and all(h.startswith("/") for h in named)
 
 
 async def connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:

@@ -70,6 +70,7 @@ def test_settings_in_the_urls_options_are_left_to_the_url() -> None:
         ("?tcp_user_timeout=0&tcp_keepalives_count=0", 55.0),  # the system's 9 probes
         ("?options=-c%20tcp_user_timeout%3D9000", 10.0),
         ("?tcp_user_timeout=soon", None),  # the server refuses it at the start
+        ("?host=/run/pg&tcp_user_timeout=10000", 10.0),  # the URL's host (db.internal) first
         ("?tcp_user_timeout=10parsecs", None),
     ],
 )
@@ -95,3 +96,19 @@ def test_the_defaults_and_what_cannot_be_read_are_not_warned_of(query: str) -> N
     with structlog.testing.capture_logs() as logs:
         warn_if_dropped_too_soon(f"postgresql://tollgate@db.internal/tollgate{query}")
     assert logs == []
+
+
+@pytest.mark.parametrize(
+    ("dsn", "warned"),
+    [
+        ("postgresql://postgres@/tollgate?host=/run/pg&tcp_user_timeout=10000", False),
+        ("postgresql://postgres@%2Frun%2Fpg/tollgate?tcp_user_timeout=10000", False),
+        ("postgresql://db1,db2/tollgate?tcp_user_timeout=10000", True),
+        ("postgresql:///tollgate?host=/run/pg,db.internal&tcp_user_timeout=10000", True),
+        ("postgresql:///tollgate?tcp_user_timeout=10000", True),  # no host named: maybe TCP
+    ],
+)
+def test_a_url_of_unix_sockets_only_is_not_warned_of(dsn: str, warned: bool) -> None:
+    with structlog.testing.capture_logs() as logs:
+        warn_if_dropped_too_soon(dsn)
+    assert bool(logs) == warned
