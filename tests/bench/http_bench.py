@@ -4,6 +4,7 @@ between two processes, and the read model's memory per million live tokens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import itertools
@@ -178,6 +179,25 @@ class Ratio:
 
 
 @dataclass(frozen=True)
+class Readiness:
+    """What `/readyz` said while wrk measured: how often it was asked, how often it
+    refused, and the most the SQL projections lagged (events, seconds) in its answers."""
+
+    polls: int = 0
+    refused: int = 0
+    lag_events: int = 0
+    lag_seconds: float = 0.0
+
+    def merged(self, other: Readiness) -> Readiness:
+        return Readiness(
+            self.polls + other.polls,
+            self.refused + other.refused,
+            max(self.lag_events, other.lag_events),
+            max(self.lag_seconds, other.lag_seconds),
+        )
+
+
+@dataclass(frozen=True)
 class Figure:
     """wrk's measurement of one window, where the CPU went meanwhile (wrk.CpuMeter.shares),
     and the rates of every window it was chosen among."""
@@ -186,17 +206,50 @@ class Figure:
     cpu: dict[str, float | None]
     rates: tuple[float, ...]
     answered: int  # 2xx answers in all of them
+    readiness: Readiness = Readiness()  # Tollgate's, in all of them
 
     @property
     def rate(self) -> float:
         return self.result.rate
 
 
-async def measured(base: str, spec: RequestSpec, postgres: int | None) -> Figure:
-    """wrk's figure and the CPU shares, PostgreSQL's from its postmaster `postgres`."""
+#: how often /readyz is asked while wrk measures Tollgate (as a load balancer would)
+READY_POLL = 0.1
+
+
+async def measured(
+    base: str, spec: RequestSpec, postgres: int | None, *, ready: bool = False
+) -> Figure:
+    """wrk's figure and the CPU shares, PostgreSQL's from its postmaster `postgres`; with
+    `ready`, what `/readyz` said meanwhile."""
     meter = wrk.CpuMeter(postgres)
-    result = await asyncio.to_thread(wrk.measure, base, spec, connections=CONNECTIONS, cpu=meter)
-    return Figure(result, meter.shares, (result.rate,), result.requests)
+    polled: list[tuple[int, dict[str, Any]]] = []
+    poller = asyncio.ensure_future(_poll_ready(base, polled)) if ready else None
+    try:
+        result = await asyncio.to_thread(
+            wrk.measure, base, spec, connections=CONNECTIONS, cpu=meter
+        )
+    finally:
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+    lags = [p for _, body in polled for p in body.get("projections", [])]
+    readiness = Readiness(
+        len(polled),
+        sum(1 for status, _ in polled if status != 200),
+        max((p["lag_events"] for p in lags), default=0),
+        max((p["lag_seconds"] for p in lags), default=0.0),
+    )
+    return Figure(result, meter.shares, (result.rate,), result.requests, readiness)
+
+
+async def _poll_ready(base: str, polled: list[tuple[int, dict[str, Any]]]) -> None:
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{base}/readyz") as answer:
+                polled.append((answer.status, await answer.json()))
+            await asyncio.sleep(READY_POLL)
 
 
 async def _postgres_pid(dsn: str) -> int | None:
@@ -259,7 +312,7 @@ async def against_bare(
                 port = free_port()
                 argv, env, copies = launched(n, port, procs)
                 async with process(argv, env, port, copies) as base:
-                    figure = await measured(base, specs[n], postgres)
+                    figure = await measured(base, specs[n], postgres, ready=n == 0)
                 windows.setdefault((procs, n), []).append(figure)
     out = []
     for procs in (1, 2):
@@ -277,7 +330,9 @@ def median(figures: list[Figure]) -> Figure:
     ranked = sorted(figures, key=lambda f: f.rate)
     middle = ranked[len(ranked) // 2]
     rates = tuple(f.rate for f in figures)
-    return Figure(middle.result, middle.cpu, rates, sum(f.answered for f in figures))
+    readiness = functools.reduce(Readiness.merged, (f.readiness for f in figures), Readiness())
+    answered = sum(f.answered for f in figures)
+    return Figure(middle.result, middle.cpu, rates, answered, readiness)
 
 
 async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
@@ -323,6 +378,14 @@ async def token_endpoint(dsn: str, app: dict[str, Any]) -> None:
         f"PostgreSQL, wrk): at the same CPU per token, 2 processes could issue at most "
         f"{cores / used:.2f}x as many here."
     )
+    for c in results:
+        ready = c.ours.readiness
+        print(
+            f"{c.procs} process{'es' if c.procs > 1 else ''}: /readyz, asked every "
+            f"{READY_POLL * 1000:.0f} ms while wrk measured, refused {ready.refused} of "
+            f"{ready.polls}; the SQL projections at most {ready.lag_events:,} events and "
+            f"{ready.lag_seconds:.2f} s behind."
+        )
     for n, (name, _, _) in enumerate(peers):
         against = ", ".join(
             f"{c.procs} process{'es' if c.procs > 1 else ''} {c.of_peers[n].times()}"

@@ -4,12 +4,13 @@ on a shared machine does not decide a ratio."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
 
 from tests.bench.eventlog_bench import median_pair
-from tests.bench.http_bench import Figure, Ratio, median, row
+from tests.bench.http_bench import Figure, Ratio, Readiness, median, row
 from tests.bench.load import Result
 from tests.bench.wrk import CpuMeter
 
@@ -35,6 +36,13 @@ def test_the_median_window_is_reported_whole_with_the_range_of_all():
     assert "| 25% (20-30%) |" in line  # the median round's ratio, and the range
     assert "| 100% | 40% | 10% |" in line
     assert "| 0 | 100% | 100% | 40% | 10% |" in row("bare aiohttp handler", 1, figure)
+
+
+def test_what_readyz_said_counts_every_window_and_its_worst_lag():
+    calm = dataclasses.replace(window(60_000, 20.0, 1.0), readiness=Readiness(98, 0, 640, 0.09))
+    busy = dataclasses.replace(window(90_000, 9.0, 1.1), readiness=Readiness(101, 3, 1312, 0.2))
+    figure = median([calm, busy, window(50_000, 30.0, 0.9)])
+    assert figure.readiness == Readiness(199, 3, 1312, 0.2)
 
 
 def test_a_ratio_pairs_the_windows_of_each_round_not_the_medians():
