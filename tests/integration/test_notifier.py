@@ -36,6 +36,7 @@ from service.runtime import open_context
 from service.settings import Settings
 from service.storage.database import SESSION_CHECK, Database, SessionWatch
 from tests.e2e.oauth_helpers import new_app
+from tests.urls import with_short_drop
 
 SECRET_HASH = "5e" * 32
 FAMILY = "family-must-not-be-mailed"
@@ -704,7 +705,7 @@ async def test_a_notifier_without_a_dsn_is_not_started(db, tmp_path, smtp):
 
 
 async def test_a_notifier_warns_of_a_url_that_lets_the_server_drop_it_too_soon(db, tmp_path, smtp):
-    short = db.dsn + ("&" if "?" in db.dsn else "?") + "tcp_user_timeout=10000"
+    short = with_short_drop(db.dsn)
     async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
         worker = Notifier(ctx, dsn=short, standby_interval=0.05, poll_interval=0.05)
         with structlog.testing.capture_logs() as logs:

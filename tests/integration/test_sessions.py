@@ -22,6 +22,7 @@ from service import events as ev
 from service.eventlog import EventLog
 from service.storage.database import SESSION_CHECK
 from tests.factories import application
+from tests.urls import with_short_drop
 
 
 async def listening(eventlog: EventLog, *, other_than: int | None = None) -> int:
@@ -139,7 +140,7 @@ async def test_a_projection_runner_warns_of_a_url_that_lets_the_server_drop_it_t
     eventlog: EventLog, db
 ):
     """Once, as it starts: the server could free its locks before a cut-off host stops."""
-    short = db.dsn + ("&" if "?" in db.dsn else "?") + "tcp_user_timeout=10000"
+    short = with_short_drop(db.dsn)
     runner = ProjectionRunner(eventlog, db.pool, short, sql_projections(), standby_interval=0.2)
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(runner.run_forever())
