@@ -47,7 +47,7 @@ class ReadinessPolicy:
     the age of the oldest event it has not applied, and, when set, how many there are. A
     count alone misjudges load: the events waiting for a projection's next step grow with
     the log's rate (about 900 at 8,000 tokens a second, 0.12 s behind), so a bound of a
-    thousand took every host out of rotation at its busiest, all at once."""
+    thousand would take every host out of rotation at its busiest, all at once."""
 
     max_lag_events: int | None = None
     max_lag_seconds: float = 5.0
