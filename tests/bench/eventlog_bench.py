@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import shutil
@@ -64,11 +65,76 @@ async def append_rate(dsn: str, concurrency: int, run: str, start_at: float | No
     return count / elapsed
 
 
-async def appenders_rate(dsn: str, concurrency: int, processes: int, run: str) -> float:
+#: what a log whose commits do not take turns would write at the least: the same rows,
+#: positions from a sequence, hashes computed by the client
+_UNLOCKED = """
+INSERT INTO bench_rows_unlocked (position, stream_id, version, type, schema_version,
+    company_id, payload, metadata, recorded_at, hash)
+SELECT nextval('bench_rows_unlocked_seq'), s, 1, 'AccessTokenIssued', 1, c, p::json, m::json,
+    now(), h
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[]) AS r(s, c, p, m, h)
+"""
+#: connections of one process of `unlocked_rate`, each committing its share of the rows
+UNLOCKED_CONNECTIONS = 2
+
+
+async def unlocked_rate(dsn: str, concurrency: int, run: str, start_at: float) -> float:
+    """Rows committed per second by one process with `concurrency` rows in flight, as
+    UNLOCKED_CONNECTIONS connections each committing a batch of its share at a time, no
+    writers' lock, nothing checked, chained or announced: a ceiling for a log whose commits
+    do not take turns (positions settled after the commit, by transaction-id visibility),
+    which would still write these rows, batched, and commit them durably."""
+    size = max(1, concurrency // UNLOCKED_CONNECTIONS)
+    conns = [await asyncpg.connect(dsn) for _ in range(UNLOCKED_CONNECTIONS)]
+    app = application("bench", 0)
+    payloads = [encode(e).decode() for e in EVENTS]
+    meta = msgspec.json.encode(
+        Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
+    ).decode()
+    count = 0
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    deadline = time.perf_counter() + SECONDS
+
+    async def writer(conn: asyncpg.Connection, w: int) -> None:
+        nonlocal count
+        n = 0
+        while time.perf_counter() < deadline:
+            rows = [payloads[(n + k) % len(payloads)] for k in range(size)]
+            streams = [f"{run}-{w}-{n + k}" for k in range(size)]
+            hashes = [hashlib.sha256(p.encode()).digest() for p in rows]
+            await conn.execute(
+                _UNLOCKED, streams, [app.company_id] * size, rows, [meta] * size, hashes
+            )
+            n += size
+            count += size
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer(c, w) for w, c in enumerate(conns)))
+    elapsed = time.perf_counter() - started
+    for conn in conns:
+        await conn.close()
+    return count / elapsed
+
+
+async def appenders_rate(
+    dsn: str, concurrency: int, processes: int, run: str, *, unlocked: bool = False
+) -> float:
     """Appends per second from `processes` processes, each its own EventLog, with
-    `concurrency` appends in flight between them, all appending at once."""
+    `concurrency` appends in flight between them, all appending at once (`unlocked`: the
+    same rows from `unlocked_rate` instead, into a table that no earlier run wrote)."""
+    if unlocked:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "DROP TABLE IF EXISTS bench_rows_unlocked; "
+                "CREATE TABLE bench_rows_unlocked (LIKE events INCLUDING ALL); "
+                "CREATE SEQUENCE IF NOT EXISTS bench_rows_unlocked_seq"
+            )
+        finally:
+            await conn.close()
     start_at = time.time() + 3.0  # each process connects and starts its writer first
-    argv = [sys.executable, "-m", "tests.bench.eventlog_bench", dsn, str(start_at)]
+    mode = ["--unlocked"] if unlocked else []
+    argv = [sys.executable, "-m", "tests.bench.eventlog_bench", *mode, dsn, str(start_at)]
     procs = [
         await asyncio.create_subprocess_exec(
             *argv, str(concurrency // processes), f"{run}-p{p}", stdout=subprocess.PIPE
@@ -281,24 +347,40 @@ async def appending_processes(dsn: str, concurrency: int = 64, rounds: int = ROU
     from one minute to the next moves both sides of a ratio alike."""
     print(f"\n## Event-log appends from 1 and 2 processes, {concurrency} in flight in all")
     print(f"{rounds} rounds of a {SECONDS:.0f} s window each; the ratio is the median of the "
-          "rounds' ratios (their range in brackets), the rates the median round's.\n")  # fmt: skip
-    print("| appending processes | event log (events/s) | pgbench, same rows (rows/s) | ratio |")
-    print("|---:|---:|---:|---:|")
+          "rounds' ratios (their range in brackets), the rates the median round's. Beside "
+          "them, the same rows from the same processes with no writers' lock (each process "
+          f"{UNLOCKED_CONNECTIONS} connections committing batches of its share, positions "
+          "from a sequence, nothing checked, chained or announced): a ceiling for a log "
+          "whose commits do not take turns, against the same round's pgbench.\n")  # fmt: skip
+    print(
+        "| appending processes | event log (events/s) | pgbench, same rows (rows/s) | ratio "
+        "| no writers' lock, same rows (rows/s) | ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
     pairs: dict[int, list[tuple[float, float | None]]] = {1: [], 2: []}
+    ceilings: dict[int, list[tuple[float, float | None]]] = {1: [], 2: []}
     for round_ in range(rounds):
         for processes in (1, 2) if round_ % 2 == 0 else (2, 1):
             run = f"procs{processes}-{time.time_ns()}"  # streams no earlier run wrote
             if round_ % 2 == 0:
                 native = await pgbench_rate(dsn, concurrency)
                 logged = await appenders_rate(dsn, concurrency, processes, run)
+                unlocked = await appenders_rate(dsn, concurrency, processes, run, unlocked=True)
             else:
+                unlocked = await appenders_rate(dsn, concurrency, processes, run, unlocked=True)
                 logged = await appenders_rate(dsn, concurrency, processes, run)
                 native = await pgbench_rate(dsn, concurrency)
             pairs[processes].append((logged, native))
+            ceilings[processes].append((unlocked, native))
     for processes in (1, 2):
         logged, native, ratio = median_pair(pairs[processes])
+        ceiling, _, ceiling_ratio = median_pair(ceilings[processes])
         shown = "n/a" if native is None else f"{native:,.0f}"
-        print(f"| {processes} | {logged:,.0f} | {shown} | {ratio} |", flush=True)
+        print(
+            f"| {processes} | {logged:,.0f} | {shown} | {ratio} | {ceiling:,.0f} | "
+            f"{ceiling_ratio} |",
+            flush=True,
+        )
 
 
 def median_pair(pairs: list[tuple[float, float | None]]) -> tuple[float, float | None, str]:
@@ -313,9 +395,12 @@ def median_pair(pairs: list[tuple[float, float | None]]) -> tuple[float, float |
 
 
 if __name__ == "__main__":
-    # One appending process of `appenders_rate`: DSN START_AT CONCURRENCY RUN; prints its rate.
+    # One appending process of `appenders_rate`: [--unlocked] DSN START_AT CONCURRENCY RUN;
+    # prints its rate.
     from service.logs import configure_logging
 
     configure_logging("console", "warning")  # to stderr: stdout carries the rate alone
-    dsn, start_at, concurrency, run = sys.argv[1:5]
-    print(run_as_served(append_rate(dsn, int(concurrency), run, float(start_at))))
+    args = sys.argv[1:]
+    rate = unlocked_rate if args[0] == "--unlocked" else append_rate
+    dsn, start_at, concurrency, run = args[-4:]
+    print(run_as_served(rate(dsn, int(concurrency), run, float(start_at))))
