@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,7 +77,9 @@ class ProjectionStatus:
     position: int
     head: int
     lag_events: int
-    lag_seconds: float  # age of the oldest event not yet applied; 0 when caught up
+    #: age of the oldest event not yet applied, on the database's clock (its recorded_at is
+    #: the writing host's); 0 when caught up
+    lag_seconds: float
     updated_at: datetime | None
 
 
@@ -383,12 +384,13 @@ class ProjectionRunner:
 
     async def status(self) -> list[ProjectionStatus]:
         """Read-only (a probe or a scrape writes nothing); a projection that never ran
-        shows at position 0."""
+        shows at position 0. The lag's age is taken on the database's clock, one clock for
+        every host that asks: a prober's own clock, set wrong, moves no answer."""
         rows = await self.pool.fetch(
             """
             SELECT c.name, c.position, c.updated_at, h.head,
-                   (SELECT e.recorded_at FROM events e WHERE e.position = c.position + 1)
-                       AS oldest_pending
+                   (SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8
+                    FROM events e WHERE e.position = c.position + 1) AS oldest_pending_age
             FROM (SELECT n.name, coalesce(p.position, 0) AS position, p.updated_at
                   FROM unnest($1::text[]) AS n(name)
                   LEFT JOIN projection_checkpoints p ON p.name = n.name) c
@@ -397,18 +399,13 @@ class ProjectionRunner:
             """,
             list(self.projections),
         )
-        now = time.time()
         return [
             ProjectionStatus(
                 name=row["name"],
                 position=row["position"],
                 head=row["head"],
                 lag_events=row["head"] - row["position"],
-                lag_seconds=(
-                    max(0.0, now - row["oldest_pending"].timestamp())
-                    if row["oldest_pending"] is not None
-                    else 0.0
-                ),
+                lag_seconds=max(0.0, row["oldest_pending_age"] or 0.0),
                 updated_at=row["updated_at"],
             )
             for row in rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -363,6 +364,22 @@ async def test_not_ready_when_the_oldest_pending_event_is_too_old(db, tmp_path):
     assert stale.status == 503
     assert body["reasons"]
     assert all("s behind (at most 1 s)" in r for r in body["reasons"])
+
+
+async def test_the_lag_age_is_not_the_probing_hosts_clock(db, tmp_path, monkeypatch):
+    """Several hosts probe one log: a host whose clock runs an hour ahead reads the same
+    age of the oldest pending event as the others (the database's clock), not an hour."""
+    policy = ReadinessPolicy(max_lag_events=None, max_lag_seconds=60)
+    async with serving(db, tmp_path, run_projections=False, readiness=policy) as client:
+        await add_companies(client, 1)
+        ahead = time.time() + 3600
+        monkeypatch.setattr(time, "time", lambda: ahead)
+        answer = await client.get("/readyz")
+        body = await answer.json()
+        monkeypatch.undo()
+    assert answer.status == 200, body
+    assert all(p["lag_events"] == 1 for p in body["projections"])
+    assert all(0 <= p["lag_seconds"] < 60 for p in body["projections"])
 
 
 async def test_becomes_ready_as_the_running_projections_catch_up(db, tmp_path):
