@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import asyncpg
 import msgspec
@@ -65,27 +66,46 @@ async def append_rate(dsn: str, concurrency: int, run: str, start_at: float | No
     return count / elapsed
 
 
-#: what a log whose commits do not take turns would write at the least: the same rows,
-#: positions from a sequence, hashes computed by the client
-_UNLOCKED = """
-INSERT INTO bench_rows_unlocked (position, stream_id, version, type, schema_version,
-    company_id, payload, metadata, recorded_at, hash)
-SELECT nextval('bench_rows_unlocked_seq'), s, 1, 'AccessTokenIssued', 1, c, p::json, m::json,
-    now(), h
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[]) AS r(s, c, p, m, h)
+# A sketch of a log whose commits do not take turns, to measure what that design could
+# reach here: appends insert their rows with no writers' lock (positions from a sequence,
+# each row's transaction id kept and indexed), and one sealer, behind the commits, takes
+# the rows whose transactions have all ended (below its snapshot's xmin) in transaction
+# order, numbers them densely and chains their hashes into a table of its own. Not in it:
+# version checks beyond the (stream_id, version) key, conditions, the announcement, and
+# readers that read only what is sealed.
+_SKETCH_TABLES = """
+DROP TABLE IF EXISTS bench_sketch; DROP TABLE IF EXISTS bench_sketch_chain;
+CREATE TABLE bench_sketch (LIKE events INCLUDING ALL);
+ALTER TABLE bench_sketch ADD COLUMN txid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX bench_sketch_txid ON bench_sketch (txid);
+CREATE SEQUENCE IF NOT EXISTS bench_sketch_seq;
+CREATE TABLE bench_sketch_chain (seq bigint PRIMARY KEY, position bigint NOT NULL,
+    hash bytea NOT NULL);
 """
-#: connections of one process of `unlocked_rate`, each committing its share of the rows
-UNLOCKED_CONNECTIONS = 2
+_SKETCH_APPEND = """
+INSERT INTO bench_sketch (position, stream_id, version, type, schema_version, company_id,
+    payload, metadata, recorded_at, hash)
+SELECT nextval('bench_sketch_seq'), s, 1, 'AccessTokenIssued', 1, c, p::json, m::json,
+    now(), ''::bytea
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(s, c, p, m)
+"""
+_SETTLED = "SELECT pg_snapshot_xmin(pg_current_snapshot())"
+_UNSEALED = """
+SELECT position, stream_id, version, payload::text, metadata::text FROM bench_sketch
+WHERE txid >= $1 AND txid < $2 ORDER BY txid, position
+"""
+_SEAL = """
+INSERT INTO bench_sketch_chain SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])
+"""
+#: connections of one process of `sketch_rate`, each committing its share of the rows
+SKETCH_CONNECTIONS = 2
 
 
-async def unlocked_rate(dsn: str, concurrency: int, run: str, start_at: float) -> float:
-    """Rows committed per second by one process with `concurrency` rows in flight, as
-    UNLOCKED_CONNECTIONS connections each committing a batch of its share at a time, no
-    writers' lock, nothing checked, chained or announced: a ceiling for a log whose commits
-    do not take turns (positions settled after the commit, by transaction-id visibility),
-    which would still write these rows, batched, and commit them durably."""
-    size = max(1, concurrency // UNLOCKED_CONNECTIONS)
-    conns = [await asyncpg.connect(dsn) for _ in range(UNLOCKED_CONNECTIONS)]
+async def sketch_rate(dsn: str, concurrency: int, run: str, start_at: float) -> float:
+    """Rows committed per second into the sketch by one process with `concurrency` rows in
+    flight, as SKETCH_CONNECTIONS connections each committing a batch of its share."""
+    size = max(1, concurrency // SKETCH_CONNECTIONS)
+    conns = [await asyncpg.connect(dsn) for _ in range(SKETCH_CONNECTIONS)]
     app = application("bench", 0)
     payloads = [encode(e).decode() for e in EVENTS]
     meta = msgspec.json.encode(
@@ -101,10 +121,8 @@ async def unlocked_rate(dsn: str, concurrency: int, run: str, start_at: float) -
         while time.perf_counter() < deadline:
             rows = [payloads[(n + k) % len(payloads)] for k in range(size)]
             streams = [f"{run}-{w}-{n + k}" for k in range(size)]
-            hashes = [hashlib.sha256(p.encode()).digest() for p in rows]
-            await conn.execute(
-                _UNLOCKED, streams, [app.company_id] * size, rows, [meta] * size, hashes
-            )
+            await conn.execute(_SKETCH_APPEND, streams, [app.company_id] * size, rows,
+                               [meta] * size)  # fmt: skip
             n += size
             count += size
 
@@ -116,24 +134,75 @@ async def unlocked_rate(dsn: str, concurrency: int, run: str, start_at: float) -
     return count / elapsed
 
 
-async def appenders_rate(
-    dsn: str, concurrency: int, processes: int, run: str, *, unlocked: bool = False
-) -> float:
+async def seal(dsn: str, stop: asyncio.Event) -> int:
+    """The sketch's sealer, until `stop` is set and nothing settled is left: chains the
+    settled rows in transaction order; returns how many it sealed."""
+    conn = await asyncpg.connect(dsn)
+    sealed, previous = 0, bytes(32)
+    try:
+        frontier = await conn.fetchval(_SETTLED)  # every row to come has a txid at or above
+        while True:
+            async with conn.transaction():
+                settled = await conn.fetchval(_SETTLED)
+                rows = await conn.fetch(_UNSEALED, frontier, settled)
+                hashes = []
+                for n, (_position, stream, version, payload, metadata) in enumerate(rows):
+                    covered = f"[{sealed + n + 1},{stream},{version},{payload},{metadata}]"
+                    previous = hashlib.sha256(previous + covered.encode()).digest()
+                    hashes.append(previous)
+                if rows:
+                    seqs = list(range(sealed + 1, sealed + len(rows) + 1))
+                    await conn.execute(_SEAL, seqs, [r[0] for r in rows], hashes)
+            sealed += len(rows)
+            frontier = settled
+            if not rows:
+                if stop.is_set():
+                    return sealed
+                await asyncio.sleep(0.005)
+    finally:
+        await conn.close()
+
+
+async def appenders_rate(dsn: str, concurrency: int, processes: int, run: str) -> float:
     """Appends per second from `processes` processes, each its own EventLog, with
-    `concurrency` appends in flight between them, all appending at once (`unlocked`: the
-    same rows from `unlocked_rate` instead, into a table that no earlier run wrote)."""
-    if unlocked:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(
-                "DROP TABLE IF EXISTS bench_rows_unlocked; "
-                "CREATE TABLE bench_rows_unlocked (LIKE events INCLUDING ALL); "
-                "CREATE SEQUENCE IF NOT EXISTS bench_rows_unlocked_seq"
-            )
-        finally:
-            await conn.close()
+    `concurrency` appends in flight between them, all appending at once."""
+    return await _processes([], dsn, concurrency, processes, run)
+
+
+@dataclass
+class Sketched:
+    rate: float  # rows committed a second
+    unsealed: int  # rows committed but not yet chained when the appends stopped
+    catch_up: float  # seconds the sealer then took to chain them
+
+
+async def sketched_rate(dsn: str, concurrency: int, processes: int, run: str) -> Sketched:
+    """The sketch written from `processes` processes as `appenders_rate` writes the log, its
+    sealer running in this one meanwhile."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(_SKETCH_TABLES)
+        stop = asyncio.Event()
+        sealer = asyncio.create_task(seal(dsn, stop))
+        rate = await _processes(["--sketch"], dsn, concurrency, processes, run)
+        written = await conn.fetchval("SELECT count(*) FROM bench_sketch")
+        chained = await conn.fetchval("SELECT count(*) FROM bench_sketch_chain")
+        stopped = time.perf_counter()
+        stop.set()
+        sealed = await sealer
+    finally:
+        await conn.close()
+    if sealed != written:
+        raise RuntimeError(f"the sketch's sealer chained {sealed:,} of {written:,} rows")
+    return Sketched(rate, written - chained, time.perf_counter() - stopped)
+
+
+async def _processes(
+    mode: list[str], dsn: str, concurrency: int, processes: int, run: str
+) -> float:
+    """Rows a second summed over `processes` processes of this module started together,
+    `concurrency` in flight between them (`mode`: what they write, the log by default)."""
     start_at = time.time() + 3.0  # each process connects and starts its writer first
-    mode = ["--unlocked"] if unlocked else []
     argv = [sys.executable, "-m", "tests.bench.eventlog_bench", *mode, dsn, str(start_at)]
     procs = [
         await asyncio.create_subprocess_exec(
@@ -348,37 +417,43 @@ async def appending_processes(dsn: str, concurrency: int = 64, rounds: int = ROU
     print(f"\n## Event-log appends from 1 and 2 processes, {concurrency} in flight in all")
     print(f"{rounds} rounds of a {SECONDS:.0f} s window each; the ratio is the median of the "
           "rounds' ratios (their range in brackets), the rates the median round's. Beside "
-          "them, the same rows from the same processes with no writers' lock (each process "
-          f"{UNLOCKED_CONNECTIONS} connections committing batches of its share, positions "
-          "from a sequence, nothing checked, chained or announced): a ceiling for a log "
-          "whose commits do not take turns, against the same round's pgbench.\n")  # fmt: skip
+          "them, a sketch of a log whose commits do not take turns, written by the same "
+          "processes: the same rows with no writers' lock (each process "
+          f"{SKETCH_CONNECTIONS} connections committing batches of its share, positions "
+          "from a sequence, each row's transaction id indexed), and a sealer in the bench "
+          "process that numbers and chains the settled rows behind the commits; against the "
+          "same round's pgbench, with the most rows any round left unchained when its "
+          "appends stopped.\n")  # fmt: skip
     print(
         "| appending processes | event log (events/s) | pgbench, same rows (rows/s) | ratio "
-        "| no writers' lock, same rows (rows/s) | ratio |"
+        "| sketch, same rows (rows/s) | ratio | unchained at the end |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     pairs: dict[int, list[tuple[float, float | None]]] = {1: [], 2: []}
-    ceilings: dict[int, list[tuple[float, float | None]]] = {1: [], 2: []}
+    sketches: dict[int, list[tuple[float, float | None]]] = {1: [], 2: []}
+    behind: dict[int, list[Sketched]] = {1: [], 2: []}
     for round_ in range(rounds):
         for processes in (1, 2) if round_ % 2 == 0 else (2, 1):
             run = f"procs{processes}-{time.time_ns()}"  # streams no earlier run wrote
             if round_ % 2 == 0:
                 native = await pgbench_rate(dsn, concurrency)
                 logged = await appenders_rate(dsn, concurrency, processes, run)
-                unlocked = await appenders_rate(dsn, concurrency, processes, run, unlocked=True)
+                sketch = await sketched_rate(dsn, concurrency, processes, run)
             else:
-                unlocked = await appenders_rate(dsn, concurrency, processes, run, unlocked=True)
+                sketch = await sketched_rate(dsn, concurrency, processes, run)
                 logged = await appenders_rate(dsn, concurrency, processes, run)
                 native = await pgbench_rate(dsn, concurrency)
             pairs[processes].append((logged, native))
-            ceilings[processes].append((unlocked, native))
+            sketches[processes].append((sketch.rate, native))
+            behind[processes].append(sketch)
     for processes in (1, 2):
         logged, native, ratio = median_pair(pairs[processes])
-        ceiling, _, ceiling_ratio = median_pair(ceilings[processes])
+        sketched, _, sketch_ratio = median_pair(sketches[processes])
+        most = max(behind[processes], key=lambda s: s.unsealed)
         shown = "n/a" if native is None else f"{native:,.0f}"
         print(
-            f"| {processes} | {logged:,.0f} | {shown} | {ratio} | {ceiling:,.0f} | "
-            f"{ceiling_ratio} |",
+            f"| {processes} | {logged:,.0f} | {shown} | {ratio} | {sketched:,.0f} | "
+            f"{sketch_ratio} | {most.unsealed:,} (chained {most.catch_up:.2f} s later) |",
             flush=True,
         )
 
@@ -395,12 +470,12 @@ def median_pair(pairs: list[tuple[float, float | None]]) -> tuple[float, float |
 
 
 if __name__ == "__main__":
-    # One appending process of `appenders_rate`: [--unlocked] DSN START_AT CONCURRENCY RUN;
+    # One appending process of `appenders_rate`: [--sketch] DSN START_AT CONCURRENCY RUN;
     # prints its rate.
     from service.logs import configure_logging
 
     configure_logging("console", "warning")  # to stderr: stdout carries the rate alone
     args = sys.argv[1:]
-    rate = unlocked_rate if args[0] == "--unlocked" else append_rate
+    rate = sketch_rate if args[0] == "--sketch" else append_rate
     dsn, start_at, concurrency, run = args[-4:]
     print(run_as_served(rate(dsn, int(concurrency), run, float(start_at))))
