@@ -70,9 +70,9 @@ async def append_rate(dsn: str, concurrency: int, run: str, start_at: float | No
 # reach here: appends insert their rows with no writers' lock (positions from a sequence,
 # each row's transaction id kept and indexed), and one sealer, behind the commits, takes
 # the rows whose transactions have all ended (below its snapshot's xmin) in transaction
-# order, numbers them densely and chains their hashes into a table of its own. Not in it:
-# version checks beyond the (stream_id, version) key, conditions, the announcement, and
-# readers that read only what is sealed.
+# order, numbers them densely and chains their hashes into a table of its own. Each batch
+# holds its tokens' condition (the application's version) under a shared per-stream lock.
+# Not in it: the announcement, and readers that read only what is sealed.
 _SKETCH_TABLES = """
 DROP TABLE IF EXISTS bench_sketch; DROP TABLE IF EXISTS bench_sketch_chain;
 CREATE TABLE bench_sketch (LIKE events INCLUDING ALL);
@@ -81,14 +81,27 @@ CREATE INDEX bench_sketch_txid ON bench_sketch (txid);
 CREATE SEQUENCE IF NOT EXISTS bench_sketch_seq;
 CREATE TABLE bench_sketch_chain (seq bigint PRIMARY KEY, position bigint NOT NULL,
     hash bytea NOT NULL);
+-- A token's condition (its application's version) without a writers' lock: the condition's
+-- stream held shared (a writer of that stream would take it exclusively), its version read
+-- once the lock is granted (a statement of its own: a snapshot taken after the lock).
+CREATE OR REPLACE FUNCTION bench_sketch_append(p_streams text[], p_companies text[],
+    p_payloads text[], p_metadata text[], p_condition text, p_version integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_condition, 0));
+    IF (SELECT coalesce(max(version), 0) FROM bench_sketch WHERE stream_id = p_condition)
+            <> p_version THEN
+        RETURN false;
+    END IF;
+    INSERT INTO bench_sketch (position, stream_id, version, type, schema_version,
+        company_id, payload, metadata, recorded_at, hash)
+    SELECT nextval('bench_sketch_seq'), s, 1, 'AccessTokenIssued', 1, c, p::json, m::json,
+        now(), ''::bytea
+    FROM unnest(p_streams, p_companies, p_payloads, p_metadata) AS r(s, c, p, m);
+    RETURN true;
+END $$;
 """
-_SKETCH_APPEND = """
-INSERT INTO bench_sketch (position, stream_id, version, type, schema_version, company_id,
-    payload, metadata, recorded_at, hash)
-SELECT nextval('bench_sketch_seq'), s, 1, 'AccessTokenIssued', 1, c, p::json, m::json,
-    now(), ''::bytea
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(s, c, p, m)
-"""
+_SKETCH_APPEND = "SELECT bench_sketch_append($1, $2, $3, $4, $5, 0)"
 _SETTLED = "SELECT pg_snapshot_xmin(pg_current_snapshot())"
 _UNSEALED = """
 SELECT position, stream_id, version, payload::text, metadata::text FROM bench_sketch
@@ -111,6 +124,7 @@ async def sketch_rate(dsn: str, concurrency: int, run: str, start_at: float) -> 
     meta = msgspec.json.encode(
         Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
     ).decode()
+    condition = f"application-{app.client_id}"  # every token's, as on the log
     count = 0
     await asyncio.sleep(max(0.0, start_at - time.time()))
     deadline = time.perf_counter() + SECONDS
@@ -121,8 +135,9 @@ async def sketch_rate(dsn: str, concurrency: int, run: str, start_at: float) -> 
         while time.perf_counter() < deadline:
             rows = [payloads[(n + k) % len(payloads)] for k in range(size)]
             streams = [f"{run}-{w}-{n + k}" for k in range(size)]
-            await conn.execute(_SKETCH_APPEND, streams, [app.company_id] * size, rows,
-                               [meta] * size)  # fmt: skip
+            if not await conn.fetchval(_SKETCH_APPEND, streams, [app.company_id] * size, rows,
+                                       [meta] * size, condition):  # fmt: skip
+                raise RuntimeError(f"the sketch refused a batch on {condition}")
             n += size
             count += size
 
@@ -420,7 +435,9 @@ async def appending_processes(dsn: str, concurrency: int = 64, rounds: int = ROU
           "them, a sketch of a log whose commits do not take turns, written by the same "
           "processes: the same rows with no writers' lock (each process "
           f"{SKETCH_CONNECTIONS} connections committing batches of its share, positions "
-          "from a sequence, each row's transaction id indexed), and a sealer in the bench "
+          "from a sequence, each row's transaction id indexed, each batch's condition on "
+          "the application's version checked under a shared per-stream lock), and a sealer "
+          "in the bench "
           "process that numbers and chains the settled rows behind the commits; against the "
           "same round's pgbench, with the most rows any round left unchained when its "
           "appends stopped.\n")  # fmt: skip
