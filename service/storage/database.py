@@ -102,9 +102,9 @@ def dropped_after(dsn: str) -> float | None:
     """About how long after a client of `dsn` last spoke the server drops its session over
     TCP (Linux), from the peer timeouts the connection sets; None when DATABASE_URL sets
     one that cannot be read (the server refuses it at the start), or names Unix sockets
-    only. 0 is the system's
-    default: 2 h 11 min of keepalive, or no user timeout. With a user timeout the server
-    gives up once a keepalive probe goes out after the timeout; without, after the probes."""
+    only. 0 is the system's default: 2 h 11 min of keepalive, or no user timeout. With a
+    user timeout the server gives up once a keepalive probe goes out after the timeout;
+    without, after the probes."""
     if _unix_sockets_only(dsn):
         return None  # no TCP: a session ends when its client's process does
     given = {**PEER_TIMEOUTS, **url_settings(dsn)}

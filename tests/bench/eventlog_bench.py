@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,9 +35,11 @@ SECONDS = 5.0
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONCURRENCY = (1, 16, 64)
 CATCH_UP_TOKENS = 182_000
+#: the application whose tokens every run of this section writes
+APP = application("bench", 0)
 # Built once: the runs measure writing events, not making them.
 EVENTS = [
-    token(application("bench", 0), n) for n in range(1000)
+    token(APP, n) for n in range(1000)
 ]  # with revocations and the rest, a log of a little over 200,000
 
 
@@ -47,6 +50,26 @@ def token_stream() -> str:
     events they appended about 38% more a second (18,669 against 13,502), and random ones
     wrote a full-page image for every 2 to 5 appends in the minutes after a checkpoint."""
     return streams.token_family(streams.lone_family(secrets.token_hex(32)))
+
+
+#: the rows the baselines and the sketch write, as text: EVENTS' payloads, one request's metadata
+PAYLOADS = [encode(e).decode() for e in EVENTS]
+METADATA = msgspec.json.encode(
+    Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
+).decode()
+
+
+async def rate_on(
+    conns: list[asyncpg.Connection], work: Callable[[asyncpg.Connection], Awaitable[int]]
+) -> float:
+    """Rows a second that `work` committed on all of `conns` at once (each call returns how
+    many it did); the connections are closed after."""
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(work(conn) for conn in conns))
+    elapsed = time.perf_counter() - started
+    for conn in conns:
+        await conn.close()
+    return sum(counts) / elapsed
 
 
 async def append_rate(dsn: str, concurrency: int, start_at: float | None = None) -> float:
@@ -130,34 +153,22 @@ async def sketch_rate(dsn: str, concurrency: int, start_at: float) -> float:
     flight, as SKETCH_CONNECTIONS connections each committing a batch of its share."""
     size = max(1, concurrency // SKETCH_CONNECTIONS)
     conns = [await asyncpg.connect(dsn) for _ in range(SKETCH_CONNECTIONS)]
-    app = application("bench", 0)
-    payloads = [encode(e).decode() for e in EVENTS]
-    meta = msgspec.json.encode(
-        Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
-    ).decode()
-    condition = f"application-{app.client_id}"  # every token's, as on the log
-    count = 0
+    condition = f"application-{APP.client_id}"  # every token's, as on the log
     await asyncio.sleep(max(0.0, start_at - time.time()))
     deadline = time.perf_counter() + SECONDS
 
-    async def writer(conn: asyncpg.Connection) -> None:
-        nonlocal count
+    async def writer(conn: asyncpg.Connection) -> int:
         n = 0
         while time.perf_counter() < deadline:
-            rows = [payloads[(n + k) % len(payloads)] for k in range(size)]
+            rows = [PAYLOADS[(n + k) % len(PAYLOADS)] for k in range(size)]
             ids = [token_stream() for _ in range(size)]
-            if not await conn.fetchval(_SKETCH_APPEND, ids, [app.company_id] * size, rows,
-                                       [meta] * size, condition):  # fmt: skip
+            if not await conn.fetchval(_SKETCH_APPEND, ids, [APP.company_id] * size, rows,
+                                       [METADATA] * size, condition):  # fmt: skip
                 raise RuntimeError(f"the sketch refused a batch on {condition}")
             n += size
-            count += size
+        return n
 
-    started = time.perf_counter()
-    await asyncio.gather(*(writer(c) for c in conns))
-    elapsed = time.perf_counter() - started
-    for conn in conns:
-        await conn.close()
-    return count / elapsed
+    return await rate_on(conns, writer)
 
 
 async def seal(dsn: str, stop: asyncio.Event) -> int:
@@ -245,11 +256,6 @@ async def bare_insert_rate(dsn: str, concurrency: int, *, same_rows: bool) -> fl
     table shaped like `events` with the same indexes; otherwise a small two-column row.
     """
     conns = [await asyncpg.connect(dsn) for _ in range(concurrency)]
-    app = application("bench", 0)
-    payloads = [encode(e).decode() for e in EVENTS]
-    meta = msgspec.json.encode(
-        Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
-    )
     if same_rows:
         await conns[0].execute(
             "DROP TABLE IF EXISTS bench_rows; "
@@ -268,28 +274,21 @@ async def bare_insert_rate(dsn: str, concurrency: int, *, same_rows: bool) -> fl
             "payload jsonb)"
         )
         sql = "INSERT INTO bench_bare (stream, payload) VALUES ($1, $2)"
-    count = 0
     deadline = time.perf_counter() + SECONDS
 
-    async def worker(conn: asyncpg.Connection) -> None:
-        nonlocal count
+    async def worker(conn: asyncpg.Connection) -> int:
         n = 0
         while time.perf_counter() < deadline:
             if same_rows:
-                payload = payloads[n % len(payloads)]
-                args = (token_stream(), app.company_id, payload, meta.decode(), bytes(32))
+                payload = PAYLOADS[n % len(PAYLOADS)]
+                args = (token_stream(), APP.company_id, payload, METADATA, bytes(32))
             else:
                 args = (token_stream(), '{"n": 1}')
             await conn.execute(sql, *args)
             n += 1
-            count += 1
+        return n
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
-    elapsed = time.perf_counter() - started
-    for conn in conns:
-        await conn.close()
-    return count / elapsed
+    return await rate_on(conns, worker)
 
 
 _PGBENCH_SCRIPT = """\\set n random(1, 1000000000000)
@@ -315,18 +314,14 @@ async def pgbench_rate(dsn: str, concurrency: int) -> float | None:
         )
     finally:
         await conn.close()
-    app = application("bench", 0)
-    meta = msgspec.json.encode(
-        Metadata(actor="client:bench", request_id="r", client_ip="192.0.2.7")
-    )
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
         script.write(_PGBENCH_SCRIPT)
         script.flush()
         command = [
             exe, "--no-vacuum", "--protocol=prepared", f"--client={concurrency}",
             f"--jobs={min(concurrency, 2)}", f"--time={SECONDS:.0f}", f"--file={script.name}",
-            f"--define=company={app.company_id}", f"--define=payload={encode(EVENTS[0]).decode()}",
-            f"--define=metadata={meta.decode()}", f"--define=hash=\\x{bytes(32).hex()}", dsn,
+            f"--define=company={APP.company_id}", f"--define=payload={PAYLOADS[0]}",
+            f"--define=metadata={METADATA}", f"--define=hash=\\x{bytes(32).hex()}", dsn,
         ]  # fmt: skip
         result = await asyncio.to_thread(
             subprocess.run, command, capture_output=True, text=True, check=False
@@ -446,8 +441,7 @@ async def appending_processes(dsn: str, concurrency: int = 64, rounds: int = ROU
           f"{SKETCH_CONNECTIONS} connections committing batches of its share, positions "
           "from a sequence, each row's transaction id indexed, each batch's condition on "
           "the application's version checked under a shared per-stream lock), and a sealer "
-          "in the bench "
-          "process that numbers and chains the settled rows behind the commits; against the "
+          "in the bench process that numbers and chains the settled rows behind the commits; against the "
           "same round's pgbench, with the most rows any round left unchained when its "
           "appends stopped.\n")  # fmt: skip
     print(
@@ -495,8 +489,8 @@ def median_pair(pairs: list[tuple[float, float | None]]) -> tuple[float, float |
 
 
 if __name__ == "__main__":
-    # One appending process of `appenders_rate`: [--sketch] DSN START_AT CONCURRENCY;
-    # prints its rate.
+    # One appending process of `_processes`: [--sketch] DSN START_AT CONCURRENCY; prints
+    # its rate.
     from service.logs import configure_logging
 
     configure_logging("console", "warning")  # to stderr: stdout carries the rate alone
