@@ -61,28 +61,29 @@ CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
 -- to know the head, so writers in any number of processes each commit a batch in one round
 -- trip, and the lock is held for this statement and its commit only.
 --
--- The appends, in order: p_streams, p_stream_json (the stream id as the hash covers it,
--- JSON), p_expected (NULL: any version), p_counts (how many events each has) and p_slots
--- (each distinct stream of the batch, its conditions' included, numbered from 1: where its
--- version is kept while the batch is checked). Their conditions: p_condition_of (the
--- append's index, ascending), p_condition_slots, p_condition_streams and
--- p_condition_versions. Every append's events in order: p_event_of (the append's index),
--- p_tails (what the hash covers after the version: `,"type",schema_version,company_id,
--- payload,metadata,"recorded_at"]`, see service/eventlog/chain.py), p_types,
--- p_schema_versions, p_companies, p_payloads and p_metadata (JSON text, stored as given:
--- the bytes the hash covers).
+-- The appends, in order: p_streams, p_expected (NULL: any version), p_counts (how many
+-- events each has) and p_slots (each distinct stream of the batch, its conditions'
+-- included, numbered from 1: where its version is kept while the batch is checked). Their
+-- conditions: p_condition_of (the append's index, ascending), p_condition_slots,
+-- p_condition_streams and p_condition_versions. Every append's events in order: p_event_of
+-- (the append's index), p_digests (each event's content digest, 32 bytes an event, one
+-- after the other: SHA-256 of `[stream,"type",schema_version,company_id,payload,metadata,
+-- "recorded_at"]`, see service/eventlog/chain.py), p_types, p_schema_versions, p_companies,
+-- p_payloads and p_metadata (JSON text, stored as given: the bytes the digest covers).
+-- The writer computes the digests before the call, outside the lock: under it, an event's
+-- link hashes 76 bytes (the previous hash, the position and version it gets here, the
+-- digest) instead of all it holds, and its payload and metadata travel once.
 -- p_probe_new false: a stream expected at version 0 and not seen before in the batch is new
 -- without a look-up (the (stream_id, version) key refuses it if it exists; the writer then
 -- calls again with true, and every stream is looked up).
 -- Returns a JSON array, per append: its first position, or [stream, expected, actual] for
 -- the version that did not match (that append alone is not written).
-CREATE OR REPLACE FUNCTION events_append(
-    p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
-    p_slots integer[], p_condition_of integer[], p_condition_slots integer[],
-    p_condition_streams text[], p_condition_versions integer[],
-    p_event_of integer[], p_tails text[], p_types text[], p_schema_versions smallint[],
-    p_companies text[], p_payloads text[], p_metadata text[], p_recorded timestamptz,
-    p_probe_new boolean)
+CREATE OR REPLACE FUNCTION events_append_batch(
+    p_streams text[], p_expected integer[], p_counts integer[], p_slots integer[],
+    p_condition_of integer[], p_condition_slots integer[], p_condition_streams text[],
+    p_condition_versions integer[], p_event_of integer[], p_digests bytea, p_types text[],
+    p_schema_versions smallint[], p_companies text[], p_payloads text[], p_metadata text[],
+    p_recorded timestamptz, p_probe_new boolean)
 RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -128,6 +129,10 @@ DECLARE
     j integer;
     v integer;
 BEGIN
+    IF octet_length(p_digests) IS DISTINCT FROM 32 * cardinality(p_event_of) THEN
+        RAISE EXCEPTION 'p_digests holds % bytes for % events', octet_length(p_digests),
+            cardinality(p_event_of) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- The writers' lock (events_writer, above), held until the commit is visible. First
     -- ROW EXCLUSIVE on events, which the INSERT takes anyway: a call of the body this one
     -- replaced (which locked events itself, in EXCLUSIVE mode), still running while the
@@ -182,9 +187,8 @@ BEGIN
         results := results || (pos + 1)::text;
         -- event k of this append: position pos + k - i, version versions[j] + k - i
         FOR k IN i + 1 .. i + p_counts[n] LOOP
-            previous := sha256(previous || convert_to(
-                concat('[', pos + k - i, ',', p_stream_json[n], ',', versions[j] + k - i,
-                       p_tails[k]), 'UTF8'));
+            previous := sha256(previous || int8send(pos + k - i) || int4send(versions[j] + k - i)
+                               || substring(p_digests FROM k * 32 - 31 FOR 32));
             hashes[k] := previous;
             IF announcing THEN
                 item := concat('[', pos + k - i, ',', versions[j] + k - i, ',',
@@ -232,6 +236,48 @@ END $$;
 -- elements between U+001E, a company's NULL as U+001F (JSON escapes both, and the writer
 -- sends arrays instead when a raw text holds one), an integer array as its literal. The
 -- client encodes one text at once, not an array element by element.
+CREATE OR REPLACE FUNCTION events_append_batch_packed(
+    p_streams text, p_expected text, p_counts text, p_slots text, p_condition_of text,
+    p_condition_slots text, p_condition_streams text, p_condition_versions text,
+    p_event_of text, p_digests bytea, p_types text, p_schema_versions text,
+    p_companies text, p_payloads text, p_metadata text, p_recorded timestamptz,
+    p_probe_new boolean)
+RETURNS text
+LANGUAGE sql AS $$
+    SELECT events_append_batch(
+        string_to_array(p_streams, E'\x1e'), p_expected::integer[], p_counts::integer[],
+        p_slots::integer[], p_condition_of::integer[], p_condition_slots::integer[],
+        string_to_array(p_condition_streams, E'\x1e'), p_condition_versions::integer[],
+        p_event_of::integer[], p_digests, string_to_array(p_types, E'\x1e'),
+        p_schema_versions::smallint[], string_to_array(p_companies, E'\x1e', E'\x1f'),
+        string_to_array(p_payloads, E'\x1e'), string_to_array(p_metadata, E'\x1e'),
+        p_recorded, p_probe_new)
+$$;
+
+-- What processes of the previous version call while hosts are rolled one at a time: the
+-- batch with what the hash covers after each event's version (p_tails:
+-- `,"type",schema_version,company_id,payload,metadata,"recorded_at"]`) and each append's
+-- stream as JSON, from which the digests are computed here. Their events are chained as
+-- the new version's are.
+CREATE OR REPLACE FUNCTION events_append(
+    p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
+    p_slots integer[], p_condition_of integer[], p_condition_slots integer[],
+    p_condition_streams text[], p_condition_versions integer[],
+    p_event_of integer[], p_tails text[], p_types text[], p_schema_versions smallint[],
+    p_companies text[], p_payloads text[], p_metadata text[], p_recorded timestamptz,
+    p_probe_new boolean)
+RETURNS text
+LANGUAGE sql AS $$
+    SELECT events_append_batch(
+        p_streams, p_expected, p_counts, p_slots, p_condition_of, p_condition_slots,
+        p_condition_streams, p_condition_versions, p_event_of,
+        (SELECT string_agg(sha256(convert_to(concat('[', p_stream_json[e.n], e.tail), 'UTF8')),
+                           ''::bytea ORDER BY e.k)
+         FROM unnest(p_event_of, p_tails) WITH ORDINALITY AS e(n, tail, k)),
+        p_types, p_schema_versions, p_companies, p_payloads, p_metadata, p_recorded,
+        p_probe_new)
+$$;
+
 CREATE OR REPLACE FUNCTION events_append_packed(
     p_streams text, p_stream_json text, p_expected text, p_counts text,
     p_slots text, p_condition_of text, p_condition_slots text,
@@ -252,8 +298,8 @@ LANGUAGE sql AS $$
         string_to_array(p_metadata, E'\x1e'), p_recorded, p_probe_new)
 $$;
 
--- What processes of the previous version call while hosts are rolled one at a time: the
--- same batch without slots, each stream numbered here.
+-- What processes of two versions back call: the same batch without slots, each stream
+-- numbered here.
 CREATE OR REPLACE FUNCTION events_append(
     p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
     p_condition_of integer[], p_condition_streams text[], p_condition_versions integer[],

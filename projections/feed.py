@@ -129,7 +129,7 @@ class MemoryFeed:
 
     def apply_announced(self, first: int, last: int, events: str) -> None:
         """Apply a batch another process committed, from the notification its commit sent
-        (`events_append`), when it directly follows what the models hold: notifications
+        (`events_append_batch`), when it directly follows what the models hold: notifications
         arrive in commit order, and positions follow it. What is already here (this
         process's own, applied by `apply_own`) is skipped before anything is decoded; a
         batch after a gap (one too large to be announced, a notification lost) is left to

@@ -5,9 +5,9 @@ Why no reader ever skips an event
 A log ordered by a sequence has a classic gap problem: writer A takes position 10,
 writer B takes 11 and commits first; a reader that sees 11 and moves its checkpoint past
 10 never sees A's event. Tollgate closes it by serialising appends: each append
-transaction first takes the writers' lock (`LOCK TABLE events_writer IN EXCLUSIVE MODE`, in
-`events_append`, schema.sql), which conflicts with itself but not with readers. Positions
-are handed out under that lock and the lock is held until commit, after the commit has
+transaction first takes the writers' lock (`LOCK TABLE events_writer IN EXCLUSIVE MODE`,
+in `events_append_batch`, schema.sql), which conflicts with itself but not with readers.
+Positions are handed out under that lock and the lock is held until commit, after the commit has
 become visible, so positions are dense and follow commit order, and every snapshot sees a
 prefix of the log. This is the design of eventsourcing's `_lock_table`, with the lock on
 a table of its own that is never written: `events` itself in EXCLUSIVE mode also
@@ -23,9 +23,10 @@ in its queue and writes them in one statement, one multi-row INSERT and one WAL 
 Each append is still checked on its own (a stale expected version fails that append
 alone), and its future resolves only after the commit.
 
-The lock is held for that one statement (`events_append`) and its commit, never across a
-round trip to a process: the statement checks the versions, hands out positions and
-versions and chains the hashes itself, reading the head of the chain under the lock. No
+The lock is held for that one statement (`events_append_batch`) and its commit, never
+across a round trip to a process: the statement checks the versions, hands out positions
+and versions and chains the hashes itself, reading the head of the chain under the lock
+(the writer sends each event's digest, so that it hashes a few bytes an event). No
 writer needs to know the head, so writers in several processes interleave their batches
 without a second round trip, and none holds the lock while its event loop is busy.
 
@@ -97,7 +98,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CHANNEL = "tollgate_events"
-#: commits announced with their events (schema.sql, `events_append`)
+#: commits announced with their events (schema.sql, `events_append_batch`)
 BATCHES = "tollgate_batches"
 
 _COLUMNS = (

@@ -1,9 +1,18 @@
 """The hash chain over the event log: what each event's `hash` covers, and its verification.
 
-hash(n) = SHA-256(hash(n-1) || canonical(n)), where canonical(n) is a JSON array of the
-event's position, stream, version, type, schema version, tenant, payload and metadata (the
-exact JSON stored, keys sorted) and recorded time. Positions are dense, so a deleted event
-shows up as a gap, a changed or moved event as a hash that no longer matches.
+hash(n) = SHA-256(hash(n-1) || position(n) || version(n) || digest(n)), the position as 8
+bytes and the version as 4 (big-endian, as PostgreSQL's int8send and int4send write them),
+and digest(n) = SHA-256(content(n)), where content(n) is a JSON array of the event's
+stream, type, schema version, tenant, payload and metadata (the exact JSON stored) and
+recorded time. Positions are dense, so a deleted event shows up as a gap, a changed or
+moved event as a hash that no longer matches.
+
+The writer computes each digest before it appends (service/eventlog/appends.py), so that
+under the writers' lock the database hashes 76 bytes an event, not all the event holds.
+Events written before that chained the whole of it: hash(n) = SHA-256(hash(n-1) ||
+canonical(n)), canonical(n) being content(n) with the position before the stream and the
+version after it (`event_hash_whole`). A link holds if it is either; each commits to the
+previous hash and all of the event, so neither can be forged without breaking SHA-256.
 """
 
 from __future__ import annotations
@@ -25,6 +34,12 @@ def timestamp(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
+def link(previous: bytes, position: int, version: int, digest: bytes) -> bytes:
+    """The hash of the event at `position` and `version` whose content has `digest`."""
+    at = position.to_bytes(8, "big", signed=True) + version.to_bytes(4, "big", signed=True)
+    return hashlib.sha256(previous + at + digest).digest()
+
+
 def event_hash(
     previous: bytes,
     *,
@@ -39,6 +54,24 @@ def event_hash(
     recorded_at: str,
 ) -> bytes:
     """`recorded_at` is the ISO 8601 form with microseconds (see `timestamp`)."""
+    content = _content(stream_id, type, schema_version, company_id, payload, metadata, recorded_at)
+    return link(previous, position, version, hashlib.sha256(content).digest())
+
+
+def event_hash_whole(
+    previous: bytes,
+    *,
+    position: int,
+    stream_id: str,
+    version: int,
+    type: str,
+    schema_version: int,
+    company_id: str | None,
+    payload: bytes,
+    metadata: bytes,
+    recorded_at: str,
+) -> bytes:
+    """The hash as events written before the digests were chained: over all they hold."""
     body = _canonical.encode(
         [
             position,
@@ -53,6 +86,28 @@ def event_hash(
         ]
     )
     return hashlib.sha256(previous + body).digest()
+
+
+def _content(
+    stream_id: str,
+    type: str,
+    schema_version: int,
+    company_id: str | None,
+    payload: bytes,
+    metadata: bytes,
+    recorded_at: str,
+) -> bytes:
+    return _canonical.encode(
+        [
+            stream_id,
+            type,
+            schema_version,
+            company_id,
+            msgspec.Raw(payload),
+            msgspec.Raw(metadata),
+            recorded_at,
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +137,7 @@ async def verify(rows: AsyncIterator[Any]) -> VerifyResult:
     previous = GENESIS
     expected_position = 1
     checked = 0
+    forms = (event_hash, event_hash_whole)
     async for row in rows:
         position = row["position"]
         if position != expected_position:
@@ -95,21 +151,26 @@ async def verify(rows: AsyncIterator[Any]) -> VerifyResult:
                 missing = f"position {position} appears out of order"
             broken = BrokenLink(expected_position, missing)
             return VerifyResult(checked, position, broken, previous)
-        digest = event_hash(
-            previous,
-            position=position,
-            stream_id=row["stream_id"],
-            version=row["version"],
-            type=row["type"],
-            schema_version=row["schema_version"],
-            company_id=row["company_id"],
-            payload=row["payload"].encode(),
-            metadata=row["metadata"].encode(),
-            recorded_at=timestamp(row["recorded_at"]),
-        )
-        if digest != bytes(row["hash"]):
-            reason = "content does not match its hash (changed, or moved from another position)"
-            return VerifyResult(checked, position, BrokenLink(position, reason), previous)
+        fields = {
+            "position": position,
+            "stream_id": row["stream_id"],
+            "version": row["version"],
+            "type": row["type"],
+            "schema_version": row["schema_version"],
+            "company_id": row["company_id"],
+            "payload": row["payload"].encode(),
+            "metadata": row["metadata"].encode(),
+            "recorded_at": timestamp(row["recorded_at"]),
+        }
+        stored = bytes(row["hash"])
+        first, second = forms  # the previous link's form first: most logs need one
+        digest = first(previous, **fields)
+        if digest != stored:
+            digest = second(previous, **fields)
+            if digest != stored:
+                reason = "content does not match its hash (changed, or moved from another position)"
+                return VerifyResult(checked, position, BrokenLink(position, reason), previous)
+            forms = (second, first)
         previous = digest
         expected_position += 1
         checked += 1

@@ -6,6 +6,8 @@ Marked `eventlog`: CI runs this module once more against a second PostgreSQL maj
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -19,6 +21,7 @@ from service.eventlog import (
     EventLogRefused,
     EventLogUnavailable,
     Metadata,
+    chain,
 )
 from service.storage.database import apply_schema, create_pool
 
@@ -365,6 +368,64 @@ async def test_verify_names_swapped_events(eventlog: EventLog, db):
     )
     result = await verify_log(db.pool)
     assert result.broken.position == 3
+
+
+async def _chained_whole(db, count: int) -> None:
+    """`count` events as versions before the digests chained them: each link over all the
+    event holds (chain.event_hash_whole), as such a log holds them."""
+    previous = chain.GENESIS
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    async with db.pool.acquire() as conn:
+        for position in range(1, count + 1):
+            event = company(100 + position)
+            payload, metadata = ev.encode(event).decode(), f'{{"actor":"user:{position}"}}'
+            previous = chain.event_hash_whole(
+                previous, position=position, stream_id=f"old-{position}", version=1,
+                type="CompanyCreated", schema_version=1, company_id=event.company_id,
+                payload=payload.encode(), metadata=metadata.encode(),
+                recorded_at=chain.timestamp(moment),
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO events VALUES ($1, $2, 1, 'CompanyCreated', 1, $3, $4, $5, $6, $7)",
+                position, f"old-{position}", event.company_id, payload, metadata, moment,
+                previous,
+            )  # fmt: skip
+
+
+async def test_a_log_chained_over_whole_events_verifies_on_after_the_digests(
+    eventlog: EventLog, db
+):
+    """A log whose first links were written over all each event held, as before the
+    writers sent digests, goes on with links over the digests: `verify` accepts both forms
+    of link, and names a change on either side of where one form gives way to the other."""
+    await _chained_whole(db, 5)
+    await _ten_events(eventlog)  # positions 6 to 15, chained on the last whole link
+    result = await verify_log(db.pool, batch=4)
+    assert result.ok and result.checked == 15
+    assert result.head_hash == (await eventlog.read_all(14, 1))[0].hash
+    for position, change in [
+        (3, """payload = jsonb_set(payload::jsonb, '{name}', '"Evil"')::json"""),
+        (5, "recorded_at = recorded_at + interval '1 microsecond'"),
+        (6, """metadata = jsonb_set(metadata::jsonb, '{actor}', '"user:x"')::json"""),
+    ]:
+        async with db.pool.acquire() as conn:
+            changed = conn.transaction()
+            await changed.start()
+            try:
+                await conn.execute("SET LOCAL session_replication_role = replica")
+                await conn.execute(f"UPDATE events SET {change} WHERE position = {position}")
+                rows = await conn.fetch("SELECT * FROM events ORDER BY position")
+                result = await chain.verify(_iterated(rows))
+            finally:
+                await changed.rollback()  # undone for the next change
+        assert result.broken is not None, change
+        assert (result.broken.position, result.checked) == (position, position - 1), change
+    assert (await verify_log(db.pool)).ok
+
+
+async def _iterated(rows: list[asyncpg.Record]) -> AsyncIterator[asyncpg.Record]:
+    for row in rows:
+        yield row
 
 
 async def test_verify_names_a_deleted_last_event_by_head_hash_change(eventlog: EventLog, db):

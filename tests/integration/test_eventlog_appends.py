@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from service import events as ev
 from service.audit.verify import verify_log
-from service.eventlog import ConcurrencyError, EventLog, Metadata, decode_lean
+from service.eventlog import ConcurrencyError, EventLog, Metadata, chain, decode_lean
 from service.eventlog.appends import APPEND, APPEND_PACKED, Append, Plan
+from service.storage import packed as packing
 from service.storage.database import create_pool, schema_sql
 from service.storage.packed import NULL, SEPARATOR
 
@@ -172,7 +175,8 @@ def test_a_batch_travels_packed_unless_a_raw_text_would_not_split_back():
     into other elements, and such a batch goes as arrays."""
     plain = plan_of(("s", [company(1, AWKWARD)], [("app", 1)]))
     assert plain.statement == APPEND_PACKED
-    assert plain.args[0] == "s" and plain.args[2] == "{0}" and plain.args[-1] == plain.recorded_at
+    assert plain.args[0] == "s" and plain.args[1] == "{0}" and plain.args[-1] == plain.recorded_at
+    assert plain.args[9] == plain.arrays[9] and len(plain.args[9]) == 32  # the digest, as bytes
     for stream, event, conditions in [
         (f"s{SEPARATOR}t", company(1), []),
         (f"s{NULL}t", company(1), []),
@@ -244,13 +248,47 @@ async def test_packed_and_unpackable_batches_are_written_as_given(eventlog: Even
     assert result.ok and result.checked == 9
 
 
-async def test_a_process_of_the_previous_version_appends_as_it_did(eventlog: EventLog, db):
-    """While hosts are rolled one at a time, the previous version calls events_append
-    without the streams' numbers: versions, conditions and conflicts are decided as
-    before, and the chain stays intact."""
+def previous_arrays(plan: Plan) -> tuple[Any, ...]:
+    """The batch as the previous version sent it to `events_append`: with each append's
+    stream as JSON (2nd) and, for each event, what its hash covered after its version
+    (11th) instead of the digests, as that version's writer encoded them."""
+    (streams, expected, counts, slots, condition_of, condition_slots, condition_streams,
+     condition_versions, event_of, _digests, types, schema_versions, companies, payloads,
+     metadata, recorded_at) = plan.arrays  # fmt: skip
+    stamp = msgspec.json.encode(chain.timestamp(recorded_at)).decode()
+    tails = [
+        f",{msgspec.json.encode([t, v, c])[1:-1].decode()},{p},{m},{stamp}]"
+        for t, v, c, p, m in zip(types, schema_versions, companies, payloads, metadata, strict=True)
+    ]
+    stream_json = [msgspec.json.encode(s).decode() for s in streams]
+    return (streams, stream_json, expected, counts, slots, condition_of, condition_slots,
+            condition_streams, condition_versions, event_of, tails, types, schema_versions,
+            companies, payloads, metadata, recorded_at)  # fmt: skip
+
+
+def mixed_batch(loop: asyncio.AbstractEventLoop, after: int, name: str) -> Plan:
+    """Appends after `after` events of stream "app": two in turn, a new stream `name` on a
+    condition that holds, one on a condition that moved, and one at any version (awkward
+    text in a stream, a payload and metadata)."""
+    return Plan.build([
+        Append("app", after, [company(1)], Metadata(), (), loop.create_future()),
+        Append("app", after + 1, [company(2, AWKWARD)], Metadata(), (), loop.create_future()),
+        Append(f"{name}{AWKWARD}", 0, [company(3)], Metadata(actor=AWKWARD),
+               [("app", after + 2)], loop.create_future()),
+        Append("stale", 0, [company(4)], Metadata(), [("app", 1)], loop.create_future()),
+        Append("app", None, [company(5)] * 2, Metadata(), (), loop.create_future()),
+    ])  # fmt: skip
+
+
+async def test_processes_of_the_two_versions_before_append_as_they_did(eventlog: EventLog, db):
+    """While hosts are rolled one at a time, a process of the previous version calls
+    `events_append` (or its packed form) with what the hash covers after each version, and
+    one of the version before it without the streams' numbers either: versions, conditions
+    and conflicts are decided as before, and their events chain on as the new version's do,
+    leaving one intact chain."""
     async with db.pool.acquire() as conn:
-        # A database that had the previous function: the schema replaces it (in another
-        # language), as a start of the new version does.
+        # A database that had the function two versions back: the schema replaces it (in
+        # another language), as a start of the new version does.
         await conn.execute(
             f"DROP FUNCTION events_append({', '.join(OLD_SIGNATURE)}); "
             f"CREATE FUNCTION events_append({', '.join(OLD_SIGNATURE)}) RETURNS text "
@@ -259,23 +297,43 @@ async def test_a_process_of_the_previous_version_appends_as_it_did(eventlog: Eve
         await conn.execute(schema_sql())
     assert await eventlog.append("app", 0, [company(0)]) == [1]
     loop = asyncio.get_running_loop()
-    plan = Plan.build([
-        Append("app", 1, [company(1)], Metadata(), (), loop.create_future()),
-        Append("app", 2, [company(2)], Metadata(), (), loop.create_future()),
-        Append("token", 0, [company(3)], Metadata(), [("app", 3)], loop.create_future()),
-        Append("stale", 0, [company(4)], Metadata(), [("app", 1)], loop.create_future()),
-        Append("app", None, [company(5)] * 2, Metadata(), (), loop.create_future()),
-    ])  # fmt: skip
-    # The previous version's arguments: without p_slots (5th) and p_condition_slots (7th).
-    old = tuple(a for n, a in enumerate(plan.arrays) if n not in (4, 6))
+    previous = previous_arrays(mixed_batch(loop, 5, "packed"))
+    # Packed as that version packed it: raw texts (stream ids, condition streams, types,
+    # companies), JSON texts, integers.
+    packed = [
+        packing.texts(array) if n in (0, 7, 11, 13)
+        else packing.clean_texts(array) if n in (1, 10, 14, 15)
+        else packing.numbers(array)
+        for n, array in enumerate(previous[:-1])
+    ] + [previous[-1]]  # fmt: skip
+    # Two versions back: without p_slots (5th) and p_condition_slots (7th).
+    arrays = previous_arrays(mixed_batch(loop, 1, "arrays"))
+    before = previous_arrays(mixed_batch(loop, 9, "before"))
+    before = tuple(a for n, a in enumerate(before) if n not in (4, 6))
+    calls = [("events_append", arrays), ("events_append_packed", tuple(packed)),
+             ("events_append", before)]  # fmt: skip
+    answers = []
     async with db.pool.acquire() as conn:
-        answer = await conn.fetchval(
-            f"SELECT events_append({', '.join(f'${n}' for n in range(1, 17))})", *old, False
-        )
-    assert answer == '[2,3,4,["app",1,3],5]'
-    assert [r.version for r in await eventlog.read_stream("app")] == [1, 2, 3, 4, 5]
+        for function, args in calls:
+            placeholders = ", ".join(f"${n}" for n in range(1, len(args) + 2))
+            answers.append(await conn.fetchval(f"SELECT {function}({placeholders})", *args, False))
+    assert answers == [
+        '[2,3,4,["app",1,3],5]', '[7,8,9,["app",1,7],10]', '[12,13,14,["app",1,11],15]'
+    ]  # fmt: skip
+    assert [r.version for r in await eventlog.read_stream("app")] == list(range(1, 14))
     result = await verify_log(db.pool)
-    assert result.ok and result.checked == 6
+    assert result.ok and result.checked == 16
+    # The same chain as the new version's own appends leave: one form of link throughout.
+    rows = await db.pool.fetch("SELECT * FROM events ORDER BY position")
+    previous_hash = chain.GENESIS
+    for row in rows:
+        previous_hash = chain.event_hash(
+            previous_hash, position=row["position"], stream_id=row["stream_id"],
+            version=row["version"], type=row["type"], schema_version=row["schema_version"],
+            company_id=row["company_id"], payload=row["payload"].encode(),
+            metadata=row["metadata"].encode(), recorded_at=chain.timestamp(row["recorded_at"]),
+        )  # fmt: skip
+        assert bytes(row["hash"]) == previous_hash, row["position"]
 
 
 OLD_SIGNATURE = (
