@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -40,74 +40,35 @@ def link(previous: bytes, position: int, version: int, digest: bytes) -> bytes:
     return hashlib.sha256(previous + at + digest).digest()
 
 
-def event_hash(
-    previous: bytes,
-    *,
-    position: int,
-    stream_id: str,
-    version: int,
-    type: str,
-    schema_version: int,
-    company_id: str | None,
-    payload: bytes,
-    metadata: bytes,
-    recorded_at: str,
-) -> bytes:
-    """`recorded_at` is the ISO 8601 form with microseconds (see `timestamp`)."""
-    content = _content(stream_id, type, schema_version, company_id, payload, metadata, recorded_at)
-    return link(previous, position, version, hashlib.sha256(content).digest())
+class Content(NamedTuple):
+    """What an event's digest covers. `recorded_at` is the ISO 8601 form with microseconds
+    (see `timestamp`); `payload` and `metadata` the exact JSON stored."""
+
+    stream_id: str
+    type: str
+    schema_version: int
+    company_id: str | None
+    payload: bytes
+    metadata: bytes
+    recorded_at: str
+
+    def encoded(self, *, at: tuple[int, int] | None = None) -> bytes:
+        """As a JSON array; `at` (position, version): the whole event's form, the position
+        before the stream and the version after it."""
+        head = [self.stream_id] if at is None else [at[0], self.stream_id, at[1]]
+        return _canonical.encode([
+            *head, self.type, self.schema_version, self.company_id, msgspec.Raw(self.payload),
+            msgspec.Raw(self.metadata), self.recorded_at,
+        ])  # fmt: skip
 
 
-def event_hash_whole(
-    previous: bytes,
-    *,
-    position: int,
-    stream_id: str,
-    version: int,
-    type: str,
-    schema_version: int,
-    company_id: str | None,
-    payload: bytes,
-    metadata: bytes,
-    recorded_at: str,
-) -> bytes:
+def event_hash(previous: bytes, position: int, version: int, content: Content) -> bytes:
+    return link(previous, position, version, hashlib.sha256(content.encoded()).digest())
+
+
+def event_hash_whole(previous: bytes, position: int, version: int, content: Content) -> bytes:
     """The hash as events written before the digests were chained: over all they hold."""
-    body = _canonical.encode(
-        [
-            position,
-            stream_id,
-            version,
-            type,
-            schema_version,
-            company_id,
-            msgspec.Raw(payload),
-            msgspec.Raw(metadata),
-            recorded_at,
-        ]
-    )
-    return hashlib.sha256(previous + body).digest()
-
-
-def _content(
-    stream_id: str,
-    type: str,
-    schema_version: int,
-    company_id: str | None,
-    payload: bytes,
-    metadata: bytes,
-    recorded_at: str,
-) -> bytes:
-    return _canonical.encode(
-        [
-            stream_id,
-            type,
-            schema_version,
-            company_id,
-            msgspec.Raw(payload),
-            msgspec.Raw(metadata),
-            recorded_at,
-        ]
-    )
+    return hashlib.sha256(previous + content.encoded(at=(position, version))).digest()
 
 
 @dataclass(frozen=True)
@@ -132,6 +93,14 @@ class VerifyResult:
         return self.broken is None
 
 
+def stored_content(row: Any) -> Content:
+    """The content of a row of `events` (a record with its columns)."""
+    return Content(
+        row["stream_id"], row["type"], row["schema_version"], row["company_id"],
+        row["payload"].encode(), row["metadata"].encode(), timestamp(row["recorded_at"]),
+    )  # fmt: skip
+
+
 async def verify(rows: AsyncIterator[Any]) -> VerifyResult:
     """Walk rows (position order, all columns of `events`) and name the first broken link."""
     previous = GENESIS
@@ -151,22 +120,12 @@ async def verify(rows: AsyncIterator[Any]) -> VerifyResult:
                 missing = f"position {position} appears out of order"
             broken = BrokenLink(expected_position, missing)
             return VerifyResult(checked, position, broken, previous)
-        fields = {
-            "position": position,
-            "stream_id": row["stream_id"],
-            "version": row["version"],
-            "type": row["type"],
-            "schema_version": row["schema_version"],
-            "company_id": row["company_id"],
-            "payload": row["payload"].encode(),
-            "metadata": row["metadata"].encode(),
-            "recorded_at": timestamp(row["recorded_at"]),
-        }
+        version, content = row["version"], stored_content(row)
         stored = bytes(row["hash"])
         first, second = forms  # the previous link's form first: most logs need one
-        digest = first(previous, **fields)
+        digest = first(previous, position, version, content)
         if digest != stored:
-            digest = second(previous, **fields)
+            digest = second(previous, position, version, content)
             if digest != stored:
                 reason = "content does not match its hash (changed, or moved from another position)"
                 return VerifyResult(checked, position, BrokenLink(position, reason), previous)

@@ -379,12 +379,11 @@ async def _chained_whole(db, count: int) -> None:
         for position in range(1, count + 1):
             event = company(100 + position)
             payload, metadata = ev.encode(event).decode(), f'{{"actor":"user:{position}"}}'
-            previous = chain.event_hash_whole(
-                previous, position=position, stream_id=f"old-{position}", version=1,
-                type="CompanyCreated", schema_version=1, company_id=event.company_id,
-                payload=payload.encode(), metadata=metadata.encode(),
-                recorded_at=chain.timestamp(moment),
+            content = chain.Content(
+                f"old-{position}", "CompanyCreated", 1, event.company_id, payload.encode(),
+                metadata.encode(), chain.timestamp(moment),
             )  # fmt: skip
+            previous = chain.event_hash_whole(previous, position, 1, content)
             await conn.execute(
                 "INSERT INTO events VALUES ($1, $2, 1, 'CompanyCreated', 1, $3, $4, $5, $6, $7)",
                 position, f"old-{position}", event.company_id, payload, metadata, moment,
