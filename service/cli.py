@@ -163,7 +163,9 @@ async def _with_runner(
     from service.storage.database import open_database
 
     database = await open_database(settings, min_size=1)
-    eventlog = EventLog(database.pool, database.dsn if listen else None)
+    # The SQL projections read what they apply from the table: they need the head, not
+    # the events each commit announces.
+    eventlog = EventLog(database.pool, database.dsn if listen else None, announcements=False)
     await eventlog.start()
     try:
         runner = ProjectionRunner(

@@ -218,8 +218,13 @@ class EventLog:
         poll_interval: float = 1.0,
         on_commit: Callable[[int], None] | None = None,
         timeout: float | None = None,
+        announcements: bool = True,
     ) -> None:
         self._pool = pool
+        #: whether the listener hears the batches commits announce with their events (for
+        #: `announced`, a process that keeps the log in memory), or only the head: each
+        #: batch is a notification the server copies to every session listening for it
+        self._announcements = announcements
         #: how long an append waits to be committed (default: the pool's bound, if any)
         self.timeout = timeout
         if timeout is None and isinstance(pool, BoundedPool):
@@ -640,7 +645,8 @@ class EventLog:
             try:
                 self._listener = await connect(self._dsn)
                 self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await self._listener.add_listener(BATCHES, on_batch)
+                if self._announcements:
+                    await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)
                 await while_session_answers(SessionWatch(self._listener), lost.wait())
             except (*_DB_ERRORS, SessionLost) as exc:

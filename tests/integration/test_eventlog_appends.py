@@ -457,3 +457,39 @@ async def test_a_mistyped_announce_bound_leaves_the_default_and_fails_no_append(
         await log.close()
         await pool.close()
         await listener.close()
+
+
+async def test_the_projections_process_hears_the_head_and_not_the_announced_events(db, tmp_path):
+    """`tollgate projections run` reads what it applies from the table: its listener wakes
+    on each commit's head, and the events announced with each commit are not copied to it
+    (a notification of up to 8000 bytes a commit); a log kept in memory hears them."""
+    from service.cli import _with_runner
+    from service.settings import Settings
+
+    async def body(runner: Any) -> int:
+        quiet: EventLog = runner.eventlog
+        heard: list[tuple[int, int]] = []
+        quiet.announced.append(lambda first, last, _events: heard.append((first, last)))
+        loud = EventLog(db.pool, db.dsn)
+        told: list[tuple[int, int]] = []
+        loud.announced.append(lambda first, last, _events: told.append((first, last)))
+        await loud.start()
+        try:
+            for log in (quiet, loud):
+                while log._listener is None or "tollgate_events" not in log._listener._listeners:
+                    await asyncio.sleep(0.01)
+            assert await loud.append("s", 0, [company(0), company(1)]) == [1, 2]
+            async with asyncio.timeout(5):  # the first is believed once its sender is checked
+                while quiet.wakeup.head < 2 or not loud._senders:
+                    await asyncio.sleep(0.01)
+            assert await loud.append("s", 2, [company(2)]) == [3]
+            async with asyncio.timeout(5):
+                while quiet.wakeup.head < 3 or not told:
+                    await asyncio.sleep(0.01)
+        finally:
+            await loud.close()
+        assert told == [(3, 3)] and heard == []
+        return 0
+
+    settings = Settings(data_dir=tmp_path, database_url=db.dsn)
+    assert await _with_runner(settings, body, listen=True) == 0
