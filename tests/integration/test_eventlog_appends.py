@@ -493,3 +493,20 @@ async def test_the_projections_process_hears_the_head_and_not_the_announced_even
 
     settings = Settings(data_dir=tmp_path, database_url=db.dsn)
     assert await _with_runner(settings, body, listen=True) == 0
+
+
+async def test_a_batch_whose_digests_do_not_match_its_events_writes_nothing(db):
+    """Each event needs its 32-byte digest: a call with too few or too many bytes (a
+    writer's bug) is refused before the lock is taken, as a value the database refuses
+    (class 22), and nothing of it is written."""
+    loop = asyncio.get_running_loop()
+    plan = Plan.build([Append("s", 0, [company(0)] * 2, Metadata(), (), loop.create_future())])
+    args = list(plan.args)
+    async with db.pool.acquire() as conn:
+        for digests in (args[9][:32], args[9] + bytes(32), b""):
+            args[9] = digests
+            with pytest.raises(asyncpg.InvalidParameterValueError, match="p_digests holds"):
+                await conn.fetchval(plan.statement, *args, False)
+        assert await conn.fetchval("SELECT count(*) FROM events") == 0
+        args[9] = plan.args[9]
+        assert await conn.fetchval(plan.statement, *args, False) == "[1]"
