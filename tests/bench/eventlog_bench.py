@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
@@ -23,7 +24,7 @@ from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
 from service.domain import streams
-from service.eventlog import EventLog, Metadata
+from service.eventlog import EventLog, Metadata, chain
 from service.events import encode
 from service.storage.database import create_pool
 from service.storage.embedded import pg_binary
@@ -104,9 +105,11 @@ async def append_rate(dsn: str, concurrency: int, start_at: float | None = None)
 # reach here: appends insert their rows with no writers' lock (positions from a sequence,
 # each row's transaction id kept and indexed), and one sealer, behind the commits, takes
 # the rows whose transactions have all ended (below its snapshot's xmin) in transaction
-# order, numbers them densely and chains their hashes into a table of its own. Each batch
-# holds its tokens' condition (the application's version) under a shared per-stream lock.
-# Not in it: the announcement, and readers that read only what is sealed.
+# order, numbers them densely and chains their hashes into a table of its own, as the log
+# does: each writer sends its rows' digests (service/eventlog/chain.py), kept in the row,
+# and the sealer links them. Each batch holds its tokens' condition (the application's
+# version) under a shared per-stream lock. Not in it: the announcement, and readers that
+# read only what is sealed.
 _SKETCH_TABLES = """
 DROP TABLE IF EXISTS bench_sketch; DROP TABLE IF EXISTS bench_sketch_chain;
 CREATE TABLE bench_sketch (LIKE events INCLUDING ALL);
@@ -118,8 +121,10 @@ CREATE TABLE bench_sketch_chain (seq bigint PRIMARY KEY, position bigint NOT NUL
 -- A token's condition (its application's version) without a writers' lock: the condition's
 -- stream held shared (a writer of that stream would take it exclusively), its version read
 -- once the lock is granted (a statement of its own: a snapshot taken after the lock).
+DROP FUNCTION IF EXISTS bench_sketch_append(text[], text[], text[], text[], text, integer);
 CREATE OR REPLACE FUNCTION bench_sketch_append(p_streams text[], p_companies text[],
-    p_payloads text[], p_metadata text[], p_condition text, p_version integer)
+    p_payloads text[], p_metadata text[], p_digests bytea[], p_recorded timestamptz,
+    p_condition text, p_version integer)
 RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_condition, 0));
@@ -130,15 +135,15 @@ BEGIN
     INSERT INTO bench_sketch (position, stream_id, version, type, schema_version,
         company_id, payload, metadata, recorded_at, hash)
     SELECT nextval('bench_sketch_seq'), s, 1, 'AccessTokenIssued', 1, c, p::json, m::json,
-        now(), ''::bytea
-    FROM unnest(p_streams, p_companies, p_payloads, p_metadata) AS r(s, c, p, m);
+        p_recorded, d
+    FROM unnest(p_streams, p_companies, p_payloads, p_metadata, p_digests) AS r(s, c, p, m, d);
     RETURN true;
 END $$;
 """
-_SKETCH_APPEND = "SELECT bench_sketch_append($1, $2, $3, $4, $5, 0)"
+_SKETCH_APPEND = "SELECT bench_sketch_append($1, $2, $3, $4, $5, $6, $7, 0)"
 _SETTLED = "SELECT pg_snapshot_xmin(pg_current_snapshot())"
 _UNSEALED = """
-SELECT position, stream_id, version, payload::text, metadata::text FROM bench_sketch
+SELECT position, version, hash FROM bench_sketch
 WHERE txid >= $1 AND txid < $2 ORDER BY txid, position
 """
 _SEAL = """
@@ -162,13 +167,27 @@ async def sketch_rate(dsn: str, concurrency: int, start_at: float) -> float:
         while time.perf_counter() < deadline:
             rows = [PAYLOADS[(n + k) % len(PAYLOADS)] for k in range(size)]
             ids = [token_stream() for _ in range(size)]
+            recorded = datetime.now(UTC)
+            digests = _digests(ids, rows, recorded)
             if not await conn.fetchval(_SKETCH_APPEND, ids, [APP.company_id] * size, rows,
-                                       [METADATA] * size, condition):  # fmt: skip
+                                       [METADATA] * size, digests, recorded,
+                                       condition):  # fmt: skip
                 raise RuntimeError(f"the sketch refused a batch on {condition}")
             n += size
         return n
 
     return await rate_on(conns, writer)
+
+
+def _digests(streams: list[str], payloads: list[str], recorded: datetime) -> list[bytes]:
+    """The sketch's rows' digests, encoded as the log's writer encodes an event's content
+    (service/eventlog/appends.py; chain.Content's bytes)."""
+    stamp = msgspec.json.encode(chain.timestamp(recorded)).decode()
+    head = msgspec.json.encode(["AccessTokenIssued", 1, APP.company_id])[1:-1].decode()
+    return [
+        hashlib.sha256(f'["{s}",{head},{p},{METADATA},{stamp}]'.encode()).digest()
+        for s, p in zip(streams, payloads, strict=True)
+    ]
 
 
 async def seal(dsn: str, stop: asyncio.Event) -> int:
@@ -183,9 +202,8 @@ async def seal(dsn: str, stop: asyncio.Event) -> int:
                 settled = await conn.fetchval(_SETTLED)
                 rows = await conn.fetch(_UNSEALED, frontier, settled)
                 hashes = []
-                for n, (_position, stream, version, payload, metadata) in enumerate(rows):
-                    covered = f"[{sealed + n + 1},{stream},{version},{payload},{metadata}]"
-                    previous = hashlib.sha256(previous + covered.encode()).digest()
+                for n, (_position, version, digest) in enumerate(rows):
+                    previous = chain.link(previous, sealed + n + 1, version, digest)
                     hashes.append(previous)
                 if rows:
                     seqs = list(range(sealed + 1, sealed + len(rows) + 1))
