@@ -257,8 +257,17 @@ $$;
 -- What processes of the previous version call while hosts are rolled one at a time: the
 -- batch with what the hash covers after each event's version (p_tails:
 -- `,"type",schema_version,company_id,payload,metadata,"recorded_at"]`) and each append's
--- stream as JSON, from which the digests are computed here. Their events are chained as
--- the new version's are.
+-- stream as JSON, from which the digests are computed here (`events_tail_digests`). Their
+-- events are chained as the new version's are.
+CREATE OR REPLACE FUNCTION events_tail_digests(
+    p_stream_json text[], p_event_of integer[], p_tails text[])
+RETURNS bytea
+LANGUAGE sql AS $$
+    SELECT string_agg(sha256(convert_to(concat('[', p_stream_json[e.n], e.tail), 'UTF8')),
+                      ''::bytea ORDER BY e.k)
+    FROM unnest(p_event_of, p_tails) WITH ORDINALITY AS e(n, tail, k)
+$$;
+
 CREATE OR REPLACE FUNCTION events_append(
     p_streams text[], p_stream_json text[], p_expected integer[], p_counts integer[],
     p_slots integer[], p_condition_of integer[], p_condition_slots integer[],
@@ -271,11 +280,8 @@ LANGUAGE sql AS $$
     SELECT events_append_batch(
         p_streams, p_expected, p_counts, p_slots, p_condition_of, p_condition_slots,
         p_condition_streams, p_condition_versions, p_event_of,
-        (SELECT string_agg(sha256(convert_to(concat('[', p_stream_json[e.n], e.tail), 'UTF8')),
-                           ''::bytea ORDER BY e.k)
-         FROM unnest(p_event_of, p_tails) WITH ORDINALITY AS e(n, tail, k)),
-        p_types, p_schema_versions, p_companies, p_payloads, p_metadata, p_recorded,
-        p_probe_new)
+        events_tail_digests(p_stream_json, p_event_of, p_tails), p_types, p_schema_versions,
+        p_companies, p_payloads, p_metadata, p_recorded, p_probe_new)
 $$;
 
 CREATE OR REPLACE FUNCTION events_append_packed(
@@ -287,15 +293,13 @@ CREATE OR REPLACE FUNCTION events_append_packed(
     p_probe_new boolean)
 RETURNS text
 LANGUAGE sql AS $$
-    SELECT events_append(
-        string_to_array(p_streams, E'\x1e'), string_to_array(p_stream_json, E'\x1e'),
-        p_expected::integer[], p_counts::integer[], p_slots::integer[],
-        p_condition_of::integer[], p_condition_slots::integer[],
-        string_to_array(p_condition_streams, E'\x1e'), p_condition_versions::integer[],
-        p_event_of::integer[], string_to_array(p_tails, E'\x1e'),
-        string_to_array(p_types, E'\x1e'), p_schema_versions::smallint[],
-        string_to_array(p_companies, E'\x1e', E'\x1f'), string_to_array(p_payloads, E'\x1e'),
-        string_to_array(p_metadata, E'\x1e'), p_recorded, p_probe_new)
+    SELECT events_append_batch_packed(
+        p_streams, p_expected, p_counts, p_slots, p_condition_of, p_condition_slots,
+        p_condition_streams, p_condition_versions, p_event_of,
+        events_tail_digests(string_to_array(p_stream_json, E'\x1e'), p_event_of::integer[],
+                            string_to_array(p_tails, E'\x1e')),
+        p_types, p_schema_versions, p_companies, p_payloads, p_metadata, p_recorded,
+        p_probe_new)
 $$;
 
 -- What processes of two versions back call: the same batch without slots, each stream

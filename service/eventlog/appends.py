@@ -15,7 +15,6 @@ cycle).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,7 +52,6 @@ APPEND_PACKED = f"SELECT events_append_batch_packed({_ARGUMENTS})"
 _RAW = frozenset({0, 6, 10, 12})
 _BYTES = frozenset({9})
 _JSON = frozenset({13, 14})
-_sha256 = hashlib.sha256
 #: per append, its first position or the version that did not match
 _outcome = msgspec.json.Decoder(list[int | tuple[str, int, int]])
 
@@ -95,10 +93,8 @@ class Plan:
                 schema_version = SCHEMA_VERSIONS[tag]
                 tenant = tenant_of(event)
                 event_of.append(n)
-                # What the event's digest covers (chain.event_hash).
                 head = _encoder.encode([tag, schema_version, tenant])[1:-1].decode()
-                content = f"[{stream},{head},{payload},{meta},{stamp}]"
-                digests.append(_sha256(content.encode()).digest())
+                digests.append(chain.digest_of(stream, head, payload, meta, stamp))
                 types.append(tag)
                 schema_versions.append(schema_version)
                 companies.append(tenant)

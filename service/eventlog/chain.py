@@ -62,6 +62,14 @@ class Content(NamedTuple):
         ])  # fmt: skip
 
 
+def digest_of(stream: str, head: str, payload: str, metadata: str, recorded_at: str) -> bytes:
+    """The digest of content already encoded in parts, as a writer has it: `stream` and
+    `recorded_at` as JSON strings, `head` the type, schema version and tenant as JSON
+    without the brackets, `payload` and `metadata` the JSON stored; the bytes of
+    `Content.encoded`, without encoding the fields again."""
+    return hashlib.sha256(f"[{stream},{head},{payload},{metadata},{recorded_at}]".encode()).digest()
+
+
 def event_hash(previous: bytes, position: int, version: int, content: Content) -> bytes:
     return link(previous, position, version, hashlib.sha256(content.encoded()).digest())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import secrets
@@ -180,12 +179,11 @@ async def sketch_rate(dsn: str, concurrency: int, start_at: float) -> float:
 
 
 def _digests(streams: list[str], payloads: list[str], recorded: datetime) -> list[bytes]:
-    """The sketch's rows' digests, encoded as the log's writer encodes an event's content
-    (service/eventlog/appends.py; chain.Content's bytes)."""
+    """The sketch's rows' digests, as the log's writer computes an event's."""
     stamp = msgspec.json.encode(chain.timestamp(recorded)).decode()
     head = msgspec.json.encode(["AccessTokenIssued", 1, APP.company_id])[1:-1].decode()
     return [
-        hashlib.sha256(f'["{s}",{head},{p},{METADATA},{stamp}]'.encode()).digest()
+        chain.digest_of(f'"{s}"', head, p, METADATA, stamp)  # token stream ids need no escapes
         for s, p in zip(streams, payloads, strict=True)
     ]
 
