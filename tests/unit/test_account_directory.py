@@ -3,9 +3,12 @@ at several companies, and users created on the address-wide stream, side by side
 
 from __future__ import annotations
 
+import inspect
+import re
 from datetime import UTC, datetime
 from itertools import count
 
+from projections import directory
 from projections.directory import DirectoryModel
 from service import events as ev
 from service.eventlog import Metadata, RecordedEvent
@@ -69,3 +72,26 @@ def test_a_password_change_moves_only_its_own_account():
     ])  # fmt: skip
     assert (model.users["usr_a"].password_hash, model.users["usr_a"].version) == ("n", 2)
     assert (model.users["usr_b"].password_hash, model.users["usr_b"].version) == ("h", 1)
+
+
+def test_every_event_the_directory_acts_on_reaches_it():
+    """The model passes by the types it does not hold without testing them one by one: a
+    type `_apply` acts on and the pass-by set forgets would never change the directory."""
+    named = re.findall(r"\bev\.([A-Z]\w+)", inspect.getsource(DirectoryModel._apply))
+    acted_on = set(named) - {"Event"}  # the parameter's annotation
+    assert acted_on, "no event type found in DirectoryModel._apply"
+    assert acted_on == {t.__name__ for t in directory._HANDLED}
+
+
+def test_a_token_event_moves_the_directory_on_and_changes_nothing_else():
+    model = DirectoryModel()
+    model.apply([added("co_a", "usr_a", "pat@example.com")])
+    token = recorded(
+        ev.AccessTokenIssued(
+            company_id="co_a", client_id="app", family_id="fam_x", grant_type="client_credentials",
+            token_hash="00" * 32, permissions=[], issued_at=1, expires_at=None,
+        )
+    )  # fmt: skip
+    model.apply([token])
+    assert model.position == token.position
+    assert [u.user_id for u in model.accounts("pat@example.com")] == ["usr_a"]
