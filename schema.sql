@@ -555,3 +555,21 @@ CREATE TABLE IF NOT EXISTS dpop_nonces (
     expires_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dpop_nonces_expiry ON dpop_nonces (expires_at);
+
+-- Snapshots of the in-memory models (projections/snapshots.py): a process starts from the
+-- newest one of its format whose event is still in the log with that hash, and applies
+-- only the log after it. Written in parts (msgpack) by one process at a time; they hold
+-- what the models hold (hashes, never a secret in clear). Not events: derived, and any of
+-- them may be deleted at any time (a start then applies the whole log).
+CREATE TABLE IF NOT EXISTS model_snapshots (
+    format     text        NOT NULL,  -- a digest of the code that builds the models
+    position   bigint      NOT NULL,
+    part       integer     NOT NULL,
+    parts      integer     NOT NULL,
+    event_hash bytea       NOT NULL,  -- the hash of the event at `position`
+    taken_at   timestamptz NOT NULL DEFAULT now(),
+    data       bytea       NOT NULL,
+    PRIMARY KEY (format, position, part)
+);
+-- Token hashes do not compress: stored as they are, without the attempt.
+ALTER TABLE model_snapshots ALTER COLUMN data SET STORAGE EXTERNAL;

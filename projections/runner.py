@@ -20,6 +20,7 @@ import asyncpg
 import structlog
 
 from projections.base import Projection, SqlRangeProjection
+from projections.snapshots import SnapshotWriter
 from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent
 from service.events import UnknownEvent, UnknownEventType
 from service.logs import error_text
@@ -98,6 +99,7 @@ class ProjectionRunner:
         standby_interval: float = 2.0,
         linger: float = 0.05,
         moved: Callable[[str, int], None] | None = None,
+        snapshots: SnapshotWriter | None = None,
     ) -> None:
         self.eventlog = eventlog
         self.pool = pool
@@ -113,6 +115,8 @@ class ProjectionRunner:
         #: told after each committed batch (a step, or one of a catch-up): the projection's
         #: name and how many positions of the log it moved past (Metrics.projection_moved)
         self.moved = moved
+        #: writes snapshots of the in-memory models beside the projections (run_forever)
+        self.snapshots = snapshots
 
     # --- running ---------------------------------------------------------------------
 
@@ -125,6 +129,8 @@ class ProjectionRunner:
             for projection in self.projections.values():
                 group.create_task(self._supervise(projection), name=f"projection-{projection.name}")
             group.create_task(self._sweep_forever(), name="projection-sweeper")
+            if self.snapshots is not None:
+                group.create_task(self.snapshots.run_forever(), name="model-snapshots")
 
     async def _sweep_forever(self, every: float = 60.0) -> None:
         """Expired rows leave the tables that keep them (`live_tokens`): lookups stay fast

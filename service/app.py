@@ -13,10 +13,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from projections import snapshots
 from projections.catalog import sql_projections
-from projections.directory import DirectoryModel
 from projections.feed import MemoryFeed
-from projections.memory import PolicyModel
 from projections.runner import ProjectionRunner
 from service.adapters import log_security_signals
 from service.alerts import CoalescingLedger, running
@@ -169,7 +168,7 @@ async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _context_ctx(app: web.Application) -> AsyncIterator[None]:
     """The in-memory models every decision reads, caught up before the first request."""
     settings = app[SETTINGS]
-    policy, directory = PolicyModel(), DirectoryModel()
+    policy, directory = await snapshots.models(app[DATABASE].pool)
     feed = MemoryFeed(app[EVENTLOG], [policy, directory])
     await feed.start()
     app[CONTEXT] = Context(
@@ -210,6 +209,7 @@ async def _projections_ctx(app: web.Application) -> AsyncIterator[None]:
         sql_projections(),
         batch_size=app[SETTINGS].projection_batch_size,
         moved=app[METRICS].projection_moved,
+        snapshots=snapshots.writer(app[EVENTLOG], database, app[SETTINGS].model_snapshot_every),
     )
     await runner.ensure_checkpoints()
     app[RUNNER] = runner

@@ -156,9 +156,11 @@ async def _with_runner(
     *,
     listen: bool = False,
     moved: Callable[[str, int], None] | None = None,
+    snapshots: bool = False,
 ) -> int:
     from projections.catalog import sql_projections
     from projections.runner import ProjectionRunner
+    from projections.snapshots import writer
     from service.eventlog import EventLog
     from service.storage.database import open_database
 
@@ -175,6 +177,9 @@ async def _with_runner(
             sql_projections(),
             batch_size=settings.projection_batch_size,
             moved=moved,
+            snapshots=writer(eventlog, database, settings.model_snapshot_every)
+            if snapshots
+            else None,
         )
         await runner.ensure_checkpoints()
         return await body(runner)
@@ -235,7 +240,7 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     moved = metrics.projection_moved if metrics is not None else None
-    return await _with_runner(settings, body, listen=True, moved=moved)
+    return await _with_runner(settings, body, listen=True, moved=moved, snapshots=True)
 
 
 async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:

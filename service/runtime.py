@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from projections.directory import DirectoryModel
+from projections import snapshots
 from projections.feed import MemoryFeed
-from projections.memory import PolicyModel
 from service.context import Context
 from service.domain.permissions import load_catalogue
 from service.eventlog import EventLog
@@ -23,7 +22,7 @@ async def open_context(
     db = database or await open_database(settings, min_size=1)
     eventlog = EventLog(db.pool)
     await eventlog.start()
-    policy, directory = PolicyModel(), DirectoryModel()
+    policy, directory = await snapshots.models(db.pool)
     feed = MemoryFeed(eventlog, [policy, directory])
     try:
         await feed.catch_up()

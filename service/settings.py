@@ -58,6 +58,9 @@ class Settings:
     run_projections: bool = True
     pool_size: int = 10
     projection_batch_size: int = 5000
+    # Seconds between snapshots of the in-memory models (projections/snapshots.py), written
+    # where the projections run; 0: none (every start applies the whole log).
+    model_snapshot_every: int = 300
     # Violation emails: each failing one is retried on its own, waiting at most
     # notify_retry_max seconds between attempts, and given up (recorded) once it has been
     # failing for notify_give_up_after seconds.
@@ -223,6 +226,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         # two at least: the writer keeps one, requests and readers need another
         pool_size=r.number("DB_POOL_SIZE", 10, 2, 1000),
         projection_batch_size=r.number("PROJECTION_BATCH_SIZE", 5000, 1, 1_000_000),
+        model_snapshot_every=r.number("MODEL_SNAPSHOT_EVERY", 300, 0, 7 * 24 * 3600),
         notify_retry_max=retry_max,
         notify_give_up_after=give_up_after,
         refresh_reuse_grace=r.number("REFRESH_REUSE_GRACE", 10, 0, 300),
