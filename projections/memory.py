@@ -66,32 +66,15 @@ class PolicyModel:
         self._client_tokens: dict[str, list[bytes]] = {}
         self._expiry: list[tuple[int, bytes]] = []  # a heap of (expires_at, token hash)
         self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
-        self._handlers: dict[type[ev.Event], Callable[[ev.Event, RecordedEvent], None]] = {
-            ev.ApplicationCreated: self._app_created,  # type: ignore[dict-item]
-            **{setting: self._app_changed for setting in ev.APPLICATION_SETTINGS},
-            ev.ClientKeyAdded: self._key_added,  # type: ignore[dict-item]
-            ev.ClientKeyRemoved: self._key_removed,  # type: ignore[dict-item]
-            ev.PermissionsChanged: self._permissions_changed,  # type: ignore[dict-item]
-            ev.ClientSecretRotated: self._secret_rotated,  # type: ignore[dict-item]
-            ev.ApplicationDeleted: self._app_deleted,  # type: ignore[dict-item]
-            ev.ApplicationTokensRevoked: self._app_tokens_revoked,  # type: ignore[dict-item]
-            ev.ConnectionGranted: self._connection_granted,  # type: ignore[dict-item]
-            ev.ConnectionRevoked: self._connection_revoked,  # type: ignore[dict-item]
-            ev.AccessTokenIssued: self._token_issued,  # type: ignore[dict-item]
-            ev.TokenRefreshed: self._token_refreshed,  # type: ignore[dict-item]
-            ev.TokenRevoked: self._token_revoked,  # type: ignore[dict-item]
-            ev.AuthorizationCodeIssued: self._code_issued,  # type: ignore[dict-item]
-            ev.AuthorizationCodeRedeemed: self._code_redeemed,  # type: ignore[dict-item]
-        }
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
-        handlers = self._handlers
+        handlers = _HANDLERS
         for recorded in events:
             if recorded.position <= self.position:
                 continue  # already applied (idempotent on overlap)
             handler = handlers.get(type(recorded.event))
             if handler is not None:
-                handler(recorded.event, recorded)
+                handler(self, recorded.event, recorded)
             self.position = recorded.position
 
     # --- lookups ---------------------------------------------------------------------
@@ -418,3 +401,26 @@ class PolicyModel:
                 del self.tokens[key]
                 dropped += 1
         return dropped
+
+
+#: what applies each event: functions of the class, not methods bound to a model, so that a
+#: model holds no reference to itself and goes as soon as it is dropped (a snapshot's writer
+#: builds one a round; through a cycle its hundreds of megabytes waited for a full
+#: collection)
+_HANDLERS: dict[type[ev.Event], Callable[[PolicyModel, ev.Event, RecordedEvent], None]] = {
+    ev.ApplicationCreated: PolicyModel._app_created,  # type: ignore[dict-item]
+    **{setting: PolicyModel._app_changed for setting in ev.APPLICATION_SETTINGS},
+    ev.ClientKeyAdded: PolicyModel._key_added,  # type: ignore[dict-item]
+    ev.ClientKeyRemoved: PolicyModel._key_removed,  # type: ignore[dict-item]
+    ev.PermissionsChanged: PolicyModel._permissions_changed,  # type: ignore[dict-item]
+    ev.ClientSecretRotated: PolicyModel._secret_rotated,  # type: ignore[dict-item]
+    ev.ApplicationDeleted: PolicyModel._app_deleted,  # type: ignore[dict-item]
+    ev.ApplicationTokensRevoked: PolicyModel._app_tokens_revoked,  # type: ignore[dict-item]
+    ev.ConnectionGranted: PolicyModel._connection_granted,  # type: ignore[dict-item]
+    ev.ConnectionRevoked: PolicyModel._connection_revoked,  # type: ignore[dict-item]
+    ev.AccessTokenIssued: PolicyModel._token_issued,  # type: ignore[dict-item]
+    ev.TokenRefreshed: PolicyModel._token_refreshed,  # type: ignore[dict-item]
+    ev.TokenRevoked: PolicyModel._token_revoked,  # type: ignore[dict-item]
+    ev.AuthorizationCodeIssued: PolicyModel._code_issued,  # type: ignore[dict-item]
+    ev.AuthorizationCodeRedeemed: PolicyModel._code_redeemed,  # type: ignore[dict-item]
+}
