@@ -1,14 +1,15 @@
 """Snapshots of the in-memory models, so that a process starts from the newest one and
 applies only the log after it, instead of the whole log from its first event.
 
-A start that applies the whole log takes longer the longer the log (5.3-6.8 s for 939,502
-events on the bench machine), and a service that issues thousands of tokens a second adds
-hundreds of millions of events a day. So the projections process (or the single `serve`
-process, which runs the projections) writes the models now and then into
+A start that applies the whole log takes longer the longer the log (5.3-7.2 s for about a
+million token events on the bench machine), and a service that issues thousands of tokens
+a second adds hundreds of millions of events a day. So the projections process (or the
+single `serve` process, which runs the projections) writes the models now and then into
 `model_snapshots`: it starts two models of its own from the newest snapshot, applies the
 log after it, drops what has expired, and writes them, in parts, under an advisory lock so
 that one process at a time does it. Its models are its own, not the ones that serve
-requests: writing never pauses a decision.
+requests (inside a single `serve` it shares the event loop with them, a step at a time: a
+batch of events applied, or a part encoded).
 
 A start takes the newest complete snapshot of its own format (a digest of the code that
 builds the models: another version of Tollgate builds them differently, and starts from
