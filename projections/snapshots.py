@@ -308,6 +308,23 @@ async def load(pool: asyncpg.Pool) -> Restored | None:
     return Restored(policy, directory, position, parts, seconds)
 
 
+_BEHIND = """
+SELECT (SELECT coalesce(max(position), 0) FROM events) - coalesce(newest.position, 0),
+       extract(epoch FROM now() - newest.taken_at)::float8
+FROM (SELECT NULL) AS always
+LEFT JOIN (SELECT position, taken_at FROM model_snapshots WHERE format = $1 AND part = 0
+           ORDER BY position DESC LIMIT 1) AS newest ON true
+"""
+
+
+async def behind(pool: asyncpg.Pool) -> tuple[int, float | None]:
+    """What a start would apply after the newest snapshot of this version (the whole log
+    when there is none), and that snapshot's age in seconds on the database's clock."""
+    row = await pool.fetchrow(_BEHIND, FORMAT)
+    assert row is not None  # one row, always
+    return int(row[0]), row[1]
+
+
 async def models(pool: asyncpg.Pool) -> tuple[PolicyModel, DirectoryModel]:
     """The models a process starts with: from the newest usable snapshot, else empty."""
     restored = await load(pool)

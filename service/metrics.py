@@ -293,6 +293,11 @@ class Metrics:
         """`pg_notification_queue_usage()` as read at scrape time; None: not read."""
         self._measured.notification_queue = usage
 
+    def set_model_snapshot(self, behind: tuple[int, float | None] | None) -> None:
+        """Events after the newest model snapshot and its age, as read at scrape time
+        (projections/snapshots.py `behind`); None: not read."""
+        self._measured.snapshot = behind
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition (text format, or OpenMetrics when `accept` asks) and its type."""
         self.flush()
@@ -340,8 +345,10 @@ class _Measured(Collector):
     def __init__(self) -> None:
         self.statuses: list[ProjectionLag] | None = None
         self.notification_queue: float | None = None
+        self.snapshot: tuple[int, float | None] | None = None
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._snapshot()
         up = GaugeMetricFamily(
             "tollgate_database_up",
             "1 when the last scrape could read the projection checkpoints, else 0.",
@@ -360,9 +367,10 @@ class _Measured(Collector):
         for status in self.statuses or ():
             events.add_metric((status.name,), status.lag_events)
             seconds.add_metric((status.name,), status.lag_seconds)
+        yield from (events, seconds, up)
         if self.notification_queue is None:
-            return (events, seconds, up)
-        queue = GaugeMetricFamily(
+            return
+        yield GaugeMetricFamily(
             "tollgate_notification_queue_usage",
             "Fraction of PostgreSQL's notification queue in use (shared by the whole server). "
             "It keeps every notification until the slowest listener has read it; past "
@@ -370,7 +378,23 @@ class _Measured(Collector):
             "it is full every append fails.",
             value=self.notification_queue,
         )
-        return (events, seconds, up, queue)
+
+    def _snapshot(self) -> Iterable[Metric]:
+        if self.snapshot is None:
+            return
+        behind, age = self.snapshot
+        yield GaugeMetricFamily(
+            "tollgate_model_snapshot_events_behind",
+            "Events a process would apply at start after the newest snapshot of its "
+            "in-memory models (the whole log when there is none): what bounds a start.",
+            value=behind,
+        )
+        if age is not None:
+            yield GaugeMetricFamily(
+                "tollgate_model_snapshot_age_seconds",
+                "Age of the newest snapshot of the in-memory models, on the database's clock.",
+                value=age,
+            )
 
 
 _WORKER_FILE = re.compile(r"_(\d+)\.db$")

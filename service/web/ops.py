@@ -12,6 +12,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from projections import snapshots
 from service.errors import Unauthorized
 from service.eventlog import EventLogUnavailable
 from service.logs import error_text
@@ -202,11 +203,14 @@ async def metrics(request: web.Request) -> web.Response:
     recorder = request.config_dict[METRICS]
     runner = _runner(request)
     policy = _policy(request)
-    statuses, queue = await asyncio.gather(
-        _statuses(runner, policy.timeout), _notification_queue(runner.pool, policy.timeout)
+    statuses, queue, snapshot = await asyncio.gather(
+        _statuses(runner, policy.timeout),
+        _notification_queue(runner.pool, policy.timeout),
+        _read_or_none(policy.timeout, snapshots.behind(runner.pool), "ops.snapshot_unread"),
     )
     recorder.set_projections(statuses)
     recorder.set_notification_queue(queue)
+    recorder.set_model_snapshot(snapshot)
     body, content_type = recorder.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -185,6 +185,7 @@ def test_dashboard_covers_the_metrics_and_views_ops_asked_for():
         "tollgate_projection_lag_seconds",
         "tollgate_database_up",
         "tollgate_notification_queue_usage",
+        "tollgate_model_snapshot_events_behind",
         "tollgate_eventlog_append_batch_size_bucket",
         "tollgate_projection_events_total",
     ):

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from projections import snapshots
 from service import events as ev
 from service.app import EVENTLOG, RUNNER, create_app
 from service.metrics import METRICS, Metrics
@@ -113,6 +114,7 @@ async def test_metrics_exposes_every_family_in_prometheus_text(db, tmp_path):
         "tollgate_projection_events",
         "tollgate_database_up",
         "tollgate_notification_queue_usage",
+        "tollgate_model_snapshot_events_behind",
         "tollgate_tokens_issued",
         "tollgate_token_revocations",
         "tollgate_ip_violations",
@@ -238,6 +240,28 @@ async def test_the_notification_queue_usage_is_read_at_scrape_time(db, tmp_path)
         finally:
             await stuck.close()
     assert filling is not None and filling > 0
+
+
+async def test_how_far_a_start_is_from_its_snapshot_is_read_at_scrape_time(db, tmp_path):
+    """What the alert TollgateModelSnapshotBehind watches: the events a start would apply
+    after the newest model snapshot, the whole log while there is none."""
+    behind, age = "tollgate_model_snapshot_events_behind", "tollgate_model_snapshot_age_seconds"
+    async with serving(db, tmp_path) as client:
+        await add_companies(client, 4)
+        head = await client.app[EVENTLOG].head()
+        before = await scrape(client)
+        writer = snapshots.SnapshotWriter(
+            client.app[EVENTLOG], db.pool, db.dsn, every=3600, min_events=1
+        )
+        assert await writer.write_once() == head
+        written = await scrape(client)
+        await add_companies(client, 3, start=4)
+        grown = await client.app[EVENTLOG].head() - head
+        later = await scrape(client)
+    assert (value(before, behind), value(before, age)) == (head, None)
+    assert value(written, behind) == 0
+    assert 0 <= (value(written, age) or -1) < 60
+    assert value(later, behind) == grown == 3
 
 
 async def test_each_projection_counts_the_positions_it_moved_past(db, tmp_path):
