@@ -21,6 +21,8 @@ from service.settings import ConfigError, load_settings
         ("READY_MAX_LAG", "0", "READY_MAX_LAG must be from 1 to 3600"),
         ("READY_MAX_LAG", "soon", "READY_MAX_LAG must be an integer"),
         ("READY_MAX_LAG_EVENTS", "-1", "READY_MAX_LAG_EVENTS must be from 0"),
+        ("MODEL_SNAPSHOT_EVERY", "-1", "MODEL_SNAPSHOT_EVERY must be from 0"),
+        ("MODEL_SNAPSHOT_EVERY", "5m", "MODEL_SNAPSHOT_EVERY must be an integer"),
     ],
 )
 def test_a_value_out_of_range_is_refused_by_name(name, value, words):
@@ -134,3 +136,11 @@ def test_the_smtp_password_is_not_in_the_settings_repr():
     assert settings.smtp_password == PASSWORD
     assert "alerts" in repr(settings)
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
+
+
+def test_model_snapshots_every_five_minutes_unless_set_and_never_at_zero():
+    from projections.snapshots import writer
+
+    assert load_settings({}, dotenv=False).model_snapshot_every == 300
+    off = load_settings({"MODEL_SNAPSHOT_EVERY": "0"}, dotenv=False)
+    assert writer(None, None, off.model_snapshot_every) is None  # type: ignore[arg-type]
