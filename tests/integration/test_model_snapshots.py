@@ -5,6 +5,9 @@ reads only the log after it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import asyncpg
@@ -143,3 +146,26 @@ async def test_the_writer_runs_beside_the_projections_and_survives_a_failure(eve
         task.cancel()
     assert len(calls) >= 2
     assert await snapshots.load(db.pool) is not None
+
+
+async def test_the_projections_process_writes_them(eventlog, db):
+    """`tollgate projections run`, as `serve --workers` starts it, writes a snapshot within
+    MODEL_SNAPSHOT_EVERY once the log has grown by 10,000 events."""
+    head = await populate(eventlog, 10_000, chunk=2000)
+    assert head >= 10_000
+    env = {**os.environ, "DATABASE_URL": db.dsn, "LOG_FORMAT": "json", "MODEL_SNAPSHOT_EVERY": "1"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service", "projections", "run"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if await db.pool.fetchval("SELECT count(*) FROM model_snapshots"):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        worker.terminate()
+        _out, err = worker.communicate(timeout=30)
+    restored = await snapshots.load(db.pool)
+    assert restored is not None and restored.position == head, err.decode()[-2000:]
+    assert b"model_snapshot.written" in err
