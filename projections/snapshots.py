@@ -174,6 +174,12 @@ def encode(policy: PolicyModel, directory: DirectoryModel) -> Iterator[bytes]:
         yield _encode(part)
 
 
+def part_count(policy: PolicyModel) -> int:
+    """How many parts `encode` yields for these models: the first, then one per
+    PART_ITEMS tokens or families, whichever are more."""
+    return 1 + -(-max(len(policy.tokens), len(policy.families)) // PART_ITEMS)
+
+
 def decode(parts: Iterable[bytes]) -> tuple[PolicyModel, DirectoryModel]:
     """New models holding what `encode` wrote. Raises msgspec.DecodeError (or ValueError)
     on parts that are not a snapshot."""
@@ -252,12 +258,10 @@ class Restored:
     policy: PolicyModel
     directory: DirectoryModel
     position: int
-    parts: int
-    seconds: float
 
 
 _NEWEST = """
-SELECT s.position, s.event_hash, s.parts, s.taken_at
+SELECT s.position, s.event_hash, s.parts
 FROM model_snapshots s
 WHERE s.format = $1 AND s.part = 0
 ORDER BY s.position DESC LIMIT 1
@@ -305,7 +309,7 @@ async def load(pool: asyncpg.Pool) -> Restored | None:
     seconds = time.perf_counter() - started
     log.info("model_snapshot.restored", position=position, parts=parts,
              tokens=len(policy.tokens), seconds=round(seconds, 3))  # fmt: skip
-    return Restored(policy, directory, position, parts, seconds)
+    return Restored(policy, directory, position)
 
 
 _BEHIND = """
@@ -389,16 +393,15 @@ class SnapshotWriter:
 
     async def _write(self) -> int | None:
         started = time.perf_counter()
-        newest = await self.pool.fetchrow(_NEWEST, FORMAT)
-        head = await self.eventlog.head()
-        since = newest["position"] if newest is not None else 0
-        if head - since < self.min_events:
+        grown, _age = await behind(self.pool)  # what a start would apply: what /metrics says
+        if grown < self.min_events:
             return None
-        restored = await load(self.pool) if newest is not None else None
+        head = await self.eventlog.head()
+        restored = await load(self.pool)
         if restored is not None:
-            policy, directory = restored.policy, restored.directory
+            policy, directory, since = restored.policy, restored.directory, restored.position
         else:
-            policy, directory = PolicyModel(), DirectoryModel()
+            policy, directory, since = PolicyModel(), DirectoryModel(), 0
         await self._catch_up(policy, directory, head)
         if policy.position <= since:
             return None
@@ -406,7 +409,7 @@ class SnapshotWriter:
         policy.sweep(now)
         policy.compact(now)
         event_hash = await self.pool.fetchval(_HASH_AT, policy.position)
-        parts = 1 + -(-max(len(policy.tokens), len(policy.families)) // PART_ITEMS)
+        parts = part_count(policy)
         written = 0
         async with self.pool.acquire() as conn, conn.transaction():
             # Each part is encoded and sent on its own: one part in memory at a time, and

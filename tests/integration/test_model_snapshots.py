@@ -34,6 +34,14 @@ async def more_tokens(eventlog: EventLog, n: int, tag: int = 9) -> None:
         await eventlog.append(f"token-{tok.family_id}", 0, [tok])
 
 
+async def until_one_is_written(db, seconds: float) -> None:
+    """Until `model_snapshots` holds a row, or `seconds` have passed."""
+    for _ in range(int(seconds / 0.01)):
+        if await db.pool.fetchval("SELECT count(*) FROM model_snapshots"):
+            return
+        await asyncio.sleep(0.01)
+
+
 async def caught_up(eventlog: EventLog, policy: PolicyModel, directory: DirectoryModel) -> list:
     await MemoryFeed(eventlog, [policy, directory]).catch_up()
     now = time.time()
@@ -138,10 +146,7 @@ async def test_the_writer_runs_beside_the_projections_and_survives_a_failure(eve
     broken.write_once = failing  # type: ignore[method-assign]
     task = asyncio.create_task(broken.run_forever())
     try:
-        for _ in range(500):
-            if await db.pool.fetchval("SELECT count(*) FROM model_snapshots"):
-                break
-            await asyncio.sleep(0.01)
+        await until_one_is_written(db, 5)
     finally:
         task.cancel()
     assert len(calls) >= 2
@@ -159,10 +164,7 @@ async def test_the_projections_process_writes_them(eventlog, db):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        for _ in range(600):
-            if await db.pool.fetchval("SELECT count(*) FROM model_snapshots"):
-                break
-            await asyncio.sleep(0.05)
+        await until_one_is_written(db, 30)
     finally:
         worker.terminate()
         _out, err = worker.communicate(timeout=30)
