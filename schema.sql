@@ -27,6 +27,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_company_position ON events (company_id, position)
     WHERE company_id IS NOT NULL;
+-- When the row was written, on the database's clock (`recorded_at` is the writing host's,
+-- and the hash covers it): how long an event has waited for a projection is measured from
+-- here, so one host's clock set wrong cannot make every host's /readyz refuse. Not in the
+-- hash, not in any read: an operational stamp. Added without a default first (an
+-- instant change: a log written before has NULL there, and its age falls back to
+-- `recorded_at`), then the default for new rows.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS appended_at timestamptz;
+ALTER TABLE events ALTER COLUMN appended_at SET DEFAULT clock_timestamp();
 
 -- The writers' lock: `events_append` takes this table in EXCLUSIVE mode, which conflicts
 -- with itself, not with readers. Not `events` itself in that mode, which also conflicts with

@@ -78,8 +78,8 @@ class ProjectionStatus:
     position: int
     head: int
     lag_events: int
-    #: age of the oldest event not yet applied, on the database's clock (its recorded_at is
-    #: the writing host's); 0 when caught up
+    #: age of the oldest event not yet applied, on the database's clock alone (since the
+    #: row was written: `appended_at`, not the writing host's `recorded_at`); 0 when caught up
     lag_seconds: float
     updated_at: datetime | None
 
@@ -395,7 +395,8 @@ class ProjectionRunner:
         rows = await self.pool.fetch(
             """
             SELECT c.name, c.position, c.updated_at, h.head,
-                   (SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8
+                   (SELECT extract(epoch FROM clock_timestamp()
+                                              - coalesce(e.appended_at, e.recorded_at))::float8
                     FROM events e WHERE e.position = c.position + 1) AS oldest_pending_age
             FROM (SELECT n.name, coalesce(p.position, 0) AS position, p.updated_at
                   FROM unnest($1::text[]) AS n(name)

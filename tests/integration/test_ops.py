@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from projections import snapshots
 from service import events as ev
 from service.app import EVENTLOG, RUNNER, create_app
+from service.eventlog import appends
 from service.metrics import METRICS, Metrics
 from service.settings import Settings
 from service.storage.database import Database
@@ -404,6 +406,45 @@ async def test_the_lag_age_is_not_the_probing_hosts_clock(db, tmp_path, monkeypa
     assert answer.status == 200, body
     assert all(p["lag_events"] == 1 for p in body["projections"])
     assert all(0 <= p["lag_seconds"] < 60 for p in body["projections"])
+
+
+class _HourBehind(datetime):
+    """The writing host's clock, an hour slow."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        return datetime.now(tz) - timedelta(hours=1)
+
+
+async def test_the_lag_age_is_not_the_writing_hosts_clock(db, tmp_path, monkeypatch):
+    """Several hosts write one log: events written by a host whose clock runs an hour slow
+    are recorded an hour back, yet they have waited for the projections only as long as
+    they have been in the table (the database's clock): every host stays ready. Rows of a
+    log written before the stamp existed fall back to their recorded time."""
+    policy = ReadinessPolicy(max_lag_events=None, max_lag_seconds=60)
+    async with serving(db, tmp_path, run_projections=False, readiness=policy) as client:
+        monkeypatch.setattr(appends, "datetime", _HourBehind)
+        await add_companies(client, 3)
+        monkeypatch.undo()
+        answer = await client.get("/readyz")
+        body = await answer.json()
+        recorded = await db.pool.fetchval(
+            "SELECT extract(epoch FROM now() - max(recorded_at)) FROM events"
+        )
+        assert recorded > 3500  # the hour is really in the log
+        assert answer.status == 200, body
+        assert all(p["lag_events"] == 3 for p in body["projections"])
+        assert all(0 <= p["lag_seconds"] < 60 for p in body["projections"])
+        # A log from before `appended_at`: its rows have none, and their age is the old one.
+        await db.pool.execute(
+            "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+            "UPDATE events SET appended_at = NULL; "
+            "ALTER TABLE events ENABLE TRIGGER events_append_only"
+        )
+        old = await client.get("/readyz")
+        old_body = await old.json()
+    assert old.status == 503
+    assert all(3500 < p["lag_seconds"] < 3700 for p in old_body["projections"]), old_body
 
 
 async def test_becomes_ready_as_the_running_projections_catch_up(db, tmp_path):
