@@ -88,8 +88,9 @@ class Settings:
     db_connect_timeout: float = 10.0
     # /readyz: how far behind the log a SQL projection may be while the process is ready,
     # as the age of the oldest event it has not applied (seconds), and as a count of events
-    # (0: not counted; a count grows with the log's rate, an age does not).
-    ready_max_lag: float = 5.0
+    # (0: not counted; a count grows with the log's rate, an age does not). The age's
+    # default outlasts the projections' handover between hosts (ReadinessPolicy).
+    ready_max_lag: float = 60.0
     ready_max_lag_events: int = 0
     body_timeout: float = 15.0
     max_connections: int = 2000
@@ -238,7 +239,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         metrics_token=r.checked(_metrics_token, None),
         db_timeout=float(r.number("DB_TIMEOUT", 5, 1, 3600)),
         db_connect_timeout=float(r.number("DB_CONNECT_TIMEOUT", 10, 1, 3600)),
-        ready_max_lag=float(r.number("READY_MAX_LAG", 5, 1, 3600)),
+        ready_max_lag=float(r.number("READY_MAX_LAG", 60, 1, 3600)),
         ready_max_lag_events=r.number("READY_MAX_LAG_EVENTS", 0, 0, 2**31 - 1),
         body_timeout=float(r.number("BODY_TIMEOUT", 15, 1, 3600)),
         max_connections=r.number("MAX_CONNECTIONS", 2000, 1, 1_000_000),

@@ -48,10 +48,16 @@ class ReadinessPolicy:
     the age of the oldest event it has not applied, and, when set, how many there are. A
     count alone misjudges load: the events waiting for a projection's next step grow with
     the log's rate (about 900 at 8,000 tokens a second, 0.12 s behind), so a bound of a
-    thousand would take every host out of rotation at its busiest, all at once."""
+    thousand would take every host out of rotation at its busiest, all at once.
+
+    The age's bound, 60 s by default, outlasts the projections' handover: they run on one
+    host at a time for every host, and when that host vanishes another takes them over
+    within about 30 s (the server's peer timeouts). Meanwhile every host is equally behind
+    and serves tokens and the gateway from its own memory: a bound below the handover
+    would take every host out of rotation at once, for nothing."""
 
     max_lag_events: int | None = None
-    max_lag_seconds: float = 5.0
+    max_lag_seconds: float = 60.0
     #: a database that takes longer than this to answer counts as unreachable
     timeout: float = 2.0
 

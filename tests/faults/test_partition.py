@@ -32,9 +32,13 @@ import asyncpg
 import pytest
 
 from projections.catalog import sql_projections
-from projections.runner import lock_key
+from projections.runner import ProjectionRunner, ProjectionStatus, lock_key
+from service.eventlog import EventLog
+from service.events import CompanyCreated
+from service.settings import load_settings
 from service.storage.database import PEER_TIMEOUTS, SESSION_CHECK, connect
 from service.storage.embedded import EmbeddedPostgres
+from service.web.ops import ReadinessPolicy
 from tests.faults.load import FAULT_ENV, cli, digest, load, tenant, usable_at_the_gateway
 from tests.faults.process import kill_everything, start
 from tests.faults.test_database_faults import no_server_errors
@@ -48,6 +52,8 @@ pytestmark = pytest.mark.skipif(
 #: the peer timeouts, plus the standby's 2 s between attempts and room for a busy machine
 DROPPED_AFTER = int(PEER_TIMEOUTS["tcp_user_timeout"]) / 1000  # the server drops a silent client
 BOUND = DROPPED_AFTER + 15
+#: what /readyz judges a projection's lag by when nothing is configured
+DEFAULT_READINESS = ReadinessPolicy.of(load_settings({}, dotenv=False))
 
 
 def ip(*args: str) -> None:
@@ -258,23 +264,58 @@ async def hosts(tmp_path: Path, link: Link, server: EmbeddedPostgres) -> AsyncIt
 async def test_a_host_cut_off_loses_its_locks_and_another_takes_over(
     tmp_path: Path, link: Link, server: EmbeddedPostgres, figures: dict[str, Any]
 ) -> None:
-    async with hosts(tmp_path, link, server) as two:
-        link.cut()
-        cut_at = time.monotonic()
-        os.killpg(two.there.pid, signal.SIGKILL)  # its FIN goes nowhere
-        two.there.wait(10)
+    """...and the projections' lag, as every host's /readyz judges it, stays within the
+    default READY_MAX_LAG through the handover while events keep being appended: no host
+    is taken out of rotation for it."""
+    pool = await asyncpg.create_pool(server.dsn("tollgate"), min_size=1, max_size=2)
+    log = EventLog(pool)
+    await log.start()
+    lags = ProjectionRunner(log, pool, server.dsn("tollgate"), sql_projections())
+    worst = 0.0
 
-        async def gone() -> bool:
-            return not await two.sessions_there()
+    async def appended() -> list[ProjectionStatus]:
+        """One more event, and the lag every host's /readyz would read now."""
+        nonlocal worst
+        n = time.monotonic_ns()
+        company = CompanyCreated(company_id=f"handover{n}", name="X")
+        await log.append(f"company-handover{n}", 0, [company])
+        statuses = await lags.status()
+        worst = max(worst, *(s.lag_seconds for s in statuses))
+        return statuses
 
-        await until(two.all_held_here, BOUND, "every projection taken over")
-        figures["taken_over_after_s"] = round(time.monotonic() - cut_at, 1)
-        await until(gone, BOUND - (time.monotonic() - cut_at), "every session dropped")
-        figures["sessions_dropped_after_s"] = round(time.monotonic() - cut_at, 1)
+    async def appended_and_taken_over() -> bool:
+        await appended()
+        return await two.all_held_here()
+
+    async def appended_and_caught_up() -> bool:
+        return all(s.lag_events <= 1 for s in await appended())
+
+    try:
+        async with hosts(tmp_path, link, server) as two:
+            link.cut()
+            cut_at = time.monotonic()
+            os.killpg(two.there.pid, signal.SIGKILL)  # its FIN goes nowhere
+            two.there.wait(10)
+
+            async def gone() -> bool:
+                return not await two.sessions_there()
+
+            await until(appended_and_taken_over, BOUND, "every projection taken over")
+            figures["taken_over_after_s"] = round(time.monotonic() - cut_at, 1)
+            await until(appended_and_caught_up, 30, "the projections caught up")
+            figures["worst_lag_s"] = round(worst, 1)
+            await until(gone, BOUND - (time.monotonic() - cut_at), "every session dropped")
+            figures["sessions_dropped_after_s"] = round(time.monotonic() - cut_at, 1)
+    finally:
+        await log.close()
+        await pool.close()
     # Not sooner than a live host could be told from a dead one: the server waited for its
     # probes to go unanswered (the lock sessions last spoke at most SESSION_CHECK before
     # the cut), it did not drop the sessions on the link going down.
     assert figures["taken_over_after_s"] >= DROPPED_AFTER - SESSION_CHECK
+    # The events appended during the cut waited for the whole handover, and /readyz on
+    # every host said ready meanwhile.
+    assert DROPPED_AFTER - SESSION_CHECK <= worst < DEFAULT_READINESS.max_lag_seconds, figures
 
 
 async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby(

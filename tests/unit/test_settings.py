@@ -43,10 +43,10 @@ def test_readiness_is_judged_by_age_unless_a_count_is_set():
     from service.web.ops import ReadinessPolicy
 
     default = ReadinessPolicy.of(load_settings({}, dotenv=False))
-    assert (default.max_lag_seconds, default.max_lag_events) == (5.0, None)
-    given = load_settings({"READY_MAX_LAG": "60", "READY_MAX_LAG_EVENTS": "50000"}, dotenv=False)
+    assert (default.max_lag_seconds, default.max_lag_events) == (60.0, None)
+    given = load_settings({"READY_MAX_LAG": "20", "READY_MAX_LAG_EVENTS": "50000"}, dotenv=False)
     policy = ReadinessPolicy.of(given)
-    assert (policy.max_lag_seconds, policy.max_lag_events) == (60.0, 50000)
+    assert (policy.max_lag_seconds, policy.max_lag_events) == (20.0, 50000)
 
 
 # --- a mail provider -------------------------------------------------------------------
