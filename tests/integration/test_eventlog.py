@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -594,3 +594,29 @@ async def test_a_changed_schema_text_is_applied(db, monkeypatch):
     async with db.pool.acquire() as conn:
         await apply_schema(conn)
     assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
+
+
+async def test_a_log_from_before_appended_at_gets_it_for_new_rows_only(
+    eventlog: EventLog, db, monkeypatch
+):
+    """A log written before rows carried `appended_at`: applying the schema adds the column
+    without rewriting a row (theirs stay NULL, their age read from `recorded_at`) and every
+    row appended after it is stamped by the database."""
+    from service.storage import database
+
+    await db.pool.execute("ALTER TABLE events DROP COLUMN appended_at")
+    await eventlog.append("s-old", 0, [company(1)])
+    text = database.schema_sql()
+    monkeypatch.setattr(database, "schema_sql", lambda: text + "\n-- a later version\n")
+    async with db.pool.acquire() as conn:
+        await apply_schema(conn)
+    await eventlog.append("s-new", 0, [company(2)])
+    rows = await db.pool.fetch(
+        "SELECT stream_id, appended_at, clock_timestamp() - appended_at AS age "
+        "FROM events ORDER BY position"
+    )
+    assert [(r["stream_id"], r["appended_at"] is None) for r in rows] == [
+        ("s-old", True),
+        ("s-new", False),
+    ]
+    assert timedelta(0) <= rows[1]["age"] < timedelta(seconds=30)
