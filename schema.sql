@@ -25,16 +25,33 @@ CREATE TABLE IF NOT EXISTS events (
     hash           bytea       NOT NULL,
     CONSTRAINT events_stream_version UNIQUE (stream_id, version)
 );
-CREATE INDEX IF NOT EXISTS events_company_position ON events (company_id, position)
-    WHERE company_id IS NOT NULL;
+-- Only when missing: CREATE INDEX takes a lock every append's conflicts with, even when
+-- the index exists (see the triggers below).
+DO $$
+BEGIN
+    IF to_regclass('events_company_position') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS events_company_position ON events (company_id, position)
+            WHERE company_id IS NOT NULL;
+    END IF;
+END $$;
 -- When the row was written, on the database's clock (`recorded_at` is the writing host's,
 -- and the hash covers it): how long an event has waited for a projection is measured from
 -- here, so one host's clock set wrong cannot make every host's /readyz refuse. Not in the
--- hash, not in any read: an operational stamp. Added without a default first (an
--- instant change: a log written before has NULL there, and its age falls back to
--- `recorded_at`), then the default for new rows.
-ALTER TABLE events ADD COLUMN IF NOT EXISTS appended_at timestamptz;
-ALTER TABLE events ALTER COLUMN appended_at SET DEFAULT clock_timestamp();
+-- hash, nor in what the log's reads return: an operational stamp. Added without a default
+-- first (no row rewritten: a log written before keeps NULL there, and its age falls back
+-- to `recorded_at`), then the default for new rows. Only when missing: either statement
+-- takes the table's ACCESS EXCLUSIVE lock, which waits for every reader of the log and
+-- holds every append and read back meanwhile, and this file is applied again whenever
+-- its text changes.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'events'::regclass AND attname = 'appended_at'
+                     AND NOT attisdropped AND atthasdef) THEN
+        ALTER TABLE events ADD COLUMN IF NOT EXISTS appended_at timestamptz;
+        ALTER TABLE events ALTER COLUMN appended_at SET DEFAULT clock_timestamp();
+    END IF;
+END $$;
 
 -- The writers' lock: `events_append` takes this table in EXCLUSIVE mode, which conflicts
 -- with itself, not with readers. Not `events` itself in that mode, which also conflicts with
@@ -55,12 +72,23 @@ BEGIN
         USING ERRCODE = 'insufficient_privilege';
 END $$;
 
-DROP TRIGGER IF EXISTS events_append_only ON events;
-CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
-    FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
-DROP TRIGGER IF EXISTS events_no_truncate ON events;
-CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
+-- Created when missing, not dropped and created again: DROP TRIGGER takes the table's
+-- ACCESS EXCLUSIVE lock, and CREATE TRIGGER one that every append's conflicts with, and
+-- this file is applied again whenever its text changes (a new version's first start,
+-- while the previous version's processes append and a report may read the log).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_append_only') THEN
+        CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+            FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_no_truncate') THEN
+        CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+            FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
+    END IF;
+END $$;
 
 -- Appends one batch in one statement. Under the lock that serialises writers (so positions
 -- are handed out in commit order), for each append in order: its conditions and expected

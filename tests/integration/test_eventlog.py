@@ -620,3 +620,30 @@ async def test_a_log_from_before_appended_at_gets_it_for_new_rows_only(
         ("s-new", False),
     ]
     assert timedelta(0) <= rows[1]["age"] < timedelta(seconds=30)
+
+
+async def test_a_changed_schema_waits_for_no_reader_or_writer_of_the_log(
+    eventlog: EventLog, db, monkeypatch
+):
+    """A new version's schema applied while a long query reads the log (a report, an
+    auditor's walk) and an append of the previous version's processes is in flight: once
+    the log has its columns, index and triggers, nothing in it locks `events` against
+    either (it would wait for them, and hold every append and read back meanwhile)."""
+    from service.storage import database
+
+    await eventlog.append("s-1", 0, [company(1)])
+    reader = await asyncpg.connect(db.dsn)
+    writer = await asyncpg.connect(db.dsn)
+    try:
+        async with reader.transaction(), writer.transaction():
+            await reader.fetchval("SELECT count(*) FROM events")  # ACCESS SHARE, held
+            await writer.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")  # as an append
+            await writer.execute(WRITERS_LOCK)
+            text = database.schema_sql()
+            monkeypatch.setattr(database, "schema_sql", lambda: text + "\n-- a later version\n")
+            async with db.pool.acquire() as conn:
+                await asyncio.wait_for(apply_schema(conn), 10)
+    finally:
+        await reader.close()
+        await writer.close()
+    assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
