@@ -72,21 +72,30 @@ BEGIN
         USING ERRCODE = 'insufficient_privilege';
 END $$;
 
--- Created when missing, not dropped and created again: DROP TRIGGER takes the table's
--- ACCESS EXCLUSIVE lock, and CREATE TRIGGER one that every append's conflicts with, and
--- this file is applied again whenever its text changes (a new version's first start,
--- while the previous version's processes append and a report may read the log).
+-- Created when missing, enabled again when found disabled, not dropped and created again:
+-- DROP TRIGGER takes the table's ACCESS EXCLUSIVE lock, and CREATE TRIGGER (like ENABLE)
+-- one that every append's conflicts with, and this file is applied again whenever its
+-- text changes (a new version's first start, while the previous version's processes
+-- append and a report may read the log).
 DO $$
+DECLARE
+    enabled "char";
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger
-                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_append_only') THEN
+    SELECT tgenabled INTO enabled FROM pg_trigger
+    WHERE tgrelid = 'events'::regclass AND tgname = 'events_append_only';
+    IF NOT FOUND THEN
         CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
             FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
+    ELSIF enabled = 'D' THEN
+        ALTER TABLE events ENABLE TRIGGER events_append_only;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger
-                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_no_truncate') THEN
+    SELECT tgenabled INTO enabled FROM pg_trigger
+    WHERE tgrelid = 'events'::regclass AND tgname = 'events_no_truncate';
+    IF NOT FOUND THEN
         CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
             FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
+    ELSIF enabled = 'D' THEN
+        ALTER TABLE events ENABLE TRIGGER events_no_truncate;
     END IF;
 END $$;
 

@@ -647,3 +647,26 @@ async def test_a_changed_schema_waits_for_no_reader_or_writer_of_the_log(
         await reader.close()
         await writer.close()
     assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
+
+
+async def test_a_changed_schema_enables_the_append_only_triggers_again(db, monkeypatch):
+    """Triggers a superuser disabled on the log are enabled again by the next version's
+    schema, as dropping and creating them did: the log is append-only again."""
+    from service.storage import database
+
+    await db.pool.execute(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+        "ALTER TABLE events DISABLE TRIGGER events_no_truncate"
+    )
+    text = database.schema_sql()
+    monkeypatch.setattr(database, "schema_sql", lambda: text + "\n-- a later version\n")
+    async with db.pool.acquire() as conn:
+        await apply_schema(conn)
+    states = await db.pool.fetch(
+        "SELECT tgname, tgenabled::text AS tgenabled FROM pg_trigger WHERE tgrelid = 'events'::regclass "
+        "AND NOT tgisinternal ORDER BY tgname"
+    )
+    assert [(r["tgname"], r["tgenabled"]) for r in states] == [
+        ("events_append_only", "O"),
+        ("events_no_truncate", "O"),
+    ]
