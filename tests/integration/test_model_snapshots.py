@@ -19,6 +19,7 @@ from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service.eventlog import EventLog
 from tests.factories import application, populate, token
+from tests.integration.test_memory_feed import counting_reads
 from tests.unit.test_model_snapshots import held
 
 
@@ -58,17 +59,10 @@ async def test_a_start_reads_only_the_log_after_the_newest_snapshot(eventlog, db
 
     restored = await snapshots.load(db.pool)
     assert restored is not None and restored.position == written
-    reads: list[int] = []
-    read_all = eventlog.read_all
-
-    async def counted(after: int = 0, *args, **kwargs):
-        reads.append(after)
-        return await read_all(after, *args, **kwargs)
-
-    monkeypatch.setattr(eventlog, "read_all", counted)
+    reads = counting_reads(eventlog, monkeypatch)
     from_snapshot = await caught_up(eventlog, restored.policy, restored.directory)
     assert min(reads) == written  # nothing before the snapshot was read again
-    monkeypatch.setattr(eventlog, "read_all", read_all)
+    monkeypatch.undo()
     assert from_snapshot == await caught_up(eventlog, PolicyModel(), DirectoryModel())
     assert restored.policy.position == await eventlog.head()
 
