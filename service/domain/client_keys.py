@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from joserfc import jwk
 from joserfc.errors import JoseError
 
@@ -61,6 +62,20 @@ class ClientKey:
     kid: str
     thumbprint: str
     jwk: dict[str, str]
+
+
+_claims = msgspec.json.Decoder(dict[str, Any])
+
+
+def jwt_claims(payload: bytes) -> dict[str, Any] | None:
+    """A signed JWT's claims set, a JSON object (RFC 7519 §7.2 item 10), read as JSON and
+    nothing looser: None for NaN or Infinity, a number beyond a double, or text holding a
+    lone surrogate, all of which Python's json module reads (and no comparison, int() or
+    encode() after it survives)."""
+    try:
+        return _claims.decode(payload)
+    except msgspec.DecodeError:
+        return None
 
 
 def auth_method(value: str) -> str:

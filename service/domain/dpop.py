@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from joserfc import jwk, jws
 from joserfc.errors import JoseError
 
-from service.domain.client_keys import PRIVATE_MEMBERS, SIGNING_ALGORITHMS
+from service.domain.client_keys import PRIVATE_MEMBERS, SIGNING_ALGORITHMS, jwt_claims
 from service.oauth.errors import OAuthError
 
 #: RFC 9449 §4.2: "typ": "dpop+jwt".
@@ -186,11 +185,11 @@ def _signed(
         if key.key_type == "oct":
             raise error("the DPoP proof's jwk must hold no private or symmetric key")
         signed = jws.deserialize_compact(proof, key, algorithms=[alg], registry=_REGISTRY)
-        claims = json.loads(signed.payload)
         jkt = key.thumbprint()
     except (JoseError, ValueError, TypeError, KeyError, RecursionError):
         raise error("the DPoP proof's signature does not verify with its jwk") from None
-    if not isinstance(claims, dict):
+    claims = jwt_claims(signed.payload)
+    if claims is None:
         raise error("the DPoP proof's payload must be a JSON object")
     return claims, jkt
 

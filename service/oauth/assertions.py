@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from joserfc import jwk, jws, jwt
+from joserfc import jwk, jws
 from joserfc.errors import JoseError
 
 from service import events as ev
 from service.domain import streams
-from service.domain.client_keys import SIGNING_ALGORITHMS, ClientKey
+from service.domain.client_keys import SIGNING_ALGORITHMS, ClientKey, jwt_claims
 from service.domain.credentials import digest
 from service.domain.grants import Record
 from service.domain.state import AppState
@@ -35,6 +34,8 @@ LEEWAY = 60
 #: keep (RFC 7523 §3 item 4 lets the server reject one "too far in the future"). One hour,
 #: the default of common client libraries (Authlib signs iat + 3600).
 MAX_LIFETIME = 3600
+#: A NumericDate past a double's integers is none: refused, not overflowed into float().
+LATEST = 2**53
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,12 @@ def claimed_client(assertion: str) -> str:
         raise InvalidClient("client_assertion is not a signed JWT (RFC 7515 compact form)")
     payload = assertion.split(".")[1]
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (binascii.Error, ValueError, RecursionError):
-        raise InvalidClient(
-            "client_assertion is not a signed JWT (RFC 7515 compact form)"
-        ) from None
-    sub = claims.get("sub") if isinstance(claims, dict) else None
+        claims = jwt_claims(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (binascii.Error, ValueError):
+        claims = None
+    if claims is None:
+        raise InvalidClient("client_assertion is not a signed JWT (RFC 7515 compact form)")
+    sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise InvalidClient("the client assertion needs sub, the client_id (RFC 7523 §3)")
     return sub
@@ -100,11 +101,13 @@ def _signed_by(
             continue  # a key registered for one algorithm verifies only that one
         try:
             material: dict[str, str | list[str]] = dict(key.jwk)
-            token = jwt.decode(assertion, jwk.import_key(material), algorithms=[alg])
+            signed = jws.deserialize_compact(assertion, jwk.import_key(material), algorithms=[alg])
         except (JoseError, ValueError, TypeError, RecursionError):
             continue  # another key's signature, or a key of another type
-        if isinstance(token.claims, dict):
-            return key, token.claims
+        claims = jwt_claims(signed.payload)
+        if claims is None:
+            raise InvalidClient("the assertion's payload must be a JSON object (RFC 7519 §7.2)")
+        return key, claims
     raise InvalidClient("the assertion's signature does not verify with a registered key")
 
 
@@ -137,7 +140,7 @@ def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | 
     value = claims.get(name)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > LATEST:
         raise InvalidClient(f"the assertion's {name} must be a NumericDate (RFC 7519 §2)")
     return float(value)
 

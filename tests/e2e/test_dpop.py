@@ -253,6 +253,11 @@ def _hs256(client) -> str:
         pytest.param(lambda c: proof(c, header_jwk=OTHER.as_dict(private=False)), id="other-key"),
         pytest.param(lambda c: proof(c, header_jwk=KEY.as_dict(private=True)), id="private-jwk"),
         pytest.param(lambda c: proof(c, jti=None), id="no-jti"),
+        # what Python's json reads and JSON is not: a NaN passes every comparison, a lone
+        # surrogate fails every encode()
+        pytest.param(lambda c: proof(c, iat=float("nan")), id="nan-iat"),
+        pytest.param(lambda c: proof(c, jti="\ud800"), id="lone-surrogate-jti"),
+        pytest.param(lambda c: proof(c, iat=10**400), id="huge-iat"),
         pytest.param(_none_alg, id="alg-none"),
         pytest.param(_hs256, id="hs256"),
         pytest.param(lambda c: "not a jwt", id="garbage"),
@@ -365,6 +370,8 @@ async def test_the_gateway_refuses_a_bound_token_without_its_proof(client, compa
         proof(client, token=token, htm="POST", path="/api/v1/whoami"),
         proof(client, token=token, htm="GET", path="/api/v1/other"),
         proof(client, token=token, iat=int(time.time()) - 3600, **at),
+        proof(client, token=token, iat=float("nan"), **at),
+        proof(client, token=token, jti="\ud800", **at),
     ):
         answer = await whoami(client, token, refused)
         assert answer.status == 401, refused
@@ -414,6 +421,8 @@ async def test_policy_check_requires_the_proof_of_a_bound_token(client, company,
             "htu": url,
         },
         {"dpop_proof": proof(client, htu=url, htm="GET"), "htm": "GET", "htu": url},
+        {"dpop_proof": client_proof(iat=float("nan")), "htm": "GET", "htu": url},
+        {"dpop_proof": client_proof(jti="\ud800"), "htm": "GET", "htu": url},
     ):
         answer = await check(**fields)
         assert answer.status == 401

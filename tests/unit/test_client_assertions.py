@@ -10,7 +10,7 @@ import json
 
 import msgspec
 import pytest
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from service.domain import client_keys
@@ -42,6 +42,11 @@ def claims(**changes) -> dict:
 def signed(key, alg="ES256", kid="ec", **changes) -> str:
     header = {"alg": alg} | ({"kid": kid} if kid else {})
     return jwt.encode(header, claims(**changes), key, algorithms=[alg])
+
+
+def signed_text(key, payload: str, alg="ES256", kid="ec") -> str:
+    """A payload as given, signed (a JOSE library's encoder refuses to write some)."""
+    return jws.serialize_compact({"alg": alg, "kid": kid}, payload, key, algorithms=[alg])
 
 
 @pytest.mark.parametrize(
@@ -93,6 +98,12 @@ def _hs256_with_public_key() -> str:
         (lambda: signed(EC, iat=NOW + 61), "iat is in the future"),
         (lambda: signed(EC, nbf=NOW + 61), "nbf is in the future"),
         (lambda: signed(EC, iat="yesterday"), "NumericDate"),
+        (lambda: signed(EC, exp=10**400), "NumericDate"),
+        (lambda: signed(EC, nbf=10**400), "NumericDate"),
+        # JSON has no NaN, and no lone surrogate; Python's json reads both
+        (lambda: signed(EC, exp=float("nan")), "JSON object"),
+        (lambda: signed(EC, iat=float("nan")), "JSON object"),
+        (lambda: signed_text(EC, json.dumps(claims(jti="\ud800"))), "JSON object"),
         (lambda: signed(EC, jti=None), "jti"),
         (lambda: signed(EC, iss="someone-else"), "iss and sub"),
         (lambda: signed(ECKey.generate_key("P-256")), "signature"),
@@ -149,3 +160,17 @@ def test_the_request_carries_an_assertion_or_a_secret_never_both():
                 "client_id": "another",
             },
         )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"sub": "client-1", "exp": NaN}', b'{"sub": "\\ud800"}', b'["client-1"]', b"client-1"],
+)
+def test_the_claimed_client_is_read_from_json_alone(payload):
+    """The assertion's `sub`, read before any check to find the client's keys: a payload
+    Python's json reads and JSON does not (NaN, a lone surrogate) is no JWT either."""
+    assertion = f"{_part({'alg': 'ES256'})}.{_part(payload)}.c2ln"
+    with pytest.raises(InvalidClient, match="not a signed JWT"):
+        assertions.claimed_client(assertion)
+    good = f"{_part({'alg': 'ES256'})}.{_part({'sub': CLIENT})}.c2ln"
+    assert assertions.claimed_client(good) == CLIENT

@@ -57,6 +57,10 @@ def test_the_htu_is_compared_after_normalisation():
         ({"iat": "now"}, "iat"),
         ({"jti": None}, "jti"),
         ({"jti": "x" * 300}, "jti"),
+        # JSON has no NaN, and no lone surrogate; Python's json reads both
+        ({"iat": float("nan")}, "JSON object"),
+        ({"jti": "\ud800"}, "JSON object"),
+        ({"iat": 10**400}, "future"),
     ],
 )
 def test_a_proof_for_another_request_or_time_is_refused(claims, message):
