@@ -3,6 +3,7 @@ problem and the field."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TypeVar
 
 import msgspec
@@ -107,6 +108,7 @@ async def form_body(request: web.Request, limit: int = MAX_BODY) -> Form:
     # aiohttp checks a multipart body's size while it reads the parts, not what follows them.
     if request.content.total_bytes > limit:
         raise _too_large(limit)
+    _unicode(t for pair in form.items() for t in pair if isinstance(t, str) and not t.isascii())
     return form
 
 
@@ -133,6 +135,22 @@ def urlencoded_fields(body: bytes, charset: str) -> list[tuple[str, str]]:
     except (LookupError, ValueError) as exc:  # an unknown charset, or bytes not in it
         raise InvalidRequest(f"unreadable form body: {exc}") from None
     try:
-        return query_to_pairs(text, max_fields=MAX_FIELDS, encoding=charset)
+        pairs = query_to_pairs(text, max_fields=MAX_FIELDS, encoding=charset)
     except ValueError:
         raise PayloadTooLarge(f"the form must have at most {MAX_FIELDS} fields") from None
+    if not text.isascii() or "%" in text:
+        _unicode(text for pair in pairs for text in pair if not text.isascii())
+    return pairs
+
+
+def _unicode(texts: Iterable[str]) -> None:
+    """Refuses a field that decoded to a lone surrogate: a charset the client names may
+    make one (UTF-7's `+2AA-`, or UTF-16's bytes), and no hash, password check or page
+    that encodes the text afterwards survives it."""
+    for text in texts:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "unreadable form body: a field holds a lone surrogate, which is no Unicode text"
+            ) from None

@@ -12,6 +12,8 @@ import zlib
 import pytest
 
 from tests.e2e.oauth_helpers import basic, new_app
+from tests.e2e.test_dashboard import hidden
+from tests.e2e.test_dashboard import sign_in as dashboard_sign_in
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -286,3 +288,54 @@ async def test_a_form_of_more_than_a_thousand_fields_is_refused(client, company,
     )
     await _assert_oauth_invalid_request(response, "at most 1000 fields")
     assert await _issued(db) == 0
+
+
+# --- text a named charset decodes to, and Unicode does not hold ------------------------
+
+UTF7_SURROGATE = b"+2AA-"  # UTF-7 for U+D800, half of a pair, alone
+
+
+BROWSER_FORMS = ["/oauth/login", "/oauth/authorize", "/oauth/switch-user", "/dashboard/login",
+                 "/dashboard/logout"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/oauth/token", *BROWSER_FORMS])
+@pytest.mark.parametrize("shape", ["urlencoded", "multipart"])
+async def test_a_form_that_decodes_to_a_lone_surrogate_is_invalid_request(
+    client, company, db, path, shape
+):
+    """A charset the client names may decode to a lone surrogate, which every later
+    encode() (a password's hash, a CSRF token's comparison, the page showing the value
+    back) fails on: refused as the form is read, a 400, not a 500."""
+    if shape == "urlencoded":
+        body = b"grant_type=client_credentials&csrf_token=" + UTF7_SURROGATE + b"&password=%2B2AA-"
+        headers = {"Content-Type": f"{FORM}; charset=utf-7"}
+    else:
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="csrf_token"\r\n'
+            b"Content-Type: text/plain; charset=utf-7\r\n\r\n" + UTF7_SURROGATE + b"\r\n--b--\r\n"
+        )
+        headers = {"Content-Type": "multipart/form-data; boundary=b; charset=utf-7"}
+    before = await _writes(db)
+    response = await client.post(path, data=body, headers=headers, allow_redirects=False)
+    assert response.status == 400, await response.text()
+    answer = await response.json()
+    assert answer["error"] == "invalid_request"
+    assert "lone surrogate" in answer["error_description"]
+    assert await _writes(db) == before
+
+
+async def test_a_dashboard_form_that_decodes_to_a_lone_surrogate_is_refused(client, company, db):
+    """Past the session and CSRF checks too: a new key's label, shown back in the form."""
+    await dashboard_sign_in(client, company.admin_email, company.admin_password)
+    page = await client.get("/dashboard/keys")
+    token = hidden(await page.text(), "csrf_token")
+    before = await _writes(db)
+    response = await client.post(
+        "/dashboard/keys",
+        data=b"csrf_token=" + token.encode() + b"&label=x" + UTF7_SURROGATE,
+        headers={"Content-Type": f"{FORM}; charset=utf-7"},
+        allow_redirects=False,
+    )
+    assert response.status == 400, await response.text()
+    assert await _writes(db) == before
