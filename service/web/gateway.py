@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from service.domain.dpop import NONCE_HEADER, DpopProofRefused
+from service.domain.dpop import NONCE_HEADER
 from service.domain.policy import Allowed
 from service.domain.routes import WHOAMI, WHOAMI_RULE, resource_path
 from service.errors import InvalidRequest, TollgateError
@@ -24,6 +24,18 @@ from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, met
 routes = web.RouteTableDef()
 
 IDENTITY_HEADERS = ("X-Tollgate-Company", "X-Tollgate-Client", "X-Tollgate-Permissions")
+#: What the upstream gets from Tollgate alone: the credentials stay here, the identity is
+#: Tollgate's, and so is the caller's address (the one the allow list was checked against:
+#: an address or a chain the caller sent itself could be forged). Compared with "_" read as
+#: "-": many servers (CGI and WSGI among them) take `X_Tollgate_Company` for
+#: `X-Tollgate-Company`, and would merge the caller's value with Tollgate's.
+NOT_FORWARDED = frozenset(
+    h.lower()
+    for h in (
+        "Authorization", "DPoP", *IDENTITY_HEADERS,
+        "X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Client-IP", "True-Client-IP",
+    )
+)  # fmt: skip
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -81,25 +93,23 @@ def access_token(request: web.Request) -> tuple[str, Presented | None]:
 def _proof(request: web.Request) -> Presented:
     """The request's proof ("" without one: a DPoP token needs one), its method, and its
     public URL: the issuer and the path, as the client called it (RFC 9449 §4.3 item 9)."""
-    proofs = request.headers.getall("DPoP", [])
-    if len(proofs) > 1:
-        raise DpopProofRefused("send exactly one DPoP header")
+    # Several DPoP headers are their values joined by commas (RFC 9110 §5.3), which no
+    # proof holds: refused as the proof, after the allow list (a stolen token sent from a
+    # disallowed address is revoked however its proof is malformed).
+    proof = ", ".join(request.headers.getall("DPoP", []))
     public_url = request.app[SETTINGS].issuer.rstrip("/") + request.path
     nonces = request.app[CONTEXT].dpop_nonces
-    return Presented(proofs[0] if proofs else "", request.method, public_url, nonces)
+    return Presented(proof, request.method, public_url, nonces)
 
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 
 
-def canonical_path(request: web.Request) -> str:
-    """The path the permission is decided on is the path the upstream gets: one with a
-    `.`/`..` segment, an empty one (`//`) or path parameters could mean another route
-    there, so it is refused rather than normalised."""
-    refusal = _refusal(request.path, request.rel_url.raw_path)
-    if refusal:
-        raise InvalidRequest(refusal)
-    return request.path
+def path_refusal(request: web.Request) -> str:
+    """Why the path is refused ("": it is not). The path the permission is decided on is
+    the path the upstream gets: one with a `.`/`..` segment, an empty one (`//`) or path
+    parameters could mean another route there, so it is refused rather than normalised."""
+    return _refusal(request.path, request.rel_url.raw_path)
 
 
 # The few paths clients call, checked once each: "" when acceptable.
@@ -123,18 +133,20 @@ def _refusal(path: str, raw_path: str) -> str:
 async def gateway(request: web.Request) -> web.StreamResponse:
     app = request.app
     ctx = app[CONTEXT]
-    path = canonical_path(request)
+    refusal = path_refusal(request)
     raw, presented = access_token(request)
     ip = caller_ip(request)
-    rule = app[ROUTES].rule_for(request.method, path)
-    # The token and the allow list first, covered or not: a valid token from a disallowed
-    # address is revoked wherever it was sent.
+    rule = None if refusal else app[ROUTES].rule_for(request.method, request.path)
+    # The token and the allow list first, covered or not, whatever the path or the proof:
+    # a valid token from a disallowed address is revoked wherever it was sent.
     permission = None if rule is None else rule.permission
     point = ctx.policy_point
     allowed = point.allowed_now(raw, ip, permission, "api", bearer=presented is None)
     if allowed is None:
         meta = metadata(request, "gateway", ip)
         allowed = await point.decide(raw, ip, permission, "api", meta, presented)
+    if refusal:
+        raise InvalidRequest(refusal)
     if rule is None:
         raise NotCovered()
     # DPOP_NONCE=required: an allowed DPoP request is told the nonce to use next (RFC 9449 §9)
@@ -192,16 +204,12 @@ async def _proxy(
     headers = {
         k: v
         for k, v in request.headers.items()
-        if k.lower() not in HOP_BY_HOP
-        and k.lower() not in ("authorization", "dpop")  # the credentials stay here
-        and k.lower() not in {h.lower() for h in IDENTITY_HEADERS}
+        if k.lower() not in HOP_BY_HOP and k.lower().replace("_", "-") not in NOT_FORWARDED
     }
     headers["X-Tollgate-Company"] = allowed.token.company_id
     headers["X-Tollgate-Client"] = allowed.token.client_id
     headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
-    # The caller's address as Tollgate decided it (trusted proxies honoured): a chain the
-    # caller sent itself could be forged, so it is not passed on.
-    headers["X-Forwarded-For"] = ip
+    headers["X-Forwarded-For"] = ip  # as Tollgate decided it, trusted proxies honoured
     body = request.content if request.body_exists else None
     try:
         async with session.request(

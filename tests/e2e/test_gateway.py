@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from service.app import CONTEXT, create_app
 from service.commands.directory import register_resource_server
@@ -96,6 +97,37 @@ async def test_a_valid_token_from_outside_the_allow_list_is_revoked(client, comp
     again = await client.get("/api/v1/whoami", headers=bearer(token))
     assert again.status == 401
     assert (await again.json())["error"] == "invalid_token"
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/api/v1//whoami", []),
+        ("/api/v1/./whoami", []),
+        ("/api/v1/whoami;x=1", []),
+        ("/api/v1/%2fwhoami", []),
+        ("/api/v1/whoami", [("DPoP", "a.b.c"), ("DPoP", "d.e.f")]),  # two proofs
+    ],
+    ids=["empty-segment", "dot-segment", "path-parameters", "encoded-slash", "two-dpop-headers"],
+)
+async def test_a_token_from_outside_the_allow_list_is_revoked_however_the_request_is_refused(
+    client, company, db, path, extra
+):
+    """SPEC §2: the token and the allow list come first; a path the gateway refuses, or a
+    malformed proof, does not spare a stolen token used from elsewhere."""
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1/32"])
+    token = (await cc_token(client, app))["access_token"]
+    scheme = "DPoP" if extra else "Bearer"
+    async with from_address(client, "127.0.0.2") as outsider:
+        url = URL(str(client.make_url("")).rstrip("/") + path, encoded=True)
+        response = await outsider.get(url, headers=[("Authorization", f"{scheme} {token}"), *extra])
+        assert response.status == 403, await response.text()
+        assert (await response.json())["error"] == "ip_not_allowed"
+    assert await count(db, "TokenRevoked") == 1
+    # and from the allowed address, the same refusal as before, now for a revoked token
+    url = URL(str(client.make_url("")).rstrip("/") + path, encoded=True)
+    again = await client.session.get(url, headers=[("Authorization", f"{scheme} {token}"), *extra])
+    assert again.status == 401
 
 
 async def test_concurrent_requests_from_a_bad_address_revoke_once(client, company, db):
@@ -223,6 +255,13 @@ async def test_a_token_issued_by_another_process_is_accepted_at_once(client, com
         await other.close()
 
 
+#: what many servers (CGI, WSGI) read as X-Tollgate-Company and the rest, and the address
+#: headers: the caller's own, forged
+SMUGGLED = {"X_Tollgate_Company": "forged", "x_tollgate_permissions": "admin:write",
+            "Forwarded": "for=192.0.2.9", "X-Real-IP": "192.0.2.9", "X_Forwarded_For": "9",
+            "True-Client-IP": "192.0.2.9"}  # fmt: skip
+
+
 async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
     seen: dict = {}
 
@@ -255,7 +294,9 @@ async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
         response = await client.post(
             "/api/v1/invoices/7?x=1",
             data=body,
-            headers=bearer(token) | {"X-Tollgate-Company": "forged", "X-Custom": "kept"},
+            headers=bearer(token)
+            | {"X-Tollgate-Company": "forged", "X-Custom": "kept", "X-Other_Custom": "kept"}
+            | SMUGGLED,
         )
         assert response.status == 207
         assert response.headers["X-Upstream"] == "yes"
@@ -266,9 +307,13 @@ async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
         assert headers["X-Tollgate-Company"] == company.company_id
         assert headers["X-Tollgate-Client"] == app["client_id"]
         assert headers["X-Tollgate-Permissions"] == "invoices:read invoices:write"
-        assert headers["X-Custom"] == "kept"
+        assert headers["X-Custom"] == headers["X-Other_Custom"] == "kept"
         assert "Authorization" not in headers
         assert headers["X-Forwarded-For"] == "127.0.0.1"
+        as_cgi_reads = [name.upper().replace("-", "_") for name in headers]
+        for name in ("X_TOLLGATE_COMPANY", "X_TOLLGATE_PERMISSIONS", "X_FORWARDED_FOR"):
+            assert as_cgi_reads.count(name) == 1, headers
+        assert not {"FORWARDED", "X_REAL_IP", "TRUE_CLIENT_IP"} & set(as_cgi_reads), headers
     finally:
         await client.close()
         await upstream.close()
