@@ -303,7 +303,7 @@ class TokenEndpoint:
         """The thumbprint of the key a valid DPoP proof proves, its single use recorded; ""
         without a proof. Checked once per request: a retry after the application changed is
         the same request with the same proof."""
-        if presented is None or not presented.proof:
+        if presented is None:  # an empty DPoP header is a malformed proof (RFC 9449 §4.3)
             return ""
         proof = dpop.verify(presented.proof, presented.htm, presented.htu, self.clock())
         refused = await proofs.nonce_refusal(presented, proof, self.clock())

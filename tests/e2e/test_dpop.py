@@ -261,6 +261,7 @@ def _hs256(client) -> str:
         pytest.param(_none_alg, id="alg-none"),
         pytest.param(_hs256, id="hs256"),
         pytest.param(lambda c: "not a jwt", id="garbage"),
+        pytest.param(lambda c: "", id="empty"),
     ],
 )
 async def test_a_bad_proof_at_the_token_endpoint_is_400_invalid_dpop_proof(
