@@ -47,6 +47,7 @@ import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -116,6 +117,16 @@ _lean_decoder = msgspec.json.Decoder(list[tuple[int, int, str, int, msgspec.Raw]
 #: how long a backend found allowed to append is believed as the sender of announced
 #: batches before it is checked again (its pid could in time be another session's)
 SENDER_TRUST = 60.0
+#: the writer connection's session: its pid, and when it started (a pid alone could in time
+#: be another session's)
+_SESSION = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+#: ends that session, if it is still there, and waits for it (PostgreSQL 14 and later)
+_END_SESSION = (
+    "SELECT pg_terminate_backend(pid, $3) FROM pg_stat_activity "
+    "WHERE pid = $1 AND backend_start = $2"
+)
+#: how long a session whose batch's answer was lost is waited for, once told to end
+BACKEND_EXIT_MS = 2000
 _MAY_APPEND = (
     "SELECT has_table_privilege(usesysid, 'events', 'INSERT') FROM pg_stat_activity WHERE pid = $1"
 )
@@ -252,6 +263,7 @@ class EventLog:
         self._senders: dict[int, float] = {}  # backend pid: until when it is believed
         self._checks: dict[int, asyncio.Task[None]] = {}
         self._in_flight: Plan | None = None  # the batch sent to the server, until answered
+        self._backend: tuple[int, datetime] | None = None  # the writer connection's session
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -368,12 +380,26 @@ class EventLog:
             if closed:
                 await self._drop_connection()
         if self._conn is None:
-            self._conn = await self._pool.acquire()
+            conn = await self._pool.acquire()
+            try:
+                # which session it is: ended, if a batch's answer is lost (`_ended`)
+                session = await conn.fetchrow(_SESSION)
+                self._backend = None if session is None else (session[0], session[1])
+            except BaseException:
+                await self._pool.release(conn)
+                raise
+            self._conn = conn
         return self._conn
 
-    async def _drop_connection(self) -> None:
+    async def _drop_connection(self, *, broken: bool = False) -> None:
+        """Gives the writer's connection back to the pool; `broken`: closed first, never to
+        be used again (a statement on it failed midway: its session is to be ended, not
+        handed to the next query)."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            if broken:
+                with contextlib.suppress(*_DB_ERRORS):
+                    conn.terminate()
             with contextlib.suppress(*_DB_ERRORS):
                 await self._pool.release(conn)
 
@@ -404,12 +430,12 @@ class EventLog:
         retried alone or failed. The writer itself never dies of one batch."""
         ambiguous = _ambiguous(exc)
         if ambiguous:
-            await self._drop_connection()
+            await self._drop_connection(broken=True)
         plan, self._in_flight = self._in_flight, None
         if ambiguous and plan is not None:
-            # The connection failed after the batch was sent: the commit may have happened.
-            # Retrying before knowing would write the events twice.
-            landed = await self._landed(plan, batch)
+            # The connection failed after the batch was sent: the commit may have happened,
+            # or may still happen. Retrying before knowing would write the events twice.
+            landed = await self._landed(plan, batch) if await self._ended(plan) else None
             if landed is None:
                 log.warning("eventlog.append_outcome_unknown", error=error_text(exc))
                 unknown = EventLogUnavailable(f"the append may or may not be written: {exc}")
@@ -439,14 +465,32 @@ class EventLog:
             settle(batch[0], EventLogError(f"the append could not be written: {exc!r}"))
         return False
 
+    async def _ended(self, plan: Plan) -> bool:
+        """Whether the session a batch was sent on has ended, so that the log now holds the
+        batch or never will. A server notices that its client is gone only when it next
+        writes to it: a session still waiting for the writers' lock, or still running the
+        batch, commits it after its client has given up on it, and a look at the log before
+        then finds nothing and writes the batch a second time. So the session is ended here
+        (terminated, and waited for); False: that could not be done (the database out of
+        reach, say)."""
+        if plan.backend is None:
+            return False
+        pid, started = plan.backend
+        try:
+            ended = await self._pool.fetchval(_END_SESSION, pid, started, BACKEND_EXIT_MS)
+        except _DB_ERRORS:
+            return False
+        return ended is not False  # None: no such session any more
+
     async def _landed(self, plan: Plan, batch: list[Append]) -> list[Append] | None:
         """The appends of `plan` that are in the log, their positions set (None: cannot
         tell). An append is found by its stream, the batch's time (to the microsecond,
-        taken by this process) and what it wrote."""
+        taken by this process), what it wrote and, when it expected one, the version its
+        first event has."""
         streams = list(dict.fromkeys(r.stream_id for r in batch))
         try:
             rows = await self._pool.fetch(
-                "SELECT stream_id, position, payload::text AS payload, "
+                "SELECT stream_id, position, version, payload::text AS payload, "
                 "metadata::text AS metadata FROM events "
                 "WHERE stream_id = ANY($1) AND recorded_at = $2 ORDER BY position",
                 streams,
@@ -454,20 +498,34 @@ class EventLog:
             )
         except _DB_ERRORS:
             return None
-        found: dict[str, deque[tuple[int, str, str]]] = {}
+        found: dict[str, deque[tuple[int, int, str, str]]] = {}
         for row in rows:
             found.setdefault(row["stream_id"], deque()).append(
-                (row["position"], row["payload"], row["metadata"])
+                (row["position"], row["version"], row["payload"], row["metadata"])
             )
+        # In batch order, as the batch wrote them: an append's rows are the first of its
+        # stream's not taken by an append before it.
         landed = []
+        #: per stream and what was written: the first versions of the appends found
+        twins: dict[tuple[str, str], list[int]] = {}
         for request, written in zip(batch, plan.written, strict=True):
             stored = found.get(request.stream_id, deque())
             mine = list(stored)[: len(written)]
-            if [(p, m) for _, p, m in mine] == written:
+            expected = request.expected_version
+            twin = twins.setdefault((request.stream_id, repr(written)), [])
+            if [(p, m) for _, _, p, m in mine] == written and (
+                expected is None or mine[0][1] == expected + 1  # else another one's rows
+            ):
                 for _ in written:
                     stored.popleft()
-                request.positions, request.error = [position for position, _, _ in mine], None
+                request.positions, request.error = [position for position, _, _, _ in mine], None
                 landed.append(request)
+                twin.append(mine[0][1])
+            elif any(expected is None or expected + 1 == v for v in twin):
+                # An append before it wrote the same rows to the same stream, at a version
+                # this one could have written them at: had that one been refused, these
+                # rows would be this one's. Which it was, only the lost answer said.
+                return None
         return landed
 
     def _committed(self, batch: list[Append]) -> None:
@@ -496,6 +554,7 @@ class EventLog:
         self._in_flight = None
         conn = await self._writer_connection()
         plan = Plan.build(batch)
+        plan.backend = self._backend
         self._in_flight = plan
         try:
             outcome = await conn.fetchval(plan.statement, *plan.args, False)

@@ -68,6 +68,8 @@ class Plan:
     recorded_at: datetime
     #: per append, its events' (payload, metadata) as stored
     written: list[list[tuple[str, str]]]
+    #: the session it was sent on (pid, when it started), to end if its answer is lost
+    backend: tuple[int, datetime] | None = None
 
     @classmethod
     def build(cls, batch: list[Append]) -> Plan:

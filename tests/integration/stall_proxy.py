@@ -27,6 +27,7 @@ class StallProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
+        self._clients: list[asyncio.StreamWriter] = []
         self.port = 0
 
     async def start(self) -> StallProxy:
@@ -48,6 +49,15 @@ class StallProxy:
     def resume(self) -> None:
         self.flowing.set()
 
+    def cut(self) -> None:
+        """Resets the connections open now, as a network that fails does: each client
+        sees its connection reset at once, while the server's session runs on until it
+        next reads from or writes to its own (a statement waiting for a lock, say, goes on
+        waiting, and commits)."""
+        clients, self._clients = self._clients, []
+        for writer in clients:
+            writer.transport.abort()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -61,6 +71,7 @@ class StallProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
+        self._clients.append(writer)
         try:
             if self._unix is not None:
                 up_reader, up_writer = await asyncio.open_unix_connection(self._unix)

@@ -510,3 +510,116 @@ async def test_a_batch_whose_digests_do_not_match_its_events_writes_nothing(db):
         assert await conn.fetchval("SELECT count(*) FROM events") == 0
         args[9] = plan.args[9]
         assert await conn.fetchval(plan.statement, *args, False) == "[1]"
+
+
+@pytest.mark.parametrize("expected", [None, 0])
+async def test_a_batch_whose_connection_breaks_while_it_waits_for_the_lock_is_written_once(
+    db, expected
+):
+    """The writer's connection breaks while its batch waits for the writers' lock (another
+    process's long batch holds it): the server's session does not notice and would commit
+    the batch once the lock is free. A look at the log before then finds nothing; a retry
+    would then write every event twice, or (expected version 0) find them there and
+    refuse appends that are in the log. The session is ended first, so the look is sure."""
+    from tests.integration.stall_proxy import StallProxy
+
+    proxy = await StallProxy(db.dsn).start()
+    pool = await create_pool(proxy.proxied_dsn, min_size=1, max_size=4)
+    log = EventLog(pool)
+    await log.start()
+    holder = await asyncpg.connect(db.dsn)
+    try:
+        assert await log.append("first", 0, [company(0)]) == [1]
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("LOCK TABLE events_writer IN EXCLUSIVE MODE")
+        appends = [
+            asyncio.create_task(log.append(stream, expected, [company(n)]))
+            for n, stream in enumerate(["a", "b"], 1)
+        ]
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events_writer'::regclass"
+        for _ in range(200):  # the batch is on the server, waiting for the lock
+            if await holder.fetchval(waiting):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the batch never waited for the lock")
+        proxy.cut()
+        await asyncio.sleep(0.5)  # the writer has seen its connection break
+        await held.commit()
+        results = await asyncio.gather(*appends, return_exceptions=True)
+        rows = await holder.fetch("SELECT stream_id, version FROM events ORDER BY position")
+    finally:
+        await holder.close()
+        await log.close()
+        await pool.close()
+        await proxy.close()
+    assert [(r["stream_id"], r["version"]) for r in rows] == [("first", 1), ("a", 1), ("b", 1)]
+    assert sorted(results) == [[2], [3]], results  # each written once, and reported so
+    assert (await verify_log(db.pool)).ok
+
+
+async def test_a_lost_reply_credits_each_append_with_its_own_rows(
+    eventlog: EventLog, db, monkeypatch
+):
+    """A stale append and a later one writing the same event to the same stream share a
+    batch whose reply is lost after it committed: the row is the later one's (its version
+    says so), the stale one is refused, and nothing is written twice."""
+    from tests.integration.test_eventlog import _ReplyLost
+
+    assert await eventlog.append("s", 0, [company(0)]) == [1]
+    real = EventLog._writer_connection
+    lost: list[_ReplyLost] = []
+
+    async def once(self):
+        conn = await real(self)
+        if not lost:
+            lost.append(_ReplyLost(conn))
+            return lost[0]
+        return conn
+
+    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    same = company(1)
+    results = await asyncio.gather(
+        eventlog.append("s", 5, [same]),  # stale: refused
+        eventlog.append("s", None, [same]),
+        return_exceptions=True,
+    )
+    assert not lost[0].armed  # the reply was indeed lost
+    assert isinstance(results[0], ConcurrencyError) and results[0].actual == 2
+    assert results[1] == [2]
+    assert [e.version for e in await eventlog.read_stream("s")] == [1, 2]
+    assert (await verify_log(db.pool)).ok
+
+
+async def test_a_lost_reply_that_cannot_tell_two_appends_apart_says_so(
+    eventlog: EventLog, db, monkeypatch
+):
+    """Two appends of one batch write the same event to the same stream at any version, and
+    the first is refused (a condition): after a lost reply the row could be either one's.
+    Neither caller is told a guess: both hear that the append may or may not be written."""
+    from service.eventlog import EventLogUnavailable
+    from tests.integration.test_eventlog import _ReplyLost
+
+    assert await eventlog.append("app", 0, [company(0)]) == [1]
+    real = EventLog._writer_connection
+    lost: list[_ReplyLost] = []
+
+    async def once(self):
+        conn = await real(self)
+        if not lost:
+            lost.append(_ReplyLost(conn))
+            return lost[0]
+        return conn
+
+    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    same = company(1)
+    results = await asyncio.gather(
+        eventlog.append("s", None, [same], conditions=[("app", 7)]),  # refused
+        eventlog.append("s", None, [same]),
+        return_exceptions=True,
+    )
+    assert not lost[0].armed
+    assert all(isinstance(r, EventLogUnavailable) for r in results), results
+    assert all("may or may not be written" in str(r) for r in results)
+    assert [e.version for e in await eventlog.read_stream("s")] == [1]  # written once
