@@ -348,22 +348,33 @@ class TokenEndpoint:
         """Decide and record; a race lost on the token's own stream (the same code or
         refresh token spent by another request a moment before) is decided again on what
         the winner recorded: a reuse, or a repeat within the refresh grace."""
-        for attempt in range(self.attempts):
+        lost_at: int | None = None  # the version the last decision lost the race at
+        unseen = 0  # races lost again at that version: the winner not in sight
+        conflict: grants.Refusal | None = None
+        # Each race lost to a winner in sight moves the stream on, and a refresh token's
+        # repeats end within GRACE_REPEATS: past that many races, a flood.
+        for _ in range(self.attempts + grants.GRACE_REPEATS):
             decision = await grant.decide(request, access, refresh)
             if isinstance(decision, grants.Refusal):
                 await self._refuse(decision, request.meta)
+            version = decision.record.expected_version
+            if version is not None and version == lost_at:
+                unseen += 1
             try:
                 await self.ledger.record(decision.record, request.meta)
                 return decision
             except ConcurrencyError as exc:
                 if exc.stream_id in decision.condition_streams:
                     raise ApplicationChanged() from None
-                if decision.conflict is None:
+                conflict = decision.conflict
+                if conflict is None:
                     raise
-                if attempt == self.attempts - 1:  # the winner cannot be seen: a reuse
-                    await self._refuse(decision.conflict, request.meta)
+                if unseen >= self.attempts - 1:  # the winner cannot be seen: a reuse
+                    await self._refuse(conflict, request.meta)
+                lost_at = version
                 await self.lookups.catch_up()
-        raise AssertionError("unreachable: the last attempt refuses")
+        assert conflict is not None  # every race lost on the token's own stream
+        await self._refuse(conflict, request.meta)
 
     async def _refuse(self, refusal: grants.Refusal, meta: Metadata) -> NoReturn:
         # Visible at once: the next request here must find the family revoked.

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from service.domain import grants
 from service.oauth import tokens
 from tests.e2e.oauth_helpers import basic, code_for, new_app
 
@@ -77,6 +78,24 @@ async def test_concurrent_refreshes_with_one_refresh_token_both_succeed_and_the_
         if tokens.token_hash(b["refresh_token"]) == refreshed[1]["refresh_token_hash"]
     ]
     assert (await refresh(client, app, newest["refresh_token"])).status == 200
+
+
+async def test_as_many_concurrent_refreshes_as_the_grace_allows_all_succeed(client, company, db):
+    """One refresh and GRACE_REPEATS repeats at once: each request that loses the race to a
+    winner it can see decides again, however many races that takes; only a winner it
+    cannot see makes it a reuse."""
+    app, first = await a_grant(client, company)
+    answers = await asyncio.gather(
+        *(refresh(client, app, first["refresh_token"]) for _ in range(1 + grants.GRACE_REPEATS))
+    )
+    assert [a.status for a in answers] == [200] * (1 + grants.GRACE_REPEATS), [
+        await a.text() for a in answers
+    ]
+    refreshed = await payloads(db, "TokenRefreshed")
+    assert [p["grace_reuse"] for p in refreshed] == [False] + [True] * grants.GRACE_REPEATS
+    assert await payloads(db, "TokenRevoked") == []
+    for answer in answers:
+        assert await whoami(client, (await answer.json())["access_token"]) == 200
 
 
 async def test_a_retry_within_the_grace_works_and_one_after_it_revokes_the_grant(

@@ -13,7 +13,7 @@ import pytest
 from service import events as ev
 from service.domain import credentials, streams
 from service.domain.grants import Record
-from service.eventlog import Metadata
+from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
 from service.oauth.errors import (
     InvalidClient,
@@ -197,6 +197,31 @@ async def test_refresh_rotates_and_a_spent_refresh_token_revokes_the_family(worl
         await world.token({"grant_type": "refresh_token", "refresh_token": first.refresh_token})
     with pytest.raises(InvalidGrant):  # the whole family is gone, the new pair with it
         await world.token({"grant_type": "refresh_token", "refresh_token": second.refresh_token})
+    assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["refresh_reuse"]
+
+
+async def test_a_refresh_that_loses_races_to_a_winner_it_cannot_see_is_a_reuse(world):
+    """Lost races are decided again on what the winner recorded; when catching up shows no
+    winner (the same version lost again and again), the refresh token is taken as reused
+    after the endpoint's attempts, and the grant revoked."""
+    await world.app("authorization_code")
+    first = await world.token(
+        {"grant_type": "authorization_code", "code": await world.code(), "redirect_uri": REDIRECT}
+    )
+    real = world.ledger.record
+    lost: list[int | None] = []
+
+    async def hidden_winner(record, meta, *, visible=False):
+        if any(isinstance(e, ev.TokenRefreshed) for e in record.events):
+            lost.append(record.expected_version)
+            version = record.expected_version or 0
+            raise ConcurrencyError(record.stream, version, version + 1)
+        return await real(record, meta, visible=visible)
+
+    world.ledger.record = hidden_winner
+    with pytest.raises(InvalidGrant):
+        await world.token({"grant_type": "refresh_token", "refresh_token": first.refresh_token})
+    assert len(lost) == world.endpoint.attempts and len(set(lost)) == 1
     assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["refresh_reuse"]
 
 
