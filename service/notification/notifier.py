@@ -55,9 +55,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from projections.memory import AppState
+from projections.memory import AppState, PolicyModel
 from projections.runner import CheckpointMoved, lock_key
 from service.context import Context
+from service.domain import streams
 from service.eventlog import ConcurrencyError, Metadata, RecordedEvent
 from service.events import (
     IpViolationDetected,
@@ -326,10 +327,9 @@ class Notifier:
             log.info("notifier.already_recorded", position=position)
             self._pending.pop(position, None)
             return
-        await self.ctx.feed.wait_for(position)
-        app = self.ctx.policy.apps.get(violation.client_id)
         # Read before the try: the database's trouble is not a failed email (the worker
         # restarts and tries again from the checkpoint).
+        app = await self._app_when(violation.client_id, position)
         earlier = await earlier_attempts(self.ctx.pool, violation, position)
         try:
             recipients = await self._send(recorded, violation, app, earlier)
@@ -340,6 +340,16 @@ class Notifier:
         self._pending.pop(position, None)
         if recipients:  # else no server was asked: that says nothing about it
             self._server_is_back()
+
+    async def _app_when(self, client_id: str, position: int) -> AppState | None:
+        """The application as it was when the violation at `position` was recorded: the
+        email goes to the notification addresses of then, under the name of then. It may
+        go out long after (retried through an SMTP outage, or by a notifier catching up),
+        when the addresses have changed or the application is gone."""
+        history = await self.ctx.eventlog.read_stream(streams.application(client_id))
+        then = PolicyModel()
+        then.apply([recorded for recorded in history if recorded.position < position])
+        return then.apps.get(client_id)
 
     def _server_is_back(self) -> None:
         """An email went through: those that failed only for want of a working server need

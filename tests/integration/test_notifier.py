@@ -466,6 +466,40 @@ async def test_no_notification_address_records_sent_with_no_recipients(db, tmp_p
     assert not list(tmp_path.glob("mail/*.eml"))
 
 
+async def test_the_email_goes_to_the_addresses_the_application_had_at_the_violation(
+    db, tmp_path, smtp
+):
+    """SPEC §2: the application's notification addresses get the email. The email may go
+    out long after the violation (an SMTP outage, a notifier catching up): addresses
+    changed or an application deleted since do not redirect or swallow it."""
+    await smtp.start()
+    async with context(db, smtp_settings(tmp_path, smtp)) as ctx:
+        await add_app(ctx, "moved", name="Moved", emails=("old@acme.example",))
+        await add_app(ctx, "gone", name="Gone", emails=("ops@acme.example",))
+        moved = await violate(ctx, "moved")
+        gone = await violate(ctx, "gone")
+        await ctx.eventlog.append(
+            "application-moved",
+            1,
+            [ev.NotificationEmailsChanged(company_id="acme", client_id="moved",
+                                          before=["old@acme.example"], after=["new@acme.example"]),
+             ev.ApplicationRenamed(company_id="acme", client_id="moved", before="Moved",
+                                   after="Renamed")],
+        )  # fmt: skip
+        await ctx.eventlog.append(
+            "application-gone", 1, [ev.ApplicationDeleted(company_id="acme", client_id="gone")]
+        )
+        await notifier(ctx, db).drain()
+        [moved_sent] = await ctx.eventlog.read_stream(notification_stream(moved))
+        [gone_sent] = await ctx.eventlog.read_stream(notification_stream(gone))
+
+    assert moved_sent.event.recipients == ["old@acme.example"]
+    assert gone_sent.event.recipients == ["ops@acme.example"]
+    received = {tuple(rcpt): message for _, rcpt, message in smtp.mailbox.received}
+    assert set(received) == {("old@acme.example",), ("ops@acme.example",)}
+    assert "Moved" in received[("old@acme.example",)]["Subject"]
+
+
 async def test_two_notifiers_send_each_email_once(db, tmp_path, smtp):
     await smtp.start()
     settings = smtp_settings(tmp_path, smtp)
