@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
+from service.domain.addresses import unmapped
 from service.domain.permissions import CatalogueError, load_catalogue
 from service.domain.routes import RoutesError, load_routes
 
@@ -145,7 +146,8 @@ def _networks(raw: str, name: str) -> tuple[IPNetwork, ...]:
     nets: list[IPNetwork] = []
     for item in raw.replace(",", " ").split():
         try:
-            nets.append(ipaddress.ip_network(item, strict=False))
+            # read as the addresses it is compared with: an IPv4-mapped one as IPv4
+            nets.append(unmapped(ipaddress.ip_network(item, strict=False)))
         except ValueError:
             raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR range") from None
     return tuple(nets)

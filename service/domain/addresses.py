@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def ip_address(text: str) -> IPAddress:
@@ -20,3 +21,13 @@ def ip_address(text: str) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def unmapped(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 range as the IPv4 range it maps (`::ffff:10.0.0.0/104` is
+    `10.0.0.0/8`), as every address compared with it is read. (A range wider than the
+    mapped space has no `::ffff:` network address: it stays IPv6.)"""
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
+        mapped = network.network_address.ipv4_mapped
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network

@@ -92,12 +92,7 @@ def ip_entry(value: str) -> str:
     except ValueError as exc:
         message = f"{value!r} is not an IP address or CIDR range ({exc})"
         raise FieldError("ip_allowlist", message) from None
-    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
-        mapped = network.network_address.ipv4_mapped
-        prefix = network.prefixlen - 96
-        if prefix < 0:
-            raise FieldError("ip_allowlist", f"{value!r} is wider than the IPv4-mapped range")
-        network = ipaddress.IPv4Network(f"{mapped}/{prefix}")
+    network = addresses.unmapped(network)
     if network.num_addresses == 1:
         return str(network.network_address)
     return str(network)

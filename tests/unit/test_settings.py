@@ -144,3 +144,12 @@ def test_model_snapshots_every_five_minutes_unless_set_and_never_at_zero():
     assert load_settings({}, dotenv=False).model_snapshot_every == 300
     off = load_settings({"MODEL_SNAPSHOT_EVERY": "0"}, dotenv=False)
     assert writer(None, None, off.model_snapshot_every) is None  # type: ignore[arg-type]
+
+
+def test_a_trusted_proxy_written_ipv4_mapped_is_the_ipv4_address_callers_come_from():
+    """Callers' addresses are read IPv4-mapped as IPv4; a proxy written so must match them,
+    or its X-Forwarded-For is ignored and every caller takes the proxy's address."""
+    proxies = load_settings(
+        {"TRUSTED_PROXIES": "::ffff:10.0.0.5 ::ffff:192.0.2.0/120, 2001:db8::/32"}, dotenv=False
+    ).trusted_proxies
+    assert [str(p) for p in proxies] == ["10.0.0.5/32", "192.0.2.0/24", "2001:db8::/32"]
