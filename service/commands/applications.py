@@ -6,7 +6,7 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from service.context import Context
@@ -115,15 +115,16 @@ async def update(
     patch: rules.Patch,
     meta: Metadata,
     *,
-    if_match: int | None = None,
+    if_match: Collection[int] | None = None,
 ) -> rules.Application:
-    """Apply `patch` on the latest version. With `if_match` (the version the caller saw)
-    a concurrent change is refused (412); without it the patch is re-applied on top of
-    the concurrent change, so no update is lost either way."""
+    """Apply `patch` on the latest version. With `if_match` (the versions the caller
+    accepts: the one it saw) a concurrent change is refused (412); without it the patch
+    is re-applied on top of the concurrent change, so no update is lost either way."""
     for attempt in range(MAX_ATTEMPTS):
         app, history = await _read(ctx, company_id, client_id)
-        if if_match is not None and app.version != if_match:
-            raise PreconditionFailed(f"the application is at version {app.version}, not {if_match}")
+        if if_match is not None and app.version not in if_match:
+            seen = ", ".join(map(str, sorted(if_match))) or "none given"
+            raise PreconditionFailed(f"the application is at version {app.version}, not {seen}")
         changes = rules.change(app, patch, ctx.catalogue, limits(ctx))
         if not changes:
             return app

@@ -119,14 +119,23 @@ def _etag(app: rules.Application) -> dict[str, str]:
     return {"ETag": f'"{app.version}"'}
 
 
-def _if_match(request: web.Request) -> int | None:
+def _if_match(request: web.Request) -> frozenset[int] | None:
+    """The versions If-Match accepts (RFC 9110 §13.1.1); None: any, or no header. The
+    comparison is strong: a weak tag (W/"3") matches no version, and a list of only weak
+    ones fails the precondition."""
     header = request.headers.get("If-Match")
-    if header is None:
+    if header is None or header.strip() == "*":
         return None
-    try:
-        return int(header.strip().strip('"').removeprefix("W/").strip('"'))
-    except ValueError:
-        raise InvalidRequest('If-Match must be a version ETag such as "3"') from None
+    versions = set()
+    for tag in header.split(","):
+        tag = tag.strip()
+        weak = tag.startswith("W/")
+        value = tag.removeprefix("W/")
+        if not (len(value) >= 3 and value[0] == value[-1] == '"' and value[1:-1].isdigit()):
+            raise InvalidRequest('If-Match must name version ETags such as "3"')
+        if not weak:
+            versions.add(int(value[1:-1]))
+    return frozenset(versions)
 
 
 async def _admin(request: web.Request) -> tuple[Context, auth.Principal, Metadata]:

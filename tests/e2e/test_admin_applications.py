@@ -417,6 +417,30 @@ async def test_if_match_refuses_a_stale_version(client, company, db):
     assert len(await events(db, "ApplicationRenamed")) == 1
 
 
+@pytest.mark.parametrize(
+    ("if_match", "status"),
+    [
+        ('W/"1"', 412),  # a weak tag matches nothing: If-Match compares strongly
+        ('W/"1", W/"2"', 412),
+        ('"7", "1"', 200),  # any of the listed versions
+        ('"7", W/"1"', 412),
+        ("*", 200),  # any version
+        ('"1', 400),
+        ("1", 400),
+        ('"one"', 400),
+    ],
+)
+async def test_if_match_is_compared_strongly_over_its_list(client, company, db, if_match, status):
+    """RFC 9110 §13.1.1: If-Match holds "*" or a list of entity tags, compared strongly."""
+    app = await create(client, company, CC)
+    path = f"/admin/applications/{app['client_id']}"
+    answer = await client.patch(
+        path, json={"name": "A"}, headers=company.auth | {"If-Match": if_match}
+    )
+    assert answer.status == status, await answer.text()
+    assert len(await events(db, "ApplicationRenamed")) == (status == 200)
+
+
 async def test_repeated_failed_sign_ins_are_throttled(client, company):
     for _ in range(5):
         response = await client.post(

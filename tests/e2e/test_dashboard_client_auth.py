@@ -410,6 +410,23 @@ async def test_a_change_made_meanwhile_is_shown_not_overwritten(client, company,
     assert (await stored(client, company, app))["cc_token_limit"] == 7
 
 
+@pytest.mark.parametrize("version", ["1" * 12, "x", "-1"])
+async def test_a_version_the_page_never_wrote_matches_none(client, company, db, signed_in, version):
+    """The form's version is the check against a change made meanwhile: one that no page
+    could have written fails it rather than skipping it."""
+    app = await new_app(client, company)
+    text = await opened(client, app)
+    before = await count(db)
+    forged = await client.post(
+        page_of(app) + "/client-auth",
+        data={"csrf_token": hidden(text, "csrf_token"), "version": version,
+              "token_endpoint_auth_method": "client_secret_basic", "cc_token_limit": "7"},
+        allow_redirects=False,
+    )  # fmt: skip
+    assert forged.status == 412
+    assert await count(db) == before
+
+
 async def test_the_kid_in_the_remove_link_is_query_encoded(client, company, db, signed_in):
     odd = ECKey.generate_key("P-256", parameters={"kid": "a&b=c d/é"})
     app = await new_app(client, company, token_endpoint_auth_method="private_key_jwt",

@@ -155,8 +155,7 @@ async def edit(request: web.Request, admin: Admin, form: Form) -> web.Response:
         permissions=form.all("permissions"),
         notification_emails=form.lines("notification_emails"),
     )
-    version = form.get("version")
-    if_match = int(version) if version.isdigit() and len(version) < 10 else None
+    if_match = _seen_version(form)
     try:
         changed = await commands.update(
             ctx, admin.company_id, app.client_id, patch, admin.meta(request), if_match=if_match
@@ -173,6 +172,15 @@ async def edit(request: web.Request, admin: Admin, form: Form) -> web.Response:
     return see_other(request, admin, _path(app.client_id), Notice(said))
 
 
+def _seen_version(form: Form) -> frozenset[int] | None:
+    """The version the form was filled in on, which the change must still find (412
+    otherwise); a version the page never wrote matches none; no version: no check."""
+    version = form.get("version")
+    if not version:
+        return None
+    return frozenset({int(version)}) if version.isdigit() and len(version) < 10 else frozenset()
+
+
 @routes.post("/dashboard/applications/{client_id}/client-auth")
 @change
 async def edit_client_auth(request: web.Request, admin: Admin, form: Form) -> web.Response:
@@ -180,8 +188,7 @@ async def edit_client_auth(request: web.Request, admin: Admin, form: Form) -> we
     the same handler and rules as the admin API's PATCH."""
     ctx = request.app[CONTEXT]
     app = await commands.load(ctx, admin.company_id, request.match_info["client_id"])
-    version = form.get("version")
-    if_match = int(version) if version.isdigit() and len(version) < 10 else None
+    if_match = _seen_version(form)
     try:
         patch = client_auth.patch(form)
         changed = await commands.update(
