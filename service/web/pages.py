@@ -127,6 +127,23 @@ def error_page(title: str, message: str, *, status: int = 400) -> web.Response:
     )
 
 
+def signed_in_refused_page(
+    title: str, message: str, *, email: str, csrf_token: str, status: int = 403
+) -> web.Response:
+    """A page a signed-in person may not see, with the way out: signing out (another
+    account may be the one that can), with the session's CSRF token."""
+    return page(
+        title,
+        f'<h1>{escape(title)}</h1>\n<p class="error" role="alert">{escape(message)}</p>\n'
+        f'<p class="muted">Signed in as {escape(email)}.</p>\n'
+        f'<form method="post" action="/dashboard/logout">\n'
+        f"{_hidden({'csrf_token': csrf_token})}\n"
+        '<div class="actions"><button class="primary" type="submit">Sign out</button></div>\n'
+        "</form>",
+        status=status,
+    )
+
+
 def login_page(
     *,
     action: str,

@@ -122,6 +122,13 @@ async def test_members_get_a_403_page(client, company):
     text = await response.text()
     assert "Only company admins" in text
     assert "Billing" not in text and "<table" not in text
+    # the way out, for whoever is the admin of this browser: signing out, with the token
+    assert 'action="/dashboard/logout"' in text
+    out = await client.post(
+        "/dashboard/logout", data={"csrf_token": hidden(text, "csrf_token")}, allow_redirects=False
+    )
+    assert out.status == 303
+    assert "<h1>Sign in</h1>" in await (await client.get("/dashboard")).text()
 
 
 async def test_the_dashboard_shows_the_companys_applications_tokens_violations_and_changes(
@@ -195,6 +202,29 @@ async def test_sign_out_ends_the_session(client, company):
     )
     assert response.status == 303
     assert "<h1>Sign in</h1>" in await (await client.get("/dashboard")).text()
+
+
+async def test_sign_out_without_the_sessions_token_leaves_the_session_and_its_cookies(
+    client, company
+):
+    """Another site can post to /dashboard/logout, but without the session's token: the
+    admin stays signed in, on the server and in the browser."""
+    await sign_in(client, company.admin_email, company.admin_password)
+    text = await dashboard(client)
+    forged = await client.post("/dashboard/logout", data={"csrf_token": "x"}, allow_redirects=False)
+    assert forged.status == 403
+    assert "tg_session" not in forged.cookies and "Set-Cookie" not in forged.headers
+    assert "Signed in as" in await dashboard(client)
+    # a session that has ended: its cookies are cleared, whatever the token
+    genuine = await client.post(
+        "/dashboard/logout", data={"csrf_token": hidden(text, "csrf_token")},
+        allow_redirects=False,
+    )  # fmt: skip
+    assert genuine.status == 303
+    client.session.cookie_jar.update_cookies({"tg_session": "ended-" + "x" * 40})
+    stale = await client.post("/dashboard/logout", data={"csrf_token": "x"}, allow_redirects=False)
+    assert stale.status == 303
+    assert "tg_session" in stale.cookies and stale.cookies["tg_session"].value == ""
 
 
 # --- the SQL views -------------------------------------------------------------------

@@ -106,17 +106,25 @@ async def signed_in_admin(request: web.Request, form: Form | None) -> Admin:
             raise Refused(error("Signed out", "Your session has ended. Sign in again.", 403))
         raise Refused(login_form(request))
     session, user = found
-    if user.role != "admin":
-        raise Refused(error("Admins only", "Only company admins can see the dashboard.", 403))
     value = request.cookies[sessions.COOKIE]
-    if form is not None and not _token_ok(session, form.get("csrf_token")):
-        raise Refused(error("Form expired", "The form expired. Open the page again.", 403))
     company = ctx.directory.companies.get(user.company_id)
-    admin = Admin(
+    who = Admin(
         user.user_id, user.email, user.company_id, company.name if company else "", value, ""
     )
-    await _known_token(request, ctx, admin, session)
-    return admin
+    if user.role != "admin":
+        # A member signed in here: told why, and given the way out (the admin may share
+        # the browser), which needs the session's token like every sign-out.
+        await _known_token(request, ctx, who, session)
+        refused = pages.signed_in_refused_page(
+            "Admins only", "Only company admins can see the dashboard.",
+            email=user.email, csrf_token=who.csrf,
+        )  # fmt: skip
+        _apply_cookies(request, who, refused)
+        raise Refused(refused)
+    if form is not None and not _token_ok(session, form.get("csrf_token")):
+        raise Refused(error("Form expired", "The form expired. Open the page again.", 403))
+    await _known_token(request, ctx, who, session)
+    return who
 
 
 def _token_ok(session: sessions.Session, token: str) -> bool:

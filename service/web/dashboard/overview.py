@@ -16,6 +16,7 @@ from service.web.dashboard.base import (
     LOGIN_CSRF_COOKIE,
     TOKEN_COOKIE,
     Admin,
+    error,
     login_form,
     page,
     render,
@@ -51,13 +52,17 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/dashboard/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
-    """Needs the session's CSRF token, or another site could sign the admin out."""
+    """Needs the session's CSRF token, or another site could sign the admin out: without
+    it a live session is left as it is, its cookies too. Cookies of a session that has
+    ended are cleared."""
     ctx = request.app[CONTEXT]
     form = await form_body(request)
     value = request.cookies.get(sessions.COOKIE)
     session = await sessions.load(ctx.pool, value) if value else None
     presented = str(form.get("csrf_token", ""))
-    if value and session is not None and presented.isascii() and session.csrf_ok(presented):
+    if value and session is not None:
+        if not (presented.isascii() and session.csrf_ok(presented)):
+            return error("Form expired", "The form expired. Open the page again.", 403)
         await sessions.delete(ctx.pool, value)
     response = web.HTTPSeeOther("/dashboard")
     response.del_cookie(sessions.COOKIE, path="/")
