@@ -550,7 +550,10 @@ def page_paths() -> Json:
         },
         "/dashboard/logout": {
             "post": page("Sign out of the dashboard",
-                         form_errors | {"303": redirect("to the dashboard")}, "dashboardSignOut",
+                         form_errors | {"303": redirect("to the dashboard"),
+                                        "403": html("a live session, and the form's token is "
+                                                    "not its own: it stays signed in")},
+                         "dashboardSignOut",
                          requestBody=form_body(("csrf_token",))),
         },
     }  # fmt: skip
