@@ -233,7 +233,11 @@ async def switch_user(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     form = await form_body(request)
     presented, next_url = str(form.get("csrf_token", "")), str(form.get("next", ""))
-    if not hmac.compare_digest(presented.encode(), consent_token(request).encode()):
+    # Without a session cookie (another site's post carries none) the expected token would
+    # be the same for everyone: nobody is signed in here to switch from.
+    if sessions.COOKIE not in request.cookies or not hmac.compare_digest(
+        presented.encode(), consent_token(request).encode()
+    ):
         return pages.error_page("Request refused", "the form expired; start again", status=403)
     if not next_url.startswith("/oauth/authorize?"):
         next_url = "/oauth/authorize"  # never an open redirect

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 
+from service.domain import credentials
 from tests.e2e.lifecycle_helpers import add_user
 from tests.e2e.oauth_helpers import authorize_url, basic, consent, new_app, query_of, sign_in
 from tests.e2e.test_oauth_flows import exchange
@@ -114,3 +115,21 @@ async def test_not_you_signs_out_and_returns_to_the_same_request(client, company
     assert 'name="password"' in await again.text()  # the sign-in form, for someone else
     forged = await client.post("/oauth/switch-user", data=fields | {"csrf_token": "x" * 64})
     assert forged.status == 403
+
+
+async def test_not_you_without_a_session_is_refused(client, company):
+    """Another site's post carries no session cookie; the token expected of it would be
+    the same for everyone (derived from an empty cookie): refused, nothing cleared."""
+    client.session.cookie_jar.clear()
+    response = await client.post(
+        "/oauth/switch-user",
+        data={"csrf_token": consent_token_for(""), "next": "/oauth/authorize?client_id=x"},
+        allow_redirects=False,
+    )
+    assert response.status == 403
+    assert "Set-Cookie" not in response.headers
+
+
+def consent_token_for(session_cookie: str) -> str:
+    """The consent form's token as the service derives it from a session cookie."""
+    return credentials.digest("consent:" + session_cookie)
