@@ -223,11 +223,19 @@ def login_csrf_ok(request: web.Request, name: str, presented: str) -> bool:
 
 
 def _host_of(uri: str) -> str:
-    """Where the browser goes after the answer: the redirect URI's host (and port)."""
+    """Where the browser goes after the answer: the redirect URI's host (and port). A name
+    in other scripts also as the browser resolves it, in ASCII: apple.com written with a
+    Cyrillic a (U+0430) shows as itself and `(xn--pple-43d.com)`, not as apple.com."""
     try:
-        return urlsplit(uri).netloc or uri
+        host = urlsplit(uri).netloc or uri
     except ValueError:
-        return uri
+        host = uri
+    if host.isascii():
+        return host
+    try:
+        return f"{host} ({host.encode('idna').decode('ascii')})"
+    except UnicodeError:  # no name IDNA can write: each character that is not ASCII escaped
+        return host.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def consent_page(

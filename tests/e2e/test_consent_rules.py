@@ -97,6 +97,18 @@ async def test_only_an_admin_may_add_a_write_permission(client, company, db):
     assert (await (await exchange(client, app, code)).json())["scope"] == BOTH
 
 
+async def test_a_redirect_host_in_other_scripts_is_also_named_as_the_browser_resolves_it(
+    client, company, other_company
+):
+    """A look-alike of a well-known name (apple.com with a Cyrillic a, U+0430) is shown with
+    its ASCII form, which no one takes for apple.com."""
+    theirs = await new_app(client, other_company, grant_type="authorization_code",
+                           redirect_uri="https://\u0430pple.com/cb")  # fmt: skip
+    page = await signed_in_page(client, company.admin_email, company.admin_password,
+                                authorize_url(theirs))  # fmt: skip
+    assert "takes you to <strong>\u0430pple.com (xn--pple-43d.com)</strong>" in page
+
+
 async def test_not_you_signs_out_and_returns_to_the_same_request(client, company, db):
     app = await web_app(client, company)
     url = authorize_url(app, scope="invoices:read")
