@@ -249,6 +249,17 @@ async def switch_user(request: web.Request) -> web.StreamResponse:
     raise response
 
 
+@routes.get("/oauth/login")
+async def login_again(request: web.Request) -> web.Response:
+    """The address a failed sign-in leaves in the address bar, opened again: the form's
+    authorization request is not in it, so the way back is through the application."""
+    return pages.error_page(
+        "Sign in from the application",
+        "This sign-in came from an application asking for access: go back to it and start again.",
+        status=200,
+    )
+
+
 @routes.post("/oauth/login")
 async def login(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]

@@ -519,6 +519,9 @@ def page_paths() -> Json:
                          requestBody=form_body((*authorize, "csrf_token", "decision"))),
         },
         "/oauth/login": {
+            "get": page("Where a failed sign-in leaves the browser: a page that sends the user "
+                        "back to the application", {"200": html("the way back")},
+                        "authorizeSignInAgain"),
             "post": page("The consent flow's sign-in form",
                          sign_in | {"303": redirect("back to the authorization request, or to "
                                                     "/sign-in/choose: " + several)},
@@ -531,6 +534,8 @@ def page_paths() -> Json:
                          "403": html("admins only")}, "dashboard"),
         },
         "/dashboard/login": {
+            "get": page("Where a failed sign-in leaves the browser: to the dashboard's form",
+                        {"303": redirect("to the dashboard")}, "dashboardSignInAgain"),
             "post": page("The dashboard's sign-in form",
                          sign_in | {"303": redirect("to the dashboard, or to /sign-in/choose: "
                                                     + several)}, "dashboardSignIn",

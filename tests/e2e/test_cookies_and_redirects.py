@@ -164,11 +164,11 @@ async def test_an_error_page_from_an_exception_is_still_json_and_logged_once(cli
     """A guard, not a defect: a raised 4xx becomes JSON in the request middleware, further
     in, so the request-context middleware sees a response and logs it once, as before."""
     with structlog.testing.capture_logs() as logs:
-        response = await client.get("/oauth/login", headers={"X-Request-Id": "wrong-method"})
+        response = await client.get("/oauth/switch-user", headers={"X-Request-Id": "wrong-method"})
     assert response.status == 405
     assert (await response.json())["error"] == "method_not_allowed"
     assert response.headers["X-Request-Id"] == "wrong-method"
-    logged_once(logs, "/oauth/login", 405)
+    logged_once(logs, "/oauth/switch-user", 405)
 
 
 async def test_cookies_are_secure_when_the_service_is_published_over_https(db, settings):

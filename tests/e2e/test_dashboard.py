@@ -109,6 +109,15 @@ async def test_login_needs_the_csrf_cookie_and_the_right_password(client, compan
     assert "tg_session" not in no_cookie.cookies
 
 
+async def test_a_failed_sign_in_reloaded_is_a_page_not_an_error(client):
+    """A wrong password leaves the form's target in the address bar; Enter there is a GET."""
+    again = await client.get("/dashboard/login", allow_redirects=False)
+    assert again.status == 303 and again.headers["Location"] == "/dashboard"
+    consent = await client.get("/oauth/login")
+    assert consent.status == 200 and consent.content_type == "text/html"
+    assert "go back to it and start again" in await consent.text()
+
+
 async def test_members_get_a_403_page(client, company):
     made = await client.post(
         "/admin/users",

@@ -50,6 +50,12 @@ async def login(request: web.Request) -> web.StreamResponse:
     raise response
 
 
+@routes.get("/dashboard/login")
+async def login_again(request: web.Request) -> web.StreamResponse:
+    """The address a failed sign-in leaves in the address bar, opened again: the form."""
+    raise web.HTTPSeeOther("/dashboard")
+
+
 @routes.post("/dashboard/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
     """Needs the session's CSRF token, or another site could sign the admin out: without
