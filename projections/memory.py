@@ -222,7 +222,19 @@ class PolicyModel:
             self._revoke_family(family_id)
         for token_key in self._client_tokens.pop(e.client_id, ()):
             self.tokens.pop(token_key, None)
-        doomed = [h for h, c in self.codes.items() if c.client_id == e.client_id and not c.redeemed]
+        self._forget_unredeemed_codes(e.client_id)
+
+    def _forget_unredeemed_codes(self, client_id: str, company_id: str | None = None) -> None:
+        """The application's codes not yet redeemed (only those of `company_id`'s users,
+        when given) can no longer be: a redeemed one stays, so that a replay of it is still
+        seen as one."""
+        doomed = [
+            code_hash
+            for code_hash, code in self.codes.items()
+            if code.client_id == client_id
+            and not code.redeemed
+            and (company_id is None or code.company_id == company_id)
+        ]
         for code_hash in doomed:
             del self.codes[code_hash]
 
@@ -241,7 +253,10 @@ class PolicyModel:
         )
 
     def _connection_revoked(self, e: ev.ConnectionRevoked, _r: RecordedEvent) -> None:
+        """The company's consent withdrawn: its grants go, and the codes issued under it
+        (redeemed after a later consent, one would carry the withdrawn request)."""
         self.connections.pop((e.company_id, e.client_id), None)
+        self._forget_unredeemed_codes(e.client_id, e.company_id)
         for family_id in list(self._client_families.get(e.client_id, ())):
             if self.families[family_id].company_id == e.company_id:
                 self._revoke_family(family_id)

@@ -329,6 +329,25 @@ async def test_revoking_a_connection_kills_its_tokens(client, company, ac_app):
     ).status == 404
 
 
+async def test_a_code_issued_before_a_connection_is_revoked_dies_with_it(
+    client, company, other_company, ac_app
+):
+    """A code not yet redeemed when its company withdraws the connection is not redeemed
+    after a later consent: it carries the withdrawn request. Another company's codes for
+    the same application stay."""
+    old = await code_for(client, company, ac_app)
+    client.session.cookie_jar.clear()  # another user, in another browser
+    theirs = await code_for(client, other_company, ac_app)
+    revoked = await client.delete(f"/admin/connections/{ac_app['client_id']}", headers=company.auth)
+    assert revoked.status == 204
+    client.session.cookie_jar.clear()
+    fresh = await code_for(client, company, ac_app)  # consented again
+    stale = await exchange(client, ac_app, old)
+    assert stale.status == 400 and (await stale.json())["error"] == "invalid_grant"
+    assert (await exchange(client, ac_app, fresh)).status == 200
+    assert (await exchange(client, ac_app, theirs)).status == 200
+
+
 async def test_removing_a_permission_strips_it_everywhere_and_adding_one_does_not_extend(
     client, company, ac_app
 ):
