@@ -337,6 +337,8 @@ class PolicyModel:
         family.refresh_hashes = (*family.refresh_hashes, e.refresh_token_hash)
         family.refresh_expires_at = e.refresh_expires_at
         family.issued_at = e.issued_at
+        if e.binds_grant:
+            family.jkt = e.dpop_jkt
         self.refresh_tokens[e.refresh_token_hash] = e.family_id
         self._add_token(
             family, e.family_id, e.token_hash, e.permissions, e.expires_at, e.issued_at,

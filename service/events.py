@@ -259,6 +259,9 @@ class TokenRefreshed(Event, frozen=True):
     refresh_expires_at: int | None = None
     grace_reuse: bool = False
     dpop_jkt: str = ""  # the new access token's DPoP key thumbprint; "": a Bearer token
+    #: the grant, not bound to a key until now, is bound to `dpop_jkt` from here on: a
+    #: public client's refresh with a proof (RFC 9449 §5)
+    binds_grant: bool = False
 
 
 class RefreshTokenReused(Event, frozen=True):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from service import events as ev
 from service.domain import streams
 from service.domain.applications import AUTHORIZATION_CODE, CLIENT_CREDENTIALS
+from service.domain.client_keys import NONE
 from service.domain.dpop import InvalidDpopProof
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState
 from service.oauth.errors import InvalidGrant, InvalidScope, OAuthError, UnauthorizedClient
@@ -309,6 +310,10 @@ def refresh(
         refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
         grace_reuse=repeat,
         dpop_jkt=jkt,
+        # RFC 9449 §5: a refresh token issued to a public client in answer to a request
+        # with a proof is bound to its key (a confidential client's is held to the client's
+        # own authentication instead)
+        binds_grant=bool(jkt) and not family.jkt and app.auth_method == NONE,
     )
     conditions = (
         _app_condition(app),
@@ -323,7 +328,8 @@ def refresh(
 def _same_key(bound: str, presented: str) -> None:
     """RFC 9449 §5 (and §8 for public clients): a grant bound to a DPoP key is refreshed
     only with a proof by that key, and its new access token is bound to it too. A grant
-    that is not bound may be refreshed with a proof: its new access token is bound."""
+    that is not bound may be refreshed with a proof: its new access token is bound, and a
+    public client's grant with it (`binds_grant`)."""
     if bound and not hmac.compare_digest(bound, presented):
         raise InvalidDpopProof("this grant is bound to another DPoP key; sign the proof with it")
 

@@ -20,7 +20,7 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 from service.app import CONTEXT
 from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
-from tests.e2e.oauth_helpers import basic, code_for, new_app
+from tests.e2e.oauth_helpers import basic, code_for, new_app, pkce
 from tests.e2e.test_admin_people import caught_up
 
 KEY = ECKey.generate_key("P-256")
@@ -169,6 +169,57 @@ async def test_an_authorization_code_grant_stays_bound_through_refresh(client, c
     assert body["cnf"] == {"jkt": KEY.thumbprint()}
     revoked = await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'")
     assert revoked == 0
+
+
+@pytest.mark.parametrize("public", [True, False], ids=["public-client", "confidential-client"])
+async def test_a_public_clients_refresh_with_a_proof_binds_the_grant(client, company, public):
+    """RFC 9449 §5: a refresh token issued to a public client in answer to a request with a
+    proof is bound to its key: the grant, unbound until then, needs that key from then on.
+    A confidential client's stays held to its own authentication."""
+    from tests.e2e.test_native_apps import code_at, exchange, public_app
+
+    verifier, challenge = pkce()
+    if public:
+        app = await public_app(client, company)
+        code = await code_at(client, company, app, app["redirect_uri"], challenge)
+        redeemed = await exchange(client, app, code, verifier, app["redirect_uri"])
+        credentials = {"client_id": app["client_id"]}
+        auth: dict[str, str] = {}
+    else:
+        app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+        code = await code_for(client, company, app)
+        redeemed = await client.post(
+            "/oauth/token",
+            data={"grant_type": "authorization_code", "code": code,
+                  "redirect_uri": app["redirect_uri"]},
+            headers=basic(app["client_id"], app["client_secret"]),
+        )  # fmt: skip
+        credentials, auth = {}, basic(app["client_id"], app["client_secret"])
+    first = await redeemed.json()
+    assert first["token_type"] == "Bearer"  # redeemed without a proof: not bound
+
+    async def refresh_with(refresh_token: str, dpop: str | None = None):
+        headers = auth | ({"DPoP": dpop} if dpop is not None else {})
+        return await client.post(
+            "/oauth/token",
+            data={"grant_type": "refresh_token", "refresh_token": refresh_token, **credentials},
+            headers=headers,
+        )
+
+    bound = await refresh_with(first["refresh_token"], proof(client))
+    assert bound.status == 200, await bound.text()
+    second = await bound.json()
+    assert second["token_type"] == "DPoP"
+    without = await refresh_with(second["refresh_token"])
+    if public:
+        assert without.status == 400
+        assert (await without.json())["error"] == "invalid_dpop_proof"
+        other = await refresh_with(second["refresh_token"], proof(client, OTHER))
+        assert other.status == 400
+        again = await refresh_with(second["refresh_token"], proof(client))
+        assert again.status == 200 and (await again.json())["token_type"] == "DPoP"
+    else:
+        assert without.status == 200 and (await without.json())["token_type"] == "Bearer"
 
 
 async def test_introspection_of_a_bearer_token_shows_no_cnf(client, company):
