@@ -417,8 +417,12 @@ class EventLog:
         try:
             await self._commit(batch)
         except asyncio.CancelledError:
+            # Closed while the batch was on the server: it may commit all the same.
+            why = "append interrupted: the log was closed"
+            if self._in_flight is not None:
+                why = "the append may or may not be written: the log was closed as it committed"
             for request in batch:
-                settle(request, EventLogUnavailable("append interrupted: the log was closed"))
+                settle(request, EventLogUnavailable(why))
             raise
         except Exception as exc:
             if not await self._recover(batch, exc):

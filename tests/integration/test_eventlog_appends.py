@@ -623,3 +623,33 @@ async def test_a_lost_reply_that_cannot_tell_two_appends_apart_says_so(
     assert all(isinstance(r, EventLogUnavailable) for r in results), results
     assert all("may or may not be written" in str(r) for r in results)
     assert [e.version for e in await eventlog.read_stream("s")] == [1]  # written once
+
+
+async def test_an_append_on_the_server_when_the_log_closes_may_or_may_not_be_written(db):
+    """Closed while its batch waits on the server (for the writers' lock): the caller is not
+    told that nothing was written, which the server may yet prove wrong."""
+    from service.eventlog import EventLogUnavailable
+
+    log = EventLog(db.pool)
+    await log.start()
+    holder = await asyncpg.connect(db.dsn)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("LOCK TABLE events_writer IN EXCLUSIVE MODE")
+        append = asyncio.create_task(log.append("s", 0, [company(1)]))
+        waiting = (
+            "SELECT count(*) FROM pg_locks WHERE NOT granted "
+            "AND relation = 'events_writer'::regclass"
+        )
+        for _ in range(200):
+            if await holder.fetchval(waiting):
+                break
+            await asyncio.sleep(0.01)
+        await log.close()
+        with pytest.raises(EventLogUnavailable, match="may or may not be written"):
+            await append
+        await held.rollback()
+    finally:
+        await holder.close()
+        await log.close()
