@@ -294,7 +294,8 @@ async def decide(request: web.Request) -> web.StreamResponse:
     presented = fields.get("csrf_token", "")
     if not hmac.compare_digest(presented.encode(), consent_token(request).encode()):
         return pages.error_page("Request refused", "the form expired; start again", status=403)
-    passed = [(k, fields[k]) for k in _PASSED if k in fields]
+    # every occurrence, as the GET hands them on: a field given twice is refused there
+    passed = [(k, v) for k, v in form.items() if k in _PASSED and isinstance(v, str)]
     try:
         auth_request = await parse(ctx, MultiDict([*passed, ("response_type", "code")]))
     except PageError as exc:

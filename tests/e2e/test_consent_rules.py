@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import html
 
+import pytest
+
 from service.domain import credentials
 from tests.e2e.lifecycle_helpers import add_user
 from tests.e2e.oauth_helpers import authorize_url, basic, consent, new_app, query_of, sign_in
@@ -127,6 +129,35 @@ async def test_not_you_signs_out_and_returns_to_the_same_request(client, company
     assert 'name="password"' in await again.text()  # the sign-in form, for someone else
     forged = await client.post("/oauth/switch-user", data=fields | {"csrf_token": "x" * 64})
     assert forged.status == 403
+
+
+@pytest.mark.parametrize("field", ["scope", "redirect_uri", "state"])
+async def test_a_consent_form_with_a_field_given_twice_is_refused(client, company, db, field):
+    """RFC 6749 §3.1: a parameter appears once. The consent form hands the authorization
+    request on as hidden fields; one given twice (a tampered form) is refused as the GET
+    refuses it, not read as its last value."""
+    app = await web_app(client, company)
+    url = authorize_url(app, scope="invoices:read")
+    page = await signed_in_page(client, company.admin_email, company.admin_password, url)
+    fields = [
+        (
+            part.split('name="')[1].split('"')[0],
+            html.unescape(part.split('value="')[1].split('"')[0]),
+        )
+        for part in page.split("<input")[1:]
+        if 'type="hidden"' in part
+    ]
+    fields = [(k, v) for k, v in fields if k != "decision"]
+    extra = {"scope": "invoices:write", "redirect_uri": "https://evil.example/cb", "state": "x"}
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    response = await client.post(
+        "/oauth/authorize",
+        data=[*fields, (field, extra[field]), ("decision", "approve")],
+        allow_redirects=False,
+    )
+    assert response.status == 400, await response.text()
+    assert "given more than once" in await response.text()
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
 
 
 async def test_not_you_without_a_session_is_refused(client, company):
