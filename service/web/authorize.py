@@ -277,7 +277,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     except InvalidCredentials as exc:
         return _login(request, next_url, exc.description, status=exc.status)
     user = ctx.directory.users[user_id]
-    value, _csrf = await sessions.create(ctx.pool, user_id, user.company_id)
+    value, _csrf = await sessions.create(
+        ctx.pool, user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
+    )
     response = web.HTTPSeeOther(next_url)
     set_session_cookie(request, response, value)
     raise response

@@ -152,7 +152,9 @@ async def login(request: web.Request) -> web.Response:
             headers={"Cache-Control": "no-store"},
         )
     [user] = matched
-    value, csrf = await sessions.create(ctx.pool, user.user_id, user.company_id)
+    value, csrf = await sessions.create(
+        ctx.pool, user.user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
+    )
     response = web.json_response(
         {"user_id": user.user_id, "company_id": user.company_id, "role": user.role,
          "csrf_token": csrf},
@@ -193,7 +195,9 @@ async def change_password(request: web.Request) -> web.Response:
         await throttle.withdraw(attempt)  # a weak new password, say: no guess at the current one
         raise
     await throttle.withdraw(attempt)
-    value, csrf = await sessions.create(ctx.pool, user_id, who.company_id)
+    value, csrf = await sessions.create(
+        ctx.pool, user_id, who.company_id, replacing=request.cookies.get(sessions.COOKIE)
+    )
     response = web.json_response({"user_id": user_id, "csrf_token": csrf},
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
     set_session_cookie(request, response, value)
@@ -333,7 +337,9 @@ async def choose(request: web.Request) -> web.StreamResponse:
     if not chosen:
         return _expired()
     user = chosen[0]  # one account per company and address
-    value, _csrf = await sessions.create(ctx.pool, user.user_id, user.company_id)
+    value, _csrf = await sessions.create(
+        ctx.pool, user.user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
+    )
     log.info("sign_in.company_chosen", user_id=user.user_id, company_id=user.company_id)
     response = web.HTTPSeeOther(choice.next_url, headers={"Cache-Control": "no-store"})
     set_session_cookie(request, response, value)

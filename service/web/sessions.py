@@ -23,11 +23,17 @@ class Session:
         return credentials.matches(token, self.csrf_hash)
 
 
-async def create(pool: asyncpg.Pool, user_id: str, company_id: str) -> tuple[str, str]:
-    """Returns (cookie value, CSRF token); both appear nowhere else in clear."""
+async def create(
+    pool: asyncpg.Pool, user_id: str, company_id: str, *, replacing: str | None = None
+) -> tuple[str, str]:
+    """Returns (cookie value, CSRF token); both appear nowhere else in clear. `replacing`:
+    the session cookie the browser held, whose session ends in the same statement (and
+    the expired ones with it): the new cookie overwrites it, and the session would
+    otherwise stay usable, for its hours left, by whoever had copied it."""
     value = credentials.random_token(32)
     csrf = credentials.random_token(24)
     await pool.execute(
+        "WITH ended AS (DELETE FROM web_sessions WHERE session_hash = $6 OR expires_at <= now()) "
         "INSERT INTO web_sessions (session_hash, user_id, company_id, csrf_hash, expires_at) "
         "VALUES ($1, $2, $3, $4, $5)",
         credentials.digest(value),
@@ -35,6 +41,7 @@ async def create(pool: asyncpg.Pool, user_id: str, company_id: str) -> tuple[str
         company_id,
         credentials.digest(csrf),
         datetime.now(UTC) + LIFETIME,
+        credentials.digest(replacing) if replacing else None,
     )
     return value, csrf
 

@@ -118,6 +118,44 @@ async def test_a_failed_sign_in_reloaded_is_a_page_not_an_error(client):
     assert "go back to it and start again" in await consent.text()
 
 
+async def test_signing_in_again_ends_the_session_the_browser_held(client, company, db):
+    """A new sign-in overwrites the session cookie; the session it named ends too, rather
+    than staying usable for its hours left by whoever copied the cookie."""
+    from service.domain import credentials
+    from tests.e2e.lifecycle_helpers import sign_in as api_sign_in
+
+    first = await api_sign_in(client, company.admin_email, company.admin_password)
+    again = await client.post(
+        "/session",
+        json={"email": company.admin_email, "password": company.admin_password},
+        headers={"Cookie": f"tg_session={first.cookie}"},
+    )
+    assert again.status == 200
+    second = again.cookies["tg_session"].value
+    assert second != first.cookie
+    kept = await db.pool.fetch("SELECT session_hash FROM web_sessions")
+    assert [r["session_hash"] for r in kept] == [credentials.digest(second)]
+    # the dashboard's own form too
+    await sign_in_again(client, company)
+    assert await db.pool.fetchval("SELECT count(*) FROM web_sessions") == 1
+
+
+async def sign_in_again(client, company) -> None:
+    """The dashboard's form posted by a browser that holds a session already."""
+    held = client.session.cookie_jar.filter_cookies(client.make_url("/"))["tg_session"].value
+    client.session.cookie_jar.clear()
+    page = await client.get("/dashboard")
+    token = hidden(await page.text(), "csrf_token")
+    client.session.cookie_jar.update_cookies({"tg_session": held})
+    response = await client.post(
+        "/dashboard/login",
+        data={"email": company.admin_email, "password": company.admin_password,
+              "csrf_token": token},
+        allow_redirects=False,
+    )  # fmt: skip
+    assert response.status == 303, await response.text()
+
+
 async def test_members_get_a_403_page(client, company):
     made = await client.post(
         "/admin/users",

@@ -142,8 +142,9 @@ async def _known_token(
     if _token_ok(session, token):
         admin.csrf = token
         return
-    value, token = await sessions.create(ctx.pool, admin.user_id, admin.company_id)
-    await sessions.delete(ctx.pool, admin.session_value)
+    value, token = await sessions.create(
+        ctx.pool, admin.user_id, admin.company_id, replacing=admin.session_value
+    )
     admin.session_value, admin.csrf = value, token
     admin.cookies += [(sessions.COOKIE, value, "/"), (TOKEN_COOKIE, token, "/dashboard")]
 

@@ -43,7 +43,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     except InvalidCredentials as exc:
         return login_form(request, exc.description, status=exc.status)
     user = ctx.directory.users[user_id]
-    value, csrf = await sessions.create(ctx.pool, user_id, user.company_id)
+    value, csrf = await sessions.create(
+        ctx.pool, user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
+    )
     response = web.HTTPSeeOther("/dashboard")
     set_session_cookie(request, response, value)
     set_token_cookie(request, response, csrf)
