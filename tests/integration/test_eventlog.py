@@ -491,11 +491,9 @@ class _ReplyLost:
         return Committing()
 
 
-@pytest.mark.parametrize("any_version", [False, True])
-async def test_a_batch_whose_commit_reply_is_lost_is_neither_repeated_nor_refused(
-    eventlog: EventLog, db, monkeypatch, any_version
-):
-    assert await eventlog.append("first", 0, [company(0)]) == [1]  # the head is known
+def lose_the_next_reply(monkeypatch) -> list[_ReplyLost]:
+    """The writer's connection, from now on, loses the reply to its next statement (see
+    _ReplyLost); the list holds that connection once the writer has taken it."""
     real = EventLog._writer_connection
     lost: list[_ReplyLost] = []
 
@@ -507,6 +505,15 @@ async def test_a_batch_whose_commit_reply_is_lost_is_neither_repeated_nor_refuse
         return conn
 
     monkeypatch.setattr(EventLog, "_writer_connection", once)
+    return lost
+
+
+@pytest.mark.parametrize("any_version", [False, True])
+async def test_a_batch_whose_commit_reply_is_lost_is_neither_repeated_nor_refused(
+    eventlog: EventLog, db, monkeypatch, any_version
+):
+    assert await eventlog.append("first", 0, [company(0)]) == [1]  # the head is known
+    lost = lose_the_next_reply(monkeypatch)
     # Any version: retried, it would be written twice. Version 0: retried, it would find
     # itself there and fail as a conflict.
     expected = None if any_version else 0

@@ -104,20 +104,10 @@ async def test_a_lost_reply_is_answered_as_the_log_holds_the_batch(
     """The reply to a batch is lost after it committed without one of its appends (a
     version had moved): the others are reported at their positions, not written twice,
     and the one left out is refused as a conflict."""
-    from tests.integration.test_eventlog import _ReplyLost
+    from tests.integration.test_eventlog import lose_the_next_reply
 
     assert await eventlog.append("app", 0, [company(0)]) == [1]
-    real = EventLog._writer_connection
-    lost: list[_ReplyLost] = []
-
-    async def once(self):
-        conn = await real(self)
-        if not lost:
-            lost.append(_ReplyLost(conn))
-            return lost[0]
-        return conn
-
-    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    lost = lose_the_next_reply(monkeypatch)
     results = await asyncio.gather(
         eventlog.append("any", None, [company(1)]),
         eventlog.append("app", 5, [company(2)]),
@@ -512,6 +502,19 @@ async def test_a_batch_whose_digests_do_not_match_its_events_writes_nothing(db):
         assert await conn.fetchval(plan.statement, *args, False) == "[1]"
 
 
+async def waiting_for_the_writers_lock(holder: asyncpg.Connection) -> None:
+    """Returns once a batch is on the server, waiting for the writers' lock, which the
+    session `holder` holds."""
+    waiting = (
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events_writer'::regclass"
+    )
+    for _ in range(200):
+        if await holder.fetchval(waiting):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no batch waited for the writers' lock")
+
+
 @pytest.mark.parametrize("expected", [None, 0])
 async def test_a_batch_whose_connection_breaks_while_it_waits_for_the_lock_is_written_once(
     db, expected
@@ -537,13 +540,7 @@ async def test_a_batch_whose_connection_breaks_while_it_waits_for_the_lock_is_wr
             asyncio.create_task(log.append(stream, expected, [company(n)]))
             for n, stream in enumerate(["a", "b"], 1)
         ]
-        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events_writer'::regclass"
-        for _ in range(200):  # the batch is on the server, waiting for the lock
-            if await holder.fetchval(waiting):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the batch never waited for the lock")
+        await waiting_for_the_writers_lock(holder)  # the batch is on the server
         proxy.cut()
         await asyncio.sleep(0.5)  # the writer has seen its connection break
         await held.commit()
@@ -565,20 +562,10 @@ async def test_a_lost_reply_credits_each_append_with_its_own_rows(
     """A stale append and a later one writing the same event to the same stream share a
     batch whose reply is lost after it committed: the row is the later one's (its version
     says so), the stale one is refused, and nothing is written twice."""
-    from tests.integration.test_eventlog import _ReplyLost
+    from tests.integration.test_eventlog import lose_the_next_reply
 
     assert await eventlog.append("s", 0, [company(0)]) == [1]
-    real = EventLog._writer_connection
-    lost: list[_ReplyLost] = []
-
-    async def once(self):
-        conn = await real(self)
-        if not lost:
-            lost.append(_ReplyLost(conn))
-            return lost[0]
-        return conn
-
-    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    lost = lose_the_next_reply(monkeypatch)
     same = company(1)
     results = await asyncio.gather(
         eventlog.append("s", 5, [same]),  # stale: refused
@@ -599,20 +586,10 @@ async def test_a_lost_reply_that_cannot_tell_two_appends_apart_says_so(
     the first is refused (a condition): after a lost reply the row could be either one's.
     Neither caller is told a guess: both hear that the append may or may not be written."""
     from service.eventlog import EventLogUnavailable
-    from tests.integration.test_eventlog import _ReplyLost
+    from tests.integration.test_eventlog import lose_the_next_reply
 
     assert await eventlog.append("app", 0, [company(0)]) == [1]
-    real = EventLog._writer_connection
-    lost: list[_ReplyLost] = []
-
-    async def once(self):
-        conn = await real(self)
-        if not lost:
-            lost.append(_ReplyLost(conn))
-            return lost[0]
-        return conn
-
-    monkeypatch.setattr(EventLog, "_writer_connection", once)
+    lost = lose_the_next_reply(monkeypatch)
     same = company(1)
     results = await asyncio.gather(
         eventlog.append("s", None, [same], conditions=[("app", 7)]),  # refused
@@ -638,14 +615,7 @@ async def test_an_append_on_the_server_when_the_log_closes_may_or_may_not_be_wri
         await held.start()
         await holder.execute("LOCK TABLE events_writer IN EXCLUSIVE MODE")
         append = asyncio.create_task(log.append("s", 0, [company(1)]))
-        waiting = (
-            "SELECT count(*) FROM pg_locks WHERE NOT granted "
-            "AND relation = 'events_writer'::regclass"
-        )
-        for _ in range(200):
-            if await holder.fetchval(waiting):
-                break
-            await asyncio.sleep(0.01)
+        await waiting_for_the_writers_lock(holder)
         await log.close()
         with pytest.raises(EventLogUnavailable, match="may or may not be written"):
             await append
