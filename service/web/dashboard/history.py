@@ -47,6 +47,12 @@ def _local(at: datetime | None) -> str:
     return "" if at is None else at.strftime("%Y-%m-%dT%H:%M")
 
 
+def _utc(at: datetime) -> datetime:
+    """A time as the form gives it, in UTC (its fields are UTC); one with an offset
+    (typed into the address) converted, not relabelled."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def _parse(params: Any, applications: dict[str, str]) -> tuple[Filters, list[str]]:
     """The filters that make sense; each one that does not is named and left out."""
     problems: list[str] = []
@@ -62,7 +68,7 @@ def _parse(params: Any, applications: dict[str, str]) -> tuple[Filters, list[str
     for name in ("since", "until"):
         try:
             given = params.get(name, "")
-            when[name] = datetime.fromisoformat(given).replace(tzinfo=UTC) if given else None
+            when[name] = _utc(datetime.fromisoformat(given)) if given else None
         except ValueError:
             problems.append(f"{name.capitalize()}: not a date and time; left out.")
             when[name] = None
