@@ -112,7 +112,8 @@ class PolicyModel:
         if not limit or keys is None or len(keys) < limit:
             return ()
         self._compact(client_id)  # at the limit only: the list then holds live keys alone
-        return tuple(key.hex() for key in keys[: len(keys) - limit + 1])
+        excess = len(keys) - limit + 1  # below the limit once the gone ones are dropped: none
+        return tuple(key.hex() for key in keys[:excess]) if excess > 0 else ()
 
     def family_owner(self, family_id: str) -> tuple[str, str] | None:
         """(client_id, company_id) of a live family."""

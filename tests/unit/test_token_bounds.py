@@ -141,6 +141,22 @@ async def test_a_token_revoked_by_its_client_leaves_room_under_the_limit():
     assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["client_request"]
 
 
+async def test_tokens_revoked_one_by_one_leave_their_room_and_take_no_live_one_with_them():
+    """The list of a client's tokens keeps revoked ones until it is next compacted; once
+    compacted below the limit, nothing is over it (a negative count took the oldest live
+    tokens, most of them: 5 of 7 here)."""
+    world = World(Limits(cc_token_limit=10))
+    await world.app()
+    issued = await cc_tokens(world, 10)
+    for gone in issued[:3]:
+        assert await revoke(world.lookups, world.ledger, "cid", gone.access_token, ALLOWED)
+    await world.lookups.catch_up()
+    newest = await cc_tokens(world, 1)
+    alive = [await live(world, i.access_token) for i in [*issued, *newest]]
+    assert alive == [False] * 3 + [True] * 8
+    assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["client_request"] * 3
+
+
 async def test_a_client_past_its_rate_gets_slow_down_with_retry_after_and_nothing_recorded():
     world = World(Limits(rate=1, burst=2))
     await world.app()
