@@ -653,17 +653,25 @@ class EventLog:
     def _believed(self, pid: int) -> bool:
         """Whether an announcement from backend `pid` may be applied: its role may append
         to the log, as checked within SENDER_TRUST. Not yet known: checked in the
-        background, and meanwhile not believed."""
+        background, and meanwhile not believed (its batch is read from the table, a round
+        trip later). A sender still believed is checked again once half its trust has
+        gone, so that a writer that keeps announcing is never in that gap."""
         now = time.monotonic()
-        if self._senders.get(pid, 0.0) > now:
+        until = self._senders.get(pid, 0.0)
+        if until > now:
+            if until - now < SENDER_TRUST / 2:
+                self._check_again(pid)
             return True
         if len(self._senders) > 1024:  # writers come and go with their processes
             self._senders = {p: until for p, until in self._senders.items() if until > now}
+        self._check_again(pid)
+        return False
+
+    def _check_again(self, pid: int) -> None:
         if pid not in self._checks:
             check = asyncio.ensure_future(self._check_sender(pid))
             self._checks[pid] = check
             check.add_done_callback(lambda _task: self._checks.pop(pid, None))
-        return False
 
     async def _check_sender(self, pid: int) -> None:
         try:

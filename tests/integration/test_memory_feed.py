@@ -16,7 +16,7 @@ from projections import feed as feed_module
 from projections.feed import MemoryFeed
 from projections.memory import PolicyModel
 from service import events as ev
-from service.eventlog import EventLog, EventLogUnavailable
+from service.eventlog import SENDER_TRUST, EventLog, EventLogUnavailable
 from service.events import SCHEMA_VERSIONS
 
 
@@ -375,6 +375,27 @@ async def test_another_processs_commit_reaches_the_models_from_its_notification(
         assert all(f"{n:064x}" in model.codes for n in range(10))
         # what a read would have given, versions included
         assert counting.seen == await eventlog.read_all(counting.after, 100, lean=True)
+
+
+async def test_a_writer_that_keeps_announcing_is_believed_without_a_gap(db, monkeypatch):
+    """A sender's trust runs out SENDER_TRUST after its check; a writer still announcing
+    when half of it has gone is checked again in the background and stays believed, so
+    no batch of its is left to a read (and to a round trip of staleness) on the way."""
+    counting = Counting()
+    async with beside_another_writer(db, counting) as (eventlog, other, feed):
+        reads = counting_reads(eventlog, monkeypatch)
+        assert other._conn is not None
+        sender = other._conn.get_server_pid()
+        eventlog._senders[sender] = time.monotonic() + 1.0  # most of its trust gone
+        now = int(time.time())
+        theirs: list[int] = []
+        for n in range(3):
+            theirs += await other.append(f"code-{n}", 0, [code(n, now + 600)])
+            await until_position(feed, theirs[-1])
+            await asyncio.sleep(0.6)  # past the trust it had left, by the last one
+        assert reads == []
+        assert counting.applied == {p: 1 for p in theirs}
+        assert eventlog._senders[sender] > time.monotonic() + SENDER_TRUST / 2
 
 
 async def test_a_batch_too_large_to_announce_and_what_follows_it_reach_the_models(db, monkeypatch):
