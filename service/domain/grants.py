@@ -372,13 +372,20 @@ def _refresh_reused(
 
 
 def revoke(
-    client_id: str, family_id: str | None, owner: tuple[str, str] | None, token_hash: str
+    client_id: str,
+    family_id: str | None,
+    owner: tuple[str, str] | None,
+    token_hash: str,
+    app_version: int | None = None,
 ) -> Record | None:
     """What revoking a token asked by `client_id` records: its family, when the token is a
     live one of this client; nothing otherwise (unknown, dead, or another client's token:
-    the answer is 200 all the same, so a client cannot probe for others' tokens)."""
+    the answer is 200 all the same, so a client cannot probe for others' tokens).
+    `app_version`: the application's version the client was authenticated against, which
+    must still hold (a secret rotated meanwhile, in any process, fails the append)."""
     if family_id is None or owner is None or owner[0] != client_id:
         return None
+    conditions = () if app_version is None else ((streams.application(client_id), app_version),)
     event = ev.TokenRevoked(
         company_id=owner[1],
         client_id=client_id,
@@ -386,7 +393,7 @@ def revoke(
         reason="client_request",
         token_hash=token_hash,
     )
-    return Record(streams.token_family(family_id), None, (event,))
+    return Record(streams.token_family(family_id), None, (event,), conditions)
 
 
 #: Which kind of application may use each grant type of the token request.

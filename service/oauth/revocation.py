@@ -10,9 +10,16 @@ from service.oauth.ports import Ledger, Lookups
 
 
 async def revoke(
-    lookups: Lookups, ledger: Ledger, client_id: str, token: str, meta: Metadata
+    lookups: Lookups,
+    ledger: Ledger,
+    client_id: str,
+    token: str,
+    meta: Metadata,
+    app_version: int | None = None,
 ) -> bool:
-    """Revoke the token's family when it is a live token of `client_id`; True if it was."""
+    """Revoke the token's family when it is a live token of `client_id`; True if it was.
+    `app_version`: see grants.revoke (ConcurrencyError on the application's stream when it
+    no longer holds)."""
     if tokens.well_formed(token, tokens.ACCESS):
         refresh = False
     elif tokens.well_formed(token, tokens.REFRESH):
@@ -22,7 +29,7 @@ async def revoke(
     token_hash = tokens.token_hash(token)
     family_id = await lookups.family_of(token_hash, refresh=refresh)
     owner = lookups.family_owner(family_id) if family_id is not None else None
-    record = grants.revoke(client_id, family_id, owner, token_hash)
+    record = grants.revoke(client_id, family_id, owner, token_hash, app_version)
     if record is None:
         return False
     await ledger.record(record, meta, visible=True)

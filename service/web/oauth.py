@@ -12,13 +12,13 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from service.context import Context
-from service.domain import credentials
+from service.domain import credentials, streams
 from service.domain.client_keys import AUTH_METHODS, NONE, SIGNING_ALGORITHMS
 from service.domain.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from service.domain.dpop import NONCE_HEADER, InvalidDpopProof
 from service.domain.state import AppState
 from service.errors import TollgateError
-from service.eventlog import Metadata
+from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import assertions, revocation
 from service.oauth import credentials as authorization
 from service.oauth.clients import (
@@ -37,6 +37,7 @@ from service.oauth.errors import (
     InvalidClient,
     InvalidRequest,
     OAuthError,
+    TemporarilyUnavailable,
 )
 from service.web.bodies import form_body, read_body, urlencoded_fields
 from service.web.keys import CONTEXT, metadata
@@ -47,6 +48,8 @@ T = TypeVar("T")
 MAX_PARAMS_BODY = 16 * 1024
 URLENCODED = "application/x-www-form-urlencoded"
 PARAMS_TYPES = (URLENCODED, "multipart/form-data", "application/json")
+#: tries of a revocation whose application changed after its client was authenticated
+ATTEMPTS = 3
 _json_object_of_strings = msgspec.json.Decoder(dict[str, str])
 _encode = msgspec.json.Encoder().encode
 
@@ -124,16 +127,24 @@ def _client(request: web.Request, params: dict[str, str]) -> tuple[ClientAuth | 
 
 
 async def _authenticated(
-    request: web.Request, ctx: Context, params: dict[str, str], endpoint: str
+    request: web.Request,
+    ctx: Context,
+    params: dict[str, str],
+    endpoint: str,
+    *,
+    again: bool = False,
 ) -> tuple[AppState, Metadata]:
     """The calling client, authenticated as at the token endpoint and held to its allow
-    list; a client assertion may name this endpoint as its audience too."""
+    list; a client assertion may name this endpoint as its audience too. `again`: the same
+    request authenticated a second time (the application changed): an assertion's single
+    use is recorded already."""
     client, meta = _client(request, params)
     if isinstance(client, Public) and endpoint == "introspect":
         # RFC 7662 §2.1 asks for authorization; a client_id alone is none
         raise InvalidClient("introspection needs client authentication; a public client has none")
     audiences = assertions.audiences(ctx.settings.issuer, request.path)
-    app = await authenticate(ctx.lookups, ctx.ledger, client, meta, AssertionCheck(audiences))
+    check = AssertionCheck(audiences, record_use=not again)
+    app = await authenticate(ctx.lookups, ctx.ledger, client, meta, check)
     await allowed_or_refused(ctx.ledger, app, meta, endpoint)
     return app, meta
 
@@ -187,12 +198,24 @@ async def revoke(request: web.Request) -> web.Response:
     """RFC 7009: 200 whether or not the token was known, live, or this client's."""
     ctx = request.app[CONTEXT]
     params = await oauth_params(request)
-    app, meta = await _authenticated(request, ctx, params, "revoke")
-    token = params.get("token")
-    if not token:
-        raise InvalidRequest("token is required")
-    await revocation.revoke(ctx.lookups, ctx.ledger, app.client_id, token, meta)
-    return web.Response(status=200, headers=NO_STORE)
+    for attempt in range(ATTEMPTS):
+        app, meta = await _authenticated(request, ctx, params, "revoke", again=attempt > 0)
+        token = params.get("token")
+        if not token:
+            raise InvalidRequest("token is required")
+        try:
+            await revocation.revoke(
+                ctx.lookups, ctx.ledger, app.client_id, token, meta, app_version=app.version
+            )
+        except ConcurrencyError as exc:
+            if exc.stream_id != streams.application(app.client_id):
+                raise
+            # The application changed after this process authenticated the client (a
+            # rotation in another process, say): authenticated again on what it is now.
+            await ctx.lookups.catch_up()
+            continue
+        return web.Response(status=200, headers=NO_STORE)
+    raise TemporarilyUnavailable("the application keeps changing; try again")
 
 
 @routes.post("/oauth/introspect")

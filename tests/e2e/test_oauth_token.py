@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 
+import msgspec
 import pytest
 
 from service.oauth import tokens
@@ -232,6 +233,42 @@ async def test_token_request_from_outside_the_allow_list_is_403_and_recorded(cli
         await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'IpViolationDetected'")
         == 1
     )
+
+
+async def test_a_revocation_authenticated_before_a_rotation_was_seen_is_refused(
+    client, company, db, monkeypatch
+):
+    """Another process rotated the secret; this one authenticated the old secret before its
+    model had the rotation (the race a paused or lagging process loses). The revocation's
+    append holds the application's version, so it fails, and the client, authenticated
+    again on the model caught up, is refused: nothing revoked with an old secret."""
+    from service.web import oauth as web_oauth
+
+    app = await new_app(client, company)
+    token = (await cc_token(client, app))["access_token"]
+    real = web_oauth.authenticate
+    stale: list = []
+
+    async def before_the_rotation(lookups, ledger, client_, meta, check):
+        if not stale:  # the state this process had: the old secret, the old version
+            # (a copy: the model updates its application in place)
+            stale.append(msgspec.structs.replace(await real(lookups, ledger, client_, meta, check)))
+            rotated = await client.post(
+                f"/admin/applications/{app['client_id']}/rotate-secret", headers=company.auth
+            )
+            assert rotated.status == 200
+            return stale[0]
+        return await real(lookups, ledger, client_, meta, check)
+
+    monkeypatch.setattr(web_oauth, "authenticate", before_the_rotation)
+    revoked = await client.post(
+        "/oauth/revoke",
+        data={"token": token},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert revoked.status == 401, await revoked.text()
+    assert (await revoked.json())["error"] == "invalid_client"
+    assert await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'") == 0
 
 
 async def test_rotated_secret_refuses_old_secret_and_keeps_old_tokens(client, company, db):
