@@ -426,13 +426,23 @@ MASK = "********"
 
 
 def mask_url(text: str) -> str:
-    """`text` with the password of a URL in it replaced by MASK."""
+    """`text` with the passwords of a URL in it replaced by MASK: the user's (everything
+    between its first `:` and the last `@`, a `/` or `?` left unencoded in it included)
+    and the `password` and `sslpassword` parameters. Where an `@` in the query makes the
+    user's part unclear, more is masked, never less."""
     scheme, sep, rest = text.partition("://")
     if not sep:
         return text
-    netloc, slash, tail = rest.partition("/")
-    user, at, hosts = netloc.rpartition("@")
+    user, at, after = rest.rpartition("@")
     if at and ":" in user:
-        netloc = f"{user.partition(':')[0]}:{MASK}@{hosts}"
-    tail = re.sub(r"(?i)(\bpassword=)[^&#]*", rf"\g<1>{MASK}", tail)
-    return f"{scheme}://{netloc}{slash}{tail}"
+        rest = f"{user.partition(':')[0]}:{MASK}@{after}"
+    return scheme + sep + _PASSWORD_PARAMETER.sub(rf"\g<1>{MASK}", rest)
+
+
+_PASSWORD_PARAMETER = re.compile(r"(?i)((?:^|[?&;])(?:ssl)?password=)[^&#]*")
+
+
+def url_has_password(text: str) -> bool:
+    """Whether `text`, a URL, holds a password (of its user, or a parameter): what to keep
+    out of an error message that may quote the URL's pieces."""
+    return mask_url(text) != text

@@ -17,7 +17,7 @@ import structlog
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from service.logs import error_text
-from service.settings import ConfigError, Settings
+from service.settings import ConfigError, Settings, url_has_password
 from service.storage.embedded import EmbeddedPostgres
 
 #: a connection, whether held directly or borrowed from a pool
@@ -342,6 +342,18 @@ async def apply_schema(conn: Conn) -> None:
     )
 
 
+def dsn_refused(dsn: str, exc: ValueError) -> str:
+    """Why DATABASE_URL was refused, in one line that quotes none of its password: the
+    driver's message may hold a piece of a password left unencoded (`u:s3c/ret@host` is
+    read as the port `s3c`)."""
+    if url_has_password(dsn):
+        return (
+            "DATABASE_URL: not a URL the driver reads; percent-encode / ? # @ : in the "
+            "password (the driver's message is not shown: it may quote the password)"
+        )
+    return f"DATABASE_URL: {exc}"
+
+
 async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
     dsn, embedded = resolve_dsn(settings)
     try:
@@ -354,7 +366,7 @@ async def open_database(settings: Settings, *, min_size: int = 2) -> Database:
                 connect_timeout=settings.db_connect_timeout,
             )
         except ValueError as exc:  # a DATABASE_URL asyncpg cannot parse (port "x", ...)
-            raise ConfigError(f"DATABASE_URL: {exc}") from None
+            raise ConfigError(dsn_refused(dsn, exc)) from None
         async with pool.acquire() as conn:
             await apply_schema(conn)
     except BaseException:

@@ -99,3 +99,43 @@ def test_an_upstream_that_is_not_http_stops_serve_before_it_answers_502(tmp_path
     assert done.stderr.splitlines() == [
         "tollgate: UPSTREAM_URL must be an http:// or https:// URL with a host, got 'ftp://x'"
     ]
+
+
+def test_every_password_of_the_database_url_is_masked(tmp_path):
+    """The user's password, with a `/` or `?` left unencoded in it too, and the `password`
+    and `sslpassword` parameters (an SSL key's passphrase)."""
+    for url, secret in (
+        ("postgresql://tg:db-pa55@db/x?sslpassword=ssl-pa55&password=qp-pa55", "pa55"),
+        ("postgresql://u:s3c/ret-pa55@127.0.0.1/x", "pa55"),
+        ("postgresql://u:s3c?ret-pa55@127.0.0.1/x", "pa55"),
+    ):
+        done = tollgate(tmp_path, "config", "check", DATABASE_URL=url)
+        assert done.returncode == 0, done.stderr
+        [shown] = [line for line in done.stdout.splitlines() if line.startswith("DATABASE_URL=")]
+        assert secret not in shown and "********" in shown, shown
+        assert "s3c" not in shown and "ret" not in shown, shown
+
+
+def test_a_database_url_the_driver_cannot_read_is_refused_without_quoting_its_password(tmp_path):
+    """A `/` left unencoded in the password makes the driver read a piece of it as the port,
+    and say so: the line names the problem, not the piece."""
+    done = tollgate(tmp_path, "audit", "verify", DATABASE_URL="postgresql://u:s3c/ret@127.0.0.1/x")
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("tollgate: DATABASE_URL: not a URL the driver reads")
+    assert "s3c" not in line and "ret" not in line
+    plain = tollgate(tmp_path, "audit", "verify", DATABASE_URL="postgresql://127.0.0.1:port/x")
+    assert plain.returncode == 2
+    assert "port" in plain.stderr  # no password: the driver's own words
+
+
+def test_the_configuration_config_check_prints_reads_back(tmp_path):
+    """Its lines are VARIABLE=value as a .env file holds them: written to one, every
+    command reads them (a timeout printed 5.0 was refused: it must be an integer)."""
+    shown = tollgate(tmp_path, "config", "check", DATA_DIR=str(tmp_path / "data"))
+    assert shown.returncode == 0, shown.stderr
+    assert "DB_TIMEOUT=5\n" in shown.stdout and "READY_MAX_LAG=60\n" in shown.stdout
+    (tmp_path / ".env").write_text(shown.stdout)
+    again = tollgate(tmp_path, "config", "check")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == shown.stdout
