@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -119,6 +120,8 @@ def _config_check(settings: Settings) -> int:
             text = "true" if value else "false"
         elif isinstance(value, tuple):
             text = ",".join(str(item) for item in value)
+        elif isinstance(value, float):
+            text = f"{value:g}"  # as the variable is written: DB_TIMEOUT=5, not 5.0
         else:
             text = mask_url(value) if isinstance(value, str) else str(value)
         print(f"{_VARIABLES.get(field.name, field.name.upper())}={text}")
@@ -126,8 +129,6 @@ def _config_check(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    import os
-
     from service.app import SUPERVISOR, create_app
     from service.web.server import serve
     from service.workers import as_worker, bind_to_parent
@@ -147,7 +148,17 @@ def _serve(settings: Settings) -> int:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+    """One JSON line on stdout, flushed; a reader that has gone (`| head`) silences the
+    rest of the output, not the command."""
+    try:
+        sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 async def _with_runner(
@@ -375,7 +386,6 @@ async def _resource_server_revoke(settings: Settings, args: argparse.Namespace) 
 
 async def _events(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
-    import os
 
     from service.audit import history
     from service.storage.database import open_database
@@ -403,7 +413,7 @@ async def _events(settings: Settings, args: argparse.Namespace) -> int:
             query = dataclasses.replace(query, after=items[-1]["position"])
             remaining = None if remaining is None else remaining - len(items)
     except BrokenPipeError:  # `tollgate events | head`: the reader has had enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_gone()
     finally:
         await database.close()
     return 0
@@ -415,7 +425,11 @@ def _cli_meta() -> Any:
 
     from service.eventlog import Metadata
 
-    return Metadata(actor=f"cli:{getpass.getuser()}", request_id=f"cli-{secrets.token_hex(6)}")
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # a container's user id with no passwd entry and no $USER
+        who = f"uid-{os.getuid()}"
+    return Metadata(actor=f"cli:{who}", request_id=f"cli-{secrets.token_hex(6)}")
 
 
 _COMMANDS: dict[tuple[str, str], Command] = {

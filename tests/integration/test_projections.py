@@ -47,9 +47,7 @@ def tollgate(db, *args: str, batch: int = 5000, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "service", *args],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **kwargs,
+        **({"stdout": subprocess.PIPE, "stderr": subprocess.PIPE} | kwargs),
     )
 
 
@@ -433,3 +431,23 @@ async def test_token_rows_are_written_as_issued_packed_or_as_arrays(eventlog: Ev
          tuple(e.permissions), e.issued_at, e.expires_at)
         for e in issued
     }  # fmt: skip
+
+
+async def test_a_rebuild_whose_reader_goes_away_rebuilds_everything_all_the_same(
+    eventlog: EventLog, db
+):
+    """`tollgate projections rebuild | head -c1`: the closed pipe silences the output, not
+    the rebuild (it said `database: Broken pipe` and left the other projections as they
+    were)."""
+    await populate(eventlog, tokens=50)
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    try:
+        rebuild = tollgate(db, "projections", "rebuild", stdout=write)
+    finally:
+        os.close(write)
+    _out, err = rebuild.communicate(timeout=120)
+    assert rebuild.returncode == 0, err
+    checkpoints = await db.pool.fetch("SELECT name, position FROM projection_checkpoints")
+    head = await eventlog.head()
+    assert checkpoints and all(r["position"] == head for r in checkpoints), checkpoints

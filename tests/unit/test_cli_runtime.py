@@ -34,3 +34,16 @@ def test_a_command_runs_on_the_services_event_loop_and_collector_settings(monkey
         assert seen["loop"] is type(loop)
     finally:
         loop.close()
+
+
+def test_a_user_id_with_no_account_is_named_by_its_number(monkeypatch):
+    """A container's arbitrary user id (Kubernetes runAsUser) with no passwd entry and no
+    $USER: what a command records is done by `cli:uid-N`, not a KeyError's traceback."""
+    import getpass
+    import os
+
+    def no_account() -> str:
+        raise KeyError(f"getpwuid(): uid not found: {os.getuid()}")
+
+    monkeypatch.setattr(getpass, "getuser", no_account)
+    assert cli._cli_meta().actor == f"cli:uid-{os.getuid()}"
