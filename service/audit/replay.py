@@ -137,7 +137,11 @@ async def _recorded_at(pool: asyncpg.Pool, position: int) -> datetime | None:
         value = await pool.fetchval("SELECT recorded_at FROM events WHERE position = $1", position)
     except _DB_ERRORS as exc:
         raise EventLogUnavailable(str(exc)) from exc
-    assert isinstance(value, datetime)
+    if not isinstance(value, datetime):  # a gap: the log was tampered with
+        raise ReplayError(
+            f"event {position} is missing from the log (tollgate audit verify names the "
+            "first broken link)"
+        )
     return value
 
 

@@ -356,3 +356,22 @@ async def test_command_refuses_an_unwritable_output(eventlog: EventLog, db, tmp_
     code, _out, err = await tollgate(db, "audit", "replay", "--until", "1", "--output", str(target))
     assert code != 0
     assert err.strip().splitlines()[-1].startswith(f"tollgate: --output: cannot write {target}")
+
+
+async def test_a_replay_to_a_position_missing_from_the_log_says_so_in_one_line(
+    eventlog: EventLog, db
+):
+    """The log tampered with (a superuser deleted an event): replaying to the gap is one
+    line pointing at `audit verify`, not a traceback."""
+    for n in range(3):
+        await eventlog.append(f"company-c{n}", 0, [ev.CompanyCreated(company_id=f"c{n}", name="C")])
+    await db.pool.execute(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+        "DELETE FROM events WHERE position = 2; "
+        "ALTER TABLE events ENABLE TRIGGER events_append_only"
+    )
+    with pytest.raises(ReplayError, match="event 2 is missing"):
+        await replay(db.pool, 2)
+    code, out, err = await tollgate(db, "audit", "replay", "--until", "2")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tollgate: --until: event 2 is missing")
