@@ -20,6 +20,9 @@ def test_a_command_runs_on_the_services_event_loop_and_collector_settings(monkey
         return 0
 
     monkeypatch.setitem(cli._COMMANDS, ("projections", "run"), command)
+    # The process's logging is left as the suite has it: configured as a command's, with
+    # loggers cached on first use, later tests' captured logs would miss their lines.
+    monkeypatch.setattr("service.logs.configure_logging", lambda *_args: None)
     before = gc.get_threshold()
     gc.set_threshold(700, 10, 10)  # CPython's default, whatever ran before in this process
     try:
