@@ -3,6 +3,7 @@ apart (the recipient's refusal, our own configuration, or worth retrying)."""
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import email.utils
 import hashlib
@@ -284,6 +285,20 @@ def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def login_secrets(username: str | None, password: str | None) -> tuple[str, ...]:
+    """The SMTP password and the forms a login sends it in, for `describe` to cut out: a
+    server that quotes what it refused may quote AUTH LOGIN's base64 of the password, or
+    AUTH PLAIN's base64 of NUL, user, NUL, password (RFC 4616)."""
+    if not password:
+        return ()
+    user, secret = (username or "").encode(), password.encode()
+    return (
+        password,
+        base64.b64encode(secret).decode(),
+        base64.b64encode(b"\0" + user + b"\0" + secret).decode(),
+    )
 
 
 def describe(exc: BaseException, *, secrets: tuple[str | None, ...] = ()) -> str:

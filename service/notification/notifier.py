@@ -72,6 +72,7 @@ from service.notification.mail import (
     auth_failed,
     build_message,
     describe,
+    login_secrets,
     permanent,
     server_side,
     smtp_send,
@@ -511,7 +512,8 @@ class Notifier:
             log.info("notifier.recorded_elsewhere", position=position)
 
     def _describe(self, exc: BaseException) -> str:
-        return describe(exc, secrets=(self.ctx.settings.smtp_password,))
+        settings = self.ctx.settings
+        return describe(exc, secrets=login_secrets(settings.smtp_username, settings.smtp_password))
 
     def _log_failure(
         self, position: int, attempt: int, exc: Exception, error: str, *, retry_in: float | None

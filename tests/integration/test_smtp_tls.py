@@ -6,6 +6,7 @@ never sent in clear."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import email
 import email.policy
@@ -57,7 +58,9 @@ class Provider:
 
     def __init__(self) -> None:
         self.password = PASSWORD
-        self.echo = False  # a careless server that quotes the password it refused
+        #: a careless server that quotes the password it refused: as typed (True), or as
+        #: AUTH PLAIN sent it ("plain": base64 of NUL, login, NUL, password)
+        self.echo: bool | str = False
         self.logins: list[tuple[str, bool]] = []  # (username, over TLS) of every attempt
         self.received: list[Seen] = []
 
@@ -68,7 +71,10 @@ class Provider:
         login, password = auth_data.login.decode(), auth_data.password.decode()
         self.logins.append((login, over_tls))
         ok = over_tls and login == USERNAME and password == self.password
-        echoed = f"535 5.7.8 {password} is not the password of {login}" if self.echo else None
+        quoted = password
+        if self.echo == "plain":
+            quoted = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+        echoed = f"535 5.7.8 {quoted} is not the password of {login}" if self.echo else None
         return AuthResult(
             success=ok,
             handled=False,
@@ -257,11 +263,12 @@ async def test_a_refused_login_is_logged_retried_and_delivered_once_fixed(
     assert WRONG not in await all_events_text(db)
 
 
+@pytest.mark.parametrize("echo", [True, "plain"], ids=["as-typed", "as-auth-plain-sent-it"])
 async def test_a_password_that_the_server_quotes_back_is_not_stored_or_logged(
-    db, tmp_path, ca, ca_file
+    db, tmp_path, ca, ca_file, echo
 ):
     async with provider("starttls", ca) as server:
-        server.provider.echo = True
+        server.provider.echo = echo
         wrong = provider_settings(tmp_path, server, smtp_password=WRONG, smtp_ca_file=ca_file)
         async with context(db, wrong) as ctx:
             await add_app(ctx)
@@ -272,8 +279,10 @@ async def test_a_password_that_the_server_quotes_back_is_not_stored_or_logged(
 
     assert "[redacted] is not the password of" in failure.event.error
     assert any(e["event"] == "notifier.smtp_auth_failed" for e in logs)
-    assert not any(WRONG in str(entry) for entry in logs)
-    assert WRONG not in await all_events_text(db)
+    plain = base64.b64encode(f"\0{USERNAME}\0{WRONG}".encode()).decode()
+    for secret in (WRONG, plain):
+        assert not any(secret in str(entry) for entry in logs)
+        assert secret not in await all_events_text(db)
 
 
 async def test_a_login_accepted_again_at_the_provider_delivers_the_waiting_email(
