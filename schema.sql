@@ -480,6 +480,11 @@ CREATE TABLE IF NOT EXISTS web_sessions (
     expires_at   timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS web_sessions_expiry ON web_sessions (expires_at);
+-- The version of the user's password the session was opened with (the user's stream
+-- version at UserAdded or UserPasswordChanged): a session opened with a password changed
+-- since is worth nothing, even one opened a moment after the change, before this process
+-- had it. NULL: a session from before the column.
+ALTER TABLE web_sessions ADD COLUMN IF NOT EXISTS user_version integer;
 
 INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
 

@@ -51,12 +51,15 @@ async def principal(request: web.Request, ctx: Context) -> Principal:
 
 
 async def signed_in(request: web.Request, ctx: Context) -> tuple[sessions.Session, User] | None:
-    """The browser session and its user, while both are live (a removed user's session
-    is worth nothing)."""
+    """The browser session and its user, while both are live: a removed user's session is
+    worth nothing, nor one opened with a password changed since (by its owner or reset by
+    an admin, whichever process opened it)."""
     value = request.cookies.get(sessions.COOKIE)
     session = await sessions.load(ctx.pool, value) if value else None
     user = ctx.directory.users.get(session.user_id) if session is not None else None
     if session is None or user is None or user.removed:
+        return None
+    if session.user_version is not None and session.user_version < user.version:
         return None
     return session, user
 

@@ -273,13 +273,13 @@ async def login(request: web.Request) -> web.StreamResponse:
         return pages.error_page("Session expired", "reload the page and sign in again", status=403)
     try:
         # several companies' accounts: a redirect to choose one, which then goes to next_url
-        user_id = await authenticate(request, email[:320], password[:256], next_url=next_url)
+        user = await authenticate(request, email[:320], password[:256], next_url=next_url)
     except InvalidCredentials as exc:
         return _login(request, next_url, exc.description, status=exc.status)
-    user = ctx.directory.users[user_id]
     value, _csrf = await sessions.create(
-        ctx.pool, user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
-    )
+        ctx.pool, user.user_id, user.company_id, user_version=user.version,
+        replacing=request.cookies.get(sessions.COOKIE),
+    )  # fmt: skip
     response = web.HTTPSeeOther(next_url)
     set_session_cookie(request, response, value)
     raise response

@@ -92,7 +92,9 @@ async def _matching(
     # Caught up first: a password changed or a user removed through another process a
     # moment ago must not let the old password open a new session here.
     await ctx.lookups.catch_up()
-    accounts = await ctx.lookups.accounts(email)
+    # Copies, as they are when their hashes are checked: the model changes its users in
+    # place, and a session is tagged with the version of the password that opened it.
+    accounts = [msgspec.structs.replace(u) for u in await ctx.lookups.accounts(email)]
     # Every account's hash is checked, at once (argon2 runs outside the GIL): the time
     # barely depends on how many companies know the address, nor on `company_id`.
     hashes = [u.password_hash for u in accounts] or [passwords.DUMMY_HASH]
@@ -109,14 +111,14 @@ async def _matching(
 
 async def authenticate(
     request: web.Request, email: str, password: str, *, next_url: str | None = None
-) -> str:
-    """The user id for these credentials, for a sign-in form. When the password opens the
-    address's accounts at several companies, the person chooses one: raises a redirect
-    (303) to the choice page, which then goes on to `next_url` (a path on this service;
-    by default where the form's own flow goes)."""
+) -> User:
+    """The account these credentials open, as its password was checked, for a sign-in
+    form. When the password opens the address's accounts at several companies, the person
+    chooses one: raises a redirect (303) to the choice page, which then goes on to
+    `next_url` (a path on this service; by default where the form's own flow goes)."""
     matched = await matching_accounts(request, email, password)
     if len(matched) == 1:
-        return matched[0].user_id
+        return matched[0]
     destination = next_url if next_url is not None else _AFTER.get(request.path, "/")
     raise await _to_choice(request, matched, destination)
 
@@ -153,8 +155,9 @@ async def login(request: web.Request) -> web.Response:
         )
     [user] = matched
     value, csrf = await sessions.create(
-        ctx.pool, user.user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
-    )
+        ctx.pool, user.user_id, user.company_id, user_version=user.version,
+        replacing=request.cookies.get(sessions.COOKIE),
+    )  # fmt: skip
     response = web.json_response(
         {"user_id": user.user_id, "company_id": user.company_id, "role": user.role,
          "csrf_token": csrf},
@@ -195,9 +198,11 @@ async def change_password(request: web.Request) -> web.Response:
         await throttle.withdraw(attempt)  # a weak new password, say: no guess at the current one
         raise
     await throttle.withdraw(attempt)
+    changed = ctx.directory.users[user_id]  # the new password's version: caught up
     value, csrf = await sessions.create(
-        ctx.pool, user_id, who.company_id, replacing=request.cookies.get(sessions.COOKIE)
-    )
+        ctx.pool, user_id, who.company_id, user_version=changed.version,
+        replacing=request.cookies.get(sessions.COOKIE),
+    )  # fmt: skip
     response = web.json_response({"user_id": user_id, "csrf_token": csrf},
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
     set_session_cookie(request, response, value)
@@ -338,8 +343,9 @@ async def choose(request: web.Request) -> web.StreamResponse:
         return _expired()
     user = chosen[0]  # one account per company and address
     value, _csrf = await sessions.create(
-        ctx.pool, user.user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
-    )
+        ctx.pool, user.user_id, user.company_id, user_version=dict(choice.accounts)[user.user_id],
+        replacing=request.cookies.get(sessions.COOKIE),
+    )  # fmt: skip
     log.info("sign_in.company_chosen", user_id=user.user_id, company_id=user.company_id)
     response = web.HTTPSeeOther(choice.next_url, headers={"Cache-Control": "no-store"})
     set_session_cookie(request, response, value)

@@ -18,13 +18,21 @@ class Session:
     user_id: str
     company_id: str
     csrf_hash: str
+    #: the version of the user's password it was opened with (None: opened before
+    #: sessions recorded it); auth.signed_in refuses it once the password has changed
+    user_version: int | None = None
 
     def csrf_ok(self, token: str) -> bool:
         return credentials.matches(token, self.csrf_hash)
 
 
 async def create(
-    pool: asyncpg.Pool, user_id: str, company_id: str, *, replacing: str | None = None
+    pool: asyncpg.Pool,
+    user_id: str,
+    company_id: str,
+    *,
+    user_version: int | None = None,
+    replacing: str | None = None,
 ) -> tuple[str, str]:
     """Returns (cookie value, CSRF token); both appear nowhere else in clear. `replacing`:
     the session cookie the browser held, whose session ends in the same statement (and
@@ -34,14 +42,16 @@ async def create(
     csrf = credentials.random_token(24)
     await pool.execute(
         "WITH ended AS (DELETE FROM web_sessions WHERE session_hash = $6 OR expires_at <= now()) "
-        "INSERT INTO web_sessions (session_hash, user_id, company_id, csrf_hash, expires_at) "
-        "VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO web_sessions "
+        "(session_hash, user_id, company_id, csrf_hash, expires_at, user_version) "
+        "VALUES ($1, $2, $3, $4, $5, $7)",
         credentials.digest(value),
         user_id,
         company_id,
         credentials.digest(csrf),
         datetime.now(UTC) + LIFETIME,
         credentials.digest(replacing) if replacing else None,
+        user_version,
     )
     return value, csrf
 
@@ -50,11 +60,13 @@ async def load(pool: asyncpg.Pool, value: str) -> Session | None:
     if not 20 <= len(value) <= 100:
         return None
     row = await pool.fetchrow(
-        "SELECT user_id, company_id, csrf_hash FROM web_sessions "
+        "SELECT user_id, company_id, csrf_hash, user_version FROM web_sessions "
         "WHERE session_hash = $1 AND expires_at > now()",
         credentials.digest(value),
     )
-    return None if row is None else Session(row["user_id"], row["company_id"], row["csrf_hash"])
+    if row is None:
+        return None
+    return Session(row["user_id"], row["company_id"], row["csrf_hash"], row["user_version"])
 
 
 async def delete(pool: asyncpg.Pool, value: str) -> None:

@@ -138,6 +138,8 @@ async def test_signing_in_again_ends_the_session_the_browser_held(client, compan
     # the dashboard's own form too
     await sign_in_again(client, company)
     assert await db.pool.fetchval("SELECT count(*) FROM web_sessions") == 1
+    # each opened with the version of the password that opened it (auth.signed_in)
+    assert await db.pool.fetchval("SELECT user_version FROM web_sessions") is not None
 
 
 async def sign_in_again(client, company) -> None:

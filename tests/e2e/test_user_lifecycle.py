@@ -13,6 +13,7 @@ import structlog
 from service import events as ev
 from service.app import CONTEXT
 from service.commands import directory
+from service.domain import credentials
 from service.domain.users import LastAdmin
 from service.eventlog import EventLog, Metadata
 from tests.e2e.lifecycle_helpers import add_user, freeze, second_instance, sign_in
@@ -150,6 +151,64 @@ async def test_an_admin_reset_shows_a_generated_password_once_and_ends_sessions(
     assert chosen.status == 200 and "password" not in await chosen.json()
     await sign_in(client, "forgetful@acme.example", "chosen by the admin, long enough")
     assert password not in await everything_stored(db)
+
+
+async def test_a_session_opened_with_a_password_changed_since_is_worth_nothing(client, company, db):
+    """The race a reset can lose: another process checks the old password against its
+    model a moment before the reset reaches it, and opens a session after the reset has
+    ended every session there was. The session carries the version of the password it
+    was opened with, and one older than the user's is refused; a session from before
+    sessions carried it, and one opened with the new password, are not."""
+    from service.web import sessions
+
+    made = await add_user(client, company.auth, "raced@acme.example", "admin")
+    ctx = client.app[CONTEXT]
+    old_version = ctx.directory.users[made["user_id"]].version
+    reset = await client.post(
+        f"/admin/users/{made['user_id']}/reset-password",
+        json={"password": "the new one, long enough"},
+        headers=company.auth,
+    )
+    assert reset.status == 200
+    # what the other process wrote: a session of the old password, after the reset
+    stale, _csrf = await sessions.create(
+        db.pool, made["user_id"], company.company_id, user_version=old_version
+    )
+    unversioned, _csrf = await sessions.create(db.pool, made["user_id"], company.company_id)
+
+    async def admin_users(cookie: str) -> int:
+        answer = await client.get("/admin/users", headers={"Cookie": f"tg_session={cookie}"})
+        client.session.cookie_jar.clear()
+        return answer.status
+
+    assert await admin_users(stale) == 401
+    assert await admin_users(unversioned) == 200
+    fresh = await sign_in(client, "raced@acme.example", "the new one, long enough")
+    assert await admin_users(fresh.cookie) == 200
+    opened = await db.pool.fetchval(
+        "SELECT user_version FROM web_sessions WHERE session_hash = $1",
+        credentials.digest(fresh.cookie),
+    )
+    assert opened == ctx.directory.users[made["user_id"]].version > old_version
+
+
+async def test_an_admin_cannot_reset_their_own_password_through_the_api(client, company, db):
+    """One's own password is changed with the current one (POST /session/password): a
+    stolen session and its CSRF token are not enough to set a new one, as on the dashboard."""
+    made = await add_user(client, company.auth, "hank@acme.example", "admin")
+    session = await sign_in(client, "hank@acme.example", made["password"])
+    refused = await client.post(
+        f"/admin/users/{made['user_id']}/reset-password",
+        json={"password": "attacker-chosen-password"},
+        headers=session.change,
+    )
+    assert refused.status == 403, await refused.text()
+    assert await events_of(db, "UserPasswordChanged") == []
+    # another admin's reset of it still works, and so does one with an admin key
+    other = await client.post(
+        f"/admin/users/{made['user_id']}/reset-password", headers=company.auth
+    )
+    assert other.status == 200
 
 
 async def test_another_companys_user_is_not_found(client, company, other_company):

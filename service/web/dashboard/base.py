@@ -143,8 +143,9 @@ async def _known_token(
         admin.csrf = token
         return
     value, token = await sessions.create(
-        ctx.pool, admin.user_id, admin.company_id, replacing=admin.session_value
-    )
+        ctx.pool, admin.user_id, admin.company_id, user_version=session.user_version,
+        replacing=admin.session_value,
+    )  # fmt: skip
     admin.session_value, admin.csrf = value, token
     admin.cookies += [(sessions.COOKIE, value, "/"), (TOKEN_COOKIE, token, "/dashboard")]
 

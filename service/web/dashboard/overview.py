@@ -39,13 +39,13 @@ async def login(request: web.Request) -> web.StreamResponse:
         return login_form(request, "The form expired. Please sign in again.", status=403)
     email, password = str(form.get("email", "")), str(form.get("password", ""))
     try:
-        user_id = await authenticate(request, email[:320], password[:256])
+        user = await authenticate(request, email[:320], password[:256])
     except InvalidCredentials as exc:
         return login_form(request, exc.description, status=exc.status)
-    user = ctx.directory.users[user_id]
     value, csrf = await sessions.create(
-        ctx.pool, user_id, user.company_id, replacing=request.cookies.get(sessions.COOKIE)
-    )
+        ctx.pool, user.user_id, user.company_id, user_version=user.version,
+        replacing=request.cookies.get(sessions.COOKIE),
+    )  # fmt: skip
     response = web.HTTPSeeOther("/dashboard")
     set_session_cookie(request, response, value)
     set_token_cookie(request, response, csrf)
