@@ -11,7 +11,7 @@ from service.commands import applications, connections, directory, tokens
 from service.context import Context
 from service.domain import applications as rules
 from service.domain import client_keys, passwords
-from service.errors import InvalidRequest, NotFound
+from service.errors import Forbidden, InvalidRequest, NotFound
 from service.eventlog import Metadata
 from service.web import auth
 from service.web.bodies import json_body
@@ -349,6 +349,10 @@ async def reset_password(request: web.Request) -> web.Response:
     # No body (or an empty one) asks for a generated password.
     given = (await json_body(request, ResetPasswordIn)).password if request.body_exists else None
     user_id = request.match_info["user_id"]
+    if who.actor == f"user:{user_id}":
+        # One's own password is changed with the current one (POST /session/password), as
+        # the dashboard has it: a stolen session must not be enough to take the account.
+        raise Forbidden("change your own password with POST /session/password")
     password = await directory.reset_password(ctx, who.company_id, user_id, meta, password=given)
     payload: dict[str, Any] = {"user_id": user_id}
     if given is None:
