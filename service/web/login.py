@@ -16,6 +16,7 @@ from projections.directory import User
 from service.commands import directory
 from service.context import Context
 from service.domain import credentials, passwords
+from service.domain.applications import FieldError
 from service.errors import Forbidden, TollgateError
 from service.web import auth, pages, sessions
 from service.web.bodies import form_body, json_body
@@ -54,6 +55,17 @@ class TooManyAttempts(InvalidCredentials):
         )
 
 
+def sign_in_address(typed: str) -> str:
+    """The address as accounts are kept under it (directory.normalise_email: NFC, the domain
+    in Unicode), so that the same address typed in another form (decomposed, a punycode
+    domain, spaces around it) opens the same account and meets the same throttle; as typed
+    when it is no address at all (answered as an unknown one)."""
+    try:
+        return directory.normalise_email(typed.strip())
+    except FieldError:
+        return typed.strip()
+
+
 async def matching_accounts(
     request: web.Request, email: str, password: str, company_id: str | None = None
 ) -> list[User]:
@@ -62,6 +74,7 @@ async def matching_accounts(
     an unknown email as for a wrong password. Failures are throttled per address and
     caller, and per address from anywhere (a slower limit against guessing from many
     places)."""
+    email = sign_in_address(email)
     throttle = request.app[THROTTLE]
     ip = caller_ip(request)
     keys = ((f"{email.lower()}|{ip}", throttle.limit), (f"{email.lower()}|*", 4 * throttle.limit))

@@ -211,6 +211,24 @@ async def test_an_admin_cannot_reset_their_own_password_through_the_api(client, 
     assert other.status == 200
 
 
+async def test_an_address_signs_in_in_any_form_it_was_added_in(client, company, db):
+    """Accounts are kept under the address as email-validator normalises it (NFC, the
+    domain in Unicode); sign-in reads what is typed the same way, so a decomposed form, a
+    punycode domain or spaces around it open the account, and count toward one throttle."""
+    import unicodedata
+
+    added = "\u00fcn\u00ef@b\u00fccher.example"  # composed
+    made = await add_user(client, company.auth, added, "member")
+    for typed in (
+        unicodedata.normalize("NFD", added),
+        "\u00fcn\u00ef@xn--bcher-kva.example",
+        f"  {added.upper()}  ",
+    ):
+        signed = await client.post("/session", json={"email": typed, "password": made["password"]})
+        assert signed.status == 200, (typed, await signed.text())
+        assert (await signed.json())["user_id"] == made["user_id"]
+
+
 async def test_another_companys_user_is_not_found(client, company, other_company):
     theirs = await add_user(client, other_company.auth, "x@globex.example", "member")
     user = f"/admin/users/{theirs['user_id']}"
