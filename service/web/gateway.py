@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import aiohttp
@@ -164,6 +165,15 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     return await _proxy(request, upstream, allowed, ip, nonce)
 
 
+def _hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
+    """The fields that end at this hop: the standard ones, and those a message's own
+    Connection header names (RFC 9110 §7.6.1: a proxy removes them)."""
+    named = headers.get("Connection")
+    if not named:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | {t.strip().lower() for t in named.split(",") if t.strip()}
+
+
 def _whoami(request: web.Request, allowed: Allowed) -> web.Response:
     """Tollgate's own route, with or without an upstream: who the token is."""
     if request.path != WHOAMI and resource_path(request.path) != WHOAMI:
@@ -201,10 +211,11 @@ async def _proxy(
     settings = request.app[SETTINGS]
     assert settings.upstream_url is not None
     target = settings.upstream_url.rstrip("/") + request.rel_url.raw_path_qs
+    hop = _hop_by_hop(request.headers)
     headers = {
         k: v
         for k, v in request.headers.items()
-        if k.lower() not in HOP_BY_HOP and k.lower().replace("_", "-") not in NOT_FORWARDED
+        if k.lower() not in hop and k.lower().replace("_", "-") not in NOT_FORWARDED
     }
     headers["X-Tollgate-Company"] = allowed.token.company_id
     headers["X-Tollgate-Client"] = allowed.token.client_id
@@ -216,8 +227,9 @@ async def _proxy(
             request.method, target, headers=headers, data=body, allow_redirects=False
         ) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            hop = _hop_by_hop(upstream.headers)
             for key, value in upstream.headers.items():
-                if key.lower() not in HOP_BY_HOP:
+                if key.lower() not in hop:
                     response.headers.add(key, value)
             response.headers.update(nonce)  # Tollgate's, whatever the upstream said
             if upstream.content_length is not None:

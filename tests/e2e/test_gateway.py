@@ -296,7 +296,8 @@ async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
             data=body,
             headers=bearer(token)
             | {"X-Tollgate-Company": "forged", "X-Custom": "kept", "X-Other_Custom": "kept"}
-            | SMUGGLED,
+            | SMUGGLED
+            | {"Connection": "keep-alive, X-Hop-Only", "X-Hop-Only": "for Tollgate alone"},
         )
         assert response.status == 207
         assert response.headers["X-Upstream"] == "yes"
@@ -314,6 +315,7 @@ async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
         for name in ("X_TOLLGATE_COMPANY", "X_TOLLGATE_PERMISSIONS", "X_FORWARDED_FOR"):
             assert as_cgi_reads.count(name) == 1, headers
         assert not {"FORWARDED", "X_REAL_IP", "TRUE_CLIENT_IP"} & set(as_cgi_reads), headers
+        assert "X-Hop-Only" not in headers  # named in Connection: ends here (RFC 9110 §7.6.1)
     finally:
         await client.close()
         await upstream.close()
