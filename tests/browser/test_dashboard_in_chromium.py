@@ -33,3 +33,25 @@ async def test_sign_in_overview_and_sign_out(page, context, company, oauth_clien
     await page.goto("/dashboard")
     assert await page.get_by_role("heading", name="Sign in").is_visible()
     assert await page.get_by_role("button", name="Sign out").count() == 0
+
+
+async def test_a_member_signed_in_at_the_dashboard_signs_out_from_its_refusal(
+    page, context, client, company, console
+):
+    """A member has no dashboard; the page that says so carries the way out, a sign-out
+    form that works under the page's own CSP, so that the admin can sign in here next."""
+    from tests.e2e.lifecycle_helpers import add_user
+
+    member = await add_user(client, company.auth, "clerk@acme.example", "member")
+    await page.goto("/dashboard")
+    await sign_in(page, "clerk@acme.example", member["password"])
+    await page.get_by_role("heading", name="Admins only").wait_for()
+    assert "clerk@acme.example" in await page.inner_text("main")
+
+    await page.get_by_role("button", name="Sign out").click()
+
+    await page.get_by_role("heading", name="Sign in").wait_for()
+    assert sessions.COOKIE not in {cookie["name"] for cookie in await context.cookies()}
+    assert not [line for line in console.lines if "Content Security Policy" in line]
+    await sign_in(page, company.admin_email, company.admin_password)
+    await page.get_by_role("heading", name="Acme", exact=True).wait_for()
