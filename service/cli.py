@@ -147,12 +147,13 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
-def _print_json(value: Any) -> None:
-    """One JSON line on stdout, flushed; a reader that has gone (`| head`) silences the
-    rest of the output, not the command."""
+def _print_json(value: Any, *, flush: bool = False) -> None:
+    """One JSON line on stdout (`flush`: out now, not when the buffer fills); a reader that
+    has gone (`| head`) silences the rest of the output, not the command."""
     try:
         sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
-        sys.stdout.flush()
+        if flush:
+            sys.stdout.flush()
     except BrokenPipeError:
         _stdout_gone()
 
@@ -227,7 +228,7 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
         with progress_reporter() as report:
             for name in names:
                 position = await runner.rebuild(name, report)
-                _print_json({"name": name, "rebuilt_to": position})
+                _print_json({"name": name, "rebuilt_to": position}, flush=True)
         return 0
 
     return await _with_runner(settings, body)
