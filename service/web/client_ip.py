@@ -58,6 +58,14 @@ def resolve(peer: str | None, forwarded_for: Sequence[str], proxies: Sequence[IP
     return str(address)
 
 
+def peer_trusted(request: web.Request, proxies: Sequence[IPNetwork]) -> bool:
+    """Whether the socket peer is a trusted proxy (what it says of the request is believed)."""
+    if not proxies:
+        return False
+    address = _parse(request.remote or "")
+    return address is not None and _trusted(address, proxies)
+
+
 def client_ip(request: web.Request, proxies: Sequence[IPNetwork]) -> str:
     if not proxies:  # nearly always a peer seen before: one cached look
         return _peer(request.remote or "")

@@ -20,6 +20,7 @@ from service.errors import InvalidRequest, TollgateError
 from service.oauth import credentials as authorization
 from service.oauth.dpop import Presented
 from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
+from service.web.client_ip import peer_trusted
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
 
 routes = web.RouteTableDef()
@@ -35,6 +36,18 @@ NOT_FORWARDED = frozenset(
     for h in (
         "Authorization", "DPoP", *IDENTITY_HEADERS,
         "X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Client-IP", "True-Client-IP",
+    )
+)  # fmt: skip
+#: What a proxy in front says of the request as the client made it (Werkzeug's ProxyFix,
+#: Django and Rails build absolute URLs and decide "secure" from these). Believed from a
+#: trusted proxy (TRUSTED_PROXIES), spelled with "-"; from anyone else it is the caller's
+#: own claim, and an upstream that trusted it would build its links, redirects and reset
+#: mails on a host the caller chose. Tollgate then says what it saw itself.
+PROXY_CONTEXT = frozenset(
+    h.lower()
+    for h in (
+        "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Forwarded-Prefix",
+        "X-Forwarded-Server", "X-Forwarded-Scheme", "X-Forwarded-Ssl", "Front-End-Https",
     )
 )  # fmt: skip
 HOP_BY_HOP = frozenset(
@@ -212,11 +225,19 @@ async def _proxy(
     assert settings.upstream_url is not None
     target = settings.upstream_url.rstrip("/") + request.rel_url.raw_path_qs
     hop = _hop_by_hop(request.headers)
-    headers = {
-        k: v
-        for k, v in request.headers.items()
-        if k.lower() not in hop and k.lower().replace("_", "-") not in NOT_FORWARDED
-    }
+    proxied = peer_trusted(request, settings.trusted_proxies)
+    headers = {}
+    for key, value in request.headers.items():
+        name = key.lower()
+        dashed = name.replace("_", "-")
+        if name in hop or dashed in NOT_FORWARDED:
+            continue
+        if dashed in PROXY_CONTEXT and not (proxied and name == dashed):
+            continue
+        headers[key] = value
+    if not proxied:
+        headers["X-Forwarded-Host"] = request.host
+        headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Tollgate-Company"] = allowed.token.company_id
     headers["X-Tollgate-Client"] = allowed.token.client_id
     headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))

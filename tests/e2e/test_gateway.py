@@ -321,6 +321,61 @@ async def test_the_upstream_gets_the_request_and_identity_headers(db, settings):
         await upstream.close()
 
 
+#: what a proxy in front says of the request as the client made it, forged by the caller,
+#: spelled as sent and as CGI and WSGI read it
+FORGED_CONTEXT = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https",
+                  "X-Forwarded-Port": "443", "X-Forwarded-Prefix": "/evil",
+                  "X_Forwarded_Host": "evil.example", "Front-End-Https": "on"}  # fmt: skip
+
+
+async def _echo_upstream() -> tuple[TestServer, dict]:
+    seen: dict = {}
+
+    async def echo(request: web.Request) -> web.Response:
+        seen["headers"] = list(request.headers.items())
+        return web.Response(text="ok")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", echo)
+    upstream = TestServer(upstream_app, host="127.0.0.1")
+    await upstream.start_server()
+    return upstream, seen
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["caller", "trusted-proxy"])
+async def test_the_upstream_gets_the_request_context_tollgate_believes(db, settings, trusted):
+    """X-Forwarded-Host and the rest, from a caller, are its own claim: an upstream that
+    builds links or "secure" decisions on them would follow the caller. Tollgate passes
+    on only what a trusted proxy says, and otherwise what it saw itself."""
+    upstream, seen = await _echo_upstream()
+    proxies = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
+    client = await start(
+        db, settings, upstream_url=str(upstream.make_url("")).rstrip("/"), trusted_proxies=proxies
+    )
+    try:
+        company = await make_company(client)
+        app = await new_app(client, company, ip_allowlist=["127.0.0.1"])
+        token = (await cc_token(client, app))["access_token"]
+        response = await client.get("/api/v1/invoices", headers=bearer(token) | FORGED_CONTEXT)
+        assert response.status == 200
+        as_cgi_reads: dict[str, list[str]] = {}
+        for name, value in seen["headers"]:
+            as_cgi_reads.setdefault(name.upper().replace("-", "_"), []).append(value)
+        if trusted:  # the proxy's word, as it spelled it; its "_" spelling is no one's
+            assert as_cgi_reads["X_FORWARDED_HOST"] == ["evil.example"]
+            assert as_cgi_reads["X_FORWARDED_PROTO"] == ["https"]
+            assert as_cgi_reads["X_FORWARDED_PREFIX"] == ["/evil"]
+            assert as_cgi_reads["FRONT_END_HTTPS"] == ["on"]
+        else:
+            assert as_cgi_reads["X_FORWARDED_HOST"] == [f"127.0.0.1:{client.port}"]
+            assert as_cgi_reads["X_FORWARDED_PROTO"] == ["http"]
+            for name in ("X_FORWARDED_PORT", "X_FORWARDED_PREFIX", "FRONT_END_HTTPS"):
+                assert name not in as_cgi_reads, seen["headers"]
+    finally:
+        await client.close()
+        await upstream.close()
+
+
 async def test_policy_check_for_resource_servers(client, company, db):
     app = await new_app(
         client, company, ip_allowlist=["192.0.2.0/24"], permissions=["invoices:read"]
