@@ -1,7 +1,10 @@
-"""Browser sessions: a random cookie value, stored only as a digest, with a CSRF token."""
+"""Browser sessions: a random cookie value, stored only as a digest, with a CSRF token
+derived from it."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -26,6 +29,15 @@ class Session:
         return credentials.matches(token, self.csrf_hash)
 
 
+def csrf_of(value: str) -> str:
+    """The CSRF token of the session whose cookie is `value`: any page that holds the
+    cookie knows it, whichever page opened the session (the consent page's sign-in, POST
+    /session, the dashboard's), and no one without the cookie can compute it. One-way:
+    a token seen in a page tells nothing of the cookie, nor of its digest in the table."""
+    mac = hashlib.sha256(b"tollgate csrf\x00" + value.encode("utf-8", "surrogateescape"))
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+
 async def create(
     pool: asyncpg.Pool,
     user_id: str,
@@ -39,7 +51,7 @@ async def create(
     the expired ones with it): the new cookie overwrites it, and the session would
     otherwise stay usable, for its hours left, by whoever had copied it."""
     value = credentials.random_token(32)
-    csrf = credentials.random_token(24)
+    csrf = csrf_of(value)
     await pool.execute(
         "WITH ended AS (DELETE FROM web_sessions WHERE session_hash = $6 OR expires_at <= now()) "
         "INSERT INTO web_sessions "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from service.web import sessions
@@ -55,3 +57,51 @@ async def test_a_member_signed_in_at_the_dashboard_signs_out_from_its_refusal(
     assert not [line for line in console.lines if "Content Security Policy" in line]
     await sign_in(page, company.admin_email, company.admin_password)
     await page.get_by_role("heading", name="Acme", exact=True).wait_for()
+
+
+async def test_a_link_from_another_site_leaves_forms_open_in_other_tabs_working(
+    page, context, company, service_url
+):
+    """An email or a chat opens a dashboard link in a new tab: a cross-site navigation,
+    which carries the session cookie (SameSite=Lax) and nothing Strict. The session's
+    CSRF token comes from that cookie, so the page opens in the same session, and a form
+    already open in another tab still works."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    dashboard = f"{service_url}/dashboard"
+
+    async def mail_page(_request: web.Request) -> web.Response:
+        return web.Response(
+            text=f'<!doctype html><html lang="en"><head><title>Mail</title></head><body><main>'
+            f'<a href="{dashboard}">Open the dashboard</a></main></body></html>',
+            content_type="text/html",
+        )
+
+    other = web.Application()
+    other.router.add_get("/", mail_page)
+    site = TestServer(other, host="127.0.0.1")
+    await site.start_server()
+    try:
+        await page.goto("/dashboard/applications")
+        await sign_in(page, company.admin_email, company.admin_password)
+        await page.goto("/dashboard/applications/new")
+        await page.get_by_role("radio", name=re.compile("^client_credentials")).check()
+        await page.get_by_label("Name", exact=True).fill("Opened before the link")
+        await page.get_by_label("IP allow list", exact=True).fill("127.0.0.1")
+        await page.get_by_label("Notification email addresses", exact=True).fill("ops@acme.example")
+        await page.get_by_role("checkbox", name=re.compile("^invoices:read")).check()
+        [before] = [c["value"] for c in await context.cookies() if c["name"] == sessions.COOKIE]
+
+        mail = await context.new_page()
+        # "localhost" is another site than 127.0.0.1 (SameSite compares hosts, not ports)
+        await mail.goto(str(site.make_url("/")).replace("127.0.0.1", "localhost"))
+        await mail.get_by_role("link", name="Open the dashboard").click()
+        await mail.get_by_role("heading", name="Acme", exact=True).wait_for()
+        [after] = [c["value"] for c in await context.cookies() if c["name"] == sessions.COOKIE]
+        assert after == before  # the same session, not swapped for a new one
+
+        await page.get_by_role("button", name="Create application").click()
+        await page.get_by_role("heading", name="Opened before the link").wait_for()
+    finally:
+        await site.close()

@@ -31,6 +31,8 @@ routes = web.RouteTableDef()
 
 LOGIN_CSRF_COOKIE = "tg_dashboard_csrf"
 #: The session's CSRF token, for the forms: the sessions table keeps only its digest.
+#: where the dashboard kept its CSRF token before tokens were derived from the session
+#: cookie: cleared at sign-in and sign-out
 TOKEN_COOKIE = "tg_dashboard_token"  # noqa: S105 (a cookie name)
 
 
@@ -135,11 +137,11 @@ def _token_ok(session: sessions.Session, token: str) -> bool:
 async def _known_token(
     request: web.Request, ctx: Context, admin: Admin, session: sessions.Session
 ) -> None:
-    """The session's CSRF token, from its cookie. A session made elsewhere (the consent
-    page's sign-in, POST /session) has no such cookie, and its token cannot be recovered
-    from the digest: the dashboard swaps it for a new session whose token it knows."""
-    token = request.cookies.get(TOKEN_COOKIE, "")
-    if _token_ok(session, token):
+    """The session's CSRF token, derived from its cookie (`sessions.csrf_of`). A session
+    opened before tokens were derived has a random one, which its digest cannot give back:
+    the dashboard swaps it for a new session once."""
+    token = sessions.csrf_of(admin.session_value)
+    if session.csrf_ok(token):
         admin.csrf = token
         return
     value, token = await sessions.create(
@@ -147,22 +149,12 @@ async def _known_token(
         replacing=admin.session_value,
     )  # fmt: skip
     admin.session_value, admin.csrf = value, token
-    admin.cookies += [(sessions.COOKIE, value, "/"), (TOKEN_COOKIE, token, "/dashboard")]
-
-
-def set_token_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
-    response.set_cookie(
-        TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=secure_cookies(request),
-        path="/dashboard", max_age=int(sessions.LIFETIME.total_seconds()),
-    )  # fmt: skip
+    admin.cookies.append((sessions.COOKIE, value, "/"))
 
 
 def _apply_cookies(request: web.Request, admin: Admin, response: web.StreamResponse) -> None:
-    for name, value, _path in admin.cookies:
-        if name == sessions.COOKIE:
-            set_session_cookie(request, response, value)
-        else:
-            set_token_cookie(request, response, value)
+    for _name, value, _path in admin.cookies:
+        set_session_cookie(request, response, value)
 
 
 # --- answers ---------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from service.web.dashboard.base import (
     page,
     render,
     routes,
-    set_token_cookie,
 )
 from service.web.dashboard.describe import Describer, app_namer
 from service.web.keys import CONTEXT
@@ -42,13 +41,13 @@ async def login(request: web.Request) -> web.StreamResponse:
         user = await authenticate(request, email[:320], password[:256])
     except InvalidCredentials as exc:
         return login_form(request, exc.description, status=exc.status)
-    value, csrf = await sessions.create(
+    value, _csrf = await sessions.create(
         ctx.pool, user.user_id, user.company_id, user_version=user.version,
         replacing=request.cookies.get(sessions.COOKIE),
     )  # fmt: skip
     response = web.HTTPSeeOther("/dashboard")
     set_session_cookie(request, response, value)
-    set_token_cookie(request, response, csrf)
+    response.del_cookie(TOKEN_COOKIE, path="/dashboard")
     raise response
 
 
