@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
+import string
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -117,9 +119,21 @@ def access_token_hash(access_token: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _percent_normal(match: re.Match[str]) -> str:
+    """RFC 3986 §6.2.2.1-2: hex digits in upper case, unreserved characters decoded."""
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
 def normalised_uri(uri: str) -> str | None:
     """The URI without query and fragment, scheme and host in lower case, the default port
-    dropped (RFC 9449 §4.3 item 9, RFC 3986 §6.2.2 and §6.2.3); None: not an http(s) URI."""
+    dropped, percent-encodings normalised (RFC 9449 §4.3 item 9, RFC 3986 §6.2.2 and
+    §6.2.3); None: not an http(s) URI. The path stays encoded: `a%20b` is the URI a client
+    signs, `a b` is none."""
     try:
         parts = urlsplit(uri)
         port = parts.port
@@ -133,7 +147,7 @@ def normalised_uri(uri: str) -> str | None:
         host = f"[{host}]"
     if port is not None and port != DEFAULT_PORTS[scheme]:
         host = f"{host}:{port}"
-    return urlunsplit((scheme, host, parts.path or "/", "", ""))
+    return urlunsplit((scheme, host, _PERCENT.sub(_percent_normal, parts.path) or "/", "", ""))
 
 
 def verify(

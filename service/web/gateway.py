@@ -111,7 +111,8 @@ def _proof(request: web.Request) -> Presented:
     # proof holds: refused as the proof, after the allow list (a stolen token sent from a
     # disallowed address is revoked however its proof is malformed).
     proof = ", ".join(request.headers.getall("DPoP", []))
-    public_url = request.app[SETTINGS].issuer.rstrip("/") + request.path
+    # The path as sent, still percent-encoded: the URI the client signed.
+    public_url = request.app[SETTINGS].issuer.rstrip("/") + request.rel_url.raw_path
     nonces = request.app[CONTEXT].dpop_nonces
     return Presented(proof, request.method, public_url, nonces)
 

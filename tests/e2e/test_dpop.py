@@ -563,3 +563,40 @@ async def test_the_upstream_gets_neither_the_token_nor_the_proof(db, settings):
     finally:
         await client.close()
         await upstream.close()
+
+
+async def test_the_gateway_checks_htu_against_the_path_as_sent(db, settings):
+    """A client signs the URL it sends, percent-encoded (RFC 9449 §4.3 item 9), compared
+    after RFC 3986 §6.2.2 normalisation; the decoded path is no URI and matches nothing."""
+    from yarl import URL
+
+    from tests.conftest import make_company
+    from tests.e2e.test_gateway import _echo_upstream, start
+
+    upstream, _seen = await _echo_upstream()
+    client = await start(db, settings, upstream_url=str(upstream.make_url("")).rstrip("/"))
+    try:
+        company = await make_company(client)
+        app = await new_app(client, company, permissions=["invoices:read"])
+        token = await bound_cc_token(client, app)
+
+        async def get(path: str, signed: str) -> int:
+            value = proof(client, htm="GET", path=signed, token=token)
+            response = await client.get(
+                URL(path, encoded=True), headers={"Authorization": f"DPoP {token}", "DPoP": value}
+            )
+            return response.status
+
+        for path, signed, status in [
+            ("/api/v1/invoices/a%20b", "/api/v1/invoices/a%20b", 200),
+            ("/api/v1/invoices/caf%C3%A9", "/api/v1/invoices/caf%C3%A9", 200),
+            ("/api/v1/invoices/caf%C3%A9", "/api/v1/invoices/caf%c3%a9", 200),  # hex case
+            ("/api/v1/invoices/x%2By", "/api/v1/invoices/x%2By", 200),
+            ("/api/v1/invoices/%7Ex", "/api/v1/invoices/~x", 200),  # unreserved, decoded
+            ("/api/v1/invoices/a%20b", "/api/v1/invoices/a b", 401),
+            ("/api/v1/invoices/x%2By", "/api/v1/invoices/x+y", 401),
+        ]:
+            assert await get(path, signed) == status, (path, signed)
+    finally:
+        await client.close()
+        await upstream.close()

@@ -162,3 +162,17 @@ def test_a_refusal_at_a_resource_is_a_well_formed_challenge():
     challenge = refused.value.headers["WWW-Authenticate"]
     assert challenge.startswith('DPoP algs="')
     assert challenge.count('"') == 6  # three quoted parameters, nothing quoted inside
+
+
+@pytest.mark.parametrize(
+    ("claimed", "requested", "same"),
+    [
+        ("https://t.example/a%2fb", "https://t.example/a%2Fb", True),
+        ("https://t.example/%7euser", "https://t.example/~user", True),
+        ("https://t.example/a%41", "https://t.example/aA", True),
+        ("https://t.example/a%20b", "https://t.example/a b", False),
+        ("https://t.example/a%2Fb", "https://t.example/a/b", False),  # reserved stays encoded
+    ],
+)
+def test_percent_encodings_are_normalised_not_decoded(claimed, requested, same):
+    assert (dpop.normalised_uri(claimed) == dpop.normalised_uri(requested)) is same
