@@ -6,6 +6,19 @@ OAuth ones follow RFC 6749 §5.2 (https://www.rfc-editor.org/rfc/rfc6749#section
 
 from __future__ import annotations
 
+import re
+
+#: what an error_description may hold (RFC 6749 §5.2: %x20-21 / %x23-5B / %x5D-7E)
+_NOT_RFC6749 = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def rfc6749_text(description: str) -> str:
+    """`description` in the characters RFC 6749 §5.2 allows an error_description: no
+    non-ASCII, no '"' or '\\' (which would also end or escape a challenge's quoted-string,
+    RFC 6750 §3). "§" is spelled out, quotes become single ones, anything else is "?"."""
+    text = description.replace("§", "section ").replace('"', "'").replace("\\", "/")
+    return _NOT_RFC6749.sub("?", text)
+
 
 class TollgateError(Exception):
     error = "server_error"
@@ -60,6 +73,7 @@ class Unauthorized(TollgateError):
     ) -> None:
         # `sent`: whether credentials came at all; without them the challenge names no
         # error (RFC 6750 §3.1). By default: whether there is something to describe.
+        description = rfc6749_text(description)
         challenge = f'Bearer realm="{realm}"'
         if description and (sent is None or sent):
             challenge += f', error="invalid_token", error_description="{description}"'

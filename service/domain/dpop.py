@@ -18,6 +18,7 @@ from joserfc import jwk, jws
 from joserfc.errors import JoseError
 
 from service.domain.client_keys import PRIVATE_MEMBERS, SIGNING_ALGORITHMS, jwt_claims
+from service.errors import rfc6749_text
 from service.oauth.errors import OAuthError
 
 #: RFC 9449 §4.2: "typ": "dpop+jwt".
@@ -69,7 +70,7 @@ class _DpopChallenge(OAuthError):
     status = 401
 
     def __init__(self, description: str, *, headers: dict[str, str] | None = None) -> None:
-        quoted = description.replace("\\", "").replace('"', "'")  # RFC 9110 §5.6.4
+        quoted = rfc6749_text(description)  # in a quoted-string too (RFC 9110 §5.6.4)
         challenge = (
             f'DPoP algs="{" ".join(ALGORITHMS)}", error="{self.error}", '
             f'error_description="{quoted}"'

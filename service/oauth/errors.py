@@ -4,16 +4,18 @@ https://www.rfc-editor.org/rfc/rfc6749#section-5.2"""
 
 from __future__ import annotations
 
-from service.errors import TollgateError
+from service.errors import TollgateError, rfc6749_text
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 class OAuthError(TollgateError):
+    """Its description in RFC 6749 §5.2's characters (`rfc6749_text`)."""
+
     status = 400
 
     def __init__(self, description: str = "", *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(description, headers=NO_STORE | (headers or {}))
+        super().__init__(rfc6749_text(description), headers=NO_STORE | (headers or {}))
 
 
 class InvalidRequest(OAuthError):
@@ -38,6 +40,7 @@ class InvalidBearerKey(OAuthError):
     status = 401
 
     def __init__(self, description: str = "unknown or revoked resource-server key") -> None:
+        description = rfc6749_text(description)
         challenge = (
             f'Bearer realm="tollgate", error="invalid_token", error_description="{description}"'
         )
@@ -103,6 +106,7 @@ class InvalidToken(OAuthError):
     status = 401
 
     def __init__(self, description: str, *, sent: bool = True, realm: str = BEARER_REALM) -> None:
+        description = rfc6749_text(description)
         challenge = f'Bearer realm="{realm}"'
         if description and sent:
             challenge += f', error="invalid_token", error_description="{description}"'

@@ -19,7 +19,7 @@ from service.domain import consent, credentials, native_apps, streams
 from service.domain import grants as grant_rules
 from service.domain.applications import AUTHORIZATION_CODE
 from service.domain.state import AppState
-from service.errors import Conflict, TollgateError
+from service.errors import Conflict, TollgateError, rfc6749_text
 from service.eventlog import ConcurrencyError, Metadata
 from service.oauth import tokens
 from service.web import pages, sessions
@@ -69,7 +69,10 @@ def redirect_to(uri: str, params: dict[str, str | None], issuer: str) -> web.HTT
     the issuer, so that a client talking to several servers can tell whose answer this is
     (RFC 9207 §2, a mix-up defence). The answer may carry a code: never cached, and the
     client's page is not told where its user came from."""
-    query = urlencode({k: v for k, v in params.items() if v is not None} | {"iss": issuer})
+    given = {k: v for k, v in params.items() if v is not None}
+    if "error_description" in given:  # RFC 6749 §4.1.2.1: in §5.2's characters
+        given["error_description"] = rfc6749_text(given["error_description"])
+    query = urlencode(given | {"iss": issuer})
     headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
     return web.HTTPFound(uri + ("&" if "?" in uri else "?") + query, headers=headers)
 
