@@ -38,6 +38,23 @@ class PolicyPoint:
         ip_not_allowed once the token's family is revoked. Malformed tokens never cost a
         read. `presented`: the request came as a DPoP one (RFC 9449 §7.1), with its proof
         ("" when the header was missing); None: a Bearer request."""
+        try:
+            return await self._decide(raw, ip, permission, endpoint, meta, presented)
+        except InvalidToken as exc:
+            if presented is None:
+                raise
+            # Asked with the DPoP scheme: the challenge a DPoP client reads (RFC 9449 §7.1)
+            raise dpop.DpopTokenRefused(exc.description) from None
+
+    async def _decide(
+        self,
+        raw: str,
+        ip: str,
+        permission: str | None,
+        endpoint: str,
+        meta: Metadata,
+        presented: Presented | None,
+    ) -> Allowed:
         key = tokens.token_key(raw)
         # A live token found in memory is well formed (it was issued here); only a miss is
         # checked before the read that catching up with the log costs.

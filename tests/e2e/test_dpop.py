@@ -600,3 +600,25 @@ async def test_the_gateway_checks_htu_against_the_path_as_sent(db, settings):
     finally:
         await client.close()
         await upstream.close()
+
+
+async def test_a_dpop_request_with_a_bad_token_gets_a_dpop_challenge(client, company):
+    """RFC 9449 §7.1: whatever is wrong with the token, a request made with the DPoP scheme
+    is answered with the DPoP challenge a DPoP client reads; a Bearer one with Bearer's."""
+    app = await new_app(client, company)
+    token = await bound_cc_token(client, app)
+    revoked = await client.post(
+        "/oauth/revoke",
+        data={"token": token},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert revoked.status == 200
+    at = {"htm": "GET", "path": "/api/v1/whoami"}
+    for sent in (token, "abc", "tgat_" + "A" * 43):  # revoked, malformed, unknown
+        answer = await whoami(client, sent, proof(client, token=sent, **at))
+        assert answer.status == 401, sent
+        challenge = answer.headers["WWW-Authenticate"]
+        assert challenge.startswith('DPoP algs="'), challenge
+        assert 'error="invalid_token"' in challenge
+        as_bearer = await whoami(client, sent, scheme="Bearer")
+        assert as_bearer.headers["WWW-Authenticate"].startswith("Bearer "), sent
