@@ -330,6 +330,8 @@ def _same_key(bound: str, presented: str) -> None:
     only with a proof by that key, and its new access token is bound to it too. A grant
     that is not bound may be refreshed with a proof: its new access token is bound, and a
     public client's grant with it (`binds_grant`)."""
+    if bound and not presented:
+        raise InvalidDpopProof("this grant is bound to a DPoP key; send a DPoP proof signed by it")
     if bound and not hmac.compare_digest(bound, presented):
         raise InvalidDpopProof("this grant is bound to another DPoP key; sign the proof with it")
 

@@ -148,9 +148,11 @@ async def test_an_authorization_code_grant_stays_bound_through_refresh(client, c
     missing = await refresh(client, app, first["refresh_token"])
     assert missing.status == 400
     assert (await missing.json())["error"] == "invalid_dpop_proof"
+    assert "send a DPoP proof" in (await missing.json())["error_description"]
     other = await refresh(client, app, first["refresh_token"], proof(client, OTHER))
     assert other.status == 400
     assert (await other.json())["error"] == "invalid_dpop_proof"
+    assert "another DPoP key" in (await other.json())["error_description"]
     renewed = await refresh(client, app, first["refresh_token"], proof(client))
     assert renewed.status == 200, await renewed.text()
     second = await renewed.json()
