@@ -31,7 +31,7 @@ from service.settings import Settings
 from service.storage.database import apply_schema, create_pool, resolve_dsn
 from service.storage.embedded import EmbeddedPostgres, Supervisor
 from service.web.ops import DATABASE_WATCH
-from service.web.server import dashboard_url, listen_url
+from service.web.server import dashboard_url, issuer_guessed, listen_url
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +98,7 @@ def serve_workers(settings: Settings, workers: int) -> int:
                 workers=workers,
                 projections="own process" if projections else "elsewhere",
             )
+            issuer_guessed(settings)
             return _watch(children, Supervisor(embedded) if embedded is not None else None)
         finally:
             for child in children:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import os
 import re
 import resource
@@ -290,6 +291,25 @@ def listen_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
+def issuer_guessed(settings: Settings) -> None:
+    """Without PUBLIC_URL the issuer is the listening address (`Settings.issuer`): right for
+    a loopback service, wrong for one that others reach (0.0.0.0 publishes "localhost"), whose
+    clients read the issuer and every endpoint from the metadata (RFC 8414) and check `iss`
+    (RFC 9207). Said once at start, as a warning."""
+    if settings.public_url:
+        return
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if not loopback:
+        log.warning(
+            "service.issuer_from_listen_address", issuer=settings.issuer, host=settings.host,
+            detail="set PUBLIC_URL to the address clients use: the metadata, iss and the "
+            "DPoP htu are built from the issuer",
+        )  # fmt: skip
+
+
 def dashboard_url(settings: Settings) -> str:
     # The issuer is where browsers reach the service (PUBLIC_URL, or localhost for 0.0.0.0).
     return f"{settings.issuer.rstrip('/')}/dashboard"
@@ -377,3 +397,4 @@ def _started(settings: Settings, *, worker: bool) -> None:
         log.info("service.worker_started", pid=os.getpid(), **fields)
     else:
         log.info("service.started", **fields)
+        issuer_guessed(settings)
