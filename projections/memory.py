@@ -280,6 +280,7 @@ class PolicyModel:
             tuple(e.permissions),
             e.code_challenge,
             e.expires_at,
+            dpop_jkt=e.dpop_jkt,
         )
 
     def _code_redeemed(self, e: ev.AuthorizationCodeRedeemed, _r: RecordedEvent) -> None:

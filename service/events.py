@@ -199,6 +199,9 @@ class AuthorizationCodeIssued(Event, frozen=True):
     permissions: list[str]
     code_challenge: str | None
     expires_at: int  # unix seconds
+    #: the DPoP key the client bound the code to (RFC 9449 §10, `dpop_jkt`): redeemed only
+    #: with a proof by that key
+    dpop_jkt: str | None = None
 
 
 class AuthorizationCodeRedeemed(Event, frozen=True):

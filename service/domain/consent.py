@@ -70,6 +70,7 @@ def approve(
     *,
     role: str,
     stream_version: int | None = None,
+    dpop_jkt: str | None = None,
 ) -> Consent:
     """`connection`: the company's connection as the caller's model holds it;
     `stream_version`: the connection stream's version that model reflects (None: record
@@ -89,6 +90,7 @@ def approve(
         permissions=permissions,
         code_challenge=code_challenge,
         expires_at=now + CODE_TTL,
+        dpop_jkt=dpop_jkt,
     )
     code = Record(streams.code(code_hash), 0, (issued,))
     alone = None

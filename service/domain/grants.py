@@ -193,6 +193,9 @@ def redeem_code(
     if redirect_uri != code.redirect_uri:
         raise InvalidGrant("redirect_uri does not match the one of the authorization request")
     _check_pkce(code.code_challenge, verifier)
+    if code.dpop_jkt is not None and not hmac.compare_digest(code.dpop_jkt, jkt):
+        # RFC 9449 §10: checked before the code is spent, like the verifier
+        raise InvalidGrant("this code is bound to a DPoP key (dpop_jkt): send a proof signed by it")
     if connection is None:
         raise InvalidGrant("the connection behind this code was revoked")
     # Consent that was given, less what the application or the connection lost since.

@@ -84,6 +84,7 @@ class CodeState(msgspec.Struct, gc=False):
     code_challenge: str | None
     expires_at: int
     redeemed: bool = False
+    dpop_jkt: str | None = None  # RFC 9449 §10
 
 
 def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:

@@ -33,7 +33,9 @@ routes = web.RouteTableDef()
 LOGIN_CSRF_COOKIE = "tg_login_csrf"
 _CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _CONSENT_ATTEMPTS = 5
-_PASSED = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method")
+_THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")  # a SHA-256 JWK thumbprint (RFC 7638)
+_PASSED = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method",
+           "dpop_jkt")  # fmt: skip
 
 
 class PageError(Exception):
@@ -52,6 +54,7 @@ class AuthorizationRequest:
     state: str | None
     permissions: list[str]
     code_challenge: str | None
+    dpop_jkt: str | None = None  # RFC 9449 §10: the code is bound to that DPoP key
 
     def fields(self) -> dict[str, str]:
         fields = {"client_id": self.app.client_id, "redirect_uri": self.redirect_uri,
@@ -61,6 +64,8 @@ class AuthorizationRequest:
         if self.code_challenge is not None:
             fields["code_challenge"] = self.code_challenge
             fields["code_challenge_method"] = "S256"
+        if self.dpop_jkt is not None:
+            fields["dpop_jkt"] = self.dpop_jkt
         return fields
 
 
@@ -122,6 +127,10 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
             raise _redirect_error(redirect_uri, state, "code_challenge_method must be S256", iss)
         if not _CHALLENGE.match(challenge):
             raise _redirect_error(redirect_uri, state, "malformed code_challenge", iss)
+    dpop_jkt = params.get("dpop_jkt")
+    if dpop_jkt is not None and not _THUMBPRINT.match(dpop_jkt):
+        message = "dpop_jkt must be a JWK SHA-256 thumbprint, base64url (RFC 9449 §10)"
+        raise _redirect_error(redirect_uri, state, message, iss)
     try:
         permissions = grant_rules.scope_from(params.get("scope"), app.permissions, app.permissions)
     except TollgateError as exc:
@@ -130,7 +139,7 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
             {"error": "invalid_scope", "error_description": exc.description, "state": state},
             iss,
         ) from None
-    return AuthorizationRequest(app, redirect_uri, state, permissions, challenge)
+    return AuthorizationRequest(app, redirect_uri, state, permissions, challenge, dpop_jkt)
 
 
 def _redirect_error(uri: str, state: str | None, description: str, iss: str) -> web.HTTPFound:
@@ -350,7 +359,7 @@ async def _record_consent(
             app, user.company_id, user.user_id, auth_request.permissions,
             auth_request.redirect_uri, auth_request.code_challenge, code_hash, connection,
             int(time.time()), role=user.role,
-            stream_version=logged,
+            stream_version=logged, dpop_jkt=auth_request.dpop_jkt,
         )  # fmt: skip
         try:
             if given.code_alone is not None:

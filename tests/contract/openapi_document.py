@@ -500,7 +500,7 @@ def page_paths() -> Json:
     }
     several = "the password opens the address's accounts at several companies"
     authorize = ("client_id", "redirect_uri", "response_type", "scope", "state",
-                 "code_challenge", "code_challenge_method")  # fmt: skip
+                 "code_challenge", "code_challenge_method", "dpop_jkt")  # fmt: skip
     query = [{"name": n, "in": "query", "required": False, "schema": STRING} for n in authorize]
     home = {HTML: {"schema": STRING}, JSON: {"schema": ref("Home")}}
     back = redirect("an error, to a signed-in user's application")

@@ -624,3 +624,48 @@ async def test_a_dpop_request_with_a_bad_token_gets_a_dpop_challenge(client, com
         assert 'error="invalid_token"' in challenge
         as_bearer = await whoami(client, sent, scheme="Bearer")
         assert as_bearer.headers["WWW-Authenticate"].startswith("Bearer "), sent
+
+
+async def test_a_code_bound_with_dpop_jkt_is_redeemed_only_with_that_key(client, company, db):
+    """RFC 9449 §10: the client names its key in the authorization request; the code is
+    then redeemed only with a proof by that key, and a refused redemption spends nothing."""
+    app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    code = await code_for(client, company, app, dpop_jkt=KEY.thumbprint())
+    [issued] = await db.pool.fetch(
+        "SELECT payload FROM events WHERE type = 'AuthorizationCodeIssued'"
+    )
+    assert json.loads(issued["payload"])["dpop_jkt"] == KEY.thumbprint()
+
+    async def redeem(dpop: str | None):
+        headers = basic(app["client_id"], app["client_secret"])
+        if dpop is not None:
+            headers["DPoP"] = dpop
+        form = {"grant_type": "authorization_code", "code": code,
+                "redirect_uri": app["redirect_uri"]}  # fmt: skip
+        return await client.post("/oauth/token", data=form, headers=headers)
+
+    for refused in (None, proof(client, OTHER)):
+        answer = await redeem(refused)
+        assert answer.status == 400
+        body = await answer.json()
+        assert body["error"] == "invalid_grant"
+        assert "dpop_jkt" in body["error_description"]
+    redeemed = await redeem(proof(client))
+    assert redeemed.status == 200, await redeemed.text()
+    assert (await redeemed.json())["token_type"] == "DPoP"
+    assert await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'") == 0
+
+
+async def test_a_malformed_dpop_jkt_is_sent_back_to_the_client(client, company):
+    from urllib.parse import parse_qs, urlsplit
+
+    from tests.e2e.oauth_helpers import authorize_url, sign_in
+
+    app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    url = authorize_url(app, dpop_jkt="not a thumbprint")
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    response = await client.get(url, allow_redirects=False)
+    assert response.status == 302
+    query = parse_qs(urlsplit(response.headers["Location"]).query)
+    assert query["error"] == ["invalid_request"]
+    assert "dpop_jkt" in query["error_description"][0]
