@@ -50,6 +50,9 @@ class Settings:
     smtp_ca_file: Path | None = None  # trusted on top of the system's CAs
     trusted_proxies: tuple[IPNetwork, ...] = ()
     upstream_url: str | None = None
+    # the most a request body sent through the gateway may hold: read whole before the
+    # upstream is asked (see service/web/gateway.py)
+    gateway_max_body: int = 1024 * 1024
     public_url: str | None = None  # the issuer (RFC 8414); unset: the address served on
     permissions_file: Path | None = None
     routes_file: Path | None = None
@@ -220,6 +223,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
             lambda e: _networks(e.get("TRUSTED_PROXIES", ""), "TRUSTED_PROXIES"), ()
         ),
         upstream_url=r.checked(lambda e: _http_url(e, "UPSTREAM_URL"), None),
+        gateway_max_body=r.number("GATEWAY_MAX_BODY", 1024 * 1024, 0, 1024**3),
         public_url=r.checked(lambda e: _http_url(e, "PUBLIC_URL", public=True), None),
         permissions_file=_path(env, "PERMISSIONS_FILE"),
         routes_file=_path(env, "ROUTES_FILE"),

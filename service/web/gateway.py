@@ -4,14 +4,18 @@ headers naming the company, client and permissions."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
+import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from service.domain.dpop import NONCE_HEADER
 from service.domain.policy import Allowed
@@ -20,10 +24,16 @@ from service.errors import InvalidRequest, TollgateError
 from service.oauth import credentials as authorization
 from service.oauth.dpop import Presented
 from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
+from service.settings import Settings
+from service.web.bodies import read_body
 from service.web.client_ip import peer_trusted
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
+
+#: every cookie Tollgate sets is named tg_...: none of them is the upstream's to see
+TOLLGATE_COOKIES = "tg_"
 
 IDENTITY_HEADERS = ("X-Tollgate-Company", "X-Tollgate-Client", "X-Tollgate-Permissions")
 #: What the upstream gets from Tollgate alone: the credentials stay here, the identity is
@@ -225,25 +235,12 @@ async def _proxy(
     settings = request.app[SETTINGS]
     assert settings.upstream_url is not None
     target = settings.upstream_url.rstrip("/") + request.rel_url.raw_path_qs
-    hop = _hop_by_hop(request.headers)
-    proxied = peer_trusted(request, settings.trusted_proxies)
-    headers = {}
-    for key, value in request.headers.items():
-        name = key.lower()
-        dashed = name.replace("_", "-")
-        if name in hop or dashed in NOT_FORWARDED:
-            continue
-        if dashed in PROXY_CONTEXT and not (proxied and name == dashed):
-            continue
-        headers[key] = value
-    if not proxied:
-        headers["X-Forwarded-Host"] = request.host
-        headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Tollgate-Company"] = allowed.token.company_id
-    headers["X-Tollgate-Client"] = allowed.token.client_id
-    headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
-    headers["X-Forwarded-For"] = ip  # as Tollgate decided it, trusted proxies honoured
-    body = request.content if request.body_exists else None
+    # The body is read whole before the upstream is asked (as nginx buffers it): a client
+    # sending it a byte at a time holds none of the upstream's connections, one that
+    # cannot send it is answered here, and what aiohttp decoded (Content-Encoding) is
+    # sent decoded, and bounded.
+    body = await read_body(request, settings.gateway_max_body) if request.body_exists else None
+    headers = _forwarded_headers(request, settings, allowed, ip)
     try:
         async with session.request(
             request.method, target, headers=headers, data=body, allow_redirects=False
@@ -256,10 +253,88 @@ async def _proxy(
             response.headers.update(nonce)  # Tollgate's, whatever the upstream said
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
+            elif request.version < aiohttp.HttpVersion11:
+                response.force_close()  # HTTP/1.0 without a length: the close ends the body
             await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(64 * 1024):
-                await response.write(chunk)
-            await response.write_eof()
+            await _relay(request, upstream, response, settings.body_timeout)
             return response
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise BadGateway(f"the upstream API did not answer: {type(exc).__name__}") from None
+
+
+def _forwarded_headers(
+    request: web.Request, settings: Settings, allowed: Allowed, ip: str
+) -> CIMultiDict[str]:
+    """The caller's header fields, each line of a repeated one kept (RFC 9110 §5.3), less
+    what ends here or is Tollgate's to say, and what Tollgate says."""
+    hop = _hop_by_hop(request.headers)
+    proxied = peer_trusted(request, settings.trusted_proxies)
+    decoded = _decoded_encoding(request)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for key, value in request.headers.items():
+        name = key.lower()
+        dashed = name.replace("_", "-")
+        if name in hop or dashed in NOT_FORWARDED or (decoded and name == "content-encoding"):
+            continue  # the body goes as read: decoded, its length aiohttp's to set
+        if dashed in PROXY_CONTEXT and not (proxied and name == dashed):
+            continue
+        if name == "cookie":
+            value = _without_tollgate_cookies(value)
+            if not value:
+                continue
+        headers.add(key, value)
+    if not proxied:  # what Tollgate knows of itself: its issuer, never the caller's Host
+        public = urlsplit(settings.issuer)
+        headers["X-Forwarded-Host"] = public.netloc
+        headers["X-Forwarded-Proto"] = public.scheme
+    headers["X-Tollgate-Company"] = allowed.token.company_id
+    headers["X-Tollgate-Client"] = allowed.token.client_id
+    headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
+    headers["X-Forwarded-For"] = ip  # as Tollgate decided it, trusted proxies honoured
+    return headers
+
+
+#: the codings aiohttp decodes as it reads a request's body (its parser, `auto_decompress`)
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
+def _decoded_encoding(request: web.Request) -> bool:
+    """Whether the body was read decoded: its one Content-Encoding is one aiohttp decodes.
+    Two lines are refused: aiohttp's parsers each read another of them."""
+    given = request.headers.getall("Content-Encoding", [])
+    if len(given) > 1:
+        raise InvalidRequest("Content-Encoding is given more than once")
+    return bool(given) and given[0].isascii() and given[0].lower() in _DECODED
+
+
+def _without_tollgate_cookies(value: str) -> str:
+    """A Cookie line without Tollgate's own cookies (its session, its forms' tokens): a
+    browser signed in to the dashboard sends them on every request to this host, and the
+    upstream is not to hold a credential of Tollgate's."""
+    kept = [c for c in value.split(";") if not c.strip().startswith(TOLLGATE_COOKIES)]
+    return ";".join(kept).strip()
+
+
+async def _relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    write_timeout: float,
+) -> None:
+    """The upstream's body to the client. Once the status line is out no other answer can
+    follow: if the upstream breaks off, or the client stops reading for `write_timeout`,
+    the connection is closed unfinished, which tells the client the body is incomplete
+    (RFC 9112 §8), and the upstream's connection is let go."""
+    try:
+        async for chunk in upstream.content.iter_chunked(64 * 1024):
+            async with asyncio.timeout(write_timeout):
+                await response.write(chunk)
+        await response.write_eof()
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+        log.warning(
+            "gateway.response_cut", path=request.path, status=response.status,
+            error=type(exc).__name__,
+        )  # fmt: skip
+        response.force_close()
+        if request.transport is not None:
+            request.transport.close()

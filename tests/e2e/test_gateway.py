@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import json
 import socket
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -356,7 +357,9 @@ async def test_the_upstream_gets_the_request_context_tollgate_believes(db, setti
         company = await make_company(client)
         app = await new_app(client, company, ip_allowlist=["127.0.0.1"])
         token = (await cc_token(client, app))["access_token"]
-        response = await client.get("/api/v1/invoices", headers=bearer(token) | FORGED_CONTEXT)
+        response = await client.get(
+            "/api/v1/invoices", headers=bearer(token) | FORGED_CONTEXT | {"Host": "evil.example"}
+        )
         assert response.status == 200
         as_cgi_reads: dict[str, list[str]] = {}
         for name, value in seen["headers"]:
@@ -367,8 +370,10 @@ async def test_the_upstream_gets_the_request_context_tollgate_believes(db, setti
             assert as_cgi_reads["X_FORWARDED_PREFIX"] == ["/evil"]
             assert as_cgi_reads["FRONT_END_HTTPS"] == ["on"]
         else:
-            assert as_cgi_reads["X_FORWARDED_HOST"] == [f"127.0.0.1:{client.port}"]
-            assert as_cgi_reads["X_FORWARDED_PROTO"] == ["http"]
+            # the issuer's, never the Host the caller wrote
+            issuer = urlsplit(client.app[CONTEXT].settings.issuer)
+            assert as_cgi_reads["X_FORWARDED_HOST"] == [issuer.netloc]
+            assert as_cgi_reads["X_FORWARDED_PROTO"] == [issuer.scheme]
             for name in ("X_FORWARDED_PORT", "X_FORWARDED_PREFIX", "FRONT_END_HTTPS"):
                 assert name not in as_cgi_reads, seen["headers"]
     finally:

@@ -1,0 +1,199 @@
+"""What the gateway relays, as a proxy in front of an API must: every line of a repeated
+field, none of Tollgate's cookies, the body read whole (decoded, bounded, with its length),
+none of aiohttp's own request fields; and an upstream that breaks off after its status
+line leaves the client's connection closed unfinished, never a second answer inside the
+first."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from tests.conftest import make_company
+from tests.e2e.oauth_helpers import cc_token, new_app
+from tests.e2e.test_gateway import bearer, start
+
+#: a bound on a hang, not a performance claim
+WAIT = 20
+
+
+@asynccontextmanager
+async def gateway_to(db, settings, upstream_url: str, **overrides):
+    client = await start(db, settings, upstream_url=upstream_url, **overrides)
+    try:
+        company = await make_company(client)
+        app = await new_app(client, company, permissions=["invoices:read", "invoices:write"])
+        token = (await cc_token(client, app))["access_token"]
+        yield client, token
+    finally:
+        await client.close()
+
+
+@asynccontextmanager
+async def echo_upstream():
+    seen: list[web.Request] = []
+    bodies: list[bytes] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append(request)
+        bodies.append(await request.read())
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), seen, bodies
+    finally:
+        await server.close()
+
+
+async def test_repeated_fields_pass_whole_and_tollgates_cookies_stay(db, settings):
+    async with echo_upstream() as (url, seen, _), gateway_to(db, settings, url) as (client, token):
+        headers = CIMultiDict(bearer(token))
+        headers.add("X-Multi", "one")
+        headers.add("X-Multi", "two")
+        headers.add("Cookie", "tg_session=s3ss10n; app=1")
+        headers.add("Cookie", "tg_login_csrf=x")
+        headers.add("Cookie", "theme=dark; tg_dashboard_once=y")
+        response = await client.get("/api/v1/invoices", headers=headers)
+        assert response.status == 200
+        [request] = seen
+        assert request.headers.getall("X-Multi") == ["one", "two"]
+        assert request.headers.getall("Cookie") == ["app=1", "theme=dark"]
+
+
+async def test_the_body_is_read_whole_decoded_and_sent_with_its_length(db, settings):
+    payload = b'{"hello": "world"}' * 1000
+    async with (
+        echo_upstream() as (url, seen, bodies),
+        gateway_to(db, settings, url) as (
+            client,
+            token,
+        ),
+    ):
+
+        async def in_pieces():
+            for start in range(0, len(payload), 1000):
+                yield payload[start : start + 1000]
+                await asyncio.sleep(0)
+
+        response = await client.post(
+            "/api/v1/invoices", data=in_pieces(), headers=bearer(token),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )  # fmt: skip
+        assert response.status == 200
+        zipped = gzip.compress(payload)
+        response = await client.post(
+            "/api/v1/invoices", data=zipped,
+            headers=bearer(token) | {"Content-Encoding": "gzip",
+                                     "Content-Type": "application/json"},
+        )  # fmt: skip
+        assert response.status == 200
+        chunked, decoded = seen
+        assert bodies == [payload, payload]
+        assert chunked.headers["Content-Length"] == str(len(payload))
+        assert "Transfer-Encoding" not in chunked.headers
+        for field in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type"):
+            assert field not in chunked.headers, field  # none of aiohttp's own
+        assert "Content-Encoding" not in decoded.headers  # sent decoded, said so
+        assert decoded.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b"not gzip at all", {"Content-Encoding": "gzip"}, 400),
+        (b"x" * 5000, {}, 413),
+        (gzip.compress(b"x" * 50_000), {"Content-Encoding": "gzip"}, 413),  # a small bomb
+    ],
+    ids=["corrupt-gzip", "too-large", "too-large-decoded"],
+)
+async def test_a_body_the_gateway_cannot_take_never_reaches_the_upstream(
+    db, settings, body, headers, status
+):
+    async with (
+        echo_upstream() as (url, seen, _),
+        gateway_to(db, settings, url, gateway_max_body=4096) as (client, token),
+    ):
+        response = await client.post("/api/v1/invoices", data=body, headers=bearer(token) | headers)
+        assert response.status == status, await response.text()
+        assert (await response.json())["error"] in ("invalid_request", "request_too_large")
+        assert seen == []
+
+
+async def _raw_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
+    """An upstream that reads a request's head, writes `answer` and closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Everything the server sends on one connection until it closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        received = b""
+        while piece := sock.recv(65536):
+            received += piece
+    return received
+
+
+async def test_an_upstream_that_breaks_off_leaves_the_answer_unfinished(db, settings):
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: text/plain\r\n\r\nonly ten.\n"
+    server, url = await _raw_upstream(cut)
+    try:
+        async with gateway_to(db, settings, url) as (client, token):
+            request = (
+                f"GET /api/v1/invoices HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
+                f"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+            ).encode()
+            received = await asyncio.to_thread(_exchange, client.port, request)
+    finally:
+        server.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == b"only ten.\n"  # short of its length, and the connection closed
+    assert b"HTTP/1.1 502" not in received
+    assert b"HTTP/1.1 200 OK\r\n" not in body  # the second request was never answered
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nall of it",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"9\r\nall of it\r\n0\r\n\r\n",
+    ],
+    ids=["until-close", "chunked"],
+)
+async def test_an_http_1_0_answer_without_a_length_ends_with_the_connection(db, settings, answer):
+    server, url = await _raw_upstream(answer)
+    try:
+        async with gateway_to(db, settings, url) as (client, token):
+            request = (
+                f"GET /api/v1/invoices HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n"
+            ).encode()
+            received = await asyncio.wait_for(
+                asyncio.to_thread(_exchange, client.port, request), WAIT
+            )
+    finally:
+        server.close()
+    assert received.startswith(b"HTTP/1.0 200") or received.startswith(b"HTTP/1.1 200")
+    assert received.endswith(b"all of it")
