@@ -302,10 +302,17 @@ class IpViolationDetected(Event, frozen=True):
 
 
 class ViolationNotificationSent(Event, frozen=True):
+    """The email went to `recipients`. A server may take it for some recipients and not
+    others: `refused` said no for good (5xx, or a mailbox it cannot take), `pending` said
+    not now (4xx): those get it alone, later, and a later event on the same stream says
+    how that went. The email is settled once an event on its stream leaves none pending."""
+
     company_id: str
     client_id: str
     violation_position: int
     recipients: list[str]
+    refused: list[str] = []
+    pending: list[str] = []
 
 
 class ViolationNotificationFailed(Event, frozen=True):

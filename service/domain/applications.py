@@ -119,9 +119,25 @@ def notification_emails(values: Sequence[str]) -> list[str]:
     cleaned = []
     for value in values:
         try:
-            cleaned.append(validate_email(value, check_deliverability=False).normalized)
+            address = validate_email(value, check_deliverability=False)
         except EmailNotValidError as exc:
             raise FieldError("notification_emails", f"{value!r}: {exc}") from None
+        if address.ascii_email is None:
+            # An IDN domain has an ASCII form (xn--), a local part in other scripts none:
+            # only a server that speaks SMTPUTF8 (RFC 6531) takes it, and an alert that
+            # most relays refuse is no alert.
+            raise FieldError(
+                "notification_emails",
+                f"{value!r}: the part before the @ must be ASCII (few mail servers deliver "
+                "to others)",
+            )
+        if "=?" in address.local_part:
+            raise FieldError(
+                "notification_emails",
+                f"{value!r}: the part before the @ must not hold '=?', which mail programs "
+                "read as an encoded word (RFC 2047)",
+            )
+        cleaned.append(address.normalized)
     return list(dict.fromkeys(cleaned))
 
 

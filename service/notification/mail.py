@@ -13,11 +13,13 @@ import ssl
 import textwrap
 import unicodedata
 from datetime import UTC, datetime
+from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
 import msgspec
+from email_validator import EmailNotValidError, validate_email
 
 from service.events import IpViolationDetected
 from service.notification.coalesced import Earlier
@@ -64,6 +66,10 @@ def build_message(
     previous email about this application and address, which this one covers too;
     `window`: VIOLATION_WINDOW, said where later attempts will be counted, not mailed."""
     name = _one_line(app_name) if app_name else "(deleted application)"
+    # In a header, "=?...?=" is an encoded word: Python's email package decodes one in a
+    # value it is given (and a name could carry CR LF that way), and every mail program
+    # decodes it on display. A word joiner after "=" keeps the name as it was typed.
+    shown = name.replace("=?", "=\u2060?")
     # The address was checked on the way in, but the log also holds events written before a
     # check existed: nothing from an event reaches a header unfiltered.
     violation = msgspec.structs.replace(
@@ -76,11 +82,11 @@ def build_message(
     message = EmailMessage()
     attempts = 1 + (earlier.count if earlier is not None else 0)
     message["Subject"] = (
-        f'Tollgate security alert: "{name}" used from {violation.ip}, outside its IP allow list'
+        f'Tollgate security alert: "{shown}" used from {violation.ip}, outside its IP allow list'
         + (f" ({attempts} attempts)" if attempts > 1 else "")
     )
     message["From"] = mail_from
-    message["To"] = ", ".join(recipients)
+    message["To"] = _to(recipients)
     message["Date"] = email.utils.format_datetime(now or datetime.now(UTC))
     message["Message-ID"] = message_id(position, violation.client_id, mail_from)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
@@ -174,6 +180,33 @@ def message_id(position: int, client_id: str, mail_from: str) -> str:
     # A digest of the client_id keeps the header short enough not to be folded.
     client = hashlib.sha256(client_id.encode()).hexdigest()[:16]
     return f"<violation-{position}.{client}@{domain}>"
+
+
+def smtp_address(address: str) -> str | None:
+    """The form an address travels in over SMTP: its domain in ASCII (xn--, RFC 5890);
+    None when its local part is not ASCII, which only an SMTPUTF8 server (RFC 6531) takes.
+    Addresses recorded before either was checked are taken as they are when ASCII."""
+    try:
+        return validate_email(address, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        return address if address.isascii() else None
+
+
+def _to(recipients: list[str]) -> str | list[Address]:
+    """The To field: each recipient as an address object, so that no value is parsed as
+    header text (where "=?...?=" would be decoded); one that cannot be written as an
+    address (recorded before addresses were checked) is left out of it, not of the
+    envelope."""
+    shown = []
+    for recipient in recipients:
+        local, _, domain = recipient.rpartition("@")
+        if "=?" in recipient or not local:
+            continue
+        try:
+            shown.append(Address(username=local, domain=domain))
+        except (ValueError, IndexError, TypeError):
+            continue
+    return shown or "undisclosed-recipients:;"
 
 
 def _one_line(text: str) -> str:

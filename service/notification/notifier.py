@@ -51,8 +51,9 @@ import asyncio
 import contextlib
 import email.policy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import aiosmtplib
 import structlog
 
 from projections.memory import AppState, PolicyModel
@@ -75,6 +76,7 @@ from service.notification.mail import (
     login_secrets,
     permanent,
     server_side,
+    smtp_address,
     smtp_send,
     tls_failed,
     write_eml,
@@ -125,6 +127,20 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         return float(min(self.cap, self.base * 2 ** min(max(failures - 1, 0), 40)))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What one attempt's server said, recipient by recipient."""
+
+    accepted: list[str]
+    refused: list[str] = field(default_factory=list)  # for good
+    later: list[str] = field(default_factory=list)  # for now: 4xx
+
+
+class PartlyRefused(Exception):
+    """Some recipients were told "not now" (4xx) while others took the email: those are
+    retried alone, like any email that failed."""
 
 
 @dataclass
@@ -324,7 +340,8 @@ class Notifier:
         assert isinstance(violation, IpViolationDetected)
         position = recorded.position
         await self._confirm_lock()
-        if await self.ctx.eventlog.stream_version(notification_stream(position)):
+        version, owed = await self._outcome(position)
+        if version and not owed:
             log.info("notifier.already_recorded", position=position)
             self._pending.pop(position, None)
             return
@@ -333,14 +350,30 @@ class Notifier:
         app = await self._app_when(violation.client_id, position)
         earlier = await earlier_attempts(self.ctx.pool, violation, position)
         try:
-            recipients = await self._send(recorded, violation, app, earlier)
+            delivery = await self._send(recorded, violation, app, earlier, only=owed)
         except Exception as exc:
             await self._failed(recorded, violation, exc)
             return
-        await self._record_sent(position, violation, recipients)
-        self._pending.pop(position, None)
-        if recipients:  # else no server was asked: that says nothing about it
+        if not await self._record_sent(position, violation, delivery, version):
+            self._pending.pop(position, None)  # recorded elsewhere
+            return
+        if delivery.accepted:  # else no server took it: that says nothing about it
             self._server_is_back()
+        if delivery.later:
+            said = ", ".join(delivery.later)
+            await self._failed(recorded, violation, PartlyRefused(f"not now (4xx) for {said}"))
+        else:
+            self._pending.pop(position, None)
+
+    async def _outcome(self, position: int) -> tuple[int, list[str] | None]:
+        """The notification stream's version, and the recipients its last event leaves
+        owed (None: nothing recorded yet, so all of them; []: settled)."""
+        recorded = await self.ctx.eventlog.read_stream(notification_stream(position))
+        if not recorded:
+            return 0, None
+        last = recorded[-1].event
+        owed = list(last.pending) if isinstance(last, ViolationNotificationSent) else []
+        return recorded[-1].version, owed
 
     async def _app_when(self, client_id: str, position: int) -> AppState | None:
         """The application as it was when the violation at `position` was recorded: the
@@ -417,12 +450,63 @@ class Notifier:
         violation: IpViolationDetected,
         app: AppState | None,
         earlier: Earlier | None = None,
-    ) -> list[str]:
-        """Send (or drop as a file) the email; return the recipients that accepted it."""
+        *,
+        only: list[str] | None = None,
+    ) -> Delivery:
+        """Send (or drop as a file) the email to the application's addresses, or `only`
+        those still owed it; say what became of each."""
         recipients = list(dict.fromkeys(app.notification_emails)) if app is not None else []
+        if only is not None:
+            recipients = [r for r in recipients if r in only] or list(only)
         if not recipients:
             log.info("notifier.no_recipients", position=recorded.position)
-            return []
+            return Delivery([])
+        # Over SMTP each address goes in its ASCII form (an IDN domain as xn--); one whose
+        # local part is not ASCII needs SMTPUTF8, and goes in a transaction of its own, so
+        # that a server without it does not hold back the others' email.
+        forms = {r: smtp_address(r) for r in recipients}
+        plain = [r for r in recipients if forms[r] is not None]
+        wide = [r for r in recipients if forms[r] is None]
+        settings = self.ctx.settings
+        if not settings.smtp_host or not wide:
+            return await self._send_to(recorded, violation, app, earlier, plain + wide, forms)
+        delivery = await self._send_to(recorded, violation, app, earlier, plain, forms)
+        try:
+            wider = await self._send_to(recorded, violation, app, earlier, wide, forms)
+        except aiosmtplib.SMTPNotSupported as exc:
+            log.warning("notifier.recipients_refused", position=recorded.position,
+                        refused=dict.fromkeys(wide, "SMTPUTF8"), error=str(exc))  # fmt: skip
+            wider = Delivery([], refused=wide)
+        except aiosmtplib.SMTPRecipientsRefused as exc:  # every one of them
+            codes = {r.recipient: r.code for r in exc.recipients}
+            log.warning("notifier.recipients_refused", position=recorded.position,
+                        refused=codes)  # fmt: skip
+            later = [r for r in wide if 400 <= codes.get(r, 450) < 500]
+            wider = Delivery([], refused=[r for r in wide if r not in later], later=later)
+        except Exception as exc:
+            if not delivery.accepted:
+                raise
+            log.warning("notifier.send_failed", position=recorded.position,
+                        recipients=len(wide), error=self._describe(exc))  # fmt: skip
+            wider = Delivery([], later=wide)
+        return Delivery(
+            delivery.accepted + wider.accepted,
+            delivery.refused + wider.refused,
+            delivery.later + wider.later,
+        )
+
+    async def _send_to(
+        self,
+        recorded: RecordedEvent,
+        violation: IpViolationDetected,
+        app: AppState | None,
+        earlier: Earlier | None,
+        recipients: list[str],
+        forms: dict[str, str | None],
+    ) -> Delivery:
+        if not recipients:
+            return Delivery([])
+        by_form = {forms[r] or r: r for r in recipients}
         settings = self.ctx.settings
         try:
             message = build_message(
@@ -430,7 +514,7 @@ class Notifier:
                 violation=violation,
                 app_name=app.name if app is not None else None,
                 recorded_at=recorded.recorded_at,
-                recipients=recipients,
+                recipients=list(by_form),
                 mail_from=settings.mail_from,
                 earlier=earlier,
                 window=settings.violation_window,
@@ -438,43 +522,53 @@ class Notifier:
             message.as_bytes(policy=email.policy.SMTP)  # a header that cannot be encoded
         except (ValueError, TypeError, UnicodeError) as exc:
             raise Unsendable(describe(exc)) from exc
+        refused: dict[str, int] = {}
         if settings.smtp_host:
-            refused = await smtp_send(settings, message, recipients, self.smtp_timeout)
+            answers = await smtp_send(settings, message, list(by_form), self.smtp_timeout)
+            refused = {by_form.get(form, form): answer.code for form, answer in answers.items()}
             if refused:
-                # Some accepted it: retrying would mail them again; the rest stays logged.
+                # Some accepted it: each of the others is owed it alone (4xx) or never (5xx).
                 log.warning(
-                    "notifier.recipients_refused",
-                    position=recorded.position,
-                    refused={r: response.code for r, response in refused.items()},
+                    "notifier.recipients_refused", position=recorded.position, refused=refused
                 )
-            recipients = [r for r in recipients if r not in refused]
         else:
             await asyncio.to_thread(write_eml, settings, recorded.position, message)
+        accepted = [r for r in recipients if r not in refused]
         log.info(
             "notifier.sent",
             position=recorded.position,
             client_id=violation.client_id,
-            recipients=len(recipients),
+            recipients=len(accepted),
             transport="smtp" if settings.smtp_host else "file",
         )
-        return recipients
+        return Delivery(
+            accepted,
+            refused=[r for r, code in refused.items() if not 400 <= code < 500],
+            later=[r for r, code in refused.items() if 400 <= code < 500],
+        )
 
     async def _record_sent(
-        self, position: int, violation: IpViolationDetected, recipients: list[str]
-    ) -> None:
+        self, position: int, violation: IpViolationDetected, delivery: Delivery, version: int
+    ) -> bool:
+        """Appended after the stream's `version` (what this attempt found there): False
+        when another worker recorded first."""
         event = ViolationNotificationSent(
             company_id=violation.company_id,
             client_id=violation.client_id,
             violation_position=position,
-            recipients=recipients,
+            recipients=delivery.accepted,
+            refused=delivery.refused,
+            pending=delivery.later,
         )
         self.ctx.count("email_sent")
         try:
             await self.ctx.eventlog.append(
-                notification_stream(position), 0, [event], Metadata(causation=position)
+                notification_stream(position), version, [event], Metadata(causation=position)
             )
         except ConcurrencyError:
             log.info("notifier.recorded_elsewhere", position=position)
+            return False
+        return True
 
     async def _record_abandoned(
         self,
@@ -503,11 +597,12 @@ class Notifier:
             error=error,
             reason=reason,
         )
+        stream = notification_stream(position)
+        # After what is there: a Sent event that left recipients owed, if any.
+        version = await self.ctx.eventlog.stream_version(stream)
         try:
             # In the notification stream: it counts as handled, like a Sent event.
-            await self.ctx.eventlog.append(
-                notification_stream(position), 0, [event], Metadata(causation=position)
-            )
+            await self.ctx.eventlog.append(stream, version, [event], Metadata(causation=position))
         except ConcurrencyError:
             log.info("notifier.recorded_elsewhere", position=position)
 
@@ -583,6 +678,7 @@ class Notifier:
         head = await self.ctx.eventlog.head()
         failures: dict[int, list[tuple[float, ViolationNotificationFailed]]] = {}
         settled: set[int] = set()
+        owed: set[int] = set()  # sent to some, owed to others (whether or not a Failed follows)
         after = low
         while batch := await self.ctx.eventlog.read_all(
             after, self.batch_size, types=_OUTCOMES, until=head
@@ -592,12 +688,15 @@ class Notifier:
                 if isinstance(event, ViolationNotificationFailed):
                     at = recorded.recorded_at.timestamp()
                     failures.setdefault(event.violation_position, []).append((at, event))
+                elif isinstance(event, ViolationNotificationSent) and event.pending:
+                    settled.discard(event.violation_position)  # some are still owed it
+                    owed.add(event.violation_position)
                 elif isinstance(event, ViolationNotificationSent | ViolationNotificationAbandoned):
                     settled.add(event.violation_position)
             after = batch[-1].position
-        for position in sorted(failures.keys() - settled):
+        for position in sorted((failures.keys() | owed) - settled):
             if position > low:
-                await self._restore_one(position, failures[position])
+                await self._restore_one(position, failures.get(position, []))
 
     async def _restore_one(
         self, position: int, failures: list[tuple[float, ViolationNotificationFailed]]
@@ -607,12 +706,12 @@ class Notifier:
             log.error("notifier.violation_missing", position=position)
             return
         now = time.time()
-        last = failures[-1][1]
-        retry_at = now if last.retry_at is None else last.retry_at
+        last = failures[-1][1] if failures else None
+        retry_at = now if last is None or last.retry_at is None else last.retry_at
         self._pending[position] = Pending(
             found[0],
-            attempts=max(event.attempt for _, event in failures),
-            first_failed=failures[0][0],
+            attempts=max((event.attempt for _, event in failures), default=0),
+            first_failed=failures[0][0] if failures else now,
             # A NOTIFY_RETRY_MAX lowered since the failure applies at once.
             retry_at=min(retry_at, now + self.backoff.cap),
         )

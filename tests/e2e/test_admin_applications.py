@@ -108,6 +108,10 @@ async def test_create_records_who_when_and_from_where(client, company, db):
         (CC | {"permissions": []}, "permissions"),
         (CC | {"permissions": ["invoices:read", "nuclear:launch"]}, "permissions"),
         (CC | {"notification_emails": ["not-an-address"]}, "notification_emails"),
+        # a local part only an SMTPUTF8 server takes (RFC 6531), and one that mail
+        # programs would decode as an encoded word (RFC 2047)
+        (CC | {"notification_emails": ["jösé@acme.example"]}, "notification_emails"),
+        (CC | {"notification_emails": ["=?utf-8?q?x?=@acme.example"]}, "notification_emails"),
         (CC | {"name": ""}, "name"),
         (CC | {"name": "x" * 101}, "name"),
         (CC | {"grant_type": "password"}, "grant_type"),
@@ -142,6 +146,13 @@ async def test_addresses_are_validated_and_normalised(client, company):
         },
     )
     assert body["ip_allowlist"] == ["2001:db8::1", "192.0.2.9", "2001:db8:1::/48", "192.0.2.10"]
+
+
+async def test_a_notification_address_on_an_idn_domain_is_taken(client, company):
+    """Its domain has an ASCII form (xn--) any mail server takes; it is kept as typed."""
+    emails = ["ops@bücher.example", "ops@xn--bcher-kva.example", "ops+alerts@acme.example"]
+    body = await create(client, company, CC | {"notification_emails": emails})
+    assert body["notification_emails"] == ["ops@bücher.example", "ops+alerts@acme.example"]
 
 
 @pytest.mark.parametrize(
