@@ -66,6 +66,19 @@ def sign_in_address(typed: str) -> str:
         return typed.strip()
 
 
+def _as_logged(address: str) -> str:
+    """The address as the log and the throttle's table keep it: it says whose account is
+    under attack. Text that is no address at all is often a password typed into the wrong
+    field: kept as a digest, which still tells one such text from another."""
+    if "@" in address and " " not in address and len(address) <= MAX_LOGGED_EMAIL:
+        try:
+            directory.normalise_email(address)
+            return address
+        except FieldError:
+            pass
+    return "not-an-address:" + credentials.digest(address)[:16]
+
+
 async def matching_accounts(
     request: web.Request, email: str, password: str, company_id: str | None = None
 ) -> list[User]:
@@ -77,13 +90,12 @@ async def matching_accounts(
     email = sign_in_address(email)
     throttle = request.app[THROTTLE]
     ip = caller_ip(request)
-    keys = ((f"{email.lower()}|{ip}", throttle.limit), (f"{email.lower()}|*", 4 * throttle.limit))
+    who = _as_logged(email)
+    keys = ((f"{who.lower()}|{ip}", throttle.limit), (f"{who.lower()}|*", 4 * throttle.limit))
     # Counted as failed before the (slow) check, in one statement shared by every process,
     # so that a burst of concurrent attempts meets the limit as a sequence would; a success
     # takes its count back.
     attempt = await throttle.attempt(keys)
-    # The email says whose account is under attack; the password is never logged.
-    who = email[:MAX_LOGGED_EMAIL]
     if attempt.retry_after:
         log.warning(
             "security.sign_in_throttled", email=who, ip=ip, retry_after=round(attempt.retry_after)

@@ -318,6 +318,10 @@ async def test_security_events_are_warnings_naming_who_and_from_where(db, tmp_pa
             sign_in = {"email": c.admin_email, "password": wrong_password}
             async with http.post("/session", json=sign_in) as r:
                 assert r.status == 401
+            # a password typed into the address field, which is no address
+            misplaced = {"email": "Tr0ub4dor&3-MyRealPassw0rd", "password": "x"}
+            async with http.post("/session", json=misplaced) as r:
+                assert r.status == 401
     warnings = {e["event"]: e for e in running.events() if e["level"] == "warning"}
     violations = running.named("security.ip_violation")
     assert {(e["level"], e["ip"], e["endpoint"], e["token_revoked"]) for e in violations} == {
@@ -335,8 +339,9 @@ async def test_security_events_are_warnings_naming_who_and_from_where(db, tmp_pa
     assert warnings["security.client_secret_wrong"]["client_id"] == c.client_id
     assert warnings["security.client_secret_wrong"]["ip"] == "127.0.0.1"
     assert warnings["security.old_client_secret_used"]["client_id"] == c.client_id
-    failed = warnings["security.sign_in_failed"]
-    assert (failed["email"], failed["ip"]) == (c.admin_email, "127.0.0.1")
+    failed = running.named("security.sign_in_failed")
+    assert (failed[0]["email"], failed[0]["ip"]) == (c.admin_email, "127.0.0.1")
+    assert failed[1]["email"].startswith("not-an-address:")
     # request lines carry the caller's address as TRUSTED_PROXIES decides it
     requests = running.named("http.request")
     assert all("ip" in e for e in requests)
@@ -345,6 +350,9 @@ async def test_security_events_are_warnings_naming_who_and_from_where(db, tmp_pa
     assert_no_credential(c, log)
     assert not leaked(new_secret, log)
     assert wrong_password not in log
+    assert "Tr0ub4dor" not in log
+    stored = await db.pool.fetchval("SELECT string_agg(key, ' ') FROM sign_in_failures")
+    assert "not-an-address:" in stored and "Tr0ub4dor" not in stored.lower()
     assert c.company_admin["Authorization"].split()[1] not in log
 
 
