@@ -53,7 +53,10 @@ class Limits:
     descriptor, and memory) for as long as it liked, and enough of them exhausted the
     process. Each request's headers and body must now arrive within `body_timeout`
     seconds (from the connection opening, or from the request's first byte), and at most
-    `max_connections` are open at once; one more is answered 503 and closed unread."""
+    `max_connections` are open at once. At the bound, a new connection takes the place of
+    the oldest one idle between keep-alive requests (closed, as keep-alive allows at any
+    time, RFC 9112 §9.3): idle connections cannot keep clients out. With none idle, one
+    more is answered 503 and closed unread."""
 
     body_timeout: float
     max_connections: int
@@ -64,6 +67,16 @@ class Limits:
     #: few times per bound by one timer, rather than a timer set and cancelled per request
     arriving: dict[_RequestHandler, float] = field(default_factory=dict, repr=False)
     sweeping: bool = field(default=False, repr=False)
+    #: every connection counted in `open`, oldest first
+    counted: dict[_RequestHandler, None] = field(default_factory=dict, repr=False)
+
+    def make_room(self) -> bool:
+        """Close the oldest idle connection, if any, and count it gone at once."""
+        for handler in self.counted:
+            if handler.idle:
+                handler.evict()
+                return True
+        return False
 
     def arrives(self, handler: _RequestHandler, loop: asyncio.AbstractEventLoop) -> None:
         self.arriving[handler] = loop.time()
@@ -136,21 +149,43 @@ class _RequestHandler(RequestHandler):
         limits = self._limits
         if limits is None:
             return
-        if limits.open >= limits.max_connections:
+        if limits.open >= limits.max_connections and not limits.make_room():
             limits.refuse(self.peer)
             description = "too many connections; try again"
             self._close_with(_raw(_REFUSED, "temporarily_unavailable", description))
             return
         limits.open += 1
+        limits.counted[self] = None
         self._counted = True
         self._arm()  # a connection that never completes a request is not kept either
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        self._uncount()
+        super().connection_lost(exc)
+
+    def _uncount(self) -> None:
         if self._counted and self._limits is not None:
             self._limits.open -= 1
+            self._limits.counted.pop(self, None)
             self._counted = False
-        super().connection_lost(exc)
+
+    @property
+    def idle(self) -> bool:
+        """Between keep-alive requests: nothing arriving, nothing being answered."""
+        return (
+            not self._request_in_progress
+            and not self._messages
+            and self._limits is not None
+            and self not in self._limits.arriving
+        )
+
+    def evict(self) -> None:
+        """Closed to make room (`Limits.make_room`): uncounted now, gone shortly."""
+        self._uncount()
+        self.force_close()
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         limits = self._limits

@@ -159,3 +159,36 @@ async def test_connections_past_the_limit_are_refused_at_once(db):
     assert refused.startswith(b"HTTP/1.1 503 ")
     assert b"Retry-After: 2" in refused
     assert took < 2
+
+
+async def test_idle_keep_alive_connections_make_room_for_new_clients(db):
+    """At MAX_CONNECTIONS, connections idle between keep-alive requests (27 requests a
+    second would hold 2,000 of them forever) give way to a new client: the oldest idle one
+    is closed, as keep-alive allows at any time (RFC 9112 §9.3)."""
+    async with serving(db, MAX_CONNECTIONS="5") as (_http, port):
+
+        async def keep_alive_client() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if head.startswith(b"HTTP/1.1 200 "):
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            return reader, writer, head
+
+        idle = [await keep_alive_client() for _ in range(5)]
+        newer = [await keep_alive_client() for _ in range(3)]  # each needs a place
+        answers = [head for _, _, head in newer]
+        closed = 0
+        for reader, writer, _ in idle:
+            try:  # an evicted one has its end of file already: the others say nothing
+                closed += await asyncio.wait_for(reader.read(), 2) == b""
+            except ConnectionError:
+                closed += 1
+            except TimeoutError:
+                pass  # still open, idle
+            writer.close()
+        for _, writer, _ in newer:
+            writer.close()
+    assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers
+    assert closed == 3
