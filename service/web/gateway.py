@@ -21,6 +21,7 @@ from service.domain.dpop import NONCE_HEADER
 from service.domain.policy import Allowed
 from service.domain.routes import WHOAMI, WHOAMI_RULE, resource_path
 from service.errors import InvalidRequest, TollgateError
+from service.metrics import CLIENT_CLOSED_REQUEST
 from service.oauth import credentials as authorization
 from service.oauth.dpop import Presented
 from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
@@ -28,6 +29,7 @@ from service.settings import Settings
 from service.web.bodies import read_body
 from service.web.client_ip import peer_trusted
 from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
+from service.web.server import ConnectionWatch
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -241,6 +243,42 @@ async def _proxy(
     # sent decoded, and bounded.
     body = await read_body(request, settings.gateway_max_body) if request.body_exists else None
     headers = _forwarded_headers(request, settings, allowed, ip)
+    exchange = asyncio.ensure_future(_exchange(request, session, target, headers, body, nonce))
+    # A client that leaves is not waited for: its upstream request is cancelled, and its
+    # connection goes back to the connector (aiohttp does not cancel a handler whose
+    # client has gone).
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((exchange, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not exchange.done():
+            exchange.cancel()
+    if not exchange.done() or exchange.cancelled():
+        log.info("http.client_disconnected", path=request.path, ip=ip)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
+    return exchange.result()
+
+
+async def _client_gone(request: web.Request) -> None:
+    """Returns once the client's connection is closed (never, under a server other than
+    Tollgate's own, which may cancel the handler itself)."""
+    protocol = request.protocol
+    if isinstance(protocol, ConnectionWatch):
+        await asyncio.shield(protocol.lost())  # one future a connection, for every request
+    else:
+        await asyncio.Event().wait()
+
+
+async def _exchange(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    nonce: dict[str, str],
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
     try:
         async with session.request(
             request.method, target, headers=headers, data=body, allow_redirects=False

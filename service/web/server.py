@@ -143,6 +143,17 @@ class _RequestHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._counted = False
+        self._lost: asyncio.Future[None] | None = None
+
+    def lost(self) -> asyncio.Future[None]:
+        """Done once the client's connection is gone: aiohttp does not cancel a handler
+        whose client has left (handler_cancellation is off), and one waiting on something
+        else (the gateway, on its upstream) may want to stop."""
+        if self._lost is None:
+            self._lost = self._loop.create_future()
+            if self.transport is None:
+                self._lost.set_result(None)
+        return self._lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -162,6 +173,8 @@ class _RequestHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         self._uncount()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         super().connection_lost(exc)
 
     def _uncount(self) -> None:
@@ -267,6 +280,10 @@ class _RequestHandler(RequestHandler):
         response = web.json_response(body, status=status)
         response.force_close()
         return response
+
+
+#: what the gateway asks of a connection: whether its client is gone (`lost`)
+ConnectionWatch = _RequestHandler
 
 
 class _Server(web.Server):

@@ -7,26 +7,44 @@ first."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import socket
 from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
+from service.app import create_app
+from service.storage.database import Database
+from service.web.server import Runner
 from tests.conftest import make_company
 from tests.e2e.oauth_helpers import cc_token, new_app
-from tests.e2e.test_gateway import bearer, start
+from tests.e2e.test_gateway import bearer
 
 #: a bound on a hang, not a performance claim
 WAIT = 20
 
 
+class ServedServer(TestServer):
+    """A test server run as `tollgate serve` runs the application (service/web/server.py's
+    Runner, handler_cancellation off): aiohttp's test server cancels a handler whose
+    client leaves, which the service's own does not."""
+
+    async def _make_runner(self, **kwargs):
+        return Runner(self.app, access_log=None)
+
+
 @asynccontextmanager
 async def gateway_to(db, settings, upstream_url: str, **overrides):
-    client = await start(db, settings, upstream_url=upstream_url, **overrides)
+    app = create_app(
+        dataclasses.replace(settings, upstream_url=upstream_url, **overrides),
+        database=Database(db.dsn, db.pool),
+    )
+    client = TestClient(ServedServer(app, host="127.0.0.1"))
+    await client.start_server()
     try:
         company = await make_company(client)
         app = await new_app(client, company, permissions=["invoices:read", "invoices:write"])
@@ -197,3 +215,31 @@ async def test_an_http_1_0_answer_without_a_length_ends_with_the_connection(db, 
         server.close()
     assert received.startswith(b"HTTP/1.0 200") or received.startswith(b"HTTP/1.1 200")
     assert received.endswith(b"all of it")
+
+
+async def test_a_client_that_leaves_lets_go_of_its_upstream_connection(db, settings):
+    """aiohttp does not cancel a handler whose client has gone: a waiting request held one
+    of the upstream connections until the upstream answered (57 s seen). It is let go."""
+    upstream_closed = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # no answer: wait for Tollgate to close its side
+        upstream_closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with gateway_to(db, settings, url) as (client, token):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(
+                f"GET /api/v1/invoices HTTP/1.1\r\nHost: t\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            writer.transport.abort()  # the client leaves
+            await asyncio.wait_for(upstream_closed.wait(), WAIT)
+    finally:
+        server.close()
