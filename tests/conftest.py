@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import argon2
 import asyncpg
 import pytest
+from aiohttp import test_utils
 
 from service.domain import passwords
 from service.eventlog import EventLog
@@ -27,6 +28,20 @@ from service.storage.embedded import EmbeddedPostgres
 
 TEMPLATE = "tollgate_test_template"
 _counter = itertools.count()
+
+
+async def _as_served(self: test_utils.BaseTestServer, **kwargs: object) -> object:
+    """aiohttp's test server runs an application with handler_cancellation on: a handler
+    whose client leaves is cancelled there, and not under `tollgate serve`, which hid a
+    gateway request holding its upstream connection after its client left. Every test
+    server runs its application as the service does (service/web/server.py's Runner)."""
+    from service.web.server import Runner
+
+    assert isinstance(self, test_utils.TestServer)
+    return Runner(self.app, **{**kwargs, "handler_cancellation": False})
+
+
+test_utils.TestServer._make_runner = _as_served  # type: ignore[method-assign]
 
 
 @dataclass

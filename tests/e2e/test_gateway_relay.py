@@ -7,44 +7,28 @@ first."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import socket
 from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from service.app import create_app
-from service.storage.database import Database
-from service.web.server import Runner
 from tests.conftest import make_company
 from tests.e2e.oauth_helpers import cc_token, new_app
-from tests.e2e.test_gateway import bearer
+from tests.e2e.test_gateway import bearer, start
 
 #: a bound on a hang, not a performance claim
 WAIT = 20
 
 
-class ServedServer(TestServer):
-    """A test server run as `tollgate serve` runs the application (service/web/server.py's
-    Runner, handler_cancellation off): aiohttp's test server cancels a handler whose
-    client leaves, which the service's own does not."""
-
-    async def _make_runner(self, **kwargs):
-        return Runner(self.app, access_log=None)
-
-
 @asynccontextmanager
 async def gateway_to(db, settings, upstream_url: str, **overrides):
-    app = create_app(
-        dataclasses.replace(settings, upstream_url=upstream_url, **overrides),
-        database=Database(db.dsn, db.pool),
-    )
-    client = TestClient(ServedServer(app, host="127.0.0.1"))
-    await client.start_server()
+    # run as `tollgate serve` runs it (tests/conftest.py): a handler whose client leaves
+    # is not cancelled for it
+    client = await start(db, settings, upstream_url=upstream_url, **overrides)
     try:
         company = await make_company(client)
         app = await new_app(client, company, permissions=["invoices:read", "invoices:write"])
