@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,7 +80,35 @@ def _claim_port(settings: Settings) -> Iterator[IO[str]]:
                         f"`tollgate serve --workers` (pids {holders}); not sharing it"
                     ) from None
                 time.sleep(0.2)
+        # The lock is DATA_DIR's: a generation started with another DATA_DIR (or from
+        # another folder, under the default ./.data) does not see it, and SO_REUSEPORT
+        # would split the port's connections between the two configurations. A socket
+        # bound without it is refused while anything listens there.
+        while not _port_free(settings.host, settings.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"port {settings.port} on {settings.host} is in use by another process "
+                    "(another `tollgate serve`, perhaps with another DATA_DIR); not sharing it"
+                )
+            time.sleep(0.2)
         yield lock
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on (host, port): a bind without SO_REUSEPORT succeeds."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        return True  # said by the bind that follows, as before
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:  # any other trouble: the workers' own bind says it
+            return exc.errno != errno.EADDRINUSE
+    return True
 
 
 def serve_workers(settings: Settings, workers: int) -> int:

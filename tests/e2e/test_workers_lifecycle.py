@@ -213,3 +213,27 @@ async def test_with_run_projections_off_the_parent_starts_no_projections_process
         assert service.stop() == 0
     finally:
         kill_everything(service)
+
+
+async def test_a_generation_with_another_data_dir_does_not_share_the_port(db, tmp_path):
+    """The port's lock is DATA_DIR's: a second `serve --workers` started with another one
+    (or from another folder, under the default ./.data) saw no lock and bound beside the
+    first (SO_REUSEPORT), splitting its clients between two configurations."""
+    first = start(tmp_path / "data", "--workers", "2", DATABASE_URL=db.dsn)
+    second: Service | None = None
+    try:
+        await first.wait_status(200)
+        second = start(
+            tmp_path / "other", "--workers", "2", port=first.port, DATABASE_URL=db.dsn,
+            log_name="second.log",
+        )  # fmt: skip
+        assert second.proc.wait(40) == 1
+        said = second.log().strip().splitlines()
+        assert said[-1].startswith(f"tollgate: cannot serve: port {first.port} on ")
+        assert "in use by another process" in said[-1]
+        assert len(first.workers()) == 2  # the first serves on, alone
+        await first.wait_status(200)
+    finally:
+        kill_everything(first)
+        if second is not None:
+            kill_everything(second)
