@@ -94,7 +94,26 @@ def load_routes(path: Path | None, catalogue: Mapping[str, str]) -> RouteTable:
         problem = _problem(rule, catalogue)
         if problem:
             raise RoutesError(f"ROUTES_FILE {path}: {rule.prefix!r}: {problem}")
+    _refuse_overlaps(path, rules)
     return RouteTable((WHOAMI_RULE, *rules))
+
+
+def _refuse_overlaps(path: Path, rules: list[RouteRule]) -> None:
+    """Two rules that cover the same prefix (as the table reads it: in any case, a
+    trailing "/" or not) for a method: the table would take the first and ignore the
+    other, so the order of the file would decide, silently, whether a request needs a
+    permission at all."""
+    seen: dict[str, list[RouteRule]] = {}
+    for rule in rules:
+        key = rule.prefix.lower().rstrip("/")
+        for other in seen.get(key, []):
+            shared = sorted(rule.methods & other.methods)
+            if shared:
+                raise RoutesError(
+                    f"ROUTES_FILE {path}: {rule.prefix!r} and {other.prefix!r} both cover "
+                    f"{', '.join(shared)}: one rule per prefix and method"
+                )
+        seen.setdefault(key, []).append(rule)
 
 
 def _problem(rule: RouteRule, catalogue: Mapping[str, str]) -> str | None:

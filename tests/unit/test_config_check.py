@@ -103,6 +103,38 @@ def test_a_routes_file_naming_an_unknown_permission_is_one_line(tmp_path):
     assert "ledgers:read" in line
 
 
+@pytest.mark.parametrize(
+    "rules",
+    [
+        # a public rule before a permission's: the file's order decided, silently
+        [
+            {"prefix": "/api/v1/x", "public": True},
+            {"prefix": "/api/v1/x", "permission": "invoices:write"},
+        ],
+        [
+            {"prefix": "/api/v1/x", "permission": "invoices:read", "methods": ["GET", "POST"]},
+            {"prefix": "/api/v1/X/", "public": True, "methods": ["POST"]},
+        ],
+    ],
+    ids=["same-prefix", "case-and-slash"],
+)
+def test_two_rules_for_one_prefix_and_method_are_refused(tmp_path, rules):
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps(rules))
+    [line] = problems({"ROUTES_FILE": str(path)})
+    assert line.startswith(f"ROUTES_FILE {path}: ")
+    assert "POST" in line and "one rule per prefix and method" in line
+
+
+def test_rules_for_one_prefix_and_other_methods_are_taken(tmp_path):
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps([
+        {"prefix": "/api/v1/x", "permission": "invoices:read", "methods": ["GET"]},
+        {"prefix": "/api/v1/x/", "permission": "invoices:write", "methods": ["POST"]},
+    ]))  # fmt: skip
+    assert load_settings({"ROUTES_FILE": str(path)}, dotenv=False).routes_file == path
+
+
 def test_a_routes_file_that_is_a_directory_is_one_line(tmp_path):
     [line] = problems({"ROUTES_FILE": str(tmp_path)})
     assert line == f"ROUTES_FILE {tmp_path}: cannot read: Is a directory"
