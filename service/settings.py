@@ -9,11 +9,12 @@ import os
 import re
 import ssl
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from service.domain.addresses import unmapped
 from service.domain.permissions import CatalogueError, load_catalogue
@@ -353,10 +354,26 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
 
 
 def _data_dir(env: Mapping[str, str]) -> Path:
+    """A folder the service can write in (its mail drop, metrics, lock, the embedded
+    server), or one it can create: not found unusable at the first violation's email."""
     path = Path(env.get("DATA_DIR") or ".data")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"DATA_DIR {str(path)!r} is not a directory")
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is None or not _writable(existing):
+        where = "" if existing == path else f" (nor can it be made in {str(existing)!r})"
+        raise ConfigError(f"DATA_DIR {str(path)!r} is not a folder this user can write in{where}")
     return path
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a folder can be made in `folder`, tried (permissions alone say nothing to
+    root, nor of /proc or a read-only mount); what is made is removed at once."""
+    try:
+        tempfile.TemporaryDirectory(dir=folder, prefix=".tollgate-check-").cleanup()
+    except OSError:
+        return False
+    return True
 
 
 def _log_format(env: Mapping[str, str]) -> str:
@@ -413,7 +430,10 @@ def _http_url(env: Mapping[str, str], name: str, *, public: bool = False) -> str
         raise ConfigError(f"{name} must have no query or fragment, got {shown!r}")
     if public and "@" in parts.netloc:
         raise ConfigError(f"{name} must not hold a user or password (it is published)")
-    return raw.rstrip("/")
+    # Scheme and host in lower case (RFC 3986 §6.2.2.1): the issuer is compared as a string
+    # (RFC 8414 §3.3, RFC 9207), and "HTTPS://" must mean https to the cookies' Secure flag.
+    netloc = parts.netloc if "@" in parts.netloc else parts.netloc.lower()
+    return urlunsplit(parts._replace(scheme=parts.scheme.lower(), netloc=netloc)).rstrip("/")
 
 
 def _metrics_token(env: Mapping[str, str]) -> str | None:

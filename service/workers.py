@@ -205,6 +205,7 @@ def _watch(children: list[subprocess.Popen[bytes]], supervisor: Supervisor | Non
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # its default ends the parent alone, at once
     next_check = time.monotonic() + CHECK_EVERY
     while any(child.poll() is None for child in children):
         # A worker that exits on its own is a failure: stop the others and say so, so the

@@ -406,7 +406,8 @@ def run_as_served(main: Coroutine[Any, Any, T]) -> T:
 
 
 def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then let requests in flight finish and clean up."""
+    """Serve until SIGTERM, SIGINT or SIGHUP, then let requests in flight finish and clean
+    up."""
     try:
         run_as_served(_serve(app, settings, reuse_port))
     except KeyboardInterrupt:  # Ctrl-C while starting, before the handlers are in place
@@ -429,7 +430,9 @@ async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> 
         stop = asyncio.Event()
         received: list[str] = []
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too (a closed terminal, or an operator used to "reload"): Python's default
+        # ended the process at once, requests in flight with it
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, _on_signal, stop, received, signum)
         _started(settings, worker=reuse_port)
         await stop.wait()

@@ -237,3 +237,18 @@ async def test_a_generation_with_another_data_dir_does_not_share_the_port(db, tm
         kill_everything(first)
         if second is not None:
             kill_everything(second)
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
+async def test_sighup_stops_the_service_as_sigterm_does(db, tmp_path, workers):
+    """Python's default for SIGHUP (a closed terminal, an operator used to "reload") ended
+    the process at once: requests in flight unanswered, no service.stopping, the workers'
+    metrics files left behind."""
+    service = start(tmp_path / "data", *workers, DATABASE_URL=db.dsn)
+    try:
+        await service.wait_status(200)
+        service.proc.send_signal(signal.SIGHUP)
+        assert service.proc.wait(60) == 0  # not -1: stopped, not killed
+        assert not list((tmp_path / "data" / "metrics").glob("workers-*"))
+    finally:
+        kill_everything(service)

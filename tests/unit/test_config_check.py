@@ -53,6 +53,16 @@ def test_good_urls_load_without_a_trailing_slash():
     assert settings.issuer == "https://auth.example.com"
 
 
+def test_a_url_is_kept_with_its_scheme_and_host_in_lower_case():
+    """The issuer is compared as a string, and "HTTPS://" dropped the cookies' Secure flag."""
+    settings = load_settings(
+        {"PUBLIC_URL": "HTTPS://Auth.Example.com:8443/Base/", "UPSTREAM_URL": "HTTP://API:8000"},
+        dotenv=False,
+    )
+    assert settings.issuer == "https://auth.example.com:8443/Base"
+    assert settings.upstream_url == "http://api:8000"
+
+
 def test_a_password_in_a_refused_url_is_not_repeated():
     [line] = problems({"UPSTREAM_URL": "ftp://svc:hunter2-secret@api.internal"})
     assert "hunter2-secret" not in line
@@ -145,6 +155,19 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
     path.write_text("")
     [line] = problems({"DATA_DIR": str(path)})
     assert line == f"DATA_DIR {str(path)!r} is not a directory"
+
+
+def test_a_data_dir_that_cannot_be_written_is_refused(tmp_path):
+    """Taken at start, it failed at the first violation's email, as an SMTP failure."""
+    [line] = problems({"DATA_DIR": "/proc/tollgate"})
+    assert line == (
+        "DATA_DIR '/proc/tollgate' is not a folder this user can write in "
+        "(nor can it be made in '/proc')"
+    )
+    fresh = tmp_path / "not" / "yet"
+    assert load_settings({"DATA_DIR": str(fresh)}, dotenv=False).data_dir == fresh
+    assert not (tmp_path / "not").exists()  # checked, not made
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bound_that_ran_out_is_a_line_that_says_so(capsys):
