@@ -295,10 +295,19 @@ class ProjectionRunner:
     # --- bookkeeping -----------------------------------------------------------------
 
     async def ensure_checkpoints(self) -> None:
-        await self.pool.executemany(
-            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            [(name,) for name in self.projections],
+        """Each projection's checkpoint row, made when missing. Read first: on a database
+        that refuses writes (a read-only endpoint, a standby) a start that finds them all
+        writes nothing, and serves; `/readyz` says the database refuses writes."""
+        present = await self.pool.fetch(
+            "SELECT name FROM projection_checkpoints WHERE name = ANY($1::text[])",
+            list(self.projections),
         )
+        missing = [name for name in self.projections if name not in {r["name"] for r in present}]
+        if missing:
+            await self.pool.executemany(
+                "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                [(name,) for name in missing],
+            )
 
     async def checkpoint(self, name: str) -> int:
         value = await self.pool.fetchval(

@@ -747,6 +747,14 @@ class Notifier:
     # --- checkpoint ------------------------------------------------------------------
 
     async def ensure_checkpoint(self) -> None:
+        """Its two rows, made when missing; read first, so that a start on a database that
+        refuses writes, and finds them, writes nothing (see ProjectionRunner)."""
+        found = await self.ctx.pool.fetchval(
+            "SELECT count(*) FROM projection_checkpoints WHERE name = ANY($1::text[])",
+            [NAME, RETRIES],
+        )
+        if found == 2:
+            return
         await self.ctx.pool.execute(
             "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", NAME
         )

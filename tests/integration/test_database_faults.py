@@ -225,6 +225,27 @@ async def test_a_read_only_database_refuses_writes_with_503_and_is_not_ready(
     assert not any(e["event"] == "http.unhandled_error" for e in logs)
 
 
+async def test_a_service_starts_on_a_read_only_database_and_says_it_is_not_ready(
+    db, pg_server, tmp_path
+):
+    """README: on a read-only endpoint /readyz says "database refuses writes". A start
+    there (a restart after a failover to a standby) wrote its checkpoint rows even when
+    they were all there, and stopped: "cannot execute INSERT in a read-only transaction"."""
+    async with serving(db.dsn, tmp_path) as client:  # a first start makes its rows
+        assert (await client.get("/healthz")).status == 200
+    async with read_only(db, pg_server), serving(db.dsn, tmp_path) as client:
+
+        async def refusing() -> bool:
+            response = await client.get("/readyz")
+            return (
+                response.status == 503
+                and "database refuses writes" in (await response.json())["reasons"]
+            )
+
+        await eventually(refusing)
+        assert (await client.get("/healthz")).status == 200
+
+
 async def test_a_statement_the_database_cancels_is_a_503(db, pg_server, tmp_path):
     """A real QueryCanceledError (what statement_timeout raises too): the session insert
     waits on a lock held elsewhere, and the server cancels it."""
