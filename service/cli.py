@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(run: Callable[[], int], what: str) -> int:
     """Run a command; what stops it for a known reason is one line and an exit code."""
     from projections.runner import RebuildInProgress
+    from service.eventlog import EventLogUnavailable
 
     try:
         return run()
@@ -76,7 +77,10 @@ def _one_line(run: Callable[[], int], what: str) -> int:
     except RebuildInProgress as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
+    except (
+        OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError,
+        EventLogUnavailable,  # the log's reads, a rebuild's among them, that found no database
+    ) as exc:  # fmt: skip
         print(f"tollgate: {what}: {_reason(exc)}".splitlines()[0], file=sys.stderr)
         return 1
 

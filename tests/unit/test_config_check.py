@@ -180,3 +180,16 @@ def test_a_bound_that_ran_out_is_a_line_that_says_so(capsys):
     assert _one_line(stalled, "database") == 1
     line = capsys.readouterr().err.strip()
     assert line == "tollgate: database: no answer within the bound (DB_TIMEOUT, DB_CONNECT_TIMEOUT)"
+
+
+def test_a_log_read_that_found_no_database_is_one_line(capsys):
+    """`projections rebuild` through a stalled database ended in a traceback: its reads of
+    the log raise the log's own error."""
+    from service.cli import _one_line
+    from service.eventlog import EventLogUnavailable
+
+    def rebuild() -> int:
+        raise EventLogUnavailable("the database did not answer within 2 s")
+
+    assert _one_line(rebuild, "database") == 1
+    assert capsys.readouterr().err == "tollgate: database: the database did not answer within 2 s\n"
