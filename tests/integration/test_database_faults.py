@@ -186,6 +186,13 @@ async def read_only(db, pg_server) -> AsyncIterator[None]:
         await admin.close()
 
 
+async def refuses_writes(client: TestClient) -> bool:
+    response = await client.get("/readyz")
+    return (
+        response.status == 503 and "database refuses writes" in (await response.json())["reasons"]
+    )
+
+
 async def test_a_read_only_database_refuses_writes_with_503_and_is_not_ready(
     db, pg_server, tmp_path
 ):
@@ -200,15 +207,7 @@ async def test_a_read_only_database_refuses_writes_with_503_and_is_not_ready(
             "notification_emails": ["ops@acme.example"],
         }
         async with read_only(db, pg_server):
-
-            async def refusing() -> bool:
-                response = await client.get("/readyz")
-                return (
-                    response.status == 503
-                    and "database refuses writes" in (await response.json())["reasons"]
-                )
-
-            await eventually(refusing)
+            await eventually(lambda: refuses_writes(client))
             with capture_logs() as logs:
                 created = await client.post("/admin/applications", json=body, headers=company.auth)
                 login = await client.post("/session", json=creds)
@@ -234,15 +233,7 @@ async def test_a_service_starts_on_a_read_only_database_and_says_it_is_not_ready
     async with serving(db.dsn, tmp_path) as client:  # a first start makes its rows
         assert (await client.get("/healthz")).status == 200
     async with read_only(db, pg_server), serving(db.dsn, tmp_path) as client:
-
-        async def refusing() -> bool:
-            response = await client.get("/readyz")
-            return (
-                response.status == 503
-                and "database refuses writes" in (await response.json())["reasons"]
-            )
-
-        await eventually(refusing)
+        await eventually(lambda: refuses_writes(client))
         assert (await client.get("/healthz")).status == 200
 
 
