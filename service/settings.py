@@ -354,11 +354,15 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
 
 
 def _data_dir(env: Mapping[str, str]) -> Path:
-    """A folder the service can write in (its mail drop, metrics, lock, the embedded
-    server), or one it can create: not found unusable at the first violation's email."""
+    """A folder the service can write in, or make, when it will: for the embedded server
+    (no DATABASE_URL) or the mail drop (no SMTP_HOST), where it was found unusable only at
+    the first violation's email. With both set, a read-only DATA_DIR serves as before
+    (`serve --workers` says so itself if it cannot keep its lock and metrics there)."""
     path = Path(env.get("DATA_DIR") or ".data")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"DATA_DIR {str(path)!r} is not a directory")
+    if env.get("DATABASE_URL") and env.get("SMTP_HOST"):
+        return path
     existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
     if existing is None or not _writable(existing):
         where = "" if existing == path else f" (nor can it be made in {str(existing)!r})"

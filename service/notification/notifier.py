@@ -9,8 +9,10 @@ violations after its checkpoint (the row "notifier" in projection_checkpoints), 
 order, and makes one attempt at each one's email. The checkpoint moves past a violation
 once the attempt's outcome is recorded:
 
-- sent: `ViolationNotificationSent` on `notification-{position}`, expected version 0;
-- given up: `ViolationNotificationAbandoned` on that same stream, expected version 0;
+- sent: `ViolationNotificationSent` on `notification-{position}`, at version 0, or after
+  an earlier Sent that left recipients `pending` (refused for now: 4xx), who are retried
+  alone until an event on the stream leaves none;
+- given up: `ViolationNotificationAbandoned` on that same stream, after what is there;
 - failed: `ViolationNotificationFailed` on `notification-failures-{position}`, with the
   attempt number and when the next one is due (`retry_at`).
 
@@ -26,7 +28,8 @@ settled, so a restart reads only the tail it needs. So:
   Message-ID is derived from the violation, so a resend is recognisable as the same mail);
 - a crash after recording but before the checkpoint moved finds the Sent event and skips;
 - a pending retry survives a restart: its Failed events are in the log;
-- a second worker that slipped past the lock cannot record twice (expected version 0).
+- a second worker that slipped past the lock cannot record twice (each append expects
+  the version its attempt found).
 
 Only one notifier runs across processes: it holds a session-level advisory lock on a
 connection of its own for as long as it runs, like the projection workers; the others

@@ -286,8 +286,11 @@ async def _exchange(
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             hop = _hop_by_hop(upstream.headers)
             for key, value in upstream.headers.items():
-                if key.lower() not in hop:
-                    response.headers.add(key, value)
+                if key.lower() in hop or (
+                    key.lower() == "set-cookie" and value.lstrip().startswith(TOLLGATE_COOKIES)
+                ):
+                    continue  # Tollgate's cookies (its session) are not the upstream's to set
+                response.headers.add(key, value)
             response.headers.update(nonce)  # Tollgate's, whatever the upstream said
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
@@ -314,6 +317,8 @@ def _forwarded_headers(
         dashed = name.replace("_", "-")
         if name in hop or dashed in NOT_FORWARDED or (decoded and name == "content-encoding"):
             continue  # the body goes as read: decoded, its length aiohttp's to set
+        if name == "expect":
+            continue  # answered here (100 Continue), and the body is in hand
         if dashed in PROXY_CONTEXT and not (proxied and name == dashed):
             continue
         if name == "cookie":
@@ -375,4 +380,6 @@ async def _relay(
         )  # fmt: skip
         response.force_close()
         if request.transport is not None:
-            request.transport.close()
+            # abort, not close: a close waits for the buffer to drain, and a client that
+            # reads nothing never drains it; the body is incomplete either way
+            request.transport.abort()

@@ -185,20 +185,25 @@ class _RequestHandler(RequestHandler):
 
     @property
     def idle(self) -> bool:
-        """Between keep-alive requests: nothing arriving, nothing being answered."""
+        """Between keep-alive requests: aiohttp waits for the next one (its own test: a
+        request read but not yet handed to its handler is not idle), nothing arrives, and
+        the last answer has left (a client that stops reading leaves it in the buffer:
+        that connection is not free to close, and stays counted)."""
+        transport = self.transport
         return (
-            not self._request_in_progress
-            and not self._messages
+            self._waiter is not None
+            and not self._waiter.done()
             and self._limits is not None
             and self not in self._limits.arriving
+            and transport is not None
+            and transport.get_write_buffer_size() == 0
         )
 
     def evict(self) -> None:
-        """Closed to make room (`Limits.make_room`): uncounted now, gone shortly."""
+        """Closed to make room (`Limits.make_room`): nothing is left to send on an idle
+        connection, so its socket goes at once; uncounted now."""
         self._uncount()
         self.force_close()
-        if self.transport is not None:
-            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         limits = self._limits

@@ -227,3 +227,68 @@ async def test_a_client_that_leaves_lets_go_of_its_upstream_connection(db, setti
             await asyncio.wait_for(upstream_closed.wait(), WAIT)
     finally:
         server.close()
+
+
+async def test_the_upstream_cannot_set_tollgates_cookies_nor_wait_for_a_100(db, settings):
+    """Set-Cookie tg_session=... from the upstream would replace the admin's dashboard
+    session on Tollgate's origin; an Expect forwarded with a body already in hand made the
+    upstream request wait for a 100 Continue that some servers never send."""
+    seen: list[web.Request] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request)
+        await request.read()
+        response = web.Response(text="ok")
+        response.headers.add("Set-Cookie", "tg_session=planted; Path=/; HttpOnly")
+        response.headers.add("Set-Cookie", "theme=dark; Path=/api")
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with gateway_to(db, settings, url) as (client, token):
+            response = await client.post(
+                "/api/v1/invoices", data=b"{}", headers=bearer(token) | {"Expect": "100-continue"}
+            )
+            assert response.status == 200
+            assert response.headers.getall("Set-Cookie") == ["theme=dark; Path=/api"]
+    finally:
+        await server.close()
+    [request] = seen
+    assert "Expect" not in request.headers
+
+
+async def test_a_client_that_reads_nothing_is_cut_off(db, settings):
+    """The write timed out and the connection was closed, but a close waits for the buffer
+    to drain, which a client that reads nothing never lets happen: it stayed open. It is
+    aborted."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n" + b"x" * 8_000_000
+    server, url = await _raw_upstream(answer)
+    try:
+        async with gateway_to(db, settings, url, body_timeout=1.0) as (client, token):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", client.port))
+            sock.sendall(
+                f"GET /api/v1/invoices HTTP/1.1\r\nHost: t\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
+            await asyncio.sleep(4)  # past the write timeout, reading nothing
+            sock.setblocking(False)
+            ended = False
+            try:
+                while piece := sock.recv(1 << 20):
+                    assert piece
+                ended = True  # the end of the stream
+            except ConnectionResetError:
+                ended = True
+            except BlockingIOError:
+                ended = False  # still open, waiting for more
+            finally:
+                sock.close()
+            assert ended
+    finally:
+        server.close()

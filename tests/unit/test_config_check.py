@@ -5,6 +5,7 @@ with an issuer that is not a URL, a traceback from a bad file)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,11 @@ def test_a_data_dir_that_cannot_be_written_is_refused(tmp_path):
         "DATA_DIR '/proc/tollgate' is not a folder this user can write in "
         "(nor can it be made in '/proc')"
     )
+    # nothing is written there with both a database and a mail server elsewhere
+    elsewhere = {"DATABASE_URL": "postgresql://tollgate@db.internal/tollgate",
+                 "SMTP_HOST": "mail.internal"}  # fmt: skip
+    read_only = load_settings({"DATA_DIR": "/proc/tollgate", **elsewhere}, dotenv=False)
+    assert read_only.data_dir == Path("/proc/tollgate")
     fresh = tmp_path / "not" / "yet"
     assert load_settings({"DATA_DIR": str(fresh)}, dotenv=False).data_dir == fresh
     assert not (tmp_path / "not").exists()  # checked, not made
