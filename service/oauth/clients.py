@@ -148,6 +148,10 @@ async def authenticate(
         credentials.matches(secret, _UNKNOWN)
         raise InvalidClient("this client authenticates with private_key_jwt, not a secret")
     if app.auth_method == NONE:
+        if not secret:
+            # Basic "client_id:" with an empty password is how some libraries send a
+            # client_id alone (Go's oauth2, AuthStyleInHeader): a public client names itself
+            return await _public(lookups, Public(client_id))
         credentials.matches(secret, _UNKNOWN)
         raise InvalidClient("a public client has no secret: send its client_id alone")
     if credentials.matches(secret, app.secret_hash):

@@ -94,6 +94,34 @@ async def test_a_public_client_gets_and_refreshes_tokens_with_its_client_id_alon
     assert (await looked.json())["error"] == "invalid_client"
 
 
+async def test_a_public_client_may_name_itself_in_basic_with_an_empty_password(client, company):
+    """Go's oauth2 (AuthStyleInHeader) sends a client_id alone as Basic "client_id:"; a
+    public client's refresh and revocation take it as the client_id in the body. A wrong
+    password still is one."""
+    app = await public_app(client, company)
+    verifier, challenge = pkce()
+    redirect = "http://127.0.0.1:53682/callback"
+    code = await code_at(client, company, app, redirect, challenge)
+    token = await (await exchange(client, app, code, verifier, redirect)).json()
+    as_go = basic(app["client_id"], "")
+    refreshed = await client.post(
+        "/oauth/token",
+        data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+        headers=as_go,
+    )
+    assert refreshed.status == 200, await refreshed.text()
+    renewed = await refreshed.json()
+    revoked = await client.post(
+        "/oauth/revoke", data={"token": renewed["refresh_token"]}, headers=as_go
+    )
+    assert revoked.status == 200
+    guessed = await client.post(
+        "/oauth/revoke", data={"token": renewed["access_token"]},
+        headers=basic(app["client_id"], "a guess"),
+    )  # fmt: skip
+    assert guessed.status == 401
+
+
 async def test_authlib_as_a_native_app(client, company):
     app = await public_app(client, company, redirect_uri="http://[::1]/cb")
     base = str(client.make_url("")).rstrip("/")
