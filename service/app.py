@@ -111,7 +111,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=False,  # bodies pass through as the upstream encoded them
         # `connect` bounds the wait for one of the connector's connections as well: with
         # every one of them busy, a request gets 502 then, not a wait without end
-        timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=5, sock_read=60),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=10, sock_connect=5, sock_read=app[SETTINGS].upstream_timeout
+        ),
         connector=aiohttp.TCPConnector(limit=256),
         # the caller's own, or none: aiohttp adds these to every request unless told not to
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),

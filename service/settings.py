@@ -54,6 +54,9 @@ class Settings:
     # the most a request body sent through the gateway may hold: read whole before the
     # upstream is asked (see service/web/gateway.py)
     gateway_max_body: int = 1024 * 1024
+    # seconds the gateway waits for the upstream to say anything (the next piece of an
+    # answer included); past it, 504
+    upstream_timeout: float = 60.0
     public_url: str | None = None  # the issuer (RFC 8414); unset: the address served on
     permissions_file: Path | None = None
     routes_file: Path | None = None
@@ -225,6 +228,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         ),
         upstream_url=r.checked(lambda e: _http_url(e, "UPSTREAM_URL"), None),
         gateway_max_body=r.number("GATEWAY_MAX_BODY", 1024 * 1024, 0, 1024**3),
+        upstream_timeout=float(r.number("UPSTREAM_TIMEOUT", 60, 1, 3600)),
         public_url=r.checked(lambda e: _http_url(e, "PUBLIC_URL", public=True), None),
         permissions_file=_path(env, "PERMISSIONS_FILE"),
         routes_file=_path(env, "ROUTES_FILE"),

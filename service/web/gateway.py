@@ -76,6 +76,13 @@ class BadGateway(TollgateError):
     status = 502
 
 
+class GatewayTimeout(TollgateError):
+    """The upstream said nothing for UPSTREAM_TIMEOUT (RFC 9110 §15.6.5)."""
+
+    error = "gateway_timeout"
+    status = 504
+
+
 class NotCovered(OAuthError):
     """No route rule covers the method and path: refused, whatever the token may do
     (SPEC §3: the gateway fails closed). RFC 6750 §3.1 names no scope that would help."""
@@ -299,7 +306,12 @@ async def _exchange(
             await response.prepare(request)
             await _relay(request, upstream, response, settings.body_timeout)
             return response
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except aiohttp.ConnectionTimeoutError:  # no connection (none free, or no answer)
+        raise BadGateway("the upstream API could not be reached in time") from None
+    except TimeoutError:  # aiohttp's read timeout is one too
+        timeout = settings.upstream_timeout
+        raise GatewayTimeout(f"the upstream API said nothing for {timeout:g} s") from None
+    except aiohttp.ClientError as exc:
         raise BadGateway(f"the upstream API did not answer: {type(exc).__name__}") from None
 
 

@@ -292,3 +292,20 @@ async def test_a_client_that_reads_nothing_is_cut_off(db, settings):
             assert ended
     finally:
         server.close()
+
+
+async def test_an_upstream_that_says_nothing_is_a_504_after_upstream_timeout(db, settings):
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(WAIT)  # says nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with gateway_to(db, settings, url, upstream_timeout=1.0) as (client, token):
+            response = await client.get("/api/v1/invoices", headers=bearer(token))
+            assert response.status == 504
+            assert (await response.json())["error"] == "gateway_timeout"
+    finally:
+        server.close()
