@@ -5,8 +5,11 @@ headers naming the company, client and permissions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
+import socket
+import struct
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -36,6 +39,7 @@ routes = web.RouteTableDef()
 
 #: every cookie Tollgate sets is named tg_...: none of them is the upstream's to see
 TOLLGATE_COOKIES = "tg_"
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
 
 IDENTITY_HEADERS = ("X-Tollgate-Company", "X-Tollgate-Client", "X-Tollgate-Permissions")
 #: What the upstream gets from Tollgate alone: the credentials stay here, the identity is
@@ -391,7 +395,14 @@ async def _relay(
             error=type(exc).__name__,
         )  # fmt: skip
         response.force_close()
-        if request.transport is not None:
-            # abort, not close: a close waits for the buffer to drain, and a client that
-            # reads nothing never drains it; the body is incomplete either way
-            request.transport.abort()
+        transport = request.transport
+        if transport is not None:
+            # Reset, not closed: a close waits for the buffer to drain, which a client that
+            # reads nothing never lets happen, and even an abort leaves the kernel holding
+            # its unsent bytes (and the client waiting for them). SO_LINGER 0 sends a reset
+            # and drops them; the body is incomplete either way.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
