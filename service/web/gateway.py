@@ -381,28 +381,37 @@ async def _relay(
     write_timeout: float,
 ) -> None:
     """The upstream's body to the client. Once the status line is out no other answer can
-    follow: if the upstream breaks off, or the client stops reading for `write_timeout`,
-    the connection is closed unfinished, which tells the client the body is incomplete
-    (RFC 9112 §8), and the upstream's connection is let go."""
+    follow: if the upstream breaks off, the connection is closed unfinished, which tells
+    the client the body is incomplete (RFC 9112 §8) once it has read what came; if the
+    client reads nothing for `write_timeout`, it is reset. Either way the upstream's
+    connection is let go."""
+    stalled = False
     try:
         async for chunk in upstream.content.iter_chunked(64 * 1024):
-            async with asyncio.timeout(write_timeout):
-                await response.write(chunk)
+            try:
+                async with asyncio.timeout(write_timeout):
+                    await response.write(chunk)
+            except TimeoutError:
+                stalled = True
+                raise
         await response.write_eof()
     except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
         log.warning(
             "gateway.response_cut", path=request.path, status=response.status,
-            error=type(exc).__name__,
+            error=type(exc).__name__, client_stalled=stalled,
         )  # fmt: skip
         response.force_close()
         transport = request.transport
-        if transport is not None:
-            # Reset, not closed: a close waits for the buffer to drain, which a client that
-            # reads nothing never lets happen, and even an abort leaves the kernel holding
-            # its unsent bytes (and the client waiting for them). SO_LINGER 0 sends a reset
-            # and drops them; the body is incomplete either way.
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            transport.abort()
+        if transport is None:
+            return
+        if not stalled:
+            transport.close()  # what came goes out first, then the end
+            return
+        # Reset: a close waits for the buffer to drain, which a client that reads nothing
+        # never lets happen, and even an abort leaves the kernel holding its unsent bytes
+        # (and the client waiting for them). SO_LINGER 0 sends a reset and drops them.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
