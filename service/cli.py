@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -239,19 +238,11 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
     return await _with_runner(settings, body)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.metrics import Metrics, multiprocess_dir
     from service.workers import bind_to_parent
 
     bind_to_parent()  # the projections process of `serve --workers N` dies with its parent
-    # SIGTERM (from that parent, or a supervisor) and SIGHUP stop it as Ctrl-C does: Python's
-    # default ends it at once, and the log lines of its last moments with it.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
     # Under `serve --workers N`, what it counts (and its process metrics) reach every scrape
     # through the workers' shared directory, as a worker's do.
     metrics = Metrics() if multiprocess_dir() is not None else None
