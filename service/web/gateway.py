@@ -343,9 +343,7 @@ def _forwarded_headers(
                 continue
         headers.add(key, value)
     if not proxied:  # what Tollgate knows of itself: its issuer, never the caller's Host
-        public = urlsplit(settings.issuer)
-        headers["X-Forwarded-Host"] = public.netloc
-        headers["X-Forwarded-Proto"] = public.scheme
+        headers["X-Forwarded-Host"], headers["X-Forwarded-Proto"] = _issuer_parts(settings.issuer)
     headers["X-Tollgate-Company"] = allowed.token.company_id
     headers["X-Tollgate-Client"] = allowed.token.client_id
     headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
@@ -364,6 +362,13 @@ def _decoded_encoding(request: web.Request) -> bool:
     if len(given) > 1:
         raise InvalidRequest("Content-Encoding is given more than once")
     return bool(given) and given[0].isascii() and given[0].lower() in _DECODED
+
+
+@functools.lru_cache(maxsize=4)
+def _issuer_parts(issuer: str) -> tuple[str, str]:
+    """The issuer's host and scheme, split once, not on every proxied request."""
+    public = urlsplit(issuer)
+    return public.netloc, public.scheme
 
 
 def _without_tollgate_cookies(value: str) -> str:
