@@ -309,7 +309,8 @@ class PolicyModel:
             return
         family = FamilyState(
             e.client_id, e.company_id, permissions=self._intern(frozenset(e.permissions)),
-            version=r.version, issued_at=e.issued_at, jkt=e.dpop_jkt,
+            version=r.version, issued_at=e.issued_at,
+            jkt="" if e.binds_grant is False else e.dpop_jkt,
         )  # fmt: skip
         self.families[e.family_id] = family
         self._client_families.setdefault(e.client_id, set()).add(e.family_id)

@@ -239,8 +239,13 @@ class AccessTokenIssued(Event, frozen=True):
     owner_company_id: str | None = None  # the application's owner, when not the grantor
     refresh_expires_at: int | None = None
     #: RFC 9449 §6.1: the thumbprint (RFC 7638) of the key the token is bound to; "": a
-    #: Bearer token. The grant keeps it: a refresh must prove the same key.
+    #: Bearer token.
     dpop_jkt: str = ""
+    #: whether the grant (its refresh token) is bound to `dpop_jkt` too: a public client's
+    #: (RFC 9449 §5); a confidential client's refresh token is held to the client's own
+    #: authentication, and a refresh may prove another key. None: recorded before the
+    #: distinction, when every grant redeemed with a proof was bound
+    binds_grant: bool | None = None
 
 
 class TokenRefreshed(Event, frozen=True):

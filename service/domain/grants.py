@@ -178,8 +178,9 @@ def redeem_code(
     ip: str,
     jkt: str = "",
 ) -> Issue | Refusal:
-    """`tokens`: the hashes of the new access and refresh tokens; `jkt`: the DPoP key the
-    grant is bound to from now on ("": Bearer tokens, RFC 9449 §5)."""
+    """`tokens`: the hashes of the new access and refresh tokens; `jkt`: the key of the
+    request's DPoP proof ("": none): the access token is bound to it, and a public client's
+    grant from now on (RFC 9449 §5)."""
     if app.grant_type != AUTHORIZATION_CODE:
         raise UnauthorizedClient("this client may not use the authorization_code grant")
     if code is None or code.client_id != app.client_id:
@@ -220,6 +221,10 @@ def redeem_code(
             owner_company_id=app.company_id,
             refresh_expires_at=None if lifetime.refresh is None else now + lifetime.refresh,
             dpop_jkt=jkt,
+            # RFC 9449 §5: a public client's refresh token is bound to the proof's key; a
+            # confidential client's is held to the client's authentication, so that it can
+            # change keys without losing the grant
+            binds_grant=bool(jkt) and app.auth_method == NONE,
         ),
     )
     conditions = (

@@ -129,7 +129,64 @@ async def refresh(client, app, refresh_token, dpop=None):
     )
 
 
-async def test_an_authorization_code_grant_stays_bound_through_refresh(client, company, db):
+async def test_a_public_clients_grant_redeemed_with_a_proof_stays_bound(client, company, db):
+    from tests.e2e.test_native_apps import code_at, public_app
+
+    app = await public_app(client, company)
+    verifier, challenge = pkce()
+    code = await code_at(client, company, app, app["redirect_uri"], challenge)
+    response = await client.post(
+        "/oauth/token",
+        data={"grant_type": "authorization_code", "code": code, "client_id": app["client_id"],
+              "redirect_uri": app["redirect_uri"], "code_verifier": verifier},
+        headers={"DPoP": proof(client)},
+    )  # fmt: skip
+    assert response.status == 200, await response.text()
+    first = await response.json()
+    assert first["token_type"] == "DPoP"
+    [issued] = await db.pool.fetch("SELECT payload FROM events WHERE type = 'AccessTokenIssued'")
+    assert json.loads(issued["payload"])["binds_grant"] is True
+
+    async def refresh_with(refresh_token: str, dpop: str | None = None):
+        return await client.post(
+            "/oauth/token",
+            data={"grant_type": "refresh_token", "refresh_token": refresh_token,
+                  "client_id": app["client_id"]},
+            headers={} if dpop is None else {"DPoP": dpop},
+        )  # fmt: skip
+
+    # a refresh without a proof, or with another key's, is refused and spends nothing
+    missing = await refresh_with(first["refresh_token"])
+    assert missing.status == 400
+    assert (await missing.json())["error"] == "invalid_dpop_proof"
+    assert "send a DPoP proof" in (await missing.json())["error_description"]
+    other = await refresh_with(first["refresh_token"], proof(client, OTHER))
+    assert other.status == 400
+    assert (await other.json())["error"] == "invalid_dpop_proof"
+    assert "another DPoP key" in (await other.json())["error_description"]
+    renewed = await refresh_with(first["refresh_token"], proof(client))
+    assert renewed.status == 200, await renewed.text()
+    second = await renewed.json()
+    assert second["token_type"] == "DPoP"
+    [payload] = await db.pool.fetch("SELECT payload FROM events WHERE type = 'TokenRefreshed'")
+    assert json.loads(payload["payload"])["dpop_jkt"] == KEY.thumbprint()
+    rs = await rs_headers(client)
+    looked = await client.post("/oauth/introspect", data={"token": second["access_token"]},
+                               headers=rs)  # fmt: skip
+    body = await looked.json()
+    assert body["active"] is True
+    assert body["token_type"] == "DPoP"
+    assert body["cnf"] == {"jkt": KEY.thumbprint()}
+    revoked = await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'")
+    assert revoked == 0
+
+
+async def test_a_confidential_clients_grant_is_held_to_its_authentication_not_a_key(
+    client, company, db
+):
+    """RFC 9449 §5: a refresh token issued to a confidential client is not bound to the
+    proof's key; the client may refresh with another key, or none. Each access token is
+    bound to its own request's proof."""
     app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
     code = await code_for(client, company, app)
     response = await client.post(
@@ -144,31 +201,22 @@ async def test_an_authorization_code_grant_stays_bound_through_refresh(client, c
     assert response.status == 200, await response.text()
     first = await response.json()
     assert first["token_type"] == "DPoP"
-    # a refresh without a proof, or with another key's, is refused and spends nothing
-    missing = await refresh(client, app, first["refresh_token"])
-    assert missing.status == 400
-    assert (await missing.json())["error"] == "invalid_dpop_proof"
-    assert "send a DPoP proof" in (await missing.json())["error_description"]
-    other = await refresh(client, app, first["refresh_token"], proof(client, OTHER))
-    assert other.status == 400
-    assert (await other.json())["error"] == "invalid_dpop_proof"
-    assert "another DPoP key" in (await other.json())["error_description"]
-    renewed = await refresh(client, app, first["refresh_token"], proof(client))
-    assert renewed.status == 200, await renewed.text()
-    second = await renewed.json()
+    [issued] = await db.pool.fetch("SELECT payload FROM events WHERE type = 'AccessTokenIssued'")
+    assert json.loads(issued["payload"])["dpop_jkt"] == KEY.thumbprint()
+    assert json.loads(issued["payload"])["binds_grant"] is False
+    # the key changed: the grant goes on, its new access token bound to the new key
+    rotated = await refresh(client, app, first["refresh_token"], proof(client, OTHER))
+    assert rotated.status == 200, await rotated.text()
+    second = await rotated.json()
     assert second["token_type"] == "DPoP"
-    [payload] = await db.pool.fetch("SELECT payload FROM events WHERE type = 'TokenRefreshed'")
-    assert json.loads(payload["payload"])["dpop_jkt"] == KEY.thumbprint()
-    token = second["access_token"]
-    looked = await client.post(
-        "/oauth/introspect",
-        data={"token": token},
-        headers=basic(app["client_id"], app["client_secret"]),
-    )
-    body = await looked.json()
-    assert body["active"] is True
-    assert body["token_type"] == "DPoP"
-    assert body["cnf"] == {"jkt": KEY.thumbprint()}
+    rs = await rs_headers(client)
+    looked = await client.post("/oauth/introspect", data={"token": second["access_token"]},
+                               headers=rs)  # fmt: skip
+    assert (await looked.json())["cnf"] == {"jkt": OTHER.thumbprint()}
+    # and without a proof: a Bearer token
+    plain = await refresh(client, app, second["refresh_token"])
+    assert plain.status == 200, await plain.text()
+    assert (await plain.json())["token_type"] == "Bearer"
     revoked = await db.pool.fetchval("SELECT count(*) FROM events WHERE type = 'TokenRevoked'")
     assert revoked == 0
 

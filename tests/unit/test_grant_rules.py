@@ -428,3 +428,51 @@ def test_client_credentials_supersedes_the_oldest_once_the_token_is_recorded():
 
 def test_client_credentials_within_the_limit_supersedes_nothing():
     assert grants.client_credentials(rules.app(), None, h("t"), NOW).then == ()
+
+
+# --- DPoP and the grant (RFC 9449 §5) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "binds"),
+    [("none", True), ("client_secret_basic", False)],
+    ids=["public", "confidential"],
+)
+def test_a_code_redeemed_with_a_proof_binds_only_a_public_clients_grant(method, binds):
+    app = msgspec.structs.replace(rules.app("authorization_code"), auth_method=method)
+    issue = grants.redeem_code(
+        app, h("code"), rules.code(), "https://app.example/cb", None, rules.connection(),
+        TOKENS, NOW, IP, "thumbprint",
+    )  # fmt: skip
+    assert isinstance(issue, grants.Issue)
+    issued = issue.record.events[1]
+    assert isinstance(issued, ev.AccessTokenIssued)
+    assert issued.dpop_jkt == "thumbprint"  # the access token is bound either way
+    assert issued.binds_grant is binds
+    unbound = redeem(rules.code(), app=app)
+    assert isinstance(unbound, grants.Issue)
+    assert unbound.record.events[1].binds_grant is False
+
+
+@pytest.mark.parametrize(
+    ("binds", "held_to"), [(None, "thumbprint"), (True, "thumbprint"), (False, "")],
+    ids=["recorded-before-the-field", "public", "confidential"],
+)  # fmt: skip
+def test_the_model_holds_a_grant_to_the_key_only_where_the_event_binds_it(binds, held_to):
+    from datetime import UTC, datetime
+
+    from projections.memory import PolicyModel
+    from service.eventlog import Metadata, RecordedEvent
+
+    event = ev.AccessTokenIssued(
+        company_id="co_user", client_id="app_1", family_id="fam_1", grant_type="authorization_code",
+        token_hash=TOKENS[0], permissions=["invoices:read"], issued_at=NOW, expires_at=NOW + 7200,
+        refresh_token_hash=TOKENS[1], dpop_jkt="thumbprint", binds_grant=binds,
+    )  # fmt: skip
+    model = PolicyModel()
+    model.apply([
+        RecordedEvent(1, streams.token_family("fam_1"), 1, "AccessTokenIssued", 1, "co_user",
+                      event, Metadata(), datetime.now(UTC), b""),
+    ])  # fmt: skip
+    assert model.families["fam_1"].jkt == held_to
+    assert model.tokens[bytes.fromhex(TOKENS[0])].jkt == "thumbprint"
