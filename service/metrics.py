@@ -80,6 +80,10 @@ VIOLATION_ENDPOINTS = ("api", "token", "policy_check", "revoke", "introspect")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: the route label of a request that matched no route (a 404, or a 405 for the path)
 UNMATCHED = "unmatched"
+#: what the HTTP layer answers itself, before any route (service/web/server.py): a request
+#: its parser refused (4xx), one that did not arrive within BODY_TIMEOUT (408), and a
+#: connection over MAX_CONNECTIONS with none idle to make room (503)
+REJECTIONS = ("malformed", "timeout", "too_many_connections")
 #: the status of a request whose client closed the connection before it was answered
 #: (nginx's convention): never sent, but counted apart from the service's own failures
 CLIENT_CLOSED_REQUEST = 499
@@ -146,6 +150,14 @@ class Metrics:
             ("projection",),
             registry=r,
         )
+        self._rejected = Counter(
+            "tollgate_http_rejected",
+            "Requests and connections the HTTP layer answered itself, before any route "
+            "(not in tollgate_http_requests), by reason: malformed (the parser's 4xx), "
+            "timeout (408, BODY_TIMEOUT), too_many_connections (503, MAX_CONNECTIONS).",
+            ("reason",),
+            registry=r,
+        )
         self._emails_sent = Counter(
             "tollgate_emails_sent", "IP-violation emails delivered.", registry=r
         )
@@ -162,6 +174,8 @@ class Metrics:
             self._revocations.labels(reason)
         for endpoint in (*VIOLATION_ENDPOINTS, OTHER):
             self._violations.labels(endpoint)
+        for reason in REJECTIONS:
+            self._rejected.labels(reason)
         # Each request's two series, by (route, method, status): a label look-up takes a
         # lock and builds the label tuple, and it would run twice on every request. The
         # keys come from the same closed sets as the labels, so this stays small.
@@ -191,6 +205,10 @@ class Metrics:
     def ip_violation(self, endpoint: str) -> None:
         """A credential was used from a disallowed address (`IpViolationDetected.endpoint`)."""
         self._count(self._violations, _known(endpoint, VIOLATION_ENDPOINTS))
+
+    def http_rejected(self, reason: str) -> None:
+        """The HTTP layer answered a request or connection itself (`reason`: REJECTIONS)."""
+        self._count(self._rejected, _known(reason, REJECTIONS))
 
     def observe_recorded(self, events: Sequence[Event]) -> None:
         """Count what the event log just recorded: tokens issued, families revoked,

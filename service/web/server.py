@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from service.metrics import METRICS
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -69,6 +70,9 @@ class Limits:
     sweeping: bool = field(default=False, repr=False)
     #: every connection counted in `open`, oldest first
     counted: dict[_RequestHandler, None] = field(default_factory=dict, repr=False)
+    #: told of each request or connection answered here, before any route, by reason
+    #: (`Metrics.http_rejected`; the Runner sets it from its application's metrics)
+    rejected: Callable[[str], None] = field(default=lambda _reason: None, repr=False)
 
     def make_room(self) -> bool:
         """Close the oldest idle connection, if any, and count it gone at once."""
@@ -102,6 +106,7 @@ class Limits:
             self.sweeping = False
 
     def refuse(self, peer: str | None) -> None:
+        self.rejected("too_many_connections")
         self.refused += 1
         now = time.monotonic()
         if now - self.logged_at >= 1.0:  # one line a second at most, in a flood
@@ -235,6 +240,7 @@ class _RequestHandler(RequestHandler):
         if request is not None and request.writer.output_size > 0:
             self.force_close()  # a response is under way: nothing else can be said
             return
+        self._limits.rejected("timeout")
         description = f"the request did not arrive within {self._limits.body_timeout:g} s"
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -268,6 +274,8 @@ class _RequestHandler(RequestHandler):
             # as aiohttp does: part of a response is out, another cannot follow
             raise ConnectionError("response already started; cannot send an error")
         if 400 <= status < 500:
+            if self._limits is not None:
+                self._limits.rejected("malformed")
             reason = parser_reason(exc)
             log.info(
                 "http.malformed_request",
@@ -304,6 +312,8 @@ class Runner(web.AppRunner):
     def __init__(self, app: web.Application, *, limits: Limits | None = None, **kwargs: Any):
         super().__init__(app, **kwargs)
         self._limits = limits
+        if limits is not None and METRICS in app:
+            limits.rejected = app[METRICS].http_rejected
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # starts the application

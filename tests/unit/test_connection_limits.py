@@ -94,3 +94,54 @@ async def test_a_request_read_but_not_yet_handled_is_not_idle():
         writer.close()
     assert seen == [False]
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_what_the_http_layer_answers_itself_is_counted_in_the_metrics():
+    """A request the parser refuses, one that never finishes arriving, and a connection
+    over the bound are answered before any route: the request counter never saw them, so a
+    flood of them was invisible on the dashboards."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import METRICS, Metrics
+
+    app = web.Application()
+    app[METRICS] = Metrics()
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/", hello)
+    limits = Limits(body_timeout=0.5, max_connections=2)
+
+    def rejected() -> dict[str, float]:
+        body, _ = app[METRICS].render()
+        return {
+            sample.labels["reason"]: sample.value
+            for family in text_string_to_metric_families(body.decode())
+            if family.name == "tollgate_http_rejected"
+            for sample in family.samples
+            if sample.name == "tollgate_http_rejected_total"
+        }
+
+    async def answer_to(port: int, request: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+    async with serving(app, limits) as (_runner, port):
+        assert rejected() == {"malformed": 0, "timeout": 0, "too_many_connections": 0}
+        slow = [answer_to(port, b"GET / HTTP/1.1\r\nHost: t\r\n") for _ in range(2)]
+        arriving = [asyncio.create_task(request) for request in slow]
+        await asyncio.sleep(0.1)  # both counted, neither idle
+        over = await answer_to(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert over.startswith(b"HTTP/1.1 503 ")
+        for answer in await asyncio.gather(*arriving):
+            assert answer.startswith(b"HTTP/1.1 408 ")
+        bad = await answer_to(port, b"GET / HTTP/1.1\r\nHost: t\r\nNo colon here\r\n\r\n")
+        assert bad.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+        fine = await answer_to(port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert fine.startswith(b"HTTP/1.1 200 ")
+        assert rejected() == {"malformed": 1, "timeout": 2, "too_many_connections": 1}
