@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
+import structlog
 
 from service.settings import ConfigError, Settings, load_settings
+
+log = structlog.get_logger()
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -252,7 +257,32 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
             for name in runner.projections:
                 await runner.catch_up(name)
             return 0
-        await runner.run_forever()
+        # SIGTERM (from `serve --workers`' parent, or a supervisor) and SIGHUP stop it as
+        # they stop `serve`: its work is cancelled, its sessions closed and its last lines
+        # logged (Python's default ended the process at once, in the middle of a line).
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[str] = loop.create_future()
+
+        def stopping(signum: signal.Signals) -> None:
+            if not stop.done():
+                stop.set_result(signum.name)
+
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, stopping, signum)
+        forever = asyncio.ensure_future(runner.run_forever())
+        try:
+            await asyncio.wait((forever, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            if not forever.done():
+                forever.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await forever
+        if stop.done():
+            log.info("projections.stopping", signal=stop.result())
+            return 0
+        forever.result()
         return 0
 
     moved = metrics.projection_moved if metrics is not None else None

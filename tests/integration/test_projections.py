@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import asyncpg
+import msgspec
 import pytest
 from msgspec.structs import replace
 
@@ -451,3 +452,35 @@ async def test_a_rebuild_whose_reader_goes_away_rebuilds_everything_all_the_same
     checkpoints = await db.pool.fetch("SELECT name, position FROM projection_checkpoints")
     head = await eventlog.head()
     assert checkpoints and all(r["position"] == head for r in checkpoints), checkpoints
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_projections_run_stops_on_a_signal_with_its_last_lines_logged(db, signum):
+    """`serve --workers` and supervisors stop it with SIGTERM: it stops as `serve` does,
+    its work cancelled and its last line logged, every line still one JSON object (Python's
+    default ended it at once, and the log with it)."""
+    env = {**os.environ, "DATABASE_URL": db.dsn, "LOG_FORMAT": "json"}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "projections", "run",
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert worker.stderr is not None
+    said = b""
+    try:
+        async with asyncio.timeout(30):
+            while said.count(b"projection.started") < len(sql_projections()):
+                line = await worker.stderr.readline()
+                assert line, said.decode()[-2000:]
+                said += line
+        worker.send_signal(signum)
+        async with asyncio.timeout(15):
+            said += await worker.stderr.read()
+            code = await worker.wait()
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    lines = said.decode().splitlines()
+    assert code == 0, lines[-20:]
+    assert [msgspec.json.decode(line)["event"] for line in lines][-1] == "projections.stopping"
+    assert msgspec.json.decode(lines[-1])["signal"] == signum.name
