@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -126,6 +127,27 @@ def _client(request: web.Request, params: dict[str, str]) -> tuple[ClientAuth | 
     return found, client_metadata(metadata(request, "client:"), found)
 
 
+#: what names the client in the body, when it authenticates there (RFC 6749 §2.3.1,
+#: RFC 7521 §4.2, or a public client's client_id alone)
+_IN_BODY = ("client_secret", "client_assertion", "client_assertion_type", "client_id")
+
+
+@contextlib.contextmanager
+def _challenged_as_sent(request: web.Request, params: dict[str, str]) -> Iterator[None]:
+    """RFC 6749 §5.2: an `invalid_client` answers a client that used the Authorization
+    header with the Basic challenge, and a request with no credentials at all with it too
+    (it says how to authenticate); a client that authenticated in the body (a secret, an
+    assertion, its client_id alone) gets the error without a challenge. Strict clients
+    read a challenge as the answer (oauth4webapi reports a WWWAuthenticateChallengeError for
+    a Basic scheme the client never used, and the error body goes unread)."""
+    try:
+        yield
+    except InvalidClient as exc:
+        if "Authorization" not in request.headers and any(params.get(k) for k in _IN_BODY):
+            exc.headers = {k: v for k, v in exc.headers.items() if k != "WWW-Authenticate"}
+        raise
+
+
 async def _authenticated(
     request: web.Request,
     ctx: Context,
@@ -138,13 +160,16 @@ async def _authenticated(
     list; a client assertion may name this endpoint as its audience too. `again`: the same
     request authenticated a second time (the application changed): an assertion's single
     use is recorded already."""
-    client, meta = _client(request, params)
-    if isinstance(client, Public) and endpoint == "introspect":
-        # RFC 7662 §2.1 asks for authorization; a client_id alone is none
-        raise InvalidClient("introspection needs client authentication; a public client has none")
-    audiences = assertions.audiences(ctx.settings.issuer, request.path)
-    check = AssertionCheck(audiences, record_use=not again)
-    app = await authenticate(ctx.lookups, ctx.ledger, client, meta, check)
+    with _challenged_as_sent(request, params):
+        client, meta = _client(request, params)
+        if isinstance(client, Public) and endpoint == "introspect":
+            # RFC 7662 §2.1 asks for authorization; a client_id alone is none
+            raise InvalidClient(
+                "introspection needs client authentication; a public client has none"
+            )
+        audiences = assertions.audiences(ctx.settings.issuer, request.path)
+        check = AssertionCheck(audiences, record_use=not again)
+        app = await authenticate(ctx.lookups, ctx.ledger, client, meta, check)
     await allowed_or_refused(ctx.ledger, app, meta, endpoint)
     return app, meta
 
@@ -171,9 +196,10 @@ async def _token(request: web.Request, ctx: Context, nonces: Nonces | None = Non
     params = await oauth_params(request)
     authorization_header = request.headers.get("Authorization")
     presented = dpop_presented(request, f"{ctx.settings.issuer}/oauth/token", nonces)
-    issued = await ctx.token_endpoint.token(
-        params, authorization_header, metadata(request, "client:"), presented
-    )
+    with _challenged_as_sent(request, params):
+        issued = await ctx.token_endpoint.token(
+            params, authorization_header, metadata(request, "client:"), presented
+        )
     # Encoded by msgspec: json_response's stdlib encoder took 3 us of every token.
     body = _encode(issued.body())
     return web.Response(body=body, content_type="application/json", headers=NO_STORE)

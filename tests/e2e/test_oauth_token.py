@@ -132,6 +132,37 @@ async def test_bad_client_authentication_is_invalid_client(
 
 
 @pytest.mark.parametrize(
+    ("path", "data"),
+    [
+        ("/oauth/token", {"grant_type": "client_credentials"}),
+        ("/oauth/revoke", {"token": "x"}),
+        ("/oauth/introspect", {"token": "x"}),
+    ],
+)
+async def test_invalid_client_is_challenged_only_in_the_scheme_the_client_used(
+    client, company, path, data
+):
+    """RFC 6749 §5.2: the Basic challenge answers a client that used the Authorization
+    header (or sent nothing); one that authenticated in the body gets the error alone, or
+    a strict client (oauth4webapi) reports the challenge and never reads the error."""
+    app = await new_app(client, company)
+    in_body = [
+        {"client_id": app["client_id"], "client_secret": "wrong"},
+        {"client_id": "nobody", "client_secret": app["client_secret"]},
+        {"client_id": "nobody"},  # a public client that does not exist
+    ]
+    for credentials in in_body:
+        response = await client.post(path, data=data | credentials)
+        assert response.status == 401, (credentials, await response.text())
+        assert (await response.json())["error"] == "invalid_client"
+        assert "WWW-Authenticate" not in response.headers, credentials
+    for headers in (basic(app["client_id"], "wrong"), {}):
+        response = await client.post(path, data=data, headers=headers)
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="tollgate"'
+
+
+@pytest.mark.parametrize(
     ("data", "error"),
     [
         ({}, "invalid_request"),
