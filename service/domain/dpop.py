@@ -64,6 +64,21 @@ class UseDpopNonce(OAuthError):
         self.nonce = nonce
 
 
+#: the DPoP challenge's own parameter: the algorithms a proof may be signed with
+ALGS = f'algs="{" ".join(ALGORITHMS)}"'
+
+
+def in_dpop_scheme(challenge: str, realm: str) -> str:
+    """A Bearer challenge (`Bearer realm="<realm>", ...`, RFC 6750 §3) said in the DPoP
+    scheme, with the algorithms it takes: a request made with the DPoP scheme is answered
+    in it (RFC 9449 §7.1), whatever the refusal (a missing permission, a disallowed
+    address, a path no rule covers). Any other challenge is returned as it is."""
+    head = f'Bearer realm="{realm}"'
+    if not challenge.startswith(head):
+        return challenge
+    return f"DPoP {ALGS}{challenge[len(head) :]}"
+
+
 class _DpopChallenge(OAuthError):
     """At a resource: 401 with a DPoP challenge (RFC 9449 §7.1)."""
 
@@ -71,10 +86,7 @@ class _DpopChallenge(OAuthError):
 
     def __init__(self, description: str, *, headers: dict[str, str] | None = None) -> None:
         quoted = rfc6749_text(description)  # in a quoted-string too (RFC 9110 §5.6.4)
-        challenge = (
-            f'DPoP algs="{" ".join(ALGORITHMS)}", error="{self.error}", '
-            f'error_description="{quoted}"'
-        )
+        challenge = f'DPoP {ALGS}, error="{self.error}", error_description="{quoted}"'
         super().__init__(description, headers={"WWW-Authenticate": challenge} | (headers or {}))
 
 

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from service.domain import dpop
 from service.domain.dpop import NONCE_HEADER
 from service.domain.policy import Allowed
 from service.domain.routes import WHOAMI, WHOAMI_RULE, resource_path
@@ -172,7 +173,13 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     app = request.app
     ctx = app[CONTEXT]
     refusal = path_refusal(request)
-    raw, presented = access_token(request)
+    try:
+        raw, presented = access_token(request)
+    except InvalidToken as exc:
+        # No token: the challenge offers both schemes the gateway takes (RFC 9449 §7.2)
+        offered = f"{exc.headers['WWW-Authenticate']}, DPoP {dpop.ALGS}"
+        exc.headers = exc.headers | {"WWW-Authenticate": offered}
+        raise
     ip = caller_ip(request)
     rule = None if refusal else app[ROUTES].rule_for(request.method, request.path)
     # The token and the allow list first, covered or not, whatever the path or the proof:
@@ -180,13 +187,20 @@ async def gateway(request: web.Request) -> web.StreamResponse:
     permission = None if rule is None else rule.permission
     point = ctx.policy_point
     allowed = point.allowed_now(raw, ip, permission, "api", bearer=presented is None)
-    if allowed is None:
-        meta = metadata(request, "gateway", ip)
-        allowed = await point.decide(raw, ip, permission, "api", meta, presented)
-    if refusal:
-        raise InvalidRequest(refusal)
-    if rule is None:
-        raise NotCovered()
+    try:
+        if allowed is None:
+            meta = metadata(request, "gateway", ip)
+            allowed = await point.decide(raw, ip, permission, "api", meta, presented)
+        if refusal:
+            raise InvalidRequest(refusal)
+        if rule is None:
+            raise NotCovered()
+    except OAuthError as exc:
+        challenge = exc.headers.get("WWW-Authenticate")
+        if presented is not None and challenge is not None:
+            said = dpop.in_dpop_scheme(challenge, BEARER_REALM)
+            exc.headers = exc.headers | {"WWW-Authenticate": said}
+        raise
     # DPOP_NONCE=required: an allowed DPoP request is told the nonce to use next (RFC 9449 §9)
     nonce = {}
     if presented is not None and presented.nonces is not None:

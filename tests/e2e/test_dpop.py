@@ -488,6 +488,43 @@ async def test_the_gateway_refuses_a_bound_token_without_its_proof(client, compa
     assert (await whoami(client, token, proof(client, token=token, **at))).status == 200
 
 
+async def test_the_gateway_answers_a_dpop_request_in_the_dpop_scheme(client, company):
+    """RFC 9449 §7.1: a request made with the DPoP scheme is challenged in it, whatever
+    refused it; one without a token is offered both schemes (§7.2). A Bearer request
+    still gets a Bearer challenge."""
+    app = await new_app(client, company, permissions=["invoices:read"])
+    token = await bound_cc_token(client, app)
+
+    async def dpop_request(method: str, path: str):
+        headers = {"Authorization": f"DPoP {token}",
+                   "DPoP": proof(client, token=token, htm=method, path=path)}  # fmt: skip
+        return await client.request(method, path, headers=headers, json={})
+
+    missing = await dpop_request("POST", "/api/v1/invoices")  # needs invoices:write
+    assert missing.status == 403
+    assert (await missing.json())["error"] == "insufficient_scope"
+    challenge = missing.headers["WWW-Authenticate"]
+    assert challenge.startswith('DPoP algs="'), challenge
+    assert 'error="insufficient_scope", scope="invoices:write"' in challenge
+    assert "Bearer" not in challenge
+    uncovered = await dpop_request("GET", "/api/v1/nothing-routes-here")
+    assert uncovered.status == 403
+    assert uncovered.headers["WWW-Authenticate"].startswith('DPoP algs="')
+    assert 'error="insufficient_scope"' in uncovered.headers["WWW-Authenticate"]
+    for headers in ({}, {"Authorization": "Basic eDp5"}):
+        none = await client.get("/api/v1/whoami", headers=headers)
+        assert none.status == 401
+        offered = none.headers["WWW-Authenticate"]
+        assert offered.startswith('Bearer realm="tollgate", DPoP algs="'), offered
+        assert "error=" not in offered  # no token, no error code (RFC 6750 §3.1)
+    bearer = (await (await cc_request(client, app)).json())["access_token"]
+    as_bearer = await client.post(
+        "/api/v1/invoices", headers={"Authorization": f"Bearer {bearer}"}, json={}
+    )
+    assert as_bearer.status == 403
+    assert as_bearer.headers["WWW-Authenticate"].startswith('Bearer realm="tollgate", error=')
+
+
 async def test_policy_check_requires_the_proof_of_a_bound_token(client, company, db):
     app = await new_app(client, company)
     token = await bound_cc_token(client, app)
