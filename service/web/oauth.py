@@ -7,6 +7,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
@@ -264,6 +265,17 @@ async def introspect(request: web.Request) -> web.Response:
     if answer["active"]:
         answer = answer | {"iss": ctx.settings.issuer}  # RFC 7662 §2.2
     return web.json_response(answer, headers=NO_STORE)
+
+
+@routes.get("/.well-known/oauth-authorization-server/{issuer_path:.+}")
+async def server_metadata_of_path(request: web.Request) -> web.StreamResponse:
+    """RFC 8414 §3.1: the metadata of an issuer with a path (a PUBLIC_URL such as
+    `https://example.com/auth`) lives at the well-known URI with that path after it, which a
+    client such as oauth4webapi asks for. Any other path is not an issuer here."""
+    path = urlsplit(request.app[CONTEXT].settings.issuer).path.strip("/")
+    if not path or request.match_info["issuer_path"].strip("/") != path:
+        raise web.HTTPNotFound()
+    return await server_metadata(request)
 
 
 @routes.get("/.well-known/oauth-authorization-server")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -362,8 +363,19 @@ def issuer_guessed(settings: Settings) -> None:
     """Without PUBLIC_URL the issuer is the listening address (`Settings.issuer`): right for
     a loopback service, wrong for one that others reach (0.0.0.0 publishes "localhost"), whose
     clients read the issuer and every endpoint from the metadata (RFC 8414) and check `iss`
-    (RFC 9207). Said once at start, as a warning."""
+    (RFC 9207). Said once at start, as a warning; so is an issuer with a path, which works
+    only behind a proxy set up for it."""
     if settings.public_url:
+        path = urlsplit(settings.public_url).path
+        if path.strip("/"):
+            log.warning(
+                "service.issuer_has_path", issuer=settings.issuer,
+                detail=f"the proxy in front must strip {path} from the requests under it "
+                f"and pass /.well-known/oauth-authorization-server{path} as it is (RFC 8414 "
+                "§3.1); the sign-in, consent and dashboard pages link from the host's root, "
+                "so authorization_code needs them reached there too. A host name of "
+                "Tollgate's own needs none of this",
+            )  # fmt: skip
         return
     try:
         loopback = ipaddress.ip_address(settings.host).is_loopback

@@ -277,6 +277,15 @@ def oauth_body(schema: str) -> Json:
     return {"required": True, "content": {media: {"schema": ref(schema)} for media in OAUTH_BODIES}}
 
 
+ISSUER_PATH = {
+    "name": "issuer_path",
+    "in": "path",
+    "required": True,
+    "schema": STRING,
+    "description": "the issuer's path, as PUBLIC_URL has it",
+}
+
+
 def oauth_paths() -> Json:
     no_store = {"Cache-Control": NO_STORE_HEADER, "Pragma": header({"const": "no-cache"}, "")}
     errors = ("OAuthBadRequest", "InvalidClient", "OAuthUnavailable")
@@ -330,6 +339,16 @@ def oauth_paths() -> Json:
                 ok("ServerMetadata", "the metadata"),
                 tag="oauth",
                 operationId="serverMetadata",
+            ),
+        },
+        "/.well-known/oauth-authorization-server/{issuer_path}": {
+            "get": op(
+                "RFC 8414 §3.1: the same metadata, for an issuer (PUBLIC_URL) with a path; "
+                "404 for any other path",
+                ok("ServerMetadata", "the metadata") | use("NotFound"),
+                tag="oauth",
+                operationId="serverMetadataOfPath",
+                parameters=[ISSUER_PATH],
             ),
         },
     }

@@ -560,6 +560,33 @@ async def test_the_issuer_comes_from_public_url_when_set(db, settings):
     assert meta["token_endpoint"] == "https://auth.example.com/oauth/token"
 
 
+@pytest.mark.parametrize("public_url", ["https://example.com/auth", "https://example.com"])
+async def test_an_issuer_with_a_path_has_its_metadata_where_rfc_8414_puts_it(
+    db, settings, public_url
+):
+    """RFC 8414 §3.1: for https://example.com/auth, at
+    /.well-known/oauth-authorization-server/auth (oauth4webapi's discovery asks there; it
+    got 404). Any other path after the well-known one is no issuer of this service."""
+    from tests.e2e.test_gateway import start
+
+    client = await start(db, dataclasses.replace(settings), public_url=public_url)
+    try:
+        at_path = await client.get("/.well-known/oauth-authorization-server/auth")
+        other = await client.get("/.well-known/oauth-authorization-server/other")
+        plain = await client.get("/.well-known/oauth-authorization-server")
+        if public_url.endswith("/auth"):
+            assert at_path.status == 200
+            assert (await at_path.json())["issuer"] == public_url
+            assert (await at_path.json())["token_endpoint"] == f"{public_url}/oauth/token"
+        else:
+            assert at_path.status == 404
+        assert other.status == 404
+        assert (await other.json())["error"] == "not_found"
+        assert (await plain.json())["issuer"] == public_url
+    finally:
+        await client.close()
+
+
 async def test_a_malformed_code_verifier_is_invalid_grant(client, company, ac_app):
     _verifier, challenge = pkce()
     code = await code_for(client, company, ac_app, challenge=challenge)
