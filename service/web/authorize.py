@@ -83,8 +83,11 @@ def redirect_to(uri: str, params: dict[str, str | None], issuer: str) -> web.HTT
 
 
 async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest:
-    for key in params:
-        if len(params.getall(key)) > 1:
+    # Until the client and its redirect URI are known, an error can only be shown here;
+    # after, it goes back to the application (RFC 6749 §4.1.2.1).
+    repeated = [key for key in dict.fromkeys(params) if len(params.getall(key)) > 1]
+    for key in ("client_id", "redirect_uri"):
+        if key in repeated:
             raise PageError("Invalid request", f"{key} is given more than once")
     if "client_secret" in params:
         raise PageError(
@@ -98,16 +101,23 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
     if app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
         raise PageError("Invalid request", "this application cannot ask users for access")
     redirect_uri = params.get("redirect_uri")
-    if redirect_uri is None or not native_apps.redirect_matches(
-        app, app.redirect_uri, redirect_uri
-    ):
+    if redirect_uri is None:
+        raise PageError(
+            "Invalid redirect URI",
+            "redirect_uri is missing: every authorization request names the redirect URI "
+            "registered for the application",
+        )
+    if not native_apps.redirect_matches(app, app.redirect_uri, redirect_uri):
         raise PageError(
             "Invalid redirect URI",
             "the redirect_uri does not match the one registered for this application",
         )
-    state = params.get("state")
     # From here on errors go back to the application, with its state (RFC 6749 §4.1.2.1).
     iss = ctx.settings.issuer
+    state = None if "state" in repeated else params.get("state")  # which one is it?
+    if repeated:
+        # RFC 6749 §3.1: a parameter is sent once
+        raise _redirect_error(redirect_uri, state, f"{repeated[0]} is given more than once", iss)
     response_type = params.get("response_type")
     if not response_type:  # RFC 6749 §3.1: an empty parameter is an omitted one
         raise _redirect_error(redirect_uri, state, "response_type is required", iss)

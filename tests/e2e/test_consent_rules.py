@@ -155,8 +155,18 @@ async def test_a_consent_form_with_a_field_given_twice_is_refused(client, compan
         data=[*fields, (field, extra[field]), ("decision", "approve")],
         allow_redirects=False,
     )
-    assert response.status == 400, await response.text()
-    assert "given more than once" in await response.text()
+    if field == "redirect_uri":  # where to send the error is what is in doubt: shown here
+        assert response.status == 400, await response.text()
+        assert "given more than once" in await response.text()
+    else:  # back to the application's registered URI, with no code (RFC 6749 §4.1.2.1)
+        assert response.status == 302, await response.text()
+        location = response.headers["Location"]
+        assert location.startswith(app["redirect_uri"])
+        back = query_of(location)
+        assert back["error"] == "invalid_request"
+        assert "given more than once" in back["error_description"]
+        assert "code" not in back
+        assert "state" not in back or field != "state"  # which of two states is it?
     assert await db.pool.fetchval("SELECT count(*) FROM events") == before
 
 
@@ -176,3 +186,29 @@ async def test_not_you_without_a_session_is_refused(client, company):
 def consent_token_for(session_cookie: str) -> str:
     """The consent form's token as the service derives it from a session cookie."""
     return credentials.digest("consent:" + session_cookie)
+
+
+async def test_an_authorization_request_with_a_parameter_twice_goes_back_to_the_client(
+    client, company
+):
+    """RFC 6749 §4.1.2.1: once the client and its redirect URI are known, an invalid
+    request is the application's to hear, with `iss`; a page here said so to the user
+    instead. The client and the redirect URI given twice are still shown here."""
+    app = await web_app(client, company)
+    url = authorize_url(app, scope="invoices:read")
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    for extra, state in (("&state=other", None), ("&scope=invoices:write", "xyz")):
+        response = await client.get(url + extra, allow_redirects=False)
+        assert response.status == 302, await response.text()
+        back = query_of(response.headers["Location"])
+        assert back["error"] == "invalid_request"
+        assert "given more than once" in back["error_description"]
+        assert back.get("state") == state  # two states: which is the client's?
+        assert "iss" in back  # RFC 9207
+    for extra in ("&client_id=other", "&redirect_uri=https://evil.example/cb"):
+        shown = await client.get(url + extra, allow_redirects=False)
+        assert shown.status == 400
+        assert "given more than once" in await shown.text()
+    missing = await client.get(url.replace("redirect_uri=", "x="), allow_redirects=False)
+    assert missing.status == 400
+    assert "redirect_uri is missing" in await missing.text()
