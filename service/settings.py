@@ -414,10 +414,31 @@ def _database_url(env: Mapping[str, str]) -> str | None:
 
 def _mail_from(env: Mapping[str, str]) -> str:
     raw = env.get("MAIL_FROM") or "tollgate@localhost"
-    local, _, domain = email.utils.parseaddr(raw)[1].rpartition("@")
+    name, address = email.utils.parseaddr(raw)
+    local, _, domain = address.rpartition("@")
     if not local or not domain or any(c in raw for c in "\r\n"):
         raise ConfigError(f"MAIL_FROM must be an email address (alerts@example.com), got {raw!r}")
-    return raw
+    if raw.isascii():
+        return raw
+    # An IDN domain goes in its ASCII form (xn--, RFC 5890): as typed, it made the From
+    # header "alerts@=?utf-8?q?b=C3=BCcher?=.example" and the envelope sender something
+    # only an SMTPUTF8 server takes. A local part in other scripts has no ASCII form. A
+    # display name in another script is an encoded word (RFC 2047); as typed, it went out
+    # as raw 8-bit bytes.
+    if not address.isascii():
+        from email_validator import EmailNotValidError, validate_email
+
+        try:
+            ascii_address = validate_email(address, check_deliverability=False).ascii_email
+        except EmailNotValidError as exc:
+            raise ConfigError(f"MAIL_FROM is not an email address ({exc}), got {raw!r}") from None
+        if ascii_address is None:
+            raise ConfigError(
+                "MAIL_FROM: the part before the @ must be ASCII (few mail servers take "
+                f"others), got {raw!r}"
+            )
+        address = ascii_address
+    return email.utils.formataddr((name, address)) if name else address
 
 
 def _http_url(env: Mapping[str, str], name: str, *, public: bool = False) -> str | None:

@@ -4,6 +4,7 @@ from the real event log; once per violation, at least once across failures and r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import email.policy
 import os
@@ -747,3 +748,34 @@ async def test_a_notifier_warns_of_a_url_that_lets_the_server_drop_it_too_soon(d
                 await eventually(lambda: worker.active)  # its lock taken on such a session
     warned = [e for e in logs if e["event"] == "database.peer_timeouts_short"]
     assert [e["dropped_after_s"] for e in warned] == [10.0]
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "address", "name"),
+    [
+        ("alerts@bücher.example", "alerts@xn--bcher-kva.example", ""),
+        ("Zoë Alerts <alerts@bücher.example>", "alerts@xn--bcher-kva.example", "Zoë Alerts"),
+        ("Zoë Alerts <alerts@example.com>", "alerts@example.com", "Zoë Alerts"),
+    ],
+)
+async def test_a_mail_from_in_another_script_goes_out_in_its_ascii_form(
+    db, tmp_path, smtp, mail_from, address, name
+):
+    """An IDN domain as typed made the From header 'alerts@=?utf-8?q?b=C3=BCcher?=.example',
+    which no mail program reads as an address, and an envelope sender only an SMTPUTF8
+    server takes. Its ASCII form (xn--, RFC 5890) goes in both; a display name in any
+    script stays the display name."""
+    from service.settings import load_settings
+
+    configured = load_settings({"MAIL_FROM": mail_from}, dotenv=False).mail_from
+    settings = dataclasses.replace(smtp_settings(tmp_path, smtp), mail_from=configured)
+    await smtp.start()
+    async with context(db, settings) as ctx:
+        await add_app(ctx)
+        await violate(ctx)
+        await notifier(ctx, db).drain()
+    [(sender, _recipients, message)] = smtp.mailbox.received
+    assert sender == address
+    [author] = message["From"].addresses
+    assert author.addr_spec == address
+    assert author.display_name == name
