@@ -19,9 +19,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from service.metrics import METRICS
 from service.settings import Settings
@@ -318,8 +320,13 @@ class Runner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # starts the application
+        handle = made.request_handler
+
+        async def application(request: web.BaseRequest) -> web.StreamResponse:
+            return await handle(_as_routed(request))
+
         server = _Server(
-            made.request_handler,
+            application,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=asyncio.get_running_loop(),
@@ -327,6 +334,23 @@ class Runner(web.AppRunner):
         )
         server.limits = self._limits
         return server
+
+
+def _as_routed(request: web.BaseRequest) -> web.BaseRequest:
+    """What aiohttp answers before the application's middlewares, as plain text and with no
+    log line, made a request the application answers (JSON, logged, counted): a target that
+    is no path (`OPTIONS *`, `CONNECT host:port`), routed as one that matches nothing (404),
+    and an expectation other than 100-continue (aiohttp: 417 "Unknown Expect"), left
+    unmet, as RFC 9110 §10.1.1 allows."""
+    changes: dict[str, Any] = {}
+    if not request.raw_path.startswith("/"):
+        changes["rel_url"] = URL.build(path="/" + request.raw_path.lstrip("/"), encoded=False)
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is not None and expect.strip().lower() != "100-continue":
+        changes["headers"] = CIMultiDictProxy(
+            CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() != "expect")
+        )
+    return request.clone(**changes) if changes else request
 
 
 def limits(settings: Settings) -> Limits:

@@ -250,6 +250,47 @@ async def test_requests_the_parser_refuses_leak_no_credential_and_log_one_json_l
     assert "Invalid header value char" in {e["reason"] for e in refusals}
 
 
+async def test_what_aiohttp_answered_before_the_application_is_answered_and_logged_by_it(
+    db, tmp_path
+):
+    """`OPTIONS *`, `CONNECT host:port` and an expectation other than 100-continue were
+    answered by aiohttp before any middleware: a text/plain 404 or 417, with no request id,
+    no log line and no count. The application answers them now: a JSON 404 for a target
+    that is no path, and the request itself when the expectation is one it cannot meet
+    (RFC 9110 §10.1.1 lets it go unmet)."""
+    async with serving(db, tmp_path) as running:
+        c = await credentials(db, tmp_path, running)
+        body = b"grant_type=client_credentials"
+        token = (
+            b"POST /oauth/token HTTP/1.1\r\nHost: t\r\nConnection: close\r\nExpect: 200-ok\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nAuthorization: Basic "
+            + c.basic_value.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body
+        )  # fmt: skip
+        answers = [
+            await exchange(
+                running.port, b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            ),
+            await exchange(
+                running.port,
+                b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+            ),
+            await exchange(running.port, token),
+        ]
+    statuses = []
+    for answer in answers:
+        head, _, text = answer.partition(b"\r\n\r\n")
+        statuses.append(int(head.split()[1]))
+        assert b"X-Request-Id: " in head, head
+        assert b"Content-Type: application/json" in head, head
+        json.loads(text)
+    assert statuses == [404, 404, 200], answers
+    logged = {(e["method"], e["path"], e["status"]) for e in running.events()
+              if e["event"] == "http.request"}  # fmt: skip
+    assert {("OPTIONS", "/*", 404), ("CONNECT", "/example.com:443", 404),
+            ("POST", "/oauth/token", 200)} <= logged  # fmt: skip
+
+
 async def test_a_client_that_leaves_mid_body_is_a_499_not_a_database_failure(db, tmp_path):
     leaving = [
         ("/oauth/token", "application/x-www-form-urlencoded", b"grant_type=client_"),
