@@ -11,8 +11,9 @@ from collections.abc import Iterable
 
 import asyncpg
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import _default_expect_handler
 from multidict import istr
 
 from service import logs
@@ -131,14 +132,25 @@ def observed(handler: Handler, route: str) -> Handler:
     return observe
 
 
+async def expectation(request: web.BaseRequest) -> None:
+    """Every route's `Expect` handler (RFC 9110 §10.1.1): 100-continue is met as aiohttp
+    meets it (an interim 100 before the body is read); any other expectation is left unmet,
+    as the RFC allows, and the request answered. aiohttp's own answered it with a text/plain
+    417 before the middlewares: no request id, no log line, no count."""
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await _default_expect_handler(request)  # type: ignore[arg-type]
+
+
 def observed_routes(table: Iterable[web.AbstractRouteDef]) -> list[web.AbstractRouteDef]:
-    """`table`'s routes, as `app.add_routes` takes them, each handler `observed`."""
+    """`table`'s routes, as `app.add_routes` takes them, each handler `observed` and each
+    expectation answered by `expectation`."""
     out: list[web.AbstractRouteDef] = []
     for definition in table:
         if not isinstance(definition, web.RouteDef):  # a static directory: none is served
             raise TypeError(f"only handlers can be observed, not {definition!r}")
         handler = observed(definition.handler, canonical(definition.path))
-        out.append(web.RouteDef(definition.method, definition.path, handler, definition.kwargs))
+        kwargs = {"expect_handler": expectation, **definition.kwargs}
+        out.append(web.RouteDef(definition.method, definition.path, handler, kwargs))
     return out
 
 
@@ -156,7 +168,9 @@ def route_unmatched(app: web.Application) -> None:
     """What no route matches, answered as aiohttp would (404, or 405 with Allow for a
     path routed for other methods) and observed like any request. Added last: aiohttp
     tries a path's resources in the order they were added."""
-    app.router.add_route("*", UNMATCHED_PATH, observed(_unmatched, UNMATCHED))
+    app.router.add_route(
+        "*", UNMATCHED_PATH, observed(_unmatched, UNMATCHED), expect_handler=expectation
+    )
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:

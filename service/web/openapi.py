@@ -6,7 +6,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from service.web.middleware import observed
+from service.web.middleware import expectation, observed
 
 DOCUMENT = web.AppKey("openapi_document", bytes)
 
@@ -15,7 +15,9 @@ def setup(app: web.Application) -> None:
     """Read the document once, at start (a wheel without it fails here, not on a request),
     and route it."""
     app[DOCUMENT] = resources.files("service.web").joinpath("openapi.json").read_bytes()
-    app.router.add_get("/openapi.json", observed(serve, "/openapi.json"))
+    app.router.add_get(
+        "/openapi.json", observed(serve, "/openapi.json"), expect_handler=expectation
+    )
 
 
 async def serve(request: web.Request) -> web.Response:

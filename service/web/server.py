@@ -19,10 +19,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from service.metrics import METRICS
@@ -337,20 +336,15 @@ class Runner(web.AppRunner):
 
 
 def _as_routed(request: web.BaseRequest) -> web.BaseRequest:
-    """What aiohttp answers before the application's middlewares, as plain text and with no
-    log line, made a request the application answers (JSON, logged, counted): a target that
-    is no path (`OPTIONS *`, `CONNECT host:port`), routed as one that matches nothing (404),
-    and an expectation other than 100-continue (aiohttp: 417 "Unknown Expect"), left
-    unmet, as RFC 9110 §10.1.1 allows."""
-    changes: dict[str, Any] = {}
-    if not request.raw_path.startswith("/"):
-        changes["rel_url"] = URL.build(path="/" + request.raw_path.lstrip("/"), encoded=False)
-    expect = request.headers.get(hdrs.EXPECT)
-    if expect is not None and expect.strip().lower() != "100-continue":
-        changes["headers"] = CIMultiDictProxy(
-            CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() != "expect")
-        )
-    return request.clone(**changes) if changes else request
+    """A target that is no path (`OPTIONS *`, `CONNECT host:port`) routed as one that
+    matches nothing: aiohttp answered it before the application's middlewares, a text/plain
+    404 with no request id, no log line and no count; the application answers it as any
+    path it does not know (a JSON 404, logged). An absolute-form target
+    (`GET http://host/path`, RFC 9112 §3.2.2) is a path already."""
+    path = request.rel_url.path
+    if path.startswith("/"):
+        return request
+    return request.clone(rel_url=URL.build(path="/" + request.raw_path.lstrip("/")))
 
 
 def limits(settings: Settings) -> Limits:

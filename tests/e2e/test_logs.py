@@ -276,6 +276,17 @@ async def test_what_aiohttp_answered_before_the_application_is_answered_and_logg
                 b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
             ),
             await exchange(running.port, token),
+            # an absolute-form target is a path already (RFC 9112 §3.2.2)
+            await exchange(
+                running.port,
+                b"GET http://t/healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            ),
+            # an unmet expectation beside a header byte outside UTF-8: not a 500
+            await exchange(
+                running.port,
+                b"GET /healthz HTTP/1.1\r\nHost: t\r\nExpect: foo\r\nX-A: \xff\r\n"
+                b"Connection: close\r\n\r\n",
+            ),
         ]
     statuses = []
     for answer in answers:
@@ -284,11 +295,12 @@ async def test_what_aiohttp_answered_before_the_application_is_answered_and_logg
         assert b"X-Request-Id: " in head, head
         assert b"Content-Type: application/json" in head, head
         json.loads(text)
-    assert statuses == [404, 404, 200], answers
+    assert statuses == [404, 404, 200, 200, 200], answers
     logged = {(e["method"], e["path"], e["status"]) for e in running.events()
               if e["event"] == "http.request"}  # fmt: skip
     assert {("OPTIONS", "/*", 404), ("CONNECT", "/example.com:443", 404),
-            ("POST", "/oauth/token", 200)} <= logged  # fmt: skip
+            ("POST", "/oauth/token", 200), ("GET", "/healthz", 200)} <= logged  # fmt: skip
+    assert not [e for e in running.events() if e["level"] in ("error", "critical")]
 
 
 async def test_a_client_that_leaves_mid_body_is_a_499_not_a_database_failure(db, tmp_path):
