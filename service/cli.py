@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -245,6 +244,7 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
 
 async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.metrics import Metrics, multiprocess_dir
+    from service.web.server import stop_signals
     from service.workers import bind_to_parent
 
     bind_to_parent()  # the projections process of `serve --workers N` dies with its parent
@@ -257,36 +257,34 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
             for name in runner.projections:
                 await runner.catch_up(name)
             return 0
-        # SIGTERM (from `serve --workers`' parent, or a supervisor) and SIGHUP stop it as
-        # they stop `serve`: its work is cancelled, its sessions closed and its last lines
-        # logged (Python's default ended the process at once, in the middle of a line).
-        loop = asyncio.get_running_loop()
-        stop: asyncio.Future[str] = loop.create_future()
-
-        def stopping(signum: signal.Signals) -> None:
-            if not stop.done():
-                stop.set_result(signum.name)
-
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, stopping, signum)
-        forever = asyncio.ensure_future(runner.run_forever())
-        try:
-            await asyncio.wait((forever, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
-            if not forever.done():
-                forever.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await forever
-        if stop.done():
-            log.info("projections.stopping", signal=stop.result())
-            return 0
-        forever.result()
+        await runner.run_forever()
         return 0
 
+    # SIGTERM (from `serve --workers`' parent, or a supervisor), SIGINT and SIGHUP stop it as
+    # they stop `serve`: the work is cancelled, the sessions closed, the last lines logged
+    # (Python's default ended the process at once, mid-line). Set before the database is
+    # opened and kept to the end: a second signal never cuts the clean-up short.
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    received: list[str] = []
+
+    def stopping(signum: signal.Signals) -> None:
+        if not received:
+            received.append(signum.name)
+            log.info("projections.stopping", signal=signum.name)
+            main.cancel()
+
+    for signum in stop_signals():
+        loop.add_signal_handler(signum, stopping, signum)
     moved = metrics.projection_moved if metrics is not None else None
-    return await _with_runner(settings, body, listen=True, moved=moved, snapshots=True)
+    try:
+        return await _with_runner(settings, body, listen=True, moved=moved, snapshots=True)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        main.uncancel()  # asked for by the signal, and done: the task goes on to its end
+        return 0
 
 
 async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:

@@ -477,13 +477,23 @@ async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> 
         loop = asyncio.get_running_loop()
         # SIGHUP too (a closed terminal, or an operator used to "reload"): Python's default
         # ended the process at once, requests in flight with it
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in stop_signals():
             loop.add_signal_handler(signum, _on_signal, stop, received, signum)
         _started(settings, worker=reuse_port)
         await stop.wait()
         log.info("service.stopping", signal=received[0])
     finally:
         await runner.cleanup()
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a process of the service as Ctrl-C does: SIGTERM, SIGINT and
+    SIGHUP (a closed terminal, or an operator used to "reload"), SIGHUP not when it is
+    ignored (`nohup`, a supervisor): a process started so must outlive its terminal."""
+    ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    return (signal.SIGTERM, signal.SIGINT) if ignored else (
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+    )  # fmt: skip
 
 
 def _on_signal(stop: asyncio.Event, received: list[str], signum: int) -> None:

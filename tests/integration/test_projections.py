@@ -454,25 +454,29 @@ async def test_a_rebuild_whose_reader_goes_away_rebuilds_everything_all_the_same
     assert checkpoints and all(r["position"] == head for r in checkpoints), checkpoints
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-async def test_projections_run_stops_on_a_signal_with_its_last_lines_logged(db, signum):
-    """`serve --workers` and supervisors stop it with SIGTERM: it stops as `serve` does,
-    its work cancelled and its last line logged, every line still one JSON object (Python's
-    default ended it at once, and the log with it)."""
-    env = {**os.environ, "DATABASE_URL": db.dsn, "LOG_FORMAT": "json"}
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "projections", "run",
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGTERM],
+        [signal.SIGHUP],
+        [signal.SIGINT],
+        [signal.SIGTERM, signal.SIGTERM],  # a second, as the first one's clean-up runs
+        [signal.SIGINT, signal.SIGTERM],  # Ctrl-C, then `serve --workers`' parent forwarding
+    ],
+    ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGTERM-twice", "SIGINT-then-SIGTERM"],
+)
+async def test_projections_run_stops_on_a_signal_with_its_last_lines_logged(db, signals):
+    """`serve --workers` and supervisors stop it with SIGTERM, a terminal with SIGINT: it
+    stops as `serve` does, its work cancelled, its sessions closed, its line logged and
+    every line still one JSON object (Python's default ended it at once, and the log with
+    it); a second signal does not cut that short."""
+    worker = await _projections_process(db)
     assert worker.stderr is not None
-    said = b""
+    said = await _until_started(worker)
     try:
-        async with asyncio.timeout(30):
-            while said.count(b"projection.started") < len(sql_projections()):
-                line = await worker.stderr.readline()
-                assert line, said.decode()[-2000:]
-                said += line
-        worker.send_signal(signum)
+        for signum in signals:
+            worker.send_signal(signum)
+            await asyncio.sleep(0.005)
         async with asyncio.timeout(15):
             said += await worker.stderr.read()
             code = await worker.wait()
@@ -480,7 +484,52 @@ async def test_projections_run_stops_on_a_signal_with_its_last_lines_logged(db, 
         if worker.returncode is None:
             worker.kill()
             await worker.wait()
-    lines = said.decode().splitlines()
-    assert code == 0, lines[-20:]
-    assert [msgspec.json.decode(line)["event"] for line in lines][-1] == "projections.stopping"
-    assert msgspec.json.decode(lines[-1])["signal"] == signum.name
+    events = [msgspec.json.decode(line) for line in said.decode().splitlines()]
+    assert code == 0, events[-20:]
+    [stopping] = [e for e in events if e["event"] == "projections.stopping"]
+    assert stopping["signal"] == signals[0].name
+    assert not [e for e in events if e["level"] in ("error", "critical")], events[-20:]
+
+
+async def test_projections_run_under_nohup_outlives_its_terminal(db):
+    """Started with SIGHUP ignored (`nohup`, a supervisor), it keeps running on a hang-up,
+    as before it handled SIGHUP; SIGTERM still stops it."""
+    worker = await _projections_process(
+        db, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    )
+    assert worker.stderr is not None
+    said = await _until_started(worker)
+    try:
+        worker.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert worker.returncode is None
+        worker.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            said += await worker.stderr.read()
+            code = await worker.wait()
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    assert code == 0
+    assert b'"signal":"SIGTERM"' in said
+
+
+async def _projections_process(db, **kwargs) -> asyncio.subprocess.Process:
+    env = {**os.environ, "DATABASE_URL": db.dsn, "LOG_FORMAT": "json"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "projections", "run",
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs,
+    )  # fmt: skip
+
+
+async def _until_started(worker: asyncio.subprocess.Process) -> bytes:
+    """Its lines until every projection has started (so its handlers are in place)."""
+    assert worker.stderr is not None
+    said = b""
+    async with asyncio.timeout(30):
+        while said.count(b"projection.started") < len(sql_projections()):
+            line = await worker.stderr.readline()
+            assert line, said.decode()[-2000:]
+            said += line
+    return said
