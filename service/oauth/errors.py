@@ -23,8 +23,8 @@ class InvalidRequest(OAuthError):
 
 
 class InvalidClient(OAuthError):
-    """Client authentication failed (RFC 6749 §5.2): 401 with a Basic challenge, which the
-    web layer drops for a client that authenticated in the body (service/web/oauth.py)."""
+    """Client authentication failed (RFC 6749 §5.2): 401 with a Basic challenge; 400 without
+    one for a client that authenticated in the body (service/web/oauth.py)."""
 
     error = "invalid_client"
     status = 401

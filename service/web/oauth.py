@@ -136,16 +136,18 @@ _IN_BODY = ("client_secret", "client_assertion", "client_assertion_type", "clien
 @contextlib.contextmanager
 def _challenged_as_sent(request: web.Request, params: dict[str, str]) -> Iterator[None]:
     """RFC 6749 §5.2: an `invalid_client` answers a client that used the Authorization
-    header with the Basic challenge, and a request with no credentials at all with it too
-    (it says how to authenticate); a client that authenticated in the body (a secret, an
-    assertion, its client_id alone) gets the error without a challenge. Strict clients
-    read a challenge as the answer (oauth4webapi reports a WWWAuthenticateChallengeError for
-    a Basic scheme the client never used, and the error body goes unread)."""
+    header with 401 and the Basic challenge, and a request with no credentials at all too
+    (the challenge says how to authenticate); a client that authenticated in the body (a
+    secret, an assertion, its client_id alone) gets 400 and the error, without a challenge
+    (a 401 must carry one, RFC 9110 §15.5.2). Strict clients read a challenge as the answer:
+    oauth4webapi reported a WWWAuthenticateChallengeError for a Basic scheme the client never
+    used, and the error body went unread."""
     try:
         yield
     except InvalidClient as exc:
         if "Authorization" not in request.headers and any(params.get(k) for k in _IN_BODY):
             exc.headers = {k: v for k, v in exc.headers.items() if k != "WWW-Authenticate"}
+            exc.status = 400
         raise
 
 

@@ -422,11 +422,13 @@ def common_responses() -> Json:
         "Unavailable": error("temporarily_unavailable: the database is unreachable; retry"),
         "OAuthBadRequest": oauth_error(
             "invalid_request, invalid_grant, unauthorized_client, unsupported_grant_type or "
-            "invalid_scope (RFC 6749 §5.2)"
+            "invalid_scope (RFC 6749 §5.2); invalid_client for a client that authenticated "
+            "in the body (a secret, an assertion or a public client's client_id)"
         ),
         "InvalidClient": oauth_error(
-            "invalid_client (401, Basic challenge); at introspection, an unknown "
-            "resource-server key is invalid_token with a Bearer challenge",
+            "invalid_client for Basic credentials or none (401, Basic challenge); at "
+            "introspection, an unknown resource-server key is invalid_token with a Bearer "
+            "challenge",
             {"WWW-Authenticate": challenge("(Basic|Bearer)")},
         ),
         "IpNotAllowed": oauth_error("ip_not_allowed: the caller's address is not allow-listed"),

@@ -112,7 +112,7 @@ async def test_a_pasted_key_signs_assertions_until_it_is_removed(client, company
     )
     assert "Key “team/rsa-1” removed" in await notice_after(client, removed)
     refused = await token_request(client, assertion(client, app, key=RSA, alg="RS256"))
-    assert refused.status == 401
+    assert refused.status == 400
     assert (await refused.json())["error"] == "invalid_client"
     assert (await token_request(client, assertion(client, app, key=EC))).status == 200
     assert "team/rsa-1" not in await opened(client, app)

@@ -90,7 +90,7 @@ async def test_a_public_client_gets_and_refreshes_tokens_with_its_client_id_alon
     looked = await client.post(
         "/oauth/introspect", data={"client_id": app["client_id"], "token": token["access_token"]}
     )
-    assert looked.status == 401
+    assert looked.status == 400
     assert (await looked.json())["error"] == "invalid_client"
 
 
@@ -222,7 +222,7 @@ async def test_a_public_client_is_for_users_grants_only(client, company):
     refused = await client.post(
         "/oauth/token", data={"grant_type": "client_credentials", "client_id": cc["client_id"]}
     )
-    assert refused.status == 401
+    assert refused.status == 400
     assert (await refused.json())["error"] == "invalid_client"
 
 
@@ -239,7 +239,7 @@ async def test_secrets_do_not_mix_with_public_clients(client, company):
     code = await code_at(client, company, confidential, LOOPBACK, challenge)
     # a confidential client's code is not redeemed with its client_id alone
     refused = await exchange(client, confidential, code, verifier, LOOPBACK)
-    assert refused.status == 401
+    assert refused.status == 400
     assert (await refused.json())["error"] == "invalid_client"
     # a public client sending a secret (any secret) is refused
     code = await code_at(client, company, public, LOOPBACK, challenge, signed_in=True)

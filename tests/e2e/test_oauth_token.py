@@ -142,9 +142,10 @@ async def test_bad_client_authentication_is_invalid_client(
 async def test_invalid_client_is_challenged_only_in_the_scheme_the_client_used(
     client, company, path, data
 ):
-    """RFC 6749 §5.2: the Basic challenge answers a client that used the Authorization
-    header (or sent nothing); one that authenticated in the body gets the error alone, or
-    a strict client (oauth4webapi) reports the challenge and never reads the error."""
+    """RFC 6749 §5.2: 401 and the Basic challenge answer a client that used the
+    Authorization header (or sent nothing); one that authenticated in the body gets 400 and
+    the error alone (a 401 must carry a challenge, RFC 9110 §15.5.2), or a strict client
+    (oauth4webapi) reports the challenge and never reads the error."""
     app = await new_app(client, company)
     in_body = [
         {"client_id": app["client_id"], "client_secret": "wrong"},
@@ -153,7 +154,7 @@ async def test_invalid_client_is_challenged_only_in_the_scheme_the_client_used(
     ]
     for credentials in in_body:
         response = await client.post(path, data=data | credentials)
-        assert response.status == 401, (credentials, await response.text())
+        assert response.status == 400, (credentials, await response.text())
         assert (await response.json())["error"] == "invalid_client"
         assert "WWW-Authenticate" not in response.headers, credentials
     for headers in (basic(app["client_id"], "wrong"), {}):

@@ -131,7 +131,7 @@ async def test_revocation_and_introspection_authenticate_with_an_assertion(clien
     second = await client.post(
         "/oauth/introspect", data={"token": token, **assertion_params(replayed)}
     )
-    assert second.status == 401
+    assert second.status == 400
     assert (await second.json())["error"] == "invalid_client"
 
 
@@ -143,7 +143,7 @@ async def test_a_replayed_assertion_is_refused(client, company, db):
     value = assertion(client, app)
     assert (await token_request(client, value)).status == 200
     replay = await token_request(client, value)
-    assert replay.status == 401
+    assert replay.status == 400
     body = await replay.json()
     assert body["error"] == "invalid_client"
     assert "used already" in body["error_description"]
@@ -174,10 +174,10 @@ async def test_an_assertion_is_accepted_once_across_two_processes(client, compan
                 token_request(other, value),
                 token_request(other, value),
             )
-            assert sorted(a.status for a in answers) == [200, 401, 401]
+            assert sorted(a.status for a in answers) == [200, 400, 400]
         value = assertion(client, app)
         assert (await token_request(other, value)).status == 200
-        assert (await token_request(client, value)).status == 401
+        assert (await token_request(client, value)).status == 400
     finally:
         await other.close()
     assert await issued(db) == 6
@@ -222,10 +222,10 @@ def _hs256_with_public_key(client, app) -> str:
         pytest.param(lambda c, a: "a.b.c", id="garbage"),
     ],
 )
-async def test_a_bad_assertion_is_401_invalid_client(client, company, db, make):
+async def test_a_bad_assertion_is_400_invalid_client(client, company, db, make):
     app = await keyed_app(client, company)
     response = await token_request(client, make(client, app))
-    assert response.status == 401
+    assert response.status == 400
     body = await response.json()
     assert body["error"] == "invalid_client", body
     assert response.headers["Cache-Control"] == "no-store"
@@ -269,7 +269,7 @@ async def test_a_key_bound_client_refuses_a_secret_and_a_secret_client_an_assert
     )
     assert added.status == 201
     refused = await token_request(client, assertion(client, with_secret))
-    assert refused.status == 401
+    assert refused.status == 400
     assert "client secret" in (await refused.json())["error_description"]
     # switching the method switches what is accepted
     switched = await client.patch(
@@ -313,7 +313,7 @@ async def test_key_rotation_add_new_use_new_remove_old_old_refused(client, compa
     removed = await client.delete(f"{keys_url}/ec-1", headers=company.auth)
     assert removed.status == 204
     old = await token_request(client, assertion(client, app, key=EC))
-    assert old.status == 401
+    assert old.status == 400
     assert (await old.json())["error"] == "invalid_client"
     assert (await token_request(client, assertion(client, app, key=RSA, alg="RS256"))).status == 200
     types = [
@@ -455,7 +455,7 @@ async def test_a_key_whose_kid_has_a_slash_is_removed_through_the_api(client, co
     listed = await (await client.get(keys_url, headers=company.auth)).json()
     assert [k["kid"] for k in listed["keys"]] == ["ec-1"]
     refused = await token_request(client, assertion(client, app, key=plain))
-    assert refused.status == 401
+    assert refused.status == 400
     assert (await refused.json())["error"] == "invalid_client"
     removals = await db.pool.fetch(
         "SELECT payload FROM events WHERE type = 'ClientKeyRemoved' ORDER BY position"
