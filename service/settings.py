@@ -425,19 +425,19 @@ def _mail_from(env: Mapping[str, str]) -> str:
     # only an SMTPUTF8 server takes. A local part in other scripts has no ASCII form. A
     # display name in another script is an encoded word (RFC 2047); as typed, it went out
     # as raw 8-bit bytes.
-    if not address.isascii():
-        from email_validator import EmailNotValidError, validate_email
+    if not local.isascii():
+        raise ConfigError(
+            f"MAIL_FROM: the part before the @ must be ASCII (few mail servers take others), "
+            f"got {raw!r}"
+        )
+    if not domain.isascii():
+        import idna  # email-validator's own (IDNA 2008, UTS 46)
 
         try:
-            ascii_address = validate_email(address, check_deliverability=False).ascii_email
-        except EmailNotValidError as exc:
-            raise ConfigError(f"MAIL_FROM is not an email address ({exc}), got {raw!r}") from None
-        if ascii_address is None:
-            raise ConfigError(
-                "MAIL_FROM: the part before the @ must be ASCII (few mail servers take "
-                f"others), got {raw!r}"
-            )
-        address = ascii_address
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ConfigError(f"MAIL_FROM's domain is not a domain ({exc}), got {raw!r}") from None
+    address = f"{local}@{domain}"
     return email.utils.formataddr((name, address)) if name else address
 
 

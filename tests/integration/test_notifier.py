@@ -754,6 +754,8 @@ async def test_a_notifier_warns_of_a_url_that_lets_the_server_drop_it_too_soon(d
     ("mail_from", "address", "name"),
     [
         ("alerts@bücher.example", "alerts@xn--bcher-kva.example", ""),
+        # a special-use name is the operator's choice, as it is in ASCII
+        ("alerts@bücher.internal", "alerts@xn--bcher-kva.internal", ""),
         ("Zoë Alerts <alerts@bücher.example>", "alerts@xn--bcher-kva.example", "Zoë Alerts"),
         ("Zoë Alerts <alerts@example.com>", "alerts@example.com", "Zoë Alerts"),
     ],
