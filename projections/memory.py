@@ -281,6 +281,7 @@ class PolicyModel:
             e.code_challenge,
             e.expires_at,
             dpop_jkt=e.dpop_jkt,
+            redirect_uri_given=e.redirect_uri_given,
         )
 
     def _code_redeemed(self, e: ev.AuthorizationCodeRedeemed, _r: RecordedEvent) -> None:

@@ -202,6 +202,10 @@ class AuthorizationCodeIssued(Event, frozen=True):
     #: the DPoP key the client bound the code to (RFC 9449 §10, `dpop_jkt`): redeemed only
     #: with a proof by that key
     dpop_jkt: str | None = None
+    #: whether the authorization request named `redirect_uri`; False: it left it out and the
+    #: code went to the one registered, and the token request need not name it (RFC 6749
+    #: §4.1.3)
+    redirect_uri_given: bool = True
 
 
 class AuthorizationCodeRedeemed(Event, frozen=True):

@@ -71,6 +71,7 @@ def approve(
     role: str,
     stream_version: int | None = None,
     dpop_jkt: str | None = None,
+    redirect_uri_given: bool = True,
 ) -> Consent:
     """`connection`: the company's connection as the caller's model holds it;
     `stream_version`: the connection stream's version that model reflects (None: record
@@ -91,6 +92,7 @@ def approve(
         code_challenge=code_challenge,
         expires_at=now + CODE_TTL,
         dpop_jkt=dpop_jkt,
+        redirect_uri_given=redirect_uri_given,
     )
     code = Record(streams.code(code_hash), 0, (issued,))
     alone = None

@@ -18,7 +18,13 @@ from service.domain.applications import AUTHORIZATION_CODE, CLIENT_CREDENTIALS
 from service.domain.client_keys import NONE
 from service.domain.dpop import InvalidDpopProof
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState
-from service.oauth.errors import InvalidGrant, InvalidScope, OAuthError, UnauthorizedClient
+from service.oauth.errors import (
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    OAuthError,
+    UnauthorizedClient,
+)
 
 REFRESH_TOKEN = "refresh_token"  # noqa: S105  (a grant type, not a secret)
 
@@ -170,7 +176,7 @@ def redeem_code(
     app: AppState,
     code_hash: str,
     code: CodeState | None,
-    redirect_uri: str,
+    redirect_uri: str | None,
     verifier: str | None,
     connection: ConnectionState | None,
     tokens: tuple[str, str],
@@ -191,7 +197,10 @@ def redeem_code(
         return reuse
     if code.expires_at <= now:
         raise InvalidGrant("the authorization code has expired")
-    if redirect_uri != code.redirect_uri:
+    # RFC 6749 §4.1.3: the redirect URI the authorization request named, if it named one
+    if redirect_uri is None and code.redirect_uri_given:
+        raise InvalidRequest("redirect_uri is required: the authorization request named one")
+    if redirect_uri is not None and redirect_uri != code.redirect_uri:
         raise InvalidGrant("redirect_uri does not match the one of the authorization request")
     _check_pkce(code.code_challenge, verifier)
     if code.dpop_jkt is not None and not hmac.compare_digest(code.dpop_jkt, jkt):

@@ -48,6 +48,20 @@ def redirect_matches(app: AppState, registered: str, presented: str) -> bool:
     )
 
 
+def redirect_uri_needed(app: AppState) -> bool:
+    """Whether an authorization request must name the redirect URI. An application has one
+    registered URI, so RFC 6749 §3.1.2.3 lets a request leave it out, except a public
+    client's loopback one: its port is the one the app listens on (RFC 8252 §7.3), which
+    only the request can say."""
+    if not is_public(app) or not app.redirect_uri:
+        return False
+    try:
+        registered = urlsplit(app.redirect_uri)
+    except ValueError:
+        return True
+    return registered.scheme == "http" and registered.hostname in LOOPBACK_IPS
+
+
 def require_pkce(app: AppState, code: CodeState | None) -> None:
     """A public client's code is redeemed only with PKCE (RFC 8252 §8.1, RFC 9700 §2.1.1):
     a code issued without a challenge (before the application became public) is refused."""

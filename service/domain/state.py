@@ -85,6 +85,7 @@ class CodeState(msgspec.Struct, gc=False):
     expires_at: int
     redeemed: bool = False
     dpop_jkt: str | None = None  # RFC 9449 §10
+    redirect_uri_given: bool = True  # the authorization request named it (RFC 6749 §4.1.3)
 
 
 def networks_of(entries: Iterable[str]) -> tuple[IPNetwork, ...]:

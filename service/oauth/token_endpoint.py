@@ -156,7 +156,9 @@ class AuthorizationCode(Grant):
     """RFC 6749 §4.1.3 with PKCE (RFC 7636 §4.5)."""
 
     grant_type = "authorization_code"
-    required = ("code", "redirect_uri")
+    # redirect_uri only if the authorization request named it (RFC 6749 §4.1.3): the code
+    # knows, so `grants.redeem_code` asks for it
+    required = ("code",)
     issues_refresh = True
 
     async def decide(
@@ -175,7 +177,7 @@ class AuthorizationCode(Grant):
             request.app,
             code_hash,
             state,
-            request.params["redirect_uri"],
+            request.params.get("redirect_uri") or None,  # empty: omitted (RFC 6749 §3.1)
             request.params.get("code_verifier"),
             connection,
             (tokens.token_hash(access), tokens.token_hash(refresh)),

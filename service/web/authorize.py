@@ -55,10 +55,13 @@ class AuthorizationRequest:
     permissions: list[str]
     code_challenge: str | None
     dpop_jkt: str | None = None  # RFC 9449 §10: the code is bound to that DPoP key
+    #: whether the request named `redirect_uri` (else: the registered one, RFC 6749 §3.1.2.3)
+    redirect_uri_given: bool = True
 
     def fields(self) -> dict[str, str]:
-        fields = {"client_id": self.app.client_id, "redirect_uri": self.redirect_uri,
-                  "scope": " ".join(self.permissions)}  # fmt: skip
+        fields = {"client_id": self.app.client_id, "scope": " ".join(self.permissions)}
+        if self.redirect_uri_given:  # handed on as it came: left out, it stays left out
+            fields["redirect_uri"] = self.redirect_uri
         if self.state is not None:
             fields["state"] = self.state
         if self.code_challenge is not None:
@@ -101,12 +104,15 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
     if app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
         raise PageError("Invalid request", "this application cannot ask users for access")
     redirect_uri = params.get("redirect_uri")
+    given = redirect_uri is not None
     if redirect_uri is None:
-        raise PageError(
-            "Invalid redirect URI",
-            "redirect_uri is missing: every authorization request names the redirect URI "
-            "registered for the application",
-        )
+        if native_apps.redirect_uri_needed(app):
+            raise PageError(
+                "Invalid redirect URI",
+                "redirect_uri is missing: this application's loopback redirect URI needs "
+                "the port it listens on (RFC 8252 §7.3)",
+            )
+        redirect_uri = app.redirect_uri  # its one registered URI (RFC 6749 §3.1.2.3)
     if not native_apps.redirect_matches(app, app.redirect_uri, redirect_uri):
         raise PageError(
             "Invalid redirect URI",
@@ -149,7 +155,9 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
             {"error": "invalid_scope", "error_description": exc.description, "state": state},
             iss,
         ) from None
-    return AuthorizationRequest(app, redirect_uri, state, permissions, challenge, dpop_jkt)
+    return AuthorizationRequest(
+        app, redirect_uri, state, permissions, challenge, dpop_jkt, redirect_uri_given=given
+    )
 
 
 def _redirect_error(uri: str, state: str | None, description: str, iss: str) -> web.HTTPFound:
@@ -205,6 +213,8 @@ def _registered_redirect(ctx: Context, next_url: str) -> str | None:
     app = ctx.lookups.application_now(client_ids[0]) if len(client_ids) == 1 else None
     if app is None or app.grant_type != AUTHORIZATION_CODE or not app.redirect_uri:
         return None
+    if not redirect_uris and not native_apps.redirect_uri_needed(app):
+        return app.redirect_uri  # left out: the one registered (RFC 6749 §3.1.2.3)
     if len(redirect_uris) != 1 or not native_apps.redirect_matches(
         app, app.redirect_uri, redirect_uris[0]
     ):
@@ -370,6 +380,7 @@ async def _record_consent(
             auth_request.redirect_uri, auth_request.code_challenge, code_hash, connection,
             int(time.time()), role=user.role,
             stream_version=logged, dpop_jkt=auth_request.dpop_jkt,
+            redirect_uri_given=auth_request.redirect_uri_given,
         )  # fmt: skip
         try:
             if given.code_alone is not None:

@@ -739,3 +739,57 @@ async def test_a_consent_on_a_stale_view_of_a_revoked_connection_records_the_gra
     assert await grants_in_log(db) == 2
     response = await exchange(client, ac_app, code)
     assert response.status == 200, await response.text()
+
+
+async def test_a_request_may_leave_out_the_one_registered_redirect_uri(client, company, ac_app):
+    """RFC 6749 §3.1.2.3: with one registered redirect URI the authorization request may
+    leave it out, and then the token request need not name it (§4.1.3); one that names it
+    must name the registered one. A code asked for with it needs it at the token endpoint."""
+    from urllib.parse import urlencode
+
+    without = "/oauth/authorize?" + urlencode(
+        {"response_type": "code", "client_id": ac_app["client_id"], "state": "s1"}
+    )
+    await sign_in(client, company.admin_email, company.admin_password, without)
+    codes = []
+    for _ in range(3):
+        location = await consent(client, without)
+        assert location.startswith(ac_app["redirect_uri"] + "&"), location
+        codes.append(query_of(location)["code"])
+    plain = await client.post(
+        "/oauth/token", data={"grant_type": "authorization_code", "code": codes[0]},
+        headers=basic(ac_app["client_id"], ac_app["client_secret"]),
+    )  # fmt: skip
+    assert plain.status == 200, await plain.text()
+    named = await exchange(client, ac_app, codes[1])  # the registered one: still accepted
+    assert named.status == 200, await named.text()
+    other = await exchange(client, ac_app, codes[2], redirect_uri="https://app.example/other")
+    assert other.status == 400
+    assert (await other.json())["error"] == "invalid_grant"
+    # asked for with the redirect URI: the token request must name it
+    code = query_of(await consent(client, authorize_url(ac_app)))["code"]  # signed in already
+    missing = await client.post(
+        "/oauth/token", data={"grant_type": "authorization_code", "code": code},
+        headers=basic(ac_app["client_id"], ac_app["client_secret"]),
+    )  # fmt: skip
+    assert missing.status == 400
+    assert (await missing.json())["error"] == "invalid_request"
+    assert "redirect_uri is required" in (await missing.json())["error_description"]
+    assert (await exchange(client, ac_app, code)).status == 200  # not spent by the refusal
+
+
+async def test_a_native_apps_loopback_redirect_uri_cannot_be_left_out(client, company):
+    """RFC 8252 §7.3: the port is the one the app listens on, which only the request says."""
+    from urllib.parse import urlencode
+
+    from tests.e2e.test_native_apps import public_app
+
+    app = await public_app(client, company)
+    _verifier, challenge = pkce()
+    url = "/oauth/authorize?" + urlencode({
+        "response_type": "code", "client_id": app["client_id"], "state": "s",
+        "code_challenge": challenge, "code_challenge_method": "S256",
+    })  # fmt: skip
+    shown = await client.get(url, allow_redirects=False)
+    assert shown.status == 400
+    assert "redirect_uri is missing" in await shown.text()

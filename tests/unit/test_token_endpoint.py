@@ -179,8 +179,15 @@ async def test_two_concurrent_redemptions_of_one_code_issue_one_family(world):
 
 async def test_a_missing_parameter_of_the_grant_is_invalid_request(world):
     await world.app("authorization_code")
-    with pytest.raises(InvalidRequest, match="redirect_uri is required"):
-        await world.token({"grant_type": "authorization_code", "code": "x", "redirect_uri": ""})
+    with pytest.raises(InvalidRequest, match="code is required"):
+        await world.token(
+            {"grant_type": "authorization_code", "code": "", "redirect_uri": REDIRECT}
+        )
+    # RFC 6749 §4.1.3: redirect_uri, because the authorization request named it
+    code = await world.code()
+    for missing in ({}, {"redirect_uri": ""}):
+        with pytest.raises(InvalidRequest, match="redirect_uri is required"):
+            await world.token({"grant_type": "authorization_code", "code": code, **missing})
 
 
 async def test_refresh_rotates_and_a_spent_refresh_token_revokes_the_family(world):
