@@ -244,7 +244,7 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
 
 async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.metrics import Metrics, multiprocess_dir
-    from service.web.server import stop_signals
+    from service.web.server import stop_signals, stopping_on
     from service.workers import bind_to_parent
 
     bind_to_parent()  # the projections process of `serve --workers N` dies with its parent
@@ -252,39 +252,49 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
     # through the workers' shared directory, as a worker's do.
     metrics = Metrics() if multiprocess_dir() is not None else None
 
+    closing = False
+
     async def body(runner: Any) -> int:
-        if args.until_caught_up:
-            for name in runner.projections:
-                await runner.catch_up(name)
+        nonlocal closing
+        try:
+            if args.until_caught_up:
+                for name in runner.projections:
+                    await runner.catch_up(name)
+                return 0
+            await runner.run_forever()
             return 0
-        await runner.run_forever()
-        return 0
+        finally:
+            closing = True
 
     # SIGTERM (from `serve --workers`' parent, or a supervisor), SIGINT and SIGHUP stop it as
     # they stop `serve`: the work is cancelled, the sessions closed, the last lines logged
     # (Python's default ended the process at once, mid-line). Set before the database is
-    # opened and kept to the end: a second signal never cuts the clean-up short.
+    # opened and kept to the end; neither a second signal nor one that comes as the
+    # sessions close cuts that short.
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
-    received: list[str] = []
+    received: list[signal.Signals] = []
 
     def stopping(signum: signal.Signals) -> None:
         if not received:
-            received.append(signum.name)
-            log.info("projections.stopping", signal=signum.name)
-            main.cancel()
+            received.append(signum)
+            log.info("projections.stopping", signal=stopping_on(signum))
+            if not closing:
+                main.cancel()
 
     for signum in stop_signals():
         loop.add_signal_handler(signum, stopping, signum)
     moved = metrics.projection_moved if metrics is not None else None
     try:
-        return await _with_runner(settings, body, listen=True, moved=moved, snapshots=True)
+        done = await _with_runner(settings, body, listen=True, moved=moved, snapshots=True)
     except asyncio.CancelledError:
         if not received:
             raise
         main.uncancel()  # asked for by the signal, and done: the task goes on to its end
-        return 0
+        # --until-caught-up promised a caught-up log with 0: stopped short, it says so
+        return 128 + received[0] if args.until_caught_up else 0
+    return done
 
 
 async def _audit_verify(settings: Settings, _args: argparse.Namespace) -> int:

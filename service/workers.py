@@ -33,7 +33,7 @@ from service.settings import Settings
 from service.storage.database import apply_schema, create_pool, resolve_dsn
 from service.storage.embedded import EmbeddedPostgres, Supervisor
 from service.web.ops import DATABASE_WATCH
-from service.web.server import dashboard_url, issuer_guessed, listen_url
+from service.web.server import dashboard_url, issuer_guessed, listen_url, stop_signals
 
 log = structlog.get_logger(__name__)
 
@@ -203,9 +203,10 @@ def _watch(children: list[subprocess.Popen[bytes]], supervisor: Supervisor | Non
             child.wait()
         return 1
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)  # its default ends the parent alone, at once
+    # SIGHUP too: its default ends the parent alone, at once; not when it is ignored
+    # (`nohup`): the service must then outlive its terminal
+    for signum in stop_signals():
+        signal.signal(signum, forward)
     next_check = time.monotonic() + CHECK_EVERY
     while any(child.poll() is None for child in children):
         # A worker that exits on its own is a failure: stop the others and say so, so the

@@ -252,3 +252,23 @@ async def test_sighup_stops_the_service_as_sigterm_does(db, tmp_path, workers):
         assert not list((tmp_path / "data" / "metrics").glob("workers-*"))
     finally:
         kill_everything(service)
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
+async def test_under_nohup_the_service_outlives_its_terminal(db, tmp_path, workers):
+    """Started with SIGHUP ignored (`nohup`, some supervisors), a hang-up stops nothing: the
+    parent of `--workers` forwarded it to its children as a SIGTERM, and `serve` replaced
+    the ignored signal with its own handler. SIGTERM still stops it all."""
+    service = start(tmp_path / "data", *workers, DATABASE_URL=db.dsn, prefix=("nohup",))
+    try:
+        await service.wait_status(200)
+        children = psutil.Process(service.proc.pid).children(recursive=True)
+        service.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.5)
+        assert service.proc.poll() is None
+        assert all(child.is_running() for child in children)
+        await service.wait_status(200)
+        service.proc.send_signal(signal.SIGTERM)
+        assert service.proc.wait(60) == 0
+    finally:
+        kill_everything(service)

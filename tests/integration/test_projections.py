@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -489,6 +490,60 @@ async def test_projections_run_stops_on_a_signal_with_its_last_lines_logged(db, 
     [stopping] = [e for e in events if e["event"] == "projections.stopping"]
     assert stopping["signal"] == signals[0].name
     assert not [e for e in events if e["level"] in ("error", "critical")], events[-20:]
+
+
+async def test_a_second_signal_at_any_moment_of_the_stop_changes_nothing(db):
+    """Closing the event loop gave the stop signals their defaults back, and a second
+    SIGTERM in the moments before the interpreter exited ended a process that had stopped
+    cleanly with -15 (seen at 30-60 ms)."""
+    for delay in (0.0, 0.01, 0.03, 0.05, 0.08, 0.15):
+        worker = await _projections_process(db)
+        await _until_started(worker)
+        try:
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.sleep(delay)
+            with contextlib.suppress(ProcessLookupError):  # gone already: nothing to cut
+                worker.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                assert worker.stderr is not None
+                await worker.stderr.read()
+                assert await worker.wait() == 0, delay
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+
+
+async def test_until_caught_up_stopped_short_says_so(db):
+    """`--until-caught-up` exits 0 once the projections have caught up: stopped by a
+    signal before (here while the database does not answer), it exits 128 + the signal,
+    as Python's default would have said."""
+    hold: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hold.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": f"postgresql://tollgate@127.0.0.1:{port}/x",
+           "LOG_FORMAT": "json", "DB_TIMEOUT": "30"}  # fmt: skip
+    try:
+        for flags, code in (("--until-caught-up",), 128 + signal.SIGTERM), ((), 0):
+            worker = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service", "projections", "run", *flags,
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            await asyncio.sleep(1.5)  # opening its pool on a database that never answers
+            worker.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                assert worker.stderr is not None
+                said = await worker.stderr.read()
+                assert await worker.wait() == code, said.decode()[-2000:]
+            assert b"projections.stopping" in said
+    finally:
+        server.close()
+        for writer in hold:
+            writer.close()
 
 
 async def test_projections_run_under_nohup_outlives_its_terminal(db):
