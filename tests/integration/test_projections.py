@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import asyncpg
 import msgspec
@@ -474,17 +475,12 @@ async def test_projections_run_stops_on_a_signal_with_its_last_lines_logged(db, 
     worker = await _projections_process(db)
     assert worker.stderr is not None
     said = await _until_started(worker)
-    try:
+    async with _reaped(worker):
         for signum in signals:
             worker.send_signal(signum)
             await asyncio.sleep(0.005)
-        async with asyncio.timeout(15):
-            said += await worker.stderr.read()
-            code = await worker.wait()
-    finally:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
+        rest, code = await _to_its_end(worker)
+    said += rest
     events = [msgspec.json.decode(line) for line in said.decode().splitlines()]
     assert code == 0, events[-20:]
     [stopping] = [e for e in events if e["event"] == "projections.stopping"]
@@ -499,19 +495,13 @@ async def test_a_second_signal_at_any_moment_of_the_stop_changes_nothing(db):
     for delay in (0.0, 0.01, 0.03, 0.05, 0.08, 0.15):
         worker = await _projections_process(db)
         await _until_started(worker)
-        try:
+        async with _reaped(worker):
             worker.send_signal(signal.SIGTERM)
             await asyncio.sleep(delay)
             with contextlib.suppress(ProcessLookupError):  # gone already: nothing to cut
                 worker.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(15):
-                assert worker.stderr is not None
-                await worker.stderr.read()
-                assert await worker.wait() == 0, delay
-        finally:
-            if worker.returncode is None:
-                worker.kill()
-                await worker.wait()
+            _rest, code = await _to_its_end(worker)
+            assert code == 0, delay
 
 
 async def test_until_caught_up_stopped_short_says_so(db):
@@ -533,12 +523,11 @@ async def test_until_caught_up_stopped_short_says_so(db):
                 sys.executable, "-m", "service", "projections", "run", *flags,
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
-            await asyncio.sleep(1.5)  # opening its pool on a database that never answers
-            worker.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(15):
-                assert worker.stderr is not None
-                said = await worker.stderr.read()
-                assert await worker.wait() == code, said.decode()[-2000:]
+            async with _reaped(worker):
+                await asyncio.sleep(1.5)  # opening its pool on a database that never answers
+                worker.send_signal(signal.SIGTERM)
+                said, stopped = await _to_its_end(worker)
+            assert stopped == code, said.decode()[-2000:]
             assert b"projections.stopping" in said
     finally:
         server.close()
@@ -554,18 +543,13 @@ async def test_projections_run_under_nohup_outlives_its_terminal(db):
     )
     assert worker.stderr is not None
     said = await _until_started(worker)
-    try:
+    async with _reaped(worker):
         worker.send_signal(signal.SIGHUP)
         await asyncio.sleep(1.0)
         assert worker.returncode is None
         worker.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            said += await worker.stderr.read()
-            code = await worker.wait()
-    finally:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
+        rest, code = await _to_its_end(worker)
+    said += rest
     assert code == 0
     assert b'"signal":"SIGTERM"' in said
 
@@ -588,3 +572,22 @@ async def _until_started(worker: asyncio.subprocess.Process) -> bytes:
             assert line, said.decode()[-2000:]
             said += line
     return said
+
+
+@contextlib.asynccontextmanager
+async def _reaped(worker: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Killed on the way out if it is still there (a test that failed midway)."""
+    try:
+        yield
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
+async def _to_its_end(worker: asyncio.subprocess.Process) -> tuple[bytes, int]:
+    """The rest of its stderr and its exit status, within 15 s."""
+    assert worker.stderr is not None
+    async with asyncio.timeout(15):
+        said = await worker.stderr.read()
+        return said, await worker.wait()
