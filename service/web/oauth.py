@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -133,22 +132,18 @@ def _client(request: web.Request, params: dict[str, str]) -> tuple[ClientAuth | 
 _IN_BODY = ("client_secret", "client_assertion", "client_assertion_type", "client_id")
 
 
-@contextlib.contextmanager
-def _challenged_as_sent(request: web.Request, params: dict[str, str]) -> Iterator[None]:
-    """RFC 6749 §5.2: an `invalid_client` answers a client that used the Authorization
-    header with 401 and the Basic challenge, and a request with no credentials at all too
-    (the challenge says how to authenticate); a client that authenticated in the body (a
-    secret, an assertion, its client_id alone) gets 400 and the error, without a challenge
-    (a 401 must carry one, RFC 9110 §15.5.2). Strict clients read a challenge as the answer:
-    oauth4webapi reported a WWWAuthenticateChallengeError for a Basic scheme the client never
-    used, and the error body went unread."""
-    try:
-        yield
-    except InvalidClient as exc:
-        if "Authorization" not in request.headers and any(params.get(k) for k in _IN_BODY):
-            exc.headers = {k: v for k, v in exc.headers.items() if k != "WWW-Authenticate"}
-            exc.status = 400
-        raise
+def _challenged_as_sent(request: web.Request, params: dict[str, str], exc: InvalidClient) -> None:
+    """`exc` made what RFC 6749 §5.2 asks: an `invalid_client` answers a client that used
+    the Authorization header with 401 and the Basic challenge, and a request with no
+    credentials at all too (the challenge says how to authenticate); a client that
+    authenticated in the body (a secret, an assertion, its client_id alone) gets 400 and the
+    error, without a challenge (a 401 must carry one, RFC 9110 §15.5.2). Strict clients
+    read a challenge as the answer: oauth4webapi reported a WWWAuthenticateChallengeError
+    for a Basic scheme the client never used, and the error body went unread. Called where
+    the error is caught: a context manager cost every token request a generator."""
+    if "Authorization" not in request.headers and any(params.get(k) for k in _IN_BODY):
+        exc.headers = {k: v for k, v in exc.headers.items() if k != "WWW-Authenticate"}
+        exc.status = 400
 
 
 async def _authenticated(
@@ -163,7 +158,7 @@ async def _authenticated(
     list; a client assertion may name this endpoint as its audience too. `again`: the same
     request authenticated a second time (the application changed): an assertion's single
     use is recorded already."""
-    with _challenged_as_sent(request, params):
+    try:
         client, meta = _client(request, params)
         if isinstance(client, Public) and endpoint == "introspect":
             # RFC 7662 §2.1 asks for authorization; a client_id alone is none
@@ -173,6 +168,9 @@ async def _authenticated(
         audiences = assertions.audiences(ctx.settings.issuer, request.path)
         check = AssertionCheck(audiences, record_use=not again)
         app = await authenticate(ctx.lookups, ctx.ledger, client, meta, check)
+    except InvalidClient as exc:
+        _challenged_as_sent(request, params, exc)
+        raise
     await allowed_or_refused(ctx.ledger, app, meta, endpoint)
     return app, meta
 
@@ -199,10 +197,13 @@ async def _token(request: web.Request, ctx: Context, nonces: Nonces | None = Non
     params = await oauth_params(request)
     authorization_header = request.headers.get("Authorization")
     presented = dpop_presented(request, f"{ctx.settings.issuer}/oauth/token", nonces)
-    with _challenged_as_sent(request, params):
+    try:
         issued = await ctx.token_endpoint.token(
             params, authorization_header, metadata(request, "client:"), presented
         )
+    except InvalidClient as exc:
+        _challenged_as_sent(request, params, exc)
+        raise
     # Encoded by msgspec: json_response's stdlib encoder took 3 us of every token.
     body = _encode(issued.body())
     return web.Response(body=body, content_type="application/json", headers=NO_STORE)
