@@ -8,6 +8,7 @@ import pytest
 from service.app import CONTEXT
 from service.web import sessions
 from tests.browser.steps import arrive, sign_in
+from tests.e2e.oauth_helpers import basic
 
 pytestmark = pytest.mark.browser
 
@@ -114,3 +115,41 @@ async def tab_to(page, label: str, limit: int = 10) -> None:
         if await page.evaluate("document.activeElement.textContent") == label:
             return
     raise AssertionError(f"{label!r} cannot be reached with the Tab key")
+
+
+async def test_a_request_without_redirect_uri_comes_back_to_the_registered_one(
+    page, console, client, company, oauth_client, callback
+):
+    """RFC 6749 §3.1.2.3: the one registered redirect URI, under the sign-in and consent
+    pages' CSP form-action (Chromium enforces it on the redirect that ends a form), and a
+    token request that does not name it either (§4.1.3)."""
+    path = oauth_client.authorize_path(state="left-out")
+    without = path.replace("redirect_uri=", "x-left-out=")
+    assert "redirect_uri" not in without
+    await page.goto(without)
+    await sign_in(page, company.admin_email, company.admin_password)
+    await page.get_by_role("button", name="Allow").click()
+
+    await arrive(page, callback.url, console)
+    [received] = callback.received
+    assert received["state"] == "left-out"
+    response = await client.post(
+        "/oauth/token",
+        data={"grant_type": "authorization_code", "code": received["code"],
+              "code_verifier": oauth_client.verifier},
+        headers=basic(oauth_client.client_id, oauth_client.app["client_secret"]),
+    )  # fmt: skip
+    assert response.status == 200, await response.text()
+
+
+async def test_an_error_held_until_sign_in_reaches_the_registered_uri_when_none_is_named(
+    page, console, company, oauth_client, callback
+):
+    without = oauth_client.authorize_path(state="held", response_type="token")
+    await page.goto(without.replace("redirect_uri=", "x-left-out="))
+    await sign_in(page, company.admin_email, company.admin_password)
+
+    await arrive(page, callback.url, console)
+    [received] = callback.received
+    assert received["error"] == "unsupported_response_type"
+    assert received["state"] == "held"
