@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -16,6 +17,7 @@ from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent, decod
 from service.eventlog.records import lean_recorded
 from service.events import SCHEMA_VERSIONS, Event, type_of
 from service.logs import error_text
+from service.storage.database import within
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +50,10 @@ class MemoryFeed:
         #: process's commit whose notification came before the answer to this process's
         #: own commit just before it (two connections, either may be read first)
         self._ahead: dict[int, tuple[int, str]] = {}
+        #: when (time.monotonic()) the last read that reached the head began: the models
+        #: hold everything committed before then (announcements and this process's own
+        #: appends also move them on, but say nothing of what else may have committed)
+        self.current_at = -math.inf
         eventlog.appended.append(self.apply_own)
         eventlog.announced.append(self.apply_announced)
 
@@ -77,6 +83,7 @@ class MemoryFeed:
         # after it: following the log, most catch-ups are one short batch, and the read
         # after it came back empty (half the reads of a process following another's).
         read = self.eventlog.read_all
+        began = time.monotonic()
         batch = await read(self.position, self.batch_size, lean=True)
         while batch:
             upcoming = None
@@ -98,7 +105,27 @@ class MemoryFeed:
                     upcoming.cancel()
                 raise
             batch = await upcoming if upcoming is not None else []
+        self.current_at = max(self.current_at, began)
         return self.position
+
+    def current_within(self, max_age: float) -> bool:
+        """Whether the models hold everything committed more than `max_age` seconds ago."""
+        return time.monotonic() - self.current_at <= max_age
+
+    async def made_current(self, max_age: float) -> None:
+        """Returns once the models hold everything committed more than `max_age` seconds
+        ago: at once when they do, after a read when they do not (a process that was
+        paused, or starved, or could not read the log); EventLogUnavailable when that read
+        does not succeed within the log's bound (5 s without one). Decisions taken from
+        memory then stay within a known distance of the log: a revocation committed
+        elsewhere is enforced here within `max_age` seconds, or nothing is decided."""
+        if self.current_within(max_age):
+            return
+        patience = self.eventlog.timeout or 5.0
+        try:
+            await within(patience, self.catch_up())
+        except TimeoutError:
+            raise EventLogUnavailable(f"the log was not read within {patience:g} s") from None
 
     def apply_own(
         self, positions: Sequence[int], expected_version: int | None, events: Sequence[Event]

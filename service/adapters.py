@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -27,12 +28,25 @@ T = TypeVar("T")
 
 class ModelLookups:
     """Every lookup is a dict access; a miss catches up with the log once and looks again
-    (concurrent misses share one read: see MemoryFeed.catch_up)."""
+    (concurrent misses share one read: see MemoryFeed.catch_up).
 
-    def __init__(self, feed: MemoryFeed, policy: PolicyModel, directory: DirectoryModel) -> None:
+    `max_staleness` (seconds; None: no bound): an access token is checked against models
+    that hold everything committed that long ago, or not at all (EventLogUnavailable).
+    Notifications and a poll every second keep them within a second of the log; a process
+    that was paused, or cannot read the log, would otherwise go on honouring tokens
+    revoked elsewhere for as long as that lasts."""
+
+    def __init__(
+        self,
+        feed: MemoryFeed,
+        policy: PolicyModel,
+        directory: DirectoryModel,
+        max_staleness: float | None = None,
+    ) -> None:
         self._feed = feed
         self._policy = policy
         self._directory = directory
+        self._max_staleness = max_staleness
 
     async def _found(self, look: Callable[[], T | None]) -> T | None:
         found = look()
@@ -56,9 +70,15 @@ class ModelLookups:
         return await self._found(look)
 
     async def access_token(self, key: bytes, now: float) -> TokenState | None:
+        if self._max_staleness is not None:
+            await self._feed.made_current(self._max_staleness)
         return await self._found(lambda: self._policy.token(key, now))
 
     def access_token_now(self, key: bytes, now: float) -> TokenState | None:
+        """None also when the models are staler than the bound: `access_token` decides."""
+        bound = self._max_staleness
+        if bound is not None and time.monotonic() - self._feed.current_at > bound:
+            return None
         return self._policy.token(key, now)
 
     async def family_of(self, token_hash: str, *, refresh: bool) -> str | None:

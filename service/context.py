@@ -49,7 +49,8 @@ class Context:
     dpop_nonces: DpopNonces | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.lookups = ModelLookups(self.feed, self.policy, self.directory)
+        staleness = self.settings.policy_max_staleness or None  # 0: no bound
+        self.lookups = ModelLookups(self.feed, self.policy, self.directory, staleness)
         observers = [*self.observers]
         if self.metrics is not None:
             observers.append(self.metrics.observe_recorded)

@@ -94,6 +94,11 @@ class Settings:
     # body; and the connections one process holds at once.
     db_timeout: float = 5.0
     db_connect_timeout: float = 10.0
+    # How stale this process's in-memory view of the log may be when it checks an access
+    # token (the gateway, /policy/check, introspection), in seconds: past it the view is
+    # read up to date first, and a process that cannot read the log answers 503 instead
+    # of honouring tokens revoked elsewhere meanwhile. 0: no bound.
+    policy_max_staleness: float = 10.0
     # /readyz: how far behind the log a SQL projection may be while the process is ready,
     # as the age of the oldest event it has not applied (seconds), and as a count of events
     # (0: not counted; a count grows with the log's rate, an age does not). The age's
@@ -250,6 +255,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         metrics_token=r.checked(_metrics_token, None),
         db_timeout=float(r.number("DB_TIMEOUT", 5, 1, 3600)),
         db_connect_timeout=float(r.number("DB_CONNECT_TIMEOUT", 10, 1, 3600)),
+        policy_max_staleness=float(r.number("POLICY_MAX_STALENESS", 10, 0, 3600)),
         ready_max_lag=float(r.number("READY_MAX_LAG", 60, 1, 3600)),
         ready_max_lag_events=r.number("READY_MAX_LAG_EVENTS", 0, 0, 2**31 - 1),
         body_timeout=float(r.number("BODY_TIMEOUT", 15, 1, 3600)),

@@ -362,6 +362,7 @@ async def test_a_host_cut_off_stops_before_its_locks_go_and_is_back_as_a_standby
 
 
 DB_TIMEOUT = 2
+STALENESS = 10  # POLICY_MAX_STALENESS, its default
 
 
 async def issued(http: aiohttp.ClientSession, base: str, who: Any) -> str:
@@ -385,6 +386,7 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
         HOST=link.http_address,
         DATABASE_URL=f"postgresql://postgres@{link.here_address}:5432/tollgate",
         DB_TIMEOUT=str(DB_TIMEOUT),
+        POLICY_MAX_STALENESS=str(STALENESS),
         **FAULT_ENV,
     )
     try:
@@ -401,8 +403,10 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
                 before_the_cut.append(token)
                 await asyncio.sleep(3)
                 link.cut()
+                cut_at = time.monotonic()
                 await asyncio.sleep(5)
-                # The gateway decides from memory: a token issued before goes on working.
+                # The gateway decides from memory: a token issued before goes on working,
+                # while what it holds of the log is within POLICY_MAX_STALENESS.
                 whoami = f"{service.base}/api/v1/whoami"
                 auth = {"Authorization": f"Bearer {token}"}
                 async with http.get(whoami, headers=auth) as r:
@@ -413,7 +417,14 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
                     async with http.get(f"{service.base}/{probe}") as r:
                         timeline[f"{probe}_while_cut_off"] = r.status
                     timeline[f"{probe}_answered_in_s"] = round(time.monotonic() - asked, 2)
-                await asyncio.sleep(cut_for - 5)
+                # Past it, nothing is decided from a view that old: a revocation made
+                # through another host meanwhile would be missed.
+                await asyncio.sleep(cut_at + STALENESS + 2 - time.monotonic())
+                asked = time.monotonic()
+                async with http.get(whoami, headers=auth) as r:
+                    timeline["gateway_past_the_staleness_bound"] = r.status
+                timeline["gateway_answered_in_s"] = round(time.monotonic() - asked, 2)
+                await asyncio.sleep(cut_at + cut_for - time.monotonic())
                 link.mend()
                 mended_at = time.monotonic()
                 while True:
@@ -440,6 +451,8 @@ async def test_a_service_cut_off_from_its_database_answers_within_the_bound_and_
         assert tally.longest < DB_TIMEOUT + 3, (tally.longest, tally.statuses)
         assert tally.statuses[503] > 0, tally.statuses  # the cut was felt
         assert timeline["gateway_while_cut_off"] == 200
+        assert timeline["gateway_past_the_staleness_bound"] == 503, timeline
+        assert timeline["gateway_answered_in_s"] < DB_TIMEOUT + 3, timeline
         assert (timeline["readyz_while_cut_off"], timeline["healthz_while_cut_off"]) == (503, 200)
         assert max(timeline["readyz_answered_in_s"], timeline["healthz_answered_in_s"]) < 5
         after = await load(service.base, who, seconds=3, clients=2, requests=20)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiohttp import ClientResponse
@@ -32,11 +33,12 @@ SLACK = 2.5  # scheduling on a loaded 2-core machine (3.97 s seen); a hang never
 
 
 @contextlib.asynccontextmanager
-async def serving(dsn: str, tmp_path: Path) -> AsyncIterator[TestClient]:
+async def serving(dsn: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[TestClient]:
     """The service over aiohttp's real stack, its bounded pool on `dsn`, as `serve` opens it."""
     settings = Settings(
-        data_dir=tmp_path, log_format="json", db_timeout=BOUND, db_connect_timeout=BOUND
-    )
+        data_dir=tmp_path, log_format="json", db_timeout=BOUND, db_connect_timeout=BOUND,
+        **overrides,
+    )  # fmt: skip
     pool = await create_pool(dsn, min_size=2, max_size=10, bound=BOUND, connect_timeout=BOUND)
     client = TestClient(TestServer(create_app(settings, database=Database(dsn, pool))))
     await client.start_server()
@@ -125,6 +127,53 @@ async def test_a_stalled_database_is_a_503_within_the_bound_on_every_route(db, t
     assert ready_took < READYZ_BOUND + SLACK
     assert any(e["event"] == "http.database_unavailable" for e in logs)
     assert not any(e["event"] == "http.unhandled_error" for e in logs)
+
+
+STALENESS = 3.0  # POLICY_MAX_STALENESS in the next test
+
+
+async def test_a_process_that_cannot_read_the_log_stops_deciding_tokens_once_its_view_is_too_old(
+    db, tmp_path
+):
+    """The gateway decides from memory, so it goes on answering while the database is
+    stalled, but only for POLICY_MAX_STALENESS: a token revoked through another process
+    meanwhile is honoured here at most that long. Past it, a 503 within the bound, until
+    the log can be read again."""
+    async with (
+        through_proxy(db) as proxy,
+        serving(proxy.proxied_dsn, tmp_path, policy_max_staleness=STALENESS) as client,
+    ):
+        company = await make_company(client)
+        app = await new_app(client, company)
+        response = await client.post(
+            "/oauth/token",
+            data={"grant_type": "client_credentials"},
+            headers=basic(app["client_id"], app["client_secret"]),
+        )
+        bearer = {"Authorization": f"Bearer {(await response.json())['access_token']}"}
+
+        def whoami() -> Awaitable[ClientResponse]:
+            return client.get("/api/v1/whoami", headers=bearer)
+
+        assert (await whoami()).status == 200
+        proxy.stall()
+        stalled_at = time.monotonic()
+        within_bound, _ = await timed(whoami())
+        await asyncio.sleep(stalled_at + STALENESS + 0.5 - time.monotonic())
+        with capture_logs() as logs:
+            past_it, took = await timed(whoami())
+        proxy.resume()
+
+        async def decided_again() -> bool:
+            return (await whoami()).status == 200
+
+        await eventually(decided_again)
+    assert within_bound.status == 200
+    assert past_it.status == 503, await past_it.text()
+    assert (await past_it.json())["error"] == "temporarily_unavailable"
+    assert past_it.headers["Retry-After"].isdigit()
+    assert took < BOUND + SLACK, took
+    assert any(e["event"] == "http.database_unavailable" for e in logs)
 
 
 async def test_start_up_against_a_server_that_never_answers_fails_in_time_with_a_reason(

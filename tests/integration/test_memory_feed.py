@@ -483,3 +483,41 @@ async def test_a_batch_announced_by_a_session_that_may_not_append_is_not_believe
         await reader.close()
         await eventlog.close()
         await db.pool.execute(f"DROP ROLE {role}")
+
+
+async def test_a_process_that_heard_nothing_for_longer_than_the_bound_reads_before_deciding(
+    db, tmp_path
+):
+    """A process whose view of the log is older than POLICY_MAX_STALENESS (paused, starved,
+    or deaf to notifications) reads the log before it checks a token: a revocation
+    committed through another process meanwhile is enforced. Within the bound it decides
+    from what it holds."""
+    from service.domain import streams
+    from service.runtime import open_context
+    from service.settings import Settings
+    from service.storage.database import Database
+    from tests.factories import application, token
+
+    bound = 1.5
+    settings = Settings(data_dir=tmp_path, policy_max_staleness=bound)
+    database = Database(db.dsn, db.pool)
+    app = application("co-heard-nothing", 1)
+    issued = token(app, 1)
+    key = bytes.fromhex(issued.token_hash)
+    revoked = ev.TokenRevoked(company_id=app.company_id, client_id=app.client_id,
+                              family_id=issued.family_id, reason="client_request")  # fmt: skip
+    async with open_context(settings, database=database) as here:
+        await here.eventlog.append(streams.application(app.client_id), 0, [app])
+        family = streams.token_family(issued.family_id)
+        await here.eventlog.append(family, 0, [issued])
+        # There: reads the log once as it opens, and follows nothing after (no listener,
+        # no poll), as a process that hears nothing.
+        async with open_context(settings, database=database) as there:
+            lookups = there.lookups
+            assert lookups.access_token_now(key, time.time()) is not None
+            await here.eventlog.append(family, 1, [revoked])
+            assert await lookups.access_token(key, time.time()) is not None  # within the bound
+            await asyncio.sleep(bound + 0.2)
+            assert lookups.access_token_now(key, time.time()) is None  # not from memory now
+            assert await lookups.access_token(key, time.time()) is None  # read: revoked
+            assert there.feed.current_within(bound)

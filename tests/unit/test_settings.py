@@ -23,6 +23,8 @@ from service.settings import ConfigError, load_settings
         ("READY_MAX_LAG_EVENTS", "-1", "READY_MAX_LAG_EVENTS must be from 0"),
         ("MODEL_SNAPSHOT_EVERY", "-1", "MODEL_SNAPSHOT_EVERY must be from 0"),
         ("MODEL_SNAPSHOT_EVERY", "5m", "MODEL_SNAPSHOT_EVERY must be an integer"),
+        ("POLICY_MAX_STALENESS", "-1", "POLICY_MAX_STALENESS must be from 0 to 3600"),
+        ("POLICY_MAX_STALENESS", "3601", "POLICY_MAX_STALENESS must be from 0 to 3600"),
     ],
 )
 def test_a_value_out_of_range_is_refused_by_name(name, value, words):
