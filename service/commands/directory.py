@@ -63,7 +63,7 @@ async def add_user(
     if role not in ROLES:
         raise FieldError("role", "must be admin or member")
     email = normalise_email(email)
-    password_hash = await _hash(password)
+    password_hash = await _hash(ctx, company_id, email, password)
     user_id = credentials.new_id("usr")
     event = ev.UserAdded(
         company_id=company_id, user_id=user_id, email=email, role=role, password_hash=password_hash
@@ -92,9 +92,15 @@ async def add_user(
     raise Conflict(taken)
 
 
-async def _hash(password: str, field: str = "password") -> str:
+async def _hash(
+    ctx: Context, company_id: str, email: str, password: str, field: str = "password"
+) -> str:
+    """The password's hash, once it is found hard enough to guess for this account: its
+    address and its company's name are among what it must not be made of."""
+    company = ctx.directory.companies.get(company_id)
+    context = [email] if company is None else [email, company.name]
     try:
-        passwords.check_strength(password)
+        await asyncio.to_thread(passwords.check_strength, password, context)
     except passwords.WeakPassword as exc:
         raise FieldError(field, str(exc)) from None
     return await asyncio.to_thread(passwords.hash_password, password)
@@ -185,7 +191,8 @@ async def reset_password(
     await ctx.refresh()
     _check_live(ctx, user_id, company_id)
     new = passwords.generate_password() if password is None else password
-    password_hash = await _hash(new)
+    user = ctx.directory.users[user_id]
+    password_hash = await _hash(ctx, company_id, user.email, new)
     event = ev.UserPasswordChanged(
         company_id=company_id, user_id=user_id, password_hash=password_hash
     )
@@ -212,7 +219,7 @@ async def change_own_password(
         raise WrongPassword("the current password is wrong")
     if new == current:
         raise FieldError("new_password", "must differ from the current password")
-    password_hash = await _hash(new, "new_password")
+    password_hash = await _hash(ctx, user.company_id, user.email, new, "new_password")
     event = ev.UserPasswordChanged(
         company_id=user.company_id, user_id=user_id, password_hash=password_hash
     )

@@ -1,6 +1,14 @@
-"""User passwords: argon2id (memory-hard), via argon2-cffi."""
+"""User passwords: argon2id (memory-hard), via argon2-cffi; checked against what is
+commonly chosen, with zxcvbn's lists and patterns (NIST SP 800-63B §5.1.1.2).
+
+A password is used in its NFKC form, so that one typed on a keyboard that composes
+accents ("é") and one that sends them apart ("e" and U+0301) are the same password, and
+its length is counted in characters of that form."""
 
 from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
 
 import argon2
 
@@ -20,19 +28,66 @@ class WeakPassword(ValueError):
     pass
 
 
-def check_strength(password: str) -> None:
+#: zxcvbn's score (0-4) a password needs: 3 is "safely unguessable" against an online
+#: attack and a slow hash offline (about 10^8 guesses and more)
+MIN_SCORE = 3
+#: what zxcvbn looks at (it refuses longer input): a password whose first 72 characters
+#: are hard to guess is no easier with more
+_SCORED = 72
+
+
+def normalised(password: str) -> str:
+    return unicodedata.normalize("NFKC", password)
+
+
+def check_strength(password: str, context: Sequence[str] = ()) -> None:
+    """WeakPassword, saying why, for a password too short or too long, or one that is easy
+    to guess: a common password, a keyboard walk, a repetition, a date, or words of
+    `context` (the account's address, its company's name). Tens of milliseconds for a
+    long password: call it off the event loop."""
+    password = normalised(password)
     if len(password) < MIN_LENGTH:
         raise WeakPassword(f"password must be at least {MIN_LENGTH} characters")
     if len(password) > MAX_LENGTH:
         raise WeakPassword(f"password must be at most {MAX_LENGTH} characters")
+    import zxcvbn  # its word lists take a moment to load: once, when first needed
+
+    judged = zxcvbn.zxcvbn(password[:_SCORED], user_inputs=_words(context))
+    if judged["score"] < MIN_SCORE:
+        feedback = judged["feedback"]
+        why = feedback["warning"] or " ".join(feedback["suggestions"])
+        said = f"password is too easy to guess{': ' + why if why else ''}"
+        raise WeakPassword(said.rstrip("."))
+
+
+def _words(context: Sequence[str]) -> list[str]:
+    """The context as zxcvbn matches it: each item whole, and an address's parts (its local
+    part, its domain's labels), lowercased."""
+    words: list[str] = []
+    for item in context:
+        item = normalised(item).lower()
+        words.append(item)
+        local, _, domain = item.partition("@")
+        words += [local, *domain.split(".")] if domain else item.split()
+    return [w for w in dict.fromkeys(words) if len(w) >= 3]
 
 
 def hash_password(password: str) -> str:
     """Slow on purpose (tens of milliseconds): call it off the event loop."""
-    return _hasher.hash(password)
+    return _hasher.hash(normalised(password))
 
 
 def verify_password(password: str, stored_hash: str) -> bool:
+    """Whether `password` is the one `stored_hash` was made from. A hash made before
+    passwords were normalised is of the password as it was typed then: a password whose
+    NFKC form differs is also checked as given."""
+    given = normalised(password)
+    if _verified(given, stored_hash):
+        return True
+    return given != password and _verified(password, stored_hash)
+
+
+def _verified(password: str, stored_hash: str) -> bool:
     try:
         return _hasher.verify(stored_hash, password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):

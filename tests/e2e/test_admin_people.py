@@ -87,6 +87,10 @@ async def test_bad_users_are_refused(client, company, db):
         ({"email": "x", "role": "member"}, "email"),
         ({"email": "a@acme.example", "role": "owner"}, "role"),
         ({"email": "a@acme.example", "role": "member", "password": "short"}, "password"),
+        (
+            {"email": "a@acme.example", "role": "member", "password": "password1234"},
+            "password: password is too easy to guess: This is a very common password",
+        ),
     ]:
         before = await db.pool.fetchval("SELECT count(*) FROM events")
         response = await client.post("/admin/users", json=body, headers=company.auth)
