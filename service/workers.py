@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -41,6 +41,8 @@ log = structlog.get_logger(__name__)
 PARENT_PID = "TOLLGATE_PARENT_PID"
 EMBEDDED_PGDATA = "TOLLGATE_EMBEDDED_PGDATA"
 PORT_LOCK_FD = "TOLLGATE_PORT_LOCK_FD"
+#: the pipe a worker writes a line to once it listens (service.started waits for all)
+READY_FD = "TOLLGATE_READY_FD"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: how long a new parent waits for the workers of a killed one to finish their requests
 PORT_WAIT = 15.0
@@ -117,20 +119,32 @@ def serve_workers(settings: Settings, workers: int) -> int:
         children: list[subprocess.Popen[bytes]] = []
         # The workers count there, so that a scrape of any one of them sums them all.
         metrics_dir = fresh_multiprocess_dir(settings.data_dir)
+        ready, ready_w = os.pipe()
+        pipe = [ready, ready_w]  # what is still open here
         try:
             asyncio.run(_prepare(dsn))
             projections = settings.run_projections
-            _spawn(children, workers, dsn, embedded, lock, metrics_dir, projections=projections)
-            log.info(
-                "service.started",
-                listen=listen_url(settings),
-                dashboard=dashboard_url(settings),
-                workers=workers,
-                projections="own process" if projections else "elsewhere",
-            )
-            issuer_guessed(settings)
-            return _watch(children, Supervisor(embedded) if embedded is not None else None)
+            _spawn(children, workers, dsn, embedded, lock, metrics_dir, ready_w,
+                   projections=projections)  # fmt: skip
+            os.close(pipe.pop())  # the workers hold it now: once each has written, EOF
+            os.set_blocking(ready, False)
+
+            def started() -> None:
+                log.info(
+                    "service.started",
+                    listen=listen_url(settings),
+                    dashboard=dashboard_url(settings),
+                    workers=workers,
+                    projections="own process" if projections else "elsewhere",
+                )
+                issuer_guessed(settings)
+
+            listening = _Listening(ready, workers, started)
+            return _watch(children, Supervisor(embedded) if embedded is not None else None,
+                          listening)  # fmt: skip
         finally:
+            for fd in pipe:
+                os.close(fd)
             for child in children:
                 if child.poll() is None:
                     child.kill()
@@ -146,6 +160,7 @@ def _spawn(
     embedded: EmbeddedPostgres | None,
     lock: IO[str],
     metrics_dir: Path,
+    ready: int,
     *,
     projections: bool,
 ) -> None:
@@ -160,6 +175,7 @@ def _spawn(
         "TOLLGATE_REUSE_PORT": "1",
         PARENT_PID: str(os.getpid()),
         PORT_LOCK_FD: str(lock.fileno()),
+        READY_FD: str(ready),
     }
     if embedded is not None:
         env[EMBEDDED_PGDATA] = str(embedded.pgdata)
@@ -168,12 +184,16 @@ def _spawn(
     for _ in range(workers):
         children.append(
             subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"], env=env, pass_fds=(lock.fileno(),)
+                [sys.executable, "-m", "service", "serve"],
+                env=env,
+                pass_fds=(lock.fileno(), ready),
             )
         )
     if projections:
-        # It listens on no port: it does not hold the port's lock (close_fds).
-        own = {k: v for k, v in env.items() if k not in ("TOLLGATE_REUSE_PORT", PORT_LOCK_FD)}
+        # It listens on no port: it does not hold the port's lock, nor the pipe (close_fds).
+        own = {
+            k: v for k, v in env.items() if k not in ("TOLLGATE_REUSE_PORT", PORT_LOCK_FD, READY_FD)
+        }
         children.append(
             subprocess.Popen([sys.executable, "-m", "service", "projections", "run"], env=own)
         )
@@ -184,7 +204,42 @@ def _spawn(
     lock.flush()
 
 
-def _watch(children: list[subprocess.Popen[bytes]], supervisor: Supervisor | None) -> int:
+class _Listening:
+    """Counts the workers that said they listen, from the pipe they write a line to; calls
+    `started` once all of them have: service.started is the moment the port serves with
+    every worker, not the moment they were spawned."""
+
+    def __init__(self, fd: int, workers: int, started: Callable[[], None]) -> None:
+        self.fd = fd
+        self.waiting = workers
+        self.started = started
+
+    def look(self) -> None:
+        if self.waiting <= 0:
+            return
+        try:
+            said = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return
+        self.waiting -= said.count(b"\n")
+        if self.waiting <= 0:
+            self.started()
+
+
+def said_listening() -> None:
+    """In a worker, once it listens: tells the parent, which says service.started for all."""
+    fd = os.environ.pop(READY_FD, None)
+    if fd is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.write(int(fd), b"\n")
+            os.close(int(fd))
+
+
+def _watch(
+    children: list[subprocess.Popen[bytes]],
+    supervisor: Supervisor | None,
+    listening: _Listening | None = None,
+) -> int:
     """Wait for the workers; 0 when they stopped because we were asked to, 1 when one
     exited on its own or the database could not be kept up."""
     stopping = False
@@ -213,6 +268,8 @@ def _watch(children: list[subprocess.Popen[bytes]], supervisor: Supervisor | Non
         # supervisor (systemd, Kubernetes) restarts the whole service.
         if not stopping and any(child.poll() is not None for child in children):
             return fail("workers.worker_exited")
+        if listening is not None and not stopping:
+            listening.look()
         if supervisor is not None and not stopping and time.monotonic() >= next_check:
             if not supervisor.check():
                 return fail("workers.database_lost")

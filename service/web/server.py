@@ -523,7 +523,10 @@ def _on_signal(stop: asyncio.Event, received: list[str], signum: int) -> None:
 def _started(settings: Settings, *, worker: bool) -> None:
     fields: dict[str, Any] = {"listen": listen_url(settings), "dashboard": dashboard_url(settings)}
     if worker:  # one of `--workers N`; the parent says service.started for all of them
+        from service.workers import said_listening
+
         log.info("service.worker_started", pid=os.getpid(), **fields)
+        said_listening()
     else:
         log.info("service.started", **fields)
         issuer_guessed(settings)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 
 from service.commands.directory import create_company
@@ -422,7 +423,7 @@ async def test_the_start_up_line_names_where_it_listens_and_the_dashboard(db, tm
 
 async def test_serve_with_workers_names_where_it_listens_once_and_per_worker(db, tmp_path):
     async with serving(db, tmp_path, "--workers", "2") as running:
-        await until_logged(running, "service.worker_started", 2)
+        await until_logged(running, "service.started", 1)
     assert running.proc.returncode == 0
     url = f"http://127.0.0.1:{running.port}"
     [started] = running.named("service.started")
@@ -434,6 +435,23 @@ async def test_serve_with_workers_names_where_it_listens_once_and_per_worker(db,
     workers = running.named("service.worker_started")
     assert {e["listen"] for e in workers} == {url}
     assert len({e["pid"] for e in workers}) == 2
+
+
+async def test_service_started_is_said_once_every_worker_listens(db, tmp_path):
+    """An operator (or a script) that waits for service.started finds the port served by
+    every worker, not a parent that has only spawned them."""
+    async with serving(db, tmp_path, "--workers", "2") as running:
+        await until_logged(running, "service.started", 1, 60)
+        workers = [c for c in psutil.Process(running.proc.pid).children() if "serve" in c.cmdline()]
+        listening = [
+            c
+            for worker in workers
+            for c in worker.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == running.port
+        ]
+        assert len(listening) == 2, running.text()[-3000:]
+    said = [e["event"] for e in running.events() if e["event"].startswith("service.")]
+    assert said[:3] == ["service.worker_started"] * 2 + ["service.started"], said
 
 
 EMIT = """
