@@ -44,6 +44,10 @@ _PUBLIC_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x
 #: RFC 8037 §2).
 PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 MIN_RSA_BITS = 2048
+#: past it a key only costs: each verification's work grows with the modulus (and with
+#: the public exponent, below 2**32 here, as every key in use is: 65537, or 3)
+MAX_RSA_BITS = 8192
+MAX_RSA_EXPONENT = 2**32
 MAX_KEYS = 10
 MAX_KID = 200
 
@@ -116,8 +120,8 @@ def public_key(data: Any) -> ClientKey:
         key = jwk.import_key(material)
     except (JoseError, ValueError, TypeError):
         raise KeyRefused("not a valid public key") from None
-    if kty == "RSA" and _bits(public["n"]) < MIN_RSA_BITS:
-        raise KeyRefused(f"an RSA key must have at least {MIN_RSA_BITS} bits")
+    if kty == "RSA" and (problem := rsa_problem(public["n"], public["e"])) is not None:
+        raise KeyRefused(problem)
     thumbprint = key.thumbprint()
     kid = data.get("kid", thumbprint)
     if not isinstance(kid, str) or not 1 <= len(kid) <= MAX_KID or not kid.isprintable():
@@ -129,10 +133,22 @@ def public_key(data: Any) -> ClientKey:
     return ClientKey(kid, thumbprint, public)
 
 
-def _bits(modulus: str) -> int:
-    return int.from_bytes(
-        base64.urlsafe_b64decode(modulus + "=" * (-len(modulus) % 4))
-    ).bit_length()
+def rsa_problem(n: str, e: str) -> str | None:
+    """Why an RSA public key (its base64url `n` and `e`) is refused, or None: a modulus
+    that can be factored, or one, or an exponent, that makes each verification costly."""
+    bits = _integer(n).bit_length()
+    if bits < MIN_RSA_BITS:
+        return f"an RSA key must have at least {MIN_RSA_BITS} bits"
+    if bits > MAX_RSA_BITS:
+        return f"an RSA key must have at most {MAX_RSA_BITS} bits"
+    exponent = _integer(e)
+    if not 3 <= exponent < MAX_RSA_EXPONENT or exponent % 2 == 0:
+        return "an RSA key's public exponent must be odd, at least 3 and below 2**32 (65537)"
+    return None
+
+
+def _integer(value: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
 
 
 def jwks(data: Any) -> list[ClientKey]:

@@ -6,6 +6,7 @@ https://www.rfc-editor.org/rfc/rfc9449#section-4.3"""
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import re
@@ -17,7 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 from joserfc import jwk, jws
 from joserfc.errors import JoseError
 
-from service.domain.client_keys import PRIVATE_MEMBERS, SIGNING_ALGORITHMS, jwt_claims
+from service.domain.client_keys import (
+    PRIVATE_MEMBERS,
+    SIGNING_ALGORITHMS,
+    jwt_claims,
+    rsa_problem,
+)
 from service.errors import rfc6749_text
 from service.oauth.errors import OAuthError
 
@@ -207,6 +213,16 @@ def _header(proof: str, error: type[OAuthError]) -> dict[str, Any]:
 def _signed(
     proof: str, alg: str, key_members: dict[str, Any], error: type[OAuthError]
 ) -> tuple[dict[str, Any], str]:
+    if key_members.get("kty") == "RSA":
+        n, e = key_members.get("n"), key_members.get("e")
+        if not isinstance(n, str) or not isinstance(e, str):
+            raise error("the DPoP proof's jwk needs n and e, an RSA public key")
+        try:
+            problem = rsa_problem(n, e)
+        except (binascii.Error, ValueError):
+            raise error("the DPoP proof's jwk is not a valid RSA public key") from None
+        if problem is not None:  # a weak key binds nothing; a costly one costs every request
+            raise error(f"the DPoP proof's jwk: {problem}")
     try:
         key = jwk.import_key(key_members)
         if key.key_type == "oct":

@@ -56,6 +56,7 @@ def test_private_key_material_is_refused_clearly(key):
         (public(EC, alg=["ES256"]), "is not one of"),
         (public(EC, kid=7), "kid must be"),
         (public(RSAKey.generate_key(1024)), "at least 2048 bits"),
+        (public(RSA, e="AQAAAAAB"), "public exponent"),  # 2**32 + 1: each check would cost
         (public(OKPKey.generate_key("X25519")), "crv must be one of"),
         (public(EC, use="enc"), 'use must be "sig"'),
         (public(EC, alg="RS256"), "alg 'RS256' is not one of"),

@@ -176,3 +176,34 @@ def test_a_refusal_at_a_resource_is_a_well_formed_challenge():
 )
 def test_percent_encodings_are_normalised_not_decoded(claimed, requested, same):
     assert (dpop.normalised_uri(claimed) == dpop.normalised_uri(requested)) is same
+
+
+RSA_2048 = jwk.RSAKey.generate_key(2048)
+
+
+def _b64_integer(number: int) -> str:
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        # a modulus that can be factored binds a token to nothing
+        (jwk.RSAKey.generate_key(1024).as_dict(private=False), "at least 2048 bits"),
+        # an exponent as long as a private one makes each verification cost as much
+        (RSA_2048.as_dict(private=False) | {"e": _b64_integer(2**3071 + 1)}, "public exponent"),
+        (RSA_2048.as_dict(private=False) | {"e": _b64_integer(65536)}, "public exponent"),
+        (RSA_2048.as_dict(private=False) | {"n": _b64_integer(2**8200 + 1)}, "at most 8192 bits"),
+        (RSA_2048.as_dict(private=False) | {"n": "not*base64"}, "not a valid RSA public key"),
+        ({"kty": "RSA", "e": "AQAB"}, "needs n and e"),
+    ],
+)
+def test_an_rsa_key_too_weak_or_too_costly_proves_nothing(members, message):
+    signed = proof(RSA_2048, alg="RS256", header_jwk=members)
+    with pytest.raises(dpop.InvalidDpopProof, match=message):
+        dpop.verify(signed, "POST", URL, NOW)
+
+
+def test_an_rsa_key_of_2048_bits_and_exponent_65537_proves_its_thumbprint():
+    assert dpop.verify(proof(RSA_2048, alg="RS256"), "POST", URL, NOW).jkt == RSA_2048.thumbprint()
