@@ -61,7 +61,9 @@ class Context:
             time.time,
             limits=Limits.of(self.settings),
             live_tokens=self.policy,
-            audiences=assertions.audiences(self.settings.issuer),
+            audiences=assertions.audiences(
+                self.settings.issuer, accepted=self.settings.assertion_audience
+            ),
         )
         self.introspection = Introspection(self.lookups, time.time)
         self.policy_point = PolicyPoint(self.lookups, self.ledger, time.time)

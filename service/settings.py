@@ -23,6 +23,8 @@ from service.domain.routes import RoutesError, load_routes
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SmtpTls = Literal["starttls", "tls", "none"]
 DpopNonce = Literal["off", "required"]
+#: ASSERTION_AUDIENCE (service/oauth/assertions.py: ISSUER_ONLY, ENDPOINTS_TOO)
+AssertionAudience = Literal["issuer", "issuer-or-endpoint"]
 
 
 class ConfigError(ValueError):
@@ -99,6 +101,10 @@ class Settings:
     # read up to date first, and a process that cannot read the log answers 503 instead
     # of honouring tokens revoked elsewhere meanwhile. 0: no bound.
     policy_max_staleness: float = 10.0
+    # What a private_key_jwt client assertion's aud may be: "issuer", the issuer alone
+    # (draft-ietf-oauth-rfc7523bis, FAPI 2.0), or "issuer-or-endpoint", also the token
+    # endpoint's URL, for clients that still sign that (open to audience injection).
+    assertion_audience: AssertionAudience = "issuer"
     # /readyz: how far behind the log a SQL projection may be while the process is ready,
     # as the age of the oldest event it has not applied (seconds), and as a count of events
     # (0: not counted; a count grows with the log's rate, an age does not). The age's
@@ -256,6 +262,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True) 
         db_timeout=float(r.number("DB_TIMEOUT", 5, 1, 3600)),
         db_connect_timeout=float(r.number("DB_CONNECT_TIMEOUT", 10, 1, 3600)),
         policy_max_staleness=float(r.number("POLICY_MAX_STALENESS", 10, 0, 3600)),
+        assertion_audience=r.checked(_assertion_audience, "issuer"),
         ready_max_lag=float(r.number("READY_MAX_LAG", 60, 1, 3600)),
         ready_max_lag_events=r.number("READY_MAX_LAG_EVENTS", 0, 0, 2**31 - 1),
         body_timeout=float(r.number("BODY_TIMEOUT", 15, 1, 3600)),
@@ -327,6 +334,14 @@ def _check_ca_file(path: Path) -> None:
     except OSError as exc:  # ssl.SSLError is an OSError too: not PEM, no certificate
         reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
         raise ConfigError(f"SMTP_CA_FILE: cannot load {str(path)!r}: {reason}") from None
+
+
+def _assertion_audience(env: Mapping[str, str]) -> AssertionAudience:
+    raw = (env.get("ASSERTION_AUDIENCE") or "issuer").lower()
+    modes: tuple[AssertionAudience, ...] = get_args(AssertionAudience)
+    if raw not in modes:
+        raise ConfigError(f"ASSERTION_AUDIENCE must be one of {', '.join(modes)}, got {raw!r}")
+    return modes[modes.index(raw)]
 
 
 def _dpop_nonce(env: Mapping[str, str]) -> DpopNonce:

@@ -48,9 +48,22 @@ class Verified:
     expires_at: int
 
 
-def audiences(issuer: str, endpoint_path: str = "/oauth/token") -> tuple[str, ...]:
-    """What `aud` may name (RFC 7523 §3 item 3): the issuer, the token endpoint, or the
-    endpoint the assertion is presented at."""
+#: ASSERTION_AUDIENCE's values: the issuer alone, or also the endpoints' URLs
+ISSUER_ONLY = "issuer"
+ENDPOINTS_TOO = "issuer-or-endpoint"
+
+
+def audiences(
+    issuer: str, endpoint_path: str = "/oauth/token", accepted: str = ISSUER_ONLY
+) -> tuple[str, ...]:
+    """What `aud` may be. The issuer, alone (draft-ietf-oauth-rfc7523bis §4, FAPI 2.0
+    §5.3.2.1): an assertion whose aud is a token endpoint's URL can have been signed for
+    another server that names this one's endpoint as its own, and be replayed here (the
+    audience injection of CVE-2025-27370/27371). With ENDPOINTS_TOO, for clients written
+    to RFC 7523 §3's older reading, also the token endpoint's URL and that of the
+    endpoint the assertion is presented at, at that risk."""
+    if accepted != ENDPOINTS_TOO:
+        return (issuer,)
     return tuple(dict.fromkeys((issuer, f"{issuer}/oauth/token", f"{issuer}{endpoint_path}")))
 
 
@@ -119,9 +132,11 @@ def _check_claims(
     if claims.get("iss") != client_id or claims.get("sub") != client_id:
         raise InvalidClient("the assertion's iss and sub must both be the client_id")
     aud = claims.get("aud")
-    named = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    if not any(a in accepted_audiences for a in named if isinstance(a, str)):
-        raise InvalidClient(f"the assertion's aud must name {accepted_audiences[0]}")
+    if isinstance(aud, list) and len(aud) == 1:
+        aud = aud[0]  # one audience as an array: RFC 7519 §4.1.3 allows either form
+    if not isinstance(aud, str) or aud not in accepted_audiences:
+        # One value: an assertion meant for several servers is one any of them can replay
+        raise InvalidClient(f"the assertion's aud must be {accepted_audiences[0]}, alone")
     exp = _number(claims, "exp", required=True)
     if exp is None or exp <= now - LEEWAY:
         raise InvalidClient("the assertion has expired")

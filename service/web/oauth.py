@@ -165,7 +165,9 @@ async def _authenticated(
             raise InvalidClient(
                 "introspection needs client authentication; a public client has none"
             )
-        audiences = assertions.audiences(ctx.settings.issuer, request.path)
+        audiences = assertions.audiences(
+            ctx.settings.issuer, request.path, ctx.settings.assertion_audience
+        )
         check = AssertionCheck(audiences, record_use=not again)
         app = await authenticate(ctx.lookups, ctx.ledger, client, meta, check)
     except InvalidClient as exc:

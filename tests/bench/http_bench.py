@@ -453,7 +453,7 @@ async def client_authentication(dsn: str, base: str, admin: dict[str, str]) -> N
     )  # fmt: skip
     now = int(time.time())
     claims = {"iss": key_app["client_id"], "sub": key_app["client_id"],
-              "aud": f"{base}/oauth/token", "iat": now, "exp": now + 600}  # fmt: skip
+              "aud": base, "iat": now, "exp": now + 600}  # fmt: skip
     header = {"alg": "ES256", "kid": "bench"}
     assertions = [
         urlencode({"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,

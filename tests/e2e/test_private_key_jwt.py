@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -16,6 +17,7 @@ import uuid
 
 import pytest
 import structlog
+from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from joserfc import jwt
@@ -54,7 +56,7 @@ def assertion(client, app, key=EC, alg="ES256", kid=None, **changes) -> str:
     claims = {
         "iss": app["client_id"],
         "sub": app["client_id"],
-        "aud": f"{issuer(client)}/oauth/token",
+        "aud": issuer(client),
         "iat": now,
         "exp": now + 60,
         "jti": uuid.uuid4().hex,
@@ -90,7 +92,8 @@ async def test_authlib_gets_a_client_credentials_token_with_private_key_jwt(clie
     async with AsyncOAuth2Client(
         app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
     ) as oauth:
-        oauth.register_client_auth_method(PrivateKeyJWT(f"{issuer(client)}/oauth/token"))
+        # Authlib signs the URL it is given as aud: the issuer, as Tollgate asks
+        oauth.register_client_auth_method(PrivateKeyJWT(issuer(client)))
         token = await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
         again = await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
     assert token["token_type"] == "Bearer"
@@ -109,13 +112,59 @@ async def test_authlib_gets_a_client_credentials_token_with_private_key_jwt(clie
     assert accepted[0]["stream_id"].startswith("client-assertion-")
 
 
+async def test_an_assertion_signed_for_the_token_endpoint_is_refused_by_default(client, company):
+    """The endpoint's URL as aud is what another server that names this one's token
+    endpoint as its own can have its clients sign, and replay here (audience injection):
+    the issuer alone is the audience unless ASSERTION_AUDIENCE says otherwise."""
+    app = await keyed_app(client, company, RSA)
+    base = str(client.make_url("")).rstrip("/")
+    async with AsyncOAuth2Client(
+        app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
+    ) as oauth:
+        oauth.register_client_auth_method(PrivateKeyJWT(f"{issuer(client)}/oauth/token"))
+        with pytest.raises(OAuthError) as refused:
+            await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
+    assert refused.value.error == "invalid_client"
+    assert refused.value.description == f"the assertion's aud must be {issuer(client)}, alone"
+
+
+class TestEndpointsAsAudiences:
+    """ASSERTION_AUDIENCE=issuer-or-endpoint: clients written to RFC 7523's older reading,
+    which sign the token endpoint's URL (Authlib's default) or the URL they call."""
+
+    @pytest.fixture
+    def settings(self, settings):
+        return dataclasses.replace(settings, assertion_audience="issuer-or-endpoint")
+
+    async def test_the_endpoints_urls_are_accepted_each_alone(self, client, company):
+        app = await keyed_app(client, company, RSA)
+        base = str(client.make_url("")).rstrip("/")
+        async with AsyncOAuth2Client(
+            app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
+        ) as oauth:
+            oauth.register_client_auth_method(PrivateKeyJWT(f"{issuer(client)}/oauth/token"))
+            token = await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
+        introspect = f"{issuer(client)}/oauth/introspect"
+        looked = await client.post(
+            "/oauth/introspect",
+            data={
+                "token": token["access_token"],
+                **assertion_params(assertion(client, app, RSA, "RS256", aud=introspect)),
+            },
+        )
+        assert (await looked.json()).get("active") is True, await looked.text()
+        both = assertion(client, app, RSA, "RS256", aud=[issuer(client), introspect])
+        refused = await client.post(
+            "/oauth/introspect", data={"token": token["access_token"], **assertion_params(both)}
+        )
+        assert (await refused.json())["error_description"].endswith(", alone")
+
+
 async def test_revocation_and_introspection_authenticate_with_an_assertion(client, company):
     app = await keyed_app(client, company)
     token = (await (await token_request(client, assertion(client, app))).json())["access_token"]
-    introspect_aud = f"{issuer(client)}/oauth/introspect"
     looked = await client.post(
-        "/oauth/introspect",
-        data={"token": token, **assertion_params(assertion(client, app, aud=introspect_aud))},
+        "/oauth/introspect", data={"token": token, **assertion_params(assertion(client, app))}
     )
     assert looked.status == 200
     assert (await looked.json())["active"] is True

@@ -34,7 +34,7 @@ def keyed(*keys):
 
 
 def claims(**changes) -> dict:
-    base = {"iss": CLIENT, "sub": CLIENT, "aud": f"{ISSUER}/oauth/token", "iat": NOW,
+    base = {"iss": CLIENT, "sub": CLIENT, "aud": ISSUER, "iat": NOW,
             "exp": NOW + 60, "jti": "j-1"}  # fmt: skip
     return {k: v for k, v in (base | changes).items() if v is not None}
 
@@ -61,12 +61,6 @@ def test_an_assertion_signed_with_a_registered_key_is_accepted(key, alg):
 
 def test_without_a_kid_every_registered_key_is_tried():
     assert assertions.verify(keyed(RSA, EC), signed(EC, kid=None), AUDIENCES, NOW).kid == "ec"
-
-
-def test_the_issuer_itself_and_an_audience_list_are_accepted():
-    state = keyed(EC)
-    assertions.verify(state, signed(EC, aud=ISSUER), AUDIENCES, NOW)
-    assertions.verify(state, signed(EC, aud=["https://other", ISSUER]), AUDIENCES, NOW)
 
 
 def _part(data: bytes | dict) -> str:
@@ -119,6 +113,39 @@ def test_a_bad_assertion_is_invalid_client(assertion, words):
         assertions.verify(keyed(EC, RSA), assertion(), AUDIENCES, NOW)
     assert words in refused.value.description
     assert refused.value.status == 401
+
+
+@pytest.mark.parametrize(
+    "aud",
+    [
+        # a token endpoint's URL: another server can name this one's as its own, and
+        # replay what its clients sign for it (audience injection, CVE-2025-27370)
+        f"{ISSUER}/oauth/token",
+        # several audiences: an assertion any of them can replay here
+        [ISSUER, "https://elsewhere.example"],
+        ["https://elsewhere.example/oauth/token", ISSUER],
+        [ISSUER, ISSUER],
+        [],
+        f"{ISSUER}/",
+    ],
+)
+def test_the_issuer_alone_is_the_audience(aud):
+    with pytest.raises(InvalidClient, match=f"aud must be {ISSUER}, alone"):
+        assertions.verify(keyed(EC), signed(EC, aud=aud), AUDIENCES, NOW)
+
+
+def test_the_issuer_may_come_as_an_array_of_one():
+    assert assertions.verify(keyed(EC), signed(EC, aud=[ISSUER]), AUDIENCES, NOW).jti == "j-1"
+
+
+def test_endpoints_are_audiences_only_when_configured_and_then_alone():
+    older = assertions.audiences(ISSUER, "/oauth/revoke", assertions.ENDPOINTS_TOO)
+    assert older == (ISSUER, f"{ISSUER}/oauth/token", f"{ISSUER}/oauth/revoke")
+    for aud in older:
+        assert assertions.verify(keyed(EC), signed(EC, aud=aud), older, NOW).jti == "j-1"
+    with pytest.raises(InvalidClient, match="alone"):
+        assertions.verify(keyed(EC), signed(EC, aud=[ISSUER, f"{ISSUER}/oauth/token"]), older, NOW)
+    assert assertions.audiences(ISSUER, "/oauth/revoke") == (ISSUER,)
 
 
 def test_a_small_clock_skew_is_allowed():

@@ -24,6 +24,7 @@ from service.settings import ConfigError, load_settings
         ("MODEL_SNAPSHOT_EVERY", "-1", "MODEL_SNAPSHOT_EVERY must be from 0"),
         ("MODEL_SNAPSHOT_EVERY", "5m", "MODEL_SNAPSHOT_EVERY must be an integer"),
         ("POLICY_MAX_STALENESS", "-1", "POLICY_MAX_STALENESS must be from 0 to 3600"),
+        ("ASSERTION_AUDIENCE", "endpoint", "ASSERTION_AUDIENCE must be one of issuer, issuer-or"),
         ("POLICY_MAX_STALENESS", "3601", "POLICY_MAX_STALENESS must be from 0 to 3600"),
     ],
 )
