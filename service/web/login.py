@@ -110,6 +110,28 @@ async def matching_accounts(
     return matched
 
 
+#: how many of an address's accounts a failed sign-in's time hides: the answer takes at
+#: least as long as checking this many hashes one after another, however many the address
+#: has (argon2 takes the cores: several hashes checked together take about as many times
+#: one's time), so an address known at a few companies fails like an unknown one
+HIDDEN_ACCOUNTS = 4
+
+
+class HashTime:
+    """How long checking one password hash takes in this process, now: a moving average
+    over the sign-ins that checked one (an unknown address, or an address with one
+    account), so that it follows the machine's load."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else 0.8 * self.seconds + 0.2 * seconds
+
+
+HASH_TIME = HashTime()
+
+
 async def _matching(
     request: web.Request, email: str, password: str, company_id: str | None
 ) -> list[User]:
@@ -120,16 +142,25 @@ async def _matching(
     # Copies, as they are when their hashes are checked: the model changes its users in
     # place, and a session is tagged with the version of the password that opened it.
     accounts = [msgspec.structs.replace(u) for u in await ctx.lookups.accounts(email)]
-    # Every account's hash is checked, at once (argon2 runs outside the GIL): the time
-    # barely depends on how many companies know the address, nor on `company_id`.
+    # Every account's hash is checked, at once (argon2 runs outside the GIL), whatever
+    # `company_id` names; an unknown address checks one that nobody's password opens.
     hashes = [u.password_hash for u in accounts] or [passwords.DUMMY_HASH]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     verdicts = await asyncio.gather(
         *(asyncio.to_thread(passwords.verify_password, password, h) for h in hashes)
     )
+    if len(hashes) == 1:
+        HASH_TIME.observe(loop.time() - started)
     matched = [u for u, ok in zip(accounts, verdicts, strict=False) if ok and not u.removed]
     if company_id is not None:
         matched = [u for u in matched if u.company_id == company_id]
     if not matched:
+        # The hashes took longer the more accounts the address has: a failure is answered
+        # once HIDDEN_ACCOUNTS' time has passed, whichever it was (a success needs the
+        # password, and says nothing more to whoever has it).
+        if HASH_TIME.seconds is not None:
+            await asyncio.sleep(started + HIDDEN_ACCOUNTS * HASH_TIME.seconds - loop.time())
         raise InvalidCredentials(WRONG)
     return matched
 

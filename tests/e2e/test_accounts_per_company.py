@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import threading
+import time
 from urllib.parse import urlsplit
 
 from service import events as ev
@@ -16,7 +18,7 @@ from service.app import CONTEXT
 from service.domain import passwords, streams
 from service.eventlog import Metadata
 from service.web import login
-from tests.conftest import Company
+from tests.conftest import Company, make_company
 from tests.e2e.lifecycle_helpers import second_instance, sign_in
 from tests.e2e.oauth_helpers import authorize_url, new_app, pkce, query_of
 from tests.e2e.test_admin_people import everything_stored
@@ -428,3 +430,37 @@ async def test_a_legacy_user_signs_in_changes_password_is_reset_and_removed(
     added = [e for e in await events_of(db, "UserAdded") if e["user_id"] == new_user]
     assert added[0]["stream"] == streams.account(company.company_id, email)
     assert (await add(client, company, email)).status == 409
+
+
+async def test_a_failed_sign_in_takes_as_long_whether_the_address_has_no_account_or_several(
+    client, company, other_company, monkeypatch
+):
+    """Each of an address's accounts costs a hash check, and checks share the cores: an
+    address known at three companies failed three times as slowly as an unknown one, which
+    told an attacker that it exists, and where. Here each check takes 0.1 s and they take
+    turns (as argon2 does on the cores); a failure must take as long for each address."""
+    third = await make_company(client, "Initech")
+    for at in (company, other_company, third):
+        assert (await add(client, at, SHARED, PASSWORD)).status == 201
+    assert (await add(client, company, "solo@acme.example", PASSWORD)).status == 201
+    real, turns = passwords.verify_password, threading.Lock()
+
+    def one_at_a_time(password: str, stored: str) -> bool:
+        with turns:
+            time.sleep(0.1)
+            return real(password, stored)
+
+    monkeypatch.setattr(passwords, "verify_password", one_at_a_time)
+    monkeypatch.setattr(login, "HASH_TIME", login.HashTime())
+    warm = await json_sign_in(client, "nobody@nowhere.example", "some wrong password")
+    assert warm.status == 401  # and this process now knows what one check costs
+    took = {}
+    for email in ("nobody@nowhere.example", "solo@acme.example", SHARED):
+        started = time.monotonic()
+        answer = await json_sign_in(client, email, "not the password, long enough")
+        took[email] = time.monotonic() - started
+        assert answer.status == 401
+        assert (await answer.json())["error_description"] == "Wrong email or password."
+    floor = login.HIDDEN_ACCOUNTS * 0.1
+    assert min(took.values()) >= floor - 0.02, took
+    assert max(took.values()) - min(took.values()) < 0.15, took
