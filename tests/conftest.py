@@ -104,7 +104,9 @@ def cheap_password_hashes() -> Iterator[None]:
     tests/integration/test_password_cost.py checks that cost in a process of its own."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(passwords, "_hasher", CHEAP_PASSWORDS)
-        patch.setattr(passwords, "DUMMY_HASH", CHEAP_PASSWORDS.hash(passwords.generate_password()))
+        patch.setattr(
+            passwords, "DUMMY_HASH", passwords.hash_password(passwords.generate_password())
+        )
         yield
 
 

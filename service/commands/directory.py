@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
@@ -92,6 +93,9 @@ async def add_user(
     raise Conflict(taken)
 
 
+_SCORING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="password-scoring")
+
+
 async def _hash(
     ctx: Context, company_id: str, email: str, password: str, field: str = "password"
 ) -> str:
@@ -100,7 +104,10 @@ async def _hash(
     company = ctx.directory.companies.get(company_id)
     context = [email] if company is None else [email, company.name]
     try:
-        await asyncio.to_thread(passwords.check_strength, password, context)
+        # On a thread of its own: scoring waits for scoring, never a sign-in's hash check
+        # in the shared executor
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(_SCORING, passwords.check_strength, password, context)
     except passwords.WeakPassword as exc:
         raise FieldError(field, str(exc)) from None
     return await asyncio.to_thread(passwords.hash_password, password)
@@ -217,7 +224,7 @@ async def change_own_password(
     ok = await asyncio.to_thread(passwords.verify_password, current, user.password_hash)
     if not ok:
         raise WrongPassword("the current password is wrong")
-    if new == current:
+    if passwords.normalised(new) == passwords.normalised(current):
         raise FieldError("new_password", "must differ from the current password")
     password_hash = await _hash(ctx, user.company_id, user.email, new, "new_password")
     event = ev.UserPasswordChanged(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import unicodedata
 
 import pytest
 import structlog
@@ -93,7 +94,9 @@ async def test_changing_ones_password_ends_every_session_but_the_new_one(
     assert old.status == 401
     await sign_in(client, "me@acme.example", new_password)
     [event] = await events_of(db, "UserPasswordChanged")
-    assert event["user_id"] == made["user_id"] and event["password_hash"].startswith("$argon2id$")
+    assert event["user_id"] == made["user_id"] and event["password_hash"].startswith(
+        "nfkc$argon2id$"
+    )
     stored = await everything_stored(db)
     assert new_password not in stored and new_password not in repr(logs)
 
@@ -326,3 +329,23 @@ async def test_a_demotion_decided_on_a_stale_view_is_decided_again(client, compa
         await directory.change_role(ctx, company.company_id, first, "member", Metadata(actor="t"))
     assert decisions == 2
     assert len(await events_of(db, "UserRoleChanged")) == 1
+
+
+async def test_the_same_password_composed_otherwise_is_no_new_password(client, company, db):
+    composed = unicodedata.normalize("NFC", "crème brûlée à la française")
+    response = await client.post(
+        "/admin/users",
+        json={"email": "chef@acme.example", "role": "member", "password": composed},
+        headers=company.auth,
+    )
+    assert response.status == 201, await response.text()
+    apart = unicodedata.normalize("NFD", composed)
+    me = await sign_in(client, "chef@acme.example", apart)  # one password, either form
+    same = await client.post(
+        "/session/password",
+        json={"current_password": composed, "new_password": apart},
+        headers=me.change,
+    )
+    assert same.status == 400
+    assert "must differ" in (await same.json())["error_description"]
+    assert await events_of(db, "UserPasswordChanged") == []

@@ -25,7 +25,8 @@ def test_the_service_hashes_passwords_at_the_rfc_9106_low_memory_cost() -> None:
     )  # fmt: skip
     made, dummy = done.stdout.split()
     for stored in (made, dummy):  # an unknown user's check costs what a known one's does
-        parameters = argon2.extract_parameters(stored)
+        assert stored.startswith(passwords.NFKC_MARK + "$argon2id$")  # made from the NFKC form
+        parameters = argon2.extract_parameters(stored.removeprefix(passwords.NFKC_MARK))
         assert parameters.type is argon2.Type.ID
         assert (parameters.time_cost, parameters.memory_cost, parameters.parallelism) == (
             3,
@@ -41,6 +42,6 @@ def test_the_service_hashes_passwords_at_the_rfc_9106_low_memory_cost() -> None:
 
 def test_this_session_hashes_cheaply_in_the_same_format() -> None:
     stored = passwords.hash_password("correct horse battery staple")
-    assert stored.startswith("$argon2id$v=19$m=8,t=1,p=1$")
+    assert stored.startswith("nfkc$argon2id$v=19$m=8,t=1,p=1$")
     assert passwords.verify_password("correct horse battery staple", stored)
     assert not passwords.verify_password("correct horse battery stapl", stored)

@@ -66,7 +66,53 @@ def test_the_same_password_composed_or_spelled_apart_signs_in():
     assert not passwords.verify_password("creme brulee a la francaise", stored)
 
 
-def test_a_hash_made_before_normalising_still_verifies_as_it_was_typed():
+def test_a_hash_made_before_normalising_still_verifies_as_it_was_typed(monkeypatch):
     apart = unicodedata.normalize("NFD", "crème brûlée à la française")
     legacy = argon2.PasswordHasher.from_parameters(passwords.PROFILE).hash(apart)
+    assert not legacy.startswith(passwords.NFKC_MARK)
     assert passwords.verify_password(apart, legacy)
+    assert not passwords.verify_password(unicodedata.normalize("NFC", apart), legacy)
+
+
+def test_one_check_a_sign_in_whatever_form_the_password_comes_in(monkeypatch):
+    """A second check for input not in NFKC form would let anyone double a sign-in's cost."""
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.checks = inner, []
+
+        def verify(self, stored, password):
+            self.checks.append(password)
+            return self.inner.verify(stored, password)
+
+        def hash(self, password):
+            return self.inner.hash(password)
+
+    counting = Counting(passwords._hasher)
+    monkeypatch.setattr(passwords, "_hasher", counting)
+    decomposed = unicodedata.normalize("NFD", "crème brûlée à la française")
+    for stored in (passwords.DUMMY_HASH, passwords.hash_password("something else entirely")):
+        counting.checks.clear()
+        assert not passwords.verify_password(decomposed, stored)
+        assert counting.checks == [unicodedata.normalize("NFKC", decomposed)]
+
+
+def test_the_accounts_own_words_are_held_to_the_highest_score():
+    context = ["alice.smith@globex.example", "Globex Widgets"]
+    passwords.check_strength("globexwidgets2024")  # a score of 3 without the context
+    with pytest.raises(passwords.WeakPassword, match="the account's own words"):
+        passwords.check_strength("globexwidgets2024", context)
+
+
+def test_only_the_start_of_a_password_is_scored(monkeypatch):
+    """zxcvbn's l33t matcher takes seconds over 72 substitutable characters, all of it
+    holding the interpreter: it is given the first 20 only, and a password whose start is
+    hard to guess is taken."""
+    import zxcvbn
+
+    given = []
+    real = zxcvbn.zxcvbn
+    monkeypatch.setattr(zxcvbn, "zxcvbn", lambda p, **kw: given.append(p) or real(p, **kw))
+    dense = "4@8({[<3=6&#!|1|70$5+%2" * 3
+    passwords.check_strength(dense)
+    assert given == [dense[:20]]
