@@ -112,20 +112,22 @@ class MemoryFeed:
         """Whether the models hold everything committed more than `max_age` seconds ago."""
         return time.monotonic() - self.current_at <= max_age
 
-    async def made_current(self, max_age: float) -> None:
+    async def made_current(self, max_age: float) -> bool:
         """Returns once the models hold everything committed more than `max_age` seconds
-        ago: at once when they do, after a read when they do not (a process that was
-        paused, or starved, or could not read the log); EventLogUnavailable when that read
-        does not succeed within the log's bound (5 s without one). Decisions taken from
-        memory then stay within a known distance of the log: a revocation committed
-        elsewhere is enforced here within `max_age` seconds, or nothing is decided."""
+        ago: at once when they do (False), after a read that began after this call when
+        they do not (True: a process that was paused, or starved, or could not read the
+        log); EventLogUnavailable when that read does not succeed within the log's bound
+        (5 s without one). Decisions taken from memory then stay within a known distance
+        of the log: a revocation committed elsewhere is enforced here within `max_age`
+        seconds, or nothing is decided."""
         if self.current_within(max_age):
-            return
+            return False
         patience = self.eventlog.timeout or 5.0
         try:
             await within(patience, self.catch_up())
         except TimeoutError:
             raise EventLogUnavailable(f"the log was not read within {patience:g} s") from None
+        return True
 
     def apply_own(
         self, positions: Sequence[int], expected_version: int | None, events: Sequence[Event]

@@ -30,8 +30,9 @@ class ModelLookups:
     """Every lookup is a dict access; a miss catches up with the log once and looks again
     (concurrent misses share one read: see MemoryFeed.catch_up).
 
-    `max_staleness` (seconds; None: no bound): an access token is checked against models
-    that hold everything committed that long ago, or not at all (EventLogUnavailable).
+    `max_staleness` (seconds; None: no bound): an access token, an admin key or a
+    resource server's key is checked against models that hold everything committed that
+    long ago, or not at all (EventLogUnavailable).
     Notifications and a poll every second keep them within a second of the log; a process
     that was paused, or cannot read the log, would otherwise go on honouring tokens
     revoked elsewhere for as long as that lasts."""
@@ -48,12 +49,21 @@ class ModelLookups:
         self._directory = directory
         self._max_staleness = max_staleness
 
-    async def _found(self, look: Callable[[], T | None]) -> T | None:
+    async def _found(self, look: Callable[[], T | None], *, just_read: bool = False) -> T | None:
+        """`just_read`: the models were read up to date after this request came (made
+        current): a miss is a miss, not worth a second read."""
         found = look()
-        if found is None:
+        if found is None and not just_read:
             await self._feed.catch_up()  # written a moment ago through another process?
             found = look()
         return found
+
+    async def _made_current(self) -> bool:
+        """Whether the models had to be read up to date (MemoryFeed.made_current) before a
+        credential is checked against them; False when they are within the bound."""
+        if self._max_staleness is None:
+            return False
+        return await self._feed.made_current(self._max_staleness)
 
     async def application(self, client_id: str) -> AppState | None:
         return await self._found(lambda: self._policy.apps.get(client_id))
@@ -70,9 +80,8 @@ class ModelLookups:
         return await self._found(look)
 
     async def access_token(self, key: bytes, now: float) -> TokenState | None:
-        if self._max_staleness is not None:
-            await self._feed.made_current(self._max_staleness)
-        return await self._found(lambda: self._policy.token(key, now))
+        just_read = await self._made_current()
+        return await self._found(lambda: self._policy.token(key, now), just_read=just_read)
 
     def access_token_now(self, key: bytes, now: float) -> TokenState | None:
         """None also when the models are staler than the bound: `access_token` decides."""
@@ -96,7 +105,7 @@ class ModelLookups:
             server = self._directory.resource_server_hashes.get(key_hash)
             return None if server is None else server.resource_server_id
 
-        return await self._found(look)
+        return await self._found(look, just_read=await self._made_current())
 
     def connection(self, company_id: str, client_id: str) -> ConnectionState | None:
         return self._policy.connections.get((company_id, client_id))
@@ -117,7 +126,7 @@ class ModelLookups:
             key_id = self._directory.admin_key_hashes.get(key_hash)
             return None if key_id is None else self._directory.admin_keys.get(key_id)
 
-        return await self._found(look)
+        return await self._found(look, just_read=await self._made_current())
 
     async def accounts(self, email: str) -> list[User]:
         """The live accounts of an address, one per company (none: an empty list)."""

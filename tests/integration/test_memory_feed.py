@@ -519,5 +519,50 @@ async def test_a_process_that_heard_nothing_for_longer_than_the_bound_reads_befo
             assert await lookups.access_token(key, time.time()) is not None  # within the bound
             await asyncio.sleep(bound + 0.2)
             assert lookups.access_token_now(key, time.time()) is None  # not from memory now
+            reads = []
+            real_read = there.eventlog.read_all
+
+            async def counted(*args, **kwargs):
+                reads.append(args)
+                return await real_read(*args, **kwargs)
+
+            there.eventlog.read_all = counted  # type: ignore[method-assign]
             assert await lookups.access_token(key, time.time()) is None  # read: revoked
+            assert len(reads) == 1  # the miss is not read for a second time
             assert there.feed.current_within(bound)
+
+
+async def test_admin_and_resource_server_keys_are_held_to_the_bound_too(db, tmp_path):
+    """An admin key or a resource server's key revoked through another process is refused
+    here once this process's view is older than the bound: reads of the admin API and
+    /policy/check answer from memory too."""
+    from service.domain import streams
+    from service.runtime import open_context
+    from service.settings import Settings
+    from service.storage.database import Database
+
+    bound = 1.0
+    settings = Settings(data_dir=tmp_path, policy_max_staleness=bound)
+    database = Database(db.dsn, db.pool)
+    issued = ev.AdminKeyIssued(company_id="co-k", key_id="key-1", key_hash="a" * 64)
+    server = ev.ResourceServerRegistered(resource_server_id="rs-1", name="API", key_hash="b" * 64)
+    async with open_context(settings, database=database) as here:
+        await here.eventlog.append(streams.admin_key("key-1"), 0, [issued])
+        await here.eventlog.append(streams.resource_server("rs-1"), 0, [server])
+        async with open_context(settings, database=database) as there:
+            assert await there.lookups.admin_key("a" * 64) is not None
+            assert await there.lookups.resource_server("b" * 64) == "rs-1"
+            await here.eventlog.append(
+                streams.admin_key("key-1"),
+                1,
+                [ev.AdminKeyRevoked(company_id="co-k", key_id="key-1")],
+            )
+            await here.eventlog.append(
+                streams.resource_server("rs-1"),
+                1,
+                [ev.ResourceServerKeyRevoked(resource_server_id="rs-1")],
+            )
+            await asyncio.sleep(bound + 0.2)
+            found = await there.lookups.admin_key("a" * 64)
+            assert found is None or found.revoked
+            assert await there.lookups.resource_server("b" * 64) is None
