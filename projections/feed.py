@@ -24,6 +24,10 @@ log = structlog.get_logger(__name__)
 COMPACT_EVERY = 300.0  # seconds between compactions (dropped keys, spent codes)
 #: announced batches kept while one before them is on its way (each under 8000 bytes)
 MAX_AHEAD = 256
+#: what a round trip on the listener's session says less: a commit signals the listening
+#: sessions a moment after it becomes visible (a writer descheduled between the two), and
+#: one whose signal had not arrived when the round trip began is not covered by it
+LISTEN_MARGIN = 1.0
 
 
 class Model(Protocol):
@@ -56,6 +60,7 @@ class MemoryFeed:
         self.current_at = -math.inf
         eventlog.appended.append(self.apply_own)
         eventlog.announced.append(self.apply_announced)
+        eventlog.heard.append(self.heard)
 
     async def catch_up(self) -> int:
         """Apply everything committed so far.
@@ -107,6 +112,15 @@ class MemoryFeed:
             batch = await upcoming if upcoming is not None else []
         self.current_at = max(self.current_at, began)
         return self.position
+
+    def heard(self, began: float, head: int) -> None:
+        """The listener's session answered a round trip begun at `began`, the log's head
+        then being `head` (EventLog.heard): when the models hold that head, they hold
+        everything committed before `began`, less LISTEN_MARGIN. So a process whose reads
+        wait (its pool taken by a burst of requests) but that hears every commit stays
+        current, and one whose listener goes quiet does not."""
+        if self.position >= head:
+            self.current_at = max(self.current_at, began - LISTEN_MARGIN)
 
     def current_within(self, max_age: float) -> bool:
         """Whether the models hold everything committed more than `max_age` seconds ago."""
@@ -223,6 +237,8 @@ class MemoryFeed:
             self.eventlog.appended.remove(self.apply_own)
         with contextlib.suppress(ValueError):
             self.eventlog.announced.remove(self.apply_announced)
+        with contextlib.suppress(ValueError):
+            self.eventlog.heard.remove(self.heard)
         for pending in (self._task, self._next):
             if pending is not None:
                 pending.cancel()

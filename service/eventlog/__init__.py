@@ -72,6 +72,7 @@ from service.events import Event, decode_or_unknown
 from service.logs import error_text
 from service.storage.database import (
     CLOSE_TIMEOUT,
+    SESSION_CHECK,
     BoundedPool,
     SessionLost,
     SessionWatch,
@@ -230,8 +231,11 @@ class EventLog:
         on_commit: Callable[[int], None] | None = None,
         timeout: float | None = None,
         announcements: bool = True,
+        session_check: float = SESSION_CHECK,
     ) -> None:
         self._pool = pool
+        #: seconds between the listener's round trips (SessionWatch)
+        self._session_check = session_check
         #: whether the listener hears the batches commits announce with their events (for
         #: `announced`, a process that keeps the log in memory), or only the head: each
         #: batch is a notification the server copies to every session listening for it
@@ -260,6 +264,10 @@ class EventLog:
         #: called with each batch announced by its writer (any process's, this one's too),
         #: in commit order, before readers wake (MemoryFeed.apply_announced)
         self.announced: list[Announced] = []
+        #: called with when (time.monotonic()) each answered round trip on the listener's
+        #: session began, and the head notified by then: every commit before that moment
+        #: had been notified, its announcement applied (MemoryFeed.heard)
+        self.heard: list[Callable[[float, int], object]] = []
         self._senders: dict[int, float] = {}  # backend pid: until when it is believed
         self._checks: dict[int, asyncio.Task[None]] = {}
         self._in_flight: Plan | None = None  # the batch sent to the server, until answered
@@ -685,6 +693,18 @@ class EventLog:
             log.warning("eventlog.announcement_refused", sender=pid,
                         reason="the sending session may not append to the log")  # fmt: skip
 
+    def _heard(self, began: float) -> None:
+        """The listener's session answered a round trip that began at `began`. The server
+        sends a listening session the notifications it has before it says it is ready
+        for the next query, and each was applied as it came (its callbacks ran before
+        this answer's): every commit before `began` is at or below the head now."""
+        head = self.wakeup.head
+        for hook in self.heard:
+            try:
+                hook(began, head)
+            except Exception:
+                log.exception("eventlog.heard_hook_failed")
+
     async def _listen(self) -> None:
         """Keep a LISTEN connection open; on failure, polling carries readers until it is back."""
         assert self._dsn is not None
@@ -719,7 +739,8 @@ class EventLog:
                 if self._announcements:
                     await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)
-                await while_session_answers(SessionWatch(self._listener), lost.wait())
+                watch = SessionWatch(self._listener, self._session_check, self._heard)
+                await while_session_answers(watch, lost.wait())
             except (*_DB_ERRORS, SessionLost) as exc:
                 log.warning("eventlog.listener_lost", error=error_text(exc))
             finally:

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import time
 import urllib.parse
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, NoReturn, TypeAlias, TypeVar
@@ -167,19 +168,29 @@ class SessionLost(Exception):
 class SessionWatch:
     """The round trips that prove a session (the one holding a lock, or listening) alive."""
 
-    def __init__(self, conn: Conn, every: float = SESSION_CHECK) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        every: float = SESSION_CHECK,
+        answered: Callable[[float], None] | None = None,
+    ) -> None:
         self.conn = conn
         self.every = every
+        #: called with when (time.monotonic()) each round trip that was answered began
+        self.answered = answered
         self._turn = asyncio.Lock()  # one query at a time on a connection
 
     async def check(self) -> None:
         """One round trip now, answered within `every`, or SessionLost."""
         async with self._turn:
+            began = time.monotonic()
             try:
                 await within(self.every, self.conn.fetchval("SELECT 1"))
             except _SESSION_ERRORS as exc:
                 said = f"the session did not answer within {self.every:g} s ({error_text(exc)})"
                 raise SessionLost(said) from exc
+            if self.answered is not None:
+                self.answered(began)
 
     async def watch(self) -> NoReturn:
         while True:

@@ -566,3 +566,53 @@ async def test_admin_and_resource_server_keys_are_held_to_the_bound_too(db, tmp_
             found = await there.lookups.admin_key("a" * 64)
             assert found is None or found.revoked
             assert await there.lookups.resource_server("b" * 64) is None
+
+
+async def test_a_process_that_hears_every_commit_stays_current_while_its_reads_wait(db):
+    """Its pool taken (a burst of requests holding every connection), a process reads
+    nothing; while its listener's session answers and every commit's announcement has
+    been applied, its view is current all the same, and the gateway goes on deciding. A
+    commit it has only heard the head of (not announced) is not in its models: then it
+    is not current."""
+    from service.storage.database import create_pool
+
+    pool = await create_pool(db.dsn, min_size=1, max_size=2)
+    writer_pool = await create_pool(db.dsn, min_size=1, max_size=2)
+    log = EventLog(pool, db.dsn, session_check=0.2)
+    other = EventLog(writer_pool)  # another process's writer
+    await log.start()
+    await other.start()
+    model = PolicyModel()
+    feed = MemoryFeed(log, [model])
+    await feed.start()
+    try:
+        await log.append("code-1", 0, [code(1, int(time.time()) + 600)])  # the writer's own
+        # The other writer's first announcement is checked (may its session append?) and
+        # read from the table; from then on its announcements are believed.
+        await other.append("code-0", 0, [code(0, int(time.time()) + 600)])
+        for _ in range(100):
+            if f"{0:064x}" in model.codes and log._senders:
+                break
+            await asyncio.sleep(0.05)
+        async with pool.acquire():  # with the writer's, every connection: reads wait
+            await other.append("code-2", 0, [code(2, int(time.time()) + 600)])
+            await asyncio.sleep(2.0)
+            assert f"{2:064x}" in model.codes  # applied from its announcement
+            assert feed.current_within(1.5)  # the listener answered since, the head held
+            # A commit too large to be announced comes as a head only: not in memory
+            big = ev.AuthorizationCodeIssued(
+                company_id="c1", client_id="app-1", user_id="u1", code_hash=f"{3:064x}",
+                redirect_uri="https://app.example/cb/" + "x" * 9000,
+                permissions=["invoices:read"], code_challenge=None,
+                expires_at=int(time.time()) + 600,
+            )  # fmt: skip
+            await other.append("code-3", 0, [big])
+            await asyncio.sleep(2.0)
+            assert f"{3:064x}" not in model.codes
+            assert not feed.current_within(1.5)
+    finally:
+        await feed.close()
+        await other.close()
+        await log.close()
+        await writer_pool.close()
+        await pool.close()

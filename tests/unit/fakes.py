@@ -5,7 +5,7 @@ core, read models and ledger included, with no database."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from projections.directory import DirectoryModel
@@ -25,6 +25,7 @@ class InMemoryEventLog:
         self.timeout: float | None = None  # as EventLog: how long a wait on the log may last
         self.appended: list[Appended] = []  # as EventLog: told of each append as it commits
         self.announced: list[Announced] = []  # as EventLog; nothing else writes here
+        self.heard: list[Callable[[float, int], object]] = []  # no listener: never called
 
     async def append(
         self,
