@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from service.domain.addresses import unmapped
@@ -336,20 +336,20 @@ def _check_ca_file(path: Path) -> None:
         raise ConfigError(f"SMTP_CA_FILE: cannot load {str(path)!r}: {reason}") from None
 
 
-def _assertion_audience(env: Mapping[str, str]) -> AssertionAudience:
-    raw = (env.get("ASSERTION_AUDIENCE") or "issuer").lower()
-    modes: tuple[AssertionAudience, ...] = get_args(AssertionAudience)
+def _one_of(env: Mapping[str, str], name: str, modes: tuple[str, ...]) -> str:
+    """A setting that names one of `modes` (the first: its default), in any case."""
+    raw = (env.get(name) or modes[0]).lower()
     if raw not in modes:
-        raise ConfigError(f"ASSERTION_AUDIENCE must be one of {', '.join(modes)}, got {raw!r}")
-    return modes[modes.index(raw)]
+        raise ConfigError(f"{name} must be one of {', '.join(modes)}, got {raw!r}")
+    return raw
+
+
+def _assertion_audience(env: Mapping[str, str]) -> AssertionAudience:
+    return cast(AssertionAudience, _one_of(env, "ASSERTION_AUDIENCE", get_args(AssertionAudience)))
 
 
 def _dpop_nonce(env: Mapping[str, str]) -> DpopNonce:
-    raw = (env.get("DPOP_NONCE") or "off").lower()
-    modes: tuple[DpopNonce, ...] = get_args(DpopNonce)
-    if raw not in modes:
-        raise ConfigError(f"DPOP_NONCE must be one of {', '.join(modes)}, got {raw!r}")
-    return modes[modes.index(raw)]
+    return cast(DpopNonce, _one_of(env, "DPOP_NONCE", get_args(DpopNonce)))
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -82,20 +82,25 @@ async def issued(db) -> int:
 # --- the happy path, with a third-party client ---------------------------------------
 
 
+async def authlib_token(client, app, aud: str) -> dict:
+    """A client_credentials token fetched by Authlib, whose PrivateKeyJWT signs the URL it
+    is given as the assertion's aud."""
+    base = str(client.make_url("")).rstrip("/")
+    async with AsyncOAuth2Client(
+        app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
+    ) as oauth:
+        oauth.register_client_auth_method(PrivateKeyJWT(aud))
+        return dict(await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials"))
+
+
 async def test_authlib_gets_a_client_credentials_token_with_private_key_jwt(client, company, db):
     app = await keyed_app(client, company, RSA)
     assert "client_secret" not in app  # no secret to keep for a key-bound client
     assert app["token_endpoint_auth_method"] == "private_key_jwt"
     assert app["jwks"]["keys"][0]["kid"] == "rsa-1"
     assert "d" not in app["jwks"]["keys"][0]
-    base = str(client.make_url("")).rstrip("/")
-    async with AsyncOAuth2Client(
-        app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
-    ) as oauth:
-        # Authlib signs the URL it is given as aud: the issuer, as Tollgate asks
-        oauth.register_client_auth_method(PrivateKeyJWT(issuer(client)))
-        token = await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
-        again = await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
+    token = await authlib_token(client, app, issuer(client))  # the issuer, as Tollgate asks
+    again = await authlib_token(client, app, issuer(client))
     assert token["token_type"] == "Bearer"
     assert again["access_token"] != token["access_token"]
     whoami = await client.get(
@@ -117,13 +122,8 @@ async def test_an_assertion_signed_for_the_token_endpoint_is_refused_by_default(
     endpoint as its own can have its clients sign, and replay here (audience injection):
     the issuer alone is the audience unless ASSERTION_AUDIENCE says otherwise."""
     app = await keyed_app(client, company, RSA)
-    base = str(client.make_url("")).rstrip("/")
-    async with AsyncOAuth2Client(
-        app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
-    ) as oauth:
-        oauth.register_client_auth_method(PrivateKeyJWT(f"{issuer(client)}/oauth/token"))
-        with pytest.raises(OAuthError) as refused:
-            await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
+    with pytest.raises(OAuthError) as refused:
+        await authlib_token(client, app, f"{issuer(client)}/oauth/token")
     assert refused.value.error == "invalid_client"
     assert refused.value.description == f"the assertion's aud must be {issuer(client)}, alone"
 
@@ -138,12 +138,7 @@ class TestEndpointsAsAudiences:
 
     async def test_the_endpoints_urls_are_accepted_each_alone(self, client, company):
         app = await keyed_app(client, company, RSA)
-        base = str(client.make_url("")).rstrip("/")
-        async with AsyncOAuth2Client(
-            app["client_id"], RSA, token_endpoint_auth_method="private_key_jwt"
-        ) as oauth:
-            oauth.register_client_auth_method(PrivateKeyJWT(f"{issuer(client)}/oauth/token"))
-            token = await oauth.fetch_token(f"{base}/oauth/token", grant_type="client_credentials")
+        token = await authlib_token(client, app, f"{issuer(client)}/oauth/token")
         introspect = f"{issuer(client)}/oauth/introspect"
         looked = await client.post(
             "/oauth/introspect",
