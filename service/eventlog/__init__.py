@@ -118,6 +118,8 @@ _lean_decoder = msgspec.json.Decoder(list[tuple[int, int, str, int, msgspec.Raw]
 #: how long a backend found allowed to append is believed as the sender of announced
 #: batches before it is checked again (its pid could in time be another session's)
 SENDER_TRUST = 60.0
+#: the log's head (positions are dense and follow commit order)
+_HEAD = "SELECT coalesce(max(position), 0) FROM events"
 #: the writer connection's session: its pid, and when it started (a pid alone could in time
 #: be another session's)
 _SESSION = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
@@ -581,7 +583,7 @@ class EventLog:
 
     async def head(self) -> int:
         try:
-            value = await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
+            value = await self._pool.fetchval(_HEAD)
         except _DB_ERRORS as exc:
             raise failure(exc) from exc
         return int(value)
@@ -739,6 +741,11 @@ class EventLog:
                 if self._announcements:
                     await self._listener.add_listener(BATCHES, on_batch)
                 await self._listener.add_listener(CHANNEL, on_notify)
+                # Nothing was notified to this process while it did not listen (at start,
+                # or between a lost session and this one): the head as it is now, read
+                # after LISTEN, so that a round trip's answer (_heard) never takes a head
+                # from before a gap for the log's
+                self.wakeup.notify(await self._listener.fetchval(_HEAD))
                 watch = SessionWatch(self._listener, self._session_check, self._heard)
                 await while_session_answers(watch, lost.wait())
             except (*_DB_ERRORS, SessionLost) as exc:

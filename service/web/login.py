@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+import time
 from html import escape
 from typing import Annotated
 
@@ -118,15 +119,34 @@ HIDDEN_ACCOUNTS = 4
 
 
 class HashTime:
-    """How long checking one password hash takes in this process, now: a moving average
-    over the sign-ins that checked one (an unknown address, or an address with one
-    account), so that it follows the machine's load."""
+    """How long checking one password hash takes in this process, now: a moving average of
+    the checks of the sign-ins that checked one (an unknown address, or an address with
+    one account), each timed on its thread (a wait for a thread is not the hash's), held
+    within CEILING times the fastest check seen, so that a burst of sign-ins that slows
+    every check cannot make every failure wait for long after it."""
+
+    CEILING = 3.0
 
     def __init__(self) -> None:
-        self.seconds: float | None = None
+        self._typical: float | None = None
+        self._fastest: float | None = None
 
     def observe(self, seconds: float) -> None:
-        self.seconds = seconds if self.seconds is None else 0.8 * self.seconds + 0.2 * seconds
+        self._fastest = seconds if self._fastest is None else min(self._fastest, seconds)
+        self._typical = seconds if self._typical is None else 0.8 * self._typical + 0.2 * seconds
+
+    @property
+    def seconds(self) -> float | None:
+        if self._typical is None or self._fastest is None:
+            return None
+        return min(self._typical, self.CEILING * self._fastest)
+
+
+def _timed_check(password: str, stored: str) -> tuple[bool, float]:
+    """A hash check on a worker thread, and how long it took there."""
+    started = time.perf_counter()
+    ok = passwords.verify_password(password, stored)
+    return ok, time.perf_counter() - started
 
 
 HASH_TIME = HashTime()
@@ -145,13 +165,14 @@ async def _matching(
     # Every account's hash is checked, at once (argon2 runs outside the GIL), whatever
     # `company_id` names; an unknown address checks one that nobody's password opens.
     hashes = [u.password_hash for u in accounts] or [passwords.DUMMY_HASH]
+    if HASH_TIME.seconds is None:  # this process's first sign-in: what one check costs
+        HASH_TIME.observe((await asyncio.to_thread(_timed_check, "", passwords.DUMMY_HASH))[1])
     loop = asyncio.get_running_loop()
     started = loop.time()
-    verdicts = await asyncio.gather(
-        *(asyncio.to_thread(passwords.verify_password, password, h) for h in hashes)
-    )
+    checked = await asyncio.gather(*(asyncio.to_thread(_timed_check, password, h) for h in hashes))
     if len(hashes) == 1:
-        HASH_TIME.observe(loop.time() - started)
+        HASH_TIME.observe(checked[0][1])
+    verdicts = [ok for ok, _ in checked]
     matched = [u for u, ok in zip(accounts, verdicts, strict=False) if ok and not u.removed]
     if company_id is not None:
         matched = [u for u in matched if u.company_id == company_id]

@@ -616,3 +616,46 @@ async def test_a_process_that_hears_every_commit_stays_current_while_its_reads_w
         await log.close()
         await writer_pool.close()
         await pool.close()
+
+
+async def test_a_commit_made_while_the_listener_was_away_is_no_evidence_of_freshness(db):
+    """PostgreSQL notifies only the sessions listening at the commit: one made while the
+    listener's session was being replaced never reaches this process. Its new session
+    reads the head first, so its round trips no longer vouch for a view that lacks it."""
+    from service.storage.database import create_pool
+
+    pool = await create_pool(db.dsn, min_size=1, max_size=2)
+    writer_pool = await create_pool(db.dsn, min_size=1, max_size=2)
+    log = EventLog(pool, db.dsn, session_check=0.2, poll_interval=0.5)
+    other = EventLog(writer_pool)
+    await log.start()
+    await other.start()
+    model = PolicyModel()
+    feed = MemoryFeed(log, [model])
+    await feed.start()
+    admin = await asyncpg.connect(db.dsn)
+    try:
+        await log.append("code-1", 0, [code(1, int(time.time()) + 600)])
+        async with pool.acquire():  # every connection held: this process reads nothing
+            for _ in range(100):
+                if log._listener is not None:
+                    break
+                await asyncio.sleep(0.05)
+            listener_pid = log._listener.get_server_pid()
+            await admin.execute("SELECT pg_terminate_backend($1)", listener_pid)
+            await other.append("code-2", 0, [code(2, int(time.time()) + 600)])  # unheard
+            for _ in range(100):  # listening again, on a new session
+                if log._listener is not None and log._listener.get_server_pid() != listener_pid:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.0)
+            assert f"{2:064x}" not in model.codes
+            assert log.wakeup.head > feed.position  # the new session read where the log is
+            assert not feed.current_within(1.5)
+    finally:
+        await admin.close()
+        await feed.close()
+        await other.close()
+        await log.close()
+        await writer_pool.close()
+        await pool.close()
