@@ -54,9 +54,10 @@ class MemoryFeed:
         #: process's commit whose notification came before the answer to this process's
         #: own commit just before it (two connections, either may be read first)
         self._ahead: dict[int, tuple[int, str]] = {}
-        #: when (time.monotonic()) the last read that reached the head began: the models
-        #: hold everything committed before then (announcements and this process's own
-        #: appends also move them on, but say nothing of what else may have committed)
+        #: a moment (time.monotonic()) before which the models hold everything committed:
+        #: when the last read that reached the head began, or a listener's round trip
+        #: that vouches for them (heard). Announcements and this process's own appends
+        #: move the models on, but say nothing of what else may have committed.
         self.current_at = -math.inf
         eventlog.appended.append(self.apply_own)
         eventlog.announced.append(self.apply_announced)
