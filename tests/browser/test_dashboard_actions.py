@@ -316,6 +316,34 @@ async def test_add_a_person_change_their_role_and_remove_them(page, client, comp
     assert refused.status == 401
 
 
+async def test_a_password_easy_to_guess_is_refused_with_its_reason_on_the_page(
+    page, client, company, db
+):
+    await signed_in(page, company, "/dashboard/people")
+    await expect(page.get_by_label("Password", exact=True)).to_have_accessible_description(
+        re.compile("not a common password")
+    )
+    await page.get_by_label("Email", exact=True).fill("clerk@acme.example")
+    await page.get_by_label("Password", exact=True).fill("password1234")
+    await page.get_by_role("button", name="Add person").click()
+    await expect(page.get_by_role("alert")).to_contain_text(
+        "password is too easy to guess: This is a very common password"
+    )
+    assert await page.get_by_label("Email", exact=True).input_value() == "clerk@acme.example"
+    added = "SELECT count(*) FROM events WHERE type = 'UserAdded'"
+    assert await db.pool.fetchval(added) == 1  # the company's first admin only
+
+    await page.get_by_label("Password", exact=True).fill("a ledger of mint and copper")
+    await page.get_by_role("button", name="Add person").click()
+    await expect(page.get_by_role("status").first).to_have_text(
+        "clerk@acme.example added as member."
+    )
+    signed = await client.post(
+        "/session", json={"email": "clerk@acme.example", "password": "a ledger of mint and copper"}
+    )
+    assert signed.status == 200
+
+
 async def test_issue_an_admin_key_shown_once_then_revoke_it(page, client, company):
     await signed_in(page, company, "/dashboard/keys")
     await page.get_by_label("Label", exact=True).fill("deploy script")
