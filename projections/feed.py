@@ -17,7 +17,7 @@ from service.eventlog import EventLog, EventLogUnavailable, RecordedEvent, decod
 from service.eventlog.records import lean_recorded
 from service.events import SCHEMA_VERSIONS, Event, type_of
 from service.logs import error_text
-from service.storage.database import within
+from service.storage.database import view_clock, within
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +54,7 @@ class MemoryFeed:
         #: process's commit whose notification came before the answer to this process's
         #: own commit just before it (two connections, either may be read first)
         self._ahead: dict[int, tuple[int, str]] = {}
-        #: a moment (time.monotonic()) before which the models hold everything committed:
+        #: a moment (view_clock()) before which the models hold everything committed:
         #: when the last read that reached the head began, or a listener's round trip
         #: that vouches for them (heard). Announcements and this process's own appends
         #: move the models on, but say nothing of what else may have committed.
@@ -89,7 +89,7 @@ class MemoryFeed:
         # after it: following the log, most catch-ups are one short batch, and the read
         # after it came back empty (half the reads of a process following another's).
         read = self.eventlog.read_all
-        began = time.monotonic()
+        began = view_clock()
         batch = await read(self.position, self.batch_size, lean=True)
         while batch:
             upcoming = None
@@ -125,7 +125,7 @@ class MemoryFeed:
 
     def current_within(self, max_age: float) -> bool:
         """Whether the models hold everything committed more than `max_age` seconds ago."""
-        return time.monotonic() - self.current_at <= max_age
+        return view_clock() - self.current_at <= max_age
 
     async def made_current(self, max_age: float) -> bool:
         """Returns once the models hold everything committed more than `max_age` seconds

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -19,7 +18,7 @@ from service.domain.grants import Record
 from service.domain.state import AppState, CodeState, ConnectionState, FamilyState, TokenState
 from service.eventlog import EventLog, EventLogError, Metadata
 from service.logs import error_text
-from service.storage.database import within
+from service.storage.database import view_clock, within
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +85,7 @@ class ModelLookups:
     def access_token_now(self, key: bytes, now: float) -> TokenState | None:
         """None also when the models are staler than the bound: `access_token` decides."""
         bound = self._max_staleness
-        if bound is not None and time.monotonic() - self._feed.current_at > bound:
+        if bound is not None and view_clock() - self._feed.current_at > bound:
             return None
         return self._policy.token(key, now)
 

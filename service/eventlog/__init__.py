@@ -266,7 +266,7 @@ class EventLog:
         #: called with each batch announced by its writer (any process's, this one's too),
         #: in commit order, before readers wake (MemoryFeed.apply_announced)
         self.announced: list[Announced] = []
-        #: called with when (time.monotonic()) each answered round trip on the listener's
+        #: called with when (view_clock()) each answered round trip on the listener's
         #: session began, and the head notified by then: every commit before that moment
         #: had been notified, its announcement applied (MemoryFeed.heard)
         self.heard: list[Callable[[float, int], object]] = []

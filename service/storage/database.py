@@ -147,6 +147,17 @@ async def connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
 #: 5 s, a cut-off holder's work is stopped within 10 s of its last answered check, and only
 #: then is its session ended: at least 15 s before the server frees the lock.
 SESSION_CHECK = 5.0
+
+
+def view_clock() -> float:
+    """Seconds on a clock that goes on while the machine sleeps (Linux's CLOCK_BOOTTIME;
+    elsewhere the monotonic clock): how old a view of the log is, which must count a
+    suspended host's sleep as time the log moved on without it."""
+    return _clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+_clock_gettime = time.clock_gettime
 #: the server should keep a silent session at least this long (`dropped_after`)
 DROP_AT_LEAST = 3 * SESSION_CHECK
 
@@ -176,14 +187,14 @@ class SessionWatch:
     ) -> None:
         self.conn = conn
         self.every = every
-        #: called with when (time.monotonic()) each round trip that was answered began
+        #: called with when (view_clock()) each round trip that was answered began
         self.answered = answered
         self._turn = asyncio.Lock()  # one query at a time on a connection
 
     async def check(self) -> None:
         """One round trip now, answered within `every`, or SessionLost."""
         async with self._turn:
-            began = time.monotonic()
+            began = view_clock()
             try:
                 await within(self.every, self.conn.fetchval("SELECT 1"))
             except _SESSION_ERRORS as exc:
