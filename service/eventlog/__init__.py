@@ -78,6 +78,7 @@ from service.storage.database import (
     SessionWatch,
     connect,
     while_session_answers,
+    within,
 )
 
 __all__ = [
@@ -738,14 +739,17 @@ class EventLog:
             try:
                 self._listener = await connect(self._dsn)
                 self._listener.add_termination_listener(lambda _c, lost=lost: lost.set())
+                # Each within the round trips' bound: a session gone silent here would
+                # hold the listener for ever (its watch has not started)
+                bound = self._session_check
                 if self._announcements:
-                    await self._listener.add_listener(BATCHES, on_batch)
-                await self._listener.add_listener(CHANNEL, on_notify)
+                    await within(bound, self._listener.add_listener(BATCHES, on_batch))
+                await within(bound, self._listener.add_listener(CHANNEL, on_notify))
                 # Nothing was notified to this process while it did not listen (at start,
                 # or between a lost session and this one): the head as it is now, read
                 # after LISTEN, so that a round trip's answer (_heard) never takes a head
                 # from before a gap for the log's
-                self.wakeup.notify(await self._listener.fetchval(_HEAD))
+                self.wakeup.notify(await within(bound, self._listener.fetchval(_HEAD)))
                 watch = SessionWatch(self._listener, self._session_check, self._heard)
                 await while_session_answers(watch, lost.wait())
             except (*_DB_ERRORS, SessionLost) as exc:

@@ -122,24 +122,34 @@ class HashTime:
     """How long checking one password hash takes in this process, now: a moving average of
     the checks of the sign-ins that checked one (an unknown address, or an address with
     one account), each timed on its thread (a wait for a thread is not the hash's), held
-    within CEILING times the fastest check seen, so that a burst of sign-ins that slows
-    every check cannot make every failure wait for long after it."""
+    within CEILING times a floor: the fastest check seen, which may rise (to the checks
+    that come) by half every minute. A burst of sign-ins that slows every check cannot
+    make every failure wait for long after it; a machine that stays slower is followed."""
 
     CEILING = 3.0
+    FLOOR_RISE = 1.5  # a minute
 
     def __init__(self) -> None:
         self._typical: float | None = None
-        self._fastest: float | None = None
+        self._floor: float | None = None
+        self._seen = 0.0
+        #: the first sign-ins of a process wait for one calibration, not one each
+        self.calibrating = asyncio.Lock()
 
-    def observe(self, seconds: float) -> None:
-        self._fastest = seconds if self._fastest is None else min(self._fastest, seconds)
+    def observe(self, seconds: float, now: float) -> None:
+        if self._floor is None:
+            self._floor = seconds
+        else:
+            risen = self._floor * self.FLOOR_RISE ** ((now - self._seen) / 60)
+            self._floor = min(seconds, risen)
+        self._seen = now
         self._typical = seconds if self._typical is None else 0.8 * self._typical + 0.2 * seconds
 
     @property
     def seconds(self) -> float | None:
-        if self._typical is None or self._fastest is None:
+        if self._typical is None or self._floor is None:
             return None
-        return min(self._typical, self.CEILING * self._fastest)
+        return min(self._typical, self.CEILING * self._floor)
 
 
 def _timed_check(password: str, stored: str) -> tuple[bool, float]:
@@ -165,13 +175,16 @@ async def _matching(
     # Every account's hash is checked, at once (argon2 runs outside the GIL), whatever
     # `company_id` names; an unknown address checks one that nobody's password opens.
     hashes = [u.password_hash for u in accounts] or [passwords.DUMMY_HASH]
-    if HASH_TIME.seconds is None:  # this process's first sign-in: what one check costs
-        HASH_TIME.observe((await asyncio.to_thread(_timed_check, "", passwords.DUMMY_HASH))[1])
     loop = asyncio.get_running_loop()
+    if HASH_TIME.seconds is None:  # this process's first sign-ins: what one check costs
+        async with HASH_TIME.calibrating:
+            if HASH_TIME.seconds is None:
+                _, took = await asyncio.to_thread(_timed_check, "", passwords.DUMMY_HASH)
+                HASH_TIME.observe(took, loop.time())
     started = loop.time()
     checked = await asyncio.gather(*(asyncio.to_thread(_timed_check, password, h) for h in hashes))
     if len(hashes) == 1:
-        HASH_TIME.observe(checked[0][1])
+        HASH_TIME.observe(checked[0][1], loop.time())
     verdicts = [ok for ok, _ in checked]
     matched = [u for u, ok in zip(accounts, verdicts, strict=False) if ok and not u.removed]
     if company_id is not None:

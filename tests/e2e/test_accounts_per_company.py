@@ -462,3 +462,26 @@ async def test_a_failed_sign_in_takes_as_long_whether_the_address_has_no_account
     floor = login.HIDDEN_ACCOUNTS * 0.1
     assert min(took.values()) >= floor - 0.02, took
     assert max(took.values()) - min(took.values()) < 0.15, took
+
+
+async def test_a_processs_first_sign_ins_time_one_check_between_them(client, monkeypatch):
+    """The check a fresh process times first is one, however many sign-ins come at once:
+    one each would double every early sign-in's cost."""
+    real, calibrations = passwords.verify_password, []
+
+    def counted(password: str, stored: str) -> bool:
+        if password == "":
+            calibrations.append(stored)
+        time.sleep(0.05)
+        return real(password, stored)
+
+    monkeypatch.setattr(passwords, "verify_password", counted)
+    monkeypatch.setattr(login, "HASH_TIME", login.HashTime())
+    answers = await asyncio.gather(
+        *(
+            json_sign_in(client, f"nobody{n}@nowhere.example", "not it, long enough")
+            for n in range(8)
+        )
+    )
+    assert [a.status for a in answers] == [401] * 8
+    assert len(calibrations) == 1
