@@ -24,6 +24,8 @@ class StallProxy:
         self.target = (parts.hostname or "127.0.0.1", port)
         self.flowing = asyncio.Event()
         self.flowing.set()
+        #: stall() once a client sends these bytes (stall_on)
+        self._marker: bytes | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -48,6 +50,11 @@ class StallProxy:
 
     def resume(self) -> None:
         self.flowing.set()
+
+    def stall_on(self, marker: bytes) -> None:
+        """Stalls, as stall() does, as soon as a client sends `marker` (a statement's text,
+        say): the server never hears it, and nothing answers."""
+        self._marker = marker
 
     def cut(self) -> None:
         """Resets the connections open now, as a network that fails does: each client
@@ -81,14 +88,18 @@ class StallProxy:
             writer.transport.abort()
             return
         self._writers.append(up_writer)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink))
+        for source, sink, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pump(source, sink, upstream))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool
+    ) -> None:
         try:
             while data := await source.read(65536):
+                if upstream and self._marker is not None and self._marker in data:
+                    self.flowing.clear()
                 await self.flowing.wait()  # stalled: held here, as a frozen server holds it
                 sink.write(data)
                 await sink.drain()

@@ -659,3 +659,28 @@ async def test_a_commit_made_while_the_listener_was_away_is_no_evidence_of_fresh
         await log.close()
         await writer_pool.close()
         await pool.close()
+
+
+async def test_a_listening_session_that_stops_answering_as_it_starts_is_replaced(db):
+    """LISTEN and the head read come before the session's round trips are watched: a
+    session that goes silent there must not hold the listener for ever (the process
+    would be left to polling until restarted)."""
+    from structlog.testing import capture_logs
+
+    from tests.integration.stall_proxy import StallProxy
+
+    proxy = await StallProxy(db.dsn).start()
+    proxy.stall_on(b"coalesce(max(position), 0) FROM events")  # the head read after LISTEN
+    log = EventLog(db.pool, proxy.proxied_dsn, session_check=0.3, poll_interval=0.2)
+    with capture_logs() as logs:
+        await log.start()
+        try:
+            for _ in range(100):
+                if any(e["event"] == "eventlog.listener_lost" for e in logs):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await log.close()
+            proxy.resume()
+            await proxy.close()
+    assert any(e["event"] == "eventlog.listener_lost" for e in logs), logs
