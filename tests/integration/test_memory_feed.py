@@ -7,6 +7,8 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -568,24 +570,49 @@ async def test_admin_and_resource_server_keys_are_held_to_the_bound_too(db, tmp_
             assert await there.lookups.resource_server("b" * 64) is None
 
 
-async def test_a_process_that_hears_every_commit_stays_current_while_its_reads_wait(db):
-    """Its pool taken (a burst of requests holding every connection), a process reads
-    nothing; while its listener's session answers and every commit's announcement has
-    been applied, its view is current all the same, and the gateway goes on deciding. A
-    commit it has only heard the head of (not announced) is not in its models: then it
-    is not current."""
+@dataclass
+class Listening:
+    """A process whose pool is small enough to take whole (`pool`), its log (`log`) with a
+    listener, a feed of one model (`feed`, `model`), and another process's writer (`other`)."""
+
+    pool: Any
+    log: EventLog
+    other: EventLog
+    model: PolicyModel
+    feed: MemoryFeed
+
+
+@contextlib.asynccontextmanager
+async def listening(db, **log_settings: float) -> AsyncIterator[Listening]:
     from service.storage.database import create_pool
 
     pool = await create_pool(db.dsn, min_size=1, max_size=2)
     writer_pool = await create_pool(db.dsn, min_size=1, max_size=2)
-    log = EventLog(pool, db.dsn, session_check=0.2)
-    other = EventLog(writer_pool)  # another process's writer
+    log = EventLog(pool, db.dsn, **log_settings)
+    other = EventLog(writer_pool)
     await log.start()
     await other.start()
     model = PolicyModel()
     feed = MemoryFeed(log, [model])
     await feed.start()
     try:
+        yield Listening(pool, log, other, model, feed)
+    finally:
+        await feed.close()
+        await other.close()
+        await log.close()
+        await writer_pool.close()
+        await pool.close()
+
+
+async def test_a_process_that_hears_every_commit_stays_current_while_its_reads_wait(db):
+    """Its pool taken (a burst of requests holding every connection), a process reads
+    nothing; while its listener's session answers and every commit's announcement has
+    been applied, its view is current all the same, and the gateway goes on deciding. A
+    commit it has only heard the head of (not announced) is not in its models: then it
+    is not current."""
+    async with listening(db, session_check=0.2) as there:
+        log, other, model, feed = there.log, there.other, there.model, there.feed
         await log.append("code-1", 0, [code(1, int(time.time()) + 600)])  # the writer's own
         # The other writer's first announcement is checked (may its session append?) and
         # read from the table; from then on its announcements are believed.
@@ -594,7 +621,7 @@ async def test_a_process_that_hears_every_commit_stays_current_while_its_reads_w
             if f"{0:064x}" in model.codes and log._senders:
                 break
             await asyncio.sleep(0.05)
-        async with pool.acquire():  # with the writer's, every connection: reads wait
+        async with there.pool.acquire():  # with the writer's, every connection: reads wait
             await other.append("code-2", 0, [code(2, int(time.time()) + 600)])
             await asyncio.sleep(2.0)
             assert f"{2:064x}" in model.codes  # applied from its announcement
@@ -610,55 +637,36 @@ async def test_a_process_that_hears_every_commit_stays_current_while_its_reads_w
             await asyncio.sleep(2.0)
             assert f"{3:064x}" not in model.codes
             assert not feed.current_within(1.5)
-    finally:
-        await feed.close()
-        await other.close()
-        await log.close()
-        await writer_pool.close()
-        await pool.close()
 
 
 async def test_a_commit_made_while_the_listener_was_away_is_no_evidence_of_freshness(db):
     """PostgreSQL notifies only the sessions listening at the commit: one made while the
     listener's session was being replaced never reaches this process. Its new session
     reads the head first, so its round trips no longer vouch for a view that lacks it."""
-    from service.storage.database import create_pool
-
-    pool = await create_pool(db.dsn, min_size=1, max_size=2)
-    writer_pool = await create_pool(db.dsn, min_size=1, max_size=2)
-    log = EventLog(pool, db.dsn, session_check=0.2, poll_interval=0.5)
-    other = EventLog(writer_pool)
-    await log.start()
-    await other.start()
-    model = PolicyModel()
-    feed = MemoryFeed(log, [model])
-    await feed.start()
     admin = await asyncpg.connect(db.dsn)
     try:
-        await log.append("code-1", 0, [code(1, int(time.time()) + 600)])
-        async with pool.acquire():  # every connection held: this process reads nothing
-            for _ in range(100):
-                if log._listener is not None:
-                    break
-                await asyncio.sleep(0.05)
-            listener_pid = log._listener.get_server_pid()
-            await admin.execute("SELECT pg_terminate_backend($1)", listener_pid)
-            await other.append("code-2", 0, [code(2, int(time.time()) + 600)])  # unheard
-            for _ in range(100):  # listening again, on a new session
-                if log._listener is not None and log._listener.get_server_pid() != listener_pid:
-                    break
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(2.0)
-            assert f"{2:064x}" not in model.codes
-            assert log.wakeup.head > feed.position  # the new session read where the log is
-            assert not feed.current_within(1.5)
+        async with listening(db, session_check=0.2, poll_interval=0.5) as there:
+            log, feed = there.log, there.feed
+            await log.append("code-1", 0, [code(1, int(time.time()) + 600)])
+            async with there.pool.acquire():  # every connection held: it reads nothing
+                for _ in range(100):
+                    if log._listener is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                listener_pid = log._listener.get_server_pid()
+                await admin.execute("SELECT pg_terminate_backend($1)", listener_pid)
+                await there.other.append("code-2", 0, [code(2, int(time.time()) + 600)])
+                for _ in range(100):  # listening again, on a new session
+                    listener = log._listener
+                    if listener is not None and listener.get_server_pid() != listener_pid:
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(2.0)
+                assert f"{2:064x}" not in there.model.codes  # unheard
+                assert log.wakeup.head > feed.position  # the new session read where the log is
+                assert not feed.current_within(1.5)
     finally:
         await admin.close()
-        await feed.close()
-        await other.close()
-        await log.close()
-        await writer_pool.close()
-        await pool.close()
 
 
 async def test_a_listening_session_that_stops_answering_as_it_starts_is_replaced(db):
