@@ -7,9 +7,10 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from email_validator import EmailNotValidError, validate_email
+from yarl import URL
 
 from service import events as ev
 from service.domain import addresses, client_keys
@@ -25,6 +26,11 @@ MAX_URI = 2000
 MAX_ALLOWLIST = 200
 MAX_EMAILS = 20
 MAX_CC_TOKEN_LIMIT = 10_000_000  # as the CC_TOKEN_LIMIT setting
+#: what the authorization server adds to a redirect URI's query (RFC 6749 §4.1.2 and
+#: §4.1.2.1, RFC 9207 §2): a registered URI that already holds one would carry it twice
+#: ("MUST NOT be included more than once", RFC 6749 §3.1), and a client reading the first
+#: `iss` or `state` would read the registered one
+RESPONSE_PARAMETERS = frozenset({"code", "state", "iss", "error", "error_description", "error_uri"})
 
 
 class FieldError(InvalidRequest):
@@ -76,7 +82,41 @@ def redirect_uri(value: str) -> str:
         raise FieldError("redirect_uri", "must not contain a fragment (RFC 6749 §3.1.2)")
     if parts.username is not None or parts.password is not None:
         raise FieldError("redirect_uri", "must not contain credentials")
+    if not followable(value):
+        raise FieldError("redirect_uri", "does not name a valid host")
+    names = {key for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    taken = sorted(names & RESPONSE_PARAMETERS)
+    if taken:
+        raise FieldError(
+            "redirect_uri", f"must not hold {', '.join(taken)}: the authorization answer adds it"
+        )
     return value
+
+
+def followable(uri: str) -> bool:
+    """Whether a browser sent to `uri` goes to the host it names, as the consent page shows
+    it, and the answer's Location can be written at all: no "\\" (which browsers read as
+    "/" in an http(s) URL, so "https://evil.example\\.bank.example/" goes to evil.example),
+    no percent-encoded host (decoded by browsers), a host of letters, digits, "-", "." and
+    "_" or an IP literal, which the redirect's URL parser (yarl, IDNA 2008) takes."""
+    if "\\" in uri:
+        return False
+    host = urlsplit(uri).hostname or ""
+    if not all(ch.isalnum() or ch in "-._" for ch in host) and not _ip_literal(host):
+        return False
+    try:
+        URL(uri)
+    except (ValueError, UnicodeError):
+        return False
+    return True
+
+
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)  # a zone ("%eth0") is not taken: no address of a network
+    except ValueError:
+        return False
+    return "%" not in host
 
 
 def ip_entry(value: str) -> str:

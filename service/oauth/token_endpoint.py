@@ -169,7 +169,10 @@ class AuthorizationCode(Grant):
             raise InvalidGrant("unknown, expired or spent authorization code")
         code_hash = tokens.token_hash(code)
         state = await self.lookups.code(code_hash)
-        native_apps.require_pkce(request.app, state)
+        if state is not None and state.client_id == request.app.client_id:
+            # Only for the client's own code: another's is unknown to it (redeem_code), and
+            # a different answer would tell that the code exists.
+            native_apps.require_pkce(request.app, state)
         connection = (
             self.lookups.connection(state.company_id, request.app.client_id) if state else None
         )

@@ -17,7 +17,7 @@ from projections.directory import User
 from service.context import Context
 from service.domain import consent, credentials, native_apps, streams
 from service.domain import grants as grant_rules
-from service.domain.applications import AUTHORIZATION_CODE
+from service.domain.applications import AUTHORIZATION_CODE, followable
 from service.domain.state import AppState
 from service.errors import Conflict, TollgateError, rfc6749_text
 from service.eventlog import ConcurrencyError, Metadata
@@ -31,9 +31,14 @@ from service.web.login import InvalidCredentials, authenticate, set_session_cook
 routes = web.RouteTableDef()
 
 LOGIN_CSRF_COOKIE = "tg_login_csrf"
-_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+#: BASE64URL(SHA256(code_verifier)) (RFC 7636 §4.2), the only method taken: 32 bytes are 43
+#: characters, the last holding 2 bits (and 4 of zeros)
+_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$")
 _CONSENT_ATTEMPTS = 5
 _THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")  # a SHA-256 JWK thumbprint (RFC 7638)
+#: request objects, by value and by reference, and their error codes (OpenID Connect Core
+#: §3.1.2.6, in the IANA OAuth Extensions Error registry)
+_UNSUPPORTED = (("request", "request_not_supported"), ("request_uri", "request_uri_not_supported"))
 _PASSED = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method",
            "dpop_jkt")  # fmt: skip
 
@@ -118,6 +123,14 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
             "Invalid redirect URI",
             "the redirect_uri does not match the one registered for this application",
         )
+    if not followable(redirect_uri):
+        # Registered before the rule (applications.followable): a browser sent there would
+        # not go where the page says, and the answer's Location cannot be written.
+        raise PageError(
+            "Invalid redirect URI",
+            "this application's redirect URI is not a valid address: its company must "
+            "register a new one",
+        )
     # From here on errors go back to the application, with its state (RFC 6749 §4.1.2.1).
     iss = ctx.settings.issuer
     state = None if "state" in repeated else params.get("state")  # which one is it?
@@ -130,6 +143,19 @@ async def parse(ctx: Context, params: MultiMapping[str]) -> AuthorizationRequest
     if response_type != "code":
         error = {"error": "unsupported_response_type", "state": state}
         raise redirect_to(redirect_uri, error, iss)
+    mode = params.get("response_mode")
+    if mode and mode != "query":
+        # The client asked to keep the code out of the query (form_post, fragment): an
+        # answer in the query anyway would not be what it asked for.
+        message = "response_mode must be query, the only one this server answers in"
+        raise _redirect_error(redirect_uri, state, message, iss)
+    for name, code in _UNSUPPORTED:
+        if name in params:
+            # Parameters signed in a request object (RFC 9101) would take precedence over
+            # the ones beside it: acting on the unsigned ones alone is not what was asked.
+            description = f"{name} (RFC 9101) is not supported: send the parameters as such"
+            refusal = {"error": code, "error_description": description, "state": state}
+            raise redirect_to(redirect_uri, refusal, iss)
     challenge = params.get("code_challenge")
     method = params.get("code_challenge_method")
     if challenge is None and method is not None:
