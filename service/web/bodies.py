@@ -3,8 +3,9 @@ problem and the field."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -73,13 +74,33 @@ async def json_body(request: web.Request, type_: type[T]) -> T:
         raise UnsupportedMediaType("the body must be application/json")
     body = await read_body(request)
     try:
-        return msgspec.json.decode(body, type=type_, strict=True)
+        decoded = msgspec.json.decode(body, type=type_, strict=True)
+        no_repeated_keys(body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     except RecursionError:  # msgspec's answer to nesting deeper than it will follow
         raise InvalidRequest("malformed JSON: nested too deeply") from None
+    return decoded
+
+
+def no_repeated_keys(body: bytes) -> None:
+    """InvalidRequest when an object of the JSON `body` names a key twice, at any depth:
+    msgspec keeps the last, and a proxy or a log that reads the first would see another
+    request than the one acted on (RFC 8259 §4: names SHOULD be unique, and what a
+    repeat means is unpredictable). Parsed again only for that."""
+    json.loads(body, object_pairs_hook=refuse_repeats)
+
+
+def refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The pairs as a dict; InvalidRequest when a key comes twice."""
+    seen: set[str] = set()
+    for key, _value in pairs:
+        if key in seen:
+            raise InvalidRequest(f"{key} is given more than once")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

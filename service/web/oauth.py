@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -40,7 +39,13 @@ from service.oauth.errors import (
     OAuthError,
     TemporarilyUnavailable,
 )
-from service.web.bodies import form_body, read_body, urlencoded_fields
+from service.web.bodies import (
+    form_body,
+    no_repeated_keys,
+    read_body,
+    refuse_repeats,
+    urlencoded_fields,
+)
 from service.web.keys import CONTEXT, metadata
 
 routes = web.RouteTableDef()
@@ -66,12 +71,15 @@ async def oauth_params(request: web.Request) -> dict[str, str]:
             "multipart/form-data or application/json"
         )
     if ctype == "application/json":
-        return _json_params(await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY)))
+        body = await _in_oauth_shape(read_body(request, MAX_PARAMS_BODY))
+        params = _json_params(body)
+        _said_as_oauth(no_repeated_keys, body)
+        return params
     if ctype == URLENCODED:  # what every client but curl --form sends: its fields at once
         fields = await _in_oauth_shape(_urlencoded_fields(request))
         params = dict(fields)
         if len(params) < len(fields):
-            _refuse_repeats(fields)
+            _said_as_oauth(refuse_repeats, fields)
         return params
     return _form_params(await _in_oauth_shape(form_body(request, MAX_PARAMS_BODY)))
 
@@ -92,21 +100,17 @@ async def _in_oauth_shape(reading: Awaitable[T]) -> T:
 
 def _json_params(body: bytes) -> dict[str, str]:
     try:
-        params = _json_object_of_strings.decode(body)
+        return _json_object_of_strings.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the JSON body must be an object of strings: {exc}") from None
-    # msgspec keeps the last of a repeated key; parse again only to see the repeats.
-    json.loads(body, object_pairs_hook=_refuse_repeats)
-    return params
 
 
-def _refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _value in pairs:
-        if key in seen:
-            raise InvalidRequest(f"{key} is given more than once")
-        seen.add(key)
-    return dict(pairs)
+def _said_as_oauth(check: Callable[[T], object], given: T) -> None:
+    """`check(given)`, its refusal in the RFC 6749 §5.2 shape (as `_in_oauth_shape`)."""
+    try:
+        check(given)
+    except TollgateError as exc:
+        raise InvalidRequest(exc.description) from None
 
 
 def _form_params(form: MultiDictProxy[str | bytes | bytearray | web.FileField]) -> dict[str, str]:

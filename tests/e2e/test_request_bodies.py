@@ -11,9 +11,13 @@ import zlib
 
 import pytest
 
-from tests.e2e.oauth_helpers import basic, new_app
+from service.app import CONTEXT
+from service.commands.directory import register_resource_server
+from service.eventlog import Metadata
+from tests.e2e.oauth_helpers import basic, cc_token, new_app
 from tests.e2e.test_dashboard import hidden
 from tests.e2e.test_dashboard import sign_in as dashboard_sign_in
+from tests.e2e.test_gateway import bearer
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -339,3 +343,61 @@ async def test_a_dashboard_form_that_decodes_to_a_lone_surrogate_is_refused(clie
     )
     assert response.status == 400, await response.text()
     assert await _writes(db) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "body", "repeated"),
+    [
+        ("/admin/keys", "post", b'{"label": "first", "label": "second"}', "label"),
+        ("/admin/applications/{client_id}", "patch",
+         b'{"permissions": ["invoices:read"], "permissions": ["invoices:read", "debtors:read"]}',
+         "permissions"),
+        # at any depth: a JWK inside a key registration
+        ("/admin/applications/{client_id}/keys", "post",
+         b'{"keys": [{"kty": "EC", "kty": "RSA", "crv": "P-256", "x": "a", "y": "b"}]}', "kty"),
+    ],
+)  # fmt: skip
+async def test_an_admin_body_that_names_a_key_twice_is_refused(
+    client, company, db, path, method, body, repeated
+):
+    """RFC 8259 §4: what a repeated name means is unpredictable; a proxy or a log that
+    reads the first would see another request than the one acted on."""
+    app = await new_app(client, company)
+    before = await _writes(db)
+    response = await getattr(client, method)(
+        path.format(client_id=app["client_id"]),
+        data=body,
+        headers=company.auth | {"Content-Type": JSON},
+    )
+    assert response.status == 400, await response.text()
+    assert f"{repeated} is given more than once" in (await response.json())["error_description"]
+    assert await _writes(db) == before
+
+
+async def test_a_policy_check_that_names_the_ip_twice_is_refused(client, company, db):
+    """Before, the last `ip` decided: a resource server's WAF or log that read the first
+    saw a refused address where an allowed one was checked."""
+    app = await new_app(client, company)
+    token = (await cc_token(client, app))["access_token"]
+    _, key = await register_resource_server(client.app[CONTEXT], "rs", Metadata())
+    before = await _writes(db)
+    response = await client.post(
+        "/policy/check",
+        data=json.dumps({"token": token}).encode()[:-1]
+        + b', "ip": "192.0.2.9", "ip": "127.0.0.1"}',
+        headers=bearer(key) | {"Content-Type": JSON},
+    )
+    assert response.status == 400, await response.text()
+    assert "ip is given more than once" in (await response.json())["error_description"]
+    assert await _writes(db) == before
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00+01:00", "9999-12-31T23:59-14:00"])
+async def test_a_history_time_an_offset_takes_off_the_calendar_is_a_problem_not_a_500(
+    client, company, value
+):
+    await dashboard_sign_in(client, company.admin_email, company.admin_password)
+    for name in ("since", "until"):
+        response = await client.get("/dashboard/history", params={name: value})
+        assert response.status == 400, await response.text()
+        assert "not a date and time" in await response.text()

@@ -69,7 +69,7 @@ def _parse(params: Any, applications: dict[str, str]) -> tuple[Filters, list[str
         try:
             given = params.get(name, "")
             when[name] = _utc(datetime.fromisoformat(given)) if given else None
-        except ValueError:
+        except (ValueError, OverflowError):  # at year 1 or 9999, an offset leaves the calendar
             problems.append(f"{name.capitalize()}: not a date and time; left out.")
             when[name] = None
     before = params.get("before", "")
