@@ -251,7 +251,9 @@ class ProjectionRunner:
             for recorded in batch:
                 if isinstance(recorded.event, UnknownEvent):
                     unread = f"{recorded.type} (schema version {recorded.schema_version})"
-                    raise UnknownEventType(f"{unread} at position {recorded.position}")
+                    raise UnknownEventType(
+                        f"{unread} at position {recorded.position} cannot be read by this version"
+                    )
         return batch, batch[-1].position if len(batch) == self.batch_size else head
 
     @staticmethod

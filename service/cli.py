@@ -73,6 +73,7 @@ def _one_line(run: Callable[[], int], what: str) -> int:
     """Run a command; what stops it for a known reason is one line and an exit code."""
     from projections.runner import RebuildInProgress
     from service.eventlog import EventLogUnavailable
+    from service.events import UnknownEventType
 
     try:
         return run()
@@ -80,6 +81,11 @@ def _one_line(run: Callable[[], int], what: str) -> int:
         return _problems(exc)
     except RebuildInProgress as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
+    except UnknownEventType as exc:
+        # written by a newer Tollgate (a roll under way), or altered: verify tells which
+        hint = "upgrade, or run `tollgate audit verify`"
+        print(f"tollgate: {what}: {exc}; {hint}".splitlines()[0], file=sys.stderr)
         return 1
     except (
         OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError,

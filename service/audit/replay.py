@@ -18,6 +18,7 @@ import msgspec
 
 from projections.memory import PolicyModel
 from service.eventlog import EventLog, EventLogUnavailable
+from service.events import UnknownEvent, UnknownEventType
 
 #: hex digits of a token hash shown in a replay: enough to tell tokens apart and to find
 #: one in the log, while the export is no table of full hashes
@@ -113,6 +114,13 @@ async def replay(pool: asyncpg.Pool, until: Until, *, batch_size: int = 5000) ->
         batch = await eventlog.read_all(after, batch_size, until=position, lean=True)
         if not batch:
             break
+        for recorded in batch:
+            if isinstance(recorded.event, UnknownEvent):
+                # The model would pass it over, and the state would look whole without it.
+                unread = f"{recorded.type} (schema version {recorded.schema_version})"
+                raise UnknownEventType(
+                    f"{unread} at position {recorded.position} cannot be read by this version"
+                )
         model.apply(batch)
         after = batch[-1].position
     return _export(model, position, moment, head)

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from service.events import Event, decode, decode_or_unknown
+from service.events import Event, UnknownEventType, decode, decode_or_unknown
 
 
 class Metadata(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -77,6 +77,15 @@ def to_recorded(row: Any, *, readable_only: bool = True) -> RecordedEvent:
     raises (projections must stop before it); otherwise it comes back as UnknownEvent
     (for showing history)."""
     read = decode if readable_only else decode_or_unknown
+    try:
+        event = read(row["type"], row["schema_version"], row["payload"])
+    except (UnknownEventType, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # Named with its place in the log, whatever the decoder found wrong with it.
+        unread = f"{row['type']} (schema version {row['schema_version']})"
+        why = "" if isinstance(exc, UnknownEventType) else f": {exc}"  # newer, or not its shape
+        raise UnknownEventType(
+            f"{unread} at position {row['position']} cannot be read by this version{why}"
+        ) from None
     return RecordedEvent(
         position=row["position"],
         stream_id=row["stream_id"],
@@ -84,7 +93,7 @@ def to_recorded(row: Any, *, readable_only: bool = True) -> RecordedEvent:
         type=row["type"],
         schema_version=row["schema_version"],
         company_id=row["company_id"],
-        event=read(row["type"], row["schema_version"], row["payload"]),
+        event=event,
         metadata=metadata_decoder.decode(row["metadata"]),
         recorded_at=row["recorded_at"],
         hash=bytes(row["hash"]),

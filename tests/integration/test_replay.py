@@ -375,3 +375,64 @@ async def test_a_replay_to_a_position_missing_from_the_log_says_so_in_one_line(
     code, out, err = await tollgate(db, "audit", "replay", "--until", "2")
     assert code == 2 and out == "" and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("tollgate: --until: event 2 is missing")
+
+
+async def _altered(db, position: int, change: str) -> None:
+    """An event rewritten in place, as a superuser could (or as a newer version wrote it)."""
+    await db.pool.execute(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+        f"UPDATE events SET {change} WHERE position = {position}; "
+        "ALTER TABLE events ENABLE TRIGGER events_append_only"
+    )
+
+
+UNREADABLE = [
+    # written by a newer Tollgate during a roll
+    ("schema_version = 99", "schema version 99"),
+    # a payload that is not its type's shape
+    (
+        'payload = replace(payload::text, \'"grant_type":"client_credentials"\', '
+        "'\"grant_type\":42')::json",
+        "schema version 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), UNREADABLE)
+async def test_a_replay_over_an_event_it_cannot_read_stops_and_says_which(
+    eventlog: EventLog, db, change, named
+):
+    """Before, the model passed it over: the application and its token were missing from
+    a state that looked whole, and the command exited 0."""
+    app = application("co-x", 1)
+    await app_event(eventlog, app.client_id, app)
+    await issue(eventlog, token(app, "t1"))
+    await _altered(db, 1, change)
+    with pytest.raises(
+        ev.UnknownEventType, match=f"ApplicationCreated \\({named}\\) at position 1"
+    ):
+        await replay(db.pool, 2)
+    code, out, err = await tollgate(db, "audit", "replay", "--until", "2")
+    assert code == 1 and out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "at position 1 cannot be read by this version" in lines[0]
+    assert "tollgate audit verify" in lines[0]
+
+
+@pytest.mark.parametrize(("change", "named"), UNREADABLE)
+@pytest.mark.parametrize(
+    "command",
+    [("projections", "rebuild", "applications"), ("projections", "run", "--until-caught-up")],
+)
+async def test_projections_that_meet_an_event_they_cannot_read_say_so_in_one_line(
+    eventlog: EventLog, db, change, named, command
+):
+    """Before, a traceback ending in UnknownEventType or msgspec.ValidationError."""
+    app = application("co-y", 1)
+    await app_event(eventlog, app.client_id, app)
+    await _altered(db, 1, change)
+    code, _out, err = await tollgate(db, *command)
+    assert code == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert f"ApplicationCreated ({named}) at position 1 cannot be read by this version" in line
