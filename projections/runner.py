@@ -399,10 +399,11 @@ class ProjectionRunner:
                 progress(projection.name, position, head)
         return position
 
-    async def status(self) -> list[ProjectionStatus]:
+    async def status(self, names: Sequence[str] | None = None) -> list[ProjectionStatus]:
         """Read-only (a probe or a scrape writes nothing); a projection that never ran
         shows at position 0. The lag's age is taken on the database's clock, one clock for
-        every host that asks: a prober's own clock, set wrong, moves no answer."""
+        every host that asks: a prober's own clock, set wrong, moves no answer. `names`:
+        the checkpoints to read, if not this runner's projections' (the notifier's too)."""
         rows = await self.pool.fetch(
             """
             SELECT c.name, c.position, c.updated_at, h.head,
@@ -415,7 +416,7 @@ class ProjectionRunner:
             CROSS JOIN (SELECT coalesce(max(position), 0) AS head FROM events) h
             ORDER BY c.name
             """,
-            list(self.projections),
+            list(self.projections) if names is None else list(names),
         )
         return [
             ProjectionStatus(

@@ -307,6 +307,11 @@ class Metrics:
         """
         self._measured.statuses = None if statuses is None else list(statuses)
 
+    def set_notifier(self, status: ProjectionLag | None) -> None:
+        """How far the violation-email worker's checkpoint is behind the log, as read at
+        scrape time; None: not read."""
+        self._measured.notifier = status
+
     def set_notification_queue(self, usage: float | None) -> None:
         """`pg_notification_queue_usage()` as read at scrape time; None: not read."""
         self._measured.notification_queue = usage
@@ -362,6 +367,7 @@ class _Measured(Collector):
 
     def __init__(self) -> None:
         self.statuses: list[ProjectionLag] | None = None
+        self.notifier: ProjectionLag | None = None
         self.notification_queue: float | None = None
         self.snapshot: tuple[int, float | None] | None = None
 
@@ -386,6 +392,7 @@ class _Measured(Collector):
             events.add_metric((status.name,), status.lag_events)
             seconds.add_metric((status.name,), status.lag_seconds)
         yield from (events, seconds, up)
+        yield from self._notifier()
         if self.notification_queue is None:
             return
         yield GaugeMetricFamily(
@@ -395,6 +402,22 @@ class _Measured(Collector):
             "tollgate.announce_below (0.05) commits stop announcing their events, and when "
             "it is full every append fails.",
             value=self.notification_queue,
+        )
+
+    def _notifier(self) -> Iterable[Metric]:
+        if self.notifier is None:
+            return
+        yield GaugeMetricFamily(
+            "tollgate_notifier_lag_events",
+            "Events in the log that the IP-violation email worker has not looked at yet.",
+            value=self.notifier.lag_events,
+        )
+        yield GaugeMetricFamily(
+            "tollgate_notifier_lag_seconds",
+            "Age of the oldest event the IP-violation email worker has not looked at yet "
+            "(0: caught up). It follows the log within a second while it runs; one that "
+            "grows means no process sends the violations' emails.",
+            value=self.notifier.lag_seconds,
         )
 
     def _snapshot(self) -> Iterable[Metric]:

@@ -563,7 +563,6 @@ class Notifier:
             refused=delivery.refused,
             pending=delivery.later,
         )
-        self.ctx.count("email_sent")
         try:
             await self.ctx.eventlog.append(
                 notification_stream(position), version, [event], Metadata(causation=position)
@@ -571,6 +570,8 @@ class Notifier:
         except ConcurrencyError:
             log.info("notifier.recorded_elsewhere", position=position)
             return False
+        if delivery.accepted:  # an email went out (none does to an application with no address)
+            self.ctx.count("email_sent")
         return True
 
     async def _record_abandoned(

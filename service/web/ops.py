@@ -17,6 +17,7 @@ from service.errors import Unauthorized
 from service.eventlog import EventLogUnavailable
 from service.logs import error_text
 from service.metrics import METRICS
+from service.notification.notifier import NAME as NOTIFIER
 from service.storage.database import within as bounded
 from service.web.keys import SETTINGS
 
@@ -209,11 +210,17 @@ async def metrics(request: web.Request) -> web.Response:
     recorder = request.config_dict[METRICS]
     runner = _runner(request)
     policy = _policy(request)
-    statuses, queue, snapshot = await asyncio.gather(
-        _statuses(runner, policy.timeout),
+    # The notifier follows the log as the projections do, from a checkpoint of its own:
+    # one that does not move (no process holds its lock, or the one that does is stuck)
+    # sends no email, and says nothing of it anywhere else.
+    names = [*runner.projections, NOTIFIER]
+    read, queue, snapshot = await asyncio.gather(
+        _read_or_none(policy.timeout, runner.status(names), "ops.database_unreachable"),
         _notification_queue(runner.pool, policy.timeout),
         _read_or_none(policy.timeout, snapshots.behind(runner.pool), "ops.snapshot_unread"),
     )
+    statuses = None if read is None else [s for s in read if s.name != NOTIFIER]
+    recorder.set_notifier(None if read is None else next(s for s in read if s.name == NOTIFIER))
     recorder.set_projections(statuses)
     recorder.set_notification_queue(queue)
     recorder.set_model_snapshot(snapshot)

@@ -145,3 +145,37 @@ async def test_an_encoded_word_in_the_name_adds_no_header(db, tmp_path, server):
     assert subject.replace("\u2060", "").count(name) == 1  # shown as typed
     assert "Reply-To: x@evil.example" not in message.get_body(("plain",)).get_content()
     assert str(message["To"]) == OK  # the address that would be decoded is left out of To
+
+
+class Counted:
+    """Stands for the metrics: what the notifier counted."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.failed = 0
+
+    def email_sent(self) -> None:
+        self.sent += 1
+
+    def email_failed(self) -> None:
+        self.failed += 1
+
+
+async def test_an_email_is_counted_as_sent_only_when_one_went_out(db, tmp_path, server):
+    """Before, a violation of an application with no notification address counted a sent
+    email (`tollgate_emails_sent_total`), which also kept the alert on a notifier that
+    sends nothing from firing."""
+    await server.start()
+    async with context(db, smtp_settings(tmp_path, server)) as ctx:
+        counted = Counted()
+        ctx.metrics = counted  # type: ignore[assignment]
+        await add_app(ctx, "quiet", emails=())
+        await add_app(ctx, "loud")
+        quiet = await violate(ctx, "quiet")
+        assert await notifier(ctx, db).drain() == 1
+        [sent] = await outcome(ctx, quiet)
+        assert isinstance(sent, ev.ViolationNotificationSent) and sent.recipients == []
+        assert counted.sent == 0
+        await violate(ctx, "loud")
+        assert await notifier(ctx, db).drain() == 1
+        assert counted.sent == 1

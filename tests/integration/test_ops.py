@@ -17,10 +17,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from projections import snapshots
+from projections.runner import lock_key
 from service import events as ev
 from service.app import EVENTLOG, RUNNER, create_app
 from service.eventlog import appends
 from service.metrics import METRICS, Metrics
+from service.notification.notifier import NAME as NOTIFIER
 from service.settings import Settings
 from service.storage.database import Database
 from service.web.middleware import observed
@@ -494,3 +496,31 @@ async def test_not_ready_while_the_database_is_unreachable(db, pg_server, tmp_pa
     assert not any(name == "tollgate_projection_lag_events" for name, _ in metrics)
     assert value(metrics, "tollgate_notification_queue_usage") is None  # not read: absent
     assert value(back, "tollgate_database_up") == 1
+
+
+async def test_a_notifier_that_does_not_move_shows_in_the_scrape(db, tmp_path):
+    """A process that holds the notifier's lock and does nothing (frozen, say) sent no
+    email, and before nothing in /metrics said so: no attempt, so no failure counted."""
+    holder = await asyncpg.connect(db.dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", lock_key(NOTIFIER))
+        async with serving(db, tmp_path) as client:
+            eventlog = client.app[EVENTLOG]
+            violation = ev.IpViolationDetected(
+                company_id="co1", client_id="c1", ip="192.0.2.9", endpoint="token",
+                family_id=None, token_revoked=False,
+            )  # fmt: skip
+            await eventlog.append("violations-c1", None, [violation])
+            await asyncio.sleep(1.2)
+            samples = await scrape(client)
+            assert value(samples, "tollgate_notifier_lag_events") >= 1
+            assert value(samples, "tollgate_notifier_lag_seconds") >= 1.0
+            await holder.close()  # the lock goes with its session: this process takes over
+            deadline = time.monotonic() + 10
+            while value(samples, "tollgate_notifier_lag_events") != 0:
+                assert time.monotonic() < deadline, "the notifier did not catch up"
+                await asyncio.sleep(0.1)
+                samples = await scrape(client)
+            assert value(samples, "tollgate_notifier_lag_seconds") == 0
+    finally:
+        await holder.close()
