@@ -300,7 +300,10 @@ def refresh(
         raise InvalidGrant("unknown, expired or revoked refresh token")
     family_id, family = found
     reuse = _refresh_reused(app, family.company_id, family_id, refresh_hash, ip)
-    repeat = family.refresh_token_hash != refresh_hash
+    # Handed out, then rotated away by a repeat before anyone presented it: of two
+    # answers to one race, the client may have kept this one (FamilyState.unpresented).
+    sibling = refresh_hash in family.unpresented
+    repeat = family.refresh_token_hash != refresh_hash and not sibling
     if repeat and not _repeat_allowed(family, refresh_hash, now, grace):
         return reuse
     if family.refresh_expires_at is not None and family.refresh_expires_at <= now:
@@ -363,7 +366,9 @@ def _repeat_allowed(family: FamilyState, refresh_hash: str, now: int, grace: int
     it is the one the family's last rotation spent (or one a repeat of it rotated away),
     presented within `grace` seconds of that rotation: a retry after a lost answer, or a
     request that lost a race with its twin. Such a repeat rotates from the live refresh
-    token, so the family still has exactly one; the grace never extends itself."""
+    token; the one it rotates away was handed out and never presented, so it stays good
+    for its first presentation (`unpresented`), which spends the rest; the grace never
+    extends itself, and a family holds at most GRACE_REPEATS of them."""
     return (
         family.spent_at is not None
         and now < family.spent_at + grace

@@ -67,6 +67,12 @@ class FamilyState(msgspec.Struct, gc=False, array_like=True):
     recently_spent: tuple[str, ...] = ()
     spent_at: int | None = None
     jkt: str = ""  # the DPoP key the grant is bound to: each refresh must prove it
+    # Refresh tokens handed out and then rotated away by a repeat, none presented since:
+    # of two refreshes racing with one token, the client cannot tell which answer holds the
+    # live one, so the first of these it presents rotates as the live one would, and
+    # spends the others (grants.refresh). Presenting any refresh token of the family
+    # empties it.
+    unpresented: tuple[str, ...] = ()
 
 
 class ConnectionState(msgspec.Struct, gc=False):

@@ -50,8 +50,8 @@ class Introspection:
         if found is None or found[1].client_id != caller_client:
             return INACTIVE
         family = found[1]
-        if family.refresh_token_hash != refresh_hash:  # spent: using it would revoke the family
-            return INACTIVE
+        if family.refresh_token_hash != refresh_hash and refresh_hash not in family.unpresented:
+            return INACTIVE  # spent: using it would revoke the family
         if family.refresh_expires_at is not None and family.refresh_expires_at <= self.clock():
             return INACTIVE
         app = self.lookups.application_now(family.client_id)

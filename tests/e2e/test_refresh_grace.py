@@ -118,3 +118,55 @@ async def test_a_retry_within_the_grace_works_and_one_after_it_revokes_the_grant
     assert [p["reason"] for p in await payloads(db, "TokenRevoked")] == ["refresh_reuse"]
     [reused] = await payloads(db, "RefreshTokenReused")
     assert reused["refresh_token_hash"] == tokens.token_hash(first["refresh_token"])
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+async def test_after_a_race_the_answer_the_client_kept_refreshes_after_the_grace(
+    client, company, db, kept
+):
+    """Of two answers to a race, the client cannot tell which holds the live refresh
+    token. Before, the one the repeat had rotated away revoked the whole grant when it was
+    presented after the grace: half the time, for a client that did nothing wrong. Now the
+    first presented rotates, and spends the other (a repeat within the grace, a reuse
+    after it)."""
+    app, first = await a_grant(client, company)
+    answers = await asyncio.gather(
+        *(refresh(client, app, first["refresh_token"]) for _ in range(2))
+    )
+    assert [a.status for a in answers] == [200, 200]
+    bodies = [await a.json() for a in answers]
+    # introspection, asked by the client, says the kept one is good (it is)
+    introspected = await client.post(
+        "/oauth/introspect",
+        data={"token": bodies[kept]["refresh_token"]},
+        headers=basic(app["client_id"], app["client_secret"]),
+    )
+    assert (await introspected.json())["active"] is True
+    await asyncio.sleep(GRACE + 1.1)
+    later = await refresh(client, app, bodies[kept]["refresh_token"])
+    assert later.status == 200, await later.text()
+    assert await payloads(db, "TokenRevoked") == []
+    renewed = await later.json()
+    assert await whoami(client, renewed["access_token"]) == 200
+    await asyncio.sleep(GRACE + 1.1)
+    other = await refresh(client, app, bodies[1 - kept]["refresh_token"])
+    assert other.status == 400
+    assert (await other.json())["error"] == "invalid_grant"
+    assert [p["reason"] for p in await payloads(db, "TokenRevoked")] == ["refresh_reuse"]
+    assert await whoami(client, renewed["access_token"]) == 401
+
+
+async def test_a_sibling_presented_within_the_grace_rotates_and_the_live_one_repeats(
+    client, company, db
+):
+    """Both answers presented again at once: each gets a working pair, nothing revoked."""
+    app, first = await a_grant(client, company)
+    bodies = [
+        await a.json()
+        for a in await asyncio.gather(
+            *(refresh(client, app, first["refresh_token"]) for _ in range(2))
+        )
+    ]
+    again = await asyncio.gather(*(refresh(client, app, b["refresh_token"]) for b in bodies))
+    assert [a.status for a in again] == [200, 200], [await a.text() for a in again]
+    assert await payloads(db, "TokenRevoked") == []

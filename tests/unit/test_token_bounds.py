@@ -86,11 +86,29 @@ async def test_a_retry_after_the_grace_revokes_the_family(world):
     assert not await live(world, second.access_token)
 
 
-async def test_the_pair_a_retry_rotated_away_is_spent_once_the_grace_is_over(world):
+async def test_the_pair_a_retry_rotated_away_rotates_once_and_spends_the_retrys(world):
+    """The client may hold either answer (a race, or a lost answer that arrived after
+    all): the first presented rotates, after the grace too, and spends the other."""
     first = await a_grant(world)
     second = await refreshed(world, first.refresh_token)
-    await refreshed(world, first.refresh_token)  # the retry: `second` is rotated away
+    third = await refreshed(world, first.refresh_token)  # the retry: `second` rotated away
     world.now += GRACE
+    fourth = await refreshed(world, second.refresh_token)
+    assert world.log.of_type(ev.TokenRevoked) == []
+    assert await live(world, fourth.access_token)
+    world.now += GRACE
+    with pytest.raises(InvalidGrant, match="already used"):
+        await refreshed(world, third.refresh_token)
+    assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["refresh_reuse"]
+    assert not await live(world, fourth.access_token)
+
+
+async def test_a_token_a_repeat_rotated_away_is_spent_once_another_is_presented(world):
+    first = await a_grant(world)
+    second = await refreshed(world, first.refresh_token)
+    third = await refreshed(world, first.refresh_token)  # `second` rotated away, unpresented
+    world.now += GRACE
+    await refreshed(world, third.refresh_token)  # the live one: a rotation as usual
     with pytest.raises(InvalidGrant, match="already used"):
         await refreshed(world, second.refresh_token)
     assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["refresh_reuse"]
