@@ -272,15 +272,29 @@ async def change_password(request: web.Request) -> web.Response:
         raise Forbidden("sign in with your email and password to change your password")
     body = await json_body(request, PasswordChangeIn)
     user_id = who.actor.removeprefix("user:")
+    value, csrf = await change_own_password(
+        request, user_id, who.company_id, body.current_password, body.new_password
+    )
+    response = web.json_response({"user_id": user_id, "csrf_token": csrf},
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+    set_session_cookie(request, response, value)
+    return response
+
+
+async def change_own_password(
+    request: web.Request, user_id: str, company_id: str, current: str, new: str
+) -> tuple[str, str]:
+    """The signed-in user's password changed, proven by the current one (the API's and
+    the dashboard's form alike): throttled per user like sign-ins, every session of the
+    user ended, and a new one for the caller: its cookie value and CSRF token."""
+    ctx = request.app[CONTEXT]
     throttle = request.app[THROTTLE]
     attempt = await throttle.attempt(((f"password|{user_id}", throttle.limit),))
     if attempt.retry_after:
         raise TooManyAttempts(attempt.retry_after)
-    meta = metadata(request, who.actor)
+    meta = metadata(request, f"user:{user_id}")
     try:
-        await directory.change_own_password(
-            ctx, user_id, body.current_password, body.new_password, meta
-        )
+        await directory.change_own_password(ctx, user_id, current, new, meta)
     except directory.WrongPassword:
         log.warning("security.password_change_refused", user_id=user_id, ip=caller_ip(request))
         raise
@@ -289,14 +303,10 @@ async def change_password(request: web.Request) -> web.Response:
         raise
     await throttle.withdraw(attempt)
     changed = ctx.directory.users[user_id]  # the new password's version: caught up
-    value, csrf = await sessions.create(
-        ctx.pool, user_id, who.company_id, user_version=changed.version,
+    return await sessions.create(
+        ctx.pool, user_id, company_id, user_version=changed.version,
         replacing=request.cookies.get(sessions.COOKIE),
     )  # fmt: skip
-    response = web.json_response({"user_id": user_id, "csrf_token": csrf},
-                                 headers={"Cache-Control": "no-store"})  # fmt: skip
-    set_session_cookie(request, response, value)
-    return response
 
 
 @routes.delete("/session")

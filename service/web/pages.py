@@ -128,14 +128,22 @@ def error_page(title: str, message: str, *, status: int = 400) -> web.Response:
 
 
 def signed_in_refused_page(
-    title: str, message: str, *, email: str, csrf_token: str, status: int = 403
+    title: str,
+    message: str,
+    *,
+    email: str,
+    csrf_token: str,
+    status: int = 403,
+    own: tuple[str, str] | None = None,
 ) -> web.Response:
     """A page a signed-in person may not see, with the way out: signing out (another
-    account may be the one that can), with the session's CSRF token."""
+    account may be the one that can), with the session's CSRF token; `own`: the label and
+    path of a page that is theirs."""
+    link = f'<p><a href="{escape(own[1])}">{escape(own[0])}</a></p>\n' if own else ""
     return page(
         title,
         f'<h1>{escape(title)}</h1>\n<p class="error" role="alert">{escape(message)}</p>\n'
-        f'<p class="muted">Signed in as {escape(email)}.</p>\n'
+        f'<p class="muted">Signed in as {escape(email)}.</p>\n{link}'
         f'<form method="post" action="/dashboard/logout">\n'
         f"{_hidden({'csrf_token': csrf_token})}\n"
         '<div class="actions"><button class="primary" type="submit">Sign out</button></div>\n'

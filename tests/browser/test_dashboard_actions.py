@@ -461,6 +461,7 @@ async def test_every_dashboard_page_is_accessible(page, client, company, oauth_c
         "remove-person": f"/dashboard/people/{clerk}/remove",
         "keys": "/dashboard/keys",
         "history": "/dashboard/history",
+        "password": "/dashboard/password",
     }
     for name, path in pages.items():
         await page.goto(path)

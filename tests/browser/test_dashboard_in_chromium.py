@@ -105,3 +105,41 @@ async def test_a_link_from_another_site_leaves_forms_open_in_other_tabs_working(
         await page.get_by_role("heading", name="Opened before the link").wait_for()
     finally:
         await site.close()
+
+
+async def test_a_member_changes_their_own_password_from_the_refusal_page(
+    page, context, client, company, console
+):
+    """SPEC §3: password change for oneself, in the browser too. A member's only page."""
+    from tests.e2e.lifecycle_helpers import add_user
+
+    member = await add_user(client, company.auth, "clerk@acme.example", "member")
+    await page.goto("/dashboard")
+    await sign_in(page, "clerk@acme.example", member["password"])
+    await page.get_by_role("heading", name="Admins only").wait_for()
+    await page.get_by_role("link", name="Change your password").click()
+    await page.get_by_role("heading", name="Your password").wait_for()
+    nav = page.get_by_role("navigation", name="Dashboard")
+    assert [await a.inner_text() for a in await nav.get_by_role("link").all()] == ["Your password"]
+
+    await page.get_by_label("Current password").fill("not the password at all")
+    await page.get_by_label("New password", exact=True).fill("a ledger of mint and copper")
+    await page.get_by_label("New password, again").fill("a ledger of mint and copper")
+    await page.get_by_role("button", name="Change password").click()
+    await page.get_by_role("alert").get_by_text("The current password is wrong.").wait_for()
+
+    await page.get_by_label("Current password").fill(member["password"])
+    await page.get_by_label("New password", exact=True).fill("a ledger of mint and copper")
+    await page.get_by_label("New password, again").fill("a ledger of mint and copper")
+    await page.get_by_role("button", name="Change password").click()
+    await page.get_by_role("status").get_by_text("Password changed.").wait_for()
+    assert not [line for line in console.lines if "Content Security Policy" in line]
+
+    await page.get_by_role("button", name="Sign out").click()
+    await page.get_by_role("heading", name="Sign in").wait_for()
+    old = await client.post(
+        "/session", json={"email": "clerk@acme.example", "password": member["password"]}
+    )
+    assert old.status == 401
+    await sign_in(page, "clerk@acme.example", "a ledger of mint and copper")
+    await page.get_by_role("heading", name="Admins only").wait_for()

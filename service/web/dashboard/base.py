@@ -34,6 +34,8 @@ LOGIN_CSRF_COOKIE = "tg_dashboard_csrf"
 #: where the dashboard kept its CSRF token before tokens were derived from the session
 #: cookie: cleared at sign-in and sign-out
 TOKEN_COOKIE = "tg_dashboard_token"  # noqa: S105 (a cookie name)
+#: the signed-in user's own password: the one page a member has here
+PASSWORD_PAGE = "/dashboard/password"  # noqa: S105 (a path)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Admin:
     company: str
     session_value: str
     csrf: str
+    role: str = "admin"  # a member reaches only the pages of their own account
     # Set on the response: a renewed session (see `_known_token`).
     cookies: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -98,9 +101,12 @@ def login_form(request: web.Request, message: str | None = None, status: int = 2
     )  # fmt: skip
 
 
-async def signed_in_admin(request: web.Request, form: Form | None) -> Admin:
-    """The admin of a live session. `form`: a change, whose `csrf_token` must be the
-    session's own token, or nothing happens (403)."""
+async def signed_in_admin(
+    request: web.Request, form: Form | None, *, anyone: bool = False
+) -> Admin:
+    """The admin of a live session (`anyone`: or a member, for their own account's
+    pages). `form`: a change, whose `csrf_token` must be the session's own token, or
+    nothing happens (403)."""
     ctx = request.app[CONTEXT]
     found = await signed_in(request, ctx)
     if found is None:
@@ -111,15 +117,22 @@ async def signed_in_admin(request: web.Request, form: Form | None) -> Admin:
     value = request.cookies[sessions.COOKIE]
     company = ctx.directory.companies.get(user.company_id)
     who = Admin(
-        user.user_id, user.email, user.company_id, company.name if company else "", value, ""
+        user.user_id,
+        user.email,
+        user.company_id,
+        company.name if company else "",
+        value,
+        "",
+        user.role,
     )
-    if user.role != "admin":
+    if user.role != "admin" and not anyone:
         # A member signed in here: told why, and given the way out (the admin may share
-        # the browser), which needs the session's token like every sign-out.
+        # the browser), which needs the session's token like every sign-out, and the one
+        # page that is theirs.
         await _known_token(request, ctx, who, session)
         refused = pages.signed_in_refused_page(
             "Admins only", "Only company admins can see the dashboard.",
-            email=user.email, csrf_token=who.csrf,
+            email=user.email, csrf_token=who.csrf, own=("Change your password", PASSWORD_PAGE),
         )  # fmt: skip
         _apply_cookies(request, who, refused)
         raise Refused(refused)
@@ -230,13 +243,14 @@ Change = Callable[[web.Request, Admin, Form], Awaitable[web.Response]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def page(handler: View) -> Handler:
-    """A GET page for admins: others get the sign-in form or a 403 page."""
+def page(handler: View, *, anyone: bool = False) -> Handler:
+    """A GET page for admins (`anyone`: for any signed-in user, their own account's):
+    others get the sign-in form or a 403 page."""
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.Response:
         async def run() -> tuple[Admin, web.Response]:
-            admin = await signed_in_admin(request, None)
+            admin = await signed_in_admin(request, None, anyone=anyone)
             return admin, await handler(request, admin)
 
         return await _answer(request, run)
@@ -244,14 +258,15 @@ def page(handler: View) -> Handler:
     return guarded
 
 
-def change(handler: Change) -> Handler:
-    """A form POST for admins, checked against the session's CSRF token before anything."""
+def change(handler: Change, *, anyone: bool = False) -> Handler:
+    """A form POST for admins (`anyone`: as `page`), checked against the session's CSRF
+    token before anything."""
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.Response:
         async def run() -> tuple[Admin, web.Response]:
             form = await read_form(request)
-            admin = await signed_in_admin(request, form)
+            admin = await signed_in_admin(request, form, anyone=anyone)
             return admin, await handler(request, admin, form)
 
         return await _answer(request, run)
