@@ -667,6 +667,24 @@ def dashboard_paths() -> Json:
             "The company's events: filtered, newest first, a page at a time",
             shown | {"400": html("a filter that cannot be used, named")}, "dashboardHistory",
             parameters=history_query)},
+        # the signed-in user's own: members' too
+        "/dashboard/password": {
+            "get": page("Your own password: the form (any signed-in user, members too)",
+                        {"200": html("the form, or the sign-in form")}, "dashboardPasswordForm"),
+            "post": page(
+                "Change your own password, proving the current one; every other session of "
+                "yours ends, and this browser gets a new one",
+                {k: v for k, v in done.items() if k not in ("404", "412")}
+                | {"400": html("the form again: the new password too easy to guess, "
+                                    "the same as the current one, or its confirmation differs"),
+                        "403": html("the current password is wrong, no session, or the "
+                                    "form's token is not the session's"),
+                        "409": html("the password was changed meanwhile"),
+                        "429": html("too many attempts: the form again, saying when")},
+                "dashboardChangePassword",
+                requestBody=form_body(("csrf_token", "current_password", "new_password",
+                                       "confirm_password"))),
+        },
     }  # fmt: skip
 
 
