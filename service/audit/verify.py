@@ -25,4 +25,35 @@ async def verify_log(pool: asyncpg.Pool, *, batch: int = 5000) -> chain.VerifyRe
                 return
             after = page[-1]["position"]
 
-    return await chain.verify(rows())
+    result = await chain.verify(rows())
+    if result.broken is not None:
+        return result
+    removed = await _tail_removed(pool)
+    if removed is None:
+        return result
+    return chain.VerifyResult(result.checked, result.head, removed, result.head_hash)
+
+
+async def _tail_removed(pool: asyncpg.Pool) -> chain.BrokenLink | None:
+    """What the database itself says of events after the head, which the chain cannot:
+    a projection's checkpoint, or a model snapshot, taken at a position the log no longer
+    reaches: a truncated tail, which leaves an intact chain, shorter. Read before the head,
+    so an append during the walk is no alarm: positions only grow."""
+    checkpoint = await pool.fetchrow(
+        "SELECT name, position FROM projection_checkpoints ORDER BY position DESC LIMIT 1"
+    )
+    snapshot = await pool.fetchval("SELECT max(position) AS position FROM model_snapshots")
+    head = int(await pool.fetchval("SELECT coalesce(max(position), 0) FROM events"))
+    if checkpoint is not None and checkpoint["position"] > head:
+        return chain.BrokenLink(
+            head + 1,
+            f"the log ends at {head}, but the {checkpoint['name']!r} checkpoint is at "
+            f"{checkpoint['position']}: events after {head} were removed",
+        )
+    if snapshot is not None and snapshot > head:
+        return chain.BrokenLink(
+            head + 1,
+            f"the log ends at {head}, but a model snapshot was taken at {snapshot}: "
+            f"events after {head} were removed",
+        )
+    return None

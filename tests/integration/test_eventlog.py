@@ -677,3 +677,50 @@ async def test_a_changed_schema_enables_the_append_only_triggers_again(db, monke
         ("events_append_only", "O"),
         ("events_no_truncate", "O"),
     ]
+
+
+async def _cut_tail(db, after: int) -> None:
+    """The log's tail deleted, as a superuser could: the chain left is intact, shorter."""
+    await db.pool.execute(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+        f"DELETE FROM events WHERE position > {after}; "
+        "ALTER TABLE events ENABLE TRIGGER events_append_only"
+    )
+
+
+@pytest.mark.parametrize("evidence", ["checkpoint", "snapshot"])
+async def test_verify_names_a_tail_the_database_remembers_and_the_log_lost(
+    eventlog: EventLog, db, evidence
+):
+    """Before, `audit verify` said ok for a truncated tail: the chain it walks ends
+    intact. A projection's checkpoint, or a model snapshot, at a position the log no
+    longer reaches says what the chain cannot."""
+    for n in range(10):
+        await eventlog.append(f"tail-{n}", 0, [company(n)])
+    if evidence == "checkpoint":
+        await db.pool.execute(
+            "INSERT INTO projection_checkpoints (name, position) VALUES ('tokens', 10) "
+            "ON CONFLICT (name) DO UPDATE SET position = 10"
+        )
+    else:
+        await db.pool.execute(
+            "INSERT INTO model_snapshots (format, position, part, parts, event_hash, data) "
+            "VALUES ('f', 10, 0, 1, '\\x00', '\\x00')"
+        )
+    assert (await verify_log(db.pool)).ok  # the whole log, and what remembers it
+    await _cut_tail(db, 8)
+    result = await verify_log(db.pool)
+    assert not result.ok
+    assert result.broken is not None and result.broken.position == 9
+    assert "events after 8 were removed" in result.broken.reason
+    assert result.checked == 8
+
+
+async def test_verify_is_not_alarmed_by_what_lies_below_the_head(eventlog: EventLog, db):
+    for n in range(3):
+        await eventlog.append(f"low-{n}", 0, [company(n)])
+    await db.pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ('tokens', 3) "
+        "ON CONFLICT (name) DO UPDATE SET position = 3"
+    )
+    assert (await verify_log(db.pool)).ok
