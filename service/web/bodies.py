@@ -4,6 +4,7 @@ problem and the field."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -86,11 +87,31 @@ async def json_body(request: web.Request, type_: type[T]) -> T:
 
 
 def no_repeated_keys(body: bytes) -> None:
-    """InvalidRequest when an object of the JSON `body` names a key twice, at any depth:
-    msgspec keeps the last, and a proxy or a log that reads the first would see another
-    request than the one acted on (RFC 8259 §4: names SHOULD be unique, and what a
-    repeat means is unpredictable). Parsed again only for that."""
-    json.loads(body, object_pairs_hook=refuse_repeats)
+    """InvalidRequest when an object of the JSON `body` (valid JSON) names a key twice, at
+    any depth: msgspec keeps the last, and a proxy or a log that reads the first would see
+    another request than the one acted on (RFC 8259 §4: names SHOULD be unique, and what
+    a repeat means is unpredictable).
+
+    Every key written ends in `"` then `:` (whitespace between), and so does nothing else
+    but an escaped quote inside a string: when the keys decoded are as many as those ends,
+    none was repeated. Only otherwise is the body parsed again, pair by pair (a third of
+    the cost for the usual body: /policy/check's is on every API request)."""
+    ends = len(_KEY_END.findall(body))
+    if ends and ends != _keys(_generic.decode(body)):
+        json.loads(body, object_pairs_hook=refuse_repeats)
+
+
+_KEY_END = re.compile(rb'"[ \t\n\r]*:')
+_generic = msgspec.json.Decoder()
+
+
+def _keys(value: object) -> int:
+    """How many keys the decoded objects hold, nested ones too."""
+    if isinstance(value, dict):
+        return len(value) + sum(_keys(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_keys(v) for v in value)
+    return 0
 
 
 def refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
