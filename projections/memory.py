@@ -331,24 +331,22 @@ class PolicyModel:
             return
         family.version = r.version
         live = family.refresh_token_hash
-        if e.spent_refresh_token_hash in family.unpresented:
-            # One that a repeat rotated away, presented for the first time: a rotation of
-            # its own, which spends the live one and the others as any rotation spends
-            # what it replaces (repeatable within the grace from now).
-            others = [h for h in (live, *family.unpresented) if h is not None]
-            family.recently_spent = tuple(dict.fromkeys([e.spent_refresh_token_hash, *others]))
+        sibling = e.spent_refresh_token_hash in family.unpresented
+        if sibling or not e.grace_reuse or live is None:
+            # A rotation: of the live one, or of one a repeat rotated away, presented for
+            # the first time. Either way every other refresh token of the family is spent
+            # at once, with no grace of its own: two holders cannot take turns, each
+            # within the grace the other's rotation opened. Only the one presented may be
+            # repeated, within the grace from now (a retry of this very request).
+            family.recently_spent = (e.spent_refresh_token_hash,)
             family.spent_at = e.issued_at
             family.unpresented = ()
-        elif e.grace_reuse and live is not None:
+        else:
             # A repeat within the grace rotated the live one away: it may be repeated too,
             # within the same grace (anchored at the first rotation), and whoever holds it
             # (the other answer of a race) may still present it (FamilyState.unpresented).
             family.recently_spent = (*family.recently_spent, live)
             family.unpresented = (*family.unpresented, live)
-        else:
-            family.recently_spent = (e.spent_refresh_token_hash,)
-            family.spent_at = e.issued_at
-            family.unpresented = ()
         family.refresh_token_hash = e.refresh_token_hash
         family.refresh_hashes = (*family.refresh_hashes, e.refresh_token_hash)
         family.refresh_expires_at = e.refresh_expires_at

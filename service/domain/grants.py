@@ -46,7 +46,7 @@ LIFETIMES: Mapping[str, Lifetime] = {
 }
 CODE_TTL = 600  # at most 10 minutes (RFC 6749 §4.1.2)
 MAX_SCOPE = 2000
-VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")  # RFC 7636 §4.1
+VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}\Z")  # RFC 7636 §4.1
 
 
 @dataclass(frozen=True)
@@ -367,8 +367,9 @@ def _repeat_allowed(family: FamilyState, refresh_hash: str, now: int, grace: int
     presented within `grace` seconds of that rotation: a retry after a lost answer, or a
     request that lost a race with its twin. Such a repeat rotates from the live refresh
     token; the one it rotates away was handed out and never presented, so it stays good
-    for its first presentation (`unpresented`), which spends the rest; the grace never
-    extends itself, and a family holds at most GRACE_REPEATS of them."""
+    for its first presentation (`unpresented`, at most GRACE_REPEATS of them), which, like
+    any rotation, spends every other refresh token of the family at once. A repeat never
+    extends the grace; a rotation opens one for what it spent alone."""
     return (
         family.spent_at is not None
         and now < family.spent_at + grace

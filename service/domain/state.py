@@ -70,8 +70,8 @@ class FamilyState(msgspec.Struct, gc=False, array_like=True):
     # Refresh tokens handed out and then rotated away by a repeat, none presented since:
     # of two refreshes racing with one token, the client cannot tell which answer holds the
     # live one, so the first of these it presents rotates as the live one would, and
-    # spends the others (grants.refresh). Presenting any refresh token of the family
-    # empties it.
+    # spends the others at once (grants.refresh): a live refresh token, in effect, until
+    # any other of the family is presented (which empties it) or the grant expires.
     unpresented: tuple[str, ...] = ()
 
 

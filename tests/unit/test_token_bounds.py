@@ -251,3 +251,27 @@ async def test_a_supersession_that_cannot_be_recorded_still_answers_with_the_rec
     await world.lookups.catch_up()
     [latest] = await cc_tokens(world, 1)
     assert [await live(world, t.access_token) for t in (old, new, latest)] == [False, False, True]
+
+
+async def test_two_holders_cannot_take_turns_within_each_others_grace(world):
+    """A sibling's rotation opens a grace for itself alone: the live one it spent, presented
+    right after, is a reuse (before, each rotation re-opened the grace for the other)."""
+    first = await a_grant(world)
+    second = await refreshed(world, first.refresh_token)
+    third = await refreshed(world, first.refresh_token)  # `second` rotated away, unpresented
+    world.now += GRACE
+    await refreshed(world, second.refresh_token)  # one holder
+    with pytest.raises(InvalidGrant, match="already used"):
+        await refreshed(world, third.refresh_token)  # the other, at once
+    assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["refresh_reuse"]
+
+
+async def test_a_siblings_rotation_may_be_retried_within_its_own_grace(world):
+    first = await a_grant(world)
+    second = await refreshed(world, first.refresh_token)
+    await refreshed(world, first.refresh_token)
+    world.now += GRACE
+    await refreshed(world, second.refresh_token)
+    retried = await refreshed(world, second.refresh_token)  # the answer was lost: a retry
+    assert await live(world, retried.access_token)
+    assert world.log.of_type(ev.TokenRevoked) == []
