@@ -19,7 +19,7 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 MAX_POSITION = 2**63 - 1  # bigint
 MAX_STREAM_LENGTH = 500
-_DIGITS = re.compile(r"^[0-9]{1,19}$")
+_DIGITS = re.compile(r"^[0-9]{1,19}\Z")
 
 #: Changes that people make (applications, users, keys, connections): the dashboard's
 #: "recent changes" and the `v_admin_changes` view (schema.sql) list these types.

@@ -102,13 +102,38 @@ def followable(uri: str) -> bool:
     if "\\" in uri:
         return False
     host = urlsplit(uri).hostname or ""
-    if not all(ch.isalnum() or ch in "-._" for ch in host) and not _ip_literal(host):
+    if _ip_literal(host):
+        return True
+    if not all(ch.isalnum() or ch in "-._" for ch in host):
         return False
+    labels = host.rstrip(".").split(".")
+    if _numeric(labels[-1]):
+        return False  # browsers read the host as an IPv4 address (0x7f.1 is 127.0.0.1)
+    if not all(_a_label_ok(label) for label in labels if label.startswith("xn--")):
+        return False  # punycode that decodes to nothing a browser takes
     try:
         URL(uri)
     except (ValueError, UnicodeError):
         return False
     return True
+
+
+def _numeric(label: str) -> bool:
+    """A last label that makes the WHATWG URL parser read the host as IPv4: decimal
+    digits, or 0x and hex digits."""
+    if label.isascii() and label.isdigit():
+        return True
+    return label[:2] == "0x" and all(ch in "0123456789abcdef" for ch in label[2:])
+
+
+def _a_label_ok(label: str) -> bool:
+    """An `xn--` label whose punycode decodes to a name: some character that is not ASCII,
+    none a control or a space."""
+    try:
+        decoded = label[4:].encode("ascii").decode("punycode")
+    except UnicodeError:
+        return False
+    return not decoded.isascii() and all(unicodedata.category(ch)[0] not in "CZ" for ch in decoded)
 
 
 def _ip_literal(host: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-NAME = re.compile(r"^[a-z][a-z0-9_]*(:[a-z][a-z0-9_]*)+$")
+NAME = re.compile(r"^[a-z][a-z0-9_]*(:[a-z][a-z0-9_]*)+\Z")
 
 DEFAULT_CATALOGUE: Mapping[str, str] = {
     "invoices:read": "Read invoices and their status",

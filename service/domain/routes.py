@@ -18,7 +18,7 @@ WHOAMI = "/api/v1/whoami"
 
 # A prefix names a resource: whole segments of path characters, without the ".", ";" and
 # "%" that the matching below reads differently from an upstream (a format, a parameter).
-_PREFIX = re.compile(r"^/api(/[A-Za-z0-9_~!$&'()*+,=:@-]+)+/?$")
+_PREFIX = re.compile(r"^/api(/[A-Za-z0-9_~!$&'()*+,=:@-]+)+/?\Z")
 
 
 class RouteRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -19,7 +19,7 @@ ACCESS = "tgat_"
 REFRESH = "tgrt_"
 CODE = "tgac_"
 
-_SHAPE = re.compile(r"^(tgat_|tgrt_|tgac_)[A-Za-z0-9_-]{43}([A-Za-z0-9_-]{6})$")
+_SHAPE = re.compile(r"^(tgat_|tgrt_|tgac_)[A-Za-z0-9_-]{43}([A-Za-z0-9_-]{6})\Z")
 
 
 def _checksum(body: str) -> str:

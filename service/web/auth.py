@@ -15,7 +15,7 @@ from service.oauth import credentials as authorization
 from service.web import sessions
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_ADMIN_KEY = re.compile(rf"^{credentials.ADMIN_KEY_PREFIX}[A-Za-z0-9_-]{{43}}$")
+_ADMIN_KEY = re.compile(rf"^{credentials.ADMIN_KEY_PREFIX}[A-Za-z0-9_-]{{43}}\Z")
 
 
 @dataclass(frozen=True)

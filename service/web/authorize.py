@@ -33,9 +33,9 @@ routes = web.RouteTableDef()
 LOGIN_CSRF_COOKIE = "tg_login_csrf"
 #: BASE64URL(SHA256(code_verifier)) (RFC 7636 §4.2), the only method taken: 32 bytes are 43
 #: characters, the last holding 2 bits (and 4 of zeros)
-_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$")
+_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]\Z")
 _CONSENT_ATTEMPTS = 5
-_THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")  # a SHA-256 JWK thumbprint (RFC 7638)
+_THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}\Z")  # a SHA-256 JWK thumbprint (RFC 7638)
 #: request objects, by value and by reference, and their error codes (OpenID Connect Core
 #: §3.1.2.6, in the IANA OAuth Extensions Error registry)
 _UNSUPPORTED = (("request", "request_not_supported"), ("request_uri", "request_uri_not_supported"))

@@ -10,6 +10,7 @@ from html import escape
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from yarl import URL
 
 from service.domain import credentials
 from service.web.keys import secure_cookies
@@ -77,8 +78,8 @@ def redirect_source(uri: str) -> str | None:
     if parts.scheme not in ("https", "http"):
         return None
     try:
-        host = (parts.hostname or "").encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        host = ascii_host(parts.hostname or "").lower()
+    except (UnicodeError, ValueError):
         host = ""
     if not _CSP_HOST.fullmatch(host):
         return f"{parts.scheme}:"
@@ -235,15 +236,24 @@ def _host_of(uri: str) -> str:
     in other scripts also as the browser resolves it, in ASCII: apple.com written with a
     Cyrillic a (U+0430) shows as itself and `(xn--pple-43d.com)`, not as apple.com."""
     try:
-        host = urlsplit(uri).netloc or uri
+        parts = urlsplit(uri)
+        host, name, port = parts.netloc or uri, parts.hostname or "", parts.port
     except ValueError:
-        host = uri
+        return uri.encode("ascii", "backslashreplace").decode("ascii")
     if host.isascii():
         return host
     try:
-        return f"{host} ({host.encode('idna').decode('ascii')})"
-    except UnicodeError:  # no name IDNA can write: each character that is not ASCII escaped
+        written = ascii_host(name) + ("" if port is None else f":{port:d}")
+    except (UnicodeError, ValueError):  # no name IDNA can write: non-ASCII escaped
         return host.encode("ascii", "backslashreplace").decode("ascii")
+    return f"{host} ({written})"
+
+
+def ascii_host(name: str) -> str:
+    """A host name as the answer's Location writes it (yarl: IDNA 2008 with UTS 46,
+    non-transitional, as browsers resolve it): faß.de is xn--fa-hia.de, a name of its own,
+    where IDNA 2003 (Python's "idna" codec) says fass.de."""
+    return URL.build(scheme="https", host=name).raw_host or ""
 
 
 def consent_page(

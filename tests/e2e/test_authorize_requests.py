@@ -42,6 +42,11 @@ async def registered(client, company, uri: str):
         "https://app%2eexample/cb",  # a percent-encoded host, decoded by browsers
         "https://*.example/cb",
         "https://[fe80::1%25eth0]/cb",  # a zone names no address of a network
+        "https://0x7f.1/cb",  # browsers read a host ending in a number as IPv4: 127.0.0.1
+        "https://3232235777/cb",  # 192.168.1.1
+        "https://1.2.3/cb",  # 1.2.0.3
+        "https://xn--zz.example/cb",  # punycode that decodes to nothing
+        "https://xn--a.example/cb",  # to a control character
     ],
 )
 async def test_a_redirect_uri_whose_host_a_browser_would_not_go_to_as_named_is_refused(
@@ -57,7 +62,8 @@ async def test_a_redirect_uri_whose_host_a_browser_would_not_go_to_as_named_is_r
 @pytest.mark.parametrize(
     "uri",
     ["https://\u00e9cole.example/cb", "https://[2001:db8::1]/cb", "http://[::1]:8080/cb",
-     "https://app.example/cb?tenant=7&x"],
+     "https://app.example/cb?tenant=7&x", "https://xn--fa-hia.de/cb", "https://192.0.2.7/cb",
+     "https://app.example./cb", "https://app.b1/cb"],
 )  # fmt: skip
 async def test_hosts_and_queries_of_every_valid_kind_are_still_taken(client, company, uri):
     response = await registered(client, company, uri)
@@ -110,6 +116,7 @@ async def test_a_redirect_uri_registered_before_the_rule_is_an_error_page_not_a_
         "a" * 42 + ".",  # "." and "~" are a verifier's characters, not base64url's
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN~_-",
         "a" * 42 + "B",  # 43 characters, but its last 4 bits are not zero: no 32 bytes
+        "a" * 42 + "A\n",  # a line's end after a good one: never the SHA-256 a verifier has
     ],
 )
 async def test_an_s256_challenge_that_cannot_be_a_sha256_is_refused_at_once(
@@ -184,3 +191,40 @@ async def test_another_clients_code_is_unknown_to_a_public_client(client, compan
         answers.append(await response.json())
     assert answers[0] == answers[1]
     assert answers[0]["error_description"] == "unknown, expired or spent authorization code"
+
+
+@pytest.mark.parametrize(
+    ("host", "written"), [("fa\u00df.de", "xn--fa-hia.de"), ("\u00df.example", "xn--zca.example")]
+)
+async def test_the_consent_page_and_its_policy_name_the_host_the_answer_goes_to(
+    client, company, host, written
+):
+    """IDNA 2003 (Python's codec) writes fa\u00df.de as fass.de, another name; the answer's
+    Location, like browsers, as xn--fa-hia.de. The page and its form-action named fass.de."""
+    app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[],
+                        redirect_uri=f"https://{host}/cb")  # fmt: skip
+    url = authorize_url(app, state="st")
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    page = await client.get(url)
+    assert page.status == 200
+    assert f"({written})" in await page.text()
+    assert f"https://{written}" in page.headers["Content-Security-Policy"]
+    denied = await client.post(
+        "/oauth/authorize",
+        data={**hidden_fields(await page.text()), "decision": "deny"},
+        allow_redirects=False,
+    )
+    assert denied.status == 302
+    assert denied.headers["Location"].startswith(f"https://{written}/cb?")
+
+
+def hidden_fields(text: str) -> dict[str, str]:
+    import html
+
+    return {
+        html.unescape(part.split('name="')[1].split('"')[0]): html.unescape(
+            part.split('value="')[1].split('"')[0]
+        )
+        for part in text.split("<input")[1:]
+        if 'type="hidden"' in part
+    }
