@@ -175,6 +175,13 @@ async def readyz(request: web.Request) -> web.Response:
         return _readiness(["database unreachable"], [])
     reasons: list[str] = [refused] if refused else []
     for s in statuses:
+        if s.lag_events < 0:
+            # Positions only grow: the log lost its tail, and the events appended next
+            # would take positions this projection holds as applied, and be skipped.
+            reasons.append(
+                f"projection {s.name} is at {s.position}, past the log's head {s.head}: "
+                "events were removed from the log (tollgate audit verify)"
+            )
         if policy.max_lag_events is not None and s.lag_events > policy.max_lag_events:
             reasons.append(
                 f"projection {s.name} is {s.lag_events} events behind "

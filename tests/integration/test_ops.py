@@ -524,3 +524,31 @@ async def test_a_notifier_that_does_not_move_shows_in_the_scrape(db, tmp_path):
             assert value(samples, "tollgate_notifier_lag_seconds") == 0
     finally:
         await holder.close()
+
+
+async def test_a_checkpoint_past_the_head_is_not_ready(db, tmp_path):
+    """The log's tail deleted (a superuser could): the next appends would reuse positions
+    the projections hold as applied, and be skipped. Before, /readyz said ready, with a lag
+    of -3."""
+    async with serving(db, tmp_path) as client:
+        eventlog = client.app[EVENTLOG]
+        for n in range(3):
+            await eventlog.append(
+                f"company-c{n}", 0, [ev.CompanyCreated(company_id=f"c{n}", name="C")]
+            )
+        await db.pool.execute(
+            "INSERT INTO projection_checkpoints (name, position) VALUES ('companies', 3) "
+            "ON CONFLICT (name) DO UPDATE SET position = 3"
+        )
+        await db.pool.execute(
+            "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+            "DELETE FROM events WHERE position > 1; "
+            "ALTER TABLE events ENABLE TRIGGER events_append_only"
+        )
+        response = await client.get("/readyz")
+        assert response.status == 503
+        body = await response.json()
+        assert any(
+            "companies is at 3, past the log's head 1: events were removed" in reason
+            for reason in body["reasons"]
+        ), body
