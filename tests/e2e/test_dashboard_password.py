@@ -112,3 +112,17 @@ async def dashboard_sign_in_as(client, email: str, password: str) -> None:
         allow_redirects=False,
     )  # fmt: skip
     assert response.status == 303, await response.text()
+
+
+async def test_past_the_attempts_allowed_the_form_says_when_to_try_again(client, company, db):
+    await dashboard_sign_in(client, company.admin_email, company.admin_password)
+    statuses = []
+    for _ in range(8):
+        answer = await change(client, "not the password at all", NEW)
+        statuses.append(answer.status)
+        if answer.status == 429:
+            break
+    assert statuses[-1] == 429, statuses
+    assert int(answer.headers["Retry-After"]) >= 1
+    assert "Too many attempts: try again in" in await answer.text()
+    assert await password_events(db) == 0

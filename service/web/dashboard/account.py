@@ -43,7 +43,10 @@ async def _change(request: web.Request, admin: Admin, form: Form) -> web.Respons
             request, admin.user_id, admin.company_id, current, new
         )
     except TooManyAttempts as exc:
-        return _form(request, admin, [exc.description], exc.status)
+        wait = exc.headers["Retry-After"]
+        refused = _form(request, admin, [f"Too many attempts: try again in {wait} seconds."], 429)
+        refused.headers["Retry-After"] = wait
+        return refused
     except WrongPassword:
         return _form(request, admin, ["The current password is wrong."], 403)
     except TollgateError as exc:  # a weak new password, or a change made meanwhile
