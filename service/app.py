@@ -115,6 +115,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             total=None, connect=10, sock_connect=5, sock_read=app[SETTINGS].upstream_timeout
         ),
         connector=aiohttp.TCPConnector(limit=256),
+        # One session for every caller: a jar would keep the Set-Cookie one caller's
+        # exchange brought and send it with every other caller's requests, over their own
+        # (aiohttp's default jar does, for an upstream named by a host name)
+        cookie_jar=aiohttp.DummyCookieJar(),
         # the caller's own, or none: aiohttp adds these to every request unless told not to
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
     )

@@ -32,7 +32,15 @@ from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
 from service.settings import Settings
 from service.web.bodies import read_body
 from service.web.client_ip import peer_trusted
-from service.web.keys import CONTEXT, ROUTES, SETTINGS, UPSTREAM, caller_ip, metadata
+from service.web.keys import (
+    CONTEXT,
+    REQUEST_ID,
+    ROUTES,
+    SETTINGS,
+    UPSTREAM,
+    caller_ip,
+    metadata,
+)
 from service.web.server import ConnectionWatch
 
 log = structlog.get_logger(__name__)
@@ -43,6 +51,8 @@ TOLLGATE_COOKIES = "tg_"
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
 
 IDENTITY_HEADERS = ("X-Tollgate-Company", "X-Tollgate-Client", "X-Tollgate-Permissions")
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+REQUEST_ID_HEADER = "X-Request-Id"
 #: What the upstream gets from Tollgate alone: the credentials stay here, the identity is
 #: Tollgate's, and so is the caller's address (the one the allow list was checked against:
 #: an address or a chain the caller sent itself could be forged). Compared with "_" read as
@@ -53,6 +63,10 @@ NOT_FORWARDED = frozenset(
     for h in (
         "Authorization", "DPoP", *IDENTITY_HEADERS,
         "X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Client-IP", "True-Client-IP",
+        # The permission was decided for the request's method: an upstream framework that
+        # honours an override (Express's method-override, Symfony, Laravel, ASP.NET) would
+        # run a DELETE that was checked as a POST.
+        *METHOD_OVERRIDES,
     )
 )  # fmt: skip
 #: What a proxy in front says of the request as the client made it (Werkzeug's ProxyFix,
@@ -317,6 +331,10 @@ async def _exchange(
                     continue  # Tollgate's cookies (its session) are not the upstream's to set
                 response.headers.add(key, value)
             response.headers.update(nonce)  # Tollgate's, whatever the upstream said
+            # Sent at prepare(), before the request's observer could add it after the
+            # handler: the id that names the request's log line (and the upstream's, which
+            # got it too)
+            response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             elif request.version < aiohttp.HttpVersion11:
@@ -362,6 +380,7 @@ def _forwarded_headers(
     headers["X-Tollgate-Client"] = allowed.token.client_id
     headers["X-Tollgate-Permissions"] = " ".join(sorted(allowed.permissions))
     headers["X-Forwarded-For"] = ip  # as Tollgate decided it, trusted proxies honoured
+    headers[REQUEST_ID_HEADER] = request[REQUEST_ID]  # the caller's, or the one made here
     return headers
 
 

@@ -46,7 +46,8 @@ async def echo_upstream():
     async def echo(request: web.Request) -> web.Response:
         seen.append(request)
         bodies.append(await request.read())
-        return web.Response(text="ok")
+        cookie = request.headers.get("X-Echo-Set-Cookie")
+        return web.Response(text="ok", headers={"Set-Cookie": cookie} if cookie else None)
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", echo)
@@ -309,3 +310,60 @@ async def test_an_upstream_that_says_nothing_is_a_504_after_upstream_timeout(db,
             assert (await response.json())["error"] == "gateway_timeout"
     finally:
         server.close()
+
+
+async def test_one_callers_upstream_cookies_never_reach_another_caller_s_requests(db, settings):
+    """The gateway's one client session to the upstream kept a cookie jar: the Set-Cookie
+    one caller's exchange brought went with every other caller's requests, over their own
+    Cookie. aiohttp's jar ignores hosts written as IP addresses, so the upstream is named
+    `localhost` here, as a deployment names it."""
+    async with echo_upstream() as (url, seen, _):
+        named = url.replace("127.0.0.1", "localhost")
+
+        async with gateway_to(db, settings, named) as (client, alice):
+            seen_before = len(seen)
+            company = await make_company(client, "Globex")
+            other = await new_app(client, company, permissions=["invoices:read"])
+            bob = (await cc_token(client, other))["access_token"]
+            first = await client.get(
+                "/api/v1/invoices",
+                headers=bearer(alice) | {"X-Echo-Set-Cookie": "sid=ALICE; Path=/"},
+            )
+            assert first.status == 200
+            assert "sid=ALICE" in first.headers.get("Set-Cookie", "")
+            client.session.cookie_jar.clear()  # Bob is another caller: not Alice's browser
+            plain = await client.get("/api/v1/invoices", headers=bearer(bob))
+            own = await client.get("/api/v1/invoices", headers=bearer(bob) | {"Cookie": "sid=BOB"})
+            assert plain.status == own.status == 200
+            *_, without, with_own = seen[seen_before:]
+            assert "Cookie" not in without.headers
+            assert without.headers["X-Tollgate-Client"] == other["client_id"]
+            assert with_own.headers.getall("Cookie") == ["sid=BOB"]
+
+
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+async def test_a_method_override_does_not_reach_the_upstream(db, settings, header):
+    """The permission was decided for the request's method; an upstream that honours an
+    override would run a DELETE checked as a POST."""
+    async with echo_upstream() as (url, seen, _), gateway_to(db, settings, url) as (client, token):
+        response = await client.post(
+            "/api/v1/invoices/7", headers=bearer(token) | {header: "DELETE"}, data=b"{}"
+        )
+        assert response.status == 200
+        [request] = seen
+        assert request.method == "POST"
+        assert header not in request.headers
+
+
+async def test_a_proxied_answer_and_the_upstream_carry_the_request_id(db, settings):
+    async with echo_upstream() as (url, seen, _), gateway_to(db, settings, url) as (client, token):
+        response = await client.get("/api/v1/invoices", headers=bearer(token))
+        assert response.status == 200
+        made = response.headers["X-Request-Id"]
+        [request] = seen
+        assert request.headers["X-Request-Id"] == made
+        given = await client.get(
+            "/api/v1/invoices", headers=bearer(token) | {"X-Request-Id": "caller-7"}
+        )
+        assert given.headers["X-Request-Id"] == "caller-7"
+        assert seen[-1].headers.getall("X-Request-Id") == ["caller-7"]
