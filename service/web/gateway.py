@@ -41,6 +41,7 @@ from service.web.keys import (
     caller_ip,
     metadata,
 )
+from service.web.middleware import expectation
 from service.web.server import ConnectionWatch
 
 log = structlog.get_logger(__name__)
@@ -182,7 +183,13 @@ def _refusal(path: str, raw_path: str) -> str:
     return ""
 
 
-@routes.route("*", "/api/{path:.*}")
+async def _continue_later(_request: web.BaseRequest) -> None:
+    """The gateway's `Expect` handler: no 100 Continue before the token, the allow list,
+    the route and the body's length are decided (RFC 9110 §10.1.1: a final status known
+    from the header section is sent instead). `_read` sends it once they are."""
+
+
+@routes.route("*", "/api/{path:.*}", expect_handler=_continue_later)
 async def gateway(request: web.Request) -> web.StreamResponse:
     app = request.app
     ctx = app[CONTEXT]
@@ -280,7 +287,7 @@ async def _proxy(
     # sending it a byte at a time holds none of the upstream's connections, one that
     # cannot send it is answered here, and what aiohttp decoded (Content-Encoding) is
     # sent decoded, and bounded.
-    body = await read_body(request, settings.gateway_max_body) if request.body_exists else None
+    body = await _read(request, settings.gateway_max_body) if request.body_exists else None
     headers = _forwarded_headers(request, settings, allowed, ip)
     exchange = asyncio.ensure_future(_exchange(request, session, target, headers, body, nonce))
     # A client that leaves is not waited for: its upstream request is cancelled, and its
@@ -349,6 +356,14 @@ async def _exchange(
         raise GatewayTimeout(f"the upstream API said nothing for {timeout:g} s") from None
     except aiohttp.ClientError as exc:
         raise BadGateway(f"the upstream API did not answer: {type(exc).__name__}") from None
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The body, after the 100 Continue a client that asked for one waits for (the
+    request allowed, its length within `limit`: a longer one is refused unsent)."""
+    if request.content_length is None or request.content_length <= limit:
+        await expectation(request)
+    return await read_body(request, limit)
 
 
 def _forwarded_headers(

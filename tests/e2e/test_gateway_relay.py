@@ -367,3 +367,51 @@ async def test_a_proxied_answer_and_the_upstream_carry_the_request_id(db, settin
         )
         assert given.headers["X-Request-Id"] == "caller-7"
         assert seen[-1].headers.getall("X-Request-Id") == ["caller-7"]
+
+
+async def _exchange_raw(port: int, head: bytes, body: bytes | None = None) -> list[bytes]:
+    """The status lines a raw HTTP/1.1 client reads: the first one, then (after sending
+    `body`) the next."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        lines = [await asyncio.wait_for(reader.readline(), WAIT)]
+        if body is not None:
+            await asyncio.wait_for(reader.readline(), WAIT)  # the blank line after the 100
+            writer.write(body)
+            await writer.drain()
+            lines.append(await asyncio.wait_for(reader.readline(), WAIT))
+        return lines
+    finally:
+        writer.close()
+
+
+def _post_head(token: str, length: int) -> bytes:
+    return (
+        f"POST /api/v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+
+
+async def test_100_continue_only_once_the_request_may_send_its_body(db, settings):
+    """RFC 9110 §10.1.1: a final status known from the header section is sent instead of
+    a 100. Before, a bogus token or a body over the limit was invited to upload it."""
+    async with (
+        echo_upstream() as (url, _, bodies),
+        gateway_to(db, settings, url) as (
+            client,
+            token,
+        ),
+    ):
+        port = client.port
+        bogus = "tgat_" + "A" * 49
+        [refused] = await _exchange_raw(port, _post_head(bogus, 100_000))
+        assert refused.startswith(b"HTTP/1.1 401"), refused
+        [too_large] = await _exchange_raw(port, _post_head(token, 100_000_000))
+        assert too_large.startswith(b"HTTP/1.1 413"), too_large
+        invited, answered = await _exchange_raw(port, _post_head(token, 2), body=b"{}")
+        assert invited.startswith(b"HTTP/1.1 100"), invited
+        assert answered.startswith(b"HTTP/1.1 200"), answered
+        assert bodies == [b"{}"]
