@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from service import events as ev
+from service.domain.applications import CLIENT_CREDENTIALS
 from service.domain.client_keys import ClientKey
 from service.domain.state import (
     AppState,
@@ -66,6 +67,8 @@ class PolicyModel:
         self._client_tokens: dict[str, list[bytes]] = {}
         self._expiry: list[tuple[int, bytes]] = []  # a heap of (expires_at, token hash)
         self._permission_sets: dict[frozenset[str], frozenset[str]] = {}
+        #: told of every client_credentials token applied: (client_id, token hash, issued_at)
+        self.on_client_token: Callable[[str, str, int], None] | None = None
 
     def apply(self, events: Sequence[RecordedEvent]) -> None:
         handlers = _HANDLERS
@@ -307,6 +310,8 @@ class PolicyModel:
             self._client_tokens.setdefault(e.client_id, []).append(key)
             if e.expires_at is not None:
                 heapq.heappush(self._expiry, (e.expires_at, key))
+            if self.on_client_token is not None and e.grant_type == CLIENT_CREDENTIALS:
+                self.on_client_token(e.client_id, e.token_hash, e.issued_at)
             return
         family = FamilyState(
             e.client_id, e.company_id, permissions=self._intern(frozenset(e.permissions)),

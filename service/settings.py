@@ -80,7 +80,7 @@ class Settings:
     # within refresh_reuse_grace seconds instead of revoking the grant (0: never); a
     # client_credentials application keeps at most cc_token_limit live tokens, the oldest
     # superseded (0: no limit); and asks for at most token_rate_per_client of them a second
-    # after a burst of token_rate_burst, in each process (0: no limit).
+    # after a burst of token_rate_burst, all processes together (0: no limit).
     refresh_reuse_grace: int = 10
     cc_token_limit: int = 1000
     token_rate_per_client: int = 20

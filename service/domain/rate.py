@@ -1,5 +1,6 @@
 """A rate per key (a token bucket): `rate` a second on average, `burst` at once. Memory is
-bounded; the caller passes the time."""
+bounded; the caller passes the time. Several processes share one rate by each taking what
+it grants (`take`) and counting what the others granted as it hears of it (`taken`)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,25 @@ class RateLimit:
         left, at = self._buckets.get(key, (float(self.burst), now))
         left = min(float(self.burst), left + max(0.0, now - at) * self.rate)
         allowed = left >= 1.0
-        self._buckets[key] = (left - 1.0 if allowed else left, now)
+        self._keep(key, left - 1.0 if allowed else left, max(now, at))
+        return 0 if allowed else max(1, math.ceil((1.0 - left) / self.rate))
+
+    def taken(self, key: str, at: float) -> None:
+        """One granted elsewhere at `at`: counted, never refused. What several processes
+        granted at once before hearing of each other is a debt the bucket pays back at the
+        rate (it goes below zero), so over time they grant no more than one would."""
+        if self.rate <= 0:
+            return
+        left, since = self._buckets.get(key, (float(self.burst), at))
+        if at > since:  # heard late, or from another host's clock: the time never goes back
+            left = min(float(self.burst), left + (at - since) * self.rate)
+            since = at
+        self._keep(key, left - 1.0, since)
+
+    def _keep(self, key: str, left: float, at: float) -> None:
+        self._buckets[key] = (left, at)
         self._buckets.move_to_end(key)
         # A key forgotten starts full again: the least recently seen go first, so the ones
         # held back now are the last to be forgotten.
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
-        return 0 if allowed else max(1, math.ceil((1.0 - left) / self.rate))

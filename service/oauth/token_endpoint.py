@@ -63,7 +63,10 @@ class Limits:
 
 
 class LiveTokens(Protocol):
-    """Each client_credentials application's live tokens, oldest first (the read model)."""
+    """Each client_credentials application's live tokens, oldest first (the read model),
+    and whom it tells of each one it applies, whichever process granted it."""
+
+    on_client_token: Callable[[str, str, int], None] | None
 
     def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
         """The hashes of the oldest that must go for one more to stay within `limit`."""
@@ -237,7 +240,8 @@ class TokenEndpoint:
         live_tokens: LiveTokens | None = None,
         audiences: Sequence[str] = (),
     ) -> None:
-        """`live_tokens`: without it, client_credentials tokens are not limited in number.
+        """`live_tokens`: without it, client_credentials tokens are not limited in number,
+        and their rate is this endpoint's alone (the model tells of other processes' tokens).
         `audiences`: what a client assertion's aud may name (assertions.audiences); none:
         every assertion is refused."""
         self.lookups = lookups
@@ -247,8 +251,13 @@ class TokenEndpoint:
         self.audiences = tuple(audiences)
         self.limits = limits if limits is not None else Limits()
         self.grants = {g.grant_type: g(lookups, self.limits, live_tokens) for g in GRANT_TYPES}
-        # In this process: N processes let a client have N times the rate.
+        # One rate for every process on the log: this process takes its own tokens from it
+        # when it grants them, and another's when the read model applies them (within the
+        # announcement's delay: milliseconds). `token_applied` tells one from the other.
         self.rate = RateLimit(self.limits.rate, self.limits.burst)
+        self._granted_here: set[str] = set()  # hashes of tokens granted, not yet applied
+        if live_tokens is not None:
+            live_tokens.on_client_token = self.token_applied
 
     @property
     def grant_types(self) -> list[str]:
@@ -325,10 +334,30 @@ class TokenEndpoint:
             if wait:
                 raise SlowDown(wait)
 
+    def token_applied(self, client_id: str, token_hash: str, issued_at: int) -> None:
+        """The read model applied a client_credentials token (PolicyModel.on_client_token):
+        one another process granted is taken from this process's rate too. One older than a
+        full bucket's refill changes nothing (a process catching up on old history)."""
+        if token_hash in self._granted_here:
+            self._granted_here.discard(token_hash)
+        elif self.limits.rate > 0 and issued_at + self.limits.burst / self.limits.rate > (
+            self.clock()
+        ):
+            self.rate.taken(client_id, issued_at)
+
     async def _issue(self, grant: Grant, request: Request) -> Issued:
         access = tokens.new(tokens.ACCESS)
         refresh = tokens.new(tokens.REFRESH) if grant.issues_refresh else ""
-        decision = await self._recorded(grant, request, access, refresh)
+        granted = ""  # taken from the rate already (within_rate)
+        if self.limits.rate > 0 and grant.grant_type == ClientCredentials.grant_type:
+            granted = tokens.token_hash(access)
+            self._granted_here.add(granted)
+        try:
+            decision = await self._recorded(grant, request, access, refresh)
+        except BaseException:
+            # Not recorded (or not known to be: then, if it was, it is counted twice)
+            self._granted_here.discard(granted)
+            raise
         try:
             for then in decision.then:
                 # Visible: once the answer is sent, a superseded token is refused here.

@@ -24,7 +24,8 @@ from tests.e2e.test_make_run import free_port
 
 
 @asynccontextmanager
-async def serving(db, *extra_args: str):
+async def serving(db, *extra_args: str, **settings: str):
+    """`tollgate serve` on `db`, with `settings` in its environment."""
     port = free_port()
     env = {
         **os.environ,
@@ -32,6 +33,7 @@ async def serving(db, *extra_args: str):
         "PORT": str(port),
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "warning",
+        **settings,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", *extra_args],

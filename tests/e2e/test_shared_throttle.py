@@ -1,11 +1,14 @@
-"""Failed sign-ins are counted in PostgreSQL: two `tollgate serve` processes on one database
-hold one limit between them, not one each."""
+"""Two `tollgate serve` processes on one database hold one limit between them, not one
+each: failed sign-ins are counted in PostgreSQL, and each process takes the tokens the other
+grants from a client's rate as its read model applies them."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from tests.e2e.test_scale_out import a_company, serving
+from tests.e2e.oauth_helpers import basic
+from tests.e2e.test_scale_out import a_company, serving, until
 
 LIMIT = 5  # per address and caller, in 15 minutes
 
@@ -50,3 +53,49 @@ async def test_a_successful_sign_in_takes_its_count_back_in_every_process(db, tm
         assert await sign_in(a, email, password) == 200  # counted first, then withdrawn
         assert await sign_in(b, email, "wrong") == 401  # the fifth failure
         assert await sign_in(a, email, "wrong") == 429
+
+
+async def test_two_processes_share_one_client_credentials_rate(db, tmp_path):
+    """Asked of each process in turn, each one once the other's last token is in its read
+    model (its gateway takes it): one bucket of BURST, refilled at one a second, grants at
+    most BURST plus a token a second between the two. One bucket each granted 2 BURST."""
+    burst = 4
+    company = await a_company(db, tmp_path)
+    limits = {"TOKEN_RATE_PER_CLIENT": "1", "TOKEN_RATE_BURST": str(burst)}
+    async with serving(db, **limits) as (a, _), serving(db, **limits) as (b, _):
+        async with a.post(
+            "/admin/applications",
+            headers={"Authorization": f"Bearer {company.admin_key}"},
+            json={
+                "name": "Shared rate",
+                "grant_type": "client_credentials",
+                "ip_allowlist": ["127.0.0.1"],
+                "permissions": ["invoices:read"],
+                "notification_emails": ["ops@acme.example"],
+            },
+        ) as response:
+            app = await response.json()
+        creds = basic(app["client_id"], app["client_secret"])
+        statuses = []
+        started = time.monotonic()
+        for i in range(4 * burst):
+            asked, other = (a, b) if i % 2 == 0 else (b, a)
+            form = {"grant_type": "client_credentials"}
+            async with asked.post("/oauth/token", data=form, headers=creds) as response:
+                statuses.append(response.status)
+                body = await response.json()
+            if response.status == 429:
+                assert body["error"] == "slow_down"
+                continue
+            bearer = {"Authorization": f"Bearer {body['access_token']}"}
+
+            async def seen(other=other, bearer=bearer) -> bool:
+                async with other.get("/api/v1/whoami", headers=bearer) as r:
+                    return r.status == 200
+
+            await until(seen)
+        elapsed = time.monotonic() - started
+    granted = statuses.count(200)
+    assert statuses[:burst] == [200] * burst, statuses
+    assert granted <= burst + int(elapsed), (statuses, elapsed)
+    assert set(statuses) == {200, 429}

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from service import events as ev
-from service.domain import streams
+from service.domain import grants, streams
 from service.oauth import tokens
-from service.oauth.errors import InvalidGrant, SlowDown
+from service.oauth.errors import InvalidGrant, InvalidScope, SlowDown
 from service.oauth.revocation import revoke
 from service.oauth.token_endpoint import Limits
 from tests.unit.test_token_endpoint import ALLOWED, GRACE, REDIRECT, World
@@ -195,6 +195,51 @@ async def test_the_rate_holds_client_credentials_only():
     first = await a_grant(world)
     second = await refreshed(world, first.refresh_token)
     assert (await refreshed(world, second.refresh_token)).access_token
+
+
+async def granted_elsewhere(world: World, count: int, issued_at: int) -> None:
+    """Tokens another process granted, recorded in the shared log and read back here."""
+    app = world.policy.apps["cid"]
+    for _ in range(count):
+        access_hash = tokens.token_hash(tokens.new(tokens.ACCESS))
+        issue = grants.client_credentials(app, None, access_hash, issued_at)
+        await world.ledger.record(issue.record, ALLOWED)
+    await world.lookups.catch_up()
+
+
+async def test_tokens_another_process_granted_are_taken_from_the_same_rate():
+    world = World(Limits(rate=1, burst=3))
+    await world.app()
+    await granted_elsewhere(world, 2, int(world.now))
+    await world.token({"grant_type": "client_credentials"})
+    with pytest.raises(SlowDown):
+        await world.token({"grant_type": "client_credentials"})
+    assert len(world.log.of_type(ev.AccessTokenIssued)) == 3
+
+
+async def test_tokens_granted_here_are_counted_once_when_the_model_applies_them():
+    world = World(Limits(rate=1, burst=3))
+    await world.app()
+    assert len(await cc_tokens(world, 3)) == 3  # each applied before the next is asked for
+    with pytest.raises(SlowDown):
+        await world.token({"grant_type": "client_credentials"})
+    assert not world.endpoint._granted_here  # nothing left waiting for the model
+
+
+async def test_a_refused_token_leaves_nothing_waiting_for_the_model():
+    world = World(Limits(rate=1, burst=3))
+    await world.app()
+    with pytest.raises(InvalidScope):
+        await world.token({"grant_type": "client_credentials", "scope": "admin:everything"})
+    assert not world.endpoint._granted_here
+
+
+async def test_history_older_than_a_full_refill_takes_nothing_from_the_rate():
+    """A process starting up applies the whole log: what was granted long ago is paid back."""
+    world = World(Limits(rate=1, burst=3))
+    await world.app()
+    await granted_elsewhere(world, 5, int(world.now) - 3)
+    assert len(await cc_tokens(world, 3)) == 3
 
 
 async def test_tokens_the_model_had_not_applied_yet_are_superseded_at_the_next_issuance():
