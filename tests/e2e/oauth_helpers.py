@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
+import re
 import secrets
 from urllib.parse import parse_qs, quote_plus, urlsplit
 
@@ -80,19 +82,30 @@ async def consent(client, authorize_url: str, decision: str = "approve") -> str:
     assert page.status == 200, await page.text()
     text = await page.text()
     assert "Allow" in text
-    fields = dict(
-        (part.split('name="')[1].split('"')[0], part.split('value="')[1].split('"')[0])
-        for part in text.split("<input")[1:]
-        if 'type="hidden"' in part
-    )
-    import html
-
-    fields = {k: html.unescape(v) for k, v in fields.items()}
     response = await client.post(
-        "/oauth/authorize", data=fields | {"decision": decision}, allow_redirects=False
+        "/oauth/authorize", data=hidden_fields(text) | {"decision": decision}, allow_redirects=False
     )
     assert response.status == 302, await response.text()
     return response.headers["Location"]
+
+
+def hidden_inputs(page: str, action: str | None = None) -> list[tuple[str, str]]:
+    """The hidden inputs (name, value) of the page, or of its form that posts to `action`,
+    in order, as a browser sends them."""
+    if action is not None:
+        page = page.split(f'action="{action}"', 1)[1].split("</form>", 1)[0]
+    inputs = [tag for tag in re.findall(r"<input[^>]*>", page) if 'type="hidden"' in tag]
+    return [(_attribute(tag, "name"), _attribute(tag, "value")) for tag in inputs]
+
+
+def hidden_fields(page: str, action: str | None = None) -> dict[str, str]:
+    return dict(hidden_inputs(page, action))
+
+
+def _attribute(tag: str, name: str) -> str:
+    found = re.search(f'{name}="([^"]*)"', tag)
+    assert found, tag
+    return html.unescape(found[1])
 
 
 def authorize_url(

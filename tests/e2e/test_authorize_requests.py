@@ -17,6 +17,7 @@ from tests.e2e.oauth_helpers import (
     authorize_url,
     code_for,
     consent,
+    hidden_fields,
     new_app,
     pkce,
     query_of,
@@ -216,15 +217,3 @@ async def test_the_consent_page_and_its_policy_name_the_host_the_answer_goes_to(
     )
     assert denied.status == 302
     assert denied.headers["Location"].startswith(f"https://{written}/cb?")
-
-
-def hidden_fields(text: str) -> dict[str, str]:
-    import html
-
-    return {
-        html.unescape(part.split('name="')[1].split('"')[0]): html.unescape(
-            part.split('value="')[1].split('"')[0]
-        )
-        for part in text.split("<input")[1:]
-        if 'type="hidden"' in part
-    }

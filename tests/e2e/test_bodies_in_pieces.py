@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import html
 import http.client
 import io
 import itertools
@@ -35,7 +34,7 @@ from service.commands.directory import register_resource_server
 from service.eventlog import Metadata
 from service.web.login import CHOICE_COOKIE, CHOICE_PATH
 from tests.conftest import Company, make_company
-from tests.e2e.oauth_helpers import authorize_url, basic, cc_token, new_app, sign_in
+from tests.e2e.oauth_helpers import authorize_url, basic, cc_token, hidden_fields, new_app, sign_in
 from tests.e2e.test_dashboard import sign_in as dashboard_sign_in
 from tests.e2e.test_private_key_jwt import assertion, assertion_params, keyed_app
 
@@ -156,19 +155,6 @@ def _multipart(fields: dict[str, str]) -> tuple[bytes, str]:
     return parts + b"--b0undary--\r\n", "multipart/form-data; boundary=b0undary"
 
 
-def _hidden_fields(page: str, action: str) -> dict[str, str]:
-    """The hidden inputs of the page's form that posts to `action`."""
-    form = page.split(f'action="{action}"', 1)[1].split("</form>", 1)[0]
-    inputs = [tag for tag in re.findall(r"<input[^>]*>", form) if 'type="hidden"' in tag]
-    return {_attribute(tag, "name"): _attribute(tag, "value") for tag in inputs}
-
-
-def _attribute(tag: str, name: str) -> str:
-    found = re.search(f'{name}="([^"]*)"', tag)
-    assert found, tag
-    return html.unescape(found[1])
-
-
 def _cookies(client: TestClient, path: str) -> dict[str, str]:
     jar = client.session.cookie_jar.filter_cookies(client.make_url(path))
     return {"Cookie": "; ".join(f"{k}={m.value}" for k, m in jar.items())}
@@ -238,7 +224,7 @@ async def oauth_login(client: TestClient, company: Company) -> Sent:
     app = await new_app(client, company, grant_type="authorization_code")
     url = authorize_url(app)
     page = await client.get(url)
-    fields = _hidden_fields(await page.text(), "/oauth/login")
+    fields = hidden_fields(await page.text(), "/oauth/login")
     fields |= {"email": company.admin_email, "password": company.admin_password}
     headers = _cookies(client, "/oauth/login") | {"Content-Type": FORM}
     return Sent(
@@ -257,7 +243,7 @@ async def oauth_authorize(client: TestClient, company: Company) -> Sent:
     if not client.session.cookie_jar.filter_cookies(client.make_url("/oauth")).get("tg_session"):
         await sign_in(client, company.admin_email, company.admin_password, url)
     page = await client.get(url)
-    fields = _hidden_fields(await page.text(), "/oauth/authorize") | {"decision": "approve"}
+    fields = hidden_fields(await page.text(), "/oauth/authorize") | {"decision": "approve"}
     headers = _cookies(client, "/oauth/authorize") | {"Content-Type": FORM}
     return Sent(
         "POST",
@@ -326,7 +312,7 @@ async def sign_in_choice(client: TestClient, company: Company) -> Sent:
         made = await client.post("/admin/users", json=body, headers=at.auth)
         assert made.status == 201, await made.text()
     form = await (await client.get("/dashboard")).text()
-    fields = _hidden_fields(form, "/dashboard/login")
+    fields = hidden_fields(form, "/dashboard/login")
     fields |= {"email": email, "password": _SHARED_PASSWORD}
     to_choice = await client.post("/dashboard/login", data=fields, allow_redirects=False)
     assert to_choice.headers.get("Location") == CHOICE_PATH, await to_choice.text()
@@ -334,7 +320,7 @@ async def sign_in_choice(client: TestClient, company: Company) -> Sent:
     client.session.cookie_jar.clear()  # the choice travels in the request's own headers
     cookie = {"Cookie": f"{CHOICE_COOKIE}={key}"}
     page = await (await client.get(CHOICE_PATH, headers=cookie)).text()
-    fields = _hidden_fields(page, CHOICE_PATH) | {"company_id": other.company_id}
+    fields = hidden_fields(page, CHOICE_PATH) | {"company_id": other.company_id}
     return Sent(
         "POST", CHOICE_PATH, urlencode(fields).encode(), cookie | {"Content-Type": FORM}, 303,
         varying=(other.company_id,),
@@ -406,7 +392,7 @@ async def dashboard_add_key(client: TestClient, company: Company) -> Sent:
     page_path = f"/dashboard/applications/{app['client_id']}"
     action = f"{page_path}/keys"
     page = await (await client.get(page_path)).text()
-    fields = _hidden_fields(page, action)
+    fields = hidden_fields(page, action)
     fields["jwks"] = json.dumps({"keys": [_PIECES_KEY.as_dict(private=False)]}, indent=2)
     headers = _cookies(client, action) | {"Content-Type": FORM}
 
@@ -429,7 +415,7 @@ async def dashboard_client_auth(client: TestClient, company: Company) -> Sent:
     app = await new_app(client, company)
     page_path = f"/dashboard/applications/{app['client_id']}"
     action = f"{page_path}/client-auth"
-    fields = _hidden_fields(await (await client.get(page_path)).text(), action)
+    fields = hidden_fields(await (await client.get(page_path)).text(), action)
     fields |= {"token_endpoint_auth_method": "private_key_jwt",
                "dpop_bound_access_tokens": "true", "cc_token_limit": "250"}  # fmt: skip
     headers = _cookies(client, action) | {"Content-Type": FORM}
@@ -448,7 +434,7 @@ async def dashboard_client_auth(client: TestClient, company: Company) -> Sent:
 
 async def dashboard_login(client: TestClient, company: Company) -> Sent:
     page = await client.get("/dashboard")
-    fields = _hidden_fields(await page.text(), "/dashboard/login")
+    fields = hidden_fields(await page.text(), "/dashboard/login")
     fields |= {"email": company.admin_email, "password": company.admin_password}
     headers = _cookies(client, "/dashboard/login") | {"Content-Type": FORM}
     return Sent("POST", "/dashboard/login", urlencode(fields).encode(), headers, 303)
@@ -462,7 +448,7 @@ async def dashboard_logout(client: TestClient, company: Company) -> Sent:
     session = SimpleCookie(signed_in.headers["Set-Cookie"])["tg_session"].value
     client.session.cookie_jar.clear()
     page = await client.get("/dashboard", headers={"Cookie": f"tg_session={session}"})
-    fields = _hidden_fields(await page.text(), "/dashboard/logout")
+    fields = hidden_fields(await page.text(), "/dashboard/logout")
     # A session made elsewhere is swapped for one whose token the dashboard knows: the
     # form's token is the new session's, and so must the sign-out's cookie be.
     session = page.cookies["tg_session"].value if "tg_session" in page.cookies else session

@@ -10,7 +10,16 @@ import pytest
 
 from service.domain import credentials
 from tests.e2e.lifecycle_helpers import add_user
-from tests.e2e.oauth_helpers import authorize_url, basic, consent, new_app, query_of, sign_in
+from tests.e2e.oauth_helpers import (
+    authorize_url,
+    basic,
+    consent,
+    hidden_fields,
+    hidden_inputs,
+    new_app,
+    query_of,
+    sign_in,
+)
 from tests.e2e.test_oauth_flows import exchange
 
 BOTH = "invoices:read invoices:write"
@@ -115,11 +124,7 @@ async def test_not_you_signs_out_and_returns_to_the_same_request(client, company
     app = await web_app(client, company)
     url = authorize_url(app, scope="invoices:read")
     page = await signed_in_page(client, company.admin_email, company.admin_password, url)
-    form = page.split('action="/oauth/switch-user">')[1].split("</form>")[0]
-    fields = {
-        part.split('name="')[1].split('"')[0]: part.split('value="')[1].split('"')[0]
-        for part in form.split("<input")[1:]
-    }
+    fields = hidden_fields(page, "/oauth/switch-user")
     assert await db.pool.fetchval("SELECT count(*) FROM web_sessions") == 1
     response = await client.post("/oauth/switch-user", data=fields, allow_redirects=False)
     assert response.status == 303
@@ -139,14 +144,7 @@ async def test_a_consent_form_with_a_field_given_twice_is_refused(client, compan
     app = await web_app(client, company)
     url = authorize_url(app, scope="invoices:read")
     page = await signed_in_page(client, company.admin_email, company.admin_password, url)
-    fields = [
-        (
-            part.split('name="')[1].split('"')[0],
-            html.unescape(part.split('value="')[1].split('"')[0]),
-        )
-        for part in page.split("<input")[1:]
-        if 'type="hidden"' in part
-    ]
+    fields = hidden_inputs(page)
     fields = [(k, v) for k, v in fields if k != "decision"]
     extra = {"scope": "invoices:write", "redirect_uri": "https://evil.example/cb", "state": "x"}
     before = await db.pool.fetchval("SELECT count(*) FROM events")

@@ -6,7 +6,6 @@ endpoint that authenticates a client."""
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 from datetime import UTC, datetime
 
@@ -17,6 +16,7 @@ from tests.e2e.oauth_helpers import (
     authorize_url,
     basic,
     cc_token,
+    hidden_fields,
     new_app,
     query_of,
     sign_in,
@@ -30,12 +30,7 @@ def issuer(client) -> str:
 
 async def answer_consent(client, url: str, decision: str):
     """The consent page answered as a browser does; the redirect response itself."""
-    text = await (await client.get(url)).text()
-    fields = {
-        part.split('name="')[1].split('"')[0]: html.unescape(part.split('value="')[1].split('"')[0])
-        for part in text.split("<input")[1:]
-        if 'type="hidden"' in part
-    }
+    fields = hidden_fields(await (await client.get(url)).text())
     return await client.post(
         "/oauth/authorize", data=fields | {"decision": decision}, allow_redirects=False
     )
