@@ -379,6 +379,52 @@ CREATE TABLE IF NOT EXISTS projection_checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- What a checkpoint saw: the hash of the event at its position when it moved there (NULL
+-- at 0, and until a checkpoint written before this column moves). A checkpoint moves on
+-- only from the event it saw: a log whose tail was cut and written again (a restore under
+-- running processes, a superuser's DELETE) has another event there, and what follows it
+-- was never applied. The move is refused (data_corrupted), so the projection and the
+-- notifier stop at it, and `/readyz` and `tollgate audit verify` name it, until the
+-- projections are rebuilt (`SET LOCAL tollgate.rebuild = 'on'` in the rebuild's
+-- transaction). Only when missing: ALTER TABLE and CREATE TRIGGER lock the table, and
+-- this file is applied again whenever its text changes.
+CREATE OR REPLACE FUNCTION projection_checkpoints_saw() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    there bytea;
+BEGIN
+    IF NEW.position = OLD.position THEN
+        RETURN NEW;
+    END IF;
+    IF OLD.position_hash IS NOT NULL
+       AND coalesce(current_setting('tollgate.rebuild', true), '') <> 'on' THEN
+        SELECT hash INTO there FROM events WHERE position = OLD.position;
+        IF there IS DISTINCT FROM OLD.position_hash THEN
+            RAISE EXCEPTION 'the event log was rewritten at or before position %: the % '
+                            'checkpoint saw another event there', OLD.position, OLD.name
+                USING ERRCODE = 'data_corrupted',
+                      HINT = 'tollgate audit verify; then tollgate projections rebuild';
+        END IF;
+    END IF;
+    SELECT hash INTO NEW.position_hash FROM events WHERE position = NEW.position;
+    RETURN NEW;
+END $$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'projection_checkpoints'::regclass
+                     AND attname = 'position_hash' AND NOT attisdropped) THEN
+        ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS position_hash bytea;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'projection_checkpoints'::regclass
+                     AND tgname = 'projection_checkpoints_saw') THEN
+        CREATE TRIGGER projection_checkpoints_saw BEFORE UPDATE ON projection_checkpoints
+            FOR EACH ROW EXECUTE FUNCTION projection_checkpoints_saw();
+    END IF;
+END $$;
+
 -- Read models (see projections/). Each is rebuilt from the log alone.
 CREATE TABLE IF NOT EXISTS applications (
     client_id           text        PRIMARY KEY,

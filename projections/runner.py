@@ -82,6 +82,9 @@ class ProjectionStatus:
     #: row was written: `appended_at`, not the writing host's `recorded_at`); 0 when caught up
     lag_seconds: float
     updated_at: datetime | None
+    #: the event at `position` is not the one the checkpoint saw there: the log was cut and
+    #: written again (schema.sql, projection_checkpoints_saw), and the checkpoint cannot move
+    rewritten: bool = False
 
 
 Progress = Callable[[str, int, int], None]
@@ -353,6 +356,8 @@ class ProjectionRunner:
                     conn, projection, 0, await self.eventlog.head(), progress
                 )
                 async with conn.transaction():
+                    # Built from the log as it is: its checkpoint moves whatever it saw.
+                    await conn.execute("SET LOCAL tollgate.rebuild = 'on'")
                     await conn.execute(
                         "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
                         name,
@@ -409,8 +414,12 @@ class ProjectionRunner:
             SELECT c.name, c.position, c.updated_at, h.head,
                    (SELECT extract(epoch FROM clock_timestamp()
                                               - coalesce(e.appended_at, e.recorded_at))::float8
-                    FROM events e WHERE e.position = c.position + 1) AS oldest_pending_age
-            FROM (SELECT n.name, coalesce(p.position, 0) AS position, p.updated_at
+                    FROM events e WHERE e.position = c.position + 1) AS oldest_pending_age,
+                   c.saw IS NOT NULL AND c.position <= h.head
+                   AND c.saw IS DISTINCT FROM (SELECT e.hash FROM events e
+                                               WHERE e.position = c.position) AS rewritten
+            FROM (SELECT n.name, coalesce(p.position, 0) AS position, p.updated_at,
+                         p.position_hash AS saw
                   FROM unnest($1::text[]) AS n(name)
                   LEFT JOIN projection_checkpoints p ON p.name = n.name) c
             CROSS JOIN (SELECT coalesce(max(position), 0) AS head FROM events) h
@@ -426,6 +435,7 @@ class ProjectionRunner:
                 lag_events=row["head"] - row["position"],
                 lag_seconds=max(0.0, row["oldest_pending_age"] or 0.0),
                 updated_at=row["updated_at"],
+                rewritten=row["rewritten"],
             )
             for row in rows
         ]

@@ -232,6 +232,7 @@ async def _projections_status(settings: Settings, _args: argparse.Namespace) -> 
 
 
 async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    from service.notification.notifier import restart_if_rewritten
     from service.progress import progress_reporter
 
     async def body(runner: Any) -> int:
@@ -243,6 +244,8 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
             for name in names:
                 position = await runner.rebuild(name, report)
                 _print_json({"name": name, "rebuilt_to": position}, flush=True)
+        if args.name is None and await restart_if_rewritten(runner.pool):
+            _print_json({"name": "notifier", "restarted_from": 0}, flush=True)
         return 0
 
     return await _with_runner(settings, body)

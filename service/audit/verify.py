@@ -29,9 +29,41 @@ async def verify_log(pool: asyncpg.Pool, *, batch: int = 5000) -> chain.VerifyRe
     if result.broken is not None:
         return result
     removed = await _tail_removed(pool)
-    if removed is None:
+    if removed is not None:
+        return chain.VerifyResult(result.checked, result.head, removed, result.head_hash)
+    return await _rewritten(pool, result)
+
+
+async def _rewritten(pool: asyncpg.Pool, result: chain.VerifyResult) -> chain.VerifyResult:
+    """A tail cut and written again, once the log has grown past where it was: an intact
+    chain, but a projection's checkpoint (schema.sql, projection_checkpoints_saw) or a
+    model snapshot saw another event at its position than the one there now. The rewrite
+    began after the highest of them below it that still sees its own event, if any."""
+    rows = await pool.fetch(
+        """
+        SELECT w.what, w.position, e.hash, w.saw = e.hash AS same
+        FROM (SELECT format('the %L checkpoint', name) AS what, position, position_hash AS saw
+              FROM projection_checkpoints WHERE position_hash IS NOT NULL
+              UNION
+              SELECT 'a model snapshot', position, event_hash FROM model_snapshots) w
+        JOIN events e ON e.position = w.position
+        WHERE w.position <= $1
+        ORDER BY w.position
+        """,
+        result.head,
+    )
+    changed = next((row for row in rows if not row["same"]), None)
+    if changed is None:
         return result
-    return chain.VerifyResult(result.checked, result.head, removed, result.head_hash)
+    held = [row for row in rows if row["same"] and row["position"] < changed["position"]]
+    intact, intact_hash = (held[-1]["position"], bytes(held[-1]["hash"])) if held else (0, None)
+    at = changed["position"]
+    reason = (
+        f"the event at {at} is not the one {changed['what']} saw there: "
+        f"the log was cut after {intact} and at or before {at}, and written again"
+    )
+    broken = chain.BrokenLink(intact + 1, reason)
+    return chain.VerifyResult(result.checked, result.head, broken, intact_hash)
 
 
 async def _tail_removed(pool: asyncpg.Pool) -> chain.BrokenLink | None:

@@ -57,6 +57,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiosmtplib
+import asyncpg
 import structlog
 
 from projections.memory import AppState, PolicyModel
@@ -111,6 +112,27 @@ _OUTCOMES = (
     "ViolationNotificationSent",
     "ViolationNotificationAbandoned",
 )
+
+
+async def restart_if_rewritten(pool: asyncpg.Pool) -> bool:
+    """After the log was cut and written again (schema.sql, projection_checkpoints_saw: the
+    worker's checkpoint saw another event at its position, and cannot move), it reads the
+    log again from the start: each violation whose email's outcome the log does not hold
+    gets its email, no other (`_attempt` looks first). A worker running meanwhile finds its
+    checkpoint moved, and starts again from it. False: its checkpoints see their events."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL tollgate.rebuild = 'on'")
+        status = await conn.execute(
+            """
+            UPDATE projection_checkpoints SET position = 0
+            WHERE name = ANY($1::text[]) AND EXISTS (
+                SELECT 1 FROM projection_checkpoints c LEFT JOIN events e ON e.position = c.position
+                WHERE c.name = ANY($1::text[]) AND c.position_hash IS NOT NULL
+                  AND c.position_hash IS DISTINCT FROM e.hash)
+            """,
+            [NAME, RETRIES],
+        )
+    return status != "UPDATE 0"
 
 
 def notification_stream(position: int) -> str:

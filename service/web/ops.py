@@ -182,6 +182,12 @@ async def readyz(request: web.Request) -> web.Response:
                 f"projection {s.name} is at {s.position}, past the log's head {s.head}: "
                 "events were removed from the log (tollgate audit verify)"
             )
+        if s.rewritten:
+            reasons.append(
+                f"the event at position {s.position} is not the one {s.name} applied there: "
+                "the log was cut and written again (tollgate audit verify, then "
+                "tollgate projections rebuild)"
+            )
         if policy.max_lag_events is not None and s.lag_events > policy.max_lag_events:
             reasons.append(
                 f"projection {s.name} is {s.lag_events} events behind "

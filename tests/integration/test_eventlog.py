@@ -705,7 +705,7 @@ async def test_verify_names_a_tail_the_database_remembers_and_the_log_lost(
     else:
         await db.pool.execute(
             "INSERT INTO model_snapshots (format, position, part, parts, event_hash, data) "
-            "VALUES ('f', 10, 0, 1, '\\x00', '\\x00')"
+            "SELECT 'f', 10, 0, 1, hash, '\\x00' FROM events WHERE position = 10"
         )
     assert (await verify_log(db.pool)).ok  # the whole log, and what remembers it
     await _cut_tail(db, 8)
@@ -714,6 +714,66 @@ async def test_verify_names_a_tail_the_database_remembers_and_the_log_lost(
     assert result.broken is not None and result.broken.position == 9
     assert "events after 8 were removed" in result.broken.reason
     assert result.checked == 8
+
+
+async def _checkpoint_at(db, name: str, position: int) -> None:
+    """A checkpoint moved to `position` as a projection moves it (it records what it saw)."""
+    await db.pool.execute(
+        "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", name
+    )
+    await db.pool.execute(
+        "UPDATE projection_checkpoints SET position = $2 WHERE name = $1", name, position
+    )
+
+
+@pytest.mark.parametrize("evidence", ["checkpoint", "snapshot"])
+async def test_verify_names_a_tail_cut_and_written_again_past_what_remembers_it(
+    eventlog: EventLog, db, evidence
+):
+    """Once the log has grown past a cut tail again, no checkpoint lies beyond the head,
+    and verify said ok. The event a checkpoint or a snapshot saw at its position is
+    another now; one below it that still sees its own bounds where the rewrite began."""
+    for n in range(10):
+        await eventlog.append(f"tail-{n}", 0, [company(n)])
+    await _checkpoint_at(db, "companies", 4)
+    if evidence == "checkpoint":
+        await _checkpoint_at(db, "tokens", 8)
+        what = "the 'tokens' checkpoint"
+    else:
+        await db.pool.execute(
+            "INSERT INTO model_snapshots (format, position, part, parts, event_hash, data) "
+            "SELECT 'f', 8, 0, 1, hash, '\\x00' FROM events WHERE position = 8"
+        )
+        what = "a model snapshot"
+    hash_at_4 = await db.pool.fetchval("SELECT hash FROM events WHERE position = 4")
+    assert (await verify_log(db.pool)).ok
+    await _cut_tail(db, 6)
+    for n in range(5):
+        await eventlog.append(f"again-{n}", 0, [company(20 + n)])
+    result = await verify_log(db.pool)
+    assert not result.ok and result.checked == 11
+    assert result.broken is not None and result.broken.position == 5
+    assert result.broken.reason == (
+        f"the event at 8 is not the one {what} saw there: the log was cut after 4 and at or "
+        "before 8, and written again"
+    )
+    assert result.head_hash == hash_at_4  # how far it holds, as the CLI prints it
+
+
+async def test_a_checkpoint_refuses_to_move_on_from_an_event_it_did_not_see(eventlog: EventLog, db):
+    for n in range(6):
+        await eventlog.append(f"seen-{n}", 0, [company(n)])
+    await _checkpoint_at(db, "tokens", 5)
+    await _checkpoint_at(db, "tokens", 6)  # an intact log: it moves
+    await _cut_tail(db, 3)
+    for n in range(4):
+        await eventlog.append(f"again-{n}", 0, [company(20 + n)])
+    with pytest.raises(asyncpg.DataCorruptedError, match="rewritten at or before position 6"):
+        await _checkpoint_at(db, "tokens", 7)
+    async with db.pool.acquire() as conn, conn.transaction():  # a rebuild's switch
+        await conn.execute("SET LOCAL tollgate.rebuild = 'on'")
+        await conn.execute("UPDATE projection_checkpoints SET position = 7 WHERE name = 'tokens'")
+    await _checkpoint_at(db, "tokens", 7)  # from what it saw, it moves again
 
 
 async def test_verify_is_not_alarmed_by_what_lies_below_the_head(eventlog: EventLog, db):

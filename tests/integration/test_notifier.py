@@ -28,10 +28,12 @@ from service.eventlog import EventLogUnavailable
 from service.notification.mail import eml_path, message_id
 from service.notification.notifier import (
     NAME,
+    RETRIES,
     Backoff,
     Notifier,
     failures_stream,
     notification_stream,
+    restart_if_rewritten,
 )
 from service.runtime import open_context
 from service.settings import Settings
@@ -781,3 +783,34 @@ async def test_a_mail_from_in_another_script_goes_out_in_its_ascii_form(
     [author] = message["From"].addresses
     assert author.addr_spec == address
     assert author.display_name == name
+
+
+async def test_after_the_log_was_cut_and_written_again_a_rebuild_reads_it_again(db, eventlog):
+    """The notifier's checkpoint saw another event at its position: the violations written
+    again below it were never looked at, and the checkpoint cannot move (schema.sql). The
+    rebuild of every projection starts it again from the start, where the log says which
+    emails went out; an intact log's checkpoint it leaves alone."""
+    for n in range(8):
+        await eventlog.append(f"company-n{n}", 0, [ev.CompanyCreated(company_id=f"n{n}", name="N")])
+    for name, position in [(NAME, 6), (RETRIES, 5)]:
+        await db.pool.execute(
+            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", name
+        )
+        await db.pool.execute(
+            "UPDATE projection_checkpoints SET position = $2 WHERE name = $1", name, position
+        )
+    assert not await restart_if_rewritten(db.pool)
+    await db.pool.execute(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+        "DELETE FROM events WHERE position > 5; "
+        "ALTER TABLE events ENABLE TRIGGER events_append_only"
+    )
+    for n in range(4):
+        await eventlog.append(f"company-m{n}", 0, [ev.CompanyCreated(company_id=f"m{n}", name="M")])
+    assert await restart_if_rewritten(db.pool)
+    rows = await db.pool.fetch(
+        "SELECT name, position FROM projection_checkpoints WHERE name = ANY($1::text[])",
+        [NAME, RETRIES],
+    )
+    assert {r["name"]: r["position"] for r in rows} == {NAME: 0, RETRIES: 0}
+    assert not await restart_if_rewritten(db.pool)

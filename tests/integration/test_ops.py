@@ -552,3 +552,37 @@ async def test_a_checkpoint_past_the_head_is_not_ready(db, tmp_path):
             "companies is at 3, past the log's head 1: events were removed" in reason
             for reason in body["reasons"]
         ), body
+
+
+async def test_a_checkpoint_that_saw_another_event_is_not_ready(db, tmp_path):
+    """The tail cut and written again past the checkpoint: the events at and below it were
+    never applied. Before, /readyz said ready (lag 0 once caught up with positions)."""
+    async with serving(db, tmp_path) as client:
+        eventlog = client.app[EVENTLOG]
+        for n in range(3):
+            await eventlog.append(
+                f"company-c{n}", 0, [ev.CompanyCreated(company_id=f"c{n}", name="C")]
+            )
+        await db.pool.execute(
+            "INSERT INTO projection_checkpoints (name) VALUES ('companies') ON CONFLICT DO NOTHING"
+        )
+        await db.pool.execute(
+            "UPDATE projection_checkpoints SET position = 3 WHERE name = 'companies'"
+        )
+        assert (await client.get("/readyz")).status == 200
+        await db.pool.execute(
+            "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+            "DELETE FROM events WHERE position > 1; "
+            "ALTER TABLE events ENABLE TRIGGER events_append_only"
+        )
+        for n in range(3):
+            await eventlog.append(
+                f"company-d{n}", 0, [ev.CompanyCreated(company_id=f"d{n}", name="D")]
+            )
+        response = await client.get("/readyz")
+        assert response.status == 503
+        body = await response.json()
+        assert (
+            "the event at position 3 is not the one companies applied there: the log was cut "
+            "and written again (tollgate audit verify, then tollgate projections rebuild)"
+        ) in body["reasons"], body

@@ -591,3 +591,64 @@ async def _to_its_end(worker: asyncio.subprocess.Process) -> tuple[bytes, int]:
     async with asyncio.timeout(15):
         said = await worker.stderr.read()
         return said, await worker.wait()
+
+
+async def _cut_and_write_again(eventlog: EventLog, db, after: int, count: int) -> None:
+    """The log's tail deleted, as a superuser (or a restore under running processes) could,
+    then written again by the service: an intact chain, other events at the same positions."""
+    await db.pool.execute(
+        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
+        f"DELETE FROM events WHERE position > {after}; "
+        "ALTER TABLE events ENABLE TRIGGER events_append_only"
+    )
+    for n in range(count):
+        await eventlog.append(
+            f"company-again{n}", 0, [ev.CompanyCreated(company_id=f"again{n}", name="Again")]
+        )
+
+
+async def test_a_projection_stops_at_a_log_cut_and_written_again_until_rebuilt(
+    eventlog: EventLog, db
+):
+    """Before, a projection whose checkpoint lay in a tail that was cut and written again
+    went on from it: the events written again at or below it were never applied, and
+    nothing said so. Its checkpoint saw another event there: it stops, and says why."""
+    await populate(eventlog, tokens=30)
+    runner = runner_for(eventlog, db)
+    at = await runner.catch_up("applications")
+    await db.pool.execute("INSERT INTO projection_checkpoints (name) VALUES ('notifier')")
+    await db.pool.execute(
+        "UPDATE projection_checkpoints SET position = $1 WHERE name = 'notifier'", at
+    )
+    await _cut_and_write_again(eventlog, db, at - 5, 10)
+    [status] = await runner.status(["applications"])
+    assert status.rewritten and status.position == at
+    with pytest.raises(asyncpg.DataCorruptedError, match=f"rewritten at or before position {at}"):
+        await runner.catch_up("applications")
+    assert await runner.checkpoint("applications") == at
+
+    rebuild = tollgate(db, "projections", "rebuild")
+    out, err = rebuild.communicate(timeout=60)
+    assert rebuild.returncode == 0, err
+    head = await eventlog.head()
+    lines = [msgspec.json.decode(line) for line in out.splitlines()]
+    assert {"name": "applications", "rebuilt_to": head} in lines
+    assert lines[-1] == {"name": "notifier", "restarted_from": 0}  # it reads the log again
+    [status] = await runner.status(["applications"])
+    assert not status.rewritten and status.position == head
+    await eventlog.append("company-after", 0, [ev.CompanyCreated(company_id="after", name="A")])
+    assert await runner.catch_up("applications") == head + 1  # it follows the log again
+
+
+async def test_the_checkpoint_of_an_intact_log_moves_and_records_what_it_saw(
+    eventlog: EventLog, db
+):
+    await populate(eventlog, tokens=10)
+    runner = runner_for(eventlog, db, batch_size=7)
+    position = await runner.catch_up("tokens")
+    saw = await db.pool.fetchval(
+        "SELECT position_hash FROM projection_checkpoints WHERE name = 'tokens'"
+    )
+    assert saw == await db.pool.fetchval("SELECT hash FROM events WHERE position = $1", position)
+    [status] = await runner.status(["tokens"])
+    assert not status.rewritten
