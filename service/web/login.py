@@ -70,14 +70,16 @@ def sign_in_address(typed: str) -> str:
 def _as_logged(address: str) -> str:
     """The address as the log and the throttle's table keep it: it says whose account is
     under attack. Text that is no address at all is often a password typed into the wrong
-    field: kept as a digest, which still tells one such text from another."""
+    field: kept as nothing of it. A digest (as before) was a fast unsalted hash of a
+    password, which a reader of the log or the table could try guesses against; such text
+    opens no account, so nothing is lost by keeping none of it."""
     if "@" in address and " " not in address and len(address) <= MAX_LOGGED_EMAIL:
         try:
             directory.normalise_email(address)
             return address
         except FieldError:
             pass
-    return "not-an-address:" + credentials.digest(address)[:16]
+    return "not-an-address"
 
 
 async def matching_accounts(
