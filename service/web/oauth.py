@@ -46,7 +46,7 @@ from service.web.bodies import (
     refuse_repeats,
     urlencoded_fields,
 )
-from service.web.keys import CONTEXT, metadata
+from service.web.keys import CONTEXT, authorization_header, metadata
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -127,7 +127,7 @@ def _form_params(form: MultiDictProxy[str | bytes | bytearray | web.FileField]) 
 
 def _client(request: web.Request, params: dict[str, str]) -> tuple[ClientAuth | None, Metadata]:
     """The credentials the client authenticates with, and the request's metadata."""
-    found = client_credentials(request.headers.get("Authorization"), params)
+    found = client_credentials(authorization_header(request, InvalidRequest), params)
     return found, client_metadata(metadata(request, "client:"), found)
 
 
@@ -150,6 +150,10 @@ def _challenged_as_sent(request: web.Request, params: dict[str, str], exc: Inval
         exc.status = 400
 
 
+#: RFC 7662 §2.1 asks for authorization; a client_id alone is none
+_NO_INTROSPECTION = "introspection needs client authentication; a public client has none"
+
+
 async def _authenticated(
     request: web.Request,
     ctx: Context,
@@ -165,15 +169,15 @@ async def _authenticated(
     try:
         client, meta = _client(request, params)
         if isinstance(client, Public) and endpoint == "introspect":
-            # RFC 7662 §2.1 asks for authorization; a client_id alone is none
-            raise InvalidClient(
-                "introspection needs client authentication; a public client has none"
-            )
+            raise InvalidClient(_NO_INTROSPECTION)
         audiences = assertions.audiences(
             ctx.settings.issuer, request.path, ctx.settings.assertion_audience
         )
         check = AssertionCheck(audiences, record_use=not again)
         app = await authenticate(ctx.lookups, ctx.ledger, client, meta, check)
+        if app.auth_method == NONE and endpoint == "introspect":
+            # However it was named: Basic with an empty password names a public client too
+            raise InvalidClient(_NO_INTROSPECTION)
     except InvalidClient as exc:
         _challenged_as_sent(request, params, exc)
         raise
@@ -201,11 +205,11 @@ async def token(request: web.Request) -> web.Response:
 
 async def _token(request: web.Request, ctx: Context, nonces: Nonces | None = None) -> web.Response:
     params = await oauth_params(request)
-    authorization_header = request.headers.get("Authorization")
+    header = authorization_header(request, InvalidRequest)
     presented = dpop_presented(request, f"{ctx.settings.issuer}/oauth/token", nonces)
     try:
         issued = await ctx.token_endpoint.token(
-            params, authorization_header, metadata(request, "client:"), presented
+            params, header, metadata(request, "client:"), presented
         )
     except InvalidClient as exc:
         _challenged_as_sent(request, params, exc)
@@ -259,7 +263,7 @@ async def introspect(request: web.Request) -> web.Response:
     """RFC 7662. Callers: a resource server (Bearer key) or the token's own client."""
     ctx = request.app[CONTEXT]
     params = await oauth_params(request)
-    found = authorization.parse(request.headers.get("Authorization"))
+    found = authorization.parse(authorization_header(request, InvalidRequest))
     caller_client: str | None = None
     if isinstance(found, authorization.Bearer):
         if await ctx.lookups.resource_server(credentials.digest(found.value)) is None:

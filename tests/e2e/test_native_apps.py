@@ -111,6 +111,12 @@ async def test_a_public_client_may_name_itself_in_basic_with_an_empty_password(c
     )
     assert refreshed.status == 200, await refreshed.text()
     renewed = await refreshed.json()
+    # Named so, it is still a public client: introspection needs authentication it has not.
+    # Before, Basic "client_id:" passed where the client_id in the body was refused.
+    looked = await client.post(
+        "/oauth/introspect", data={"token": renewed["access_token"]}, headers=as_go
+    )
+    assert looked.status == 401 and (await looked.json())["error"] == "invalid_client"
     revoked = await client.post(
         "/oauth/revoke", data={"token": renewed["refresh_token"]}, headers=as_go
     )
