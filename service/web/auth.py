@@ -10,9 +10,10 @@ from aiohttp import web
 from projections.directory import User
 from service.context import Context
 from service.domain import credentials
-from service.errors import Forbidden, Unauthorized
+from service.errors import Forbidden, InvalidRequest, Unauthorized
 from service.oauth import credentials as authorization
 from service.web import sessions
+from service.web.keys import authorization_header
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _ADMIN_KEY = re.compile(rf"^{credentials.ADMIN_KEY_PREFIX}[A-Za-z0-9_-]{{43}}\Z")
@@ -27,7 +28,7 @@ class Principal:
 
 
 def bearer(request: web.Request) -> str | None:
-    found = authorization.parse(request.headers.get("Authorization"))
+    found = authorization.parse(authorization_header(request, InvalidRequest))
     if found is None:
         return None
     if not isinstance(found, authorization.Bearer):

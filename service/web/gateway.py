@@ -38,6 +38,7 @@ from service.web.keys import (
     ROUTES,
     SETTINGS,
     UPSTREAM,
+    authorization_header,
     caller_ip,
     metadata,
 )
@@ -119,7 +120,7 @@ class NotCovered(OAuthError):
 
 
 def bearer_token(request: web.Request) -> str:
-    found = authorization.parse(request.headers.get("Authorization"))
+    found = authorization.parse(authorization_header(request, InvalidRequest))
     if found is None:
         raise InvalidToken("an access token is required", sent=False)
     if not isinstance(found, authorization.Bearer):
@@ -132,7 +133,7 @@ def access_token(request: web.Request) -> tuple[str, Presented | None]:
     """The access token, and the DPoP proof when it is sent as a DPoP token (RFC 9449 §7.1:
     `Authorization: DPoP <token>` and a `DPoP` header). A Bearer token takes the first
     branch: nothing about DPoP is looked at for it."""
-    header = request.headers.get("Authorization")
+    header = authorization_header(request, InvalidRequest)
     found = authorization.parse(header)
     if isinstance(found, authorization.Bearer):
         return found.value, None

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from service.context import Context
 from service.domain.routes import RouteTable
+from service.errors import TollgateError
 from service.eventlog import Metadata
 from service.settings import Settings
 from service.storage.throttle import SignInThrottle
@@ -67,3 +68,13 @@ def metadata(request: web.Request, actor: str, ip: str | None = None) -> Metadat
     return Metadata(
         actor=actor, request_id=request.get(REQUEST_ID), client_ip=ip or caller_ip(request)
     )
+
+
+def authorization_header(request: web.Request, refused: type[TollgateError]) -> str | None:
+    """The request's Authorization header, None without one. Sent twice, the request is
+    refused (`refused`, a 400): the field is no list (RFC 9110 §11.6.2), and one reader
+    taking the first and another (a proxy, a log) the last would see two callers."""
+    found = request.headers.getall("Authorization", [])
+    if len(found) > 1:
+        raise refused("the Authorization header is given more than once")
+    return found[0] if found else None

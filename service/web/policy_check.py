@@ -17,7 +17,7 @@ from service.errors import InvalidRequest, Unauthorized
 from service.oauth import credentials as authorization
 from service.oauth.dpop import Nonces, Presented
 from service.web.bodies import json_body
-from service.web.keys import CONTEXT, metadata
+from service.web.keys import CONTEXT, authorization_header, metadata
 
 routes = web.RouteTableDef()
 
@@ -44,7 +44,7 @@ def presented(body: CheckIn, nonces: Nonces | None = None) -> Presented | None:
 @routes.post("/policy/check")
 async def check(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    found = authorization.parse(request.headers.get("Authorization"))
+    found = authorization.parse(authorization_header(request, InvalidRequest))
     bearer = isinstance(found, authorization.Bearer)
     server = None
     if isinstance(found, authorization.Bearer):

@@ -235,3 +235,31 @@ def test_the_alert_email_names_the_endpoint_that_refused_the_client():
         text = message.get_content()
         assert where in text
         assert "the token was not revoked" not in text
+
+
+async def test_two_authorization_headers_are_refused_wherever_one_is_read(client, company, db):
+    """RFC 9110 §11.6.2: Authorization is no list. The first was taken and the second passed
+    over: a proxy or log that reads the last saw another caller than the one acted on."""
+    app = await new_app(client, company)
+    theirs = basic(app["client_id"], app["client_secret"])["Authorization"]
+    token = (await cc_token(client, app))["access_token"]
+    admin = company.auth["Authorization"]
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    twice = [
+        ("POST", "/oauth/token", {"grant_type": "client_credentials"}, theirs),
+        ("POST", "/oauth/revoke", {"token": token}, theirs),
+        ("POST", "/oauth/introspect", {"token": token}, theirs),
+        ("GET", "/api/v1/whoami", None, f"Bearer {token}"),
+        ("GET", "/admin/applications", None, admin),
+    ]
+    for method, path, form, first in twice:
+        headers = [("Authorization", first), ("Authorization", "Basic Zm9vOmJhcg==")]
+        response = await client.request(method, path, data=form, headers=headers)
+        assert response.status == 400, (path, await response.text())
+        body = await response.json()
+        assert "Authorization header is given more than once" in body["error_description"], body
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before  # nothing done
+    # one of them, as before
+    assert (
+        await client.get("/api/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+    ).status == 200
