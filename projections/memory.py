@@ -4,7 +4,7 @@ decides from: applications, live tokens and connections, fed from the event log.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
@@ -44,6 +44,11 @@ _MODEL_NAMES: dict[str, str] = {
     for setting, _label in ev.APPLICATION_SETTINGS.values()
     if _RENAMED.get(setting, setting) in AppState.__struct_fields__
 }
+
+
+#: seconds the clocks of hosts sharing a log may be apart: tokens are recorded in commit
+#: order, each with its issuing host's time
+CLOCKS_APART = 60
 
 
 class PolicyModel:
@@ -117,6 +122,24 @@ class PolicyModel:
         self._compact(client_id)  # at the limit only: the list then holds live keys alone
         excess = len(keys) - limit + 1  # below the limit once the gone ones are dropped: none
         return tuple(key.hex() for key in keys[:excess]) if excess > 0 else ()
+
+    def client_tokens_since(self, since: float) -> Iterator[tuple[str, int]]:
+        """(client_id, issued_at) of each live lone token issued at `since` or after, each
+        client's oldest first: what a process starting up counts against each client's rate.
+        Each client's are walked from the newest, in the order they were recorded, until one
+        is older than `since` by more than hosts' clocks are apart."""
+        for client_id, keys in self._client_tokens.items():
+            recent = []
+            for key in reversed(keys):  # newest first; a key gone stays until compacted
+                token = self.tokens.get(key)
+                if token is None:
+                    continue
+                if token.issued_at < since - CLOCKS_APART:
+                    break
+                if token.issued_at >= since:
+                    recent.append(token.issued_at)
+            for issued_at in reversed(recent):
+                yield client_id, issued_at
 
     def family_owner(self, family_id: str) -> tuple[str, str] | None:
         """(client_id, company_id) of a live family."""

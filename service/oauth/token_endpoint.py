@@ -5,7 +5,7 @@ https://www.rfc-editor.org/rfc/rfc6749#section-3.2"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol
 
@@ -67,6 +67,10 @@ class LiveTokens(Protocol):
     and whom it tells of each one it applies, whichever process granted it."""
 
     on_client_token: Callable[[str, str, int], None] | None
+
+    def client_tokens_since(self, since: float) -> Iterator[tuple[str, int]]:
+        """(client_id, issued_at) of the live client_credentials tokens issued since."""
+        ...
 
     def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
         """The hashes of the oldest that must go for one more to stay within `limit`."""
@@ -257,6 +261,13 @@ class TokenEndpoint:
         self.rate = RateLimit(self.limits.rate, self.limits.burst)
         self._granted_here: set[str] = set()  # hashes of tokens granted, not yet applied
         if live_tokens is not None:
+            # What the model applied before this endpoint was made (a process starting up
+            # catches up first) is counted too: a new process gave every client a full
+            # burst more, however many tokens it had just been granted elsewhere.
+            if self.limits.rate > 0:
+                since = self.clock() - self.limits.burst / self.limits.rate
+                for client_id, issued_at in live_tokens.client_tokens_since(since):
+                    self.rate.taken(client_id, issued_at)
             live_tokens.on_client_token = self.token_applied
 
     @property

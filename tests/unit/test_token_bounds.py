@@ -13,7 +13,7 @@ from service.domain import grants, streams
 from service.oauth import tokens
 from service.oauth.errors import InvalidGrant, InvalidScope, SlowDown
 from service.oauth.revocation import revoke
-from service.oauth.token_endpoint import Limits
+from service.oauth.token_endpoint import Limits, TokenEndpoint
 from tests.unit.test_token_endpoint import ALLOWED, GRACE, REDIRECT, World
 
 
@@ -232,6 +232,22 @@ async def test_a_refused_token_leaves_nothing_waiting_for_the_model():
     with pytest.raises(InvalidScope):
         await world.token({"grant_type": "client_credentials", "scope": "admin:everything"})
     assert not world.endpoint._granted_here
+
+
+async def test_a_process_starting_up_counts_the_tokens_granted_just_before():
+    """Its model caught up before its endpoint was made: before, it gave every client a
+    full burst more, however many tokens it had just been granted elsewhere."""
+    limits = Limits(rate=1, burst=3)
+    world = World(limits)
+    await world.app()
+    await granted_elsewhere(world, 3, int(world.now) - 10)  # long paid back
+    await granted_elsewhere(world, 2, int(world.now))
+    world.endpoint = TokenEndpoint(
+        world.lookups, world.ledger, lambda: world.now, limits=limits, live_tokens=world.policy
+    )
+    await world.token({"grant_type": "client_credentials"})
+    with pytest.raises(SlowDown):
+        await world.token({"grant_type": "client_credentials"})
 
 
 async def test_history_older_than_a_full_refill_takes_nothing_from_the_rate():
