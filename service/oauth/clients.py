@@ -213,8 +213,15 @@ async def _by_assertion(
 async def allowed_or_refused(ledger: Ledger, app: AppState, meta: Metadata, endpoint: str) -> None:
     """SPEC §2: a correct client authentication from a disallowed address gets 403 and
     raises the same notification as a token used from there, at every endpoint that
-    authenticates clients: otherwise a leaked secret could be checked there unseen."""
+    authenticates clients: otherwise a leaked secret could be checked there unseen. A
+    public client authenticates with nothing: it gets the 403 alone."""
     ip = meta.client_ip or ""
     if not policy.ip_allowed(app, ip):
-        await ledger.record(policy.client_violation(app, ip, endpoint), meta)
+        if app.auth_method == NONE:
+            # A public client's client_id is no credential (RFC 6749 §2.1): anyone who read
+            # it in an authorization URL could send its admins an email from every address
+            # they have. Refused all the same, and said in the log, not to the company.
+            log.info("client.ip_not_allowed", client_id=app.client_id, ip=ip, endpoint=endpoint)
+        else:
+            await ledger.record(policy.client_violation(app, ip, endpoint), meta)
         raise IpNotAllowed(f"requests for this client are not allowed from {ip}")

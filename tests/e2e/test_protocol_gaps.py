@@ -219,6 +219,32 @@ async def test_revoke_and_introspect_hold_valid_credentials_to_the_allow_list(cl
     assert 'tollgate_ip_violations_total{endpoint="introspect"} 1.0' in metrics
 
 
+async def test_a_public_client_outside_its_allow_list_is_refused_without_a_violation(
+    client, company, db
+):
+    """Its client_id is in every authorization URL and proves nothing: anyone could raise
+    a violation, and an email to the company, from every address they have. Refused all
+    the same."""
+    app = await new_app(
+        client, company, grant_type="authorization_code", ip_allowlist=["127.0.0.1/32"],
+        token_endpoint_auth_method="none",
+    )  # fmt: skip
+    async with from_address(client, "127.0.0.2") as outsider:
+        for endpoint, form in [
+            ("/oauth/revoke", {"token": "x"}),
+            ("/oauth/token", {"grant_type": "authorization_code", "code": "x"}),
+        ]:
+            form = form | {"client_id": app["client_id"]}
+            response = await outsider.post(endpoint, data=form)
+            assert response.status == 403, endpoint
+            assert (await response.json())["error"] == "ip_not_allowed"
+    await client.app[CONTEXT].ledger.flush(everything=True)
+    assert await db.pool.fetchval("SELECT count(*) FROM v_ip_violations") == 0
+    assert not await db.pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'IpViolationDetected'"
+    )
+
+
 def test_the_alert_email_names_the_endpoint_that_refused_the_client():
     for endpoint, where in (("revoke", "POST /oauth/revoke"),
                             ("introspect", "POST /oauth/introspect")):  # fmt: skip
