@@ -21,7 +21,7 @@ import msgspec
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
 from service.metrics import METRICS
@@ -257,6 +257,17 @@ class _RequestHandler(RequestHandler):
         if self._waiter is not None:
             self._waiter.cancel()
         self._loop.call_later(_LINGER, transport.abort)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's own error log line with its traceback, but for a body that cannot be
+        read (one that does not decompress, chunks out of shape): aiohttp meets it again
+        while it drains what the handler left unread, after the handler answered 400. The
+        client's doing, not the service's: one info line, the reason's kind alone."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, RequestPayloadError):
+            log.info("http.unreadable_body", peer=self.peer, error=type(exc.__cause__).__name__)
+            return
+        super().log_exception(*args, **kwargs)
 
     def _close_with(self, answer: bytes) -> None:
         """Say `answer` and close (to a client that has not sent anything yet)."""
