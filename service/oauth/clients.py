@@ -8,8 +8,9 @@ https://www.rfc-editor.org/rfc/rfc6749#section-2.3.1"""
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -111,6 +112,10 @@ def client_metadata(meta: Metadata, client: ClientAuth | None) -> Metadata:
     return msgspec.structs.replace(meta, actor=actor)
 
 
+#: a single use (an assertion's, a DPoP proof's) to record once the request is granted
+Spend = Callable[[], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class AssertionCheck:
     """What a client assertion is checked against besides the keys: the audiences it may
@@ -120,6 +125,10 @@ class AssertionCheck:
     audiences: Sequence[str] = ()
     now: float | None = None
     record_use: bool = True
+    #: where the assertion's single use goes when the request records it later, with its
+    #: outcome (the token endpoint: once the grant is decided, so that a refused request
+    #: records nothing); None: recorded as it is verified
+    later: list[Spend] | None = None
 
 
 async def authenticate(
@@ -195,19 +204,37 @@ async def _by_assertion(
     now = time.time() if check.now is None else check.now
     try:
         verified = assertions.verify(app, client.value, check.audiences, now)
-        if check.record_use:
-            await assertions.record_use(ledger, app, verified, meta)
     except InvalidClient as exc:
-        # What was wrong, for the operator; never the assertion itself.
-        log.warning(
-            "security.client_assertion_refused",
-            company_id=app.company_id,
-            client_id=app.client_id,
-            ip=meta.client_ip,
-            reason=exc.description,
-        )
+        _assertion_refused(app, meta, exc)
         raise
+    if check.record_use:
+        spend = functools.partial(_spend_assertion, ledger, app, verified, meta)
+        if check.later is not None:
+            check.later.append(spend)
+        else:
+            await spend()
     return app
+
+
+async def _spend_assertion(
+    ledger: Ledger, app: AppState, verified: assertions.Verified, meta: Metadata
+) -> None:
+    try:
+        await assertions.record_use(ledger, app, verified, meta)
+    except InvalidClient as exc:  # used already
+        _assertion_refused(app, meta, exc)
+        raise
+
+
+def _assertion_refused(app: AppState, meta: Metadata, exc: InvalidClient) -> None:
+    # What was wrong, for the operator; never the assertion itself.
+    log.warning(
+        "security.client_assertion_refused",
+        company_id=app.company_id,
+        client_id=app.client_id,
+        ip=meta.client_ip,
+        reason=exc.description,
+    )
 
 
 async def allowed_or_refused(ledger: Ledger, app: AppState, meta: Metadata, endpoint: str) -> None:

@@ -5,8 +5,9 @@ https://www.rfc-editor.org/rfc/rfc6749#section-3.2"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, Protocol
 
 import structlog
@@ -21,6 +22,7 @@ from service.oauth import tokens
 from service.oauth.clients import (
     Assertion,
     AssertionCheck,
+    Spend,
     allowed_or_refused,
     authenticate,
     client_credentials,
@@ -110,6 +112,8 @@ class Request:
     meta: Metadata
     now: int
     jkt: str = ""  # the key of the request's valid DPoP proof; "": none
+    #: single uses to record once the grant is decided (an assertion's, a DPoP proof's)
+    later: list[Spend] = field(default_factory=list)
 
     @property
     def ip(self) -> str:
@@ -293,12 +297,18 @@ class TokenEndpoint:
         client = client_credentials(authorization, params)
         meta = client_metadata(meta, client)
         jkt = ""
+        # The single uses of the request's assertion and DPoP proof, recorded once the grant
+        # is decided (`_recorded`): a request refused (a wrong code, a scope too wide) records
+        # nothing, where anyone who knew a public client's id could fill the log with them.
+        later: list[Spend] = []
         for attempt in range(self.attempts):
             # An assertion's single use is recorded once: a retry after the application
             # changed checks it again against the new keys, but it is the same request.
             check = _NO_ASSERTION  # a client secret: nothing of this is looked at
             if isinstance(client, Assertion):
-                check = AssertionCheck(self.audiences, self.clock(), record_use=attempt == 0)
+                check = AssertionCheck(
+                    self.audiences, self.clock(), record_use=attempt == 0, later=later
+                )
             app = await authenticate(self.lookups, self.ledger, client, meta, check)
             await self.allowed_or_refused(app, meta, "token")
             grants.check_grant_type(app, grant_type)
@@ -307,11 +317,11 @@ class TokenEndpoint:
                     raise InvalidRequest(f"{name} is required")
             if attempt == 0:
                 self.within_rate(app, grant)
-                jkt = await self.proof_key(app, presented, meta)
+                jkt = await self.proof_key(app, presented, meta, later)
             if app.dpop_bound and not jkt:  # RFC 9449 §5.2, also when it was just set
                 raise dpop.InvalidDpopProof("this client's token requests need a DPoP proof")
             try:
-                request = Request(app, params, meta, int(self.clock()), jkt)
+                request = Request(app, params, meta, int(self.clock()), jkt, later)
                 return await self._issue(grant, request)
             except ApplicationChanged:
                 await self.lookups.catch_up()  # a rotation committed first: look again
@@ -323,18 +333,29 @@ class TokenEndpoint:
         await allowed_or_refused(self.ledger, app, meta, endpoint)
 
     async def proof_key(
-        self, app: AppState, presented: proofs.Presented | None, meta: Metadata
+        self,
+        app: AppState,
+        presented: proofs.Presented | None,
+        meta: Metadata,
+        later: list[Spend] | None = None,
     ) -> str:
-        """The thumbprint of the key a valid DPoP proof proves, its single use recorded; ""
-        without a proof. Checked once per request: a retry after the application changed is
-        the same request with the same proof."""
+        """The thumbprint of the key a valid DPoP proof proves, its single use recorded (or
+        put in `later`, to record with the grant); "" without a proof. Checked once per
+        request: a retry after the application changed is the same request with the same
+        proof."""
         if presented is None:  # an empty DPoP header is a malformed proof (RFC 9449 §4.3)
             return ""
         proof = dpop.verify(presented.proof, presented.htm, presented.htu, self.clock())
         refused = await proofs.nonce_refusal(presented, proof, self.clock())
         if refused is not None:  # DPOP_NONCE=required: before its jti is spent (RFC 9449 §8)
             raise refused
-        await proofs.record_use(self.ledger, proof, app.company_id, app.client_id, "token", meta)
+        spend = functools.partial(
+            proofs.record_use, self.ledger, proof, app.company_id, app.client_id, "token", meta
+        )
+        if later is not None:
+            later.append(spend)
+        else:
+            await spend()
         return proof.jkt
 
     def within_rate(self, app: AppState, grant: Grant) -> None:
@@ -402,6 +423,8 @@ class TokenEndpoint:
             decision = await grant.decide(request, access, refresh)
             if isinstance(decision, grants.Refusal):
                 await self._refuse(decision, request.meta)
+            while request.later:  # granted: what the request used once is spent now
+                await request.later.pop(0)()
             version = decision.record.expected_version
             if version is not None and version == lost_at:
                 unseen += 1

@@ -296,6 +296,34 @@ async def test_a_replayed_proof_is_refused(client, company, db):
     assert issued == 1
 
 
+async def test_a_refused_token_request_records_nothing_of_its_proof(client, company, db):
+    """Before, the proof's single use was recorded before the grant was decided: a public
+    client's id and a made-up code, or a scope too wide, put a DpopProofAccepted in the
+    company's log for every request, and anyone who knew a public client's id could."""
+    public = await new_app(
+        client, company, grant_type="authorization_code", ip_allowlist=[],
+        redirect_uri="http://127.0.0.1/cb", token_endpoint_auth_method="none",
+    )  # fmt: skip
+    app = await new_app(client, company)
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    for _ in range(3):
+        made_up = await client.post(
+            "/oauth/token",
+            data={"grant_type": "authorization_code", "client_id": public["client_id"],
+                  "code": "made-up"},
+            headers={"DPoP": proof(client)},
+        )  # fmt: skip
+        assert made_up.status == 400 and (await made_up.json())["error"] == "invalid_grant"
+    value = proof(client)
+    too_wide = await cc_request(client, app, value, scope="payments:admin")
+    assert too_wide.status == 400 and (await too_wide.json())["error"] == "invalid_scope"
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
+    # the proof was not spent by a request that was refused; granted, it is
+    assert (await cc_request(client, app, value)).status == 200
+    assert await accepted(db) == 1
+    assert (await cc_request(client, app, value)).status == 400
+
+
 async def test_a_proof_is_accepted_once_across_two_processes(client, company, db, settings):
     from aiohttp.test_utils import TestClient, TestServer
 

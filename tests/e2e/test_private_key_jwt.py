@@ -197,6 +197,26 @@ async def test_a_replayed_assertion_is_refused(client, company, db):
     assert await issued(db) == 1
 
 
+async def test_a_refused_token_request_records_nothing_of_its_assertion(client, company, db):
+    """Its single use is recorded with the grant: a scope too wide records nothing, and
+    the assertion is not spent by it."""
+    app = await keyed_app(client, company)
+    value = assertion(client, app)
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    too_wide = await client.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials", "scope": "payments:admin",
+              **assertion_params(value)},
+    )  # fmt: skip
+    assert too_wide.status == 400 and (await too_wide.json())["error"] == "invalid_scope"
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
+    assert (await token_request(client, value)).status == 200
+    replay = await token_request(client, value)
+    assert replay.status == 400 and "used already" in (await replay.json())["error_description"]
+    accepted = "SELECT count(*) FROM events WHERE type = 'ClientAssertionAccepted'"
+    assert await db.pool.fetchval(accepted) == 1
+
+
 async def test_an_assertion_is_accepted_once_across_two_processes(client, company, db, settings):
     """The same assertion sent to two service processes on one database, at once and one
     after the other: one token, whichever process answers first."""
