@@ -108,7 +108,10 @@ def _revocation(
     endpoint: str,
 ) -> Record | None:
     """The family revoked and the violation recorded in one append, at the family's
-    version: concurrent requests with the same token revoke it once."""
+    version: concurrent requests with the same token revoke it once. Conditional on the
+    application's version too: an allow list changed in another process a moment before,
+    that this process has not applied yet, fails the append, and the request is decided
+    again on it (a revocation contradicting a change already committed is for good)."""
     if family_version is None:
         return None
     family_id = streams.family_of(key, token.family_id)
@@ -130,7 +133,8 @@ def _revocation(
             token_revoked=True,
         ),
     )
-    return Record(streams.token_family(family_id), family_version, events)
+    condition = (streams.application(app.client_id), app.version)
+    return Record(streams.token_family(family_id), family_version, events, (condition,))
 
 
 def client_violation(app: AppState, ip: str, endpoint: str) -> Record:

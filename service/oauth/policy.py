@@ -73,7 +73,12 @@ class PolicyPoint:
                 now = self.clock()
                 binding = await nonce_refusal(presented, proof, now, dpop.DpopNonceRequired)
         error = None
-        for _attempt in range(3):
+        for attempt in range(3):
+            if attempt:  # decided again on what the log now holds
+                token = self.lookups.access_token_now(key, self.clock())
+                if token is None and error is not None:
+                    raise error  # revoked meanwhile, here or elsewhere
+                app = self.lookups.application_now(token.client_id) if token else None
             decision = policy.decide(
                 key, token, app, partial(self._family_version, key, token), ip, permission,
                 endpoint, binding,
@@ -92,7 +97,8 @@ class PolicyPoint:
                 # Visible at once: the next request here must find the token revoked.
                 await self.ledger.record(decision.record, meta, visible=True)
             except ConcurrencyError:
-                await self.lookups.catch_up()  # a concurrent request revoked it first
+                # A concurrent request revoked it first, or the application changed
+                await self.lookups.catch_up()
                 continue
             raise error
         assert error is not None

@@ -144,7 +144,10 @@ async def test_a_rotation_this_process_has_not_seen_still_refuses_the_old_secret
         secret_hash=credentials.digest("new"),
         secret_version=2,
     )
-    await world.log.append(streams.application("cid"), 1, [rotated])  # the model has not applied it
+    hooks, world.log.appended = world.log.appended, []  # another process's append:
+    await world.log.append(streams.application("cid"), 1, [rotated])  # not applied here yet
+    world.log.appended = hooks
+    assert world.policy.apps["cid"].secret_version == 1
     # answered like any wrong secret (nothing confirms it was once genuine), yet recorded
     with pytest.raises(InvalidClient, match=r"^client authentication failed$"):
         await world.token({"grant_type": "client_credentials"})
@@ -267,3 +270,25 @@ async def test_concurrent_violations_with_one_token_revoke_it_once(world):
     assert all(isinstance(r, TokenIpNotAllowed) for r in results)
     assert len(world.log.of_type(ev.TokenRevoked)) == 1
     assert len(world.log.of_type(ev.IpViolationDetected)) == 1
+
+
+async def test_an_allow_list_widened_elsewhere_a_moment_before_revokes_nothing(world):
+    """The change commits (in another process, say) before this process's model hears of
+    it: the revocation is conditional on the application's version, so it fails, and the
+    request is decided again on the widened list. Before, the token was revoked for good
+    and a violation recorded, after the change that allowed the address."""
+    await world.app()
+    issued = await world.token({"grant_type": "client_credentials"})
+    widened = ev.IpAllowlistChanged(
+        company_id="co_owner", client_id="cid", before=["192.0.2.0/24"],
+        after=["192.0.2.0/24", "198.51.100.0/24"],
+    )  # fmt: skip
+    hooks, world.log.appended = world.log.appended, []  # another process's append:
+    await world.log.append(streams.application("cid"), 1, [widened])  # not applied here yet
+    world.log.appended = hooks
+    assert world.policy.apps["cid"].ip_allowlist == ("192.0.2.0/24",)
+    point = PolicyPoint(world.lookups, world.ledger, lambda: world.now)
+    allowed = await point.decide(issued.access_token, "198.51.100.1", None, "api", OUTSIDE)
+    assert allowed.app.client_id == "cid"
+    assert world.log.of_type(ev.TokenRevoked) == []
+    assert world.log.of_type(ev.IpViolationDetected) == []
