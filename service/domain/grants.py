@@ -150,10 +150,10 @@ def client_credentials(
         dpop_jkt=jkt,
     )
     record = Record(streams.token_family(family_id), 0, (event,), (_app_condition(app),))
-    return Issue(record, permissions, lifetime.access, then=_supersede(app, superseded))
+    return Issue(record, permissions, lifetime.access, then=supersede(app, superseded))
 
 
-def _supersede(app: AppState, token_hashes: tuple[str, ...]) -> tuple[Record, ...]:
+def supersede(app: AppState, token_hashes: tuple[str, ...]) -> tuple[Record, ...]:
     """Revoke each of these lone tokens; two processes superseding the same one revoke it
     twice, which leaves it revoked."""
     records = []

@@ -5,6 +5,7 @@ https://www.rfc-editor.org/rfc/rfc6749#section-3.2"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,11 @@ class Limits:
     rate: int = 20
     burst: int = 100
 
+    def live_tokens_of(self, app: AppState) -> int:
+        """The application's own bound of live client_credentials tokens, else the
+        setting's (0: none)."""
+        return self.cc_token_limit if app.cc_token_limit is None else app.cc_token_limit
+
     @classmethod
     def of(cls, settings: Settings) -> Limits:
         return cls(
@@ -77,6 +83,12 @@ class LiveTokens(Protocol):
     def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
         """The hashes of the oldest that must go for one more to stay within `limit`."""
         ...
+
+
+#: seconds after this process's own client_credentials token is applied that its client's
+#: live tokens are counted again (`_supersede_excess`): long enough for the tokens of a
+#: burst, and the supersessions recorded with them, to be applied here
+EXCESS_CHECK_DELAY = 0.25
 
 
 class ApplicationChanged(Exception):
@@ -151,8 +163,7 @@ class ClientCredentials(Grant):
     ) -> grants.Issue | grants.Refusal:
         scope = request.params.get("scope")
         app = request.app
-        # the application's own bound, else the setting's
-        limit = self.limits.cc_token_limit if app.cc_token_limit is None else app.cc_token_limit
+        limit = self.limits.live_tokens_of(app)
         superseded = (
             self.live_tokens.oldest_tokens(app.client_id, limit)
             if self.live_tokens is not None
@@ -264,6 +275,10 @@ class TokenEndpoint:
         # announcement's delay: milliseconds). `token_applied` tells one from the other.
         self.rate = RateLimit(self.limits.rate, self.limits.burst)
         self._granted_here: set[str] = set()  # hashes of tokens granted, not yet applied
+        self.live_tokens = live_tokens
+        self._excess_due: set[str] = set()  # clients whose live tokens are to be counted again
+        self._superseding: dict[str, int] = {}  # client → supersessions being recorded here
+        self._checks: set[asyncio.Future[None]] = set()
         if live_tokens is not None:
             # What the model applied before this endpoint was made (a process starting up
             # catches up first) is counted too: a new process gave every client a full
@@ -372,16 +387,52 @@ class TokenEndpoint:
         full bucket's refill changes nothing (a process catching up on old history)."""
         if token_hash in self._granted_here:
             self._granted_here.discard(token_hash)
+            if self.live_tokens is not None and client_id not in self._excess_due:
+                self._excess_due.add(client_id)
+                loop = asyncio.get_running_loop()
+                loop.call_later(EXCESS_CHECK_DELAY, self._check_excess, client_id)
         elif self.limits.rate > 0 and issued_at + self.limits.burst / self.limits.rate > (
             self.clock()
         ):
             self.rate.taken(client_id, issued_at)
 
+    def _check_excess(self, client_id: str) -> None:
+        check = asyncio.ensure_future(self._supersede_excess(client_id))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _supersede_excess(self, client_id: str) -> None:
+        """Tokens granted at once (a burst, or several processes) were each decided on a
+        view without the others: together they passed the limit, and nothing brought it
+        back until the client asked again (the excess never expires). Counted again once
+        they are applied here (and another process's, announced within milliseconds), the
+        excess is superseded, less what this process's requests are superseding now."""
+        self._excess_due.discard(client_id)
+        assert self.live_tokens is not None
+        app = self.lookups.application_now(client_id)
+        limit = self.limits.live_tokens_of(app) if app is not None else 0
+        if app is None or not limit:
+            return
+        # the oldest past the limit; the first of them are those being superseded now
+        excess = self.live_tokens.oldest_tokens(client_id, limit + 1)
+        excess = excess[self._superseding.get(client_id, 0) :]
+        try:
+            for record in grants.supersede(app, excess):
+                await self.ledger.record(record, Metadata(actor=f"client:{client_id}"))
+        except Exception as exc:  # a background task: what failed is said, and left
+            log.warning("token.supersede_failed", client_id=client_id, error=error_text(exc))
+        else:
+            if excess:
+                log.info("token.excess_superseded", client_id=client_id, count=len(excess))
+
     async def _issue(self, grant: Grant, request: Request) -> Issued:
         access = tokens.new(tokens.ACCESS)
         refresh = tokens.new(tokens.REFRESH) if grant.issues_refresh else ""
-        granted = ""  # taken from the rate already (within_rate)
-        if self.limits.rate > 0 and grant.grant_type == ClientCredentials.grant_type:
+        granted = ""  # taken from the rate already (within_rate), or held to a limit
+        if grant.grant_type == ClientCredentials.grant_type and (
+            self.limits.rate > 0
+            or (self.live_tokens is not None and self.limits.live_tokens_of(request.app))
+        ):
             granted = tokens.token_hash(access)
             self._granted_here.add(granted)
         try:
@@ -390,16 +441,21 @@ class TokenEndpoint:
             # Not recorded (or not known to be: then, if it was, it is counted twice)
             self._granted_here.discard(granted)
             raise
+        client_id = request.app.client_id
+        superseding = self._superseding
+        superseding[client_id] = superseding.get(client_id, 0) + len(decision.then)
         try:
             for then in decision.then:
                 # Visible: once the answer is sent, a superseded token is refused here.
                 await self.ledger.record(then, request.meta, visible=True)
         except EventLogError as exc:
-            # The token is recorded: answer with it. What was not superseded now is at
-            # the next issuance, which finds it still over the limit.
-            log.warning(
-                "token.supersede_failed", client_id=request.app.client_id, error=error_text(exc)
-            )
+            # The token is recorded: answer with it. What was not superseded now is when
+            # the token is counted again (_supersede_excess), or at the next issuance.
+            log.warning("token.supersede_failed", client_id=client_id, error=error_text(exc))
+        finally:
+            superseding[client_id] -= len(decision.then)
+            if not superseding[client_id]:
+                del superseding[client_id]
         return Issued(
             access,
             decision.scope,

@@ -99,3 +99,47 @@ async def test_two_processes_share_one_client_credentials_rate(db, tmp_path):
     assert statuses[:burst] == [200] * burst, statuses
     assert granted <= burst + int(elapsed), (statuses, elapsed)
     assert set(statuses) == {200, 429}
+
+
+async def test_a_burst_through_two_processes_is_brought_back_to_the_live_token_limit(db, tmp_path):
+    """Each process decided its tokens on a view without the other's: together they
+    passed CC_TOKEN_LIMIT. Each counts again once its own are applied, the other's with
+    them, and the excess is superseded (twice over at worst, never past the oldest)."""
+    limit = 5
+    company = await a_company(db, tmp_path)
+    limits = {"CC_TOKEN_LIMIT": str(limit), "TOKEN_RATE_PER_CLIENT": "0"}
+    async with serving(db, **limits) as (a, _), serving(db, **limits) as (b, _):
+        async with a.post(
+            "/admin/applications",
+            headers={"Authorization": f"Bearer {company.admin_key}"},
+            json={
+                "name": "Shared limit",
+                "grant_type": "client_credentials",
+                "ip_allowlist": ["127.0.0.1"],
+                "permissions": ["invoices:read"],
+                "notification_emails": ["ops@acme.example"],
+            },
+        ) as response:
+            app = await response.json()
+        creds = basic(app["client_id"], app["client_secret"])
+
+        async def issued(http) -> str:
+            form = {"grant_type": "client_credentials"}
+            async with http.post("/oauth/token", data=form, headers=creds) as response:
+                assert response.status == 200
+                return (await response.json())["access_token"]
+
+        burst = await asyncio.gather(*(issued((a, b)[i % 2]) for i in range(20)))
+
+        async def live(http) -> int:
+            statuses = []
+            for token in burst:
+                bearer = {"Authorization": f"Bearer {token}"}
+                async with http.get("/api/v1/whoami", headers=bearer) as r:
+                    statuses.append(r.status)
+            return statuses.count(200)
+
+        async def at_the_limit() -> bool:
+            return await live(a) == limit and await live(b) == limit
+
+        await until(at_the_limit, seconds=10)

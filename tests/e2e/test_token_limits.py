@@ -83,3 +83,26 @@ async def test_a_client_past_its_rate_gets_429_slow_down_with_retry_after(client
     await asyncio.sleep(retry_after)
     assert await cc_token(client, app)
     assert await db.pool.fetchval(issued, "%") == BURST + 2  # the refused one recorded nothing
+
+
+async def test_a_burst_past_the_limit_is_brought_back_to_it(client, company, db):
+    """Asked for at once, each token was decided on a view without the others, and all
+    stayed live (they never expire) until the client asked again. Counted again once
+    they are applied, the excess is superseded within a moment."""
+    app = await new_app(client, company)
+    burst = await asyncio.gather(*(cc_token(client, app) for _ in range(BURST)))
+    issued = [b["access_token"] for b in burst]
+
+    async def live() -> int:
+        return [await whoami(client, t) for t in issued].count(200)
+
+    for _ in range(100):
+        if await live() == LIMIT:
+            break
+        await asyncio.sleep(0.05)
+    assert await live() == LIMIT
+    superseded = await db.pool.fetch(
+        "SELECT DISTINCT payload::jsonb->>'family_id' AS family FROM events "
+        "WHERE type = 'TokenRevoked' AND payload::jsonb->>'reason' = 'superseded'"
+    )
+    assert len(superseded) == BURST - LIMIT

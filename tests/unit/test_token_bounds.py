@@ -10,7 +10,7 @@ import pytest
 
 from service import events as ev
 from service.domain import grants, streams
-from service.oauth import tokens
+from service.oauth import token_endpoint, tokens
 from service.oauth.errors import InvalidGrant, InvalidScope, SlowDown
 from service.oauth.revocation import revoke
 from service.oauth.token_endpoint import Limits, TokenEndpoint
@@ -173,6 +173,47 @@ async def test_tokens_revoked_one_by_one_leave_their_room_and_take_no_live_one_w
     alive = [await live(world, i.access_token) for i in [*issued, *newest]]
     assert alive == [False] * 3 + [True] * 8
     assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["client_request"] * 3
+
+
+async def counted_again(monkeypatch) -> None:
+    monkeypatch.setattr(token_endpoint, "EXCESS_CHECK_DELAY", 0)
+
+
+async def settle() -> None:
+    """Until the counts due once tokens are applied have run (a delay of 0 here)."""
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+async def test_tokens_granted_past_the_limit_at_once_are_superseded_once_applied(monkeypatch):
+    """Each token of a burst was decided on a view without the others: together they
+    passed the limit, and stayed past it (they never expire) until the client asked again.
+    Counted again once applied, the excess is superseded, the oldest first."""
+    await counted_again(monkeypatch)
+    world = World(Limits(cc_token_limit=2))
+    await world.app()
+    burst = [await world.token({"grant_type": "client_credentials"}) for _ in range(5)]
+    await world.lookups.catch_up()
+    await settle()
+    await world.lookups.catch_up()
+    assert [await live(world, i.access_token) for i in burst] == [False] * 3 + [True] * 2
+    assert [e.reason for e in world.log.of_type(ev.TokenRevoked)] == ["superseded"] * 3
+
+
+async def test_tokens_at_the_limit_one_by_one_supersede_each_one_once(monkeypatch):
+    """The count again finds nothing the issuance did not supersede itself: no second
+    revocation of the same token."""
+    await counted_again(monkeypatch)
+    world = World(Limits(cc_token_limit=3))
+    await world.app()
+    issued = []
+    for _ in range(6):
+        issued += await cc_tokens(world, 1)
+        await settle()
+    await world.lookups.catch_up()
+    assert [await live(world, i.access_token) for i in issued] == [False] * 3 + [True] * 3
+    revoked = world.log.of_type(ev.TokenRevoked)
+    assert len(revoked) == len({e.family_id for e in revoked}) == 3
 
 
 async def test_a_client_past_its_rate_gets_slow_down_with_retry_after_and_nothing_recorded():
