@@ -313,8 +313,9 @@ class TokenEndpoint:
         meta = client_metadata(meta, client)
         jkt = ""
         # The single uses of the request's assertion and DPoP proof, recorded once the grant
-        # is decided (`_recorded`): a request refused (a wrong code, a scope too wide) records
-        # nothing, where anyone who knew a public client's id could fill the log with them.
+        # is decided (`_recorded`): a request refused before (a made-up code, a scope too
+        # wide) records nothing, where anyone who knew a public client's id could fill the
+        # log with them.
         later: list[Spend] = []
         for attempt in range(self.attempts):
             # An assertion's single use is recorded once: a retry after the application
@@ -477,10 +478,14 @@ class TokenEndpoint:
         # repeats end within GRACE_REPEATS: past that many races, a flood.
         for _ in range(self.attempts + grants.GRACE_REPEATS):
             decision = await grant.decide(request, access, refresh)
+            # Decided: what the request used once is spent now, before anything is recorded
+            # of the decision. A grant's reuse detection (a code or a refresh token presented
+            # again) revokes the grant: a replay of a whole request, its assertion or proof
+            # spent, must stop here and not act on it.
+            while request.later:
+                await request.later.pop(0)()
             if isinstance(decision, grants.Refusal):
                 await self._refuse(decision, request.meta)
-            while request.later:  # granted: what the request used once is spent now
-                await request.later.pop(0)()
             version = decision.record.expected_version
             if version is not None and version == lost_at:
                 unseen += 1

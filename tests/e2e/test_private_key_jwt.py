@@ -25,7 +25,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from service.app import CONTEXT
 from service.oauth.assertions import ASSERTION_TYPE
-from tests.e2e.oauth_helpers import basic, new_app
+from tests.e2e.oauth_helpers import REDIRECT, basic, code_for, new_app
 from tests.e2e.test_admin_people import caught_up
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})
@@ -215,6 +215,36 @@ async def test_a_refused_token_request_records_nothing_of_its_assertion(client, 
     assert replay.status == 400 and "used already" in (await replay.json())["error_description"]
     accepted = "SELECT count(*) FROM events WHERE type = 'ClientAssertionAccepted'"
     assert await db.pool.fetchval(accepted) == 1
+
+
+async def test_a_replayed_code_exchange_stops_at_its_assertion_and_revokes_nothing(
+    client, company, db
+):
+    """The whole request replayed (a proxy's log, an eavesdropper): its assertion is spent,
+    and that stops it before the code's reuse detection, which would revoke the grant the
+    client just got. The spend came after that detection for a while: the replay revoked
+    the client's tokens."""
+    app = await keyed_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    code = await code_for(client, company, app)
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+            **assertion_params(assertion(client, app))}  # fmt: skip
+    granted = await client.post("/oauth/token", data=form)
+    assert granted.status == 200, await granted.text()
+    tokens = await granted.json()
+    replay = await client.post("/oauth/token", data=form)
+    assert replay.status == 400
+    assert (await replay.json())["error"] == "invalid_client"
+    reused = "SELECT count(*) FROM events WHERE type IN ('AuthorizationCodeReused', 'TokenRevoked')"
+    assert await db.pool.fetchval(reused) == 0
+    whoami = await client.get(
+        "/api/v1/whoami", headers={"Authorization": f"Bearer {tokens['access_token']}"}
+    )
+    assert whoami.status == 200
+    # presented again with an assertion of its own, the code's reuse is what it always was
+    again = form | assertion_params(assertion(client, app))
+    reuse = await client.post("/oauth/token", data=again)
+    assert reuse.status == 400 and (await reuse.json())["error"] == "invalid_grant"
+    assert await db.pool.fetchval(reused) > 0
 
 
 async def test_an_assertion_is_accepted_once_across_two_processes(client, company, db, settings):
