@@ -11,6 +11,7 @@ import structlog
 from service import events as ev
 from service.domain.applications import CLIENT_CREDENTIALS
 from service.domain.client_keys import ClientKey
+from service.domain.rate import CLOCKS_APART
 from service.domain.state import (
     AppState,
     CodeState,
@@ -44,11 +45,6 @@ _MODEL_NAMES: dict[str, str] = {
     for setting, _label in ev.APPLICATION_SETTINGS.values()
     if _RENAMED.get(setting, setting) in AppState.__struct_fields__
 }
-
-
-#: seconds the clocks of hosts sharing a log may be apart: tokens are recorded in commit
-#: order, each with its issuing host's time
-CLOCKS_APART = 60
 
 
 class PolicyModel:

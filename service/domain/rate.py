@@ -7,6 +7,10 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+#: seconds the clocks of hosts sharing a log may be apart: what one host stamps a token
+#: with is not read as the other's time
+CLOCKS_APART = 60
+
 
 class RateLimit:
     def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
@@ -26,16 +30,18 @@ class RateLimit:
         return 0 if allowed else max(1, math.ceil((1.0 - left) / self.rate))
 
     def taken(self, key: str, at: float) -> None:
-        """One granted elsewhere at `at`: counted, never refused. What several processes
-        granted at once before hearing of each other is a debt the bucket pays back at the
-        rate (it goes below zero), so over time they grant no more than one would."""
+        """One granted elsewhere, heard of at `at`: counted, never refused. What several
+        processes granted at once before hearing of each other is a debt the bucket pays
+        back at the rate (it goes below zero), so over time they grant no more than one
+        would; at most a burst of it (a process that heard of minutes of grants at once,
+        catching up, holds the client back for two bursts' time at most)."""
         if self.rate <= 0:
             return
         left, since = self._buckets.get(key, (float(self.burst), at))
-        if at > since:  # heard late, or from another host's clock: the time never goes back
+        if at > since:  # heard late: the time never goes back
             left = min(float(self.burst), left + (at - since) * self.rate)
             since = at
-        self._keep(key, left - 1.0, since)
+        self._keep(key, max(-float(self.burst), left - 1.0), since)
 
     def _keep(self, key: str, left: float, at: float) -> None:
         self._buckets[key] = (left, at)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NoReturn, Protocol
 import structlog
 
 from service.domain import dpop, grants, native_apps
-from service.domain.rate import RateLimit
+from service.domain.rate import CLOCKS_APART, RateLimit
 from service.domain.state import AppState
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
 from service.logs import error_text
@@ -284,9 +284,10 @@ class TokenEndpoint:
             # catches up first) is counted too: a new process gave every client a full
             # burst more, however many tokens it had just been granted elsewhere.
             if self.limits.rate > 0:
-                since = self.clock() - self.limits.burst / self.limits.rate
+                now = self.clock()
+                since = now - self.limits.burst / self.limits.rate - 1  # whole seconds
                 for client_id, issued_at in live_tokens.client_tokens_since(since):
-                    self.rate.taken(client_id, issued_at)
+                    self.rate.taken(client_id, min(issued_at + 1, now))
             live_tokens.on_client_token = self.token_applied
 
     @property
@@ -384,18 +385,20 @@ class TokenEndpoint:
 
     def token_applied(self, client_id: str, token_hash: str, issued_at: int) -> None:
         """The read model applied a client_credentials token (PolicyModel.on_client_token):
-        one another process granted is taken from this process's rate too. One older than a
-        full bucket's refill changes nothing (a process catching up on old history)."""
+        one another process granted is taken from this process's rate too, as of now (it
+        is announced within milliseconds; its `issued_at` is whole seconds, on another
+        host's clock). One older than a full bucket's refill, by more than clocks may be
+        apart, changes nothing (a process catching up on old history)."""
         if token_hash in self._granted_here:
             self._granted_here.discard(token_hash)
             if self.live_tokens is not None and client_id not in self._excess_due:
                 self._excess_due.add(client_id)
                 loop = asyncio.get_running_loop()
                 loop.call_later(EXCESS_CHECK_DELAY, self._check_excess, client_id)
-        elif self.limits.rate > 0 and issued_at + self.limits.burst / self.limits.rate > (
-            self.clock()
-        ):
-            self.rate.taken(client_id, issued_at)
+        elif self.limits.rate > 0:
+            now = self.clock()
+            if issued_at + 1 + self.limits.burst / self.limits.rate + CLOCKS_APART > now:
+                self.rate.taken(client_id, now)
 
     def _check_excess(self, client_id: str) -> None:
         check = asyncio.ensure_future(self._supersede_excess(client_id))

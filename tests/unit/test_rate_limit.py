@@ -77,3 +77,13 @@ def test_a_rate_of_zero_counts_nothing_from_elsewhere():
     for _ in range(10):
         rate.taken("a", 0.0)
     assert rate.take("a", 0.0) == 0
+
+
+def test_what_is_heard_from_elsewhere_owes_a_burst_at_most():
+    """A process that hears of minutes of grants at once (catching up) holds the client
+    back for two bursts' time at most."""
+    rate = RateLimit(rate=1, burst=2)
+    for _ in range(100):
+        rate.taken("a", 100.0)
+    assert rate.take("a", 100.0) == 3
+    assert rate.take("a", 103.0) == 0

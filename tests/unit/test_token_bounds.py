@@ -292,11 +292,39 @@ async def test_a_process_starting_up_counts_the_tokens_granted_just_before():
 
 
 async def test_history_older_than_a_full_refill_takes_nothing_from_the_rate():
-    """A process starting up applies the whole log: what was granted long ago is paid back."""
+    """A process catching up on the log: what was granted long ago (longer than a full
+    refill and the clocks' leeway) is paid back."""
     world = World(Limits(rate=1, burst=3))
     await world.app()
-    await granted_elsewhere(world, 5, int(world.now) - 3)
+    await granted_elsewhere(world, 5, int(world.now) - 100)
     assert len(await cc_tokens(world, 3)) == 3
+
+
+async def test_a_token_granted_elsewhere_this_second_counts_whatever_the_fraction():
+    """`issued_at` is whole seconds: a token granted at 1000.9 reads as 1000. With a
+    refill shorter than a second, most of another process's tokens were taken for old
+    ones, and not counted."""
+    world = World(Limits(rate=4, burst=2))
+    world.now += 0.61
+    await world.app()
+    await granted_elsewhere(world, 2, int(world.now))
+    with pytest.raises(SlowDown):
+        await world.token({"grant_type": "client_credentials"})
+
+
+@pytest.mark.parametrize("apart", [-10, 10])
+async def test_another_hosts_clock_neither_hides_its_tokens_nor_holds_this_one_back(apart):
+    """A host 10 s behind: its tokens looked old, and were not counted. One 10 s ahead:
+    the bucket took its time, and refilled nothing until this host's clock got there."""
+    world = World(Limits(rate=1, burst=2))
+    await world.app()
+    await granted_elsewhere(world, 1, int(world.now) + apart)
+    await world.token({"grant_type": "client_credentials"})
+    with pytest.raises(SlowDown):
+        await world.token({"grant_type": "client_credentials"})
+    for _ in range(3):  # then one a second, as the rate says
+        world.now += 1
+        await world.token({"grant_type": "client_credentials"})
 
 
 async def test_tokens_the_model_had_not_applied_yet_are_superseded_at_the_next_issuance():
