@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import re
 import time
 import urllib.parse
@@ -339,16 +340,25 @@ def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 #: how long applying the schema may take: a migration may rightly outlast a request's
 #: bound (an index on a large table); asyncpg reads `timeout=None` as the pool's bound
 SCHEMA_TIMEOUT = 3600.0
+#: how long applying the schema waits for any one lock before it gives back every lock it
+#: holds (the transaction rolled back) and tries again a moment later
+SCHEMA_LOCK_WAIT = 1.0
 
 
-async def apply_schema(conn: Conn) -> None:
+async def apply_schema(conn: Conn, *, lock_wait: float = SCHEMA_LOCK_WAIT) -> None:
     """Apply `schema.sql` unless this very text has been applied already.
 
     Every statement in it is idempotent, but some take table locks (the trigger on
     `events`, columns added to projection tables) that queue behind a running service's
     writers and then hold them back: a second process starting, or a command such as
     `tollgate events`, would stall the log's appends for nothing. So the text's digest is
-    kept in `schema_applied`, and a start that finds it there reads one row and is done."""
+    kept in `schema_applied`, and a start that finds it there reads one row and is done.
+
+    A lock the text waits for is waited for `lock_wait` at most: the locks it took before
+    are held until it commits, and waiting behind a report on a view it replaces, or a
+    backup, held every running host's statements on those tables (sign-ins, checkpoints,
+    `/readyz`) for as long as the report ran. Rolled back, it lets go of all of them, and
+    tries again until SCHEMA_TIMEOUT."""
     sql = schema_sql()
     digest = hashlib.sha256(sql.encode()).hexdigest()
     try:
@@ -356,12 +366,26 @@ async def apply_schema(conn: Conn) -> None:
             return
     except asyncpg.UndefinedTableError:
         pass  # a database that has never seen this schema
-    await conn.execute(
-        "BEGIN;\nSET LOCAL statement_timeout = 0;\nSET LOCAL lock_timeout = 0;\n"
+    script = (
+        "BEGIN;\nSET LOCAL statement_timeout = 0;\n"
+        f"SET LOCAL lock_timeout = {int(lock_wait * 1000)};\n"
         f"{sql}\nINSERT INTO schema_applied (digest) VALUES ('{digest}') "
-        "ON CONFLICT (digest) DO UPDATE SET applied_at = now();\nCOMMIT;",
-        timeout=SCHEMA_TIMEOUT,
+        "ON CONFLICT (digest) DO UPDATE SET applied_at = now();\nCOMMIT;"
     )
+    deadline = time.monotonic() + SCHEMA_TIMEOUT
+    pause = lock_wait / 2
+    for attempt in itertools.count(1):
+        try:
+            await conn.execute(script, timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except asyncpg.LockNotAvailableError as exc:
+            if conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+            if time.monotonic() + pause > deadline:
+                raise
+            log.info("schema.lock_busy", attempt=attempt, error=error_text(exc))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
 
 
 def dsn_refused(dsn: str, exc: ValueError) -> str:

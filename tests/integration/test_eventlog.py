@@ -784,3 +784,32 @@ async def test_verify_is_not_alarmed_by_what_lies_below_the_head(eventlog: Event
         "ON CONFLICT (name) DO UPDATE SET position = 3"
     )
     assert (await verify_log(db.pool)).ok
+
+
+async def test_a_changed_schema_behind_a_long_report_holds_no_running_host_back(db, monkeypatch):
+    """A report reads a view the new text replaces (its ACCESS SHARE lock held for as long
+    as it runs): the text waits for it, and waited holding the locks it had taken before
+    (a column added to web_sessions): every running host's sign-in and session checks
+    stalled behind it. Now it lets them go each time a lock is not had within a second,
+    and tries again: they wait a second at most, and the text is applied once the report
+    is done."""
+    from service.storage import database
+
+    report = await asyncpg.connect(db.dsn)
+    text = database.schema_sql()
+    monkeypatch.setattr(database, "schema_sql", lambda: text + "\n-- a later version\n")
+    try:
+        await report.execute("BEGIN")
+        await report.fetchval("SELECT count(*) FROM v_ip_violations")  # held
+        async with db.pool.acquire() as conn:
+            applying = asyncio.ensure_future(apply_schema(conn, lock_wait=0.2))
+            await asyncio.sleep(1.0)  # it has tried, and waits behind the report
+            for _ in range(5):  # a running host's reads of the tables it alters
+                await asyncio.wait_for(db.pool.fetchval("SELECT count(*) FROM web_sessions"), 2)
+                await asyncio.sleep(0.1)
+            assert not applying.done()
+            await report.execute("COMMIT")
+            await asyncio.wait_for(applying, 10)
+    finally:
+        await report.close()
+    assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
