@@ -109,15 +109,15 @@ class PolicyModel:
         key = lone_key(family_id)
         return 1 if key is not None and key in self.tokens else None
 
-    def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
-        """The hashes of a client's oldest live lone tokens that must go for one more to
-        keep it within `limit` live ones (none when `limit` is 0: no limit)."""
+    def lone_tokens_past(self, client_id: str, count: int) -> tuple[bytes, ...]:
+        """A client's live lone tokens, oldest first, when it may hold more than `count` of
+        them; none when its list, gone ones included, is no longer (then only is the list
+        compacted: a client well within its limit costs nothing)."""
         keys = self._client_tokens.get(client_id)
-        if not limit or keys is None or len(keys) < limit:
+        if keys is None or len(keys) <= count:
             return ()
-        self._compact(client_id)  # at the limit only: the list then holds live keys alone
-        excess = len(keys) - limit + 1  # below the limit once the gone ones are dropped: none
-        return tuple(key.hex() for key in keys[:excess]) if excess > 0 else ()
+        self._compact(client_id)  # the list then holds live keys alone
+        return tuple(keys)
 
     def client_tokens_since(self, since: float) -> Iterator[tuple[str, int]]:
         """(client_id, issued_at) of each live lone token issued at `since` or after, each

@@ -5,21 +5,20 @@ https://www.rfc-editor.org/rfc/rfc6749#section-3.2"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn, Protocol
+from typing import Any, ClassVar, NoReturn
 
 import structlog
 
 from service.domain import dpop, grants, native_apps
-from service.domain.rate import CLOCKS_APART, RateLimit
 from service.domain.state import AppState
 from service.eventlog import ConcurrencyError, EventLogError, Metadata
 from service.logs import error_text
 from service.oauth import dpop as proofs
 from service.oauth import tokens
+from service.oauth.cc_bounds import ClientTokenBounds, LiveTokens
 from service.oauth.clients import (
     Assertion,
     AssertionCheck,
@@ -32,7 +31,6 @@ from service.oauth.clients import (
 from service.oauth.errors import (
     InvalidGrant,
     InvalidRequest,
-    SlowDown,
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
@@ -70,27 +68,6 @@ class Limits:
         )
 
 
-class LiveTokens(Protocol):
-    """Each client_credentials application's live tokens, oldest first (the read model),
-    and whom it tells of each one it applies, whichever process granted it."""
-
-    on_client_token: Callable[[str, str, int], None] | None
-
-    def client_tokens_since(self, since: float) -> Iterator[tuple[str, int]]:
-        """(client_id, issued_at) of the live client_credentials tokens issued since."""
-        ...
-
-    def oldest_tokens(self, client_id: str, limit: int) -> tuple[str, ...]:
-        """The hashes of the oldest that must go for one more to stay within `limit`."""
-        ...
-
-
-#: seconds after this process's own client_credentials token is applied that its client's
-#: live tokens are counted again (`_supersede_excess`): long enough for the tokens of a
-#: burst, and the supersessions recorded with them, to be applied here
-EXCESS_CHECK_DELAY = 0.25
-
-
 class ApplicationChanged(Exception):
     """The application or the connection changed while a token was being issued (a
     secret rotation, a revoked connection): authenticate again against the new state."""
@@ -126,6 +103,8 @@ class Request:
     jkt: str = ""  # the key of the request's valid DPoP proof; "": none
     #: single uses to record once the grant is decided (an assertion's, a DPoP proof's)
     later: list[Spend] = field(default_factory=list)
+    #: the tokens its decisions supersede, reserved from other requests' until recorded
+    superseding: list[bytes] = field(default_factory=list)
 
     @property
     def ip(self) -> str:
@@ -140,12 +119,10 @@ class Grant:
     required: ClassVar[tuple[str, ...]] = ()
     issues_refresh: ClassVar[bool] = False
 
-    def __init__(
-        self, lookups: Lookups, limits: Limits, live_tokens: LiveTokens | None = None
-    ) -> None:
+    def __init__(self, lookups: Lookups, limits: Limits, bounds: ClientTokenBounds) -> None:
         self.lookups = lookups
         self.limits = limits
-        self.live_tokens = live_tokens
+        self.bounds = bounds
 
     async def decide(
         self, request: Request, access: str, refresh: str
@@ -163,12 +140,7 @@ class ClientCredentials(Grant):
     ) -> grants.Issue | grants.Refusal:
         scope = request.params.get("scope")
         app = request.app
-        limit = self.limits.live_tokens_of(app)
-        superseded = (
-            self.live_tokens.oldest_tokens(app.client_id, limit)
-            if self.live_tokens is not None
-            else ()
-        )
+        superseded = self.bounds.to_supersede(app, request.superseding)
         return grants.client_credentials(
             app, scope, tokens.token_hash(access), request.now, superseded, request.jkt
         )
@@ -269,26 +241,8 @@ class TokenEndpoint:
         self.attempts = attempts
         self.audiences = tuple(audiences)
         self.limits = limits if limits is not None else Limits()
-        self.grants = {g.grant_type: g(lookups, self.limits, live_tokens) for g in GRANT_TYPES}
-        # One rate for every process on the log: this process takes its own tokens from it
-        # when it grants them, and another's when the read model applies them (within the
-        # announcement's delay: milliseconds). `token_applied` tells one from the other.
-        self.rate = RateLimit(self.limits.rate, self.limits.burst)
-        self._granted_here: set[str] = set()  # hashes of tokens granted, not yet applied
-        self.live_tokens = live_tokens
-        self._excess_due: set[str] = set()  # clients whose live tokens are to be counted again
-        self._superseding: dict[str, int] = {}  # client → supersessions being recorded here
-        self._checks: set[asyncio.Future[None]] = set()
-        if live_tokens is not None:
-            # What the model applied before this endpoint was made (a process starting up
-            # catches up first) is counted too: a new process gave every client a full
-            # burst more, however many tokens it had just been granted elsewhere.
-            if self.limits.rate > 0:
-                now = self.clock()
-                since = now - self.limits.burst / self.limits.rate - 1  # whole seconds
-                for client_id, issued_at in live_tokens.client_tokens_since(since):
-                    self.rate.taken(client_id, min(issued_at + 1, now))
-            live_tokens.on_client_token = self.token_applied
+        self.bounds = ClientTokenBounds(self.limits, lookups, ledger, clock, live_tokens)
+        self.grants = {g.grant_type: g(lookups, self.limits, self.bounds) for g in GRANT_TYPES}
 
     @property
     def grant_types(self) -> list[str]:
@@ -332,8 +286,11 @@ class TokenEndpoint:
             for name in grant.required:
                 if not params.get(name):  # an empty parameter is an omitted one (§3.1)
                     raise InvalidRequest(f"{name} is required")
+            if attempt == 0 and grant.grant_type == ClientCredentials.grant_type:
+                # They never expire: a client that asks for one per call is held to a rate.
+                # Users' grants are not (an application's users refresh at once).
+                self.bounds.within_rate(app.client_id)
             if attempt == 0:
-                self.within_rate(app, grant)
                 jkt = await self.proof_key(app, presented, meta, later)
             if app.dpop_bound and not jkt:  # RFC 9449 §5.2, also when it was just set
                 raise dpop.InvalidDpopProof("this client's token requests need a DPoP proof")
@@ -375,91 +332,30 @@ class TokenEndpoint:
             await spend()
         return proof.jkt
 
-    def within_rate(self, app: AppState, grant: Grant) -> None:
-        """client_credentials tokens never expire: a client that asks for one per call is
-        held to a rate. Users' grants are not (an application's users refresh at once)."""
-        if grant.grant_type == ClientCredentials.grant_type:
-            wait = self.rate.take(app.client_id, self.clock())
-            if wait:
-                raise SlowDown(wait)
-
-    def token_applied(self, client_id: str, token_hash: str, issued_at: int) -> None:
-        """The read model applied a client_credentials token (PolicyModel.on_client_token):
-        one another process granted is taken from this process's rate too, as of now (it
-        is announced within milliseconds; its `issued_at` is whole seconds, on another
-        host's clock). One older than a full bucket's refill, by more than clocks may be
-        apart, changes nothing (a process catching up on old history)."""
-        if token_hash in self._granted_here:
-            self._granted_here.discard(token_hash)
-            if self.live_tokens is not None and client_id not in self._excess_due:
-                self._excess_due.add(client_id)
-                loop = asyncio.get_running_loop()
-                loop.call_later(EXCESS_CHECK_DELAY, self._check_excess, client_id)
-        elif self.limits.rate > 0:
-            now = self.clock()
-            if issued_at + 1 + self.limits.burst / self.limits.rate + CLOCKS_APART > now:
-                self.rate.taken(client_id, now)
-
-    def _check_excess(self, client_id: str) -> None:
-        check = asyncio.ensure_future(self._supersede_excess(client_id))
-        self._checks.add(check)
-        check.add_done_callback(self._checks.discard)
-
-    async def _supersede_excess(self, client_id: str) -> None:
-        """Tokens granted at once (a burst, or several processes) were each decided on a
-        view without the others: together they passed the limit, and nothing brought it
-        back until the client asked again (the excess never expires). Counted again once
-        they are applied here (and another process's, announced within milliseconds), the
-        excess is superseded, less what this process's requests are superseding now."""
-        self._excess_due.discard(client_id)
-        assert self.live_tokens is not None
-        app = self.lookups.application_now(client_id)
-        limit = self.limits.live_tokens_of(app) if app is not None else 0
-        if app is None or not limit:
-            return
-        # the oldest past the limit; the first of them are those being superseded now
-        excess = self.live_tokens.oldest_tokens(client_id, limit + 1)
-        excess = excess[self._superseding.get(client_id, 0) :]
-        try:
-            for record in grants.supersede(app, excess):
-                await self.ledger.record(record, Metadata(actor=f"client:{client_id}"))
-        except Exception as exc:  # a background task: what failed is said, and left
-            log.warning("token.supersede_failed", client_id=client_id, error=error_text(exc))
-        else:
-            if excess:
-                log.info("token.excess_superseded", client_id=client_id, count=len(excess))
-
     async def _issue(self, grant: Grant, request: Request) -> Issued:
         access = tokens.new(tokens.ACCESS)
         refresh = tokens.new(tokens.REFRESH) if grant.issues_refresh else ""
-        granted = ""  # taken from the rate already (within_rate), or held to a limit
-        if grant.grant_type == ClientCredentials.grant_type and (
-            self.limits.rate > 0
-            or (self.live_tokens is not None and self.limits.live_tokens_of(request.app))
-        ):
-            granted = tokens.token_hash(access)
-            self._granted_here.add(granted)
-        try:
-            decision = await self._recorded(grant, request, access, refresh)
-        except BaseException:
-            # Not recorded (or not known to be: then, if it was, it is counted twice)
-            self._granted_here.discard(granted)
-            raise
         client_id = request.app.client_id
-        superseding = self._superseding
-        superseding[client_id] = superseding.get(client_id, 0) + len(decision.then)
+        granted = ""
+        if grant.grant_type == ClientCredentials.grant_type:
+            granted = tokens.token_hash(access)
+            self.bounds.granting(request.app, granted)
         try:
-            for then in decision.then:
-                # Visible: once the answer is sent, a superseded token is refused here.
-                await self.ledger.record(then, request.meta, visible=True)
-        except EventLogError as exc:
-            # The token is recorded: answer with it. What was not superseded now is when
-            # the token is counted again (_supersede_excess), or at the next issuance.
-            log.warning("token.supersede_failed", client_id=client_id, error=error_text(exc))
+            try:
+                decision = await self._recorded(grant, request, access, refresh)
+            except BaseException:
+                self.bounds.not_granted(granted)
+                raise
+            try:
+                for then in decision.then:
+                    # Visible: once the answer is sent, a superseded token is refused here.
+                    await self.ledger.record(then, request.meta, visible=True)
+            except EventLogError as exc:
+                # The token is recorded: answer with it. What was not superseded now is
+                # when its token is counted again once applied, or at the next issuance.
+                log.warning("token.supersede_failed", client_id=client_id, error=error_text(exc))
         finally:
-            superseding[client_id] -= len(decision.then)
-            if not superseding[client_id]:
-                del superseding[client_id]
+            self.bounds.release(client_id, request.superseding)
         return Issued(
             access,
             decision.scope,

@@ -155,7 +155,7 @@ def test_a_model_from_a_snapshot_decides_as_the_other():
         assert policy.family_version(family_id) == whole.family_version(family_id)
     for client_id in whole.apps:
         assert policy.live_grants(client_id, NOW) == whole.live_grants(client_id, NOW)
-        assert policy.oldest_tokens(client_id, 3) == whole.oldest_tokens(client_id, 3)
+        assert policy.lone_tokens_past(client_id, 3) == whole.lone_tokens_past(client_id, 3)
 
 
 def test_a_snapshot_shares_ids_and_permission_sets_as_applying_does():
