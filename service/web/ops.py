@@ -13,13 +13,13 @@ import structlog
 from aiohttp import web
 
 from projections import snapshots
-from service.errors import Unauthorized
+from service.errors import InvalidRequest, Unauthorized
 from service.eventlog import EventLogUnavailable
 from service.logs import error_text
 from service.metrics import METRICS
 from service.notification.notifier import NAME as NOTIFIER
 from service.storage.database import within as bounded
-from service.web.keys import SETTINGS
+from service.web.keys import SETTINGS, authorization_header
 
 T = TypeVar("T")
 
@@ -244,7 +244,7 @@ async def metrics(request: web.Request) -> web.Response:
 def _check_metrics_token(request: web.Request, token: str) -> None:
     """RFC 6750 §2.1's header, compared in constant time; bytes, so that a header that is
     not ASCII is refused rather than raising."""
-    sent = request.headers.get("Authorization", "")
+    sent = authorization_header(request, InvalidRequest) or ""
     scheme, _, given = sent.partition(" ")
     expected = token.encode()
     if scheme.lower() != "bearer" or not hmac.compare_digest(

@@ -25,6 +25,10 @@ async def test_metrics_need_the_bearer_token_when_one_is_set(db, tmp_path):
             odd = await client.get("/metrics", headers={"Authorization": "Bearer \u00e9t\u00e9"})
             right = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
             body = await right.text()
+            twice = await client.get(  # one reader takes the first, another the last
+                "/metrics",
+                headers=[("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer x")],
+            )
             health = await client.get("/healthz")  # the probes stay open
         for refused in (missing, wrong, basic, odd):
             assert refused.status == 401
@@ -33,6 +37,7 @@ async def test_metrics_need_the_bearer_token_when_one_is_set(db, tmp_path):
             assert "tollgate_" not in await refused.text()
         assert 'error="invalid_token"' not in missing.headers["WWW-Authenticate"]
         assert right.status == 200
+        assert twice.status == 400 and "tollgate_" not in await twice.text()
         assert "tollgate_tokens_issued_total" in body
         assert health.status == 200
         assert TOKEN not in repr(logs)
