@@ -23,6 +23,7 @@ from service.domain.rate import CLOCKS_APART, RateLimit
 from service.domain.state import AppState
 from service.eventlog import Metadata
 from service.logs import error_text
+from service.oauth import tokens
 from service.oauth.errors import SlowDown
 from service.oauth.ports import Ledger, Lookups
 
@@ -95,12 +96,16 @@ class ClientTokenBounds:
 
     # --- tokens granted here, until the model applies them -----------------------------
 
-    def granting(self, app: AppState, token_hash: str) -> None:
+    def granting(self, app: AppState, access_token: str) -> str:
         """A token this process is about to record for `app`: counted as the client's until
-        the model applies it (`applied`), or it is not recorded (`not_granted`)."""
-        if self.limits.rate > 0 or (self.live_tokens is not None and self._limit(app)):
-            self._granted[token_hash] = app.client_id
-            self._pending[app.client_id] = self._pending.get(app.client_id, 0) + 1
+        the model applies it (`applied`), or it is not recorded (`not_granted`). Its hash,
+        or "" when nothing holds the application (no rate, no limit: nothing to count)."""
+        if not (self.limits.rate > 0 or (self.live_tokens is not None and self._limit(app))):
+            return ""
+        token_hash = tokens.token_hash(access_token)
+        self._granted[token_hash] = app.client_id
+        self._pending[app.client_id] = self._pending.get(app.client_id, 0) + 1
+        return token_hash
 
     def not_granted(self, token_hash: str) -> None:
         """Not recorded (or not known to be: then, if it was, it is counted twice)."""

@@ -338,8 +338,7 @@ class TokenEndpoint:
         client_id = request.app.client_id
         granted = ""
         if grant.grant_type == ClientCredentials.grant_type:
-            granted = tokens.token_hash(access)
-            self.bounds.granting(request.app, granted)
+            granted = self.bounds.granting(request.app, access)
         try:
             try:
                 decision = await self._recorded(grant, request, access, refresh)
