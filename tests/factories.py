@@ -7,6 +7,8 @@ import hashlib
 import random
 import time
 
+import asyncpg
+
 from service import events as ev
 from service.eventlog import EventLog, Metadata
 
@@ -139,3 +141,23 @@ async def populate(eventlog: EventLog, tokens: int, *, seed: int = 7, chunk: int
         meta,
     )
     return await eventlog.head()
+
+
+async def tampered(pool: asyncpg.Pool, sql: str) -> None:
+    """`sql` run on the log as someone with superuser rights could: past its append-only
+    trigger."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(sql)
+
+
+async def cut_tail(pool: asyncpg.Pool, after: int) -> None:
+    """The log's tail deleted: the chain left is intact, shorter."""
+    await tampered(pool, f"DELETE FROM events WHERE position > {after}")
+
+
+async def companies(eventlog: EventLog, prefix: str, count: int) -> None:
+    """`count` companies, one event each: `prefix`0, `prefix`1, ..."""
+    for n in range(count):
+        event = ev.CompanyCreated(company_id=f"{prefix}{n}", name=prefix.upper())
+        await eventlog.append(f"company-{prefix}{n}", 0, [event])

@@ -65,6 +65,23 @@ async def a_company(db, tmp_path):
         return await create_company(ctx, "Acme", "admin@acme.example", Metadata(actor="test"))
 
 
+async def cc_app(http: aiohttp.ClientSession, company, name: str) -> dict:
+    """A client_credentials application allowed from loopback, created through `http`."""
+    async with http.post(
+        "/admin/applications",
+        headers={"Authorization": f"Bearer {company.admin_key}"},
+        json={
+            "name": name,
+            "grant_type": "client_credentials",
+            "ip_allowlist": ["127.0.0.1"],
+            "permissions": ["invoices:read"],
+            "notification_emails": ["ops@acme.example"],
+        },
+    ) as response:
+        assert response.status == 201, await response.text()
+        return await response.json()
+
+
 async def until(predicate, seconds: float = 5.0) -> float:
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -78,18 +95,7 @@ async def test_revocation_and_allow_list_changes_reach_the_other_process(db, tmp
     company = await a_company(db, tmp_path)
     admin = {"Authorization": f"Bearer {company.admin_key}"}
     async with serving(db) as (a, _), serving(db) as (b, _):
-        response = await a.post(
-            "/admin/applications",
-            headers=admin,
-            json={
-                "name": "Scale",
-                "grant_type": "client_credentials",
-                "ip_allowlist": ["127.0.0.1"],
-                "permissions": ["invoices:read"],
-                "notification_emails": ["ops@acme.example"],
-            },
-        )
-        app = await response.json()
+        app = await cc_app(a, company, "Scale")
         creds = basic(app["client_id"], app["client_secret"])
         tokens = []
         for _ in range(2):

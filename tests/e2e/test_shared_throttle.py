@@ -8,7 +8,7 @@ import asyncio
 import time
 
 from tests.e2e.oauth_helpers import basic
-from tests.e2e.test_scale_out import a_company, serving, until
+from tests.e2e.test_scale_out import a_company, cc_app, serving, until
 
 LIMIT = 5  # per address and caller, in 15 minutes
 
@@ -63,18 +63,7 @@ async def test_two_processes_share_one_client_credentials_rate(db, tmp_path):
     company = await a_company(db, tmp_path)
     limits = {"TOKEN_RATE_PER_CLIENT": "1", "TOKEN_RATE_BURST": str(burst)}
     async with serving(db, **limits) as (a, _), serving(db, **limits) as (b, _):
-        async with a.post(
-            "/admin/applications",
-            headers={"Authorization": f"Bearer {company.admin_key}"},
-            json={
-                "name": "Shared rate",
-                "grant_type": "client_credentials",
-                "ip_allowlist": ["127.0.0.1"],
-                "permissions": ["invoices:read"],
-                "notification_emails": ["ops@acme.example"],
-            },
-        ) as response:
-            app = await response.json()
+        app = await cc_app(a, company, "Shared rate")
         creds = basic(app["client_id"], app["client_secret"])
         statuses = []
         started = time.monotonic()
@@ -109,18 +98,7 @@ async def test_a_burst_through_two_processes_is_brought_back_to_the_live_token_l
     company = await a_company(db, tmp_path)
     limits = {"CC_TOKEN_LIMIT": str(limit), "TOKEN_RATE_PER_CLIENT": "0"}
     async with serving(db, **limits) as (a, _), serving(db, **limits) as (b, _):
-        async with a.post(
-            "/admin/applications",
-            headers={"Authorization": f"Bearer {company.admin_key}"},
-            json={
-                "name": "Shared limit",
-                "grant_type": "client_credentials",
-                "ip_allowlist": ["127.0.0.1"],
-                "permissions": ["invoices:read"],
-                "notification_emails": ["ops@acme.example"],
-            },
-        ) as response:
-            app = await response.json()
+        app = await cc_app(a, company, "Shared limit")
         creds = basic(app["client_id"], app["client_secret"])
 
         async def issued(http) -> str:

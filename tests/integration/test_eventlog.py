@@ -24,6 +24,7 @@ from service.eventlog import (
     chain,
 )
 from service.storage.database import apply_schema, create_pool
+from tests.factories import cut_tail, tampered
 
 pytestmark = pytest.mark.eventlog
 
@@ -307,13 +308,6 @@ async def test_schema_applies_twice_harmlessly(eventlog: EventLog, db):
 # --- tamper evidence -------------------------------------------------------------------
 
 
-async def _tamper(db, sql: str) -> None:
-    async with db.pool.acquire() as conn, conn.transaction():
-        # Someone with superuser rights bypasses the append-only trigger.
-        await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(sql)
-
-
 async def _ten_events(eventlog: EventLog) -> None:
     for n in range(1, 11):
         await eventlog.append(f"s-{n}", 0, [company(n)], Metadata(actor=f"user:{n}"))
@@ -329,8 +323,8 @@ async def test_verify_accepts_an_untouched_log(eventlog: EventLog, db):
 
 async def test_verify_names_a_changed_payload(eventlog: EventLog, db):
     await _ten_events(eventlog)
-    await _tamper(
-        db,
+    await tampered(
+        db.pool,
         """UPDATE events SET payload = jsonb_set(payload::jsonb, '{name}', '"Evil"')::json
                          WHERE position = 4""",
     )
@@ -342,8 +336,8 @@ async def test_verify_names_a_changed_payload(eventlog: EventLog, db):
 
 async def test_verify_names_changed_metadata(eventlog: EventLog, db):
     await _ten_events(eventlog)
-    await _tamper(
-        db,
+    await tampered(
+        db.pool,
         """UPDATE events SET metadata = jsonb_set(metadata::jsonb, '{actor}', '"user:x"')::json
                          WHERE position = 7""",
     )
@@ -352,7 +346,7 @@ async def test_verify_names_changed_metadata(eventlog: EventLog, db):
 
 async def test_verify_names_a_deleted_event(eventlog: EventLog, db):
     await _ten_events(eventlog)
-    await _tamper(db, "DELETE FROM events WHERE position = 6")
+    await tampered(db.pool, "DELETE FROM events WHERE position = 6")
     result = await verify_log(db.pool)
     assert result.broken.position == 6
     assert "missing" in result.broken.reason
@@ -360,8 +354,8 @@ async def test_verify_names_a_deleted_event(eventlog: EventLog, db):
 
 async def test_verify_names_swapped_events(eventlog: EventLog, db):
     await _ten_events(eventlog)
-    await _tamper(
-        db,
+    await tampered(
+        db.pool,
         """UPDATE events SET position = 1000 WHERE position = 3;
            UPDATE events SET position = 3 WHERE position = 8;
            UPDATE events SET position = 8 WHERE position = 1000;""",
@@ -430,7 +424,7 @@ async def _iterated(rows: list[asyncpg.Record]) -> AsyncIterator[asyncpg.Record]
 async def test_verify_names_a_deleted_last_event_by_head_hash_change(eventlog: EventLog, db):
     await _ten_events(eventlog)
     before = await verify_log(db.pool)
-    await _tamper(db, "DELETE FROM events WHERE position = 10")
+    await tampered(db.pool, "DELETE FROM events WHERE position = 10")
     after = await verify_log(db.pool)
     # Truncating the tail leaves a valid shorter chain: the recorded head hash shows it.
     assert after.ok
@@ -560,8 +554,8 @@ async def test_the_verify_command_prints_the_anchor_or_where_the_chain_breaks(
     assert code == 0
     assert intact["ok"] is True and intact["head"] == 10
     assert intact["head_hash"] == (await eventlog.read_all(9, 1))[0].hash.hex()
-    await _tamper(
-        db,
+    await tampered(
+        db.pool,
         """UPDATE events SET payload = jsonb_set(payload::jsonb, '{name}', '"Evil"')::json
                          WHERE position = 4""",
     )
@@ -679,15 +673,6 @@ async def test_a_changed_schema_enables_the_append_only_triggers_again(db, monke
     ]
 
 
-async def _cut_tail(db, after: int) -> None:
-    """The log's tail deleted, as a superuser could: the chain left is intact, shorter."""
-    await db.pool.execute(
-        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
-        f"DELETE FROM events WHERE position > {after}; "
-        "ALTER TABLE events ENABLE TRIGGER events_append_only"
-    )
-
-
 @pytest.mark.parametrize("evidence", ["checkpoint", "snapshot"])
 async def test_verify_names_a_tail_the_database_remembers_and_the_log_lost(
     eventlog: EventLog, db, evidence
@@ -708,7 +693,7 @@ async def test_verify_names_a_tail_the_database_remembers_and_the_log_lost(
             "SELECT 'f', 10, 0, 1, hash, '\\x00' FROM events WHERE position = 10"
         )
     assert (await verify_log(db.pool)).ok  # the whole log, and what remembers it
-    await _cut_tail(db, 8)
+    await cut_tail(db.pool, 8)
     result = await verify_log(db.pool)
     assert not result.ok
     assert result.broken is not None and result.broken.position == 9
@@ -747,7 +732,7 @@ async def test_verify_names_a_tail_cut_and_written_again_past_what_remembers_it(
         what = "a model snapshot"
     hash_at_4 = await db.pool.fetchval("SELECT hash FROM events WHERE position = 4")
     assert (await verify_log(db.pool)).ok
-    await _cut_tail(db, 6)
+    await cut_tail(db.pool, 6)
     for n in range(5):
         await eventlog.append(f"again-{n}", 0, [company(20 + n)])
     result = await verify_log(db.pool)
@@ -765,7 +750,7 @@ async def test_a_checkpoint_refuses_to_move_on_from_an_event_it_did_not_see(even
         await eventlog.append(f"seen-{n}", 0, [company(n)])
     await _checkpoint_at(db, "tokens", 5)
     await _checkpoint_at(db, "tokens", 6)  # an intact log: it moves
-    await _cut_tail(db, 3)
+    await cut_tail(db.pool, 3)
     for n in range(4):
         await eventlog.append(f"again-{n}", 0, [company(20 + n)])
     with pytest.raises(asyncpg.DataCorruptedError, match="rewritten at or before position 6"):

@@ -39,6 +39,7 @@ from service.runtime import open_context
 from service.settings import Settings
 from service.storage.database import SESSION_CHECK, Database, SessionWatch
 from tests.e2e.oauth_helpers import new_app
+from tests.factories import companies, cut_tail
 from tests.urls import with_short_drop
 
 SECRET_HASH = "5e" * 32
@@ -790,8 +791,7 @@ async def test_after_the_log_was_cut_and_written_again_a_rebuild_reads_it_again(
     again below it were never looked at, and the checkpoint cannot move (schema.sql). The
     rebuild of every projection starts it again from the start, where the log says which
     emails went out; an intact log's checkpoint it leaves alone."""
-    for n in range(8):
-        await eventlog.append(f"company-n{n}", 0, [ev.CompanyCreated(company_id=f"n{n}", name="N")])
+    await companies(eventlog, "n", 8)
     for name, position in [(NAME, 6), (RETRIES, 5)]:
         await db.pool.execute(
             "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", name
@@ -800,13 +800,8 @@ async def test_after_the_log_was_cut_and_written_again_a_rebuild_reads_it_again(
             "UPDATE projection_checkpoints SET position = $2 WHERE name = $1", name, position
         )
     assert not await restart_if_rewritten(db.pool)
-    await db.pool.execute(
-        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
-        "DELETE FROM events WHERE position > 5; "
-        "ALTER TABLE events ENABLE TRIGGER events_append_only"
-    )
-    for n in range(4):
-        await eventlog.append(f"company-m{n}", 0, [ev.CompanyCreated(company_id=f"m{n}", name="M")])
+    await cut_tail(db.pool, 5)
+    await companies(eventlog, "m", 4)
     assert await restart_if_rewritten(db.pool)
     rows = await db.pool.fetch(
         "SELECT name, position FROM projection_checkpoints WHERE name = ANY($1::text[])",

@@ -27,6 +27,7 @@ from service.settings import Settings
 from service.storage.database import Database
 from service.web.middleware import observed
 from service.web.ops import READINESS, ReadinessPolicy
+from tests.factories import companies, cut_tail
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -532,19 +533,12 @@ async def test_a_checkpoint_past_the_head_is_not_ready(db, tmp_path):
     of -3."""
     async with serving(db, tmp_path) as client:
         eventlog = client.app[EVENTLOG]
-        for n in range(3):
-            await eventlog.append(
-                f"company-c{n}", 0, [ev.CompanyCreated(company_id=f"c{n}", name="C")]
-            )
+        await companies(eventlog, "c", 3)
         await db.pool.execute(
             "INSERT INTO projection_checkpoints (name, position) VALUES ('companies', 3) "
             "ON CONFLICT (name) DO UPDATE SET position = 3"
         )
-        await db.pool.execute(
-            "ALTER TABLE events DISABLE TRIGGER events_append_only; "
-            "DELETE FROM events WHERE position > 1; "
-            "ALTER TABLE events ENABLE TRIGGER events_append_only"
-        )
+        await cut_tail(db.pool, 1)
         response = await client.get("/readyz")
         assert response.status == 503
         body = await response.json()
@@ -559,10 +553,7 @@ async def test_a_checkpoint_that_saw_another_event_is_not_ready(db, tmp_path):
     never applied. Before, /readyz said ready (lag 0 once caught up with positions)."""
     async with serving(db, tmp_path) as client:
         eventlog = client.app[EVENTLOG]
-        for n in range(3):
-            await eventlog.append(
-                f"company-c{n}", 0, [ev.CompanyCreated(company_id=f"c{n}", name="C")]
-            )
+        await companies(eventlog, "c", 3)
         await db.pool.execute(
             "INSERT INTO projection_checkpoints (name) VALUES ('companies') ON CONFLICT DO NOTHING"
         )
@@ -570,15 +561,8 @@ async def test_a_checkpoint_that_saw_another_event_is_not_ready(db, tmp_path):
             "UPDATE projection_checkpoints SET position = 3 WHERE name = 'companies'"
         )
         assert (await client.get("/readyz")).status == 200
-        await db.pool.execute(
-            "ALTER TABLE events DISABLE TRIGGER events_append_only; "
-            "DELETE FROM events WHERE position > 1; "
-            "ALTER TABLE events ENABLE TRIGGER events_append_only"
-        )
-        for n in range(3):
-            await eventlog.append(
-                f"company-d{n}", 0, [ev.CompanyCreated(company_id=f"d{n}", name="D")]
-            )
+        await cut_tail(db.pool, 1)
+        await companies(eventlog, "d", 3)
         response = await client.get("/readyz")
         assert response.status == 503
         body = await response.json()

@@ -23,7 +23,7 @@ from service.domain.streams import lone_family
 from service.eventlog import EventLog
 from service.storage.database import apply_schema
 from service.storage.packed import SEPARATOR
-from tests.factories import application, populate, token
+from tests.factories import application, companies, cut_tail, populate, token
 
 TABLES = {
     "applications": "SELECT * FROM applications ORDER BY client_id",
@@ -596,15 +596,8 @@ async def _to_its_end(worker: asyncio.subprocess.Process) -> tuple[bytes, int]:
 async def _cut_and_write_again(eventlog: EventLog, db, after: int, count: int) -> None:
     """The log's tail deleted, as a superuser (or a restore under running processes) could,
     then written again by the service: an intact chain, other events at the same positions."""
-    await db.pool.execute(
-        "ALTER TABLE events DISABLE TRIGGER events_append_only; "
-        f"DELETE FROM events WHERE position > {after}; "
-        "ALTER TABLE events ENABLE TRIGGER events_append_only"
-    )
-    for n in range(count):
-        await eventlog.append(
-            f"company-again{n}", 0, [ev.CompanyCreated(company_id=f"again{n}", name="Again")]
-        )
+    await cut_tail(db.pool, after)
+    await companies(eventlog, "again", count)
 
 
 async def test_a_projection_stops_at_a_log_cut_and_written_again_until_rebuilt(
