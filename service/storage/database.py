@@ -341,8 +341,10 @@ def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 #: bound (an index on a large table); asyncpg reads `timeout=None` as the pool's bound
 SCHEMA_TIMEOUT = 3600.0
 #: how long applying the schema waits for any one lock before it gives back every lock it
-#: holds (the transaction rolled back) and tries again a moment later
-SCHEMA_LOCK_WAIT = 1.0
+#: holds (the transaction rolled back) and tries again a moment later: under PostgreSQL's
+#: deadlock_timeout (1 s by default), so that a running host waiting on a lock it took finds
+#: it given back before its own deadlock check could end its transaction instead
+SCHEMA_LOCK_WAIT = 0.5
 
 
 async def apply_schema(conn: Conn, *, lock_wait: float = SCHEMA_LOCK_WAIT) -> None:
@@ -357,8 +359,8 @@ async def apply_schema(conn: Conn, *, lock_wait: float = SCHEMA_LOCK_WAIT) -> No
     A lock the text waits for is waited for `lock_wait` at most: the locks it took before
     are held until it commits, and waiting behind a report on a view it replaces, or a
     backup, held every running host's statements on those tables (sign-ins, checkpoints,
-    `/readyz`) for as long as the report ran. Rolled back, it lets go of all of them, and
-    tries again until SCHEMA_TIMEOUT."""
+    `/readyz`) for as long as the report ran. Rolled back (so too when a deadlock check
+    picks it), it lets go of all of them, and tries again until SCHEMA_TIMEOUT."""
     sql = schema_sql()
     digest = hashlib.sha256(sql.encode()).hexdigest()
     try:
@@ -378,7 +380,8 @@ async def apply_schema(conn: Conn, *, lock_wait: float = SCHEMA_LOCK_WAIT) -> No
         try:
             await conn.execute(script, timeout=max(1.0, deadline - time.monotonic()))
             return
-        except asyncpg.LockNotAvailableError as exc:
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+            # a deadlock: its locks crossed a running session's, and the check was its own
             if conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
             if time.monotonic() + pause > deadline:

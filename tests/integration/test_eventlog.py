@@ -798,3 +798,36 @@ async def test_a_changed_schema_behind_a_long_report_holds_no_running_host_back(
     finally:
         await report.close()
     assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
+
+
+async def test_a_changed_schema_picked_by_a_deadlock_check_tries_again(db, monkeypatch):
+    """Its locks crossed a running session's, and the deadlock check (a deadlock_timeout
+    shorter than its lock wait) picked it: it rolls back and tries again, as for a lock not
+    had in time. Before, the start failed. Here the text holds `applications` (altered
+    early) and waits for `dpop_nonces` (a third session's), while a running session holds
+    `model_snapshots` (altered late) and waits for `applications`."""
+    from service.storage import database
+
+    text = database.schema_sql()
+    monkeypatch.setattr(database, "schema_sql", lambda: text + "\n-- a later version\n")
+    running = await asyncpg.connect(db.dsn)
+    third = await asyncpg.connect(db.dsn)
+    try:
+        await running.execute("SET deadlock_timeout = '10s'")  # the text's check comes first
+        await running.execute("BEGIN; LOCK TABLE model_snapshots IN ROW EXCLUSIVE MODE")
+        await third.execute("BEGIN; LOCK TABLE dpop_nonces IN ROW EXCLUSIVE MODE")
+        async with db.pool.acquire() as conn:
+            await conn.execute("SET deadlock_timeout = '100ms'")
+            applying = asyncio.ensure_future(apply_schema(conn, lock_wait=5.0))
+            await asyncio.sleep(0.5)  # the text holds applications, waits for dpop_nonces
+            reading = asyncio.ensure_future(running.fetchval("SELECT count(*) FROM applications"))
+            await asyncio.sleep(0.3)
+            await third.execute("COMMIT")  # the text goes on, to wait for model_snapshots
+            await asyncio.wait_for(reading, 10)  # the text was picked, and gave way
+            await running.execute("COMMIT")
+            await asyncio.wait_for(applying, 20)
+            await conn.execute("RESET deadlock_timeout")
+    finally:
+        await running.close()
+        await third.close()
+    assert await db.pool.fetchval("SELECT count(*) FROM schema_applied") == 2
