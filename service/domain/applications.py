@@ -50,12 +50,30 @@ class GrantTypeImmutable(FieldError):
 # --- field rules ---------------------------------------------------------------------
 
 
+#: letters and symbols that show as nothing: Hangul fillers, the blank Braille pattern
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+#: combining marks one character may carry (a name of "a" and 99 accents shows as a smear)
+MAX_MARKS = 4
+
+
 def name(value: str) -> str:
+    """What the consent page shows a user: 1 to MAX_NAME characters, no control or format
+    character, at least one that shows (not only spaces, fillers or marks), and no more
+    than MAX_MARKS combining marks on one character."""
     cleaned = value.strip()
     if not 1 <= len(cleaned) <= MAX_NAME:
         raise FieldError("name", f"must be 1 to {MAX_NAME} characters")
-    if any(unicodedata.category(ch).startswith("C") for ch in cleaned):
+    categories = [unicodedata.category(ch) for ch in cleaned]
+    if any(category.startswith("C") for category in categories):
         raise FieldError("name", "must not contain control characters")
+    shown = zip(cleaned, categories, strict=True)
+    if not any(c[0] in "LNPS" and ch not in _BLANK for ch, c in shown):
+        raise FieldError("name", "must have a character that shows")
+    marks = 0
+    for category in categories:
+        marks = marks + 1 if category[0] == "M" else 0
+        if marks > MAX_MARKS:
+            raise FieldError("name", f"must not put more than {MAX_MARKS} marks on a character")
     return cleaned
 
 
