@@ -25,12 +25,29 @@ MAX_ATTEMPTS = 30
 BACKOFF = 0.005  # seconds, times the attempt number: the most one wait can be
 
 
-def _still_changing() -> Conflict:
-    return Conflict("the application keeps changing; try again", headers={"Retry-After": "1"})
+def still_changing(what: str = "the application") -> Conflict:
+    """Changed by others at every attempt, with no precondition sent: a 409 the client may
+    retry (never a 412, which says a condition the request sent was false)."""
+    return Conflict(f"{what} keeps changing; try again", headers={"Retry-After": "1"})
 
 
-async def _backoff(attempt: int) -> None:
+async def backoff(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, BACKOFF * (attempt + 1)))  # noqa: S311 -- jitter
+
+
+def precondition(version: int, if_match: Collection[int] | None) -> None:
+    """If-Match (RFC 9110 §13.1.1): PreconditionFailed (412) when the version the change
+    would be made on is not one the caller accepts; None: any."""
+    if if_match is not None and version not in if_match:
+        seen = ", ".join(map(str, sorted(if_match))) or "none given"
+        raise PreconditionFailed(f"the application is at version {version}, not {seen}")
+
+
+def raced(if_match: Collection[int] | None) -> None:
+    """A concurrent change committed first: with a precondition, the version it named is
+    gone (412); without, the change is decided again on the new one."""
+    if if_match is not None:
+        raise PreconditionFailed("the application changed meanwhile")
 
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what credentials.new_client_id makes
@@ -122,37 +139,41 @@ async def update(
     is re-applied on top of the concurrent change, so no update is lost either way."""
     for attempt in range(MAX_ATTEMPTS):
         app, history = await _read(ctx, company_id, client_id)
-        if if_match is not None and app.version not in if_match:
-            seen = ", ".join(map(str, sorted(if_match))) or "none given"
-            raise PreconditionFailed(f"the application is at version {app.version}, not {seen}")
+        precondition(app.version, if_match)
         changes = rules.change(app, patch, ctx.catalogue, limits(ctx))
         if not changes:
             return app
         try:
             await ctx.record(stream(client_id), app.version, changes, meta)
         except ConcurrencyError:
-            if if_match is not None:
-                raise PreconditionFailed("the application changed meanwhile") from None
-            await _backoff(attempt)
+            raced(if_match)
+            await backoff(attempt)
             continue
         return await _after(ctx, company_id, client_id, history, changes)
-    raise _still_changing()
+    raise still_changing()
 
 
 async def rotate_secret(
-    ctx: Context, company_id: str, client_id: str, meta: Metadata
+    ctx: Context,
+    company_id: str,
+    client_id: str,
+    meta: Metadata,
+    *,
+    if_match: Collection[int] | None = None,
 ) -> tuple[rules.Application, str]:
     for attempt in range(MAX_ATTEMPTS):
         app, history = await _read(ctx, company_id, client_id)
+        precondition(app.version, if_match)
         secret = credentials.new_client_secret()
         event = rules.rotate_secret(app, credentials.digest(secret))
         try:
             await ctx.record(stream(client_id), app.version, [event], meta)
         except ConcurrencyError:
-            await _backoff(attempt)
+            raced(if_match)
+            await backoff(attempt)
             continue
         return await _after(ctx, company_id, client_id, history, [event]), secret
-    raise _still_changing()
+    raise still_changing()
 
 
 async def _changed(
@@ -166,13 +187,15 @@ async def _changed(
     for attempt in range(MAX_ATTEMPTS):
         app, history = await _read(ctx, company_id, client_id)
         events = decide(app)
+        if not events:  # nothing to change (keys registered already): nothing to record
+            return app
         try:
             await ctx.record(stream(client_id), app.version, events, meta)
         except ConcurrencyError:
-            await _backoff(attempt)
+            await backoff(attempt)
             continue
         return await _after(ctx, company_id, client_id, history, events)
-    raise _still_changing()
+    raise still_changing()
 
 
 async def add_keys(
@@ -204,13 +227,22 @@ async def remove_key(
     )
 
 
-async def delete(ctx: Context, company_id: str, client_id: str, meta: Metadata) -> None:
+async def delete(
+    ctx: Context,
+    company_id: str,
+    client_id: str,
+    meta: Metadata,
+    *,
+    if_match: Collection[int] | None = None,
+) -> None:
     for attempt in range(MAX_ATTEMPTS):
         app = await load(ctx, company_id, client_id)
+        precondition(app.version, if_match)
         try:
             await ctx.record(stream(client_id), app.version, [rules.delete(app)], meta)
         except ConcurrencyError:
-            await _backoff(attempt)
+            raced(if_match)
+            await backoff(attempt)
             continue
         return
-    raise _still_changing()
+    raise still_changing()

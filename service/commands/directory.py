@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from email_validator import EmailNotValidError, validate_email
 
 from service import events as ev
+from service.commands.applications import backoff, still_changing
 from service.context import Context
 from service.domain import credentials, passwords, streams
 from service.domain import users as user_rules
 from service.domain.applications import FieldError
-from service.errors import Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed
+from service.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from service.eventlog import ConcurrencyError, Metadata
 
 ROLES = user_rules.ROLES
@@ -146,23 +147,25 @@ async def change_role(
 ) -> None:
     """Recorded on the company's stream at the version the decision saw: two admins
     demoting each other at once cannot leave the company without one."""
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         version, users = await _company_users(ctx, company_id)
         event = user_rules.change_role(company_id, users, user_id, role)
         if event is None or await _record_on_company(ctx, company_id, event, version, meta):
             return
-    raise PreconditionFailed("the company's users keep changing; try again")
+        await backoff(attempt)
+    raise still_changing("the company's users")
 
 
 async def remove_user(ctx: Context, company_id: str, user_id: str, meta: Metadata) -> None:
     """The user can no longer sign in, and every session of theirs ends at once."""
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         version, users = await _company_users(ctx, company_id)
         event = user_rules.remove(company_id, users, user_id)
         if await _record_on_company(ctx, company_id, event, version, meta):
             await end_sessions(ctx, user_id)
             return
-    raise PreconditionFailed("the company's users keep changing; try again")
+        await backoff(attempt)
+    raise still_changing("the company's users")
 
 
 async def end_sessions(ctx: Context, user_id: str) -> None:

@@ -5,16 +5,23 @@ application being deleted and re-created under a new client_id)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from service import events as ev
 from service.commands import applications
 from service.context import Context
 from service.domain import streams
-from service.errors import PreconditionFailed
 from service.eventlog import ConcurrencyError, Metadata
 
 
-async def revoke_tokens(ctx: Context, company_id: str, client_id: str, meta: Metadata) -> int:
+async def revoke_tokens(
+    ctx: Context,
+    company_id: str,
+    client_id: str,
+    meta: Metadata,
+    *,
+    if_match: Collection[int] | None = None,
+) -> int:
     """How many live grants ended (a refresh-token family counts once, as does each
     client_credentials token). One event on the application's stream, which the read
     models apply to every token recorded before it, in the log's order: whatever was issued
@@ -22,8 +29,9 @@ async def revoke_tokens(ctx: Context, company_id: str, client_id: str, meta: Met
     requests are appended on condition that the application's stream has not moved, so one
     racing with the switch is decided again after it."""
     stream = streams.application(client_id)
-    for _ in range(applications.MAX_ATTEMPTS):
+    for attempt in range(applications.MAX_ATTEMPTS):
         app = await applications.load(ctx, company_id, client_id)  # 404 for others'
+        applications.precondition(app.version, if_match)
         await ctx.refresh()
         live = ctx.policy.live_grants(client_id, time.time())
         event = ev.ApplicationTokensRevoked(company_id=company_id, client_id=client_id)
@@ -32,6 +40,8 @@ async def revoke_tokens(ctx: Context, company_id: str, client_id: str, meta: Met
         except ConcurrencyError as exc:
             if exc.stream_id != stream:
                 raise
+            applications.raced(if_match)
+            await applications.backoff(attempt)
             continue
         return live
-    raise PreconditionFailed("the application keeps changing; try again")
+    raise applications.still_changing()

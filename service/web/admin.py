@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -128,14 +129,16 @@ def _if_match(request: web.Request) -> frozenset[int] | None:
         return None
     versions = set()
     for tag in header.split(","):
-        tag = tag.strip()
-        weak = tag.startswith("W/")
-        value = tag.removeprefix("W/")
-        if not (len(value) >= 3 and value[0] == value[-1] == '"' and value[1:-1].isdigit()):
+        found = _VERSION_TAG.match(tag.strip())
+        if found is None:  # ASCII digits only: a superscript is no version, nor 5,000 digits
             raise InvalidRequest('If-Match must name version ETags such as "3"')
-        if not weak:
-            versions.add(int(value[1:-1]))
+        if not found["weak"]:
+            versions.add(int(found["version"]))
     return frozenset(versions)
+
+
+#: a version ETag, strong ("3") or weak (W/"3"): what ETag headers here carry
+_VERSION_TAG = re.compile(r'(?P<weak>W/)?"(?P<version>[0-9]{1,18})"\Z')
 
 
 async def _admin(request: web.Request) -> tuple[Context, auth.Principal, Metadata]:
@@ -236,7 +239,8 @@ async def patch_application(request: web.Request) -> web.Response:
 @routes.delete("/admin/applications/{client_id}")
 async def delete_application(request: web.Request) -> web.Response:
     ctx, who, meta = await _admin(request)
-    await applications.delete(ctx, who.company_id, request.match_info["client_id"], meta)
+    client_id = request.match_info["client_id"]
+    await applications.delete(ctx, who.company_id, client_id, meta, if_match=_if_match(request))
     return web.Response(status=204)
 
 
@@ -244,7 +248,9 @@ async def delete_application(request: web.Request) -> web.Response:
 async def rotate_secret(request: web.Request) -> web.Response:
     ctx, who, meta = await _admin(request)
     client_id = request.match_info["client_id"]
-    app, secret = await applications.rotate_secret(ctx, who.company_id, client_id, meta)
+    app, secret = await applications.rotate_secret(
+        ctx, who.company_id, client_id, meta, if_match=_if_match(request)
+    )
     return web.json_response(
         {"client_id": app.client_id, "client_secret": secret, "secret_version": app.secret_version},
         headers={"Cache-Control": "no-store"},
@@ -288,7 +294,9 @@ async def revoke_tokens(request: web.Request) -> web.Response:
     and connections kept."""
     ctx, who, meta = await _admin(request)
     client_id = request.match_info["client_id"]
-    revoked = await tokens.revoke_tokens(ctx, who.company_id, client_id, meta)
+    revoked = await tokens.revoke_tokens(
+        ctx, who.company_id, client_id, meta, if_match=_if_match(request)
+    )
     return web.json_response({"client_id": client_id, "revoked": revoked})
 
 

@@ -417,6 +417,10 @@ def common_responses() -> Json:
         "NotFound": error("not_found: none such in the caller's company (never 403)"),
         "PreconditionFailed": error("precondition_failed: If-Match names an older version"),
         "Conflict": error("conflict: the resource exists already"),
+        "StillChanging": error(
+            "conflict: changed by others at every attempt, and no If-Match was sent; retry",
+            {"Retry-After": header({"type": "string", "pattern": "^[0-9]+$"}, "seconds")},
+        ),
         "PayloadTooLarge": error("request_too_large: the body is over 64 KiB"),
         "UnsupportedMediaType": error("unsupported_media_type: the body must be JSON"),
         "Unavailable": error("temporarily_unavailable: the database is unreachable; retry"),
@@ -445,6 +449,7 @@ def use(*names: str) -> Json:
         "BadRequest": "400", "OAuthBadRequest": "400", "AdminUnauthorized": "401",
         "InvalidClient": "401", "TokenUnauthorized": "401", "AdminForbidden": "403",
         "IpNotAllowed": "403", "TokenForbidden": "403", "NotFound": "404", "Conflict": "409",
+        "StillChanging": "409",
         "PreconditionFailed": "412", "PayloadTooLarge": "413", "UnsupportedMediaType": "415",
         "Unavailable": "503", "OAuthUnavailable": "503",
     }  # fmt: skip

@@ -98,7 +98,9 @@ def application_paths() -> Json:
             "patch": op(
                 "Change an application (not its grant_type)",
                 ok("Application", "the changed application", headers=etag)
-                | use(*BODY_ERRORS, "NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                | use(
+                    *BODY_ERRORS, "NotFound", "PreconditionFailed", "StillChanging", *ADMIN_ERRORS
+                ),
                 tag=tag,
                 operationId="patchApplication",
                 security=ADMIN,
@@ -108,10 +110,13 @@ def application_paths() -> Json:
             "delete": op(
                 "Delete an application; its tokens and connections are revoked",
                 {"204": {"description": "deleted"}}
-                | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                | use(
+                    "BadRequest", "NotFound", "PreconditionFailed", "StillChanging", *ADMIN_ERRORS
+                ),
                 tag=tag,
                 operationId="deleteApplication",
                 security=ADMIN,
+                parameters=[if_match()],
             ),
         },
         "/admin/applications/{client_id}/rotate-secret": {
@@ -123,10 +128,13 @@ def application_paths() -> Json:
                     "the new secret, shown here only",
                     headers={"Cache-Control": NO_STORE_HEADER},
                 )
-                | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS),
+                | use(
+                    "BadRequest", "NotFound", "PreconditionFailed", "StillChanging", *ADMIN_ERRORS
+                ),
                 tag=tag,
                 operationId="rotateSecret",
                 security=ADMIN,
+                parameters=[if_match()],
             ),
         },
         "/admin/applications/{client_id}/keys": {
@@ -695,18 +703,23 @@ def lifecycle_paths() -> Json:
     no_store = {"Cache-Control": NO_STORE_HEADER}
     user_id = {"parameters": [{"name": "user_id", "in": "path", "required": True,
                                "schema": STRING}]}  # fmt: skip
-    last_admin = {"409": error("last_admin: the company's last admin stays one")}
+    last_admin = {
+        "409": error(
+            "last_admin: the company's last admin stays one; or conflict: its users changed "
+            "at every attempt (Retry-After: 1)"
+        )
+    }
     optional = {"required": False, "content": {JSON: {"schema": ref("ResetPasswordIn")}}}
     cookie = header({"type": "string", "pattern": "^tg_session="}, "the new session's cookie")
     return {
         "/admin/users/{user_id}": user_id | {
             "patch": op("Change a user's role", ok("User", "the user, changed")
-                        | use(*BODY_ERRORS, "NotFound", "PreconditionFailed", *ADMIN_ERRORS)
+                        | use(*BODY_ERRORS, "NotFound", *ADMIN_ERRORS)
                         | last_admin, tag="users", operationId="changeRole", security=ADMIN,
                         requestBody=json_body("RoleIn")),
             "delete": op("Remove a user: they cannot sign in, their sessions end everywhere",
                          {"204": {"description": "removed"}}
-                         | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS) | last_admin,
+                         | use("NotFound", *ADMIN_ERRORS) | last_admin,
                          tag="users", operationId="removeUser", security=ADMIN),
         },
         "/admin/users/{user_id}/reset-password": user_id | {
@@ -720,8 +733,10 @@ def lifecycle_paths() -> Json:
             "parameters": [CLIENT_ID],
             "post": op("The kill switch: every live token of the application revoked; "
                        "client_id and secret kept", ok("TokensRevoked", "revoked")
-                       | use("NotFound", "PreconditionFailed", *ADMIN_ERRORS),
-                       tag="applications", operationId="revokeTokens", security=ADMIN),
+                       | use("BadRequest", "NotFound", "PreconditionFailed", "StillChanging",
+                             *ADMIN_ERRORS),
+                       tag="applications", operationId="revokeTokens", security=ADMIN,
+                       parameters=[if_match()]),
         },
         "/session/password": {
             "post": op("Change one's own password (the current one proves it): every session "

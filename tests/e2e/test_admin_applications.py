@@ -9,6 +9,7 @@ import hashlib
 import pytest
 
 from tests.conftest import Company
+from tests.e2e.oauth_helpers import new_app
 
 CC = {
     "name": "Billing sync",
@@ -523,3 +524,57 @@ async def test_a_committed_change_is_reported_even_if_reading_it_back_fails(
     assert response.status == 201, await response.text()
     assert (await response.json())["client_secret"]
     assert len(await events(db, "ApplicationCreated")) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "action"), [("DELETE", ""), ("POST", "/rotate-secret"), ("POST", "/revoke-tokens")]
+)
+async def test_if_match_holds_every_change_of_an_application(client, company, db, method, action):
+    """RFC 9110 §13.1.1: with a stale If-Match the method is not performed. The README and
+    the OpenAPI document promised it; only PATCH kept it: a stale tag deleted the
+    application, rotated its secret, revoked its tokens."""
+    app = await new_app(client, company)
+    path = f"/admin/applications/{app['client_id']}"
+    current = (await client.get(path, headers=company.auth)).headers["ETag"]
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    stale = await client.request(
+        method, path + action, headers=company.auth | {"If-Match": '"999"'}
+    )
+    assert stale.status == 412, await stale.text()
+    assert (await stale.json())["error"] == "precondition_failed"
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
+    done = await client.request(method, path + action, headers=company.auth | {"If-Match": current})
+    assert done.status in (200, 204), await done.text()
+
+
+@pytest.mark.parametrize(
+    "tag", ['"' + "9" * 4301 + '"', '"\u00b3"', '"\u0661"', '"1"x', '"-1"', "W/3"]
+)
+async def test_if_match_takes_ascii_version_tags_only(client, company, db, tag):
+    """A superscript or another script's digit is no version: "³" and 4,301 digits were a
+    500 (int() refused them), and ARABIC-INDIC ONE was read as "1"."""
+    app = await new_app(client, company)
+    response = await client.patch(
+        f"/admin/applications/{app['client_id']}",
+        json={"name": "q"},
+        headers=company.auth | {"If-Match": tag},
+    )
+    assert response.status == 400, await response.text()
+    assert (await response.json())["error"] == "invalid_request"
+    assert (await client.get(f"/admin/applications/{app['client_id']}", headers=company.auth)
+            ).headers["ETag"] == '"1"'  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["\u3164", "\u2800\u2800", "\u115f", " \u3164 ", "a" + "\u0301" * 99, "\u0301\u0301"],
+)
+async def test_a_name_that_shows_nothing_is_refused(client, company, name):
+    """The consent page names the application to the user: a Hangul filler, blank Braille,
+    or a character under 99 accents showed as nothing, or a smear."""
+    app = await new_app(client, company)
+    response = await client.patch(
+        f"/admin/applications/{app['client_id']}", json={"name": name}, headers=company.auth
+    )
+    assert response.status == 400, await response.text()
+    assert (await response.json())["error_description"].startswith("name: must")

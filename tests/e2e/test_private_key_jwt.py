@@ -424,6 +424,16 @@ async def test_key_rotation_add_new_use_new_remove_old_old_refused(client, compa
     assert column == ["rsa-1"]
 
 
+async def test_an_empty_jwk_set_changes_nothing(client, company, db):
+    """No key to register: nothing to record. It was a 500 (an append of no events)."""
+    app = await keyed_app(client, company, EC)
+    keys_url = f"/admin/applications/{app['client_id']}/keys"
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    empty = await client.post(keys_url, json={"keys": []}, headers=company.auth)
+    assert empty.status < 500, await empty.text()
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
+
+
 async def test_private_key_material_is_refused_with_a_clear_400(client, company, db):
     before = await db.pool.fetchval("SELECT count(*) FROM events")
     body = {
