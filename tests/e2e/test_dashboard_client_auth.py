@@ -410,7 +410,7 @@ async def test_a_change_made_meanwhile_is_shown_not_overwritten(client, company,
     assert (await stored(client, company, app))["cc_token_limit"] == 7
 
 
-@pytest.mark.parametrize("version", ["1" * 12, "x", "-1"])
+@pytest.mark.parametrize("version", ["1" * 12, "x", "-1", "\u00b3", "\u0661"])
 async def test_a_version_the_page_never_wrote_matches_none(client, company, db, signed_in, version):
     """The form's version is the check against a change made meanwhile: one that no page
     could have written fails it rather than skipping it."""

@@ -178,7 +178,8 @@ def _seen_version(form: Form) -> frozenset[int] | None:
     version = form.get("version")
     if not version:
         return None
-    return frozenset({int(version)}) if version.isdigit() and len(version) < 10 else frozenset()
+    digits = version.isascii() and version.isdigit() and len(version) < 10  # not "³"
+    return frozenset({int(version)}) if digits else frozenset()
 
 
 @routes.post("/dashboard/applications/{client_id}/client-auth")
