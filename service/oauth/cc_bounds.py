@@ -23,7 +23,6 @@ from service.domain.rate import CLOCKS_APART, RateLimit
 from service.domain.state import AppState
 from service.eventlog import Metadata
 from service.logs import error_text
-from service.oauth import tokens
 from service.oauth.errors import SlowDown
 from service.oauth.ports import Ledger, Lookups
 
@@ -96,16 +95,14 @@ class ClientTokenBounds:
 
     # --- tokens granted here, until the model applies them -----------------------------
 
-    def granting(self, app: AppState, access_token: str) -> str:
+    def granting(self, app: AppState, token_hash: str) -> None:
         """A token this process is about to record for `app`: counted as the client's until
-        the model applies it (`applied`), or it is not recorded (`not_granted`). Its hash,
-        or "" when nothing holds the application (no rate, no limit: nothing to count)."""
-        if not (self.limits.rate > 0 or (self.live_tokens is not None and self._limit(app))):
-            return ""
-        token_hash = tokens.token_hash(access_token)
-        self._granted[token_hash] = app.client_id
-        self._pending[app.client_id] = self._pending.get(app.client_id, 0) + 1
-        return token_hash
+        the model applies it (`applied`), or it is not recorded (`not_granted`); not at all
+        when nothing holds the application (no rate, no limit: nothing to count)."""
+        limited = self.live_tokens is not None and self.limits.live_tokens_of(app)
+        if self.limits.rate > 0 or limited:
+            self._granted[token_hash] = app.client_id
+            self._pending[app.client_id] = self._pending.get(app.client_id, 0) + 1
 
     def not_granted(self, token_hash: str) -> None:
         """Not recorded (or not known to be: then, if it was, it is counted twice)."""
@@ -144,7 +141,7 @@ class ClientTokenBounds:
         within its limit: counting the tokens this process has granted and its model does
         not hold yet (the one being decided among them), and leaving out those it is
         superseding already. Each is reserved (added to `reserved`) until `release`."""
-        limit = self._limit(app)
+        limit = self.limits.live_tokens_of(app)
         if not limit or self.live_tokens is None:
             return ()
         client_id = app.client_id
@@ -167,9 +164,6 @@ class ClientTokenBounds:
             going.difference_update(reserved)
             if not going:
                 del self._going[client_id]
-
-    def _limit(self, app: AppState) -> int:
-        return self.limits.live_tokens_of(app)
 
     def _check_excess(self, client_id: str) -> None:
         check = asyncio.ensure_future(self._supersede_excess(client_id))

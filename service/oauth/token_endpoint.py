@@ -125,7 +125,7 @@ class Grant:
         self.bounds = bounds
 
     async def decide(
-        self, request: Request, access: str, refresh: str
+        self, request: Request, access_hash: str, refresh_hash: str
     ) -> grants.Issue | grants.Refusal:
         raise NotImplementedError
 
@@ -136,13 +136,13 @@ class ClientCredentials(Grant):
     grant_type = "client_credentials"
 
     async def decide(
-        self, request: Request, access: str, refresh: str
+        self, request: Request, access_hash: str, refresh_hash: str
     ) -> grants.Issue | grants.Refusal:
         scope = request.params.get("scope")
         app = request.app
         superseded = self.bounds.to_supersede(app, request.superseding)
         return grants.client_credentials(
-            app, scope, tokens.token_hash(access), request.now, superseded, request.jkt
+            app, scope, access_hash, request.now, superseded, request.jkt
         )
 
 
@@ -156,7 +156,7 @@ class AuthorizationCode(Grant):
     issues_refresh = True
 
     async def decide(
-        self, request: Request, access: str, refresh: str
+        self, request: Request, access_hash: str, refresh_hash: str
     ) -> grants.Issue | grants.Refusal:
         code = request.params["code"]
         if not tokens.well_formed(code, tokens.CODE):
@@ -177,7 +177,7 @@ class AuthorizationCode(Grant):
             request.params.get("redirect_uri") or None,  # empty: omitted (RFC 6749 §3.1)
             request.params.get("code_verifier"),
             connection,
-            (tokens.token_hash(access), tokens.token_hash(refresh)),
+            (access_hash, refresh_hash),
             request.now,
             request.ip,
             request.jkt,
@@ -192,23 +192,23 @@ class RefreshToken(Grant):
     issues_refresh = True
 
     async def decide(
-        self, request: Request, access: str, refresh: str
+        self, request: Request, access_hash: str, refresh_hash: str
     ) -> grants.Issue | grants.Refusal:
         presented = request.params["refresh_token"]
         if not tokens.well_formed(presented, tokens.REFRESH):
             raise InvalidGrant("unknown, expired or revoked refresh token")
-        refresh_hash = tokens.token_hash(presented)
-        found = await self.lookups.refresh_family(refresh_hash)
+        presented_hash = tokens.token_hash(presented)
+        found = await self.lookups.refresh_family(presented_hash)
         connection = (
             self.lookups.connection(found[1].company_id, request.app.client_id) if found else None
         )
         return grants.refresh(
             request.app,
-            refresh_hash,
+            presented_hash,
             found,
             connection,
             request.params.get("scope"),
-            (tokens.token_hash(access), tokens.token_hash(refresh)),
+            (access_hash, refresh_hash),
             request.now,
             request.ip,
             self.limits.refresh_grace,
@@ -286,11 +286,11 @@ class TokenEndpoint:
             for name in grant.required:
                 if not params.get(name):  # an empty parameter is an omitted one (§3.1)
                     raise InvalidRequest(f"{name} is required")
-            if attempt == 0 and grant.grant_type == ClientCredentials.grant_type:
-                # They never expire: a client that asks for one per call is held to a rate.
-                # Users' grants are not (an application's users refresh at once).
-                self.bounds.within_rate(app.client_id)
             if attempt == 0:
+                if grant.grant_type == ClientCredentials.grant_type:
+                    # They never expire: a client that asks for one per call is held to a
+                    # rate. Users' grants are not (an application's users refresh at once).
+                    self.bounds.within_rate(app.client_id)
                 jkt = await self.proof_key(app, presented, meta, later)
             if app.dpop_bound and not jkt:  # RFC 9449 §5.2, also when it was just set
                 raise dpop.InvalidDpopProof("this client's token requests need a DPoP proof")
@@ -335,15 +335,17 @@ class TokenEndpoint:
     async def _issue(self, grant: Grant, request: Request) -> Issued:
         access = tokens.new(tokens.ACCESS)
         refresh = tokens.new(tokens.REFRESH) if grant.issues_refresh else ""
+        # Hashed once here: what the grants record, and what the bounds count
+        access_hash = tokens.token_hash(access)
+        refresh_hash = tokens.token_hash(refresh) if refresh else ""
         client_id = request.app.client_id
-        granted = ""
         if grant.grant_type == ClientCredentials.grant_type:
-            granted = self.bounds.granting(request.app, access)
+            self.bounds.granting(request.app, access_hash)
         try:
             try:
-                decision = await self._recorded(grant, request, access, refresh)
+                decision = await self._recorded(grant, request, access_hash, refresh_hash)
             except BaseException:
-                self.bounds.not_granted(granted)
+                self.bounds.not_granted(access_hash)
                 raise
             try:
                 for then in decision.then:
@@ -364,7 +366,7 @@ class TokenEndpoint:
         )
 
     async def _recorded(
-        self, grant: Grant, request: Request, access: str, refresh: str
+        self, grant: Grant, request: Request, access_hash: str, refresh_hash: str
     ) -> grants.Issue:
         """Decide and record; a race lost on the token's own stream (the same code or
         refresh token spent by another request a moment before) is decided again on what
@@ -375,7 +377,7 @@ class TokenEndpoint:
         # Each race lost to a winner in sight moves the stream on, and a refresh token's
         # repeats end within GRACE_REPEATS: past that many races, a flood.
         for _ in range(self.attempts + grants.GRACE_REPEATS):
-            decision = await grant.decide(request, access, refresh)
+            decision = await grant.decide(request, access_hash, refresh_hash)
             # Decided: what the request used once is spent now, before anything is recorded
             # of the decision. A grant's reuse detection (a code or a refresh token presented
             # again) revokes the grant: a replay of a whole request, its assertion or proof

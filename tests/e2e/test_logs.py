@@ -29,6 +29,7 @@ from service.settings import Settings
 from service.storage.database import Database
 from tests.e2e.oauth_helpers import basic
 from tests.e2e.test_make_run import free_port
+from tests.e2e.test_scale_out import cc_app
 
 MALFORMED_ROUNDS = 2000  # a bounded flood: enough that anything per request shows up
 
@@ -146,19 +147,7 @@ async def credentials(db, tmp_path: Path, running: Running) -> Credentials:
         made = await create_company(ctx, "Acme", "admin@acme.example", Metadata(actor="test"))
     admin = {"Authorization": f"Bearer {made.admin_key}"}
     async with aiohttp.ClientSession(f"http://127.0.0.1:{running.port}") as http:
-        async with http.post(
-            "/admin/applications",
-            headers=admin,
-            json={
-                "name": "Logged",
-                "grant_type": "client_credentials",
-                "ip_allowlist": ["127.0.0.1"],
-                "permissions": ["invoices:read"],
-                "notification_emails": ["ops@acme.example"],
-            },
-        ) as response:
-            assert response.status == 201, await response.text()
-            app = await response.json()
+        app = await cc_app(http, made, "Logged")
         async with http.post(
             "/oauth/token",
             data={"grant_type": "client_credentials"},
