@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import psutil
@@ -23,6 +24,16 @@ async def until(condition, seconds: float) -> None:
     while not condition():
         assert time.monotonic() - started < seconds, "the condition never held"
         await asyncio.sleep(0.1)
+
+
+def catches(process: psutil.Process, signum: int) -> bool:
+    """Whether `process` has a handler for `signum` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
 
 
 def gone_within(processes: list[psutil.Process], seconds: float) -> bool:
@@ -58,7 +69,12 @@ async def test_a_new_parent_refuses_the_port_while_old_workers_still_hold_it(db,
     second: Service | None = None
     try:
         await first.wait_status(200)
+        # Every worker past its start: one still starting takes SIGTERM's default (it ends
+        # at once), and the kernel hands a stopped process the parent-death SIGTERM before
+        # a SIGSTOP that had not taken effect yet, on a busy machine.
+        await first.wait_listening(2)
         workers = first.workers()
+        await until(lambda: all(catches(w, signal.SIGTERM) for w in workers), 30)
         for worker in workers:  # they cannot act on their parent's death while stopped
             worker.suspend()
         first.proc.send_signal(signal.SIGKILL)
