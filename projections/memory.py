@@ -216,6 +216,11 @@ class PolicyModel:
             lone = self.tokens.get(lone_token)
             if lone is not None:
                 lone.permissions = self._intern(lone.permissions - removed)
+        # Codes not yet redeemed too: redeemed once a later consent had given the connection
+        # the permission again, one would carry it back into a new grant.
+        for code in self.codes.values():
+            if code.client_id == e.client_id and not code.redeemed:
+                code.permissions = tuple(p for p in code.permissions if p not in removed)
 
     def _secret_rotated(self, e: ev.ClientSecretRotated, r: RecordedEvent) -> None:
         app = self.apps.get(e.client_id)

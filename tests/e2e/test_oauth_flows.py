@@ -370,6 +370,28 @@ async def test_removing_a_permission_strips_it_everywhere_and_adding_one_does_no
     assert renewed["scope"] == "invoices:read"  # users must authorise again to grant more
 
 
+async def test_a_removed_permission_does_not_come_back_to_a_code_not_yet_redeemed(
+    client, company, ac_app
+):
+    """SPEC §2: a removed permission leaves every existing grant, and a permission added
+    again does not come back to one: a code issued before the removal included. Consented
+    again meanwhile, the connection holds the permission once more."""
+    pending = await code_for(client, company, ac_app)
+    path = f"/admin/applications/{ac_app['client_id']}"
+    both = ["invoices:read", "debtors:read"]
+    for permissions in (["invoices:read"], both):
+        changed = await client.patch(path, json={"permissions": permissions}, headers=company.auth)
+        assert changed.status == 200, await changed.text()
+    client.session.cookie_jar.clear()
+    fresh = await (await exchange(client, ac_app, await code_for(client, company, ac_app))).json()
+    assert fresh["scope"] == "debtors:read invoices:read"
+    redeemed = await exchange(client, ac_app, pending)
+    assert redeemed.status == 200, await redeemed.text()
+    body = await redeemed.json()
+    assert body["scope"] == "invoices:read"
+    assert (await introspect(client, ac_app, body["access_token"]))["scope"] == "invoices:read"
+
+
 async def test_a_refresh_may_narrow_the_scope_and_later_ask_for_the_whole_grant(
     client, company, ac_app
 ):
