@@ -190,7 +190,9 @@ async def _continue_later(_request: web.BaseRequest) -> None:
     from the header section is sent instead). `_read` sends it once they are."""
 
 
-@routes.route("*", "/api/{path:.*}", expect_handler=_continue_later)
+# `[\s\S]*`, not `.*`: a decoded path may hold a line break, and a request that fell
+# through to the catch-all was answered 404 before its token was looked at.
+@routes.route("*", r"/api/{path:[\s\S]*}", expect_handler=_continue_later)
 async def gateway(request: web.Request) -> web.StreamResponse:
     app = request.app
     ctx = app[CONTEXT]

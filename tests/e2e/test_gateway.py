@@ -168,14 +168,6 @@ async def test_trusted_proxies_forward_the_right_most_untrusted_address(db, sett
     try:
         company = await make_company(client)
         app = await new_app(client, company, ip_allowlist=["198.51.100.0/24"])
-        token = (
-            await cc_token(
-                client,
-                app,
-            )
-            if False
-            else None
-        )
         # the token endpoint sees the forwarded address too
         response = await client.post(
             "/oauth/token",
@@ -488,6 +480,30 @@ async def test_the_violation_path_end_to_end_sends_one_email(db, settings):
     finally:
         await client.close()
         await smtp.stop()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/whoami%0a", "/api/v1/whoami%0d", "/api/v1/x%0Ay"])
+async def test_a_line_break_in_the_path_is_still_the_gateways(client, company, db, path):
+    """A decoded path may hold a line break, which a route's `.*` does not match: such a
+    request fell through to the catch-all 404, and a valid token from outside the allow
+    list was neither refused nor revoked. The token is checked first wherever it is sent."""
+    from tests.e2e.test_no_server_errors import raw_request
+
+    def get(headers: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode()
+
+    assert await raw_request(client, get("")) == 401
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1"])
+    token = (await cc_token(client, app))["access_token"]
+    moved = await client.patch(
+        f"/admin/applications/{app['client_id']}",
+        json={"ip_allowlist": ["192.0.2.0/24"]},
+        headers=company.auth,
+    )
+    assert moved.status == 200
+    assert await raw_request(client, get(f"Authorization: Bearer {token}\r\n")) == 403
+    assert await count(db, "IpViolationDetected") == 1
+    assert await count(db, "TokenRevoked") == 1
 
 
 @pytest.mark.parametrize(
