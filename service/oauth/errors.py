@@ -119,6 +119,9 @@ class InsufficientScope(OAuthError):
     status = 403
 
     def __init__(self, permission: str) -> None:
+        # A catalogue name, checked where a caller names it; held to RFC 6750 §3's
+        # characters all the same: a header cannot carry a line break or a stray quote.
+        permission = rfc6749_text(permission)
         challenge = (
             f'Bearer realm="{BEARER_REALM}", error="insufficient_scope", scope="{permission}"'
         )

@@ -60,6 +60,9 @@ async def check(request: web.Request) -> web.Response:
         ip = str(addresses.ip_address(body.ip.strip()))
     except ValueError:
         raise InvalidRequest("ip: not an IP address") from None
+    if body.permission is not None and body.permission not in ctx.catalogue:
+        # Named in the answer's challenge (RFC 6750 §3): only a name of the catalogue's.
+        raise InvalidRequest("permission: not one of the permission catalogue's")
     proof = presented(body, ctx.dpop_nonces)
     point = ctx.policy_point
     try:

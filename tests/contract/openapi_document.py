@@ -433,7 +433,8 @@ def session_and_policy_paths() -> Json:
                 "(WWW-Authenticate: DPoP); with DPOP_NONCE=required, a proof without a "
                 "valid nonce is 401 use_dpop_nonce with the nonce to relay (dpop_nonce). 403: "
                 "the address is outside the application's allow list (the token is revoked) or "
-                "the permission is missing.",
+                "the permission is missing. 400: a permission that is not one of the "
+                "catalogue's (scopes_supported), decided before the token is.",
             ),
         },
         "/api/v1/whoami": {

@@ -435,6 +435,31 @@ async def test_policy_check_for_resource_servers(client, company, db):
     assert violation["ip"] == "203.0.113.1"
 
 
+@pytest.mark.parametrize(
+    "permission",
+    ["invoices:delete", "a\r\nSet-Cookie: x=1", "x\u0000", 'x", error="invalid_token', "café"],
+)
+async def test_policy_check_names_only_a_permission_of_the_catalogue(
+    client, company, db, permission
+):
+    """The permission asked about is named in the answer's challenge: one that is not the
+    catalogue's (a line break in it ended the connection with no answer, a quote added a
+    parameter) is the resource server's bad request, decided before the token is."""
+    app = await new_app(client, company, ip_allowlist=["127.0.0.1"])
+    token = (await cc_token(client, app))["access_token"]
+    _, key = await register_resource_server(client.app[CONTEXT], "billing api", Metadata())
+    for ip in ("127.0.0.1", "203.0.113.1"):  # inside and outside the allow list
+        refused = await client.post(
+            "/policy/check",
+            json={"token": token, "ip": ip, "permission": permission},
+            headers=bearer(key),
+        )
+        assert refused.status == 400
+        assert (await refused.json())["error"] == "invalid_request"
+    assert await count(db, "IpViolationDetected") == 0
+    assert await count(db, "TokenRevoked") == 0
+
+
 async def test_the_violation_path_end_to_end_sends_one_email(db, settings):
     """Gateway → revocation → the service's own notifier → a real SMTP server."""
     from tests.integration.test_notifier import SmtpServer
