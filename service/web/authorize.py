@@ -41,6 +41,7 @@ _THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}\Z")  # a SHA-256 JWK thumbprint (R
 _UNSUPPORTED = (("request", "request_not_supported"), ("request_uri", "request_uri_not_supported"))
 _PASSED = ("client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method",
            "dpop_jkt")  # fmt: skip
+_HANDED_ON = frozenset(_PASSED)
 
 
 class PageError(Exception):
@@ -346,7 +347,9 @@ async def login(request: web.Request) -> web.StreamResponse:
 @routes.post("/oauth/authorize")
 async def decide(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    form = await form_body(request)
+    # The authorization request's fields, repeated, are refused as the GET refuses them
+    # (back to the application when it can be told where); the form's own, here.
+    form = await form_body(request, repeatable=_HANDED_ON)
     fields = {k: str(v) for k, v in form.items() if isinstance(v, str)}
     session = await _session(request, ctx)
     if session is None:

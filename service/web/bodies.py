@@ -133,8 +133,24 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return message
 
 
-async def form_body(request: web.Request, limit: int = MAX_BODY) -> Form:
-    """A form body (urlencoded or multipart); a malformed one is a 400, never a 500."""
+async def form_body(
+    request: web.Request, limit: int = MAX_BODY, *, repeatable: frozenset[str] = frozenset()
+) -> Form:
+    """A form body (urlencoded or multipart); a malformed one is a 400, never a 500, and so
+    is a field given more than once, unless it is `repeatable` (a list of checkboxes): a
+    page would act on the first, and a proxy or a log that reads the last would see
+    another request than the one acted on."""
+    form = await _form_body(request, limit)
+    if len(form) > len(form.keys()):  # the keys of a MultiDict are told once each
+        seen: set[str] = set()
+        for key, _value in form.items():
+            if key in seen and key not in repeatable:
+                raise InvalidRequest(f"{key} is given more than once")
+            seen.add(key)
+    return form
+
+
+async def _form_body(request: web.Request, limit: int) -> Form:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     if request.content_type in _URLENCODED:

@@ -144,7 +144,7 @@ async def test_a_consent_form_with_a_field_given_twice_is_refused(client, compan
     app = await web_app(client, company)
     url = authorize_url(app, scope="invoices:read")
     page = await signed_in_page(client, company.admin_email, company.admin_password, url)
-    fields = hidden_inputs(page)
+    fields = hidden_inputs(page, "/oauth/authorize")
     fields = [(k, v) for k, v in fields if k != "decision"]
     extra = {"scope": "invoices:write", "redirect_uri": "https://evil.example/cb", "state": "x"}
     before = await db.pool.fetchval("SELECT count(*) FROM events")

@@ -95,6 +95,41 @@ async def test_a_change_without_the_sessions_token_changes_nothing(client, compa
     assert await events(db) == before + 1
 
 
+async def test_a_field_given_twice_changes_nothing(client, company, db):
+    """A page acted on a repeated field's first value, where a proxy or a log that reads
+    the last saw another request: `role=admin&role=member` added an admin. Only a list of
+    checkboxes (an application's permissions) may repeat."""
+    app = await new_app(client, company, jwks={"keys": [REGISTERED.as_dict(private=False)]})
+    member = await (
+        await client.post(
+            "/admin/users", json={"email": "clerk@acme.example", "role": "member"},
+            headers=company.auth,
+        )
+    ).json()  # fmt: skip
+    key = await (await client.post("/admin/keys", json={}, headers=company.auth)).json()
+    await sign_in(client, company.admin_email, company.admin_password)
+    token = await the_token(client)
+    before = await events(db)
+    for path, fields in changes(app["client_id"], member["user_id"], key["key_id"]):
+        pairs = [*fields.items(), ("csrf_token", token)]
+        twice = next((k for k, _ in pairs if k != "permissions"), "csrf_token")
+        pairs.append((twice, dict(pairs)[twice]))
+        response = await client.post(path, data=pairs, allow_redirects=False)
+        assert response.status == 400, (path, await response.text())
+        assert f"{twice} is given more than once" in await response.text()
+    assert await events(db) == before
+    listed = await client.post(
+        "/dashboard/applications",
+        data=[("name", "Two permissions"), ("grant_type", "client_credentials"),
+              ("ip_allowlist", "127.0.0.1"), ("notification_emails", "a@acme.example"),
+              ("permissions", "invoices:read"), ("permissions", "debtors:read"),
+              ("csrf_token", token)],
+        allow_redirects=False,
+    )  # fmt: skip
+    assert listed.status == 303, await listed.text()
+    assert await events(db) == before + 1
+
+
 async def test_the_dashboards_token_works_for_the_admin_api(client, company):
     await sign_in(client, company.admin_email, company.admin_password)
     token = await the_token(client)

@@ -20,6 +20,8 @@ from tests.e2e.oauth_helpers import (
     cc_token,
     code_for,
     consent,
+    hidden_fields,
+    hidden_inputs,
     new_app,
     pkce,
     query_of,
@@ -390,6 +392,34 @@ async def test_a_removed_permission_does_not_come_back_to_a_code_not_yet_redeeme
     body = await redeemed.json()
     assert body["scope"] == "invoices:read"
     assert (await introspect(client, ac_app, body["access_token"]))["scope"] == "invoices:read"
+
+
+async def test_the_browsers_forms_refuse_a_field_given_twice(client, company, ac_app, db):
+    """The consent form took the last `decision` (`decision=deny&decision=approve`
+    approved), the sign-in forms the first of everything: a proxy or a log that reads
+    the other saw another request. Now 400, and nothing recorded."""
+    url = authorize_url(ac_app)
+    page = await (await client.get(url)).text()
+    csrf = hidden_fields(page)["csrf_token"]
+    twice = [("email", company.admin_email), ("email", "x@acme.example"),
+             ("password", company.admin_password), ("next", url), ("csrf_token", csrf)]  # fmt: skip
+    login = await client.post("/oauth/login", data=twice, allow_redirects=False)
+    assert login.status == 400 and "email is given more than once" in await login.text()
+    await sign_in(client, company.admin_email, company.admin_password, url)
+    page = await (await client.get(url)).text()
+    before = await db.pool.fetchval("SELECT count(*) FROM events")
+    decided = await client.post(
+        "/oauth/authorize",
+        data=[
+            *hidden_inputs(page, "/oauth/authorize"),
+            ("decision", "deny"),
+            ("decision", "approve"),
+        ],
+        allow_redirects=False,
+    )
+    assert decided.status == 400 and "decision is given more than once" in await decided.text()
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == before
+    assert query_of(await consent(client, url)).get("code")  # the form as sent still works
 
 
 async def test_a_refresh_may_narrow_the_scope_and_later_ask_for_the_whole_grant(

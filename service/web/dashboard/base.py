@@ -220,6 +220,10 @@ def render(
     return response
 
 
+#: the dashboard's fields that may come more than once: a list of checkboxes
+REPEATABLE = frozenset({"permissions"})
+
+
 class Form:
     """A form's text fields (a file part is ignored: no form here has one)."""
 
@@ -294,4 +298,4 @@ async def _answer(
 
 
 async def read_form(request: web.Request) -> Form:
-    return Form(await form_body(request))
+    return Form(await form_body(request, repeatable=REPEATABLE))
