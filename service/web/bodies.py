@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import compression_utils, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiDict, MultiDictProxy
@@ -42,13 +42,42 @@ def _reason(exc: BaseException) -> str:
     return exc.message if isinstance(exc, HttpProcessingError) else str(exc)
 
 
-async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+#: the content codings a body may come in: none, or one aiohttp decodes as it reads
+CODINGS = frozenset(
+    {"identity", "gzip", "deflate"}
+    | ({"br"} if compression_utils.HAS_BROTLI else set())
+    | ({"zstd"} if compression_utils.HAS_ZSTD else set())
+)
+
+
+def _known_coding(request: web.Request) -> None:
+    """415 for a body in a content coding this server does not decode (RFC 9110 §15.5.16,
+    with Accept-Encoding naming those it does, §12.5.3): it was read as it came, as if it
+    were none, and a coded form may still parse as another one."""
+    given = request.headers.getall("Content-Encoding", ())
+    if len(given) > 1:
+        raise InvalidRequest("Content-Encoding is given more than once")
+    if given and not (given[0].isascii() and given[0].strip().lower() in CODINGS):
+        accepted = ", ".join(sorted(CODINGS - {"identity"}))
+        raise UnsupportedMediaType(
+            f"Content-Encoding must be one of {accepted}, or none",
+            headers={"Accept-Encoding": accepted},
+        )
+
+
+async def read_body(
+    request: web.Request, limit: int = MAX_BODY, *, any_coding: bool = False
+) -> bytes:
     """The whole body, however many pieces it arrives in: one read returns only what has
     arrived so far, and a body split over TCP segments or chunks would be cut short. A
     body still arriving is read holding at most limit + 1 bytes, so a chunked body is
-    refused once it passes the limit; one that has all arrived is taken as it is."""
+    refused once it passes the limit; one that has all arrived is taken as it is.
+    `any_coding`: a body in a content coding aiohttp does not decode is taken as it came
+    (the gateway hands it on), not refused."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    if not any_coding:
+        _known_coding(request)
     content = request.content
     body: bytes | bytearray
     try:
@@ -153,6 +182,7 @@ async def form_body(
 async def _form_body(request: web.Request, limit: int) -> Form:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    _known_coding(request)
     if request.content_type in _URLENCODED:
         return _urlencoded(await read_body(request, limit), request.charset or "utf-8")
     # aiohttp reads the whole form, piece by piece, but within its own client_max_size

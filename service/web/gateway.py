@@ -366,7 +366,7 @@ async def _read(request: web.Request, limit: int) -> bytes:
     request allowed, its length within `limit`: a longer one is refused unsent)."""
     if request.content_length is None or request.content_length <= limit:
         await expectation(request)
-    return await read_body(request, limit)
+    return await read_body(request, limit, any_coding=True)  # the upstream's to decode
 
 
 def _forwarded_headers(

@@ -96,6 +96,39 @@ async def test_a_body_that_does_not_decompress_is_invalid_request_at_oauth_endpo
     assert not errors, [r.getMessage() for r in errors]
 
 
+@pytest.mark.parametrize(
+    ("path", "ctype"),
+    [("/oauth/token", FORM), ("/oauth/token", JSON), ("/admin/keys", JSON), ("/session", JSON)],
+)
+@pytest.mark.parametrize("encoding", ["compress", "gzip, gzip", "x-custom", "gézip"])
+async def test_a_body_in_a_coding_not_decoded_here_is_refused(
+    client, company, db, path, ctype, encoding
+):
+    """RFC 9110 §15.5.16: a content coding the server does not decode is a 415 naming those
+    it does (Accept-Encoding, §12.5.3). It was read as it came, as if it were none: a
+    token was issued for `Content-Encoding: x-custom`."""
+    app = await new_app(client, company)
+    before = await _writes(db)
+    plain = CC_BODIES[ctype] if path == "/oauth/token" else b'{"label": "ci"}'
+    if path == "/session":
+        plain = json.dumps({"email": company.admin_email, "password": company.admin_password})
+    auth = basic(app["client_id"], app["client_secret"]) if path == "/oauth/token" else {}
+    if path == "/admin/keys":
+        auth = company.auth
+    refused = await client.post(
+        path,
+        data=plain,
+        headers=auth
+        | {"Content-Type": ctype, "Content-Encoding": encoding.encode().decode("latin-1")},
+    )
+    if path == "/oauth/token":  # RFC 6749 §5.2's shape, as every error there
+        await _assert_oauth_invalid_request(refused, "Content-Encoding must be one of")
+    else:
+        assert refused.status == 415, await refused.text()
+        assert refused.headers["Accept-Encoding"] == "deflate, gzip"
+    assert await _writes(db) == before
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_an_admin_body_that_does_not_decompress_is_invalid_request(
     client, company, db, encoding
