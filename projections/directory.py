@@ -41,6 +41,7 @@ class AdminKey(msgspec.Struct):
     company_id: str
     label: str
     revoked: bool = False
+    issued_by: str | None = None  # the admin whose key it is (a user id)
 
 
 class ResourceServer(msgspec.Struct):
@@ -98,7 +99,9 @@ class DirectoryModel:
                 user.password_hash = e.password_hash
                 user.version = version
         elif isinstance(e, ev.AdminKeyIssued):
-            self.admin_keys[e.key_id] = AdminKey(e.key_id, e.company_id, e.label)
+            self.admin_keys[e.key_id] = AdminKey(
+                e.key_id, e.company_id, e.label, issued_by=e.issued_by
+            )
             self.admin_key_hashes[e.key_hash] = e.key_id
         elif isinstance(e, ev.AdminKeyRevoked):
             if (key := self.admin_keys.get(e.key_id)) is not None:

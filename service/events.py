@@ -68,6 +68,10 @@ class AdminKeyIssued(Event, frozen=True):
     key_id: str
     key_hash: str
     label: str = ""
+    #: the admin whose key it is (issued from their session, or with a key of theirs): it
+    #: is revoked when they are removed or stop being an admin. None: issued by the CLI, or
+    #: before keys were tied to a person.
+    issued_by: str | None = None
 
 
 class AdminKeyRevoked(Event, frozen=True):

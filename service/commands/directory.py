@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
@@ -14,6 +15,7 @@ from service.context import Context
 from service.domain import credentials, passwords, streams
 from service.domain import users as user_rules
 from service.domain.applications import FieldError
+from service.domain.grants import Record
 from service.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from service.eventlog import ConcurrencyError, Metadata
 
@@ -150,19 +152,25 @@ async def change_role(
     for attempt in range(MAX_ATTEMPTS):
         version, users = await _company_users(ctx, company_id)
         event = user_rules.change_role(company_id, users, user_id, role)
-        if event is None or await _record_on_company(ctx, company_id, event, version, meta):
+        if event is None:
+            return
+        if await _record_on_company(ctx, company_id, event, version, meta):
+            if role != "admin":
+                await _revoke_keys_of(ctx, company_id, user_id, meta)
             return
         await backoff(attempt)
     raise still_changing("the company's users")
 
 
 async def remove_user(ctx: Context, company_id: str, user_id: str, meta: Metadata) -> None:
-    """The user can no longer sign in, and every session of theirs ends at once."""
+    """The user can no longer sign in, every session of theirs ends at once, and every
+    admin key of theirs is revoked."""
     for attempt in range(MAX_ATTEMPTS):
         version, users = await _company_users(ctx, company_id)
         event = user_rules.remove(company_id, users, user_id)
         if await _record_on_company(ctx, company_id, event, version, meta):
             await end_sessions(ctx, user_id)
+            await _revoke_keys_of(ctx, company_id, user_id, meta)
             return
         await backoff(attempt)
     raise still_changing("the company's users")
@@ -252,10 +260,37 @@ async def issue_admin_key(
     key = credentials.new_admin_key()
     key_id = credentials.new_id("key")
     event = ev.AdminKeyIssued(
-        company_id=company_id, key_id=key_id, key_hash=credentials.digest(key), label=label
-    )
+        company_id=company_id, key_id=key_id, key_hash=credentials.digest(key), label=label,
+        issued_by=_person_behind(ctx, meta.actor),
+    )  # fmt: skip
     await ctx.record(streams.admin_key(key_id), 0, [event], meta)
     return key_id, key
+
+
+def _person_behind(ctx: Context, actor: str) -> str | None:
+    """The admin an actor acts for: a user, or the person whose key it uses (None: the
+    CLI, or a key issued before keys were tied to a person)."""
+    kind, _, ident = actor.partition(":")
+    if kind == "user":
+        return ident
+    if kind == "admin_key" and (key := ctx.directory.admin_keys.get(ident)) is not None:
+        return key.issued_by
+    return None
+
+
+async def _revoke_keys_of(ctx: Context, company_id: str, user_id: str, meta: Metadata) -> None:
+    """Every live admin key of a person who is no longer an admin: a key outlived its
+    admin's removal, and could add a new admin account for them. Recorded on each key's
+    stream at its issued version, as any revocation: one revoked meanwhile is left so. Not
+    held to the key the caller acts with, as its other changes are: the removal or the
+    demotion is recorded already, and this is what it means."""
+    await ctx.refresh()  # keys issued through other processes a moment ago
+    keys = ctx.directory.company_keys(company_id)
+    for key in [k for k in keys if k.issued_by == user_id and not k.revoked]:
+        event = ev.AdminKeyRevoked(company_id=company_id, key_id=key.key_id)
+        revocation = Record(streams.admin_key(key.key_id), 1, (event,))
+        with contextlib.suppress(ConcurrencyError):
+            await ctx.ledger.record(revocation, meta, visible=True)
 
 
 async def revoke_admin_key(ctx: Context, company_id: str, key_id: str, meta: Metadata) -> None:

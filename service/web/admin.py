@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
+from projections.directory import AdminKey
 from service.commands import applications, connections, directory, tokens
 from service.context import Context
 from service.domain import applications as rules
@@ -384,9 +385,12 @@ async def create_key(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     ctx, who, _ = await _admin(request)
     keys = ctx.directory.company_keys(who.company_id)
-    return web.json_response(
-        {"keys": [{"key_id": k.key_id, "label": k.label, "revoked": k.revoked} for k in keys]}
-    )
+    return web.json_response({"keys": [_key(k) for k in keys]})
+
+
+def _key(key: AdminKey) -> dict[str, Any]:
+    return {"key_id": key.key_id, "label": key.label, "revoked": key.revoked,
+            "issued_by": key.issued_by}  # fmt: skip
 
 
 @routes.delete("/admin/keys/{key_id}")

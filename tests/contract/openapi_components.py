@@ -154,7 +154,17 @@ def response_schemas() -> Json:
                 "keys": {
                     "type": "array",
                     "items": obj(
-                        {"key_id": STRING, "label": STRING, "revoked": {"type": "boolean"}}
+                        {
+                            "key_id": STRING,
+                            "label": STRING,
+                            "revoked": {"type": "boolean"},
+                            "issued_by": {
+                                **nullable(STRING),
+                                "description": "the user id of the admin whose key it is: "
+                                "revoked when they are removed or stop being an admin (null: "
+                                "issued by the CLI, or before keys were tied to a person)",
+                            },
+                        }
                     ),
                 }
             }

@@ -54,6 +54,41 @@ async def test_removing_a_user_ends_their_sessions_in_every_process(client, comp
     assert made["user_id"] not in {u["user_id"] for u in listed["users"]}
 
 
+@pytest.mark.parametrize("leaves", ["removed", "demoted"])
+async def test_an_admins_keys_go_when_they_stop_being_an_admin(client, company, db, leaves):
+    """An admin key is its issuer's: one issued from their session, and one issued with
+    that key, outlived their removal or demotion, and could add a new admin for them."""
+    made = await add_user(client, company.auth, "leaver@acme.example", "admin")
+    session = await sign_in(client, "leaver@acme.example", made["password"])
+    issued = await client.post("/admin/keys", json={"label": "ci"}, headers=session.change)
+    assert issued.status == 201, await issued.text()
+    first = {"Authorization": f"Bearer {(await issued.json())['admin_key']}"}
+    chained = await client.post("/admin/keys", json={"label": "chained"}, headers=first)
+    second = {"Authorization": f"Bearer {(await chained.json())['admin_key']}"}
+    listed = (await (await client.get("/admin/keys", headers=company.auth)).json())["keys"]
+    assert {k["label"]: k["issued_by"] for k in listed} == {
+        "first admin key": None, "ci": made["user_id"], "chained": made["user_id"],
+    }  # fmt: skip
+    path = f"/admin/users/{made['user_id']}"
+    if leaves == "removed":
+        done = await client.delete(path, headers=company.auth)
+    else:
+        done = await client.patch(path, json={"role": "member"}, headers=company.auth)
+    assert done.status in (200, 204), await done.text()
+    for key in (first, second):
+        assert (await client.get("/admin/users", headers=key)).status == 401
+        added = await client.post(
+            "/admin/users", json={"email": "back@acme.example", "role": "admin"}, headers=key
+        )
+        assert added.status == 401
+    assert (await client.get("/admin/users", headers=company.auth)).status == 200
+    listed = (await (await client.get("/admin/keys", headers=company.auth)).json())["keys"]
+    assert {k["label"]: k["revoked"] for k in listed} == {
+        "first admin key": False, "ci": True, "chained": True,
+    }  # fmt: skip
+    assert len(await events_of(db, "AdminKeyRevoked")) == 2
+
+
 async def test_a_removed_users_address_can_be_given_to_a_new_user(client, company):
     first = await add_user(client, company.auth, "temp@acme.example", "member")
     await client.delete(f"/admin/users/{first['user_id']}", headers=company.auth)

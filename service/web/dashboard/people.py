@@ -120,11 +120,15 @@ async def keys_page(request: web.Request, admin: Admin) -> web.Response:
 
 
 def _keys(request: web.Request, admin: Admin, label: str, problems: list[str]) -> web.Response:
-    keys = request.app[CONTEXT].directory.company_keys(admin.company_id)
+    directory = request.app[CONTEXT].directory
+    keys = directory.company_keys(admin.company_id)
+    issuers = {
+        k.key_id: directory.users[k.issued_by].email for k in keys if k.issued_by in directory.users
+    }
     return render(
         request, admin, "dashboard/keys.html", title="Admin keys", section="keys",
         keys=sorted(keys, key=lambda k: (k.revoked, k.label.lower(), k.key_id)), label=label,
-        problems=problems, status=400 if problems else 200,
+        issuers=issuers, problems=problems, status=400 if problems else 200,
     )  # fmt: skip
 
 
