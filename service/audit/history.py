@@ -12,7 +12,9 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from projections.directory import DirectoryModel
 from service import events as ev
+from service.domain import streams
 from service.eventlog import RecordedEvent, to_recorded
 
 DEFAULT_LIMIT = 100
@@ -150,6 +152,43 @@ def item(recorded: RecordedEvent) -> dict[str, Any]:
         "causation": meta.causation,
         "payload": payload_of(recorded),
     }
+
+
+#: the company each application belongs to, from its first event (deleted ones too)
+_OWNERS = (
+    "SELECT stream_id, company_id FROM events WHERE stream_id = ANY($1::text[]) AND version = 1"
+)
+
+
+async def seen_by(
+    pool: asyncpg.Pool, directory: DirectoryModel, company_id: str, items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`items` as the company's admins see them: the address and the id of a request made
+    by another company's application, user or admin key are not theirs (a connection's
+    tokens are the connecting company's events, asked for by the publisher's servers; a
+    publisher's kill switch revokes them). The system's and the command line's are shown.
+    One index probe per page for the applications named."""
+    clients = {a[len(_CLIENT) :] for i in items if (a := i["actor"] or "").startswith(_CLIENT)}
+    owners: dict[str, str | None] = {}
+    if clients:
+        rows = await pool.fetch(_OWNERS, [streams.application(c) for c in clients])
+        owners = {r["stream_id"].removeprefix("application-"): r["company_id"] for r in rows}
+    for shown in items:
+        kind, _, ident = (shown["actor"] or "system").partition(":")
+        if kind == "client":
+            owner = owners.get(ident)
+        elif kind == "user":
+            owner = user.company_id if (user := directory.users.get(ident)) else None
+        elif kind == "admin_key":
+            owner = key.company_id if (key := directory.admin_keys.get(ident)) else None
+        else:
+            continue
+        if owner != company_id:
+            shown["client_ip"] = shown["request_id"] = None
+    return items
+
+
+_CLIENT = "client:"
 
 
 async def company_known(pool: asyncpg.Pool, company_id: str) -> bool:

@@ -31,6 +31,7 @@ async def list_events(request: web.Request) -> web.Response:
     except history.HistoryError as exc:
         raise InvalidRequest(str(exc)) from None
     items = await history.read(ctx.pool, query)
+    await history.seen_by(ctx.pool, ctx.directory, who.company_id, items)
     return web.json_response(
         {"events": items, "next_after": history.next_after(items)},
         headers={"Cache-Control": "no-store"},

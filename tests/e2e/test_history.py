@@ -379,3 +379,40 @@ async def test_an_event_this_version_cannot_read_is_shown_not_a_500(client, comp
     assert unread["payload"] == {"unreadable": "written by a newer version of Tollgate, or altered"}
     printed = lines(tollgate(db, "--company", company.company_id))
     assert [e["payload"] for e in printed if e["position"] == position] == [unread["payload"]]
+
+
+async def test_another_companys_requests_show_no_address_or_request_id(client, company, db):
+    """A connection's tokens are the connecting company's events, asked for by the
+    publisher's servers: the connecting company's admins saw the publisher's addresses and
+    its own request ids. Their own requests still show."""
+    from tests.e2e.oauth_helpers import basic, code_for, new_app
+
+    globex = await make_company(client, "Globex")
+    app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
+    code = await code_for(client, globex, app)
+    client.session.cookie_jar.clear()
+    exchanged = await client.post(
+        "/oauth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": app["redirect_uri"],
+        },
+        headers=basic(app["client_id"], app["client_secret"]) | {"X-Request-Id": "acme-backend-42"},
+    )
+    assert exchanged.status == 200, await exchanged.text()
+    killed = await client.post(
+        f"/admin/applications/{app['client_id']}/revoke-tokens",
+        headers=company.auth | {"X-Request-Id": "acme-admin-7"},
+    )
+    assert killed.status == 200
+    events = (await history(client, globex))["events"]
+    by_type = {e["type"]: e for e in events}
+    for theirs in ("AuthorizationCodeRedeemed", "AccessTokenIssued"):
+        assert by_type[theirs]["client_ip"] is None and by_type[theirs]["request_id"] is None
+    assert by_type["ConnectionGranted"]["client_ip"] == "127.0.0.1"  # Globex's own admin's
+    listed = json.dumps(events)
+    assert "acme-backend-42" not in listed and "acme-admin-7" not in listed
+    # The publisher sees its own requests, where they are its events.
+    ours = json.dumps((await history(client, company))["events"])
+    assert "acme-admin-7" in ours

@@ -98,7 +98,8 @@ async def _page(ctx: Context, company_id: str, filters: Filters) -> list[dict[st
         "ORDER BY company_id DESC, position DESC LIMIT $3",
         *args,
     )
-    return [history.item(to_recorded(row, readable_only=False)) for row in rows]
+    items = [history.item(to_recorded(row, readable_only=False)) for row in rows]
+    return await history.seen_by(ctx.pool, ctx.directory, company_id, items)
 
 
 @routes.get("/dashboard/history")
