@@ -42,6 +42,14 @@ class AdminKey(msgspec.Struct):
     label: str
     revoked: bool = False
     issued_by: str | None = None  # the admin whose key it is (a user id)
+    #: its admin was removed or stopped being one, before or after the key was recorded:
+    #: it opens nothing, whatever revocation was or was not recorded for it (a key issued
+    #: as its admin was being removed, which the removal's revocations did not see)
+    issuer_gone: bool = False
+
+    @property
+    def live(self) -> bool:
+        return not self.revoked and not self.issuer_gone
 
 
 class ResourceServer(msgspec.Struct):
@@ -56,6 +64,15 @@ _HANDLED = frozenset({
     ev.UserPasswordChanged, ev.AdminKeyIssued, ev.AdminKeyRevoked,
     ev.ResourceServerRegistered, ev.ResourceServerKeyRevoked,
 })  # fmt: skip
+
+
+def _admin_of(user: User | None, company_id: str) -> bool:
+    return (
+        user is not None
+        and not user.removed
+        and user.role == "admin"
+        and (user.company_id == company_id)
+    )
 
 
 class DirectoryModel:
@@ -99,9 +116,11 @@ class DirectoryModel:
                 user.password_hash = e.password_hash
                 user.version = version
         elif isinstance(e, ev.AdminKeyIssued):
+            issuer = self.users.get(e.issued_by) if e.issued_by is not None else None
             self.admin_keys[e.key_id] = AdminKey(
-                e.key_id, e.company_id, e.label, issued_by=e.issued_by
-            )
+                e.key_id, e.company_id, e.label, issued_by=e.issued_by,
+                issuer_gone=e.issued_by is not None and not _admin_of(issuer, e.company_id),
+            )  # fmt: skip
             self.admin_key_hashes[e.key_hash] = e.key_id
         elif isinstance(e, ev.AdminKeyRevoked):
             if (key := self.admin_keys.get(e.key_id)) is not None:
@@ -136,6 +155,10 @@ class DirectoryModel:
                 live.remove(user.user_id)
             if not live:
                 self.accounts_by_email.pop(user.email.lower(), None)
+        if not _admin_of(user, e.company_id):  # their keys end with it, for good
+            for key in self.admin_keys.values():
+                if key.issued_by == user.user_id:
+                    key.issuer_gone = True
 
     def accounts(self, email: str) -> list[User]:
         """The live accounts of an address, one per company, oldest first."""

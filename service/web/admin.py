@@ -389,7 +389,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 def _key(key: AdminKey) -> dict[str, Any]:
-    return {"key_id": key.key_id, "label": key.label, "revoked": key.revoked,
+    return {"key_id": key.key_id, "label": key.label, "revoked": not key.live,
             "issued_by": key.issued_by}  # fmt: skip
 
 

@@ -69,7 +69,7 @@ async def _admin_key(ctx: Context, key: str) -> Principal:
     if not _ADMIN_KEY.match(key):
         raise Unauthorized("malformed admin key", realm="tollgate-admin")
     found = await ctx.lookups.admin_key(credentials.digest(key))
-    if found is None or found.revoked:
+    if found is None or not found.live:
         raise Unauthorized("unknown or revoked admin key", realm="tollgate-admin")
     return Principal(found.company_id, f"admin_key:{found.key_id}", "admin")
 

@@ -89,6 +89,48 @@ async def test_an_admins_keys_go_when_they_stop_being_an_admin(client, company, 
     assert len(await events_of(db, "AdminKeyRevoked")) == 2
 
 
+@pytest.mark.parametrize("leaves", ["removed", "demoted"])
+async def test_keys_issued_while_their_admin_is_removed_open_nothing(client, company, leaves):
+    """Keys issued one with another, as fast as they come, while the admin is removed or
+    demoted: the last one opened everything after the removal's revocations had run (each
+    key issued the next before its own revocation landed), and could add a new admin. A
+    later promotion brings none of them back."""
+    made = await add_user(client, company.auth, "racer@acme.example", "admin")
+    session = await sign_in(client, "racer@acme.example", made["password"])
+    issued = await client.post("/admin/keys", json={"label": "k"}, headers=session.change)
+    newest = [f"Bearer {(await issued.json())['admin_key']}"]
+    stop = asyncio.Event()
+
+    async def chain() -> None:
+        while not stop.is_set():
+            answer = await client.post(
+                "/admin/keys", json={"label": "k"}, headers={"Authorization": newest[-1]}
+            )
+            if answer.status != 201:
+                return
+            newest.append(f"Bearer {(await answer.json())['admin_key']}")
+
+    chaining = asyncio.ensure_future(chain())
+    await asyncio.sleep(0.2)
+    path = f"/admin/users/{made['user_id']}"
+    if leaves == "removed":
+        done = await client.delete(path, headers=company.auth)
+    else:
+        done = await client.patch(path, json={"role": "member"}, headers=company.auth)
+    assert done.status in (200, 204)
+    await asyncio.sleep(0.3)
+    stop.set()
+    await chaining
+    assert len(newest) > 2  # the chain did run across the change
+    if leaves == "demoted":
+        again = await client.patch(path, json={"role": "admin"}, headers=company.auth)
+        assert again.status == 200
+    for key in newest:
+        assert (await client.get("/admin/users", headers={"Authorization": key})).status == 401
+    listed = (await (await client.get("/admin/keys", headers=company.auth)).json())["keys"]
+    assert all(k["revoked"] for k in listed if k["issued_by"] == made["user_id"])
+
+
 async def test_a_removed_users_address_can_be_given_to_a_new_user(client, company):
     first = await add_user(client, company.auth, "temp@acme.example", "member")
     await client.delete(f"/admin/users/{first['user_id']}", headers=company.auth)

@@ -95,3 +95,38 @@ def test_a_token_event_moves_the_directory_on_and_changes_nothing_else():
     model.apply([token])
     assert model.position == token.position
     assert [u.user_id for u in model.accounts("pat@example.com")] == ["usr_a"]
+
+
+def key(key_id: str, issued_by: str | None, company_id: str = "co_a") -> RecordedEvent:
+    return recorded(
+        ev.AdminKeyIssued(
+            company_id=company_id, key_id=key_id, key_hash=key_id * 8, issued_by=issued_by
+        )
+    )
+
+
+def role(user_id: str, before: str, after: str) -> RecordedEvent:
+    return recorded(
+        ev.UserRoleChanged(company_id="co_a", user_id=user_id, before=before, after=after)
+    )
+
+
+def test_an_admins_keys_end_with_their_admin_rights_whatever_the_order():
+    """A key is its admin's: it ends when they are removed or demoted, recorded before or
+    after it (a key issued as its admin was being removed, which the removal's revocations
+    did not see, opened everything), and a later promotion does not bring it back."""
+    model = DirectoryModel()
+    admin = ev.UserAdded(
+        company_id="co_a", user_id="usr_a", email="a@example.com", role="admin", password_hash="h"
+    )
+    model.apply([recorded(admin), key("k1", "usr_a"), key("k0", None), key("kx", "usr_a", "co_b")])
+    keys = model.admin_keys
+    assert keys["k1"].live and keys["k0"].live
+    assert not keys["kx"].live  # another company's key naming this admin opens nothing
+    model.apply([role("usr_a", "admin", "member"), key("k2", "usr_a")])
+    assert not keys["k1"].live and not keys["k2"].live and keys["k0"].live
+    model.apply([role("usr_a", "member", "admin"), key("k3", "usr_a")])
+    assert not keys["k1"].live and not keys["k2"].live and keys["k3"].live
+    model.apply([recorded(ev.UserRemoved(company_id="co_a", user_id="usr_a")), key("k4", "usr_a")])
+    assert not any(keys[k].live for k in ("k1", "k2", "k3", "k4")) and keys["k0"].live
+    assert not any(keys[k].revoked for k in keys)  # nothing of it recorded a revocation

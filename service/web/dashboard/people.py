@@ -127,7 +127,7 @@ def _keys(request: web.Request, admin: Admin, label: str, problems: list[str]) -
     }
     return render(
         request, admin, "dashboard/keys.html", title="Admin keys", section="keys",
-        keys=sorted(keys, key=lambda k: (k.revoked, k.label.lower(), k.key_id)), label=label,
+        keys=sorted(keys, key=lambda k: (not k.live, k.label.lower(), k.key_id)), label=label,
         issuers=issuers, problems=problems, status=400 if problems else 200,
     )  # fmt: skip
 
