@@ -165,18 +165,19 @@ async def seen_by(
 ) -> list[dict[str, Any]]:
     """`items` as the company's admins see them: the address and the id of a request made
     by another company's application, user or admin key are not theirs (a connection's
-    tokens are the connecting company's events, asked for by the publisher's servers; a
-    publisher's kill switch revokes them). The system's and the command line's are shown.
-    One index probe per page for the applications named."""
-    clients = {a[len(_CLIENT) :] for i in items if (a := i["actor"] or "").startswith(_CLIENT)}
+    tokens are the connecting company's events, asked for by the publisher's servers). A
+    token refused at the gateway or at /policy/check was sent by whoever holds it: the
+    request is its application's. The system's and the command line's are shown. One
+    index probe per page for the applications named."""
+    clients = {client for shown in items if (client := _client_of(shown)) is not None}
     owners: dict[str, str | None] = {}
     if clients:
         rows = await pool.fetch(_OWNERS, [streams.application(c) for c in clients])
         owners = {r["stream_id"].removeprefix("application-"): r["company_id"] for r in rows}
     for shown in items:
         kind, _, ident = (shown["actor"] or "system").partition(":")
-        if kind == "client":
-            owner = owners.get(ident)
+        if (client := _client_of(shown)) is not None:
+            owner = owners.get(client)
         elif kind == "user":
             owner = user.company_id if (user := directory.users.get(ident)) else None
         elif kind == "admin_key":
@@ -188,7 +189,19 @@ async def seen_by(
     return items
 
 
-_CLIENT = "client:"
+#: actors that check a token someone else sent: the request is the token's application's
+_TOKEN_CHECKERS = frozenset({"gateway", "resource_server"})
+
+
+def _client_of(shown: dict[str, Any]) -> str | None:
+    """The application whose request an item records, if an application's."""
+    kind, _, ident = (shown["actor"] or "system").partition(":")
+    if kind == "client":
+        return ident
+    if kind in _TOKEN_CHECKERS:
+        client = shown["payload"].get("client_id")
+        return client if isinstance(client, str) else None
+    return None
 
 
 async def company_known(pool: asyncpg.Pool, company_id: str) -> bool:

@@ -383,36 +383,52 @@ async def test_an_event_this_version_cannot_read_is_shown_not_a_500(client, comp
 
 async def test_another_companys_requests_show_no_address_or_request_id(client, company, db):
     """A connection's tokens are the connecting company's events, asked for by the
-    publisher's servers: the connecting company's admins saw the publisher's addresses and
-    its own request ids. Their own requests still show."""
+    publisher's servers, and refused at the gateway or /policy/check when sent from
+    outside its allow list: the connecting company's admins saw the publisher's addresses
+    and its own request ids. Their own requests still show."""
+    from service.app import CONTEXT
+    from service.commands.directory import register_resource_server
+    from service.eventlog import Metadata
     from tests.e2e.oauth_helpers import basic, code_for, new_app
+    from tests.e2e.test_gateway import bearer, from_address
 
     globex = await make_company(client, "Globex")
-    app = await new_app(client, company, grant_type="authorization_code", ip_allowlist=[])
-    code = await code_for(client, globex, app)
-    client.session.cookie_jar.clear()
-    exchanged = await client.post(
-        "/oauth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": app["redirect_uri"],
-        },
-        headers=basic(app["client_id"], app["client_secret"]) | {"X-Request-Id": "acme-backend-42"},
+    app = await new_app(
+        client, company, grant_type="authorization_code", ip_allowlist=["127.0.0.1"]
     )
-    assert exchanged.status == 200, await exchanged.text()
-    killed = await client.post(
-        f"/admin/applications/{app['client_id']}/revoke-tokens",
-        headers=company.auth | {"X-Request-Id": "acme-admin-7"},
+    tokens = []
+    for n in range(2):
+        code = await code_for(client, globex, app)
+        client.session.cookie_jar.clear()
+        exchanged = await client.post(
+            "/oauth/token",
+            data={"grant_type": "authorization_code", "code": code,
+                  "redirect_uri": app["redirect_uri"]},
+            headers=basic(app["client_id"], app["client_secret"])
+            | {"X-Request-Id": f"acme-backend-{n}"},
+        )  # fmt: skip
+        assert exchanged.status == 200, await exchanged.text()
+        tokens.append((await exchanged.json())["access_token"])
+    async with from_address(client, "127.0.0.2") as outsider:
+        refused = await outsider.get(
+            "/api/v1/whoami", headers=bearer(tokens[0]) | {"X-Request-Id": "acme-gateway-1"}
+        )
+        assert refused.status == 403
+    _, key = await register_resource_server(client.app[CONTEXT], "billing api", Metadata())
+    checked = await client.post(
+        "/policy/check",
+        json={"token": tokens[1], "ip": "203.0.113.1"},
+        headers=bearer(key) | {"X-Request-Id": "acme-rs-2"},
     )
-    assert killed.status == 200
+    assert checked.status == 403
     events = (await history(client, globex))["events"]
-    by_type = {e["type"]: e for e in events}
-    for theirs in ("AuthorizationCodeRedeemed", "AccessTokenIssued"):
-        assert by_type[theirs]["client_ip"] is None and by_type[theirs]["request_id"] is None
-    assert by_type["ConnectionGranted"]["client_ip"] == "127.0.0.1"  # Globex's own admin's
+    theirs = [e for e in events if e["type"] in ("AuthorizationCodeRedeemed", "TokenRevoked")]
+    assert len(theirs) == 4
+    assert all(e["client_ip"] is None and e["request_id"] is None for e in theirs), theirs
+    [granted, *_] = [e for e in events if e["type"] == "ConnectionGranted"]
+    assert granted["client_ip"] == "127.0.0.1"  # Globex's own admin's
     listed = json.dumps(events)
-    assert "acme-backend-42" not in listed and "acme-admin-7" not in listed
-    # The publisher sees its own requests, where they are its events.
+    assert "acme-" not in listed
+    # The publisher sees its own requests, where they are its events (the violations).
     ours = json.dumps((await history(client, company))["events"])
-    assert "acme-admin-7" in ours
+    assert "acme-gateway-1" in ours and "acme-rs-2" in ours
