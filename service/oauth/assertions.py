@@ -38,6 +38,20 @@ MAX_LIFETIME = 3600
 LATEST = 2**53
 
 
+def _registry(*algorithms: str) -> jws.JWSRegistry:
+    """joserfc's registry for `algorithms`, with room for a whole assertion in the header:
+    its default bound (512 bytes) refused a header carrying the signing certificate (x5c,
+    which MSAL sends) or the public key (jwk) of an RSA key, both allowed (RFC 7515
+    §4.1.5-6) and passed over here (the keys are the application's registered ones)."""
+    registry = jws.JWSRegistry(algorithms=list(algorithms))
+    registry.max_header_length = MAX_ASSERTION
+    return registry
+
+
+_ANY_ALGORITHM = _registry(*SIGNING_ALGORITHMS)
+_ONE_ALGORITHM = {alg: _registry(alg) for alg in SIGNING_ALGORITHMS}
+
+
 @dataclass(frozen=True)
 class Verified:
     """What an accepted assertion says, for the record of its use."""
@@ -91,7 +105,7 @@ def verify(
     """The assertion's signature against the application's keys, then its claims; any
     failure is invalid_client (RFC 7523 §3.2)."""
     try:
-        header = jws.extract_compact(assertion.encode()).headers()
+        header = jws.extract_compact(assertion.encode(), registry=_ANY_ALGORITHM).headers()
     except (JoseError, ValueError, UnicodeError, RecursionError):
         raise InvalidClient("client_assertion is not a signed JWT") from None
     alg = header.get("alg")
@@ -114,7 +128,9 @@ def _signed_by(
             continue  # a key registered for one algorithm verifies only that one
         try:
             material: dict[str, str | list[str]] = dict(key.jwk)
-            signed = jws.deserialize_compact(assertion, jwk.import_key(material), algorithms=[alg])
+            signed = jws.deserialize_compact(
+                assertion, jwk.import_key(material), registry=_ONE_ALGORITHM[alg]
+            )
         except (JoseError, ValueError, TypeError, RecursionError):
             continue  # another key's signature, or a key of another type
         claims = jwt_claims(signed.payload)
@@ -136,7 +152,8 @@ def _check_claims(
         aud = aud[0]  # one audience as an array: RFC 7519 §4.1.3 allows either form
     if not isinstance(aud, str) or aud not in accepted_audiences:
         # One value: an assertion meant for several servers is one any of them can replay
-        raise InvalidClient(f"the assertion's aud must be {accepted_audiences[0]}, alone")
+        named = " or ".join(accepted_audiences)
+        raise InvalidClient(f"the assertion's aud must be one value: {named}")
     exp = _number(claims, "exp", required=True)
     if exp is None or exp <= now - LEEWAY:
         raise InvalidClient("the assertion has expired")

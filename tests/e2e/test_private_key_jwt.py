@@ -125,7 +125,7 @@ async def test_an_assertion_signed_for_the_token_endpoint_is_refused_by_default(
     with pytest.raises(OAuthError) as refused:
         await authlib_token(client, app, f"{issuer(client)}/oauth/token")
     assert refused.value.error == "invalid_client"
-    assert refused.value.description == f"the assertion's aud must be {issuer(client)}, alone"
+    assert refused.value.description == f"the assertion's aud must be one value: {issuer(client)}"
 
 
 class TestEndpointsAsAudiences:
@@ -152,7 +152,8 @@ class TestEndpointsAsAudiences:
         refused = await client.post(
             "/oauth/introspect", data={"token": token["access_token"], **assertion_params(both)}
         )
-        assert (await refused.json())["error_description"].endswith(", alone")
+        said = (await refused.json())["error_description"]
+        assert said.startswith("the assertion's aud must be one value: ") and introspect in said
 
 
 async def test_revocation_and_introspection_authenticate_with_an_assertion(client, company):
