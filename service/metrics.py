@@ -43,6 +43,9 @@ from prometheus_client.registry import Collector
 
 from service.events import (
     AccessTokenIssued,
+    ApplicationDeleted,
+    ApplicationTokensRevoked,
+    ConnectionRevoked,
     Event,
     IpViolationDetected,
     TokenRefreshed,
@@ -65,15 +68,18 @@ class ProjectionLag(Protocol):
 
 OTHER = "other"
 GRANT_TYPES = ("authorization_code", "client_credentials", "refresh_token")
-#: the reasons `TokenRevoked` names (service/events.py)
+#: the reasons `TokenRevoked` names (service/events.py), one token family each, then what
+#: ends every token of an application (the kill switch, its deletion) or of a connection
+#: at once, one each
 REVOCATION_REASONS = (
     "ip_violation",
     "client_request",
     "refresh_reuse",
     "code_reuse",
-    "connection_revoked",
-    "application_deleted",
     "superseded",
+    "kill_switch",
+    "application_deleted",
+    "connection_revoked",
 )
 #: where `IpViolationDetected` says the credential was used
 VIOLATION_ENDPOINTS = ("api", "token", "policy_check", "revoke", "introspect")
@@ -133,7 +139,10 @@ class Metrics:
         )
         self._revocations = Counter(
             "tollgate_token_revocations",
-            "Token families revoked, by reason.",
+            "Revocations recorded, by reason: a token family each (ip_violation, "
+            "client_request, refresh_reuse, code_reuse, superseded), or every token of an "
+            "application (kill_switch, application_deleted) or of a connection "
+            "(connection_revoked) at once, one each.",
             ("reason",),
             registry=r,
         )
@@ -199,7 +208,7 @@ class Metrics:
         self._count(self._tokens_issued, _known(grant_type, GRANT_TYPES))
 
     def token_revoked(self, reason: str) -> None:
-        """A token family was revoked (`reason` as in `TokenRevoked.reason`)."""
+        """A revocation was recorded (`reason`: REVOCATION_REASONS)."""
         self._count(self._revocations, _known(reason, REVOCATION_REASONS))
 
     def ip_violation(self, endpoint: str) -> None:
@@ -220,6 +229,12 @@ class Metrics:
                 self.token_issued("refresh_token")
             elif isinstance(event, TokenRevoked):
                 self.token_revoked(event.reason)
+            elif isinstance(event, ApplicationTokensRevoked):
+                self.token_revoked("kill_switch")
+            elif isinstance(event, ApplicationDeleted):
+                self.token_revoked("application_deleted")
+            elif isinstance(event, ConnectionRevoked):
+                self.token_revoked("connection_revoked")
             elif isinstance(event, IpViolationDetected):
                 self.ip_violation(event.endpoint)
 

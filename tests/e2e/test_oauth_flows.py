@@ -845,3 +845,35 @@ async def test_a_native_apps_loopback_redirect_uri_cannot_be_left_out(client, co
     shown = await client.get(url, allow_redirects=False)
     assert shown.status == 400
     assert "redirect_uri is missing" in await shown.text()
+
+
+async def test_revocations_of_many_tokens_at_once_are_counted(
+    client, company, other_company, ac_app
+):
+    """tollgate_token_revocations_total counted TokenRevoked alone: the kill switch,
+    an application's deletion and a connection's revocation, which end every token they
+    cover with one event, left every series where it was."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def revocations() -> dict[str, float]:
+        text = await (await client.get("/metrics")).text()
+        [family] = [f for f in text_string_to_metric_families(text)
+                    if f.name == "tollgate_token_revocations"]  # fmt: skip
+        return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    before = await revocations()
+    app = await new_app(client, company)
+    await cc_token(client, app)
+    path = f"/admin/applications/{app['client_id']}"
+    assert (await client.post(f"{path}/revoke-tokens", headers=company.auth)).status == 200
+    assert (await client.delete(path, headers=company.auth)).status == 204
+    await exchange(client, ac_app, await code_for(client, other_company, ac_app))
+    revoked = await client.delete(
+        f"/admin/connections/{ac_app['client_id']}", headers=other_company.auth
+    )
+    assert revoked.status == 204
+    after = await revocations()
+    moved = {reason: after[reason] - before.get(reason, 0) for reason in after}
+    assert {r: n for r, n in moved.items() if n} == {
+        "kill_switch": 1, "application_deleted": 1, "connection_revoked": 1,
+    }  # fmt: skip

@@ -139,7 +139,7 @@ async def test_metrics_exposes_every_family_in_prometheus_text(db, tmp_path):
         "other": 0,
     }
     reasons = {s.labels["reason"] for s in families["tollgate_token_revocations"].samples}
-    assert {"ip_violation", "refresh_reuse", "application_deleted"} <= reasons
+    assert {"ip_violation", "refresh_reuse", "kill_switch", "application_deleted"} <= reasons
 
 
 async def test_openmetrics_is_served_when_the_scraper_asks_for_it(db, tmp_path):
