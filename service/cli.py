@@ -253,7 +253,7 @@ async def _projections_rebuild(settings: Settings, args: argparse.Namespace) -> 
 
 async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
     from service.metrics import Metrics, multiprocess_dir
-    from service.web.server import stop_signals, stopping_on
+    from service.web.server import stop_signals, stopping_on, unblock_stop_signals
     from service.workers import bind_to_parent
 
     bind_to_parent()  # the projections process of `serve --workers N` dies with its parent
@@ -294,6 +294,7 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
 
     for signum in stop_signals():
         loop.add_signal_handler(signum, stopping, signum)
+    unblock_stop_signals()
     moved = metrics.projection_moved if metrics is not None else None
     try:
         done = await _with_runner(settings, body, listen=True, moved=moved, snapshots=True)

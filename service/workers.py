@@ -181,6 +181,32 @@ def _spawn(
         env[EMBEDDED_PGDATA] = str(embedded.pgdata)
     if projections:
         env["RUN_PROJECTIONS"] = "false"
+    # SIGINT blocked while they are spawned, and so in them (a mask outlives exec) until
+    # each has its handlers (`unblock_stop_signals`): a terminal's Ctrl-C signals the whole
+    # group, and a child still starting its interpreter printed "Fatal Python error:
+    # init_import_site". Kept pending, it stops the child once it can stop cleanly, and
+    # the parent once the children are spawned.
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        _start(children, workers, env, lock, ready, projections=projections)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+    # For the one line of a new parent that finds the port still held.
+    lock.seek(0)
+    lock.truncate()
+    lock.write(" ".join(str(pid) for pid in (os.getpid(), *(c.pid for c in children))) + "\n")
+    lock.flush()
+
+
+def _start(
+    children: list[subprocess.Popen[bytes]],
+    workers: int,
+    env: dict[str, str],
+    lock: IO[str],
+    ready: int,
+    *,
+    projections: bool,
+) -> None:
     for _ in range(workers):
         children.append(
             subprocess.Popen(
@@ -197,11 +223,6 @@ def _spawn(
         children.append(
             subprocess.Popen([sys.executable, "-m", "service", "projections", "run"], env=own)
         )
-    # For the one line of a new parent that finds the port still held.
-    lock.seek(0)
-    lock.truncate()
-    lock.write(" ".join(str(pid) for pid in (os.getpid(), *(c.pid for c in children))) + "\n")
-    lock.flush()
 
 
 class _Listening:

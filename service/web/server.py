@@ -509,6 +509,7 @@ async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> 
         # ended the process at once, requests in flight with it
         for signum in stop_signals():
             loop.add_signal_handler(signum, _on_signal, stop, received, signum)
+        unblock_stop_signals()
         _started(settings, worker=reuse_port)
         await stop.wait()
         log.info("service.stopping", signal=received[0])
@@ -524,6 +525,13 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     return (signal.SIGTERM, signal.SIGINT) if ignored else (
         signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
     )  # fmt: skip
+
+
+def unblock_stop_signals() -> None:
+    """Once a process's handlers are in place: a child of `serve --workers` starts with
+    SIGINT blocked (workers._spawn), and a Ctrl-C pressed while it started is handled now,
+    as a stop."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
 
 
 def _on_signal(stop: asyncio.Event, received: list[str], signum: int) -> None:

@@ -288,3 +288,23 @@ async def test_under_nohup_the_service_outlives_its_terminal(db, tmp_path, worke
         assert service.proc.wait(60) == 0
     finally:
         kill_everything(service)
+
+
+@pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["one-process", "workers"])
+async def test_ctrl_c_at_any_moment_of_the_start_prints_no_traceback(db, tmp_path, args):
+    """A terminal's Ctrl-C signals the whole foreground group: pressed while the command
+    was still importing it printed a traceback, and workers still starting their
+    interpreters printed "Fatal Python error: init_import_site"."""
+    for n, delay in enumerate((0.05, 0.2, 0.4, 0.7, 1.0, 1.5)):
+        service = start(tmp_path / f"data-{n}", *args, DATABASE_URL=db.dsn)
+        try:
+            await asyncio.sleep(delay)
+            children = service.children()
+            os.killpg(service.proc.pid, signal.SIGINT)
+            code = service.proc.wait(30)
+            said = service.log()
+            assert "Traceback" not in said and "Fatal Python error" not in said, (delay, said)
+            assert code in (0, 130), (delay, code, said)
+            assert gone_within(children, 15)  # nothing left running
+        finally:
+            kill_everything(service)
