@@ -150,23 +150,41 @@ def _percent_normal(match: re.Match[str]) -> str:
 
 def normalised_uri(uri: str) -> str | None:
     """The URI without query and fragment, scheme and host in lower case, the default port
-    dropped, percent-encodings normalised (RFC 9449 §4.3 item 9, RFC 3986 §6.2.2 and
-    §6.2.3); None: not an http(s) URI. The path stays encoded: `a%20b` is the URI a client
-    signs, `a b` is none."""
+    dropped, percent-encodings normalised, dot segments removed (RFC 9449 §4.3 item 9,
+    RFC 3986 §6.2.2 and §6.2.3); None: not an http(s) URI, or one with userinfo (RFC 9110
+    §4.2.4: an error; no normalisation removes it). The path stays encoded: `a%20b` is the
+    URI a client signs, `a b` is none."""
     try:
         parts = urlsplit(uri)
         port = parts.port
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
+    if scheme not in DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc:
         return None
     host = parts.hostname.lower()
     if ":" in host:
         host = f"[{host}]"
     if port is not None and port != DEFAULT_PORTS[scheme]:
         host = f"{host}:{port}"
-    return urlunsplit((scheme, host, _PERCENT.sub(_percent_normal, parts.path) or "/", "", ""))
+    path = _without_dot_segments(_PERCENT.sub(_percent_normal, parts.path) or "/")
+    return urlunsplit((scheme, host, path, "", ""))
+
+
+def _without_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 on an absolute path (after §6.2.2.2, so `%2E` is a dot too): `.`
+    dropped, `..` dropping the segment before it, never above the root."""
+    segments = path.split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments[-1] in (".", ".."):
+        kept.append("")  # "/a/." and "/a/b/.." name a directory: "/a/"
+    return "/" + "/".join(kept)
 
 
 def verify(

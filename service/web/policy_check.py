@@ -16,6 +16,7 @@ from service.domain import addresses, credentials, dpop
 from service.errors import InvalidRequest, Unauthorized
 from service.oauth import credentials as authorization
 from service.oauth.dpop import Nonces, Presented
+from service.oauth.errors import BEARER_REALM, OAuthError
 from service.web.bodies import json_body
 from service.web.keys import CONTEXT, authorization_header, metadata
 
@@ -83,6 +84,14 @@ async def check(request: web.Request) -> web.Response:
             "dpop_nonce": refused.nonce,
         }
         return web.json_response(answer, status=refused.status, headers=refused.headers)
+    except OAuthError as exc:
+        # A request made with the DPoP scheme is refused in it (RFC 9449 §7.1), as the
+        # gateway refuses it: a missing permission, a disallowed address, and the rest.
+        challenge = exc.headers.get("WWW-Authenticate")
+        if proof is not None and challenge is not None:
+            said = dpop.in_dpop_scheme(challenge, BEARER_REALM)
+            exc.headers = exc.headers | {"WWW-Authenticate": said}
+        raise
     token = allowed.token
     decision = {
         "allow": True,

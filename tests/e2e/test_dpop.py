@@ -553,6 +553,29 @@ async def test_the_gateway_answers_a_dpop_request_in_the_dpop_scheme(client, com
     assert as_bearer.headers["WWW-Authenticate"].startswith('Bearer realm="tollgate", error=')
 
 
+async def test_policy_check_refuses_a_dpop_request_in_the_dpop_scheme(client, company):
+    """RFC 9449 §7.1, as the gateway answers: /policy/check's 403s for a request made with
+    the DPoP scheme (a missing permission, a disallowed address) carried a Bearer
+    challenge, for the resource server to relay to its DPoP client."""
+    app = await new_app(client, company, permissions=["invoices:read"])
+    token = await bound_cc_token(client, app)
+    rs = await rs_headers(client)
+    url = "https://api.example/invoices/7"
+    for ip, permission, error in (
+        ("127.0.0.1", "invoices:write", "insufficient_scope"),
+        ("192.0.2.9", None, "ip_not_allowed"),
+    ):
+        answer = await client.post(
+            "/policy/check",
+            json={"token": token, "ip": ip, "permission": permission, "htm": "GET", "htu": url,
+                  "dpop_proof": proof(client, token=token, htu=url, htm="GET")},
+            headers=rs,
+        )  # fmt: skip
+        assert answer.status == 403
+        challenge = answer.headers["WWW-Authenticate"]
+        assert challenge.startswith('DPoP algs="') and f'error="{error}"' in challenge
+
+
 async def test_policy_check_requires_the_proof_of_a_bound_token(client, company, db):
     app = await new_app(client, company)
     token = await bound_cc_token(client, app)

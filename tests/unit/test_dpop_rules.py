@@ -178,6 +178,38 @@ def test_percent_encodings_are_normalised_not_decoded(claimed, requested, same):
     assert (dpop.normalised_uri(claimed) == dpop.normalised_uri(requested)) is same
 
 
+@pytest.mark.parametrize(
+    ("claimed", "requested"),
+    [
+        ("https://t.example/oauth/./token", "https://t.example/oauth/token"),
+        ("https://t.example/x/../oauth/token", "https://t.example/oauth/token"),
+        ("https://t.example/%2E%2E/oauth/token", "https://t.example/oauth/token"),
+        ("https://t.example/../oauth/token", "https://t.example/oauth/token"),  # not above /
+        ("https://t.example/a/b/c/./../../g", "https://t.example/a/g"),  # RFC 3986 §5.4.1
+        ("https://t.example/a/b/..", "https://t.example/a/"),
+    ],
+)
+def test_dot_segments_are_removed(claimed, requested):
+    """RFC 9449 §4.3 item 9 asks for RFC 3986 §6.2.2's normalisation, which removes dot
+    segments (§6.2.2.3): a proof for /oauth/./token was refused at /oauth/token."""
+    assert dpop.normalised_uri(claimed) == dpop.normalised_uri(requested) is not None
+
+
+def test_an_htu_with_userinfo_is_no_url_of_this_server():
+    """No normalisation removes userinfo, and RFC 9110 §4.2.4 calls it an error in an
+    http(s) URI: `http://evil@host/oauth/token` was taken for `http://host/oauth/token`."""
+    assert dpop.normalised_uri("https://evil@t.example/oauth/token") is None
+    assert dpop.normalised_uri("https://a:b@t.example/oauth/token") is None
+    with pytest.raises(dpop.DpopProofRefused, match="htu"):
+        dpop.verify(
+            proof(htu="https://evil@tollgate.example/oauth/token"),
+            "POST",
+            URL,
+            NOW,
+            error=dpop.DpopProofRefused,
+        )
+
+
 RSA_2048 = jwk.RSAKey.generate_key(2048)
 
 
