@@ -111,10 +111,10 @@ async def _notification_queue(pool: asyncpg.Pool, within: float) -> float | None
     return None if found is None else float(found)
 
 
-async def _write_refused(pool: asyncpg.Pool, within: float) -> str | None:
-    """Why a write would fail now (None: it would succeed), found by writing a row in a
-    transaction that is rolled back: a read-only or recovering database answers reads
-    and refuses every token, so it is not ready."""
+async def _write_refused(pool: asyncpg.Pool, within: float) -> tuple[str, str] | None:
+    """Why a write would fail now, and the error (None: it would succeed), found by
+    writing a row in a transaction that is rolled back: a read-only or recovering database
+    answers reads and refuses every token, so it is not ready."""
 
     async def probe() -> None:
         async with pool.acquire() as conn:
@@ -129,13 +129,15 @@ async def _write_refused(pool: asyncpg.Pool, within: float) -> str | None:
         await bounded(within, probe())
     except asyncpg.PostgresError as exc:
         if isinstance(exc, asyncpg.PostgresConnectionError):
-            return "database unreachable"
+            return _UNREACHABLE, error_text(exc)
         log.warning("ops.database_refuses_writes", error=type(exc).__name__, sqlstate=exc.sqlstate)
-        return "database refuses writes"
+        return "database refuses writes", type(exc).__name__
     except (*_DB_ERRORS, TimeoutError) as exc:
-        log.warning("ops.database_unreachable", error=error_text(exc))
-        return "database unreachable"
+        return _UNREACHABLE, error_text(exc)
     return None
+
+
+_UNREACHABLE = "database unreachable"
 
 
 class DatabaseWatch(Protocol):
@@ -171,9 +173,12 @@ async def readyz(request: web.Request) -> web.Response:
         _statuses(runner, policy.timeout), _write_refused(runner.pool, policy.timeout)
     )
     if statuses is None:
-        # the driver's message stays in the log: it may name hosts and users
-        return _readiness(["database unreachable"], [])
-    reasons: list[str] = [refused] if refused else []
+        # the driver's message stays in the log (said once, by the read that failed): it
+        # may name hosts and users
+        return _readiness([_UNREACHABLE], [])
+    if refused is not None and refused[0] == _UNREACHABLE:  # the reads answered: said here
+        log.warning("ops.database_unreachable", error=refused[1])
+    reasons: list[str] = [refused[0]] if refused else []
     for s in statuses:
         if s.lag_events < 0:
             # Positions only grow: the log lost its tail, and the events appended next

@@ -107,6 +107,7 @@ async def test_a_stalled_database_is_a_503_within_the_bound_on_every_route(db, t
         proxy.stall()  # as a frozen server (SIGSTOP) or a partition shows it
         with capture_logs() as logs:
             answers = {name: await timed(call()) for name, call in calls.items()}
+        with capture_logs() as probe_logs:
             ready, ready_took = await timed(client.get("/readyz"))
         proxy.resume()
 
@@ -125,6 +126,9 @@ async def test_a_stalled_database_is_a_503_within_the_bound_on_every_route(db, t
     assert ready.status == 503
     assert (await ready.json())["reasons"] == ["database unreachable"]
     assert ready_took < READYZ_BOUND + SLACK
+    # one warning a probe, not one for each of its reads (a probe every second doubled them)
+    said = [e["event"] for e in probe_logs if e["log_level"] == "warning"]
+    assert said == ["ops.database_unreachable"], said
     assert any(e["event"] == "http.database_unavailable" for e in logs)
     assert not any(e["event"] == "http.unhandled_error" for e in logs)
 
