@@ -57,9 +57,10 @@ def _plain() -> Report:
         now = time.monotonic()
         since, first = started.setdefault(name, (now, position))
         percent = 100 * position // head if head else 100
-        if last.get(name) == percent // 10 and position < head:
+        tenth = percent // 10 if position < head else 11  # the end, said once
+        if last.get(name) == tenth:
             return
-        last[name] = percent // 10
+        last[name] = tenth
         line = f"{name}: {position}/{head} ({percent}%"
         if position < head and position > first and now > since:
             left = (head - position) * (now - since) / (position - first)
