@@ -189,8 +189,16 @@ async def _authenticated(
 async def token(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     nonces = ctx.dpop_nonces
-    if nonces is None or "DPoP" not in request.headers:
+    if nonces is None:
         return await _token(request, ctx)
+    if "DPoP" not in request.headers:
+        try:
+            return await _token(request, ctx)
+        except InvalidDpopProof as exc:
+            # A proof is needed (a client held to DPoP sent none): with the nonce it must
+            # carry, its next request can be the one that succeeds (RFC 9449 §8).
+            exc.headers = {NONCE_HEADER: await nonces.current()} | exc.headers
+            raise
     # DPOP_NONCE=required: every answer to a DPoP request names the nonce to use next
     # (RFC 9449 §8.2), an error's too; a use_dpop_nonce names the one it asks for.
     nonce = {NONCE_HEADER: await nonces.current()}

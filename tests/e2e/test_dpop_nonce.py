@@ -150,6 +150,21 @@ async def test_a_bad_proof_or_client_still_gets_its_own_error_and_the_nonce(clie
     assert wrong.headers["DPoP-Nonce"] == nonce
 
 
+async def test_a_client_held_to_dpop_that_sent_no_proof_is_told_the_nonce(client, company):
+    """Its first proof needs a nonce: told it with the refusal, its next request is the
+    one that succeeds, not one more round for the nonce."""
+    app = await new_app(client, company, dpop_bound_access_tokens=True)
+    refused = await cc_request(client, app)
+    assert refused.status == 400
+    assert (await refused.json())["error"] == "invalid_dpop_proof"
+    nonce = refused.headers["DPoP-Nonce"]
+    issued = await cc_request(client, app, proof(client, nonce=nonce))
+    assert issued.status == 200, await issued.text()
+    assert (await issued.json())["token_type"] == "DPoP"
+    plain = await cc_request(client, await new_app(client, company, name="No DPoP"))
+    assert plain.status == 200 and "DPoP-Nonce" not in plain.headers
+
+
 async def test_a_client_outside_its_allow_list_is_a_violation_not_a_nonce_round(
     client, company, db
 ):
