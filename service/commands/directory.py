@@ -52,7 +52,7 @@ async def create_company(ctx: Context, name: str, admin_email: str, meta: Metada
     )
     password = passwords.generate_password()
     user_id = await add_user(ctx, company_id, email, "admin", password, meta)
-    key_id, key = await issue_admin_key(ctx, company_id, "first admin key", meta)
+    key_id, key = await issue_admin_key(ctx, company_id, "first admin key", meta, owner=user_id)
     return NewCompany(company_id, user_id, email, password, key_id, key)
 
 
@@ -251,8 +251,10 @@ async def change_own_password(
 
 
 async def issue_admin_key(
-    ctx: Context, company_id: str, label: str, meta: Metadata
+    ctx: Context, company_id: str, label: str, meta: Metadata, *, owner: str | None = None
 ) -> tuple[str, str]:
+    """A new admin key, the person's who asks for it (through their session or a key of
+    theirs), or `owner`'s: the first admin's, for the key printed with a new company."""
     if len(label) > 100:
         raise FieldError("label", "must be at most 100 characters")
     if not label.isprintable():
@@ -261,20 +263,33 @@ async def issue_admin_key(
     key_id = credentials.new_id("key")
     event = ev.AdminKeyIssued(
         company_id=company_id, key_id=key_id, key_hash=credentials.digest(key), label=label,
-        issued_by=_person_behind(ctx, meta.actor),
+        issued_by=owner or await _person_behind(ctx, meta.actor),
     )  # fmt: skip
     await ctx.record(streams.admin_key(key_id), 0, [event], meta)
     return key_id, key
 
 
-def _person_behind(ctx: Context, actor: str) -> str | None:
-    """The admin an actor acts for: a user, or the person whose key it uses (None: the
-    CLI, or a key issued before keys were tied to a person)."""
-    kind, _, ident = actor.partition(":")
-    if kind == "user":
-        return ident
-    if kind == "admin_key" and (key := ctx.directory.admin_keys.get(ident)) is not None:
-        return key.issued_by
+#: how far back a chain of keys, each issued with the one before, is followed
+_MAX_CHAIN = 20
+
+
+async def _person_behind(ctx: Context, actor: str) -> str | None:
+    """The admin an actor acts for: a user, or the person whose key it uses, through a
+    chain of keys (None: nobody's, the command line's). A key issued before keys named
+    their person is the person's whose session (or key) the log says issued it."""
+    for _ in range(_MAX_CHAIN):
+        kind, _, ident = actor.partition(":")
+        if kind == "user":
+            return ident
+        if kind != "admin_key":
+            return None
+        key = ctx.directory.admin_keys.get(ident)
+        if key is not None and key.issued_by is not None:
+            return key.issued_by
+        issued = await ctx.eventlog.read_stream(streams.admin_key(ident))
+        if not issued:
+            return None
+        actor = issued[0].metadata.actor
     return None
 
 
@@ -285,8 +300,12 @@ async def _revoke_keys_of(ctx: Context, company_id: str, user_id: str, meta: Met
     held to the key the caller acts with, as its other changes are: the removal or the
     demotion is recorded already, and this is what it means."""
     await ctx.refresh()  # keys issued through other processes a moment ago
-    keys = ctx.directory.company_keys(company_id)
-    for key in [k for k in keys if k.issued_by == user_id and not k.revoked]:
+    for key in ctx.directory.company_keys(company_id):
+        if key.revoked:
+            continue
+        person = key.issued_by or await _person_behind(ctx, f"admin_key:{key.key_id}")
+        if person != user_id:
+            continue
         event = ev.AdminKeyRevoked(company_id=company_id, key_id=key.key_id)
         revocation = Record(streams.admin_key(key.key_id), 1, (event,))
         with contextlib.suppress(ConcurrencyError):

@@ -66,9 +66,9 @@ async def test_an_admins_keys_go_when_they_stop_being_an_admin(client, company, 
     chained = await client.post("/admin/keys", json={"label": "chained"}, headers=first)
     second = {"Authorization": f"Bearer {(await chained.json())['admin_key']}"}
     listed = (await (await client.get("/admin/keys", headers=company.auth)).json())["keys"]
-    assert {k["label"]: k["issued_by"] for k in listed} == {
-        "first admin key": None, "ci": made["user_id"], "chained": made["user_id"],
-    }  # fmt: skip
+    by_label = {k["label"]: k["issued_by"] for k in listed}
+    assert by_label["ci"] == by_label["chained"] == made["user_id"]
+    assert by_label["first admin key"] not in (None, made["user_id"])  # the first admin's
     path = f"/admin/users/{made['user_id']}"
     if leaves == "removed":
         done = await client.delete(path, headers=company.auth)
@@ -129,6 +129,48 @@ async def test_keys_issued_while_their_admin_is_removed_open_nothing(client, com
         assert (await client.get("/admin/users", headers={"Authorization": key})).status == 401
     listed = (await (await client.get("/admin/keys", headers=company.auth)).json())["keys"]
     assert all(k["revoked"] for k in listed if k["issued_by"] == made["user_id"])
+
+
+async def test_keys_issued_before_keys_named_their_admin_go_with_them(client, company, db):
+    """A key recorded before AdminKeyIssued named its admin is the person's whose session
+    (or key) the log says issued it: removing them revokes it, and a key it issues names
+    them. Such keys outlived their admin's removal after the upgrade."""
+    made = await add_user(client, company.auth, "old@acme.example", "admin")
+    ctx = client.app[CONTEXT]
+    legacy = {}
+    for key_id, actor in (("key_legacy1", f"user:{made['user_id']}"),
+                          ("key_legacy2", "admin_key:key_legacy1")):  # fmt: skip
+        secret = credentials.new_admin_key()
+        issued = ev.AdminKeyIssued(
+            company_id=company.company_id, key_id=key_id, key_hash=credentials.digest(secret)
+        )  # as recorded before: no issued_by
+        await ctx.eventlog.append(f"admin-key-{key_id}", 0, [issued], Metadata(actor=actor))
+        legacy[key_id] = {"Authorization": f"Bearer {secret}"}
+    minted = await client.post("/admin/keys", json={"label": "new"}, headers=legacy["key_legacy2"])
+    assert minted.status == 201
+    listed = (await (await client.get("/admin/keys", headers=company.auth)).json())["keys"]
+    assert {k["label"]: k["issued_by"] for k in listed}["new"] == made["user_id"]
+    new = {"Authorization": f"Bearer {(await minted.json())['admin_key']}"}
+    removed = await client.delete(f"/admin/users/{made['user_id']}", headers=company.auth)
+    assert removed.status == 204
+    for key in (*legacy.values(), new):
+        assert (await client.get("/admin/users", headers=key)).status == 401
+    assert (await client.get("/admin/users", headers=company.auth)).status == 200
+
+
+async def test_the_first_admin_key_is_the_first_admins(client, db):
+    """`tollgate company create` prints a key with the first admin's password: it is
+    theirs, and goes with them (it outlived their removal, with every right)."""
+    from tests.conftest import make_company
+
+    beta = await make_company(client, "Beta")
+    second = await add_user(client, beta.auth, "second@beta.example", "admin")
+    session = await sign_in(client, "second@beta.example", second["password"])
+    listed = await client.get("/admin/users", headers=session.headers)
+    [first] = [u for u in (await listed.json())["users"] if u["email"] == beta.admin_email]
+    removed = await client.delete(f"/admin/users/{first['user_id']}", headers=session.change)
+    assert removed.status == 204
+    assert (await client.get("/admin/users", headers=beta.auth)).status == 401
 
 
 async def test_a_removed_users_address_can_be_given_to_a_new_user(client, company):
