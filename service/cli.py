@@ -288,9 +288,9 @@ async def _projections_run(settings: Settings, args: argparse.Namespace) -> int:
     def stopping(signum: signal.Signals) -> None:
         if not received:
             received.append(signum)
-            log.info("projections.stopping", signal=stopping_on(signum))
             if not closing:
-                main.cancel()
+                main.cancel()  # first: nothing after it (a line to a closed terminal) holds it
+            log.info("projections.stopping", signal=stopping_on(signum))
 
     for signum in stop_signals():
         loop.add_signal_handler(signum, stopping, signum)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import contextvars
 import functools
 import logging
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import structlog
@@ -288,6 +289,25 @@ def _renderer(fmt: str) -> list[Processor]:
     return [structlog.processors.JSONRenderer(serializer=_json)]
 
 
+class _Stderr:
+    """stderr, whose lines are dropped once it is gone (a closed terminal gives EIO, a
+    reader that exited EPIPE): a line that cannot be written must not stop the code that
+    writes it, a stop on SIGTERM or SIGHUP among it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: closed
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Processor] = [
@@ -308,14 +328,16 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # One write per line (message and newline together): processes sharing stderr
         # (--workers) never interleave inside a line, as print() with two writes could.
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(_Stderr(sys.stderr)),  # type: ignore[arg-type]
         # Configured once per process (tests leave it unconfigured, for capture_logs).
         cache_logger_on_first_use=True,
     )
     _route_stdlib(shared, tail, numeric)
     global _request_writer
     _request_writer = (
-        structlog.WriteLogger(sys.stderr) if fmt != "console" and numeric <= logging.INFO else None
+        structlog.WriteLogger(_Stderr(sys.stderr))  # type: ignore[arg-type]
+        if fmt != "console" and numeric <= logging.INFO
+        else None
     )
     _lines.use(_request_writer)
 
@@ -327,7 +349,7 @@ def _route_stdlib(shared: list[Processor], tail: list[Processor], level: int) ->
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_Stderr(sys.stderr))
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -308,3 +308,34 @@ async def test_ctrl_c_at_any_moment_of_the_start_prints_no_traceback(db, tmp_pat
             assert gone_within(children, 15)  # nothing left running
         finally:
             kill_everything(service)
+
+
+async def test_a_service_whose_stderr_is_gone_still_stops(db, tmp_path):
+    """A closed terminal or a log reader that exited: every line written after that fails
+    (EIO, EPIPE). The projections process's line on SIGTERM raised before it cancelled its
+    work, so it never stopped, and neither did its parent, waiting for it."""
+    from tests.faults.process import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {
+        "DATABASE_URL": db.dsn, "DATA_DIR": str(tmp_path), "PORT": str(port),
+        "LOG_FORMAT": "json", "LOG_LEVEL": "info",
+    }  # fmt: skip
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--workers", "2"],
+        env=env, stdin=subprocess.DEVNULL, stdout=write, stderr=write, start_new_session=True,
+    )  # fmt: skip
+    os.close(write)
+    service = Service(proc, port, tmp_path, tmp_path / "no.log", env)
+    try:
+        await service.wait_listening(2)
+        children = service.children()
+        assert len(children) == 3  # and the projections process
+        os.close(read)  # the reader is gone
+        assert await service.healthz_now() == 200  # a request's line cannot be written
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert gone_within(children, 15)
+    finally:
+        kill_everything(service)
