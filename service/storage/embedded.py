@@ -179,6 +179,16 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}"
 
     def start(self) -> str:
+        try:
+            return self._start()
+        except BaseException:
+            # Stopped while the server started (Ctrl-C, SIGTERM), or its start failed: it
+            # may be up all the same (pg_ctl starts it in a session of its own), and
+            # nobody else would stop it.
+            self.stop()
+            raise
+
+    def _start(self) -> str:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         with self._file_lock():
             running = self._running()
@@ -186,14 +196,14 @@ class EmbeddedPostgres:
                 self._own_files()
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
+            self._clients.mkdir(exist_ok=True)
+            (self._clients / str(os.getpid())).touch()
+            self.owned = True
             if running:
                 log.info("embedded_postgres.reused", pgdata=str(self.pgdata))
             else:
                 self._pg_ctl_start()
                 log.info("embedded_postgres.started", pgdata=str(self.pgdata))
-            self._clients.mkdir(exist_ok=True)
-            (self._clients / str(os.getpid())).touch()
-            self.owned = True
         return self.dsn()
 
     def stop(self) -> None:

@@ -497,9 +497,11 @@ async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> 
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
-    await runner.setup()
-    settle_heap()
     try:
+        # Within the try: stopped while it starts (the models catching up, say), what has
+        # started is cleaned up, the embedded PostgreSQL among it.
+        await runner.setup()
+        settle_heap()
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
         await site.start()
         stop = asyncio.Event()
