@@ -186,7 +186,18 @@ async def seen_by(
             continue
         if owner != company_id:
             shown["client_ip"] = shown["request_id"] = None
+            payload = shown["payload"]
+            if "ip" in payload and not _a_violation(shown):  # a reuse's: the same address
+                payload["ip"] = None
     return items
+
+
+def _a_violation(shown: dict[str, Any]) -> bool:
+    """Whether the item is a violation, whose address (outside the application's allow
+    list) is what it is about."""
+    if shown["type"] == "IpViolationDetected":
+        return True
+    return bool(shown["payload"].get("reason") == "ip_violation")
 
 
 #: actors that check a token someone else sent: the request is the token's application's

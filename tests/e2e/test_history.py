@@ -421,12 +421,28 @@ async def test_another_companys_requests_show_no_address_or_request_id(client, c
         headers=bearer(key) | {"X-Request-Id": "acme-rs-2"},
     )
     assert checked.status == 403
+    replayed = await client.post(
+        "/oauth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": app["redirect_uri"],
+        },
+        headers=basic(app["client_id"], app["client_secret"]),
+    )  # the last code again: a reuse, recorded with the address it came from
+    assert replayed.status == 400
     events = (await history(client, globex))["events"]
     theirs = [e for e in events if e["type"] in ("AuthorizationCodeRedeemed", "TokenRevoked")]
-    assert len(theirs) == 4
+    assert len(theirs) == 5  # two redeemed, two violations, the reuse's revocation
     assert all(e["client_ip"] is None and e["request_id"] is None for e in theirs), theirs
     [granted, *_] = [e for e in events if e["type"] == "ConnectionGranted"]
     assert granted["client_ip"] == "127.0.0.1"  # Globex's own admin's
+    [reused] = [e for e in events if e["type"] == "AuthorizationCodeReused"]
+    assert reused["payload"]["ip"] is None  # the publisher's backend's address
+    violations = [
+        e["payload"]["ip"] for e in theirs if e["payload"].get("reason") == "ip_violation"
+    ]
+    assert sorted(violations) == ["127.0.0.2", "203.0.113.1"]  # what a violation is about
     listed = json.dumps(events)
     assert "acme-" not in listed
     # The publisher sees its own requests, where they are its events (the violations).
