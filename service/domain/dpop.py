@@ -85,6 +85,13 @@ def in_dpop_scheme(challenge: str, realm: str) -> str:
     return f"DPoP {ALGS}{challenge[len(head) :]}"
 
 
+def answered_in_dpop(refused: OAuthError, realm: str) -> None:
+    """`refused`'s Bearer challenge said in the DPoP scheme, for a request made with it."""
+    challenge = refused.headers.get("WWW-Authenticate")
+    if challenge is not None:
+        refused.headers = refused.headers | {"WWW-Authenticate": in_dpop_scheme(challenge, realm)}
+
+
 class _DpopChallenge(OAuthError):
     """At a resource: 401 with a DPoP challenge (RFC 9449 §7.1)."""
 

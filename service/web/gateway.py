@@ -220,10 +220,8 @@ async def gateway(request: web.Request) -> web.StreamResponse:
         if rule is None:
             raise NotCovered()
     except OAuthError as exc:
-        challenge = exc.headers.get("WWW-Authenticate")
-        if presented is not None and challenge is not None:
-            said = dpop.in_dpop_scheme(challenge, BEARER_REALM)
-            exc.headers = exc.headers | {"WWW-Authenticate": said}
+        if presented is not None:
+            dpop.answered_in_dpop(exc, BEARER_REALM)
         raise
     # DPOP_NONCE=required: an allowed DPoP request is told the nonce to use next (RFC 9449 §9)
     nonce = {}

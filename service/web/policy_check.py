@@ -87,10 +87,8 @@ async def check(request: web.Request) -> web.Response:
     except OAuthError as exc:
         # A request made with the DPoP scheme is refused in it (RFC 9449 §7.1), as the
         # gateway refuses it: a missing permission, a disallowed address, and the rest.
-        challenge = exc.headers.get("WWW-Authenticate")
-        if proof is not None and challenge is not None:
-            said = dpop.in_dpop_scheme(challenge, BEARER_REALM)
-            exc.headers = exc.headers | {"WWW-Authenticate": said}
+        if proof is not None:
+            dpop.answered_in_dpop(exc, BEARER_REALM)
         raise
     token = allowed.token
     decision = {

@@ -53,8 +53,8 @@ def changes(client_id: str, user_id: str, key_id: str) -> list[tuple[str, dict[s
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("token", ["none", "another session's", "garbage"])
-async def test_a_change_without_the_sessions_token_changes_nothing(client, company, db, token):
+async def changed_objects(client, company) -> tuple[str, str, str]:
+    """An application with a key, a member and an admin key: what the changes change."""
     app = await new_app(client, company, jwks={"keys": [REGISTERED.as_dict(private=False)]})
     member = await (
         await client.post(
@@ -63,6 +63,12 @@ async def test_a_change_without_the_sessions_token_changes_nothing(client, compa
         )
     ).json()  # fmt: skip
     key = await (await client.post("/admin/keys", json={}, headers=company.auth)).json()
+    return app["client_id"], member["user_id"], key["key_id"]
+
+
+@pytest.mark.parametrize("token", ["none", "another session's", "garbage"])
+async def test_a_change_without_the_sessions_token_changes_nothing(client, company, db, token):
+    every = changes(*await changed_objects(client, company))
     # Another session of the same admin: its token is real, but not this session's.
     other = await client.post(
         "/session", json={"email": company.admin_email, "password": company.admin_password}
@@ -75,7 +81,7 @@ async def test_a_change_without_the_sessions_token_changes_nothing(client, compa
     presented = {"none": {}, "another session's": {"csrf_token": other_token},
                  "garbage": {"csrf_token": "é" * 300}}[token]  # fmt: skip
     before = await events(db)
-    for path, fields in changes(app["client_id"], member["user_id"], key["key_id"]):
+    for path, fields in every:
         response = await client.post(path, data=fields | presented, allow_redirects=False)
         assert response.status == 403, (path, await response.text())
         assert response.content_type == "text/html"
@@ -99,18 +105,11 @@ async def test_a_field_given_twice_changes_nothing(client, company, db):
     """A page acted on a repeated field's first value, where a proxy or a log that reads
     the last saw another request: `role=admin&role=member` added an admin. Only a list of
     checkboxes (an application's permissions) may repeat."""
-    app = await new_app(client, company, jwks={"keys": [REGISTERED.as_dict(private=False)]})
-    member = await (
-        await client.post(
-            "/admin/users", json={"email": "clerk@acme.example", "role": "member"},
-            headers=company.auth,
-        )
-    ).json()  # fmt: skip
-    key = await (await client.post("/admin/keys", json={}, headers=company.auth)).json()
+    every = changes(*await changed_objects(client, company))
     await sign_in(client, company.admin_email, company.admin_password)
     token = await the_token(client)
     before = await events(db)
-    for path, fields in changes(app["client_id"], member["user_id"], key["key_id"]):
+    for path, fields in every:
         pairs = [*fields.items(), ("csrf_token", token)]
         twice = next((k for k, _ in pairs if k != "permissions"), "csrf_token")
         pairs.append((twice, dict(pairs)[twice]))
