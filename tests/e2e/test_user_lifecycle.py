@@ -376,9 +376,11 @@ async def test_roles_change_and_the_last_admin_stays(client, company, db):
     )
     removed = await client.delete(f"/admin/users/{first_admin}", headers=clerk.change)
     assert removed.status == 204
+    # The first admin key went with the first admin: the clerk is the admin left.
+    assert (await client.get("/admin/users", headers=company.auth)).status == 401
     for attempt in (
         client.patch(f"/admin/users/{made['user_id']}", json={"role": "member"},
-                     headers=company.auth),
+                     headers=clerk.change),
         client.delete(f"/admin/users/{made['user_id']}", headers=clerk.change),
     ):  # fmt: skip
         refused = await attempt
