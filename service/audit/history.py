@@ -169,14 +169,14 @@ async def seen_by(
     token refused at the gateway or at /policy/check was sent by whoever holds it: the
     request is its application's. The system's and the command line's are shown. One
     index probe per page for the applications named."""
-    clients = {client for shown in items if (client := _client_of(shown)) is not None}
+    clients = [_client_of(shown) for shown in items]
     owners: dict[str, str | None] = {}
-    if clients:
-        rows = await pool.fetch(_OWNERS, [streams.application(c) for c in clients])
+    if named := {c for c in clients if c is not None}:
+        rows = await pool.fetch(_OWNERS, [streams.application(c) for c in named])
         owners = {r["stream_id"].removeprefix("application-"): r["company_id"] for r in rows}
-    for shown in items:
+    for shown, client in zip(items, clients, strict=True):
         kind, _, ident = (shown["actor"] or "system").partition(":")
-        if (client := _client_of(shown)) is not None:
+        if client is not None:
             owner = owners.get(client)
         elif kind == "user":
             owner = user.company_id if (user := directory.users.get(ident)) else None

@@ -50,14 +50,23 @@ CODINGS = frozenset(
 )
 
 
+def content_coding(request: web.Request) -> str | None:
+    """The body's one content coding, in lower case when ASCII (None: none given). Two
+    lines are refused: aiohttp's parsers each read another of them."""
+    given = request.headers.getall("Content-Encoding", ())
+    if len(given) > 1:
+        raise InvalidRequest("Content-Encoding is given more than once")
+    if not given:
+        return None
+    return given[0].strip().lower() if given[0].isascii() else given[0]
+
+
 def _known_coding(request: web.Request) -> None:
     """415 for a body in a content coding this server does not decode (RFC 9110 §15.5.16,
     with Accept-Encoding naming those it does, §12.5.3): it was read as it came, as if it
     were none, and a coded form may still parse as another one."""
-    given = request.headers.getall("Content-Encoding", ())
-    if len(given) > 1:
-        raise InvalidRequest("Content-Encoding is given more than once")
-    if given and not (given[0].isascii() and given[0].strip().lower() in CODINGS):
+    coding = content_coding(request)
+    if coding is not None and coding not in CODINGS:
         accepted = ", ".join(sorted(CODINGS - {"identity"}))
         raise UnsupportedMediaType(
             f"Content-Encoding must be one of {accepted}, or none",

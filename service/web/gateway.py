@@ -30,7 +30,7 @@ from service.oauth import credentials as authorization
 from service.oauth.dpop import Presented
 from service.oauth.errors import BEARER_REALM, InvalidToken, OAuthError
 from service.settings import Settings
-from service.web.bodies import read_body
+from service.web.bodies import content_coding, read_body
 from service.web.client_ip import peer_trusted
 from service.web.keys import (
     CONTEXT,
@@ -405,12 +405,8 @@ _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 
 
 def _decoded_encoding(request: web.Request) -> bool:
-    """Whether the body was read decoded: its one Content-Encoding is one aiohttp decodes.
-    Two lines are refused: aiohttp's parsers each read another of them."""
-    given = request.headers.getall("Content-Encoding", [])
-    if len(given) > 1:
-        raise InvalidRequest("Content-Encoding is given more than once")
-    return bool(given) and given[0].isascii() and given[0].lower() in _DECODED
+    """Whether the body was read decoded: its one Content-Encoding is one aiohttp decodes."""
+    return content_coding(request) in _DECODED
 
 
 @functools.lru_cache(maxsize=4)

@@ -391,6 +391,7 @@ async def test_another_companys_requests_show_no_address_or_request_id(client, c
     from service.eventlog import Metadata
     from tests.e2e.oauth_helpers import basic, code_for, new_app
     from tests.e2e.test_gateway import bearer, from_address
+    from tests.e2e.test_oauth_flows import exchange
 
     globex = await make_company(client, "Globex")
     app = await new_app(
@@ -421,15 +422,8 @@ async def test_another_companys_requests_show_no_address_or_request_id(client, c
         headers=bearer(key) | {"X-Request-Id": "acme-rs-2"},
     )
     assert checked.status == 403
-    replayed = await client.post(
-        "/oauth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": app["redirect_uri"],
-        },
-        headers=basic(app["client_id"], app["client_secret"]),
-    )  # the last code again: a reuse, recorded with the address it came from
+    # the last code again: a reuse, recorded with the address it came from
+    replayed = await exchange(client, app, code)
     assert replayed.status == 400
     events = (await history(client, globex))["events"]
     theirs = [e for e in events if e["type"] in ("AuthorizationCodeRedeemed", "TokenRevoked")]
